@@ -1,0 +1,77 @@
+"""Applying a patch: numpy and onnxruntime only (no torch), sessions built once per patch."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from patcher.patch import Patch, PatchError
+
+
+class UnknownGroupError(ValueError):
+    """A group id or name at inference that the patch was not fitted for."""
+
+
+def _session(data: bytes):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1  # patch graphs are tiny; threads cost more than they save
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+class PatchRunner:
+    """Runs a patch's parts. Build once per patch (sessions are the expensive part), call per batch."""
+
+    def __init__(self, patch: Patch) -> None:
+        patch.verify()
+        self.patch = patch
+        self._input = _session(patch.part("input_transform")) if patch.part("input_transform") else None
+        out = patch.part("output_transform")
+        self._output = _session(out) if out else None
+        self._output_inputs = {i.name for i in self._output.get_inputs()} if self._output else set()
+        self._group_index = {name: i for i, name in enumerate(patch.groups)}
+
+    @property
+    def needs_group(self) -> bool:
+        return "group" in self._output_inputs
+
+    def group_ids(self, groups: np.ndarray) -> np.ndarray:
+        """Group names or ids -> int64 ids; anything the patch does not know is an error, never a default."""
+        g = np.asarray(groups)
+        if g.dtype.kind in "iu":
+            ids = g.astype(np.int64)
+            bad = (ids < 0) | (ids >= len(self._group_index))
+            if bad.any():
+                raise UnknownGroupError(f"unknown group id {int(ids[bad][0])}; this patch knows "
+                                        f"{len(self._group_index)} groups: {list(self._group_index)}")
+            return ids
+        try:
+            return np.fromiter((self._group_index[str(v)] for v in g), dtype=np.int64, count=len(g))
+        except KeyError as e:
+            raise UnknownGroupError(f"unknown group {e.args[0]!r}; this patch knows {list(self._group_index)}") \
+                from None
+
+    def transform_inputs(self, X: np.ndarray) -> np.ndarray:
+        if self._input is None:
+            return X
+        name = self._input.get_inputs()[0].name
+        return self._input.run(None, {name: X.astype(np.float32, copy=False)})[0]
+
+    def transform_outputs(self, features: np.ndarray, log_probs: np.ndarray,
+                          groups: np.ndarray | None = None) -> np.ndarray:
+        """Patched log-scores [N, C]; their argmax is the patched decision."""
+        if self._output is None:
+            return log_probs
+        feeds: dict[str, np.ndarray] = {}
+        if "features" in self._output_inputs:
+            feeds["features"] = np.asarray(features, dtype=np.float32).reshape(len(features), -1)
+        if "log_probs" in self._output_inputs:
+            feeds["log_probs"] = np.asarray(log_probs, dtype=np.float32)
+        if self.needs_group:
+            if groups is None:
+                raise PatchError("this patch needs the group of every row at inference")
+            feeds["group"] = self.group_ids(groups)
+        return self._output.run(None, feeds)[0].astype(np.float64)
+
+    def predict(self, features: np.ndarray, log_probs: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+        return self.transform_outputs(features, log_probs, groups).argmax(axis=1)

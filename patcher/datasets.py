@@ -1,0 +1,259 @@
+"""Adult, COMPAS and German credit: loading, literature preprocessing, deterministic splits, encoder.
+
+The files ship as package data (`patcher/data/`, sources and licences in its README). Every split
+is deterministic: Adult's own test file is its test split; COMPAS and German are split 60/20/20.
+All splits are stratified by (group, label) so small groups keep their share.
+
+The encoder (one-hot + standardisation) is fitted on the train split only and is plain JSON, so a
+reference model's expected input can be rebuilt anywhere without pickles.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+
+import numpy as np
+import pandas as pd
+
+DATASETS = ("adult", "compas", "german")
+
+
+@dataclass(frozen=True)
+class SensitiveSpec:
+    """How a sensitive attribute maps rows to groups. Group 0 is always the unprivileged one."""
+
+    column: str  # raw column the attribute is read from
+    group_names: tuple[str, ...]
+    privileged: str
+    encoded_columns: tuple[str, ...]  # raw columns that carry the attribute (dropped with --drop-sensitive)
+    to_group: Callable[[pd.Series], np.ndarray] = lambda col: col.to_numpy()  # raw value -> group name
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    label: str
+    categorical: tuple[str, ...]
+    numeric: tuple[str, ...]
+    sensitive: dict[str, SensitiveSpec]
+    default_sensitive: str
+
+
+SPECS: dict[str, DatasetSpec] = {
+    "adult": DatasetSpec(
+        name="adult",
+        label="income",
+        categorical=("workclass", "education", "marital_status", "occupation", "relationship", "race",
+                     "sex", "native_country"),
+        numeric=("age", "education_num", "capital_gain", "capital_loss", "hours_per_week"),
+        sensitive={
+            "sex": SensitiveSpec("sex", ("Female", "Male"), "Male", ("sex",)),
+            "race": SensitiveSpec("race", ("Non-white", "White"), "White", ("race",),
+                                  lambda c: np.where(c == "White", "White", "Non-white")),
+        },
+        default_sensitive="sex",
+    ),
+    "compas": DatasetSpec(
+        name="compas",
+        label="two_year_recid",
+        categorical=("sex", "age_cat", "race", "c_charge_degree"),
+        numeric=("age", "juv_fel_count", "juv_misd_count", "juv_other_count", "priors_count"),
+        sensitive={
+            "race": SensitiveSpec("race", ("African-American", "Other"), "Other", ("race",),
+                                  lambda c: np.where(c == "African-American", "African-American", "Other")),
+            "sex": SensitiveSpec("sex", ("Male", "Female"), "Female", ("sex",)),
+        },
+        default_sensitive="race",
+    ),
+    "german": DatasetSpec(
+        name="german",
+        label="credit",
+        categorical=("status", "credit_history", "purpose", "savings", "present_employment",
+                     "status_sex", "other_debtors", "property", "installment_plans", "housing", "job",
+                     "telephone", "foreign_worker"),
+        numeric=("month", "credit_amount", "installment_rate", "present_residence", "age",
+                 "number_of_credits", "people_liable"),
+        sensitive={
+            "age": SensitiveSpec("age", ("<=25", ">25"), ">25", ("age",), lambda c: np.where(c > 25, ">25", "<=25")),
+            "sex": SensitiveSpec("sex", ("female", "male"), "male", ("status_sex",),
+                                 lambda c: np.where(c.str.startswith("female"), "female", "male")),
+        },
+        default_sensitive="age",
+    ),
+}
+
+
+def _read(file: str) -> pd.DataFrame:
+    with resources.files("patcher.data").joinpath(file).open("rb") as fh:
+        return pd.read_csv(fh, compression="gzip", skipinitialspace=True)
+
+
+def _adult(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.drop(columns=["fnlwgt"]).dropna().reset_index(drop=True)
+    frame["income"] = (frame["income"].str.strip().str.rstrip(".") == ">50K").astype(np.int64)
+    return frame
+
+
+def _compas(frame: pd.DataFrame) -> pd.DataFrame:
+    # ProPublica's filter; decile_score / score_text are the audited tool's output, never features.
+    keep = (
+        frame["days_b_screening_arrest"].between(-30, 30)
+        & (frame["is_recid"] != -1)
+        & (frame["c_charge_degree"] != "O")
+        & frame["score_text"].notna()
+        & (frame["score_text"] != "N/A")
+    )
+    cols = ["sex", "age", "age_cat", "race", "juv_fel_count", "juv_misd_count", "juv_other_count",
+            "priors_count", "c_charge_degree", "two_year_recid"]
+    return frame.loc[keep, cols].reset_index(drop=True).astype({"two_year_recid": np.int64})
+
+
+def _german(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.copy()
+    frame["credit"] = (frame["credit"] == "good").astype(np.int64)
+    frame["telephone"] = frame["telephone"].astype(str)
+    frame["foreign_worker"] = frame["foreign_worker"].astype(str)
+    return frame
+
+
+@lru_cache(maxsize=8)
+def load_frames(name: str) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The preprocessed frame(s): (train file, test file or None)."""
+    if name == "adult":
+        return _adult(_read("adult.train.csv.gz")), _adult(_read("adult.test.csv.gz"))
+    if name == "compas":
+        return _compas(_read("compas-scores-two-years.csv.gz")), None
+    if name == "german":
+        return _german(_read("german.csv.gz")), None
+    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def group_codes(frame: pd.DataFrame, spec: SensitiveSpec) -> np.ndarray:
+    """Group id per row: index into `spec.group_names` (0 = unprivileged)."""
+    values = spec.to_group(frame[spec.column])
+    lookup = {g: i for i, g in enumerate(spec.group_names)}
+    codes = np.array([lookup.get(v, -1) for v in values], dtype=np.int64)
+    if (codes < 0).any():
+        raise ValueError(f"rows with {spec.column} outside {spec.group_names}")
+    return codes
+
+
+@dataclass
+class TabularEncoder:
+    """One-hot for categoricals (train categories only; unseen -> all zeros), z-score for numerics."""
+
+    categories: dict[str, list[str]] = field(default_factory=dict)
+    means: dict[str, float] = field(default_factory=dict)
+    stds: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def fit(cls, frame: pd.DataFrame, categorical: list[str], numeric: list[str]) -> TabularEncoder:
+        cats = {c: sorted(frame[c].astype(str).unique().tolist()) for c in categorical}
+        means = {c: float(frame[c].mean()) for c in numeric}
+        stds = {c: float(frame[c].std(ddof=0)) or 1.0 for c in numeric}
+        return cls(cats, means, stds)
+
+    @property
+    def feature_names(self) -> list[str]:
+        names = list(self.means)
+        for col, cats in self.categories.items():
+            names += [f"{col}={v}" for v in cats]
+        return names
+
+    def transform(self, frame: pd.DataFrame) -> np.ndarray:
+        parts = [((frame[c].to_numpy(np.float64) - self.means[c]) / self.stds[c])[:, None] for c in self.means]
+        for col, cats in self.categories.items():
+            values = frame[col].astype(str).to_numpy()
+            parts.append((values[:, None] == np.asarray(cats)[None, :]).astype(np.float64))
+        return np.hstack(parts).astype(np.float32)
+
+    def to_json(self) -> str:
+        # key order is feature order: never sort
+        return json.dumps({"categories": self.categories, "means": self.means, "stds": self.stds})
+
+    @classmethod
+    def from_json(cls, text: str) -> TabularEncoder:
+        d = json.loads(text)
+        return cls(d["categories"], d["means"], d["stds"])
+
+
+@dataclass(frozen=True)
+class Split:
+    X: np.ndarray  # encoded features, float32 [N, d]: the reference model's input
+    y: np.ndarray  # labels, int64 [N]
+    groups: np.ndarray  # group ids, int64 [N]
+    frame: pd.DataFrame  # the raw rows, for proxies and reports
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    sensitive: str
+    group_names: tuple[str, ...]
+    privileged: str
+    drop_sensitive: bool
+    encoder: TabularEncoder
+    train: Split
+    tune: Split
+    test: Split
+
+    @property
+    def feature_names(self) -> list[str]:
+        return self.encoder.feature_names
+
+    @property
+    def n_features(self) -> int:
+        return self.train.X.shape[1]
+
+
+def _stratified_split(strata: np.ndarray, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
+    """Split row indices into parts with the given fractions, within every stratum."""
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[] for _ in fractions]
+    for s in np.unique(strata):
+        idx = rng.permutation(np.flatnonzero(strata == s))
+        cuts = np.round(np.cumsum(fractions)[:-1] * len(idx)).astype(int)
+        for i, chunk in enumerate(np.split(idx, cuts)):
+            parts[i].append(chunk)
+    return [np.sort(np.concatenate(p)) for p in parts]
+
+
+SPLIT_SEED = 0  # the splits never move with a method's seed: every run is scored on the same rows
+
+
+def load_dataset(name: str, sensitive: str | None = None, drop_sensitive: bool = False) -> Dataset:
+    """Preprocessed, split and encoded dataset. `drop_sensitive` removes the attribute's columns."""
+    if name not in SPECS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    spec = SPECS[name]
+    sensitive = sensitive or spec.default_sensitive
+    if sensitive not in spec.sensitive:
+        raise ValueError(f"{name} has no sensitive attribute {sensitive!r}; choose one of "
+                         f"{', '.join(spec.sensitive)}")
+    sens = spec.sensitive[sensitive]
+    full, test_file = load_frames(name)
+    groups_full = group_codes(full, sens)
+    strata = groups_full * 2 + full[spec.label].to_numpy()
+    if test_file is not None:
+        train_idx, tune_idx = _stratified_split(strata, (0.7, 0.3), SPLIT_SEED)
+        frames = full.iloc[train_idx], full.iloc[tune_idx], test_file
+    else:
+        train_idx, tune_idx, test_idx = _stratified_split(strata, (0.6, 0.2, 0.2), SPLIT_SEED)
+        frames = full.iloc[train_idx], full.iloc[tune_idx], full.iloc[test_idx]
+    dropped = set(sens.encoded_columns) if drop_sensitive else set()
+    categorical = [c for c in spec.categorical if c not in dropped]
+    numeric = [c for c in spec.numeric if c not in dropped]
+    encoder = TabularEncoder.fit(frames[0], categorical, numeric)
+    splits = [
+        Split(encoder.transform(f), f[spec.label].to_numpy(np.int64), group_codes(f, sens),
+              f.reset_index(drop=True))
+        for f in frames
+    ]
+    return Dataset(name, sensitive, sens.group_names, sens.privileged, drop_sensitive, encoder, *splits)

@@ -1,0 +1,1 @@
+"""Debiasing methods, one module each: `fit(access, data, criterion, budget, **options)`."""

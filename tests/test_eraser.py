@@ -1,0 +1,102 @@
+"""Eraser on the real Adult reference model, through the counting oracle."""
+
+import numpy as np
+import pytest
+
+from patcher.apply import PatchRunner
+from patcher.methods import eraser
+from patcher.metrics import demographic_parity_difference
+from patcher.oracle import OnnxOracle
+from patcher.patch import Patch
+from patcher.scores import log_softmax
+from patcher.tuning import TuningData
+
+
+@pytest.fixture(scope="module")
+def tune(adult):
+    return TuningData(adult.tune.X, adult.tune.y, adult.tune.groups, adult.group_names)
+
+
+def test_stratified_rows_cover_every_cell_and_reweight():
+    groups = np.array([0] * 90 + [1] * 10)
+    y = np.array(([0] * 80 + [1] * 10) + ([0] * 5 + [1] * 5))
+    idx, w = eraser.stratified_rows(groups, y, 40, seed=0)
+    assert len(idx) == 40 and len(set(idx)) == 40
+    cells = groups[idx] * 2 + y[idx]
+    # 10 each, small cells (5 rows) fully taken, what is left goes to the cell that still has rows
+    assert np.bincount(cells, minlength=4).tolist() == [20, 10, 5, 5]
+    assert w.sum() == pytest.approx(100)  # weights add back up to the population
+
+
+def test_group_rule_is_the_weighted_group_mean():
+    logp = np.log(np.array([[0.9, 0.1], [0.7, 0.3], [0.2, 0.8]]))
+    table = eraser.group_rule(logp, np.array([0, 0, 1]), np.array([1.0, 3.0, 1.0]), 2)
+    np.testing.assert_allclose(np.exp(table[0]), [0.75, 0.25])  # (0.9 + 3 * 0.7) / 4
+    np.testing.assert_allclose(np.exp(table[1]), [0.2, 0.8])
+
+
+def test_sweep_thresholds_matches_direct_computation():
+    rng = np.random.default_rng(0)
+    s, y, g = rng.normal(size=200), rng.integers(0, 2, 200), rng.integers(0, 2, 200)
+    cuts, acc, unfair = eraser.sweep_thresholds(s, y, g, 2, "dp")
+    for j in (0, 17, 100, 200):
+        pred = (s > cuts[j]).astype(int)
+        assert acc[j] == pytest.approx(np.mean(pred == y))
+        assert unfair[j] == pytest.approx(demographic_parity_difference(y, pred, g))
+
+
+def test_softlabel_logreg_recovers_the_conditional_mean():
+    rng = np.random.default_rng(0)
+    b = rng.integers(0, 2, 4000)
+    B = np.eye(2)[b]
+    p1 = np.where(b == 1, 0.7, 0.2) + rng.uniform(-0.1, 0.1, 4000)  # E[p1 | b] = 0.7 / 0.2
+    W, c = eraser.fit_softlabel_logreg(B, np.stack([1 - p1, p1], 1), np.ones(4000), l2=1e-6)
+    probs = np.exp(log_softmax(np.eye(2) @ W + c))
+    np.testing.assert_allclose(probs[:, 1], [0.2, 0.7], atol=0.01)
+
+
+@pytest.mark.parametrize("bias", ["group", "estimator"])
+def test_eraser_reduces_dp_within_budget_and_the_patch_applies_offline(adult, adult_model, tune, bias):
+    oracle = OnnxOracle(adult_model.onnx_bytes, budget=300)
+    patch, report = eraser.fit(oracle, tune, "dp", 300, bias=bias, seed=0)
+    assert oracle.queries_used == report.queries_used <= 300
+    assert report.group_at_inference is (bias == "group")
+    # round trip through bytes, then apply on the held-out test split
+    runner = PatchRunner(Patch.from_bytes(patch.to_bytes(), expected_id=patch.id))
+    logp = OnnxOracle(adult_model.onnx_bytes).log_probs(adult.test.X)
+    before = logp.argmax(1)
+    after = runner.predict(adult.test.X, logp, adult.test.groups if runner.needs_group else None)
+    dp_before = demographic_parity_difference(adult.test.y, before, adult.test.groups)
+    dp_after = demographic_parity_difference(adult.test.y, after, adult.test.groups)
+    assert dp_before > 0.1 and dp_after < 0.05, (dp_before, dp_after)
+    # the patch is exactly the formula: log p - alpha * rule(group) with the binary cut moved
+    table = np.asarray(report.rule)
+    if bias == "group":
+        expected = (logp - report.alpha * table[adult.test.groups])
+        expected[:, 1] -= report.threshold
+        np.testing.assert_allclose(runner.transform_outputs(adult.test.X, logp, adult.test.groups), expected,
+                                   atol=1e-4)
+
+
+def test_proxies_need_columns(tune, adult_model):
+    with pytest.raises(ValueError, match="proxy_columns"):
+        eraser.fit(OnnxOracle(adult_model.onnx_bytes), tune, "dp", 100, bias="proxies")
+
+
+def test_budget_too_small_is_a_clear_error(tune, adult_model):
+    with pytest.raises(ValueError, match="too small"):
+        eraser.fit(OnnxOracle(adult_model.onnx_bytes), tune, "dp", 3)
+
+
+def test_multiclass_model_gets_a_patch(adult):
+    from tests.conftest import random_mlp
+
+    X = adult.tune.X[:2000]
+    model = random_mlp(X.shape[1], c=3, seed=4)
+    logp = OnnxOracle(model).log_probs(X)
+    y = logp.argmax(1)  # labels the model agrees with, three classes
+    data = TuningData(X, y, adult.tune.groups[:2000], adult.group_names)
+    patch, report = eraser.fit(OnnxOracle(model, budget=600), data, "dp", 600, bias="group")
+    assert patch.manifest["n_classes"] == 3 and report.queries_used <= 600
+    out = PatchRunner(patch).transform_outputs(X, logp, data.groups)
+    assert out.shape == (2000, 3)
