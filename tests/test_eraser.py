@@ -100,3 +100,17 @@ def test_multiclass_model_gets_a_patch(adult):
     assert patch.manifest["n_classes"] == 3 and report.queries_used <= 600
     out = PatchRunner(patch).transform_outputs(X, logp, data.groups)
     assert out.shape == (2000, 3)
+
+
+def test_weighted_sweep_equals_replicated_rows():
+    rng = np.random.default_rng(1)
+    s, y, g = rng.normal(size=60), rng.integers(0, 2, 60), rng.integers(0, 2, 60)
+    reps = rng.integers(1, 4, 60)
+    cuts, acc, unfair = eraser.sweep_thresholds(s, y, g, 2, "eo", weights=reps.astype(float))
+    big = [np.repeat(a, reps) for a in (s, y, g)]
+    for t, a, u in zip(cuts[::7], acc[::7], unfair[::7], strict=True):
+        pred = (big[0] > t).astype(int)
+        assert a == pytest.approx(np.mean(pred == big[1]))
+        tpr = [pred[(big[2] == k) & (big[1] == 1)].mean() for k in (0, 1)]
+        fpr = [pred[(big[2] == k) & (big[1] == 0)].mean() for k in (0, 1)]
+        assert u == pytest.approx(max(abs(tpr[0] - tpr[1]), abs(fpr[0] - fpr[1])))
