@@ -20,6 +20,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--group-free", action="store_true", help="no group at inference: infer it from x")
     bench.add_argument("--drop-sensitive", action="store_true",
                        help="the model never saw the sensitive column (implies proxies only)")
+    bench.add_argument("--proxies", default=None,
+                       help="comma-separated raw columns to use as bias features (e.g. relationship,marital_status) "
+                            "instead of the group; no group is needed at inference")
     bench.add_argument("--json", action="store_true", help="print the result as JSON")
     bench.set_defaults(run=run_bench)
 
@@ -30,7 +33,8 @@ def run_bench(args: argparse.Namespace) -> int:
     try:
         result = BENCHES[args.method](
             dataset=args.dataset, sensitive=args.sensitive, criterion=args.criterion, queries=args.queries,
-            seed=args.seed, group_free=args.group_free, drop_sensitive=args.drop_sensitive)
+            seed=args.seed, group_free=args.group_free, drop_sensitive=args.drop_sensitive,
+            proxies=args.proxies.split(",") if args.proxies else None)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -27,14 +27,27 @@ def headline(y: np.ndarray, pred: np.ndarray, groups: np.ndarray, privileged: An
     return {k: float(summary[k]) for k in keys if summary.get(k) is not None}
 
 
+def feature_columns(feature_names: list[str], columns: list[str]) -> list[int]:
+    """Encoded feature indices of raw columns (a numeric column, or every one-hot `col=value`)."""
+    idx = [i for i, n in enumerate(feature_names) if n in columns or n.split("=", 1)[0] in columns]
+    missing = [c for c in columns if not any(n == c or n.startswith(c + "=") for n in feature_names)]
+    if missing:
+        raise ValueError(f"no such column(s) {missing}; the model's inputs come from "
+                         f"{sorted({n.split('=', 1)[0] for n in feature_names})}")
+    return idx
+
+
 def bench_eraser(dataset: str = "adult", sensitive: str | None = None, criterion: str = "dp",
                  queries: int | None = 1000, seed: int = 0, group_free: bool = False,
-                 drop_sensitive: bool = False, **options) -> dict[str, Any]:
-    """One Eraser run: the JSON the `fairpatch bench eraser` command prints."""
+                 drop_sensitive: bool = False, proxies: list[str] | None = None, **options) -> dict[str, Any]:
+    """One Eraser run: the JSON the `fairpatch bench eraser` command prints. `proxies` (raw column
+    names) makes the bias features those columns instead of the group."""
     data = load_dataset(dataset, sensitive, drop_sensitive)
     model = reference_model(dataset, data.sensitive, drop_sensitive=drop_sensitive, seed=seed, data=data)
     oracle = OnnxOracle(model.onnx_bytes, budget=queries)
     tune = TuningData(data.tune.X, data.tune.y, data.tune.groups, data.group_names, tuple(data.feature_names))
+    if proxies:
+        options.update(bias="proxies", proxy_columns=feature_columns(data.feature_names, proxies))
     options.setdefault("bias", "estimator" if group_free else "group")
     options.setdefault("seed", seed)
 

@@ -114,3 +114,22 @@ def test_weighted_sweep_equals_replicated_rows():
         tpr = [pred[(big[2] == k) & (big[1] == 1)].mean() for k in (0, 1)]
         fpr = [pred[(big[2] == k) & (big[1] == 0)].mean() for k in (0, 1)]
         assert u == pytest.approx(max(abs(tpr[0] - tpr[1]), abs(fpr[0] - fpr[1])))
+
+
+def test_proxy_rule_needs_no_group_and_uses_only_its_columns(adult, adult_model, tune):
+    from patcher.bench import feature_columns
+
+    cols = feature_columns(adult.feature_names, ["relationship", "marital_status"])
+    assert all(adult.feature_names[i].startswith(("relationship=", "marital_status=")) for i in cols)
+    patch, report = eraser.fit(OnnxOracle(adult_model.onnx_bytes, budget=500), tune, "dp", 500,
+                               bias="proxies", proxy_columns=cols)
+    runner = PatchRunner(patch)
+    assert not runner.needs_group and not report.group_at_inference
+    logp = OnnxOracle(adult_model.onnx_bytes).log_probs(adult.test.X[:500])
+    X = adult.test.X[:500].copy()
+    other = [i for i in range(X.shape[1]) if i not in cols]
+    X2 = X.copy()
+    X2[:, other] = 0.0  # the correction reads the proxy columns only
+    np.testing.assert_allclose(runner.transform_outputs(X, logp), runner.transform_outputs(X2, logp), atol=1e-5)
+    with pytest.raises(ValueError, match="no such column"):
+        feature_columns(adult.feature_names, ["height"])
