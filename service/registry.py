@@ -1,0 +1,93 @@
+"""The model registry: which upstream endpoint serves each (model, version), kept in Redis.
+
+A registered model version names its upstream (URL, protocol, the upstream's own model name,
+input and output tensors, output kind) and the name of the extra input tensor that carries the
+group at inference. Reads on the hot path go through `ModelCache`, never to Redis per request.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+from redis.asyncio import Redis
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
+
+
+class UpstreamSpec(BaseModel):
+    url: str = Field(description="base URL of the model server, e.g. http://triton:8000")
+    protocol: Literal["v2", "v1", "mlflow"] = "v2"
+    model_name: str | None = Field(None, description="the upstream's name for the model (default: the registered name)")
+    model_version: str | None = Field(None, description="the upstream's version, if it wants one in the path")
+    input_name: str | None = Field(None, description="input tensor name (default: the request's own)")
+    output_name: str | None = Field(None, description="output tensor holding the scores (default: the first)")
+    output_kind: Literal["logits", "probabilities"] = "logits"
+    timeout_s: float = Field(10.0, gt=0, le=300)
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("upstream url must start with http:// or https://")
+        return v.rstrip("/")
+
+
+class ModelSpec(BaseModel):
+    name: str = Field(pattern=NAME_PATTERN)
+    version: str = Field("1", pattern=NAME_PATTERN)
+    upstream: UpstreamSpec
+    group_input: str = Field("group", description="extra input tensor carrying the group; stripped upstream")
+    groups: list[str] | None = Field(None, description="known group names (optional, for validation)")
+    created_at: float = Field(default_factory=time.time)
+
+
+class ModelRegistry:
+    """Model versions in Redis: one JSON value per version plus an index set."""
+
+    def __init__(self, redis: Redis, prefix: str = "fp:") -> None:
+        self.redis = redis
+        self.prefix = prefix
+
+    def _key(self, name: str, version: str) -> str:
+        return f"{self.prefix}model:{name}:{version}"
+
+    async def put(self, spec: ModelSpec) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._key(spec.name, spec.version), spec.model_dump_json())
+            pipe.sadd(f"{self.prefix}models", f"{spec.name}\x00{spec.version}")
+            await pipe.execute()
+
+    async def get(self, name: str, version: str) -> ModelSpec | None:
+        raw = await self.redis.get(self._key(name, version))
+        return None if raw is None else ModelSpec.model_validate_json(raw)
+
+    async def versions(self, name: str) -> list[str]:
+        members = await self.redis.smembers(f"{self.prefix}models")
+        found = [m.decode() if isinstance(m, bytes) else m for m in members]
+        return sorted((v for n, v in (m.split("\x00", 1) for m in found) if n == name), key=_version_key)
+
+    async def latest(self, name: str) -> ModelSpec | None:
+        versions = await self.versions(name)
+        return await self.get(name, versions[-1]) if versions else None
+
+    async def list(self) -> list[ModelSpec]:
+        members = await self.redis.smembers(f"{self.prefix}models")
+        keys = sorted(m.decode() if isinstance(m, bytes) else m for m in members)
+        if not keys:
+            return []
+        raws = await self.redis.mget([self._key(*k.split("\x00", 1)) for k in keys])
+        return [ModelSpec.model_validate_json(r) for r in raws if r is not None]
+
+    async def delete(self, name: str, version: str) -> bool:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._key(name, version))
+            pipe.srem(f"{self.prefix}models", f"{name}\x00{version}")
+            deleted, _ = await pipe.execute()
+        return bool(deleted)
+
+
+def _version_key(v: str) -> tuple:
+    """Numeric versions sort numerically ("10" after "9"), others lexically after them."""
+    return (0, int(v), "") if v.isdigit() else (1, 0, v)
