@@ -1,0 +1,1 @@
+"""The gateway: FastAPI app, upstream adapters, patch store, jobs. Thin over `patcher`."""

@@ -1,0 +1,57 @@
+"""The gateway application: `create_app(settings)` wires settings, Redis, error handling and routers.
+
+Kept thin on purpose: each concern is a router or a module of its own, added here when it exists.
+Seams for what comes next: the model registry and V2 infer proxy (routers using `app.state.redis`
+and a pooled upstream client opened in `lifespan`), the patch store and jobs (arq on the same Redis
+URL, kept in `app.state.redis_url`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from redis.asyncio import Redis
+
+from service import health
+from service.body_limit import BodySizeLimit
+from service.errors import install_error_handlers
+from service.redis_embedded import redis_url_for
+from service.settings import Settings
+from service.version import __version__
+
+log = logging.getLogger("fairpatch.service")
+
+
+def _redacted(url: str) -> str:
+    return re.sub(r"://[^@/]*@", "://***@", url)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Starting the embedded Redis blocks for a few tens of ms; nothing is served yet, so that is fine.
+        with redis_url_for(settings.redis_url, settings.data_dir) as url:
+            client = Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30)
+            app.state.redis, app.state.redis_url = client, url
+            if await health.redis_answers(client):
+                log.info("Redis at %s answers", _redacted(url))
+            else:  # keep serving: /v2/health/ready reports it, and Redis may come back
+                log.warning("Redis at %s does not answer; the gateway is not ready", _redacted(url))
+            try:
+                yield
+            finally:
+                await client.aclose()
+
+    app = FastAPI(title="fairpatch gateway", version=__version__, lifespan=lifespan,
+                  description="Fairness-patched predictions over the Open Inference Protocol (KServe V2).")
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.include_router(health.router)
+    return app

@@ -1,0 +1,72 @@
+"""The service's CLI subcommands: `fairpatch serve` (the gateway) and `fairpatch upstream` (an ONNX
+model over V2). `clients/cli.py` registers them through `add_service_parsers`; the runners import
+uvicorn, FastAPI and onnxruntime only when they run, so `fairpatch --help` stays quick."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def add_service_parsers(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser(
+        "serve", help="run the gateway (embedded Redis unless FAIRPATCH_REDIS_URL is set)",
+        description="Run the fairpatch gateway. Settings come from FAIRPATCH_* environment variables; "
+                    "these flags override them.")
+    serve.add_argument("--host", default=None, help="interface (default: FAIRPATCH_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default: FAIRPATCH_PORT or 8080)")
+    serve.set_defaults(run=run_serve)
+
+    up = sub.add_parser("upstream", help="serve an ONNX model over the Open Inference Protocol (KServe V2)",
+                        description="Serve one ONNX model over the V2 REST protocol: a stand-in for a "
+                                    "deployed endpoint (Triton, KServe, MLServer).")
+    up.add_argument("--onnx", required=True, help="the .onnx model file")
+    up.add_argument("--name", required=True, help="model name in /v2/models/{name}")
+    up.add_argument("--version", default="1", help="model version (default: 1)")
+    up.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
+    up.add_argument("--port", type=int, default=9000, help="port (default: 9000)")
+    up.add_argument("--max-body-mib", type=float, default=64.0, help="body size limit (default: 64)")
+    up.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    up.set_defaults(run=run_upstream)
+
+
+def _configure_logging(level: str) -> None:
+    # uvicorn configures only its own loggers; this makes ours (fairpatch.*) visible beside them.
+    logging.basicConfig(level=level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    overrides = {k: v for k in ("host", "port") if (v := getattr(args, k, None)) is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:
+        print(f"fairpatch serve: invalid settings: {e}", file=sys.stderr)
+        return 2
+    _configure_logging(settings.log_level)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level.lower())
+    return 0
+
+
+def run_upstream(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.local_upstream import OnnxModel, create_upstream_app
+    from service.settings import MiB
+
+    _configure_logging(args.log_level)
+    try:
+        model = OnnxModel(args.onnx, name=args.name, version=args.version)
+    except Exception as e:  # missing file, not ONNX, unsupported signature: say so, no traceback
+        print(f"fairpatch upstream: cannot load {args.onnx}: {e}", file=sys.stderr)
+        return 2
+    app = create_upstream_app(model, max_body_bytes=int(args.max_body_mib * MiB))
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,67 @@
+"""Every error leaves a server as `{"error": "..."}` (the OIP error shape) with a fitting status.
+
+Bad input is the client's problem and gets a 4xx that says what to fix; only a genuine bug reaches
+the catch-all, which still answers JSON (500) instead of Starlette's plain-text page.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.oip import InvalidRequest, describe_validation_errors
+
+log = logging.getLogger("fairpatch.service")
+
+
+class ApiError(Exception):
+    """An error with a status code and a message for the client (unknown model -> 404, ...)."""
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+
+
+def error_response(status_code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status_code, headers=headers)
+
+
+async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc.status_code, exc.message)
+
+
+async def _invalid_request(_request: Request, exc: InvalidRequest) -> JSONResponse:
+    return error_response(400, str(exc))
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # Covers routing too: unknown paths (404) and wrong methods (405, keeping its Allow header).
+    message = str(exc.detail)
+    if exc.status_code == 404 and message == "Not Found":
+        message = f"no such endpoint: {request.method} {request.url.path}"
+    elif exc.status_code == 405 and message == "Method Not Allowed":
+        message = f"{request.method} is not allowed on {request.url.path}"
+    return error_response(exc.status_code, message, getattr(exc, "headers", None))
+
+
+async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    # 400 rather than FastAPI's 422: the OIP reports every malformed request as 400.
+    return error_response(400, f"invalid request: {describe_validation_errors(exc.errors())}")
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error on %s %s: %r", request.method, request.url.path, exc)
+    return error_response(500, f"internal server error ({type(exc).__name__}); see the server log")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(InvalidRequest, _invalid_request)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,270 @@
+"""Open Inference Protocol (KServe V2) REST wire shapes and their numpy conversions.
+
+Field names follow the spec exactly (https://kserve.github.io/website/docs/concepts/architecture/
+data-plane/v2-protocol): both the local upstream and the gateway speak it, so a client cannot tell
+the gateway from the model it fronts. Nothing here knows about HTTP; a request the protocol rejects
+raises `InvalidRequest`, whose message is written for the client and which servers map to 400.
+
+Conversion is the hot path: one `np.asarray` over the list the JSON parser already built, then a
+reshape. Tensor `data` is typed `list[Any]` so pydantic does not validate each element; the numpy
+conversion does that in C.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+Datatype = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+                   "FP16", "FP32", "FP64", "BYTES"]
+Parameters = dict[str, Any]
+
+NUMPY_DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_), "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32), "UINT64": np.dtype(np.uint64), "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16), "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(object),
+}
+_DATATYPES = {dt: name for name, dt in NUMPY_DTYPES.items() if name != "BYTES"}
+
+
+class InvalidRequest(ValueError):
+    """A request the protocol rejects (bad JSON, shape, datatype, values); the message is for the client."""
+
+
+# --- wire shapes -----------------------------------------------------------------------------------
+
+class _Wire(BaseModel):
+    # Unknown fields are dropped rather than rejected: the protocol grows through extensions.
+    model_config = ConfigDict(extra="ignore")
+
+
+class ErrorResponse(_Wire):
+    error: str
+
+
+class ServerMetadata(_Wire):
+    name: str
+    version: str
+    extensions: list[str] = Field(default_factory=list)
+
+
+class LiveResponse(_Wire):
+    live: bool
+
+
+class ReadyResponse(_Wire):
+    ready: bool
+
+
+class ModelReadyResponse(_Wire):
+    name: str
+    ready: bool
+
+
+class MetadataTensor(_Wire):
+    name: str
+    datatype: Datatype
+    shape: list[int]  # -1 marks a dimension of any size
+    parameters: Parameters | None = None
+
+
+class ModelMetadata(_Wire):
+    name: str
+    versions: list[str] | None = None
+    platform: str
+    inputs: list[MetadataTensor] = Field(default_factory=list)
+    outputs: list[MetadataTensor] = Field(default_factory=list)
+    parameters: Parameters | None = None
+
+
+class RequestInput(_Wire):
+    name: str
+    shape: list[Annotated[int, Field(ge=0)]]
+    datatype: Datatype
+    parameters: Parameters | None = None
+    data: list[Any]  # row-major, flat or nested; checked by `to_numpy`, not per element by pydantic
+
+
+class RequestOutput(_Wire):
+    name: str
+    parameters: Parameters | None = None
+
+
+class InferRequest(_Wire):
+    id: str | None = None
+    parameters: Parameters | None = None
+    inputs: list[RequestInput] = Field(min_length=1)
+    outputs: list[RequestOutput] | None = None
+
+
+class ResponseOutput(_Wire):
+    name: str
+    shape: list[int]
+    datatype: Datatype
+    parameters: Parameters | None = None
+    data: list[Any]
+
+
+class InferResponse(_Wire):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: Parameters | None = None
+    outputs: list[ResponseOutput]
+
+
+# --- parsing ---------------------------------------------------------------------------------------
+
+def describe_validation_errors(errors: Iterable[Mapping[str, Any]], limit: int = 5) -> str:
+    """Pydantic errors as one readable line: `inputs.0.shape.1: Input should be ...; ...`."""
+    errors = list(errors)
+    parts = []
+    for e in errors[:limit]:
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+        parts.append(f"{loc}: {e.get('msg', 'invalid')}" if loc else str(e.get("msg", "invalid")))
+    more = f" (and {len(errors) - limit} more)" if len(errors) > limit else ""
+    return "; ".join(parts) + more
+
+
+def parse_infer_request(body: bytes) -> InferRequest:
+    """Parse and validate an inference request body in one pass (pydantic's Rust JSON parser)."""
+    if not body:
+        raise InvalidRequest("empty request body; expected an inference request JSON object")
+    try:
+        return InferRequest.model_validate_json(body)
+    except ValidationError as e:
+        errors = e.errors(include_url=False)
+        if errors and errors[0]["type"] == "json_invalid":
+            detail = errors[0].get("ctx", {}).get("error", errors[0]["msg"])
+            raise InvalidRequest(f"malformed JSON: {detail}") from None
+        raise InvalidRequest(f"invalid inference request: {describe_validation_errors(errors)}") from None
+
+
+# --- request tensor -> numpy -----------------------------------------------------------------------
+
+def to_numpy(tensor: RequestInput) -> np.ndarray:
+    """The request tensor as an array of its declared datatype and shape; rejects what would mislead
+    the model (wrong element count, non-finite floats, fractional or out-of-range integers)."""
+    name, datatype, shape = tensor.name, tensor.datatype, tensor.shape
+    target = NUMPY_DTYPES[datatype]
+    try:
+        if target.kind == "f":
+            # Direct conversion is the fast path; None becomes NaN and overflow becomes inf, both
+            # caught by the finite check below (so the overflow needs no warning).
+            with np.errstate(over="ignore"):
+                arr = np.asarray(tensor.data, dtype=target)
+        elif target.kind in "iu":
+            arr = _integers(tensor.data, target, name, datatype)
+        elif target.kind == "b":
+            arr = np.asarray(tensor.data)
+            if arr.size and arr.dtype.kind != "b":
+                raise InvalidRequest(f"input '{name}': BOOL data must be JSON true/false values")
+            arr = arr.astype(target, copy=False)
+        else:
+            arr = _strings(tensor.data, name)
+    except InvalidRequest:
+        raise
+    except (ValueError, TypeError, OverflowError) as e:
+        raise InvalidRequest(f"input '{name}': data is not a valid {datatype} tensor ({e})") from None
+    expected = math.prod(shape)
+    if arr.size != expected:
+        raise InvalidRequest(f"input '{name}': shape {shape} needs {expected} values, got {arr.size}")
+    if target.kind == "f" and not np.isfinite(arr).all():
+        raise InvalidRequest(f"input '{name}': data holds NaN, infinite or null values (or values outside "
+                             f"the {datatype} range); send finite numbers")
+    return arr.reshape(shape)
+
+
+def _integers(data: list[Any], target: np.dtype, name: str, datatype: str) -> np.ndarray:
+    # Infer first: a direct cast would silently truncate 1.5 to 1 and wrap out-of-range values.
+    arr = np.asarray(data)
+    if arr.dtype.kind == "f":
+        if not np.all(np.mod(arr, 1) == 0):
+            raise InvalidRequest(f"input '{name}': {datatype} data holds non-integer values")
+    elif arr.dtype.kind not in "iu" and arr.size:
+        raise InvalidRequest(f"input '{name}': {datatype} data must be integers")
+    if arr.size:
+        info = np.iinfo(target)
+        if arr.min() < info.min or arr.max() > info.max:
+            raise InvalidRequest(f"input '{name}': values outside the {datatype} range "
+                                 f"[{info.min}, {info.max}]")
+    return arr.astype(target, copy=False)
+
+
+def _strings(data: list[Any], name: str) -> np.ndarray:
+    arr = np.asarray(data, dtype=object)
+    flat = arr.ravel()
+    for i, x in enumerate(flat):
+        if isinstance(x, bytes):
+            flat[i] = x.decode("utf-8", errors="replace")
+        elif not isinstance(x, str):
+            raise InvalidRequest(f"input '{name}': BYTES data must be strings")
+    return flat.reshape(arr.shape)
+
+
+# --- numpy -> response tensor ----------------------------------------------------------------------
+
+def datatype_of(dtype: np.dtype) -> str:
+    """The OIP datatype name for a numpy dtype (strings and objects are BYTES)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "USO":
+        return "BYTES"
+    try:
+        return _DATATYPES[dtype]
+    except KeyError:
+        raise ValueError(f"numpy dtype {dtype} has no Open Inference Protocol datatype") from None
+
+
+def from_numpy(name: str, array: np.ndarray, parameters: Parameters | None = None) -> ResponseOutput:
+    """A response tensor: flat row-major data (`tolist` runs in C) plus the array's shape."""
+    array = np.asarray(array)
+    datatype = datatype_of(array.dtype)
+    data = array.ravel().tolist()
+    if datatype == "BYTES":
+        data = [x.decode("utf-8", errors="replace") if isinstance(x, bytes) else str(x) for x in data]
+    return ResponseOutput(name=name, shape=list(array.shape), datatype=datatype, parameters=parameters,
+                          data=data)
+
+
+# --- request vs model signature --------------------------------------------------------------------
+
+def shape_matches(expected: list[int], actual: list[int]) -> bool:
+    """Same rank, and every fixed dimension equal (-1 in `expected` matches any size)."""
+    if len(expected) != len(actual):
+        return False
+    return all(e < 0 or e == a for e, a in zip(expected, actual, strict=True))
+
+
+def check_signature(metadata: ModelMetadata, request: InferRequest) -> None:
+    """Reject a request whose inputs or requested outputs do not fit the model's declared signature,
+    before any data is converted or sent."""
+    declared = {t.name: t for t in metadata.inputs}
+    seen: set[str] = set()
+    for t in request.inputs:
+        spec = declared.get(t.name)
+        if spec is None:
+            raise InvalidRequest(f"model '{metadata.name}' has no input '{t.name}' "
+                                 f"(its inputs: {', '.join(declared) or 'none'})")
+        if t.name in seen:
+            raise InvalidRequest(f"input '{t.name}' is given more than once")
+        seen.add(t.name)
+        if t.datatype != spec.datatype:
+            raise InvalidRequest(f"input '{t.name}' has datatype {t.datatype}; model expects {spec.datatype}")
+        if not shape_matches(spec.shape, t.shape):
+            raise InvalidRequest(f"input '{t.name}' has shape {t.shape}; model expects {spec.shape} "
+                                 "(-1 = any size)")
+    missing = [n for n in declared if n not in seen]
+    if missing:
+        raise InvalidRequest(f"missing input(s) {', '.join(missing)} for model '{metadata.name}'")
+    if request.outputs:
+        outputs = {t.name for t in metadata.outputs}
+        unknown = [o.name for o in request.outputs if o.name not in outputs]
+        if unknown:
+            raise InvalidRequest(f"model '{metadata.name}' has no output(s) {', '.join(unknown)} "
+                                 f"(its outputs: {', '.join(sorted(outputs))})")

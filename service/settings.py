@@ -1,0 +1,62 @@
+"""Gateway settings, read from `FAIRPATCH_*` environment variables (and CLI flags on top).
+
+Only what the code reads today plus the obvious security knobs; new components add their own
+fields here when they land.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+def default_data_dir() -> Path:
+    """Where the embedded Redis (and later the patch blobs) live: the XDG data home."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "fairpatch"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FAIRPATCH_", extra="ignore", populate_by_name=True)
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    # None = start a private embedded Redis under data_dir. The bare REDIS_URL is honoured too: it is
+    # the convention tests and container platforms already use; FAIRPATCH_REDIS_URL wins over it.
+    redis_url: str | None = Field(default=None,
+                                  validation_alias=AliasChoices("FAIRPATCH_REDIS_URL", "REDIS_URL"))
+    host: str = "127.0.0.1"  # loopback by default; containers set FAIRPATCH_HOST=0.0.0.0
+    port: int = Field(default=8080, ge=0, le=65535)
+    log_level: str = "info"
+    max_body_bytes: int = Field(default=64 * MiB, gt=0)
+    # Management endpoints (model registry, jobs) will require this key; None = they stay disabled.
+    admin_key: SecretStr | None = None
+    # Upstream URL prefixes the gateway may call; comma-separated or a JSON list in the environment.
+    upstream_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _blank_is_none(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("upstream_allowlist", mode="before")
+    @classmethod
+    def _split_list(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = v.strip()
+            if v.startswith("["):
+                import json
+
+                return json.loads(v)
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser()
