@@ -16,10 +16,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
-from service import health
+from service import health, infer, management
 from service.body_limit import BodySizeLimit
 from service.errors import install_error_handlers
+from service.patch_store import PatchStore
 from service.redis_embedded import redis_url_for
+from service.registry import ModelRegistry
 from service.settings import Settings
 from service.version import __version__
 
@@ -43,9 +45,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 log.info("Redis at %s answers", _redacted(url))
             else:  # keep serving: /v2/health/ready reports it, and Redis may come back
                 log.warning("Redis at %s does not answer; the gateway is not ready", _redacted(url))
+            app.state.registry = ModelRegistry(client)
+            app.state.patches = PatchStore(client, recheck_s=settings.patch_recheck_s)
+            app.state.patches.start()
+            # Each component opens what it needs (pooled upstream client, job queue) and closes it.
+            await infer.startup(app)
+            await management.startup(app)
             try:
                 yield
             finally:
+                await management.shutdown(app)
+                await infer.shutdown(app)
+                await app.state.patches.stop()
                 await client.aclose()
 
     app = FastAPI(title="fairpatch gateway", version=__version__, lifespan=lifespan,
@@ -54,4 +65,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.include_router(health.router)
+    app.include_router(infer.router)
+    app.include_router(management.router)
     return app

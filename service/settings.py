@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     port: int = Field(default=8080, ge=0, le=65535)
     log_level: str = "info"
     max_body_bytes: int = Field(default=64 * MiB, gt=0)
+    # How often each replica re-reads the active-patch pointers (pub/sub can drop messages).
+    patch_recheck_s: float = Field(default=5.0, gt=0)
     # Management endpoints (model registry, jobs) will require this key; None = they stay disabled.
     admin_key: SecretStr | None = None
     # Upstream URL prefixes the gateway may call; comma-separated or a JSON list in the environment.

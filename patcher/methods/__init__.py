@@ -1,1 +1,20 @@
-"""Debiasing methods, one module each: `fit(access, data, criterion, budget, **options)`."""
+"""Debiasing methods, one module each, all with one signature:
+
+    fit(access, data, criterion, budget, *, progress=None, **options) -> (Patch, report)
+
+`progress(fraction, info)` is called as the fit advances (jobs show it). `METHODS` maps a job's
+method name to its module, so a new method plugs into the job API without new endpoints.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+METHODS: dict[str, str] = {"eraser": "patcher.methods.eraser"}
+
+
+def get_method(name: str) -> ModuleType:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return importlib.import_module(METHODS[name])

@@ -21,6 +21,7 @@ test-set dp spread across seeds from about 0.03 to 0.01. The patch is one ONNX g
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -249,10 +250,11 @@ def build_output_graph(n_features: int, n_classes: int, alpha: float, threshold:
 # ---------------------------------------------------------------- fit
 
 
-def fit(access: Oracle, data: TuningData, criterion: Criterion = "dp", budget: int | None = None,
-        **options) -> tuple[Patch, FitReport]:
+def fit(access: Oracle, data: TuningData, criterion: Criterion = "dp", budget: int | None = None, *,
+        progress: Callable[[float, dict], None] | None = None, **options) -> tuple[Patch, FitReport]:
     """Learn an Eraser patch from at most `budget` queries to `access` (default: its remaining budget)."""
     opts = EraserOptions(**options)
+    report_progress = progress or (lambda _f, _i: None)
     if criterion not in ("dp", "eo", "eopp"):
         raise ValueError(f"unknown criterion {criterion!r}; choose dp, eo or eopp")
     if opts.bias == "proxies" and not opts.proxy_columns and data.bias_features is None:
@@ -267,9 +269,11 @@ def fit(access: Oracle, data: TuningData, criterion: Criterion = "dp", budget: i
                          f"(two per group) and does well from about 100")
     used_before = access.queries_used
     idx, weights = stratified_rows(groups, y, limit, opts.seed)
+    report_progress(0.05, {"stage": "querying", "queries_used": 0})
     log_probs = access.log_probs(X[idx]) if hasattr(access, "log_probs") else \
         _to_log_probs(access.scores(X[idx]), access.output_kind)
     C = log_probs.shape[1]
+    report_progress(0.6, {"stage": "distilling the biased rule", "queries_used": access.queries_used - used_before})
 
     table = group_rule(log_probs, groups[idx], weights, G)
     W = b = columns = None
@@ -315,6 +319,7 @@ def fit(access: Oracle, data: TuningData, criterion: Criterion = "dp", budget: i
         alpha, threshold, base_acc, base_unfair, acc_after, unfair_after, summary = _tune_multiclass(
             log_probs, rule_all[idx], y[idx], groups[idx], G, criterion, opts)
 
+    report_progress(0.95, {"stage": "exporting the patch", "alpha": alpha, "threshold": threshold})
     graph = build_output_graph(X.shape[1], C, alpha, threshold, opts.bias, table, columns, W, b)
     report = FitReport(
         criterion=criterion, bias=opts.bias, queries_used=access.queries_used - used_before, alpha=alpha,
