@@ -1,5 +1,6 @@
 """The `fairpatch` command line. Heavy imports (torch, the service) happen inside the command that
-needs them, so `fairpatch --help` and the SDK commands stay light."""
+needs them, so `fairpatch --help` and the SDK commands stay light. The gateway commands (`models`,
+`datasets`, `jobs`, `patches`, `infer`) live in `clients.commands` and talk to a gateway over HTTP."""
 
 from __future__ import annotations
 
@@ -48,17 +49,28 @@ def _add_service(sub: argparse._SubParsersAction) -> None:
     add_service_parsers(sub)
 
 
+def _add_gateway(sub: argparse._SubParsersAction) -> None:
+    from clients.commands import add_gateway_parsers
+
+    add_gateway_parsers(sub)
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="the end-to-end demo on embedded defaults")
     demo.add_argument("--queries", type=int, default=1000)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--bias", default="estimator", choices=["estimator", "group"],
+                      help="Eraser's bias features: estimator (no group needed at inference) or group (sent per row)")
     demo.set_defaults(run=lambda a: __import__("clients.demo", fromlist=["run"]).run(a))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from clients.commands import add_connection_options
+
     parser = argparse.ArgumentParser(prog="fairpatch", description="Fairness patches for deployed models.")
+    add_connection_options(parser, top_level=True)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_model, _add_bench, _add_service, _add_demo):
+    for add in (_add_model, _add_bench, _add_service, _add_gateway, _add_demo):
         add(sub)
     return parser
 

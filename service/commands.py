@@ -1,6 +1,7 @@
-"""The service's CLI subcommands: `fairpatch serve` (the gateway) and `fairpatch upstream` (an ONNX
-model over V2). `clients/cli.py` registers them through `add_service_parsers`; the runners import
-uvicorn, FastAPI and onnxruntime only when they run, so `fairpatch --help` stays quick."""
+"""The service's CLI subcommands: `fairpatch serve` (the gateway), `fairpatch worker` (runs patch-training
+jobs) and `fairpatch upstream` (an ONNX model over V2). `clients/cli.py` registers them through
+`add_service_parsers`; the runners import uvicorn, FastAPI and onnxruntime only when they run, so
+`fairpatch --help` stays quick."""
 
 from __future__ import annotations
 
@@ -16,7 +17,20 @@ def add_service_parsers(sub: argparse._SubParsersAction) -> None:
                     "these flags override them.")
     serve.add_argument("--host", default=None, help="interface (default: FAIRPATCH_HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default: FAIRPATCH_PORT or 8080)")
+    serve.add_argument("--no-worker", action="store_true",
+                       help="in embedded mode, do not start a job worker beside the gateway")
     serve.set_defaults(run=run_serve)
+
+    work = sub.add_parser(
+        "worker", help="run patch-training jobs (on FAIRPATCH_REDIS_URL, else the embedded Redis of `serve`)",
+        description="Run a job worker: it takes patch-training jobs from the queue on FAIRPATCH_REDIS_URL, or "
+                    "with none set from the embedded Redis that `fairpatch serve` runs under the same "
+                    "FAIRPATCH_DATA_DIR. Stops on SIGTERM / Ctrl-C; a job it was running goes back to the queue.")
+    work.add_argument("--burst", action="store_true", help="exit once the queue is empty")
+    work.add_argument("--max-jobs", type=int, default=None,
+                      help="jobs run at once (default: FAIRPATCH_WORKER_MAX_JOBS or 2)")
+    work.add_argument("--wait", type=float, default=30.0, help="seconds to wait for Redis to answer (default: 30)")
+    work.set_defaults(run=run_worker)
 
     up = sub.add_parser("upstream", help="serve an ONNX model over the Open Inference Protocol (KServe V2)",
                         description="Serve one ONNX model over the V2 REST protocol: a stand-in for a "
@@ -49,10 +63,29 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValidationError as e:
         print(f"fairpatch serve: invalid settings: {e}", file=sys.stderr)
         return 2
+    if settings.redis_url is None and not getattr(args, "no_worker", False):
+        # Embedded mode: one machine, so the gateway runs its own worker (stopped with it). With a shared
+        # Redis, workers are deployed on their own (`fairpatch worker`) and scaled apart from gateways.
+        settings = settings.model_copy(update={"start_worker": True})
     _configure_logging(settings.log_level)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                 log_level=settings.log_level.lower())
     return 0
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+    from service.worker import main
+
+    try:
+        settings = Settings(**({"worker_max_jobs": args.max_jobs} if args.max_jobs is not None else {}))
+    except ValidationError as e:
+        print(f"fairpatch worker: invalid settings: {e}", file=sys.stderr)
+        return 2
+    _configure_logging(settings.log_level)
+    return main(settings, burst=args.burst, wait_s=args.wait)
 
 
 def run_upstream(args: argparse.Namespace) -> int:

@@ -1,15 +1,556 @@
-"""(seam: filled in by the infer component)."""
+"""The data plane: OIP V2 and KServe V1 inference in front of the registered upstream, patched.
+
+Per request (docs/api.md, "Inference"): resolve the model version from an in-process cache (the
+registry in Redis is re-read at most every `SPEC_TTL_S` per model), take the active patch's runner
+from the patch store's memory (no Redis round trip), validate and convert the request, strip the
+group input, run the patch's input transform, call the upstream over the pooled client, turn its
+scores into log-probabilities, run the output transform, and answer in the caller's protocol with
+the scores in the model's own kind and shape. Every other upstream output passes through unchanged.
+
+Patch graphs are tiny (a few table lookups and adds over [N, C]), so they run inline on the event
+loop: a thread hop would cost more than the work. The upstream's V2 metadata is fetched once per
+model version (and again when its registration changes) and cached; requests are checked against it
+before anything is sent, so a wrong shape or datatype is the client's 400, not an upstream error.
+
+Requests may use the V2 binary tensor extension (Triton's client sends binary data by default): the
+JSON header's length comes in `Inference-Header-Content-Length` and tensors with
+`parameters.binary_data_size` take their bytes, in order, from what follows. Answers are JSON.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, FastAPI
+import asyncio
+import json
+import logging
+import struct
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, Generic, TypeVar
 
-router = APIRouter()
+import numpy as np
+import pydantic_core
+from fastapi import APIRouter, FastAPI, Request, Response
+from pydantic import BaseModel, ConfigDict, ValidationError
+from redis.exceptions import RedisError
 
+from patcher.apply import PatchRunner, UnknownGroupError
+from patcher.patch import PatchError
+from patcher.scores import from_log_probs, to_log_probs
+from service.errors import ApiError
+from service.oip import (
+    NUMPY_DTYPES,
+    ErrorResponse,
+    InferRequest,
+    InferResponse,
+    InvalidRequest,
+    MetadataTensor,
+    ModelMetadata,
+    ModelReadyResponse,
+    RequestInput,
+    RequestOutput,
+    ResponseOutput,
+    check_signature,
+    describe_validation_errors,
+    from_numpy,
+    parse_infer_request,
+    shape_matches,
+    to_numpy,
+)
+from service.openapi import json_body
+from service.registry import ModelRegistry, ModelSpec
+from service.upstream import UpstreamClient, UpstreamError, output_array, scores_index, v2_tensor
+
+log = logging.getLogger("fairpatch.service")
+
+SPEC_TTL_S = 2.0  # how stale a replica's view of a registration may get
+MISS_TTL_S = 0.5  # unknown models are remembered briefly, so a flood of them does not hammer Redis
+METADATA_TTL_S = 300.0  # upstream signatures change only on redeploy; a registration change refetches at once
+MAX_CACHED = 10_000
+PATCH_HEADER = "fairpatch-patch"
+RAW_OUTPUT = "fairpatch_raw"
+RAW_PARAMETER = "fairpatch_raw"
+BINARY_HEADER = "inference-header-content-length"
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+# --- caches ------------------------------------------------------------------------------------------
+
+class TtlCache(Generic[K, V]):
+    """Values that expire, loaded once however many requests ask at the same moment. When a reload
+    fails, the last value is served a while longer rather than failing requests (Redis blips)."""
+
+    def __init__(self) -> None:
+        self._values: dict[K, tuple[float, V]] = {}
+        self._loading: dict[K, asyncio.Future[V]] = {}
+
+    async def get(self, key: K, load: Callable[[], Awaitable[V]], ttl: Callable[[V], float],
+                  valid: Callable[[V], bool] | None = None) -> V:
+        hit = self._values.get(key)
+        if hit is not None and hit[0] > time.monotonic() and (valid is None or valid(hit[1])):
+            return hit[1]
+        future = self._loading.get(key)
+        if future is None:
+            stale = hit[1] if hit is not None and (valid is None or valid(hit[1])) else None
+            future = self._loading[key] = asyncio.ensure_future(self._load(key, load, ttl, stale))
+            future.add_done_callback(_retrieve)  # a failure nobody waits for any more is not logged as lost
+        return await asyncio.shield(future)  # a caller that goes away does not cancel the load for others
+
+    async def _load(self, key: K, load: Callable[[], Awaitable[V]], ttl: Callable[[V], float],
+                    stale: V | None) -> V:
+        try:
+            value = await load()
+        except Exception as e:
+            if stale is None:
+                raise
+            log.warning("reloading %s failed (%s); serving the cached value a while longer", key, e)
+            value = stale
+        finally:
+            self._loading.pop(key, None)
+        if len(self._values) >= MAX_CACHED:
+            now = time.monotonic()
+            self._values = {k: v for k, v in self._values.items() if v[0] > now}
+            if len(self._values) >= MAX_CACHED:
+                self._values.clear()
+        self._values[key] = (time.monotonic() + ttl(value), value)
+        return value
+
+    def forget(self, match: Callable[[K], bool]) -> None:
+        for key in [k for k in self._values if match(k)]:
+            del self._values[key]
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+class ModelCache:
+    """Registrations (from the registry) and upstream metadata (from the upstream), both in memory."""
+
+    def __init__(self, registry: ModelRegistry, upstream: UpstreamClient) -> None:
+        self.registry = registry
+        self.upstream = upstream
+        self._specs: TtlCache[tuple[str, str | None], ModelSpec | None] = TtlCache()
+        self._metadata: TtlCache[tuple[str, str], tuple[Any, ModelMetadata]] = TtlCache()
+
+    async def _lookup(self, name: str, version: str | None) -> ModelSpec | None:
+        async def load() -> ModelSpec | None:
+            try:
+                return await (self.registry.get(name, version) if version else self.registry.latest(name))
+            except (RedisError, OSError) as e:
+                raise ApiError(503, f"the model registry (Redis) is unavailable ({e}); retry shortly") from None
+
+        return await self._specs.get((name, version), load, lambda s: SPEC_TTL_S if s else MISS_TTL_S)
+
+    async def spec(self, name: str, version: str | None = None) -> ModelSpec:
+        """The registration of `name` at `version` (latest when None); 404 when there is none."""
+        spec = await self._lookup(name, version)
+        if spec is not None:
+            return spec
+        latest = await self._lookup(name, None) if version else None
+        if latest is None:
+            raise ApiError(404, f"unknown model '{name}'; register it first (POST /v1/models)")
+        raise ApiError(404, f"unknown model version: model '{name}' has no version '{version}' "
+                            f"(the latest is '{latest.version}')")
+
+    async def metadata(self, spec: ModelSpec) -> ModelMetadata:
+        """The upstream's signature under the gateway's name for the model version."""
+        upstream = spec.upstream
+
+        async def load() -> tuple[Any, ModelMetadata]:
+            meta = await self.upstream.metadata(spec)
+            return upstream, meta.model_copy(update={"name": spec.name, "versions": [spec.version]})
+
+        _, meta = await self._metadata.get((spec.name, spec.version), load, lambda _v: METADATA_TTL_S,
+                                           valid=lambda v: v[0] is upstream or v[0] == upstream)
+        return meta
+
+    def forget(self, name: str, version: str | None = None) -> None:
+        """Drop what is cached for a model (all versions when None): the next request re-reads it."""
+        self._specs.forget(lambda k: k[0] == name and (version is None or k[1] in (None, version)))
+        self._metadata.forget(lambda k: k[0] == name and (version is None or k[1] == version))
+
+
+def forget(app: FastAPI, name: str, version: str | None = None) -> None:
+    """For the management API: make this replica see a (de)registration at once, not within seconds."""
+    cache = getattr(app.state, "model_cache", None)
+    if cache is not None:
+        cache.forget(name, version)
+
+
+_patch_ids: weakref.WeakKeyDictionary[PatchRunner, str] = weakref.WeakKeyDictionary()
+
+
+def patch_id(runner: PatchRunner | None) -> str | None:
+    """The active patch's id, hashed once per runner rather than per request."""
+    if runner is None:
+        return None
+    pid = _patch_ids.get(runner)
+    if pid is None:
+        pid = _patch_ids[runner] = runner.patch.id
+    return pid
+
+
+# --- request parsing ---------------------------------------------------------------------------------
+
+def parse_request(body: bytes, binary_header_length: str | None) -> InferRequest:
+    """A V2 infer request: JSON, or JSON plus binary tensor data (the binary tensor extension)."""
+    if binary_header_length is None:
+        return parse_infer_request(body)
+    try:
+        n = int(binary_header_length)
+    except ValueError:
+        raise InvalidRequest(f"Inference-Header-Content-Length must be an integer, "
+                             f"got {binary_header_length!r}") from None
+    if not 0 < n <= len(body):
+        raise InvalidRequest(f"Inference-Header-Content-Length {n} does not fit the {len(body)}-byte body")
+    try:
+        doc = json.loads(body[:n])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidRequest(f"malformed JSON in the inference header: {e}") from None
+    blob, offset = memoryview(body)[n:], 0
+    if isinstance(doc, dict) and isinstance(doc.get("inputs"), list):
+        for t in doc["inputs"]:
+            params = t.get("parameters") if isinstance(t, dict) else None
+            if not isinstance(params, dict) or "binary_data_size" not in params:
+                continue
+            size = params["binary_data_size"]
+            if not isinstance(size, int) or size < 0 or offset + size > len(blob):
+                raise InvalidRequest(f"input '{t.get('name')}': binary_data_size {size!r} does not fit the "
+                                     f"{len(blob) - offset} binary bytes left")
+            t["data"] = _binary_values(bytes(blob[offset:offset + size]), t.get("datatype"), t.get("name"))
+            t["parameters"] = {k: v for k, v in params.items() if k != "binary_data_size"} or None
+            offset += size
+    if offset != len(blob):
+        raise InvalidRequest(f"{len(blob) - offset} bytes of binary data belong to no input "
+                             "(check each input's binary_data_size)")
+    try:
+        return InferRequest.model_validate(doc)
+    except ValidationError as e:
+        raise InvalidRequest(f"invalid inference request: {describe_validation_errors(e.errors())}") from None
+
+
+def _binary_values(raw: bytes, datatype: Any, name: Any) -> list[Any]:
+    if datatype == "BYTES":  # each element: 4-byte little-endian length, then the bytes
+        values, i = [], 0
+        while i < len(raw):
+            if i + 4 > len(raw):
+                raise InvalidRequest(f"input '{name}': truncated BYTES element in the binary data")
+            (size,) = struct.unpack_from("<I", raw, i)
+            if i + 4 + size > len(raw):
+                raise InvalidRequest(f"input '{name}': truncated BYTES element in the binary data")
+            values.append(raw[i + 4:i + 4 + size].decode("utf-8", errors="replace"))
+            i += 4 + size
+        return values
+    dtype = NUMPY_DTYPES.get(datatype) if isinstance(datatype, str) else None
+    if dtype is None:
+        raise InvalidRequest(f"input '{name}': unknown datatype {datatype!r} for binary data")
+    if len(raw) % dtype.itemsize:
+        raise InvalidRequest(f"input '{name}': {len(raw)} bytes is not a whole number of {datatype} values")
+    return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).tolist()
+
+
+class V1Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    instances: list[Any]
+    groups: list[Any] | None = None
+
+
+class V1Response(BaseModel):
+    predictions: list[Any]
+
+
+# --- the patch, applied ------------------------------------------------------------------------------
+
+def group_ids(runner: PatchRunner | None, spec: ModelSpec, groups: np.ndarray | None, n: int) -> np.ndarray | None:
+    """Each row's group as the patch's int64 id; 400 for a missing (when needed) or unknown group."""
+    if groups is None:
+        if runner is not None and runner.needs_group:
+            known = ", ".join(runner.patch.groups)
+            raise InvalidRequest(f"the active patch needs every row's group: add the input '{spec.group_input}' "
+                                 f"(BYTES group names: {known}; or INT64 ids)")
+        return None
+    if groups.dtype.kind not in "iuO" or groups.ndim not in (1, 2) or (groups.ndim == 2 and groups.shape[1] != 1):
+        raise InvalidRequest(f"the group input '{spec.group_input}' must be [N] or [N, 1] BYTES group names "
+                             "or INT64 ids")
+    groups = groups.reshape(-1)
+    if len(groups) != n:
+        raise InvalidRequest(f"the group input '{spec.group_input}' has {len(groups)} values for {n} rows")
+    if runner is not None and runner.patch.groups:
+        try:
+            return runner.group_ids(groups)
+        except UnknownGroupError as e:
+            raise InvalidRequest(str(e)) from None
+    if spec.groups and groups.dtype.kind == "O":
+        unknown = [g for g in groups if g not in spec.groups]
+        if unknown:
+            raise InvalidRequest(f"unknown group {unknown[0]!r}; model '{spec.name}' knows {spec.groups}")
+    return None
+
+
+def apply_patch(runner: PatchRunner, spec: ModelSpec, features: np.ndarray, scores: np.ndarray,
+                groups: np.ndarray | None) -> np.ndarray:
+    """The patched scores in the model's own kind, shape and dtype. `features` are the rows the model saw
+    (after the patch's input transform, as the job worker evaluates a patch)."""
+    n = len(features)
+    if scores.ndim not in (1, 2) or len(scores) != n:
+        raise UpstreamError(f"upstream {spec.upstream.url}: scores have shape {list(scores.shape)}; expected "
+                            f"[{n}], [{n}, 1] or [{n}, C]", url=spec.upstream.url)
+    kind = spec.upstream.output_kind
+    try:
+        patched = runner.transform_outputs(features, to_log_probs(scores, kind), groups)
+    except (UnknownGroupError, PatchError) as e:
+        raise InvalidRequest(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - onnxruntime: the patch does not fit this model's outputs
+        raise ApiError(500, f"the active patch {patch_id(runner)[:12]} cannot be applied to model "
+                            f"'{spec.name}' version '{spec.version}' ({type(e).__name__}: {e}); deactivate it "
+                            "or fix the registration") from None
+    out = from_log_probs(patched, kind, 1 if scores.ndim == 1 else scores.shape[1])
+    return out.reshape(scores.shape).astype(scores.dtype if scores.dtype.kind == "f" else np.float32, copy=False)
+
+
+def _features(t: RequestInput) -> np.ndarray:
+    X = to_numpy(t)
+    if X.dtype.kind not in "fiub" or X.ndim == 0:
+        raise InvalidRequest(f"input '{t.name}' must be a numeric tensor of rows, [N, ...]")
+    return X
+
+
+def _forward_parameters(parameters: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Request parameters for the upstream: ours (`fairpatch_*`) and binary-output requests stay here."""
+    if not parameters:
+        return None
+    kept = {k: v for k, v in parameters.items() if not k.startswith("fairpatch_") and k != "binary_data_output"}
+    return kept or None
+
+
+# --- routes ------------------------------------------------------------------------------------------
+
+router = APIRouter(tags=["inference"], responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
+                                                  502: {"model": ErrorResponse}, 504: {"model": ErrorResponse}})
+
+
+def _cache(request: Request) -> ModelCache:
+    return request.app.state.model_cache
+
+
+def _json(payload: BaseModel | dict, pid: str | None) -> Response:
+    body = payload.model_dump_json(exclude_none=True) if isinstance(payload, BaseModel) \
+        else pydantic_core.to_json(payload)
+    return Response(body, media_type="application/json", headers={PATCH_HEADER: pid or "none"})
+
+
+@router.get("/v2/models/{model_name}", response_model=ModelMetadata)
+@router.get("/v2/models/{model_name}/versions/{model_version}", response_model=ModelMetadata)
+async def model_metadata(request: Request, model_name: str, model_version: str | None = None) -> Response:
+    cache = _cache(request)
+    spec = await cache.spec(model_name, model_version)
+    meta = await cache.metadata(spec)
+    runner = await request.app.state.patches.runner(spec.name, spec.version)
+    inputs = list(meta.inputs)
+    if runner is not None and runner.needs_group:
+        inputs.append(MetadataTensor(name=spec.group_input, datatype="BYTES", shape=[-1],
+                                     parameters={"groups": list(runner.patch.groups)}))
+    body = meta.model_dump(mode="json", exclude_none=True)
+    body["inputs"] = [t.model_dump(mode="json", exclude_none=True) for t in inputs]
+    body["parameters"] = {**(meta.parameters or {}), "fairpatch_patch": patch_id(runner)}
+    return _json(body, patch_id(runner))
+
+
+@router.get("/v2/models/{model_name}/ready", response_model=ModelReadyResponse)
+@router.get("/v2/models/{model_name}/versions/{model_version}/ready", response_model=ModelReadyResponse)
+async def model_ready(request: Request, model_name: str, model_version: str | None = None) -> ModelReadyResponse:
+    await _cache(request).spec(model_name, model_version)
+    return ModelReadyResponse(name=model_name, ready=True)
+
+
+async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
+    cache = _cache(request)
+    spec = await cache.spec(model_name, model_version)
+    req = parse_request(await request.body(), request.headers.get(BINARY_HEADER))
+    runner = await request.app.state.patches.runner(spec.name, spec.version)
+    upstream: UpstreamClient = request.app.state.upstream
+    v2 = spec.upstream.protocol == "v2"
+
+    group_tensor, inputs = None, []
+    for t in req.inputs:
+        if t.name == spec.group_input:
+            group_tensor = t
+        else:
+            inputs.append(t)
+    if not inputs:
+        raise InvalidRequest(f"no feature input: the request has only the group input '{spec.group_input}'")
+    meta = await cache.metadata(spec) if v2 else None
+    if meta is not None:
+        check_signature(meta, InferRequest.model_construct(inputs=inputs, outputs=req.outputs))
+        feature_name = spec.upstream.input_name or meta.inputs[0].name
+        features = next((t for t in inputs if t.name == feature_name), None)
+        if features is None:  # check_signature passed, so the registration names an input the model lacks
+            raise UpstreamError(f"model '{spec.name}' is registered with input_name '{feature_name}', which upstream "
+                                f"{spec.upstream.url} does not declare (its inputs: "
+                                f"{', '.join(t.name for t in meta.inputs)}); fix the registration",
+                                url=spec.upstream.url)
+    elif len(inputs) == 1:
+        features = inputs[0]
+    else:
+        raise InvalidRequest(f"model '{spec.name}' takes one feature input (plus '{spec.group_input}'); "
+                             f"got {', '.join(t.name for t in inputs)}")
+    X = _features(features)
+    groups = group_ids(runner, spec, None if group_tensor is None else to_numpy(group_tensor), len(X))
+    sent = runner.transform_inputs(X) if runner is not None else X
+    raw_wanted = bool((req.parameters or {}).get(RAW_PARAMETER))
+
+    if meta is None:  # V1 / MLflow upstream: one matrix in, one scores matrix out
+        scores = await upstream.scores(spec, sent)
+        name = spec.upstream.output_name or "predictions"  # as in upstream.synthesized_metadata
+        out = scores if runner is None else apply_patch(runner, spec, sent, scores, groups)
+        outputs = [from_numpy(name, out.astype(np.float32, copy=False))]
+        if raw_wanted:
+            outputs.append(from_numpy(RAW_OUTPUT, scores.astype(np.float32, copy=False)))
+        response = InferResponse.model_construct(model_name=spec.name, model_version=spec.version, id=req.id,
+                                                 outputs=outputs)
+        return _json(response, patch_id(runner))
+
+    if sent is not X:  # the input transform changed the rows: send them in the request's datatype
+        features_sent = RequestInput.model_construct(
+            name=features.name, shape=list(sent.shape), datatype=features.datatype, parameters=features.parameters,
+            data=np.asarray(sent, dtype=NUMPY_DTYPES[features.datatype]).ravel().tolist())
+        inputs = [features_sent if t is features else t for t in inputs]
+    scores_name = spec.upstream.output_name or meta.outputs[0].name
+    wanted = [o.name for o in req.outputs] if req.outputs else None
+    forward_outputs = None
+    if wanted is not None:  # only names go upstream (binary_data etc. are answered here, as JSON)
+        forward_outputs = [RequestOutput(name=n) for n in dict.fromkeys([*wanted, scores_name])]
+    result = await upstream.infer_v2(spec, inputs, forward_outputs, _forward_parameters(req.parameters))
+    url = spec.upstream.url
+    i = scores_index(result, scores_name, url)
+    raw = result.outputs[i]
+    outputs = list(result.outputs)
+    if runner is not None:
+        scores = output_array(raw, url)
+        outputs[i] = from_numpy(raw.name, apply_patch(runner, spec, sent, scores, groups), raw.parameters)
+    if wanted is not None:
+        outputs = [o for o in outputs if o.name in wanted]
+    if raw_wanted:
+        outputs.append(ResponseOutput.model_construct(name=RAW_OUTPUT, shape=raw.shape, datatype=raw.datatype,
+                                                      parameters=None, data=raw.data))
+    response = InferResponse.model_construct(model_name=spec.name, model_version=spec.version, id=req.id,
+                                             parameters=result.parameters, outputs=outputs)
+    return _json(response, patch_id(runner))
+
+
+async def predict_v1(request: Request, model_name: str) -> Response:
+    cache = _cache(request)
+    spec = await cache.spec(model_name)
+    body = await request.body()
+    if not body:
+        raise InvalidRequest('empty request body; expected {"instances": [[...], ...]}')
+    try:
+        req = V1Request.model_validate_json(body)
+    except ValidationError as e:
+        errors = e.errors(include_url=False)
+        if errors and errors[0]["type"] == "json_invalid":
+            raise InvalidRequest(f"malformed JSON: {errors[0].get('ctx', {}).get('error', errors[0]['msg'])}") \
+                from None
+        raise InvalidRequest(f"invalid V1 request: {describe_validation_errors(errors)}") from None
+    runner = await request.app.state.patches.runner(spec.name, spec.version)
+    upstream: UpstreamClient = request.app.state.upstream
+
+    meta = await cache.metadata(spec) if spec.upstream.protocol == "v2" else None
+    datatype, name = "FP32", None
+    if meta is not None:
+        named = [t for t in meta.inputs if t.name == spec.upstream.input_name] if spec.upstream.input_name \
+            else meta.inputs
+        if len(named) != 1 or NUMPY_DTYPES[named[0].datatype].kind != "f":
+            raise InvalidRequest(f"model '{spec.name}' does not take one floating-point input; use the V2 "
+                                 f"endpoint /v2/models/{spec.name}/infer")
+        datatype, name = named[0].datatype, named[0].name
+    X = _instances(req.instances, datatype)
+    if meta is not None and not shape_matches(named[0].shape, list(X.shape)):
+        raise InvalidRequest(f"instances have shape {list(X.shape)}; model expects {named[0].shape} (-1 = any size)")
+    groups = None if req.groups is None else _group_values(req.groups)
+    gids = group_ids(runner, spec, groups, len(X))
+    sent = runner.transform_inputs(X) if runner is not None else X
+
+    if meta is None:
+        scores = await upstream.scores(spec, sent)
+    else:
+        result = await upstream.infer_v2(spec, [v2_tensor(name, sent, datatype)])
+        scores_name = spec.upstream.output_name or meta.outputs[0].name
+        scores = output_array(result.outputs[scores_index(result, scores_name, spec.upstream.url)],
+                              spec.upstream.url)
+    out = scores if runner is None else apply_patch(runner, spec, sent, scores, gids)
+    return _json({"predictions": out.tolist()}, patch_id(runner))
+
+
+def _instances(instances: list[Any], datatype: str) -> np.ndarray:
+    if not instances:
+        raise InvalidRequest("instances is empty; send at least one row")
+    try:
+        X = np.asarray(instances, dtype=np.float64)
+    except (ValueError, TypeError) as e:
+        raise InvalidRequest(f"instances must be rows of numbers of equal length ({e})") from None
+    if X.ndim < 2:
+        raise InvalidRequest("each instance must be a row (a list of numbers)")
+    with np.errstate(over="ignore"):
+        X = X.astype(NUMPY_DTYPES[datatype], copy=False)
+    if not np.isfinite(X).all():
+        raise InvalidRequest(f"instances hold NaN, infinite or null values (or values outside the {datatype} "
+                             "range); send finite numbers")
+    return X
+
+
+def _group_values(groups: list[Any]) -> np.ndarray:
+    if all(isinstance(g, str) for g in groups):
+        return np.asarray(groups, dtype=object)
+    if all(isinstance(g, int) and not isinstance(g, bool) for g in groups):
+        return np.asarray(groups, dtype=np.int64)
+    raise InvalidRequest("groups must be all group names (strings) or all group ids (integers)")
+
+
+# The two POST routes are the hot path. They are plain Starlette routes: FastAPI's per-request
+# dependency solving and parameter validation cost as much as the rest of the gateway's own work
+# (about 0.25 ms a request on a small machine), and these handlers read and validate the body
+# themselves. FastAPI routes with the same paths, registered after them (so never matched first),
+# document them in OpenAPI and behave the same if ever reached.
+V2_INFER_PATHS = ("/v2/models/{model_name}/infer", "/v2/models/{model_name}/versions/{model_version}/infer")
+V1_PREDICT_PATH = "/v1/models/{model_name}:predict"
+
+
+async def _infer_route(request: Request) -> Response:
+    params = request.path_params
+    return await infer(request, params["model_name"], params.get("model_version"))
+
+
+async def _predict_route(request: Request) -> Response:
+    return await predict_v1(request, request.path_params["model_name"])
+
+
+for _path in V2_INFER_PATHS:
+    router.add_route(_path, _infer_route, methods=["POST"], include_in_schema=False)
+router.add_route(V1_PREDICT_PATH, _predict_route, methods=["POST"], include_in_schema=False)
+_infer_doc = {"response_model": InferResponse, "openapi_extra": json_body(InferRequest),
+              "responses": {413: {"model": ErrorResponse}}, "summary": "OIP inference, patched"}
+for _path in V2_INFER_PATHS:
+    router.add_api_route(_path, infer, methods=["POST"], **_infer_doc)
+router.add_api_route(V1_PREDICT_PATH, predict_v1, methods=["POST"], response_model=V1Response,
+                     openapi_extra=json_body(V1Request), responses={413: {"model": ErrorResponse}},
+                     summary="KServe V1 predict, patched")
+
+
+# --- lifecycle ---------------------------------------------------------------------------------------
 
 async def startup(app: FastAPI) -> None:
-    """Open what this component needs (kept on app.state)."""
+    """The pooled upstream client and the model cache, on app.state."""
+    app.state.upstream = UpstreamClient()
+    app.state.model_cache = ModelCache(app.state.registry, app.state.upstream)
 
 
 async def shutdown(app: FastAPI) -> None:
-    """Close what startup opened."""
+    upstream: UpstreamClient | None = getattr(app.state, "upstream", None)
+    if upstream is not None:
+        await upstream.aclose()
+

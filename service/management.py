@@ -1,15 +1,461 @@
-"""(seam: filled in by the management component)."""
+"""The control plane (docs/api.md, "Management"): models, datasets, jobs and patches under /v1.
+
+Every route needs the admin key when one is configured (`service.auth`). Bodies are parsed here
+rather than by FastAPI so that the key is checked before a byte of the body is looked at, and so
+that every malformed body gets the same `{"error"}` 400. A Redis that does not answer is a 503
+with the cause, never a 500. What this component opens (the dataset and job stores, an arq client
+on the gateway's own Redis pool, and in embedded `fairpatch serve` one worker subprocess) is kept
+on `app.state` by `startup` and closed by `shutdown`.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, FastAPI
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
-router = APIRouter()
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
+from redis.exceptions import RedisError
+from starlette.concurrency import run_in_threadpool
+
+from patcher.patch import Patch, PatchError
+from service import worker
+from service.auth import check_upstream_allowed, require_admin
+from service.datasets_store import (
+    CSV_TYPES,
+    PARQUET_TYPES,
+    DatasetError,
+    DatasetNotFound,
+    DatasetStore,
+    media_type,
+    parse_dataset,
+)
+from service.errors import ApiError
+from service.jobs import (
+    ACTIVE,
+    RESERVED_OPTIONS,
+    JobNotFound,
+    JobRecord,
+    JobRequest,
+    JobStore,
+    abort,
+    arq_client,
+    enqueue,
+)
+from service.oip import ErrorResponse, describe_validation_errors
+from service.openapi import include_schemas, json_body
+from service.patch_store import PatchNotFound, PatchStore
+from service.registry import ModelRegistry, ModelSpec
+
+log = logging.getLogger("fairpatch.service")
+
+M = TypeVar("M", bound=BaseModel)
+PATCH_TYPES = frozenset({"application/zip", "application/octet-stream", "application/x-zip-compressed", ""})
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+class _ManagementRoute(APIRoute):
+    """Redis trouble (down, timing out) becomes a 503 that says so, instead of the catch-all 500."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RedisError as e:
+                log.warning("%s %s: Redis error: %r", request.method, request.url.path, e)
+                raise ApiError(503, f"the gateway's Redis is unavailable ({type(e).__name__}: {e}); "
+                                    "retry when /v2/health/ready answers true") from None
+
+        return route
+
+
+_errors = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 415, 503)}
+router = APIRouter(prefix="/v1", tags=["management"], dependencies=[Depends(require_admin)],
+                   route_class=_ManagementRoute, responses=_errors)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _json(model: BaseModel, status_code: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(model.model_dump(mode="json"), status_code=status_code, headers=headers)
+
+
+async def _parse(request: Request, model: type[M]) -> M:
+    body = await request.body()
+    if not body.strip():
+        raise ApiError(400, f"empty request body; expected a JSON {model.__name__} object")
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        raise ApiError(400, f"invalid request: {describe_validation_errors(e.errors())}") from None
+
+
+async def _read_limited(request: Request, limit: int, what: str) -> bytes:
+    """The raw body, refused with 413 as soon as it is known to be over `limit` (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the {what} is {int(declared)} bytes, over the {limit}-byte limit")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the {what} is over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _registry(request: Request) -> ModelRegistry:
+    return request.app.state.registry
+
+
+def _patches(request: Request) -> PatchStore:
+    return request.app.state.patches
+
+
+async def _spec(request: Request, model: str, version: str) -> ModelSpec:
+    spec = await _registry(request).get(model, version)
+    if spec is None:
+        versions = await _registry(request).versions(model)
+        known = f"registered versions: {', '.join(versions)}" if versions else "no version of it is registered"
+        raise ApiError(404, f"unknown model {model!r} version {version!r} ({known})")
+    return spec
+
+
+# ---------------------------------------------------------------- models
+
+
+@router.post("/models", status_code=201, response_model=ModelSpec, openapi_extra=json_body(ModelSpec),
+             summary="register a model version (its upstream must be on the allow-list)")
+async def register_model(request: Request) -> JSONResponse:
+    spec = await _parse(request, ModelSpec)
+    check_upstream_allowed(spec.upstream.url, request.app.state.settings.upstream_allowlist)
+    registry = _registry(request)
+    existing = await registry.get(spec.name, spec.version)
+    if existing is not None:
+        if existing.model_dump(exclude={"created_at"}) == spec.model_dump(exclude={"created_at"}):
+            return _json(existing, 200)  # the same registration again: nothing to do
+        raise ApiError(409, f"model {spec.name} version {spec.version} is already registered with a different "
+                            "spec; DELETE it first or register a new version")
+    await registry.put(spec)
+    return _json(spec, 201, {"Location": f"/v1/models/{spec.name}/versions/{spec.version}"})
+
+
+@router.get("/models", summary="every registered model version")
+async def list_models(request: Request) -> JSONResponse:
+    specs = await _registry(request).list()
+    return JSONResponse({"models": [s.model_dump(mode="json") for s in specs]})
+
+
+@router.get("/models/{model}/versions/{version}", response_model=ModelSpec)
+async def get_model(request: Request, model: str, version: str) -> JSONResponse:
+    return _json(await _spec(request, model, version))
+
+
+@router.delete("/models/{model}/versions/{version}", status_code=204,
+               summary="unregister a model version (its active patch pointer goes too; patches are kept)")
+async def delete_model(request: Request, model: str, version: str) -> Response:
+    await _spec(request, model, version)
+    if await _patches(request).active_id(model, version) is not None:
+        await _patches(request).deactivate(model, version)
+    await _registry(request).delete(model, version)
+    return Response(status_code=204)
+
+
+# ---------------------------------------------------------------- datasets
+
+
+def _datasets(request: Request) -> DatasetStore:
+    return request.app.state.datasets
+
+
+@router.post("/datasets", status_code=201, summary="upload a tuning dataset (CSV or Parquet as the raw body)",
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "text/csv": {"schema": {"type": "string"}},
+                 "application/vnd.apache.parquet": {"schema": {"type": "string", "format": "binary"}}}}})
+async def upload_dataset(
+        request: Request,
+        label: str = Query(min_length=1, description="the binary label column"),
+        group: str = Query(min_length=1, description="the group column (its values are the group names)"),
+        name: str | None = Query(None, max_length=200, description="a name to remember it by")) -> JSONResponse:
+    kind = media_type(request.headers.get("content-type"))
+    if kind not in CSV_TYPES | PARQUET_TYPES:
+        raise ApiError(415, f"unsupported content type {kind or '(none)'!r}: send the file as the raw body with "
+                            "Content-Type text/csv or application/vnd.apache.parquet")
+    limit = request.app.state.settings.max_dataset_bytes
+    data = await _read_limited(request, limit, "dataset")
+    try:
+        stored, summary = await run_in_threadpool(parse_dataset, data, kind, label, group, name=name)
+    except DatasetError as e:
+        raise ApiError(400, str(e)) from None
+    await _datasets(request).put(stored, summary)
+    return _json(summary, 201, {"Location": f"/v1/datasets/{summary.id}"})
+
+
+@router.get("/datasets", summary="recent datasets (newest first)")
+async def list_datasets(request: Request, limit: int = Query(100, ge=1, le=1000)) -> JSONResponse:
+    found = await _datasets(request).list(limit)
+    return JSONResponse({"datasets": [s.model_dump(mode="json") for s in found]})
+
+
+@router.get("/datasets/{dataset_id}")
+async def get_dataset(request: Request, dataset_id: str) -> JSONResponse:
+    try:
+        return _json(await _datasets(request).summary(dataset_id))
+    except DatasetNotFound as e:
+        raise ApiError(404, str(e)) from None
+
+
+@router.delete("/datasets/{dataset_id}", status_code=204)
+async def delete_dataset(request: Request, dataset_id: str) -> Response:
+    if not await _datasets(request).delete(dataset_id):
+        raise ApiError(404, f"unknown dataset {dataset_id!r}")
+    return Response(status_code=204)
+
+
+# ---------------------------------------------------------------- jobs
+
+
+def _jobs(request: Request) -> JobStore:
+    return request.app.state.jobs
+
+
+def _options_model(method: str) -> type[BaseModel] | None:
+    """The method's pydantic options model (`EraserOptions` for eraser), when its module defines one."""
+    from patcher.methods import get_method
+
+    module = get_method(method)
+    for value in vars(module).values():
+        if isinstance(value, type) and issubclass(value, BaseModel) and value.__name__.endswith("Options") \
+                and value.__module__ == module.__name__:
+            return value
+    return None
+
+
+def _check_options(method: str, options: dict[str, Any]) -> None:
+    """Options are checked before the job is queued, so a typo is a 400 now rather than a failed job later."""
+    model = _options_model(method)
+    if model is None:
+        return
+    unknown = sorted(set(options) - set(model.model_fields))
+    if unknown:
+        raise ApiError(400, f"unknown option(s) {unknown} for {method}; it takes "
+                            f"{sorted(k for k in model.model_fields if k not in RESERVED_OPTIONS)}")
+    try:
+        model(**options)
+    except ValidationError as e:
+        raise ApiError(400, f"invalid options for {method}: {describe_validation_errors(e.errors())}") from None
+
+
+@router.post("/jobs", status_code=202, response_model=JobRecord, openapi_extra=json_body(JobRequest),
+             summary="start a patch-training job")
+async def create_job(request: Request) -> JSONResponse:
+    from patcher.methods import METHODS
+
+    req = await _parse(request, JobRequest)
+    if req.method not in METHODS:
+        raise ApiError(400, f"unknown method {req.method!r}; available: {', '.join(sorted(METHODS))}")
+    reserved = sorted(RESERVED_OPTIONS & set(req.options))
+    if reserved:
+        raise ApiError(400, f"options may not set {', '.join(reserved)}: they are fields of the job itself")
+    _check_options(req.method, req.options)
+    registry = _registry(request)
+    if req.version is None:
+        latest = await registry.latest(req.model)
+        if latest is None:
+            raise ApiError(404, f"unknown model {req.model!r}: register it with POST /v1/models first")
+        req = req.model_copy(update={"version": latest.version})
+    spec = await _spec(request, req.model, req.version)
+    try:
+        dataset = await _datasets(request).summary(req.dataset)
+    except DatasetNotFound as e:
+        raise ApiError(404, f"{e}: upload it with POST /v1/datasets first") from None
+    if spec.groups:
+        unknown = sorted(set(dataset.groups) - set(spec.groups))
+        if unknown:
+            raise ApiError(400, f"dataset {req.dataset} has group(s) {unknown} that model {spec.name} version "
+                                f"{spec.version} does not know (its groups: {spec.groups})")
+    jobs = _jobs(request)
+    record = await jobs.create(req)
+    try:
+        await enqueue(request.app.state.arq, record.id)
+    except Exception as e:
+        await jobs.transition(record.id, "failed", ACTIVE, error=f"could not be queued: {e}")
+        raise
+    return _json(record, 202, {"Location": f"/v1/jobs/{record.id}"})
+
+
+@router.get("/jobs", summary="recent jobs (newest first)")
+async def list_jobs(request: Request, limit: int = Query(50, ge=1, le=1000)) -> JSONResponse:
+    records = await _jobs(request).list(limit)
+    return JSONResponse({"jobs": [r.model_dump(mode="json") for r in records]})
+
+
+@router.get("/jobs/{job_id}", response_model=JobRecord)
+async def get_job(request: Request, job_id: str) -> JSONResponse:
+    try:
+        return _json(await _jobs(request).get(job_id))
+    except JobNotFound as e:
+        raise ApiError(404, str(e)) from None
+
+
+@router.delete("/jobs/{job_id}", status_code=202, response_model=JobRecord, summary="cancel a job")
+async def cancel_job(request: Request, job_id: str) -> JSONResponse:
+    jobs = _jobs(request)
+    changed, before = await jobs.transition(job_id, "cancelled", ACTIVE, finished_at=time.time())
+    if before is None:
+        raise ApiError(404, f"unknown job {job_id!r}")
+    if not changed:
+        raise ApiError(409, f"job {job_id} has already {'been ' if before == 'cancelled' else ''}{before}; "
+                            "only a queued or running job can be cancelled")
+    record = await jobs.get(job_id)
+    await jobs.set_progress(job_id, {**record.progress, "stage": "cancelled"})
+    await abort(request.app.state.arq, job_id)
+    return _json(await jobs.get(job_id), 202)
+
+
+# ---------------------------------------------------------------- patches
+
+
+def _patch_summary(patch: Patch, created_at: float) -> dict[str, Any]:
+    report = patch.manifest.get("report") or {}
+    return {"id": patch.id, "method": patch.method, "created_at": created_at,
+            "group_at_inference": patch.group_at_inference, "groups": patch.groups,
+            "criterion": report.get("criterion")}
+
+
+@router.get("/models/{model}/versions/{version}/patches", summary="the version's patches and the active one")
+async def list_patches(request: Request, model: str, version: str) -> JSONResponse:
+    await _spec(request, model, version)
+    store = _patches(request)
+    rows = []
+    for pid, created_at in await store.list(model, version):
+        try:
+            rows.append(_patch_summary(await store.get(pid), created_at))
+        except (PatchNotFound, PatchError) as e:  # listed but unreadable: say so rather than hide it
+            rows.append({"id": pid, "created_at": created_at, "error": str(e)})
+    return JSONResponse({"active": await store.active_id(model, version), "patches": rows})
+
+
+@router.post("/models/{model}/versions/{version}/patches/{patch_id}/activate", summary="serve a patch")
+async def activate_patch(request: Request, model: str, version: str, patch_id: str) -> JSONResponse:
+    await _spec(request, model, version)
+    try:
+        patch = await _patches(request).activate(model, version, patch_id)
+    except PatchNotFound:
+        raise ApiError(404, f"unknown patch {patch_id!r}") from None
+    except PatchError as e:
+        raise ApiError(409, str(e)) from None
+    return JSONResponse({"model": model, "version": version, "active": patch.id})
+
+
+@router.post("/models/{model}/versions/{version}/patches/deactivate", summary="serve unpatched")
+async def deactivate_patch(request: Request, model: str, version: str) -> JSONResponse:
+    await _spec(request, model, version)
+    await _patches(request).deactivate(model, version)
+    return JSONResponse({"model": model, "version": version, "active": None})
+
+
+@router.get("/patches/{patch_id}", summary="download a patch (zip bytes)",
+            responses={200: {"content": {"application/zip": {}}}})
+async def download_patch(request: Request, patch_id: str) -> Response:
+    store = _patches(request)
+    raw = await store.redis.get(f"{store.prefix}patch:{patch_id}")
+    if raw is None:
+        raise ApiError(404, f"unknown patch {patch_id!r}")
+    try:
+        await run_in_threadpool(Patch.from_bytes, raw, patch_id)  # never hand out bytes that fail their hash
+    except PatchError as e:
+        raise ApiError(500, f"the stored patch {patch_id} fails verification: {e}") from None
+    return Response(raw, media_type="application/zip", headers={
+        "fairpatch-patch": patch_id, "fairpatch-patch-sha256": hashlib.sha256(raw).hexdigest(),
+        "content-disposition": f'attachment; filename="{patch_id}.zip"'})
+
+
+@router.post("/models/{model}/versions/{version}/patches", status_code=201,
+             summary="upload a patch (zip bytes); it is verified and bound to this version",
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/zip": {"schema": {"type": "string", "format": "binary"}}}}})
+async def upload_patch(request: Request, model: str, version: str) -> JSONResponse:
+    await _spec(request, model, version)
+    kind = media_type(request.headers.get("content-type"))
+    if kind not in PATCH_TYPES:
+        raise ApiError(415, f"unsupported content type {kind!r}: send the patch zip as the raw body "
+                            "(Content-Type application/zip)")
+    data = await request.body()
+    if not data:
+        raise ApiError(400, "empty request body; expected the patch's zip bytes")
+    try:
+        patch = await run_in_threadpool(Patch.from_bytes, data)
+    except PatchError as e:
+        raise ApiError(400, f"not a valid patch: {e}") from None
+    bound = patch.manifest.get("model") or {}
+    if bound:
+        try:
+            patch.check_model(model, version)
+        except PatchError as e:
+            raise ApiError(409, f"{e}; upload it under that version, or re-bind it explicitly") from None
+    else:
+        patch = patch.for_model(model, version)
+    pid = await _patches(request).put(patch)
+    return JSONResponse({"id": pid, "model": model, "version": version, "method": patch.method}, status_code=201,
+                        headers={"Location": f"/v1/patches/{pid}"})
+
+
+# ---------------------------------------------------------------- lifecycle
 
 
 async def startup(app: FastAPI) -> None:
-    """Open what this component needs (kept on app.state)."""
+    """Stores and the arq client on the gateway's Redis; one worker subprocess when `start_worker` is set."""
+    settings = app.state.settings
+    redis = app.state.redis
+    app.state.datasets = DatasetStore(redis)
+    app.state.jobs = JobStore(redis)
+    app.state.arq = arq_client(redis, settings.job_queue)
+    app.state.worker_process = None
+    app.state.worker_watch = None
+    include_schemas(app, ModelSpec, JobRequest)
+    if settings.admin_key is None and settings.host not in LOOPBACK_HOSTS:
+        log.warning("FAIRPATCH_ADMIN_KEY is not set and the gateway listens on %s: anyone who can reach it can "
+                    "register models and run jobs", settings.host)
+    if settings.start_worker:
+        app.state.worker_process = worker.spawn(app.state.redis_url, settings)
+        log.info("started a job worker (pid %d)", app.state.worker_process.pid)
+        app.state.worker_watch = asyncio.create_task(_watch_worker(app))
+
+
+async def _watch_worker(app: FastAPI, every_s: float = 2.0, max_backoff_s: float = 60.0) -> None:
+    """Start the worker again if it dies (waiting longer after each death in a row)."""
+    backoff = every_s
+    while True:
+        await asyncio.sleep(backoff)
+        process = app.state.worker_process
+        if process is None or process.poll() is None:
+            backoff = every_s
+            continue
+        log.warning("the job worker (pid %d) exited with code %s; starting another", process.pid, process.returncode)
+        app.state.worker_process = worker.spawn(app.state.redis_url, app.state.settings)
+        backoff = min(backoff * 2, max_backoff_s)
 
 
 async def shutdown(app: FastAPI) -> None:
-    """Close what startup opened."""
+    watch = getattr(app.state, "worker_watch", None)
+    if watch is not None:
+        watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch
+    process = getattr(app.state, "worker_process", None)
+    if process is not None:
+        await asyncio.to_thread(worker.stop, process)
+        log.info("job worker (pid %d) stopped", process.pid)
+        app.state.worker_process = None

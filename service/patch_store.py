@@ -115,11 +115,14 @@ class PatchStore:
 
     async def _listen(self) -> None:
         while True:
+            pubsub = self.redis.pubsub()
             try:
-                pubsub = self.redis.pubsub()
                 await pubsub.subscribe(f"{self.prefix}patch-events")
-                async for msg in pubsub.listen():
-                    if msg.get("type") != "message":
+                while True:
+                    # Poll with a short timeout: a blocking read would trip the client's socket_timeout
+                    # whenever the channel is quiet.
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if msg is None:
                         continue
                     data = msg["data"].decode() if isinstance(msg["data"], bytes) else msg["data"]
                     model, _, version = data.partition("\x00")
@@ -130,6 +133,9 @@ class PatchStore:
             except Exception as e:  # noqa: BLE001 - Redis went away: the periodic re-check covers us
                 log.warning("patch-event listener lost Redis (%s); retrying", e)
                 await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
 
     async def _recheck(self) -> None:
         while True:

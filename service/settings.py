@@ -40,6 +40,17 @@ class Settings(BaseSettings):
     admin_key: SecretStr | None = None
     # Upstream URL prefixes the gateway may call; comma-separated or a JSON list in the environment.
     upstream_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Uploaded datasets (raw CSV / Parquet bodies) larger than this are refused with 413.
+    max_dataset_bytes: int = Field(default=64 * MiB, gt=0)
+    # The arq queue patch-training jobs go to; gateways and workers on one Redis must agree on it.
+    job_queue: str = Field(default="fairpatch:jobs", min_length=1)
+    # A training job (fit + evaluation) that runs longer than this fails.
+    job_timeout_s: float = Field(default=3600.0, gt=0)
+    # Jobs one worker process runs at once (each fit runs in a thread of its own).
+    worker_max_jobs: int = Field(default=2, ge=1)
+    # Start one `fairpatch worker` subprocess beside the gateway (what `fairpatch serve` does in
+    # embedded mode) and stop it with the gateway.
+    start_worker: bool = False
 
     @field_validator("redis_url", mode="before")
     @classmethod

@@ -42,7 +42,10 @@ def test_sweep_thresholds_matches_direct_computation():
     for j in (0, 17, 100, 200):
         pred = (s > cuts[j]).astype(int)
         assert acc[j] == pytest.approx(np.mean(pred == y))
-        assert unfair[j] == pytest.approx(demographic_parity_difference(y, pred, g))
+        if j in (0, 200):  # no one / everyone accepted: never a candidate
+            assert np.isinf(unfair[j])
+        else:
+            assert unfair[j] == pytest.approx(demographic_parity_difference(y, pred, g))
 
 
 def test_softlabel_logreg_recovers_the_conditional_mean():
@@ -113,7 +116,11 @@ def test_weighted_sweep_equals_replicated_rows():
         assert a == pytest.approx(np.mean(pred == big[1]))
         tpr = [pred[(big[2] == k) & (big[1] == 1)].mean() for k in (0, 1)]
         fpr = [pred[(big[2] == k) & (big[1] == 0)].mean() for k in (0, 1)]
-        assert u == pytest.approx(max(abs(tpr[0] - tpr[1]), abs(fpr[0] - fpr[1])))
+        sr = [pred[big[2] == k].mean() for k in (0, 1)]
+        if min(sr) == 0 or max(sr) == 1:
+            assert np.isinf(u)
+        else:
+            assert u == pytest.approx(max(abs(tpr[0] - tpr[1]), abs(fpr[0] - fpr[1])))
 
 
 def test_proxy_rule_needs_no_group_and_uses_only_its_columns(adult, adult_model, tune):
@@ -133,3 +140,13 @@ def test_proxy_rule_needs_no_group_and_uses_only_its_columns(adult, adult_model,
     np.testing.assert_allclose(runner.transform_outputs(X, logp), runner.transform_outputs(X2, logp), atol=1e-5)
     with pytest.raises(ValueError, match="no such column"):
         feature_columns(adult.feature_names, ["height"])
+
+
+def test_cuts_that_accept_or_reject_a_whole_group_are_never_fair():
+    s = np.array([3.0, 2.0, 1.0, 0.0, -1.0, -2.0])
+    y = np.array([1, 0, 1, 0, 1, 0])
+    g = np.array([0, 1, 0, 1, 0, 1])
+    cuts, acc, unfair = eraser.sweep_thresholds(s, y, g, 2, "eo")
+    assert np.isinf(unfair[0]) and np.isinf(unfair[-1])  # nobody / everybody accepted
+    assert np.isinf(unfair[1]) and np.isinf(unfair[5])  # none of group 1 / all of group 0
+    assert np.isfinite(unfair[2]) and np.isfinite(unfair[4])

@@ -78,8 +78,9 @@ def test_docs_and_openapi(client):
 
 
 @pytest.mark.parametrize(("method", "path", "status", "message"), [
-    ("GET", "/v2/models/adult", 404, "no such endpoint: GET /v2/models/adult"),
-    ("POST", "/v2/models/adult/infer", 404, "no such endpoint"),  # not built yet: it must not pretend to be
+    ("GET", "/v2/nowhere", 404, "no such endpoint: GET /v2/nowhere"),
+    ("GET", "/v2/models/adult", 404, "unknown model 'adult'"),  # nothing registered in this gateway
+    ("POST", "/v2/models/adult/infer", 404, "unknown model 'adult'"),
     ("POST", "/v2/health/live", 405, "POST is not allowed"),
 ])
 def test_unknown_routes_are_json_errors(client, method, path, status, message):

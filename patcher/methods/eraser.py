@@ -187,6 +187,9 @@ def sweep_thresholds(score: np.ndarray, y: np.ndarray, groups: np.ndarray, n_gro
 
     unfair = {"dp": lambda: gap(sr), "eopp": lambda: gap(tpr),
               "eo": lambda: np.maximum(gap(tpr), gap(fpr))}[criterion]()
+    # A cut that accepts or rejects a whole group is "fair" only trivially (German eo picked "accept
+    # everyone"): never choose it.
+    unfair = np.where(((sr <= 0) | (sr >= 1)).any(1), np.inf, unfair)
     cuts = np.concatenate([[s[0] + 1.0], (s[:-1] + s[1:]) / 2, [s[-1] - 1.0]])
     return cuts, acc, unfair
 

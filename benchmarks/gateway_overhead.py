@@ -1,0 +1,374 @@
+"""What the gateway costs: the same V2 requests straight to the upstream and through the gateway with an
+Eraser patch active, side by side, at several concurrencies and batch sizes.
+
+    python benchmarks/gateway_overhead.py [--requests 2000] [--seconds 8] [--markdown docs/benchmarks.md]
+
+The upstream (`fairpatch upstream`, the biased Adult reference model) and the gateway (`fairpatch
+serve`, embedded Redis) run as separate processes on loopback ports, so the load generator (one
+connection per concurrent caller) does not share their event loop. The load generator is
+`httpx.AsyncClient` or aiohttp (`--client`; default aiohttp when it is installed): httpx's async client
+costs several times more CPU per request and its throughput falls as connections are added (on a
+2-core machine, straight to the upstream: ~140 req/s at concurrency 64 against ~1,500 with aiohttp),
+so with it the load generator, not the servers, sets the "direct" baseline. The patch
+is fitted here with Eraser on the Adult tune split through a local oracle (1,000 queries), bound to
+the model version, uploaded and activated through the management API. By default it is the group-free
+variant (`bias=estimator`: the group is inferred from x by the patch), so both targets receive
+byte-identical requests; `--bias group` sends the group as an extra input to the gateway instead.
+
+Each cell runs `--requests` requests or `--seconds`, whichever ends first, after a short warm-up on
+the same connections. Latency is per request as the client sees it (send to full response read);
+throughput is completed requests over the cell's wall time. On a small machine the client, the
+upstream and the gateway compete for the same cores: read the ratios, not the absolute figures.
+Targets: added p50 <= 1 ms at concurrency 1; gateway throughput >= 70% of direct at concurrency 64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pydantic_core
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from clients.sdk import Client, ModelSpec, UpstreamSpec  # noqa: E402
+
+MODEL = "adult"
+START, END = "<!-- gateway_overhead:start -->", "<!-- gateway_overhead:end -->"
+
+
+@dataclass
+class Cell:
+    target: str
+    concurrency: int
+    batch: int
+    requests: int
+    errors: int
+    seconds: float
+    latencies_ms: np.ndarray
+
+    @property
+    def p50(self) -> float:
+        return float(np.percentile(self.latencies_ms, 50)) if len(self.latencies_ms) else float("nan")
+
+    @property
+    def p99(self) -> float:
+        return float(np.percentile(self.latencies_ms, 99)) if len(self.latencies_ms) else float("nan")
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+
+# --- processes ---------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: the server exited with {proc.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} was not ready after {timeout:.0f}s")
+
+
+def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=REPO)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def fit_patch(bias: str, queries: int, seed: int):
+    """The reference model, an Eraser patch fitted on the tune split, and the test split to send."""
+    from patcher.datasets import load_dataset
+    from patcher.methods import eraser
+    from patcher.oracle import OnnxOracle
+    from patcher.reference_models import reference_model
+    from patcher.tuning import TuningData
+
+    data = load_dataset("adult", "sex")
+    model = reference_model("adult", "sex", seed=seed, data=data)
+    tune = TuningData(data.tune.X, data.tune.y, data.tune.groups, data.group_names, tuple(data.feature_names))
+    patch, _ = eraser.fit(OnnxOracle(model.onnx_bytes, budget=queries), tune, "dp", queries, bias=bias, seed=seed)
+    return model, patch.for_model(MODEL, "1"), data
+
+
+# --- load --------------------------------------------------------------------------------------------
+
+def v2_body(X: np.ndarray, groups: list[str] | None) -> bytes:
+    inputs = [{"name": "input", "shape": list(X.shape), "datatype": "FP32", "data": X.ravel().tolist()}]
+    if groups is not None:
+        inputs.append({"name": "group", "shape": [len(groups)], "datatype": "BYTES", "data": groups})
+    return pydantic_core.to_json({"inputs": inputs})
+
+
+class HttpxLoad:
+    """One httpx.AsyncClient with a connection per concurrent caller."""
+
+    def __init__(self, url: str, path: str, body: bytes, concurrency: int) -> None:
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        self.client = httpx.AsyncClient(base_url=url, limits=limits, timeout=30)
+        self.path, self.body, self.headers = path, body, {"content-type": "application/json"}
+
+    async def __call__(self) -> bool:
+        r = await self.client.post(self.path, content=self.body, headers=self.headers)
+        return r.status_code == 200
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+class AiohttpLoad:
+    """The same with aiohttp, whose client costs a fraction of httpx's per request (see the module doc)."""
+
+    def __init__(self, url: str, path: str, body: bytes, concurrency: int) -> None:
+        import aiohttp
+
+        self.session = aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=concurrency),
+                                             timeout=aiohttp.ClientTimeout(total=30))
+        self.path, self.body, self.headers = path, body, {"content-type": "application/json"}
+
+    async def __call__(self) -> bool:
+        async with self.session.post(self.path, data=self.body, headers=self.headers) as r:
+            await r.read()
+            return r.status == 200
+
+    async def aclose(self) -> None:
+        await self.session.close()
+
+
+LOADERS = {"httpx": HttpxLoad, "aiohttp": AiohttpLoad}
+
+
+async def run_cell(client: str, url: str, target: str, body: bytes, concurrency: int, batch: int, requests: int,
+                   seconds: float, warmup: int) -> Cell:
+    load = LOADERS[client](url, f"/v2/models/{MODEL}/infer", body, concurrency)
+    try:
+        async def one() -> tuple[float, bool]:
+            t0 = time.perf_counter()
+            ok = await load()
+            return (time.perf_counter() - t0) * 1000, ok
+
+        # warm-up: open every connection, fill caches
+        await asyncio.gather(*(one() for _ in range(max(warmup, concurrency))))
+        latencies: list[float] = []
+        errors = 0
+        sent = 0
+        deadline = time.perf_counter() + seconds
+
+        async def caller() -> None:
+            nonlocal sent, errors
+            while sent < requests and time.perf_counter() < deadline:
+                sent += 1
+                ms, ok = await one()
+                if ok:
+                    latencies.append(ms)
+                else:
+                    errors += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    finally:
+        await load.aclose()
+    return Cell(target, concurrency, batch, len(latencies), errors, wall, np.asarray(latencies))
+
+
+# --- report ------------------------------------------------------------------------------------------
+
+def rows(cells: list[Cell]) -> list[list[str]]:
+    out = []
+    by = {(c.target, c.concurrency, c.batch): c for c in cells}
+    for (target, conc, batch), g in by.items():
+        if target != "gateway":
+            continue
+        d = by[("direct", conc, batch)]
+        out.append([str(batch), str(conc), f"{d.p50:.2f}", f"{g.p50:.2f}", f"{g.p50 - d.p50:+.2f}",
+                    f"{d.p99:.2f}", f"{g.p99:.2f}", f"{d.rps:,.0f}", f"{g.rps:,.0f}", f"{g.rps / d.rps:.0%}",
+                    f"{d.requests}/{g.requests}", str(d.errors + g.errors)])
+    return out
+
+
+HEAD = ["batch", "conc.", "p50 direct ms", "p50 gateway ms", "added p50 ms", "p99 direct ms", "p99 gateway ms",
+        "req/s direct", "req/s gateway", "gateway/direct", "requests (d/g)", "errors"]
+
+
+def verdict(cells: list[Cell]) -> list[str]:
+    by = {(c.target, c.concurrency, c.batch): c for c in cells}
+    lines = []
+    for batch in sorted({c.batch for c in cells}):
+        if ("gateway", 1, batch) in by:
+            added = by[("gateway", 1, batch)].p50 - by[("direct", 1, batch)].p50
+            lines.append(f"batch {batch}, concurrency 1: added p50 {added:.2f} ms (target <= 1 ms): "
+                         f"{'met' if added <= 1.0 else 'NOT met'}")
+        if ("gateway", 64, batch) in by:
+            ratio = by[("gateway", 64, batch)].rps / by[("direct", 64, batch)].rps
+            lines.append(f"batch {batch}, concurrency 64: throughput {ratio:.0%} of direct (target >= 70%): "
+                         f"{'met' if ratio >= 0.7 else 'NOT met'}")
+    return lines
+
+
+def markdown(cells: list[Cell], setup: str) -> str:
+    lines = [START, "## Gateway overhead", "", setup, "",
+             "| " + " | ".join(HEAD) + " |", "|" + "|".join("---:" for _ in HEAD) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows(cells)]
+    lines += ["", *(f"- {v}" for v in verdict(cells)), "", END]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: Path, section: str) -> None:
+    text = path.read_text() if path.exists() else ""
+    if START in text and END in text:
+        text = re.sub(re.escape(START) + r".*?" + re.escape(END) + r"\n?", lambda _m: section, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + section
+    path.write_text(text)
+
+
+def print_table(cells: list[Cell], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for h in HEAD:
+        table.add_column(h, justify="right")
+    for r in rows(cells):
+        table.add_row(*r)
+    console = Console(width=None if sys.stdout.isatty() else 200)  # a pipe or a log gets the whole table
+    console.print(table)
+    for v in verdict(cells):
+        console.print(v)
+
+
+# --- main --------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=2000, help="requests per cell at most (default: 2000)")
+    ap.add_argument("--seconds", type=float, default=8.0, help="seconds per cell at most (default: 8)")
+    ap.add_argument("--warmup", type=int, default=50, help="warm-up requests per cell (default: 50)")
+    ap.add_argument("--concurrency", default="1,16,64", help="comma-separated (default: 1,16,64)")
+    ap.add_argument("--batch", default="1,64", help="rows per request, comma-separated (default: 1,64)")
+    ap.add_argument("--bias", default="estimator", choices=["estimator", "group"],
+                    help="Eraser variant: estimator (no group at inference) or group (sent as an input)")
+    ap.add_argument("--queries", type=int, default=1000, help="Eraser query budget (default: 1000)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--client", default="auto", choices=["auto", "httpx", "aiohttp"],
+                    help="load generator: httpx.AsyncClient, or aiohttp (auto: aiohttp when installed)")
+    ap.add_argument("--markdown", type=Path, help="write (or replace) the '## Gateway overhead' section of FILE")
+    args = ap.parse_args(argv)
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    if args.client == "auto":
+        try:
+            import aiohttp  # noqa: F401
+
+            args.client = "aiohttp"
+        except ImportError:
+            args.client = "httpx"
+    batches = [int(b) for b in args.batch.split(",")]
+
+    print(f"fitting the Eraser patch (bias={args.bias}, {args.queries} queries) ...", flush=True)
+    model, patch, data = fit_patch(args.bias, args.queries, args.seed)
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fp-overhead-")))
+        onnx = model.save(tmp / "adult.onnx")
+        env = {**os.environ, "FAIRPATCH_DATA_DIR": str(tmp / "data"), "FAIRPATCH_LOG_LEVEL": "warning",
+               "FAIRPATCH_ADMIN_KEY": "bench", "PYTHONUNBUFFERED": "1"}
+        env.pop("FAIRPATCH_REDIS_URL", None)
+        env.pop("REDIS_URL", None)
+        up_port, gw_port = free_port(), free_port()
+        exe = [sys.executable, "-m", "clients"]
+        upstream = start([*exe, "upstream", "--onnx", str(onnx), "--name", MODEL, "--port", str(up_port),
+                          "--log-level", "warning"], env, tmp / "upstream.log")
+        stack.callback(stop, upstream)
+        gateway = start([*exe, "serve", "--port", str(gw_port)], env, tmp / "gateway.log")
+        stack.callback(stop, gateway)
+        direct_url, gateway_url = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{gw_port}"
+        try:
+            wait_ready(direct_url, upstream)
+            wait_ready(gateway_url, gateway)
+        except RuntimeError as e:
+            for log in ("upstream.log", "gateway.log"):
+                print(f"--- {log}\n{(tmp / log).read_text()[-3000:]}", file=sys.stderr)
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+
+        with Client(gateway_url, "bench") as fp:
+            fp.register_model(ModelSpec(name=MODEL, upstream=UpstreamSpec(url=direct_url, input_name="input",
+                                                                          output_name="logits"),
+                                        groups=list(data.group_names)))
+            pid = fp.upload_patch(MODEL, patch.to_bytes())
+            fp.activate_patch(MODEL, pid)
+            groups = [data.group_names[g] for g in data.test.groups[:4]] if patch.group_at_inference else None
+            check = fp.infer(MODEL, data.test.X[:4], groups, input_name="input")
+            if check.patch_id != pid:
+                print(f"error: the gateway answered with patch {check.patch_id}, expected {pid}", file=sys.stderr)
+                return 1
+
+        try:
+            import uvloop
+
+            runner = uvloop.run
+        except ImportError:
+            runner = asyncio.run
+        cells: list[Cell] = []
+        for batch in batches:
+            X = data.test.X[:batch]
+            names = [data.group_names[g] for g in data.test.groups[:batch]]
+            bodies = {"direct": v2_body(X, None),
+                      "gateway": v2_body(X, names if patch.group_at_inference else None)}
+            for conc in concurrencies:
+                for target, url in (("direct", direct_url), ("gateway", gateway_url)):
+                    cell = runner(run_cell(args.client, url, target, bodies[target], conc, batch, args.requests,
+                                           args.seconds, args.warmup))
+                    cells.append(cell)
+                    print(f"  batch {batch:>3} concurrency {conc:>3} {target:>7}: p50 {cell.p50:7.2f} ms  "
+                          f"p99 {cell.p99:7.2f} ms  {cell.rps:8,.0f} req/s  ({cell.requests} ok, "
+                          f"{cell.errors} errors)", flush=True)
+
+    cpu = platform.processor() or platform.machine()
+    loader = "`httpx.AsyncClient`" if args.client == "httpx" else "`aiohttp`"
+    setup = (f"Adult reference model behind `fairpatch upstream`, `fairpatch serve` (embedded Redis) with an Eraser "
+             f"patch active (bias={args.bias}, {args.queries} queries), each in its own process on loopback; "
+             f"load from {loader}, at most {args.requests} requests or {args.seconds:g} s per cell. "
+             f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}. Latencies in ms as the client "
+             "sees them; the client, upstream and gateway share the machine's cores.")
+    print_table(cells, f"direct to the upstream vs through the gateway (Eraser patch active), {args.client} client")
+    if args.markdown:
+        write_markdown(args.markdown, markdown(cells, setup))
+        print(f"wrote the section to {args.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,427 @@
+"""Calling the deployed model: request/response adapters per upstream protocol, and pooled HTTP clients.
+
+Three protocols, chosen per model version by `UpstreamSpec.protocol`:
+- `v2` (Open Inference Protocol: Triton, KServe, MLServer, `fairpatch upstream`):
+  `POST {url}/v2/models/{model_name}[/versions/{model_version}]/infer`, typed tensors in and out;
+- `v1` (KServe V1): `POST {url}/v1/models/{model_name}:predict`, `{"instances"}` -> `{"predictions"}`;
+- `mlflow` (`mlflow models serve`): `POST {url}/invocations`, `{"inputs"}` -> `{"predictions"}` or a list.
+
+The adapters are pure functions (spec + numpy in, URL + bytes out; bytes in, numpy out), so they are
+tested without a network. `UpstreamClient` (asyncio, the gateway's hot path) and `SyncUpstreamClient`
+(the `HttpOracle` in job workers) share them and differ only in transport: one pooled keep-alive
+client each, one deadline per call (`timeout_s` of the model version, covering retries), and bounded
+retries with exponential backoff where a retry is safe and may help: connection failures (nothing
+was processed) and 502/503 answers. Inference is a pure function of its input, so a retry never
+changes state upstream. Failures raise `UpstreamError` (the gateway answers 502), `UpstreamTimeout`
+(504) or `UpstreamRejected` (the upstream refused the input itself: 400/413); messages name the
+upstream URL and the cause, including the upstream's own error text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import math
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import numpy as np
+import pydantic_core
+from pydantic import ValidationError
+
+from service.errors import ApiError
+from service.oip import (
+    NUMPY_DTYPES,
+    InferRequest,
+    InferResponse,
+    MetadataTensor,
+    ModelMetadata,
+    Parameters,
+    RequestInput,
+    RequestOutput,
+    ResponseOutput,
+    describe_validation_errors,
+)
+from service.registry import ModelSpec
+from service.version import __version__
+
+# httpcore runs `import sniffio` on every pool operation (four per request). anyio 4 no longer installs
+# sniffio, and Python does not cache a failed import: each one walks sys.path again, about 0.2 ms, so
+# close to 1 ms per proxied request. A None entry makes the failure instant and httpcore assumes
+# asyncio, which is what the gateway runs. (With sniffio installed this does nothing.)
+if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
+    sys.modules["sniffio"] = None
+
+RETRY_STATUSES = frozenset({502, 503})
+HEADERS = {"content-type": "application/json", "accept": "application/json",
+           "user-agent": f"fairpatch-gateway/{__version__}"}
+DEFAULT_LIMITS = httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=30.0)
+
+
+# --- errors ------------------------------------------------------------------------------------------
+
+class UpstreamError(ApiError):
+    """The upstream failed (unreachable, 5xx, unreadable answer): the gateway answers 502."""
+
+    status = 502
+
+    def __init__(self, message: str, *, url: str, upstream_status: int | None = None) -> None:
+        super().__init__(self.status, message)
+        self.url = url
+        self.upstream_status = upstream_status
+
+
+class UpstreamTimeout(UpstreamError):
+    """No answer within the model version's `timeout_s` (or the upstream said 504): 504."""
+
+    status = 504
+
+
+class UpstreamRejected(UpstreamError):
+    """The upstream refused the input it was sent (its 400/422, or 413 for a batch over its limit)."""
+
+    status = 400
+
+    def __init__(self, message: str, *, url: str, upstream_status: int | None = None) -> None:
+        self.status = 413 if upstream_status == 413 else 400
+        super().__init__(message, url=url, upstream_status=upstream_status)
+
+
+def _upstream_message(body: bytes, limit: int = 300) -> str:
+    """The upstream's own error text: `{"error"}` (OIP), `{"message"}` (MLflow), `{"detail"}`, or the body."""
+    try:
+        doc = pydantic_core.from_json(body)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict):
+        for key in ("error", "message", "detail"):
+            if doc.get(key):
+                text = doc[key] if isinstance(doc[key], str) else pydantic_core.to_json(doc[key]).decode()
+                return text[:limit]
+    text = body[:limit].decode("utf-8", errors="replace").strip()
+    return text or "(empty body)"
+
+
+def error_from_response(url: str, status: int, body: bytes) -> UpstreamError:
+    """The exception for a non-2xx upstream answer, carrying its status and error text."""
+    message = f"upstream {url} answered {status}: {_upstream_message(body)}"
+    if status in (400, 413, 422):
+        return UpstreamRejected(f"{message} (the model refused the input)", url=url, upstream_status=status)
+    if status == 504:
+        return UpstreamTimeout(message, url=url, upstream_status=status)
+    return UpstreamError(message, url=url, upstream_status=status)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# --- URLs --------------------------------------------------------------------------------------------
+
+def upstream_model_name(spec: ModelSpec) -> str:
+    return spec.upstream.model_name or spec.name
+
+
+def v2_model_url(spec: ModelSpec) -> str:
+    """`{url}/v2/models/{name}[/versions/{version}]`: the V2 model's metadata URL, prefix of the rest."""
+    up = spec.upstream
+    url = f"{up.url}/v2/models/{quote(upstream_model_name(spec), safe='')}"
+    return f"{url}/versions/{quote(up.model_version, safe='')}" if up.model_version else url
+
+
+def infer_url(spec: ModelSpec) -> str:
+    protocol = spec.upstream.protocol
+    if protocol == "v2":
+        return f"{v2_model_url(spec)}/infer"
+    if protocol == "v1":
+        return f"{spec.upstream.url}/v1/models/{quote(upstream_model_name(spec), safe='')}:predict"
+    return f"{spec.upstream.url}/invocations"
+
+
+# --- requests ----------------------------------------------------------------------------------------
+
+def v2_tensor(name: str, array: np.ndarray, datatype: str = "FP32") -> RequestInput:
+    """A request tensor from an array (cast to `datatype`), flat row-major data."""
+    array = np.asarray(array, dtype=NUMPY_DTYPES[datatype])
+    return RequestInput.model_construct(name=name, shape=list(array.shape), datatype=datatype, parameters=None,
+                                        data=array.ravel().tolist())
+
+
+def encode_v2(inputs: Sequence[RequestInput], outputs: Sequence[RequestOutput] | None = None,
+              parameters: Parameters | None = None, request_id: str | None = None) -> bytes:
+    """A V2 infer request body (pydantic-core serialises it; tensors are not re-validated)."""
+    request = InferRequest.model_construct(id=request_id, parameters=parameters or None, inputs=list(inputs),
+                                           outputs=list(outputs) if outputs else None)
+    return request.model_dump_json(exclude_none=True).encode()
+
+
+def encode_request(spec: ModelSpec, X: np.ndarray, *, input_name: str | None = None,
+                   datatype: str = "FP32") -> bytes:
+    """One batch of rows as the body the upstream's protocol expects."""
+    protocol = spec.upstream.protocol
+    if protocol == "v2":
+        return encode_v2([v2_tensor(input_name or spec.upstream.input_name or "input", X, datatype)])
+    rows = np.asarray(X, dtype=np.float32).tolist()
+    return pydantic_core.to_json({"instances": rows} if protocol == "v1" else {"inputs": rows})
+
+
+# --- responses ---------------------------------------------------------------------------------------
+
+def decode_v2(body: bytes, url: str) -> InferResponse:
+    try:
+        return InferResponse.model_validate_json(body)
+    except ValidationError as e:
+        raise UpstreamError(f"upstream {url} sent an invalid V2 inference response: "
+                            f"{describe_validation_errors(e.errors(include_url=False), limit=3)}", url=url) from None
+
+
+def scores_index(response: InferResponse, output_name: str | None, url: str) -> int:
+    """Position of the scores output: the one named `output_name`, else the first."""
+    if not response.outputs:
+        raise UpstreamError(f"upstream {url} returned no outputs", url=url)
+    if output_name is None:
+        return 0
+    for i, out in enumerate(response.outputs):
+        if out.name == output_name:
+            return i
+    names = ", ".join(o.name for o in response.outputs)
+    raise UpstreamError(f"upstream {url} returned no output '{output_name}' (it returned: {names}); "
+                        "fix the model registration's output_name", url=url)
+
+
+def output_array(out: ResponseOutput, url: str) -> np.ndarray:
+    """A numeric response tensor as an array of its datatype and shape."""
+    if out.datatype == "BYTES":
+        raise UpstreamError(f"upstream {url}: output '{out.name}' is BYTES, not numeric scores", url=url)
+    try:
+        arr = np.asarray(out.data, dtype=NUMPY_DTYPES[out.datatype])
+    except (ValueError, TypeError, OverflowError) as e:
+        raise UpstreamError(f"upstream {url}: output '{out.name}' is not a valid {out.datatype} tensor ({e})",
+                            url=url) from None
+    if arr.size != math.prod(out.shape) or any(d < 0 for d in out.shape):
+        raise UpstreamError(f"upstream {url}: output '{out.name}' has {arr.size} values for shape {out.shape}",
+                            url=url)
+    return arr.reshape(out.shape)
+
+
+def _predictions_array(predictions: Any, url: str) -> np.ndarray:
+    """V1 / MLflow predictions (numbers, rows of numbers, or rows as {column: number}) as a float array."""
+    if isinstance(predictions, list) and predictions and all(isinstance(p, dict) for p in predictions):
+        columns = list(predictions[0])
+        predictions = [[row.get(c) for c in columns] for row in predictions]
+    try:
+        arr = np.asarray(predictions, dtype=np.float64)
+    except (ValueError, TypeError) as e:
+        raise UpstreamError(f"upstream {url}: predictions are not a numeric array ({e})", url=url) from None
+    if arr.ndim not in (1, 2) or len(arr) == 0:
+        raise UpstreamError(f"upstream {url}: predictions have shape {list(arr.shape)}; expected [N] or [N, C]",
+                            url=url)
+    if not np.isfinite(arr).all():
+        raise UpstreamError(f"upstream {url}: predictions hold NaN, infinite or null values", url=url)
+    return arr
+
+
+def decode_scores(spec: ModelSpec, body: bytes, url: str) -> np.ndarray:
+    """The scores array from an upstream answer, whatever its protocol."""
+    if spec.upstream.protocol == "v2":
+        response = decode_v2(body, url)
+        return output_array(response.outputs[scores_index(response, spec.upstream.output_name, url)], url)
+    try:
+        doc = pydantic_core.from_json(body)
+    except ValueError as e:
+        raise UpstreamError(f"upstream {url} sent invalid JSON: {e}", url=url) from None
+    if isinstance(doc, dict):
+        if "predictions" not in doc:
+            raise UpstreamError(f"upstream {url}: answer has no 'predictions' (keys: {', '.join(doc)})", url=url)
+        doc = doc["predictions"]
+    elif spec.upstream.protocol == "v1":
+        raise UpstreamError(f"upstream {url}: a V1 answer must be an object with 'predictions'", url=url)
+    return _predictions_array(doc, url)
+
+
+def decode_metadata(body: bytes, url: str) -> ModelMetadata:
+    try:
+        meta = ModelMetadata.model_validate_json(body)
+    except ValidationError as e:
+        raise UpstreamError(f"upstream {url} sent invalid V2 model metadata: "
+                            f"{describe_validation_errors(e.errors(include_url=False), limit=3)}", url=url) from None
+    if not meta.inputs or not meta.outputs:
+        raise UpstreamError(f"upstream {url}: the model declares no inputs or no outputs", url=url)
+    return meta
+
+
+def synthesized_metadata(spec: ModelSpec) -> ModelMetadata:
+    """What a V1 / MLflow upstream would say if it could: one FP32 matrix in, one out."""
+    up = spec.upstream
+    return ModelMetadata(name=upstream_model_name(spec), platform=f"{up.protocol}-upstream",
+                         inputs=[MetadataTensor(name=up.input_name or "input", datatype="FP32", shape=[-1, -1])],
+                         outputs=[MetadataTensor(name=up.output_name or "predictions", datatype="FP32",
+                                                 shape=[-1, -1])])
+
+
+# --- transport ---------------------------------------------------------------------------------------
+
+def _retryable(exc: BaseException) -> bool:
+    # Nothing reached the model: refused or failed connects, and a pooled keep-alive connection the
+    # server had already closed (it drops the request before any response).
+    return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.RemoteProtocolError)
+
+
+class _Policy:
+    """One call's deadline and retry budget; decides, after each attempt, to return, wait or raise."""
+
+    def __init__(self, retries: int, backoff_s: float) -> None:
+        if retries < 0 or backoff_s < 0:
+            raise ValueError("retries and backoff_s must be >= 0")
+        self.retries, self.backoff_s = retries, backoff_s
+
+    def _wait(self, attempt: int, deadline: float) -> float | None:
+        if attempt >= self.retries:
+            return None
+        wait = self.backoff_s * (2 ** attempt)
+        return wait if time.monotonic() + wait < deadline else None
+
+    def step(self, url: str, timeout_s: float, attempt: int, deadline: float,
+             response: httpx.Response | None, exc: BaseException | None) -> bytes | float:
+        """The answer's body, or seconds to sleep before the next attempt; raises an UpstreamError."""
+        if response is not None:
+            if response.status_code < 300:
+                return response.content
+            if response.status_code in RETRY_STATUSES and (wait := self._wait(attempt, deadline)) is not None:
+                return wait
+            raise error_from_response(url, response.status_code, response.content)
+        if _retryable(exc) and (wait := self._wait(attempt, deadline)) is not None:
+            return wait
+        if isinstance(exc, httpx.TimeoutException | TimeoutError):
+            raise self.expired(url, timeout_s)
+        raise UpstreamError(f"cannot reach upstream {url}: {_describe(exc)}", url=url)
+
+    @staticmethod
+    def expired(url: str, timeout_s: float) -> UpstreamTimeout:
+        return UpstreamTimeout(f"upstream {url} did not answer within {timeout_s:g}s", url=url)
+
+
+class UpstreamClient:
+    """One pooled HTTP/1.1 keep-alive client per gateway, shared by every model version."""
+
+    def __init__(self, *, retries: int = 2, backoff_s: float = 0.05, limits: httpx.Limits = DEFAULT_LIMITS,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._policy = _Policy(retries, backoff_s)
+        # trust_env=False: upstream URLs are explicit; a proxy from the environment must not reroute them.
+        self._client = httpx.AsyncClient(limits=limits, headers=HEADERS, trust_env=False, transport=transport,
+                                         follow_redirects=False)
+        self._urls: dict[str, httpx.URL] = {}
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def __aenter__(self) -> UpstreamClient:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.aclose()
+
+    def _url(self, url: str) -> httpx.URL:
+        parsed = self._urls.get(url)
+        if parsed is None:  # parsing costs ~20 us a request; a gateway calls few distinct URLs
+            if len(self._urls) >= 1024:
+                self._urls.clear()
+            parsed = self._urls[url] = httpx.URL(url)
+        return parsed
+
+    async def request(self, method: str, url: str, body: bytes | None, timeout_s: float) -> bytes:
+        """The body of a 2xx answer; retries and maps every failure to an UpstreamError."""
+        target = self._url(url)
+        deadline = time.monotonic() + timeout_s
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._policy.expired(url, timeout_s)
+            response = error = None
+            try:
+                async with asyncio.timeout(remaining):  # one deadline for the whole exchange
+                    response = await self._client.request(method, target, content=body, timeout=remaining)
+            except (httpx.HTTPError, TimeoutError) as e:
+                error = e
+            step = self._policy.step(url, timeout_s, attempt, deadline, response, error)
+            if isinstance(step, bytes):
+                return step
+            await asyncio.sleep(step)
+            attempt += 1
+
+    async def metadata(self, spec: ModelSpec) -> ModelMetadata:
+        """The upstream's V2 model metadata (synthesised for V1 / MLflow upstreams)."""
+        if spec.upstream.protocol != "v2":
+            return synthesized_metadata(spec)
+        url = v2_model_url(spec)
+        return decode_metadata(await self.request("GET", url, None, spec.upstream.timeout_s), url)
+
+    async def infer_v2(self, spec: ModelSpec, inputs: Sequence[RequestInput],
+                       outputs: Sequence[RequestOutput] | None = None,
+                       parameters: Parameters | None = None) -> InferResponse:
+        """Forward V2 tensors as they are; the whole V2 answer comes back (every output)."""
+        url = infer_url(spec)
+        body = await self.request("POST", url, encode_v2(inputs, outputs, parameters), spec.upstream.timeout_s)
+        return decode_v2(body, url)
+
+    async def scores(self, spec: ModelSpec, X: np.ndarray, *, input_name: str | None = None,
+                     datatype: str = "FP32") -> np.ndarray:
+        """Raw scores for a batch of rows, any protocol."""
+        url = infer_url(spec)
+        body = encode_request(spec, X, input_name=input_name, datatype=datatype)
+        return decode_scores(spec, await self.request("POST", url, body, spec.upstream.timeout_s), url)
+
+
+class SyncUpstreamClient:
+    """The blocking twin of `UpstreamClient` (job workers: `HttpOracle`); same adapters and policy."""
+
+    def __init__(self, *, retries: int = 2, backoff_s: float = 0.05, limits: httpx.Limits = DEFAULT_LIMITS,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self._policy = _Policy(retries, backoff_s)
+        self._client = httpx.Client(limits=limits, headers=HEADERS, trust_env=False, transport=transport,
+                                    follow_redirects=False)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> SyncUpstreamClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def request(self, method: str, url: str, body: bytes | None, timeout_s: float) -> bytes:
+        deadline = time.monotonic() + timeout_s
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._policy.expired(url, timeout_s)
+            response = error = None
+            try:
+                response = self._client.request(method, url, content=body, timeout=remaining)
+            except httpx.HTTPError as e:
+                error = e
+            step = self._policy.step(url, timeout_s, attempt, deadline, response, error)
+            if isinstance(step, bytes):
+                return step
+            time.sleep(step)
+            attempt += 1
+
+    def metadata(self, spec: ModelSpec) -> ModelMetadata:
+        if spec.upstream.protocol != "v2":
+            return synthesized_metadata(spec)
+        url = v2_model_url(spec)
+        return decode_metadata(self.request("GET", url, None, spec.upstream.timeout_s), url)
+
+    def scores(self, spec: ModelSpec, X: np.ndarray, *, input_name: str | None = None,
+               datatype: str = "FP32") -> np.ndarray:
+        url = infer_url(spec)
+        body = encode_request(spec, X, input_name=input_name, datatype=datatype)
+        return decode_scores(spec, self.request("POST", url, body, spec.upstream.timeout_s), url)

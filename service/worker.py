@@ -1,0 +1,464 @@
+"""The job worker: runs patch-training jobs from the arq queue (`fairpatch worker`).
+
+One job (`train_patch`): load the dataset, split it (stratified by group x label, seeded) into a
+fit part and a held-out part, fit the method through an `HttpOracle` on the real upstream within
+the query budget, score the held-out part before and after the patch through a second, unbudgeted
+`HttpOracle` (those queries are counted apart), store the patch bound to its model version, and
+write the result into the job record. The fit and the evaluation are blocking numpy / HTTP code, so
+they run in a thread (`asyncio.to_thread`) and the worker's event loop stays free for progress
+writes, aborts and other jobs.
+
+Every error ends the job as `failed` with a message saying what went wrong while doing what; the
+worker itself carries on. An abort (DELETE /v1/jobs/{id}) cancels the job's task through arq and
+sets a flag the fit thread checks before every upstream batch and progress report. A worker shut
+down mid-job puts the job back to `queued`, and arq runs it again on the next worker (at most
+`MAX_TRIES` times).
+
+Processes: `fairpatch worker` (`main`) runs arq's `Worker` on the configured Redis or, with none
+configured, on the embedded Redis that `fairpatch serve` runs under the same data directory;
+`fairpatch serve` starts one itself in embedded mode (`spawn` / `stop`). `WorkerThread` runs one in
+a background thread (tests, notebooks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from arq.connections import ArqRedis
+from arq.worker import Worker, func
+
+from service.datasets_store import DatasetStore
+from service.jobs import ACTIVE, TASK_NAME, JobRecord, JobStore, job_deserializer, job_serializer, plain
+from service.patch_store import PatchStore
+from service.registry import ModelRegistry, ModelSpec
+from service.settings import Settings
+
+log = logging.getLogger("fairpatch.worker")
+
+MAX_TRIES = 3  # runs of one job that a worker shutdown may interrupt before it fails for good
+PROGRESS_EVERY_S = 0.25  # the fit's progress reaches the record at most this often
+FIT_SHARE = 0.9  # fraction of the progress bar the fit takes; the evaluation takes the rest
+
+
+class JobCancelled(Exception):
+    """Raised inside the fit thread once the job has been cancelled (or the worker is stopping)."""
+
+
+class JobFailed(Exception):
+    """A job that cannot go on; the message is for the user."""
+
+
+# ---------------------------------------------------------------- the job
+
+
+def stratified_split(strata: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit rows, held-out rows): `holdout` of every stratum held out, shuffled with `seed`."""
+    rng = np.random.default_rng(seed)
+    fit, held = [], []
+    for s in np.unique(strata):
+        idx = rng.permutation(np.flatnonzero(strata == s))
+        k = int(round(holdout * len(idx)))
+        held.append(idx[:k])
+        fit.append(idx[k:])
+    return np.sort(np.concatenate(fit)), np.sort(np.concatenate(held))
+
+
+def _cancellable(oracle: Any, cancelled: threading.Event, sent: Callable[[int], None] | None = None) -> Any:
+    """Check the cancel flag before every batch the oracle sends (`_score_batch` is CountingOracle's hook),
+    and report the rows each batch sent to `sent`."""
+    send = oracle._score_batch
+
+    def score_batch(X: np.ndarray) -> np.ndarray:
+        if cancelled.is_set():
+            raise JobCancelled("the job was cancelled")
+        out = send(X)
+        if sent is not None:
+            sent(len(X))
+        return out
+
+    oracle._score_batch = score_batch
+    return oracle
+
+
+def _describe(exc: BaseException) -> str:
+    from pydantic import ValidationError
+
+    from service.errors import ApiError
+    from service.oip import describe_validation_errors
+
+    if isinstance(exc, ValidationError):
+        return f"invalid {exc.title}: {describe_validation_errors(exc.errors())}"
+    if isinstance(exc, ApiError | JobFailed | ValueError | LookupError):  # messages written for users
+        return str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class _Progress:
+    """The fit's `progress(fraction, info)` callback, and a count of the rows sent so far. Runs in the fit
+    thread and writes through the worker's loop: on every new stage, else at most every PROGRESS_EVERY_S."""
+
+    def __init__(self, jobs: JobStore, job_id: str, loop: asyncio.AbstractEventLoop,
+                 cancelled: threading.Event) -> None:
+        self.jobs, self.job_id, self.loop, self.cancelled = jobs, job_id, loop, cancelled
+        self.queries_used = 0
+        self._state: dict[str, Any] = {"fraction": 0.0, "stage": "fitting", "queries_used": 0}
+        self._last = 0.0
+
+    def __call__(self, fraction: float, info: dict | None = None) -> None:
+        if self.cancelled.is_set():
+            raise JobCancelled("the job was cancelled")
+        info = dict(info or {})
+        stage = str(info.pop("stage", self._state["stage"]))
+        info.pop("queries_used", None)
+        state = {"fraction": round(FIT_SHARE * min(max(float(fraction), 0.0), 1.0), 4), "stage": stage}
+        state.update({k: v for k, v in plain(info).items() if isinstance(v, int | float | str | bool)})
+        force = stage != self._state["stage"] or fraction >= 1.0
+        self._state = state
+        self._publish(force)
+
+    def sent(self, rows: int) -> None:
+        self.queries_used += rows
+        self._publish(False)
+
+    def _publish(self, force: bool) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < PROGRESS_EVERY_S:
+            return
+        self._last = now
+        progress = {**self._state, "queries_used": self.queries_used}
+        if self.cancelled.is_set():
+            return
+        future = asyncio.run_coroutine_threadsafe(self.jobs.running_progress(self.job_id, progress), self.loop)
+        try:
+            future.result(timeout=5)
+        except Exception as e:  # noqa: BLE001 - progress is best effort; the fit goes on
+            log.warning("job %s: cannot write progress: %s", self.job_id, e)
+
+
+def _evaluate(spec: ModelSpec, patch: Any, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
+              cancelled: threading.Event) -> dict[str, Any]:
+    """Headline metrics on the held-out rows before and after the patch, through an unbudgeted oracle."""
+    from patcher.apply import PatchRunner
+    from patcher.bench import headline
+    from service.http_oracle import HttpOracle
+
+    with _cancellable(HttpOracle(spec), cancelled) as oracle:
+        runner = PatchRunner(patch)
+        logp = oracle.log_probs(X)
+        before = logp.argmax(1)
+        X_after = runner.transform_inputs(X)
+        logp_after = logp if X_after is X else oracle.log_probs(X_after)  # a trigger changes what the model sees
+        after = runner.predict(X_after, logp_after, groups if runner.needs_group else None)
+        return {"before": headline(y, before, groups), "after": headline(y, after, groups),
+                "eval_queries": oracle.queries_used, "group_at_inference": runner.needs_group}
+
+
+async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, stage: list[str]) -> dict[str, Any]:
+    from patcher.methods import get_method
+    from patcher.tuning import TuningData
+    from service.http_oracle import HttpOracle
+
+    jobs: JobStore = ctx["jobs"]
+    stage[0] = "loading the model and the dataset"
+    spec = await ctx["registry"].get(job.model, job.version)
+    if spec is None:
+        raise JobFailed(f"model {job.model} version {job.version} is no longer registered")
+    data = await ctx["datasets"].load(job.dataset, group_order=spec.groups)
+    fit_idx, held_idx = stratified_split(data.groups * 2 + data.y, job.holdout, job.seed)
+    if len(fit_idx) == 0 or len(held_idx) == 0:
+        raise JobFailed(f"holdout {job.holdout} of {len(data.y)} rows leaves one part empty; "
+                        "upload more rows or change holdout")
+    method = get_method(job.method)
+    tune = TuningData(data.X[fit_idx], data.y[fit_idx], data.groups[fit_idx], data.group_names, data.feature_names)
+
+    stage[0] = f"fitting {job.method}"
+    progress = _Progress(jobs, job.id, asyncio.get_running_loop(), cancelled)
+    oracle = _cancellable(await asyncio.to_thread(HttpOracle, spec, budget=job.query_budget), cancelled,
+                          progress.sent)
+
+    def fit() -> tuple[Any, Any]:
+        try:
+            return method.fit(oracle, tune, job.criterion, job.query_budget, progress=progress, seed=job.seed,
+                              **job.options)
+        finally:  # in the thread: a cancelled job's client is closed when the thread is done with it
+            oracle.close()
+
+    patch, report = await asyncio.to_thread(fit)
+    queries_used = oracle.queries_used
+
+    stage[0] = "scoring the held-out rows"
+    await jobs.running_progress(job.id, {"fraction": FIT_SHARE, "stage": stage[0], "queries_used": queries_used})
+    scores = await asyncio.to_thread(_evaluate, spec, patch, data.X[held_idx], data.y[held_idx],
+                                     data.groups[held_idx], cancelled)
+
+    stage[0] = "storing the patch"
+    if cancelled.is_set():
+        raise JobCancelled("the job was cancelled")
+    bound = patch.for_model(spec.name, spec.version)
+    patch_id = await ctx["patches"].put(bound)
+    report_dict = report.model_dump(mode="json") if hasattr(report, "model_dump") else dict(report)
+    return plain({"patch_id": patch_id, "queries_used": queries_used, "eval_queries": scores["eval_queries"],
+                  "fit_rows": int(len(fit_idx)), "holdout_rows": int(len(held_idx)),
+                  "groups": list(data.group_names), "group_at_inference": scores["group_at_inference"],
+                  "before": scores["before"], "after": scores["after"], "report": report_dict})
+
+
+async def train_patch(ctx: dict[str, Any], job_id: str) -> str:
+    """The arq task. Never raises for a job's own failure: it is written into the record instead."""
+    jobs: JobStore = ctx["jobs"]
+    settings: Settings = ctx["settings"]
+    try:
+        job = await jobs.get(job_id)
+    except LookupError:
+        log.warning("job %s has no record; skipped", job_id)
+        return "no record"
+    if ctx.get("job_try", 1) > MAX_TRIES:
+        await jobs.transition(job_id, "failed", ACTIVE, finished_at=time.time(),
+                              error=f"the job was interrupted {MAX_TRIES} times (worker restarts); giving up")
+        return "failed"
+    started, before = await jobs.transition(job_id, "running", ACTIVE, started_at=time.time(),
+                                            progress={"fraction": 0.0, "stage": "starting", "queries_used": 0})
+    if not started:
+        return f"skipped ({before})"  # cancelled before a worker got to it
+
+    cancelled = threading.Event()
+    stage = ["starting"]
+    task = asyncio.ensure_future(_run(ctx, job, cancelled, stage))
+    try:
+        done, _ = await asyncio.wait({task}, timeout=settings.job_timeout_s)
+    except asyncio.CancelledError:  # an abort, or the worker is shutting down
+        cancelled.set()
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(asyncio.shield(_requeue_unless_cancelled(jobs, job_id)), 5)
+        raise
+    if not done:
+        cancelled.set()
+        task.cancel()
+        error = f"the job ran past its time limit of {settings.job_timeout_s:g}s while {stage[0]}"
+        await jobs.transition(job_id, "failed", {"running"}, finished_at=time.time(), error=error)
+        return "failed"
+    try:
+        result = task.result()
+    except JobCancelled:  # only raised once the flag is set, so the record says cancelled already
+        await jobs.transition(job_id, "cancelled", {"running"}, finished_at=time.time())
+        return "cancelled"
+    except Exception as e:  # noqa: BLE001 - a failed job, not a failed worker
+        log.info("job %s failed while %s: %r", job_id, stage[0], e)
+        error = f"{stage[0]}: {_describe(e)}"
+        await jobs.transition(job_id, "failed", {"running"}, finished_at=time.time(), error=error)
+        return "failed"
+    changed, now = await jobs.transition(
+        job_id, "succeeded", {"running"}, finished_at=time.time(), result=result,
+        progress={"fraction": 1.0, "stage": "done", "queries_used": result["queries_used"]})
+    return "succeeded" if changed else str(now)
+
+
+async def _requeue_unless_cancelled(jobs: JobStore, job_id: str) -> None:
+    changed, _ = await jobs.transition(job_id, "queued", {"running"}, progress={
+        "fraction": 0.0, "stage": "interrupted by a worker shutdown; waiting to run again", "queries_used": 0})
+    if changed:
+        log.info("job %s interrupted; it goes back to the queue", job_id)
+
+
+# ---------------------------------------------------------------- the worker
+
+
+def arq_redis(redis_url: str, queue: str) -> ArqRedis:
+    pool = ArqRedis.from_url(redis_url, socket_connect_timeout=2, health_check_interval=30)
+    pool.job_serializer, pool.job_deserializer = job_serializer, job_deserializer
+    pool.default_queue_name = queue
+    return pool
+
+
+def worker_settings(settings: Settings, redis_url: str, **overrides: Any) -> dict[str, Any]:
+    """The keyword arguments of arq's `Worker` for the jobs queue (arq's "WorkerSettings")."""
+
+    async def startup(ctx: dict[str, Any]) -> None:
+        redis = ctx["redis"]
+        ctx.update(settings=settings, jobs=JobStore(redis), registry=ModelRegistry(redis),
+                   datasets=DatasetStore(redis), patches=PatchStore(redis))
+        log.info("worker ready on queue %r", settings.job_queue)
+
+    return {
+        "functions": [func(train_patch, name=TASK_NAME, timeout=settings.job_timeout_s + 60,
+                           max_tries=MAX_TRIES + 1)],
+        "queue_name": settings.job_queue, "redis_pool": arq_redis(redis_url, settings.job_queue),
+        "on_startup": startup, "max_jobs": settings.worker_max_jobs, "allow_abort_jobs": True, "retry_jobs": True,
+        "job_serializer": job_serializer, "job_deserializer": job_deserializer, "keep_result": 3600,
+        "log_results": False, **overrides}
+
+
+def create_worker(settings: Settings, redis_url: str, *, burst: bool = False, handle_signals: bool = True,
+                  poll_delay: float = 0.5) -> Worker:
+    """arq's Worker for the jobs queue. Build it on the event loop (thread) that will run it."""
+    return Worker(**worker_settings(settings, redis_url, burst=burst, handle_signals=handle_signals,
+                                    poll_delay=poll_delay))
+
+
+class WorkerThread:
+    """A worker on its own event loop in a background thread; `stop()` cancels what runs and joins it."""
+
+    def __init__(self, settings: Settings, redis_url: str, *, poll_delay: float = 0.05) -> None:
+        self.settings, self.redis_url, self.poll_delay = settings, redis_url, poll_delay
+        self.worker: Worker | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    def _main(self) -> None:
+        loop = self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            self.worker = create_worker(self.settings, self.redis_url, handle_signals=False,
+                                        poll_delay=self.poll_delay)
+            self._ready.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(self.worker.async_run())
+        except BaseException as e:  # noqa: BLE001 - reported by start()/stop()
+            self._error = e
+            self._ready.set()
+        finally:
+            if self.worker is not None:
+                with contextlib.suppress(BaseException):
+                    loop.run_until_complete(self.worker.close())
+                if self.worker._pool is not None:  # close() stopped early
+                    loop.run_until_complete(self.worker._pool.aclose())
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
+
+    def start(self) -> WorkerThread:
+        self._thread = threading.Thread(target=self._main, name="fairpatch-worker", daemon=True)
+        self._thread.start()
+        self._ready.wait(30)
+        if self._error is not None:
+            raise RuntimeError(f"the worker did not start: {self._error!r}")
+        return self
+
+    def stop(self, timeout: float = 30) -> None:
+        if self._thread is None:
+            return
+        loop, worker = self._loop, self.worker
+        if loop is not None and worker is not None and not loop.is_closed():
+            def cancel() -> None:
+                worker.handle_sig(signal.SIGTERM)  # cancels running jobs (they go back to the queue)
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(cancel)
+        self._thread.join(timeout)
+        self._thread = None
+
+    def __enter__(self) -> WorkerThread:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+
+# ---------------------------------------------------------------- processes
+
+
+def embedded_redis_url(data_dir: str | Path) -> str:
+    """Where `fairpatch serve` runs its embedded Redis for this data directory: the socket named in the
+    redis.conf it wrote (a long data-dir path moves the socket to a temp dir), else the default path."""
+    from service.redis_embedded import EmbeddedRedis
+
+    embedded = EmbeddedRedis(data_dir)
+    conf = embedded.dir / "redis.conf"
+    socket_path = embedded.socket_path
+    if conf.exists():
+        for line in conf.read_text().splitlines():
+            if line.startswith("unixsocket "):
+                value = line.split(" ", 1)[1].strip()
+                if value.startswith('"') and value.endswith('"'):
+                    value = value[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+                socket_path = value
+    return f"unix://{socket_path}"
+
+
+async def _wait_for_redis(url: str, wait_s: float) -> bool:
+    from redis.asyncio import Redis
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        client = Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
+        try:
+            if await client.ping():
+                return True
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        finally:
+            await client.aclose()
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.2)
+
+
+def main(settings: Settings, *, burst: bool = False, wait_s: float = 30.0) -> int:
+    """`fairpatch worker`: run until SIGTERM / SIGINT (or, with `burst`, until the queue is empty)."""
+    url = settings.redis_url or embedded_redis_url(settings.data_dir)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    if not loop.run_until_complete(_wait_for_redis(url, wait_s)):
+        where = "FAIRPATCH_REDIS_URL" if settings.redis_url else \
+            f"the embedded Redis of {settings.data_dir} (start `fairpatch serve` first, or set FAIRPATCH_REDIS_URL)"
+        print(f"fairpatch worker: no Redis answers at {url}: {where}", file=sys.stderr)
+        loop.close()
+        return 2
+    worker = create_worker(settings, url, burst=burst)
+    log.info("worker %d on %s, queue %r", os.getpid(), url, settings.job_queue)
+    worker.run()  # handles SIGTERM / SIGINT: running jobs are cancelled and go back to the queue
+    loop.run_until_complete(loop.shutdown_default_executor())
+    loop.close()
+    return 0
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    import ctypes
+
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def spawn(redis_url: str, settings: Settings) -> subprocess.Popen:
+    """One `fairpatch worker` subprocess on `redis_url` (the gateway's; embedded mode passes its socket)."""
+    env = dict(os.environ)
+    env["FAIRPATCH_REDIS_URL"] = redis_url
+    env["FAIRPATCH_JOB_QUEUE"] = settings.job_queue
+    env["FAIRPATCH_DATA_DIR"] = str(settings.data_dir)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    linux = sys.platform.startswith("linux")
+    return subprocess.Popen([sys.executable, "-m", "service.worker"], env=env, stdin=subprocess.DEVNULL,
+                            preexec_fn=_die_with_parent if linux else None)
+
+
+def stop(process: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGTERM (arq cancels running jobs, which go back to the queue), SIGKILL if it hangs."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        log.warning("worker %d did not stop within %.0fs; killing it", process.pid, timeout)
+        process.kill()
+        process.wait()
+
+
+if __name__ == "__main__":  # what `spawn` runs
+    _settings = Settings()
+    logging.basicConfig(level=_settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    sys.exit(main(_settings))

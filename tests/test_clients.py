@@ -1,0 +1,323 @@
+"""The SDK and the gateway CLI commands against real servers on loopback: the local ONNX upstream
+(the Adult reference model) and the gateway with a job worker, each under a real uvicorn.
+
+Redis: REDIS_URL when set (names and the job queue get a per-run suffix), else the embedded one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from clients.sdk import AsyncClient, Client, FairpatchError, ModelSpec, UpstreamSpec
+from patcher.apply import PatchRunner
+from patcher.oracle import OnnxOracle
+from patcher.patch import Patch
+from service.app import create_app
+from service.local_upstream import OnnxModel, create_upstream_app
+from service.redis_embedded import redis_url_for
+from service.serve_thread import ServerThread
+from service.settings import Settings
+from service.worker import WorkerThread
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "clients-admin-key"
+RUN = uuid.uuid4().hex[:6]
+GROUPS = ["Female", "Male"]
+
+
+@pytest.fixture(scope="module")
+def servers(adult_model, tmp_path_factory):
+    """(gateway URL, upstream URL), with a job worker on the gateway's Redis."""
+    with redis_url_for(os.environ.get("REDIS_URL") or None, tmp_path_factory.mktemp("redis")) as url:
+        settings = Settings(data_dir=tmp_path_factory.mktemp("gw"), redis_url=url, admin_key=KEY,
+                            job_queue=f"test-clients:{RUN}", log_level="warning")
+        with ServerThread(create_upstream_app(OnnxModel(adult_model.onnx_bytes, name="adult"))) as upstream, \
+                ServerThread(create_app(settings)) as gateway, WorkerThread(settings, url):
+            yield gateway.url, upstream.url
+
+
+@pytest.fixture
+def fp(servers):
+    with Client(servers[0], KEY, timeout=60) as c:
+        yield c
+
+
+def register(fp: Client, upstream: str, name: str, version: str = "1") -> ModelSpec:
+    return fp.register_model(ModelSpec(
+        name=name, version=version, groups=GROUPS,
+        upstream=UpstreamSpec(url=upstream, model_name="adult", input_name="input", output_name="logits")))
+
+
+def tune_frame(adult, rows: int = 3000) -> pd.DataFrame:
+    frame = pd.DataFrame(adult.tune.X[:rows], columns=adult.feature_names)
+    frame["income"] = adult.tune.y[:rows]
+    frame["sex"] = [adult.group_names[g] for g in adult.tune.groups[:rows]]
+    return frame
+
+
+@pytest.fixture(scope="module")
+def trained(servers, adult):
+    """A model with a finished Eraser job (group patch): (model name, job, fractions the progress saw)."""
+    name = f"adult-{RUN}"
+    with Client(servers[0], KEY, timeout=60) as fp:
+        register(fp, servers[1], name)
+        ds = fp.upload_dataset(tune_frame(adult), label="income", group="sex", name="tune")
+        job = fp.create_job(name, ds.id, criterion="dp", query_budget=600, seed=0, options={"bias": "group"})
+        assert job.status == "queued" and job.model == name and job.version == "1"
+        seen: list[float] = []
+        done = fp.wait_job(job.id, progress=lambda j: seen.append(j.progress.fraction), timeout=180)
+    return name, done, seen
+
+
+# --- health, models, errors ------------------------------------------------------------------------
+
+def test_health_and_server_metadata(fp):
+    assert fp.live() is True and fp.ready() is True
+    assert fp.server_metadata()["name"] == "fairpatch"
+
+
+def test_models_register_list_get_delete(fp, servers):
+    name = f"crud-{RUN}"
+    spec = register(fp, servers[1], name, version="2")
+    assert (spec.name, spec.version, spec.upstream.url, spec.groups) == (name, "2", servers[1], GROUPS)
+    assert register(fp, servers[1], name, version="2").name == name  # the same registration again is fine
+    assert (name, "2") in {(m.name, m.version) for m in fp.list_models()}
+    assert fp.get_model(name, "2").upstream.output_name == "logits"
+    fp.delete_model(name, "2")
+    with pytest.raises(FairpatchError) as e:
+        fp.get_model(name, "2")
+    assert e.value.status == 404 and name in e.value.message
+
+
+def test_errors_carry_the_server_message(servers):
+    with Client(servers[0]) as anonymous, pytest.raises(FairpatchError) as e:
+        anonymous.list_models()
+    assert e.value.status == 401 and "admin key" in e.value.message
+    with Client(servers[0], "wrong") as wrong, pytest.raises(FairpatchError) as e:
+        wrong.list_models()
+    assert e.value.status == 403 and "wrong" in e.value.message
+    with Client(servers[0], KEY) as fp, pytest.raises(FairpatchError) as e:
+        fp.register_model({"name": "x", "upstream": {"url": "http://example.com:9000"}})
+    assert e.value.status == 403 and "allow-list" in e.value.message
+    with Client(servers[0]) as anonymous, pytest.raises(FairpatchError) as e:
+        anonymous.infer("no-such-model", np.zeros((1, 3), np.float32), input_name="input")
+    assert e.value.status == 404 and "no-such-model" in e.value.message and str(e.value).endswith("(HTTP 404)")
+
+
+def test_an_unreachable_gateway_is_status_zero():
+    with Client("http://127.0.0.1:9", timeout=2) as fp, pytest.raises(FairpatchError) as e:
+        fp.live()
+    assert e.value.status == 0 and "cannot reach" in e.value.message
+
+
+# --- data plane --------------------------------------------------------------------------------------
+
+def test_infer_unpatched_is_the_upstream(fp, servers, adult, adult_model):
+    name = f"plain-{RUN}"
+    register(fp, servers[1], name)
+    X = adult.test.X[:50]
+    out = fp.infer(name, X, raw=True)  # the input name comes from the model's metadata
+    assert out.patch_id is None and out.scores.shape == (50, 2) and out.model_version == "1"
+    np.testing.assert_allclose(out.scores, out.raw)
+    np.testing.assert_allclose(out.scores, OnnxOracle(adult_model.onnx_bytes).scores(X), rtol=1e-5, atol=1e-5)
+    assert (out.predictions == out.scores.argmax(1)).all()
+    assert fp.infer(name, X[:3], version="1").raw is None  # no raw scores unless asked
+    frame = pd.DataFrame(X.astype(np.float64))  # float64 goes as the model's FP32
+    np.testing.assert_allclose(fp.infer(name, frame).scores, out.scores)
+
+
+# --- datasets ----------------------------------------------------------------------------------------
+
+def test_datasets_from_a_dataframe_a_csv_and_a_parquet_file(fp, adult, tmp_path):
+    frame = tune_frame(adult, 400)
+    from_frame = fp.upload_dataset(frame, label="income", group="sex", name="frame")
+    assert from_frame.rows == 400 and from_frame.groups == GROUPS and from_frame.label == "income"
+    csv = tmp_path / "tune.csv"
+    frame.to_csv(csv, index=False)
+    from_csv = fp.upload_dataset(csv, label="income", group="sex")
+    assert from_csv.rows == 400 and from_csv.columns == list(frame.columns)
+    pq = tmp_path / "tune.parquet"
+    frame.to_parquet(pq, index=False)
+    assert fp.upload_dataset(pq, label="income", group="sex").rows == 400
+    assert fp.get_dataset(from_csv.id).id == from_csv.id
+    fp.delete_dataset(from_csv.id)
+    with pytest.raises(FairpatchError) as e:
+        fp.get_dataset(from_csv.id)
+    assert e.value.status == 404
+    with pytest.raises(FairpatchError) as e:
+        fp.upload_dataset(frame, label="income", group="no_such_column")
+    assert e.value.status == 400 and "no_such_column" in e.value.message
+
+
+# --- jobs and patches --------------------------------------------------------------------------------
+
+def test_a_job_trains_a_patch_within_its_budget(trained):
+    _, job, seen = trained
+    assert job.status == "succeeded", job.error
+    assert seen and seen == sorted(seen) and job.progress.fraction == 1.0
+    r = job.result
+    assert r.patch_id and 0 < r.queries_used <= 600 and r.eval_queries > 0
+    assert r.after["dp_diff"] < r.before["dp_diff"]
+
+
+def test_jobs_list_and_cancel_a_finished_one(fp, trained):
+    _, job, _ = trained
+    assert job.id in {j.id for j in fp.list_jobs()}
+    assert fp.get_job(job.id).status == "succeeded"
+    with pytest.raises(FairpatchError) as e:
+        fp.cancel_job(job.id)
+    assert e.value.status == 409 and "succeeded" in e.value.message
+    with pytest.raises(FairpatchError) as e:
+        fp.cancel_job("no-such-job")
+    assert e.value.status == 404
+
+
+def test_activate_infer_download_upload_deactivate(fp, servers, trained, adult, adult_model):
+    name, job, _ = trained
+    pid = job.result.patch_id
+    listing = fp.list_patches(name)
+    assert listing.active is None and [p.id for p in listing.patches] == [pid]
+    assert listing.patches[0].group_at_inference is True and listing.patches[0].method == "eraser"
+    fp.activate_patch(name, pid)
+    assert fp.list_patches(name).active == pid
+    assert fp.model_metadata(name)["parameters"]["fairpatch_patch"] == pid
+
+    X, g = adult.test.X[:200], adult.test.groups[:200]
+    names = [GROUPS[i] for i in g]
+    out = fp.infer(name, X, names, raw=True)
+    assert out.patch_id == pid
+    local = PatchRunner(Patch.from_bytes(fp.download_patch(pid), expected_id=pid))
+    raw = OnnxOracle(adult_model.onnx_bytes).log_probs(X)
+    np.testing.assert_array_equal(out.predictions, local.predict(X, raw, g))
+    assert (out.predictions != out.raw.argmax(1)).any()  # the patch changes some decisions
+    assert (fp.infer(name, X, g).predictions == out.predictions).all()  # int64 group ids work too
+
+    with pytest.raises(FairpatchError) as e:
+        fp.infer(name, X[:2])
+    assert e.value.status == 400 and "group" in e.value.message
+    with pytest.raises(FairpatchError) as e:
+        fp.infer(name, X[:2], ["Female", "Martian"])
+    assert e.value.status == 400 and "Martian" in e.value.message
+
+    # the patch travels: download it, upload it for another version (a fresh registration)
+    register(fp, servers[1], f"copy-{RUN}")
+    data = fp.download_patch(pid)
+    with pytest.raises(FairpatchError) as e:  # bound to its model version: refused elsewhere
+        fp.upload_patch(f"copy-{RUN}", data)
+    assert e.value.status == 409
+    unbound = Patch.from_bytes(data)
+    unbound = Patch({**unbound.manifest, "model": {}}, dict(unbound.blobs))
+    copied = fp.upload_patch(f"copy-{RUN}", unbound.to_bytes())
+    assert copied != pid and [p.id for p in fp.list_patches(f"copy-{RUN}").patches] == [copied]
+
+    fp.deactivate_patch(name)
+    assert fp.list_patches(name).active is None
+    assert fp.infer(name, X[:5]).patch_id is None
+
+
+def test_async_client(servers, adult):
+    async def main() -> None:
+        async with AsyncClient(servers[0], KEY) as fp:
+            name = f"async-{RUN}"
+            await fp.register_model(ModelSpec(name=name, upstream=UpstreamSpec(url=servers[1], model_name="adult")))
+            assert name in {m.name for m in await fp.list_models()}
+            outs = await asyncio.gather(*(fp.infer(name, adult.test.X[i:i + 8]) for i in range(0, 64, 8)))
+            assert all(o.scores.shape == (8, 2) and o.patch_id is None for o in outs)
+            assert await fp.ready()
+            try:
+                await fp.get_job("no-such-job")
+            except FairpatchError as e:
+                assert e.status == 404
+            else:
+                raise AssertionError("expected a 404")
+
+    asyncio.run(main())
+
+
+# --- the CLI, as a user runs it ------------------------------------------------------------------------
+
+def cli(*args: str, url: str, key: str | None = KEY, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FAIRPATCH_URL": url}
+    env.pop("FAIRPATCH_ADMIN_KEY", None)
+    if key:
+        env["FAIRPATCH_ADMIN_KEY"] = key
+    return subprocess.run([sys.executable, "-m", "clients", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
+
+
+def test_cli_register_upload_train_activate_infer(servers, adult, tmp_path):
+    gw, up = servers
+    name = f"cli-{RUN}"
+    p = cli("models", "register", name, "--upstream-url", up, "--upstream-model", "adult", "--groups",
+            "Female,Male", url=gw)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["name"] == name
+    p = cli("models", "list", "--json", url=gw)
+    assert p.returncode == 0 and name in {m["name"] for m in json.loads(p.stdout)}
+
+    csv = tmp_path / "tune.csv"
+    tune_frame(adult, 2000).to_csv(csv, index=False)
+    p = cli("datasets", "upload", str(csv), "--label", "income", "--group", "sex", url=gw)
+    assert p.returncode == 0, p.stderr
+    dataset = json.loads(p.stdout)["id"]
+
+    p = cli("jobs", "create", "--model", name, "--dataset", dataset, "--queries", "400", "-o", "bias=estimator",
+            "--wait", url=gw)
+    assert p.returncode == 0, p.stderr
+    assert "succeeded" in p.stdout and "dp_diff" in p.stdout
+    pid = p.stdout.split("patch ", 1)[1].split()[0]
+    assert cli("patches", "activate", name, pid, url=gw).returncode == 0
+    p = cli("patches", "list", name, "--json", url=gw)
+    assert json.loads(p.stdout)["active"] == pid
+
+    test = pd.DataFrame(adult.test.X[:20], columns=adult.feature_names)
+    test["income"] = adult.test.y[:20]
+    test_csv = tmp_path / "test.csv"
+    test.to_csv(test_csv, index=False)
+    p = cli("infer", name, str(test_csv), "--drop", "income", "--raw", "--batch", "8", url=gw, key=None)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert lines[0] == "row,prediction,score_0,score_1,raw_0,raw_1" and len(lines) == 21
+    assert pid in p.stderr
+
+    out = tmp_path / "patch.fpatch"
+    p = cli("patches", "download", pid, "-o", str(out), url=gw)
+    assert p.returncode == 0 and Patch.load(out, expected_id=pid).id == pid
+
+
+def test_cli_errors_print_the_server_message_and_exit_nonzero(servers):
+    gw, _ = servers
+    p = cli("models", "get", "no-such-model", url=gw)
+    assert p.returncode == 1 and "unknown model 'no-such-model'" in p.stderr and "(HTTP 404)" in p.stderr
+    assert "Traceback" not in p.stderr
+    p = cli("models", "list", url=gw, key=None)
+    assert p.returncode == 1 and "admin key" in p.stderr and "Traceback" not in p.stderr
+    p = cli("jobs", "list", "--admin-key", "wrong", url=gw, key=None)  # the flag after the subcommand
+    assert p.returncode == 1 and "(HTTP 403)" in p.stderr
+    p = cli("--url", "http://127.0.0.1:9", "models", "list", url=gw)  # the flag before it
+    assert p.returncode == 1 and "cannot reach the gateway at http://127.0.0.1:9" in p.stderr
+    p = cli("datasets", "upload", "/no/such/file.csv", "--label", "y", "--group", "g", url=gw)
+    assert p.returncode == 1 and "No such file" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_demo_runs_the_whole_loop_through_the_gateway():
+    p = subprocess.run([sys.executable, "-m", "clients", "demo", "--queries", "400"], capture_output=True, text=True,
+                       timeout=300, cwd=REPO, env={**os.environ, "COLUMNS": "160"})
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = p.stdout
+    assert "Eraser job" in out and "activated it" in out and "not needed at inference" in out
+    rows = {line.split("│")[1].strip(): line.split("│")[2:5] for line in out.splitlines() if line.count("│") >= 5}
+    before, after = (float(rows["dp_diff"][i]) for i in (0, 1))
+    assert after < before / 2  # the patch served by the gateway removes most of the dp gap
+    assert {"selection rate (Female)", "selection rate (Male)", "accuracy", "eo_diff"} <= set(rows)
+    assert "Traceback" not in p.stderr

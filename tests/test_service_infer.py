@@ -1,0 +1,583 @@
+"""The data plane end to end: real upstreams and the real gateway on loopback ports, real Redis.
+
+The upstream is the local ONNX server with the Adult reference model; patches are Eraser patches
+fitted on the Adult tune split through OnnxOracle, stored and activated with PatchStore. What the
+gateway answers must equal the patch applied offline (PatchRunner) to the upstream's raw scores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import time
+import uuid
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import pytest
+from fastapi import FastAPI, Request
+from redis.asyncio import Redis
+
+from patcher.apply import PatchRunner
+from patcher.methods import eraser
+from patcher.onnx_graphs import GraphBuilder, float_tensor
+from patcher.oracle import OnnxOracle
+from patcher.patch import Patch
+from patcher.scores import from_log_probs, to_log_probs
+from patcher.tuning import TuningData
+from service import infer
+from service.app import create_app
+from service.local_upstream import OnnxModel, create_upstream_app
+from service.patch_store import PatchStore
+from service.redis_embedded import redis_url_for
+from service.registry import ModelRegistry, ModelSpec, UpstreamSpec
+from service.serve_thread import ServerThread
+from service.settings import Settings
+
+BODY_LIMIT = 512 * 1024
+UPSTREAM_NAME, UPSTREAM_VERSION = "adult-ref", "3"
+
+
+def multi_output_model() -> bytes:
+    """[N, 5] in; `logits` [N, 2] and an extra output `doubled` = 2 * input that must pass through."""
+    rng = np.random.default_rng(1)
+    b = GraphBuilder()
+    b.mlp("input", [(rng.normal(size=(5, 8)), rng.normal(size=8)), (rng.normal(size=(8, 2)), rng.normal(size=2))],
+          "logits")
+    b.op("Mul", ["input", b.const(np.array(2.0, dtype=np.float32))], "doubled")
+    outputs = [float_tensor("logits", ["N", 2]), float_tensor("doubled", ["N", 5])]
+    m = b.model([float_tensor("input", ["N", 5])], outputs, "multi")
+    return m.SerializeToString()
+
+
+def table_patch() -> Patch:
+    table = np.log(np.array([[0.8, 0.2], [0.5, 0.5]]))
+    graph = eraser.build_output_graph(5, 2, alpha=1.0, threshold=0.25, bias="group", table=table)
+    return Patch.build(method="eraser", n_classes=2, groups=["a", "b"], group_at_inference=True,
+                       output_transform=graph)
+
+
+def slow_app(metadata: dict, delay_s: float) -> FastAPI:
+    """Answers metadata at once and inference after `delay_s` (longer than the model's timeout)."""
+    app = FastAPI()
+
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def meta(name: str, version: str):
+        return metadata
+
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def slow(name: str, version: str):
+        await asyncio.sleep(delay_s)
+        return {"model_name": name, "outputs": []}
+
+    return app
+
+
+def mlflow_app(model: bytes) -> FastAPI:
+    """`mlflow models serve` in miniature: {"inputs": rows} -> {"predictions": logits}."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    app = FastAPI()
+
+    @app.post("/invocations")
+    async def invocations(request: Request):
+        X = np.asarray((await request.json())["inputs"], dtype=np.float32)
+        return {"predictions": session.run(None, {"input": X})[0].tolist()}
+
+    return app
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_call(url: str, body) -> None:
+    async def main():
+        redis = Redis.from_url(url)
+        try:
+            await body(ModelRegistry(redis), PatchStore(redis))
+        finally:
+            await redis.aclose()
+
+    asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, adult, adult_model):
+    tmp = tmp_path_factory.mktemp("infer")
+    sfx = uuid.uuid4().hex[:6]  # models of our own on a possibly shared Redis
+    tune = TuningData(adult.tune.X, adult.tune.y, adult.tune.groups, adult.group_names)
+    group_patch, _ = eraser.fit(OnnxOracle(adult_model.onnx_bytes, budget=300), tune, "dp", 300, bias="group", seed=0)
+    free_patch, _ = eraser.fit(OnnxOracle(adult_model.onnx_bytes, budget=300), tune, "dp", 300, bias="estimator",
+                               seed=0)
+    assert group_patch.group_at_inference and not free_patch.group_at_inference
+    onnx_model = OnnxModel(adult_model.onnx_bytes, name=UPSTREAM_NAME, version=UPSTREAM_VERSION)
+    names = SimpleNamespace(adult=f"adult-{sfx}", free=f"free-{sfx}", multi=f"multi-{sfx}", down=f"down-{sfx}",
+                            slow=f"slow-{sfx}", toggle=f"toggle-{sfx}", moving=f"moving-{sfx}",
+                            mlflow=f"mlflow-{sfx}")
+    with redis_url_for(os.environ.get("REDIS_URL"), tmp / "redis") as redis_url, \
+            ServerThread(create_upstream_app(onnx_model)) as up, \
+            ServerThread(create_upstream_app(OnnxModel(multi_output_model(), name="multi"))) as multi_up, \
+            ServerThread(slow_app(onnx_model.metadata.model_dump(exclude_none=True), 1.0)) as slow_up, \
+            ServerThread(mlflow_app(adult_model.onnx_bytes)) as mlflow_up:
+        adult_up = UpstreamSpec(url=up.url, model_name=UPSTREAM_NAME, model_version=UPSTREAM_VERSION,
+                                output_name="logits")
+        specs = [
+            ModelSpec(name=names.adult, version="1", upstream=adult_up),  # unpatched
+            ModelSpec(name=names.adult, version="2", upstream=adult_up, groups=list(adult.group_names)),
+            ModelSpec(name=names.free, version="1", upstream=adult_up),
+            ModelSpec(name=names.multi, version="1", upstream=UpstreamSpec(url=multi_up.url, model_name="multi")),
+            ModelSpec(name=names.down, version="1",
+                      upstream=adult_up.model_copy(update={"url": f"http://127.0.0.1:{closed_port()}"})),
+            ModelSpec(name=names.slow, version="1",
+                      upstream=adult_up.model_copy(update={"url": slow_up.url, "timeout_s": 0.5})),
+            ModelSpec(name=names.toggle, version="1", upstream=adult_up),
+            ModelSpec(name=names.mlflow, version="1", upstream=UpstreamSpec(url=mlflow_up.url, protocol="mlflow",
+                                                                             output_name="logits")),
+        ]
+        patches = {(names.adult, "2"): group_patch.for_model(names.adult, "2"),
+                   (names.free, "1"): free_patch.for_model(names.free, "1"),
+                   (names.multi, "1"): table_patch().for_model(names.multi, "1"),
+                   (names.toggle, "1"): group_patch.for_model(names.toggle, "1"),
+                   (names.mlflow, "1"): group_patch.for_model(names.mlflow, "1")}
+
+        async def register(registry, store):
+            for s in specs:
+                await registry.put(s)
+            for (m, v), p in patches.items():
+                await store.put(p)
+                if m != names.toggle:
+                    await store.activate(m, v, p.id)
+
+        redis_call(redis_url, register)
+        settings = Settings(data_dir=tmp / "gw", redis_url=redis_url, patch_recheck_s=0.2, max_body_bytes=BODY_LIMIT)
+        app = create_app(settings)
+        try:
+            with ServerThread(app) as gw, httpx.Client(base_url=gw.url, timeout=10) as client, \
+                    httpx.Client(base_url=up.url, timeout=10) as upstream:
+                yield SimpleNamespace(client=client, upstream=upstream, gateway_url=gw.url, redis_url=redis_url,
+                                      names=names, patches=patches, adult=adult, upstream_url=up.url,
+                                      runners={k: PatchRunner(p) for k, p in patches.items()})
+        finally:
+            async def unregister(registry, store):
+                for s in specs:
+                    await registry.delete(s.name, s.version)
+                for m, v in patches:
+                    await store.deactivate(m, v)
+                await registry.delete(names.moving, "1")
+
+            redis_call(redis_url, unregister)
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+
+def batch(world, n: int = 40, start: int = 0):
+    X = world.adult.test.X[start:start + n].astype(np.float32)
+    ids = world.adult.test.groups[start:start + n]
+    return X, ids, [world.adult.group_names[i] for i in ids]
+
+
+def body(X: np.ndarray, groups=None, *, group_datatype: str = "BYTES", **extra) -> dict:
+    inputs = [{"name": "input", "shape": list(X.shape), "datatype": "FP32", "data": X.ravel().tolist()}]
+    if groups is not None:
+        inputs.append({"name": "group", "shape": [len(groups)], "datatype": group_datatype, "data": list(groups)})
+    return {"inputs": inputs, **extra}
+
+
+def upstream_raw(world, X: np.ndarray) -> np.ndarray:
+    r = world.upstream.post(f"/v2/models/{UPSTREAM_NAME}/versions/{UPSTREAM_VERSION}/infer", json=body(X))
+    assert r.status_code == 200, r.text
+    (out,) = r.json()["outputs"]
+    return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+
+
+def offline(runner: PatchRunner, X: np.ndarray, raw: np.ndarray, groups=None) -> np.ndarray:
+    """The patch applied offline to the upstream's raw scores, back in the model's kind and shape."""
+    logp = runner.transform_outputs(X, to_log_probs(raw, "logits"), groups)
+    return from_log_probs(logp, "logits", raw.shape[1]).astype(np.float32)
+
+
+def output(response: httpx.Response, name: str) -> np.ndarray:
+    for o in response.json()["outputs"]:
+        if o["name"] == name:
+            return np.asarray(o["data"], dtype=np.float32).reshape(o["shape"])
+    raise AssertionError(f"no output {name} in {response.text[:300]}")
+
+
+def assert_serving(world) -> None:
+    """A good request still gets a correct answer."""
+    X, ids, _ = batch(world, 3, start=100)
+    r = world.client.post(f"/v2/models/{world.names.adult}/versions/1/infer", json=body(X))
+    assert r.status_code == 200, r.text
+    np.testing.assert_array_equal(output(r, "logits"), upstream_raw(world, X))
+
+
+# --- metadata and readiness ----------------------------------------------------------------------------
+
+def test_metadata_is_the_upstreams_plus_the_group_input_the_patch_needs(world):
+    m = world.names.adult
+    r = world.client.get(f"/v2/models/{m}/versions/2")
+    assert r.status_code == 200, r.text
+    meta, pid = r.json(), world.patches[(m, "2")].id
+    assert meta["name"] == m and meta["versions"] == ["2"] and meta["platform"] == "onnxruntime_onnx"
+    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 103]},
+                              {"name": "group", "datatype": "BYTES", "shape": [-1],
+                               "parameters": {"groups": ["Female", "Male"]}}]
+    assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 2]}]
+    assert meta["parameters"] == {"fairpatch_patch": pid} and r.headers["fairpatch-patch"] == pid
+    assert world.client.get(f"/v2/models/{m}").json() == meta  # no version: the latest (2)
+
+    unpatched = world.client.get(f"/v2/models/{m}/versions/1").json()
+    assert [t["name"] for t in unpatched["inputs"]] == ["input"]
+    assert unpatched["parameters"] == {"fairpatch_patch": None}
+    free = world.client.get(f"/v2/models/{world.names.free}").json()  # group-free patch: no group input
+    assert [t["name"] for t in free["inputs"]] == ["input"]
+    assert free["parameters"]["fairpatch_patch"] == world.patches[(world.names.free, "1")].id
+
+
+@pytest.mark.parametrize("path", ["/ready", "/versions/1/ready", "/versions/2/ready"])
+def test_model_ready_when_registered(world, path):
+    r = world.client.get(f"/v2/models/{world.names.adult}{path}")
+    assert r.status_code == 200 and r.json() == {"name": world.names.adult, "ready": True}
+
+
+# --- patched inference ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("group_datatype", ["BYTES", "INT64"])
+@pytest.mark.parametrize("path", ["/versions/2/infer", "/infer"])
+def test_patched_scores_equal_the_patch_applied_offline(world, path, group_datatype):
+    m = world.names.adult
+    X, ids, names = batch(world, 60)
+    groups = names if group_datatype == "BYTES" else ids.tolist()
+    r = world.client.post(f"/v2/models/{m}{path}", json=body(X, groups, group_datatype=group_datatype, id="req-7"))
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["model_name"] == m and doc["model_version"] == "2" and doc["id"] == "req-7"
+    assert r.headers["fairpatch-patch"] == world.patches[(m, "2")].id
+    raw = upstream_raw(world, X)
+    expected = offline(world.runners[(m, "2")], X, raw, ids)
+    got = output(r, "logits")
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got, raw)  # the patch did something
+    assert [o["name"] for o in doc["outputs"]] == ["logits"] and doc["outputs"][0]["datatype"] == "FP32"
+
+
+def test_raw_scores_on_request(world):
+    m = world.names.adult
+    X, ids, names = batch(world, 20, start=7)
+    r = world.client.post(f"/v2/models/{m}/infer", json=body(X, names, parameters={"fairpatch_raw": True}))
+    assert r.status_code == 200, r.text
+    raw = upstream_raw(world, X)
+    assert [o["name"] for o in r.json()["outputs"]] == ["logits", "fairpatch_raw"]
+    np.testing.assert_array_equal(output(r, "fairpatch_raw"), raw)
+    np.testing.assert_allclose(output(r, "logits"), offline(world.runners[(m, "2")], X, raw, ids), atol=1e-5)
+
+
+def test_no_patch_answers_exactly_what_the_upstream_answers(world):
+    X, _, names = batch(world, 25, start=3)
+    r = world.client.post(f"/v2/models/{world.names.adult}/versions/1/infer", json=body(X, names))  # group ignored
+    assert r.status_code == 200, r.text
+    assert r.headers["fairpatch-patch"] == "none"
+    np.testing.assert_array_equal(output(r, "logits"), upstream_raw(world, X))
+
+
+def test_a_group_free_patch_needs_no_group(world):
+    key = (world.names.free, "1")
+    X, _, _ = batch(world, 30, start=11)
+    r = world.client.post(f"/v2/models/{world.names.free}/infer", json=body(X))
+    assert r.status_code == 200, r.text
+    assert r.headers["fairpatch-patch"] == world.patches[key].id
+    raw = upstream_raw(world, X)
+    np.testing.assert_allclose(output(r, "logits"), offline(world.runners[key], X, raw), atol=1e-5)
+
+
+def test_other_upstream_outputs_pass_through_and_requested_outputs_are_honoured(world):
+    m, key = world.names.multi, (world.names.multi, "1")
+    X = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
+    groups = ["a", "b", "b", "a", "a", "b"]
+    r = world.client.post(f"/v2/models/{m}/infer", json=body(X, groups))
+    assert r.status_code == 200, r.text
+    assert [o["name"] for o in r.json()["outputs"]] == ["logits", "doubled"]
+    np.testing.assert_array_equal(output(r, "doubled"), 2 * X)  # untouched
+    with httpx.Client(base_url=world.client.base_url) as c:
+        meta = c.get(f"/v2/models/{m}").json()
+    assert [t["name"] for t in meta["outputs"]] == ["logits", "doubled"]
+    raw_r = world.client.post(f"/v2/models/{m}/infer", json=body(X, groups, parameters={"fairpatch_raw": True}))
+    raw = output(raw_r, "fairpatch_raw")
+    np.testing.assert_allclose(output(r, "logits"), offline(world.runners[key], X, raw, np.array(groups)), atol=1e-5)
+    only = world.client.post(f"/v2/models/{m}/infer", json=body(X, groups, outputs=[{"name": "doubled"}]))
+    assert [o["name"] for o in only.json()["outputs"]] == ["doubled"]
+    only = world.client.post(f"/v2/models/{m}/infer", json=body(X, groups, outputs=[{"name": "logits"}]))
+    np.testing.assert_allclose(output(only, "logits"), output(r, "logits"))
+
+
+def test_v1_predict(world):
+    m = world.names.adult
+    X, ids, names = batch(world, 15, start=20)
+    r = world.client.post(f"/v1/models/{m}:predict", json={"instances": X.tolist(), "groups": names})
+    assert r.status_code == 200, r.text
+    assert r.headers["fairpatch-patch"] == world.patches[(m, "2")].id  # the latest version is patched
+    expected = offline(world.runners[(m, "2")], X, upstream_raw(world, X), ids)
+    np.testing.assert_allclose(np.asarray(r.json()["predictions"]), expected, atol=1e-5)
+    r = world.client.post(f"/v1/models/{m}:predict", json={"instances": X.tolist(), "groups": ids.tolist()})
+    np.testing.assert_allclose(np.asarray(r.json()["predictions"]), expected, atol=1e-5)
+    r = world.client.post(f"/v1/models/{world.names.free}:predict", json={"instances": X.tolist()})
+    assert r.status_code == 200, r.text
+    expected = offline(world.runners[(world.names.free, "1")], X, upstream_raw(world, X))
+    np.testing.assert_allclose(np.asarray(r.json()["predictions"]), expected, atol=1e-5)
+
+
+def test_an_mlflow_upstream_behind_both_front_doors(world):
+    m, key = world.names.mlflow, (world.names.mlflow, "1")
+    X, ids, names = batch(world, 20, start=30)
+    expected = offline(world.runners[key], X, upstream_raw(world, X), ids)
+    r = world.client.post(f"/v2/models/{m}/infer", json=body(X, names, parameters={"fairpatch_raw": True}))
+    assert r.status_code == 200, r.text
+    assert r.headers["fairpatch-patch"] == world.patches[key].id
+    np.testing.assert_allclose(output(r, "logits"), expected, atol=1e-5)
+    np.testing.assert_allclose(output(r, "fairpatch_raw"), upstream_raw(world, X), atol=1e-6)
+    r = world.client.post(f"/v1/models/{m}:predict", json={"instances": X.tolist(), "groups": names})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(np.asarray(r.json()["predictions"]), expected, atol=1e-5)
+    meta = world.client.get(f"/v2/models/{m}").json()  # synthesised: MLflow has no metadata endpoint
+    assert [t["name"] for t in meta["inputs"]] == ["input", "group"] and meta["outputs"][0]["name"] == "logits"
+    assert world.client.post(f"/v2/models/{m}/infer", json=body(X)).status_code == 400  # the patch needs groups
+
+
+def test_activation_and_deactivation_reach_the_gateway_without_a_restart(world):
+    m = world.names.toggle
+    X, ids, names = batch(world, 5)
+    url, pid = f"/v2/models/{m}/infer", world.patches[(m, "1")].id
+
+    def header_becomes(value: str) -> httpx.Response:
+        for _ in range(100):
+            r = world.client.post(url, json=body(X, names))
+            if r.headers.get("fairpatch-patch") == value:
+                return r
+            time.sleep(0.02)
+        raise AssertionError(f"the gateway never served patch {value}")
+
+    header_becomes("none")
+
+    async def activate(_registry, store):
+        await store.activate(m, "1", pid)
+
+    redis_call(world.redis_url, activate)
+    r = header_becomes(pid)
+    np.testing.assert_allclose(output(r, "logits"), offline(world.runners[(m, "1")], X, upstream_raw(world, X), ids),
+                               atol=1e-5)
+
+    async def deactivate(_registry, store):
+        await store.deactivate(m, "1")
+
+    redis_call(world.redis_url, deactivate)
+    header_becomes("none")
+
+
+def test_a_changed_registration_is_seen_within_the_cache_ttl(world, monkeypatch):
+    monkeypatch.setattr(infer, "SPEC_TTL_S", 0.2)
+    m = world.names.moving
+    dead = ModelSpec(name=m, version="1", upstream=UpstreamSpec(url=f"http://127.0.0.1:{closed_port()}"))
+    redis_call(world.redis_url, lambda registry, _store: registry.put(dead))
+    X, _, _ = batch(world, 2)
+    assert world.client.post(f"/v2/models/{m}/infer", json=body(X)).status_code == 502
+    alive = dead.model_copy(update={"upstream": UpstreamSpec(url=world.upstream_url, model_name=UPSTREAM_NAME)})
+    redis_call(world.redis_url, lambda registry, _store: registry.put(alive))
+    for _ in range(100):
+        r = world.client.post(f"/v2/models/{m}/infer", json=body(X))
+        if r.status_code == 200:
+            break
+        time.sleep(0.02)
+    assert r.status_code == 200, r.text
+    np.testing.assert_array_equal(output(r, "logits"), upstream_raw(world, X))
+
+
+# --- Triton's own client --------------------------------------------------------------------------------
+
+def test_tritonclient_reads_health_metadata_and_infers(world):
+    import tritonclient.http as triton
+
+    m = world.names.adult
+    X, ids, names = batch(world, 12, start=50)
+    expected = offline(world.runners[(m, "2")], X, upstream_raw(world, X), ids)
+    client = triton.InferenceServerClient(url=world.gateway_url.removeprefix("http://"))
+    try:
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready(m) and client.is_model_ready(m, "1")
+        meta = client.get_model_metadata(m)
+        assert [t["name"] for t in meta["inputs"]] == ["input", "group"]
+        assert meta["parameters"]["fairpatch_patch"] == world.patches[(m, "2")].id
+        for binary in (False, True):  # JSON tensors, then the binary tensor extension (the client's default)
+            features = triton.InferInput("input", list(X.shape), "FP32")
+            features.set_data_from_numpy(X, binary_data=binary)
+            group = triton.InferInput("group", [len(names)], "BYTES")
+            group.set_data_from_numpy(np.array([n.encode() for n in names], dtype=np.object_), binary_data=binary)
+            outputs = [triton.InferRequestedOutput("logits", binary_data=binary)]
+            result = client.infer(m, [features, group], model_version="2", outputs=outputs if binary else None)
+            np.testing.assert_allclose(result.as_numpy("logits"), expected, atol=1e-5)
+    finally:
+        client.close()
+
+
+# --- bad input: 4xx {"error"}, and the gateway keeps serving ---------------------------------------------
+
+def _one(**over) -> dict:
+    t = {"name": "input", "shape": [1, 103], "datatype": "FP32", "data": [0.0] * 103}
+    g = {"name": "group", "shape": [1], "datatype": "BYTES", "data": ["Female"]}
+    return {"inputs": [{**t, **over}, g]}
+
+
+def _group(**over) -> dict:
+    doc = _one()
+    doc["inputs"][1].update(over)
+    return doc
+
+
+BAD = {
+    "malformed json": ("/versions/2/infer", b'{"inputs": [', 400, "malformed JSON"),
+    "empty body": ("/versions/2/infer", b"", 400, "empty"),
+    "wrong width": ("/versions/2/infer", _one(shape=[1, 102], data=[0.0] * 102), 400, "model expects [-1, 103]"),
+    "count mismatch": ("/versions/2/infer", _one(shape=[2, 103]), 400, "needs 206 values, got 103"),
+    "wrong rank": ("/versions/2/infer", _one(shape=[103]), 400, "model expects [-1, 103]"),
+    "wrong datatype": ("/versions/2/infer", _one(datatype="FP64"), 400, "datatype FP64; model expects FP32"),
+    "unknown datatype": ("/versions/2/infer", _one(datatype="FLOAT"), 400, "datatype"),
+    "NaN": ("/versions/2/infer", json.dumps(_one(data=[float("nan")] * 103)).encode(), 400, "NaN"),
+    "Infinity": ("/versions/2/infer", json.dumps(_one(data=[float("inf")] * 103)).encode(), 400, "infinite"),
+    "unknown input": ("/versions/2/infer", _one(name="features"), 400, "no input 'features'"),
+    "unknown output": ("/versions/2/infer", {**_one(), "outputs": [{"name": "probs"}]}, 400, "no output"),
+    "unknown model": ("!/v2/models/nope-{sfx}/infer", _one(), 404, "unknown model 'nope-"),
+    "unknown version": ("/versions/9/infer", _one(), 404, "has no version '9'"),
+    "unknown model metadata": ("!/v2/models/nope-{sfx}", None, 404, "unknown model"),
+    "unknown version ready": ("/versions/9/ready", None, 404, "has no version '9'"),
+    "oversize body": ("/versions/2/infer", b'{"inputs": []}' + b" " * BODY_LIMIT, 413, "limit"),
+    "unknown group": ("/versions/2/infer", _group(data=["Other"]), 400, "unknown group 'Other'"),
+    "unknown group id": ("/versions/2/infer", _group(datatype="INT64", data=[5]), 400, "unknown group id 5"),
+    "missing group": ("/versions/2/infer", {"inputs": _one()["inputs"][:1]}, 400, "needs every row's group"),
+    "group count": ("/versions/2/infer", _group(shape=[2], data=["Male", "Male"]), 400, "2 values for 1 rows"),
+    "group datatype": ("/versions/2/infer", _group(datatype="FP32", data=[1.0]), 400, "BYTES group names"),
+    "only the group": ("/versions/2/infer", {"inputs": _one()["inputs"][1:]}, 400, "no feature input"),
+    "v1 malformed": ("!/v1/models/{adult}:predict", b"{", 400, "malformed JSON"),
+    "v1 ragged": ("!/v1/models/{adult}:predict", {"instances": [[1.0, 2.0], [3.0]], "groups": ["Male"] * 2}, 400,
+                  "rows of numbers"),
+    "v1 wrong width": ("!/v1/models/{adult}:predict", {"instances": [[1.0, 2.0]], "groups": ["Male"]}, 400,
+                       "model expects [-1, 103]"),
+    "v1 NaN": ("!/v1/models/{adult}:predict", b'{"instances": [[NaN]], "groups": ["Male"]}', 400, "NaN"),
+    "v1 missing groups": ("!/v1/models/{adult}:predict", {"instances": [[0.0] * 103]}, 400, "needs every row's"),
+    "v1 unknown group": ("!/v1/models/{adult}:predict", {"instances": [[0.0] * 103], "groups": ["X"]}, 400,
+                         "unknown group 'X'"),
+    "v1 unknown model": ("!/v1/models/nope-{sfx}:predict", {"instances": [[0.0]]}, 404, "unknown model"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_a_4xx_json_error_and_the_gateway_keeps_serving(world, case):
+    path, payload, status, message = BAD[case]
+    sfx = uuid.uuid4().hex[:6]
+    path = path[1:].format(sfx=sfx, adult=world.names.adult) if path.startswith("!") \
+        else f"/v2/models/{world.names.adult}{path}"
+    if payload is None:
+        r = world.client.get(path)
+    elif isinstance(payload, bytes):
+        r = world.client.post(path, content=payload, headers={"content-type": "application/json"})
+    else:
+        r = world.client.post(path, json=payload)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    assert message in r.json()["error"], r.json()
+    assert_serving(world)
+
+
+def test_binary_data_that_does_not_add_up_is_a_400(world):
+    header = json.dumps({"inputs": [{"name": "input", "shape": [1, 103], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": 412}}]}).encode()
+    path = f"/v2/models/{world.names.adult}/versions/1/infer"
+    r = world.client.post(path, content=header + b"\0" * 100, headers={"inference-header-content-length":
+                                                                        str(len(header))})
+    assert r.status_code == 400 and "binary_data_size" in r.json()["error"]
+    r = world.client.post(path, content=header + b"\0" * 420, headers={"inference-header-content-length":
+                                                                        str(len(header))})
+    assert r.status_code == 400 and "belong to no input" in r.json()["error"]
+    r = world.client.post(path, content=header, headers={"inference-header-content-length": "x"})
+    assert r.status_code == 400 and "integer" in r.json()["error"]
+    assert_serving(world)
+
+
+# --- upstream failures ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["/infer", "", ":predict"])
+def test_upstream_down_is_a_502_naming_the_cause(world, path):
+    m = world.names.down
+    X, _, _ = batch(world, 2)
+    if path == ":predict":
+        r = world.client.post(f"/v1/models/{m}:predict", json={"instances": X.tolist()})
+    elif path:
+        r = world.client.post(f"/v2/models/{m}{path}", json=body(X))
+    else:
+        r = world.client.get(f"/v2/models/{m}")  # metadata comes from the upstream too
+    assert r.status_code == 502, r.text
+    error = r.json()["error"]
+    assert "cannot reach upstream http://127.0.0.1:" in error and "Connect" in error
+    assert_serving(world)
+
+
+def test_upstream_too_slow_is_a_504(world):
+    m = world.names.slow
+    X, _, _ = batch(world, 2)
+    assert world.client.get(f"/v2/models/{m}").status_code == 200  # metadata answers at once
+    start = time.monotonic()
+    r = world.client.post(f"/v2/models/{m}/infer", json=body(X))
+    elapsed = time.monotonic() - start
+    assert r.status_code == 504, r.text
+    assert "did not answer within 0.5s" in r.json()["error"] and 0.45 < elapsed < 0.95
+    assert_serving(world)
+
+
+def test_concurrent_requests_are_all_answered_correctly(world):
+    from concurrent.futures import ThreadPoolExecutor
+
+    m = world.names.adult
+    raws = {}
+
+    def call(start: int):
+        X, ids, names = batch(world, 10, start=start)
+        r = world.client.post(f"/v2/models/{m}/infer", json=body(X, names))
+        return X, ids, output(r, "logits")
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(call, range(0, 320, 10)))
+    for X, ids, got in results:
+        raws[len(raws)] = upstream_raw(world, X)
+        np.testing.assert_allclose(got, offline(world.runners[(m, "2")], X, raws[len(raws) - 1], ids), atol=1e-5)
+
+
+# --- the in-process cache ---------------------------------------------------------------------------------
+
+def test_ttl_cache_loads_once_expires_and_serves_stale_values_when_a_reload_fails():
+    async def main():
+        cache, calls = infer.TtlCache(), []
+
+        async def load():
+            calls.append(1)
+            await asyncio.sleep(0.01)
+            return len(calls)
+
+        async def fail():
+            raise RuntimeError("redis went away")
+
+        assert await asyncio.gather(*[cache.get("k", load, lambda _v: 0.05) for _ in range(20)]) == [1] * 20
+        assert len(calls) == 1  # twenty concurrent misses, one load
+        assert await cache.get("k", load, lambda _v: 0.05) == 1
+        await asyncio.sleep(0.06)
+        assert await cache.get("k", fail, lambda _v: 0.05) == 1  # expired, reload failed: the last value
+        assert await cache.get("k", load, lambda _v: 10, valid=lambda v: v != 1) == 2  # invalid: reloaded
+        cache.forget(lambda k: k == "k")
+        with pytest.raises(RuntimeError, match="went away"):
+            await cache.get("k", fail, lambda _v: 1)  # nothing to fall back on
+
+    asyncio.run(main())

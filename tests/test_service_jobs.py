@@ -1,0 +1,339 @@
+"""Patch-training jobs end to end, over real servers on loopback: the gateway (uvicorn in a thread), the
+cached Adult reference model behind the local ONNX upstream, a real Redis (REDIS_URL, else embedded)
+and an arq worker (in a thread here; as `fairpatch serve`'s own subprocess in the last test)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+from patcher.patch import Patch
+from service.app import create_app
+from service.local_upstream import OnnxModel, create_upstream_app
+from service.redis_embedded import EmbeddedRedis, redis_url_for
+from service.serve_thread import ServerThread
+from service.settings import Settings
+from service.worker import WorkerThread, embedded_redis_url, stratified_split
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "jobs-admin-key"
+RUN = uuid.uuid4().hex[:6]  # names of their own on a shared REDIS_URL
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+def slowed(app, delay_s: float):
+    """The upstream, answering every infer request `delay_s` late."""
+
+    async def wrapped(scope, receive, send):
+        if scope["type"] == "http" and scope["path"].endswith("/infer"):
+            await asyncio.sleep(delay_s)
+        await app(scope, receive, send)
+
+    return wrapped
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    with redis_url_for(os.environ.get("REDIS_URL") or None, tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def settings(redis_url, tmp_path_factory) -> Settings:
+    return Settings(data_dir=tmp_path_factory.mktemp("gw"), redis_url=redis_url, admin_key=KEY,
+                    job_queue=f"test-jobs:{RUN}")
+
+
+@pytest.fixture(scope="module")
+def upstreams(adult_model):
+    model = OnnxModel(adult_model.onnx_bytes, name="adult")
+    with ServerThread(create_upstream_app(model)) as fast, \
+            ServerThread(slowed(create_upstream_app(model), 1.0)) as slow:
+        yield {"fast": fast.url, "slow": slow.url}
+
+
+@pytest.fixture(scope="module")
+def client(settings, upstreams):
+    with ServerThread(create_app(settings)) as server, WorkerThread(settings, settings.redis_url), \
+            httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+        yield c
+
+
+def register(client, name: str, url: str) -> None:
+    spec = {"name": name, "version": "1", "groups": ["Female", "Male"],
+            "upstream": {"url": url, "model_name": "adult", "input_name": "input", "output_name": "logits",
+                         "output_kind": "logits", "timeout_s": 10}}
+    r = client.post("/v1/models", json=spec)
+    assert r.status_code == 201, r.text
+
+
+def adult_csv(adult, rows: slice = slice(None)) -> bytes:
+    frame = pd.DataFrame(adult.tune.X[rows], columns=[f"f{i}" for i in range(adult.tune.X.shape[1])])
+    frame["income"] = adult.tune.y[rows]
+    frame["sex"] = [adult.group_names[g] for g in adult.tune.groups[rows]]
+    return frame.to_csv(index=False).encode()
+
+
+@pytest.fixture(scope="module")
+def model(client, upstreams) -> str:
+    """The Adult reference model, registered once for the module."""
+    name = f"adult-{RUN}"
+    register(client, name, upstreams["fast"])
+    return name
+
+
+@pytest.fixture(scope="module")
+def dataset(client, adult) -> str:
+    r = client.post("/v1/datasets", params={"label": "income", "group": "sex"}, content=adult_csv(adult),
+                    headers={"content-type": "text/csv"})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def submit(client, model: str, dataset: str, budget: int = 800, **extra) -> dict:
+    body = {"model": model, "method": "eraser", "dataset": dataset, "criterion": "dp", "query_budget": budget,
+            "holdout": 0.3, "seed": 0, "options": {"bias": "group"}, **extra}
+    r = client.post("/v1/jobs", json=body)
+    assert r.status_code == 202, r.text
+    record = r.json()
+    assert r.headers["location"] == f"/v1/jobs/{record['id']}" and record["status"] == "queued"
+    return record
+
+
+def wait(client, job_id: str, until=lambda j: j["status"] in FINISHED, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        record = client.get(f"/v1/jobs/{job_id}").json()
+        if until(record):
+            return record
+        assert time.monotonic() < deadline, f"job stuck: {record}"
+        time.sleep(0.05)
+
+
+# --- the split ---------------------------------------------------------------------------------------------
+
+def test_stratified_split_is_seeded_and_keeps_every_cell():
+    strata = np.repeat(np.arange(4), [100, 40, 10, 3])
+    fit, held = stratified_split(strata, 0.3, seed=0)
+    assert len(np.intersect1d(fit, held)) == 0 and len(fit) + len(held) == len(strata)
+    assert [int((strata[held] == s).sum()) for s in range(4)] == [30, 12, 3, 1]
+    again = stratified_split(strata, 0.3, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip((fit, held), again, strict=True))
+    assert not np.array_equal(held, stratified_split(strata, 0.3, seed=1)[1])
+
+
+# --- jobs --------------------------------------------------------------------------------------------------
+
+def test_a_job_learns_a_patch_that_lowers_dp_within_its_budget(client, model, dataset):
+    record = submit(client, model, dataset, budget=800, version=None)  # version: the latest
+    assert record["version"] == "1" and record["progress"]["stage"] == "queued"
+    done = wait(client, record["id"])
+    assert done["status"] == "succeeded", done["error"]
+    result = done["result"]
+    assert 0 < result["queries_used"] <= 800
+    assert result["eval_queries"] > 0 and result["holdout_rows"] == pytest.approx(0.3 * 9049, abs=3)
+    assert result["fit_rows"] + result["holdout_rows"] == 9049
+    before, after = result["before"], result["after"]
+    assert after["dp_diff"] < before["dp_diff"] - 0.05, (before, after)
+    assert after["accuracy"] > before["accuracy"] - 0.05
+    assert result["report"]["criterion"] == "dp" and result["report"]["queries_used"] == result["queries_used"]
+    assert done["progress"] == {"fraction": 1.0, "stage": "done", "queries_used": result["queries_used"]}
+    assert done["created_at"] <= done["started_at"] <= done["finished_at"] and done["error"] is None
+    assert done["id"] in [j["id"] for j in client.get("/v1/jobs").json()["jobs"]]
+
+    # the patch is stored for that model version, and can be served
+    pid = result["patch_id"]
+    patches = client.get(f"/v1/models/{model}/versions/1/patches").json()
+    assert [p["id"] for p in patches["patches"]] == [pid] and patches["patches"][0]["group_at_inference"]
+    assert client.post(f"/v1/models/{model}/versions/1/patches/{pid}/activate").status_code == 200
+    patch = Patch.from_bytes(client.get(f"/v1/patches/{pid}").content, expected_id=pid)
+    assert patch.manifest["model"] == {"name": model, "version": "1"} and patch.groups == ["Female", "Male"]
+
+    r = client.delete(f"/v1/jobs/{record['id']}")
+    assert r.status_code == 409 and "already succeeded" in r.json()["error"]
+
+
+def test_a_job_against_a_down_upstream_fails_with_the_cause(client, dataset):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    model = f"down-{RUN}"
+    register(client, model, f"http://127.0.0.1:{port}")
+    done = wait(client, submit(client, model, dataset)["id"])
+    assert done["status"] == "failed" and done["result"] is None
+    assert done["error"].startswith("fitting eraser: cannot reach upstream http://127.0.0.1:")
+    assert client.get(f"/v1/models/{model}/versions/1/patches").json()["patches"] == []
+
+
+def test_a_method_error_fails_the_job_and_the_worker_carries_on(client, model, dataset):
+    done = wait(client, submit(client, model, dataset, budget=2)["id"])  # under Eraser's minimum
+    assert done["status"] == "failed" and "too small" in done["error"]
+    done = wait(client, submit(client, model, dataset, options={"bias": "proxies"})["id"])
+    assert done["status"] == "failed" and "proxy_columns" in done["error"]
+    done = wait(client, submit(client, model, dataset, options={"bias": "proxies", "proxy_columns": [500]})["id"])
+    assert done["status"] == "failed" and "fitting eraser: index 500 is out of bounds" in done["error"]
+
+
+def test_cancel_a_running_job(client, upstreams, dataset):
+    model = f"slow-{RUN}"
+    register(client, model, upstreams["slow"])
+    record = submit(client, model, dataset, budget=500)
+    running = wait(client, record["id"], until=lambda j: j["status"] != "queued", timeout=30)
+    assert running["status"] == "running" and running["started_at"] is not None
+    r = client.delete(f"/v1/jobs/{record['id']}")
+    assert r.status_code == 202 and r.json()["status"] == "cancelled" and r.json()["finished_at"] is not None
+    time.sleep(2.0)  # the slow upstream answers; the fit notices the cancel and stops
+    after = client.get(f"/v1/jobs/{record['id']}").json()
+    assert after["status"] == "cancelled" and after["result"] is None and after["error"] is None
+    assert client.get(f"/v1/models/{model}/versions/1/patches").json()["patches"] == []
+    r = client.delete(f"/v1/jobs/{record['id']}")
+    assert r.status_code == 409 and "already been cancelled" in r.json()["error"]
+
+
+def test_a_queued_job_cancelled_never_runs(client, settings, model, dataset, adult):
+    """A gateway on a queue no worker serves yet: jobs stay queued until one comes."""
+    other = settings.model_copy(update={"job_queue": f"{settings.job_queue}:later"})
+    r = client.post("/v1/datasets", params={"label": "income", "group": "sex"}, content=adult_csv(adult, slice(2000)),
+                    headers={"content-type": "text/csv"})
+    doomed_dataset = r.json()["id"]
+    with ServerThread(create_app(other)) as server, \
+            httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+        cancelled = submit(c, model, dataset)
+        orphaned = submit(c, model, doomed_dataset)
+        time.sleep(0.3)
+        assert c.get(f"/v1/jobs/{cancelled['id']}").json()["status"] == "queued"
+        r = c.delete(f"/v1/jobs/{cancelled['id']}")
+        assert r.status_code == 202 and r.json()["status"] == "cancelled"
+        assert c.delete(f"/v1/datasets/{doomed_dataset}").status_code == 204
+        with WorkerThread(other, other.redis_url):
+            failed = wait(c, orphaned["id"])
+            assert failed["status"] == "failed" and "no longer exists" in failed["error"]
+            time.sleep(0.3)
+            assert c.get(f"/v1/jobs/{cancelled['id']}").json()["status"] == "cancelled"
+            assert c.get(f"/v1/jobs/{cancelled['id']}").json()["started_at"] is None
+
+
+def test_a_job_interrupted_by_a_worker_shutdown_runs_again_on_the_next_worker(client, settings, upstreams, adult):
+    other = settings.model_copy(update={"job_queue": f"{settings.job_queue}:restart"})
+    model = f"slow-restart-{RUN}"
+    register(client, model, upstreams["slow"])
+    r = client.post("/v1/datasets", params={"label": "income", "group": "sex"}, content=adult_csv(adult, slice(2000)),
+                    headers={"content-type": "text/csv"})
+    with ServerThread(create_app(other)) as server, \
+            httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+        record = submit(c, model, r.json()["id"], budget=300)
+        with WorkerThread(other, other.redis_url):
+            wait(c, record["id"], until=lambda j: j["status"] == "running", timeout=30)
+        interrupted = c.get(f"/v1/jobs/{record['id']}").json()
+        assert interrupted["status"] == "queued" and "interrupted" in interrupted["progress"]["stage"]
+        with WorkerThread(other, other.redis_url):
+            done = wait(c, record["id"])
+        assert done["status"] == "succeeded", done["error"]
+        assert done["result"]["queries_used"] <= 300
+
+
+# --- processes ---------------------------------------------------------------------------------------------
+
+CLI = ("import sys, argparse; from service.commands import add_service_parsers; "
+       "p = argparse.ArgumentParser(); add_service_parsers(p.add_subparsers()); "
+       "a = p.parse_args(sys.argv[1:]); sys.exit(a.run(a))")
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def worker_children(pid: int) -> list[int]:
+    found = []
+    for child in children(pid):
+        try:
+            if "service.worker" in Path(f"/proc/{child}/cmdline").read_text() and alive(child):
+                found.append(child)
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_the_worker_command_attaches_to_the_embedded_redis_of_its_data_dir(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "FAIRPATCH_REDIS_URL")}
+    env.update(FAIRPATCH_DATA_DIR=str(tmp_path), PYTHONPATH=str(REPO))
+    command = [sys.executable, "-c", CLI, "worker", "--burst", "--wait", "0.2"]
+    p = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "start `fairpatch serve` first" in p.stderr  # it never starts a Redis itself
+    with EmbeddedRedis(tmp_path):  # what `fairpatch serve` runs
+        p = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr  # --burst: the queue is empty, so it is done
+
+
+def test_embedded_redis_url_finds_a_socket_moved_to_a_temp_dir(tmp_path):
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    with EmbeddedRedis(deep) as url:
+        assert embedded_redis_url(deep) == url and str(deep) not in url
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads child processes from /proc")
+def test_serve_in_embedded_mode_runs_its_own_worker_and_stops_it(tmp_path, upstreams, adult):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data_dir = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "FAIRPATCH_REDIS_URL")}
+    env.update(FAIRPATCH_DATA_DIR=str(data_dir), FAIRPATCH_LOG_LEVEL="warning", FAIRPATCH_ADMIN_KEY=KEY,
+               PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-c", CLI, "serve", "--port", str(port)], cwd=REPO, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(400):
+            try:
+                if httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.05)
+        worker_pids = worker_children(proc.pid)
+        assert len(worker_pids) == 1
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+            register(c, "adult", upstreams["fast"])
+            r = c.post("/v1/datasets", params={"label": "income", "group": "sex"},
+                       content=adult_csv(adult, slice(3000)), headers={"content-type": "text/csv"})
+            assert r.status_code == 201, r.text
+            done = wait(c, submit(c, "adult", r.json()["id"], budget=300)["id"])
+            assert done["status"] == "succeeded", done["error"]
+            assert done["result"]["queries_used"] <= 300
+        os.kill(worker_pids[0], signal.SIGKILL)  # a worker that dies is started again
+        for _ in range(300):
+            replacement = [p for p in worker_children(proc.pid) if p != worker_pids[0]]
+            if replacement:
+                break
+            time.sleep(0.05)
+        assert len(replacement) == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    assert not alive(worker_pids[0]) and not alive(replacement[0])
+    assert not (data_dir / "redis" / "redis.sock").exists()
