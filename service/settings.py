@@ -36,7 +36,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=64 * MiB, gt=0)
     # How often each replica re-reads the active-patch pointers (pub/sub can drop messages).
     patch_recheck_s: float = Field(default=5.0, gt=0)
-    # Management endpoints (model registry, jobs) will require this key; None = they stay disabled.
+    # Management endpoints need `Authorization: Bearer <key>` when set; None = they are open (the gateway
+    # warns at start when that happens on a non-loopback host).
     admin_key: SecretStr | None = None
     # Upstream URL prefixes the gateway may call; comma-separated or a JSON list in the environment.
     upstream_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
