@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field
 
 from patcher.oracle import Oracle
 from patcher.patch import Patch
-from patcher.scores import log_softmax
+from patcher.scores import log_softmax, to_log_probs
 from patcher.tuning import TuningData
 
 Criterion = Literal["dp", "eo", "eopp"]
@@ -273,8 +273,7 @@ def fit(access: Oracle, data: TuningData, criterion: Criterion = "dp", budget: i
     used_before = access.queries_used
     idx, weights = stratified_rows(groups, y, limit, opts.seed)
     report_progress(0.05, {"stage": "querying", "queries_used": 0})
-    log_probs = access.log_probs(X[idx]) if hasattr(access, "log_probs") else \
-        _to_log_probs(access.scores(X[idx]), access.output_kind)
+    log_probs = to_log_probs(access.scores(X[idx]), access.output_kind)  # the Oracle protocol: scores only
     C = log_probs.shape[1]
     report_progress(0.6, {"stage": "distilling the biased rule", "queries_used": access.queries_used - used_before})
 
@@ -337,12 +336,6 @@ def fit(access: Oracle, data: TuningData, criterion: Criterion = "dp", budget: i
                 "rule": table.tolist()},
         report=report.model_dump(exclude={"curve", "fit_seconds"}))
     return patch, report
-
-
-def _to_log_probs(scores: np.ndarray, kind) -> np.ndarray:
-    from patcher.scores import to_log_probs
-
-    return to_log_probs(scores, kind)
 
 
 def _tune_multiclass(log_probs, rule, y, groups, G, criterion, opts):
