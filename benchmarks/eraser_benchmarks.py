@@ -32,7 +32,7 @@ try:
 except ImportError:  # run as a script: benchmarks/ itself is on sys.path
     from peers import threshold_optimizer
 
-from patcher.bench import bench_eraser
+from patcher.benches.eraser import bench_eraser
 from patcher.datasets import load_dataset
 
 DATASETS = {"adult": "sex", "compas": "race", "german": "age"}

@@ -6,40 +6,44 @@ import argparse
 import json
 import sys
 
-METHODS = ("eraser",)
+ALL_DATASETS = ("adult", "compas", "german", "colored-digits", "noisy-digits")
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    bench = sub.add_parser("bench", help="benchmark a debiasing method on a real dataset")
-    bench.add_argument("method", choices=METHODS)
-    bench.add_argument("--dataset", default="adult", choices=["adult", "compas", "german"])
-    bench.add_argument("--sensitive", default=None, help="sensitive attribute (default: the dataset's usual one)")
-    bench.add_argument("--criterion", default="dp", choices=["dp", "eo", "eopp"])
-    bench.add_argument("--queries", type=int, default=1000, help="query budget (rows sent to the model)")
-    bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--group-free", action="store_true", help="no group at inference: infer it from x")
-    bench.add_argument("--drop-sensitive", action="store_true",
-                       help="the model never saw the sensitive column (implies proxies only)")
-    bench.add_argument("--proxies", default=None,
-                       help="comma-separated raw columns to use as bias features (e.g. relationship,marital_status) "
-                            "instead of the group; no group is needed at inference")
-    bench.add_argument("--json", action="store_true", help="print the result as JSON")
-    bench.set_defaults(run=run_bench)
+    from patcher.benches import available, get_bench
+
+    bench = sub.add_parser("bench", help="benchmark a debiasing method on a real dataset",
+                           description="Fit a method on the tune split, score before/after on the held-out "
+                                       "test split. One subcommand per method.")
+    methods = bench.add_subparsers(dest="method", metavar="method", required=True)
+    for name in available():
+        module = get_bench(name)
+        p = methods.add_parser(name, help=(module.__doc__ or name).strip().splitlines()[0])
+        p.add_argument("--dataset", default="adult", choices=getattr(module, "DATASETS", ALL_DATASETS))
+        p.add_argument("--sensitive", default=None, help="sensitive attribute (default: the dataset's usual one)")
+        p.add_argument("--criterion", default="dp", choices=getattr(module, "CRITERIA", ("dp", "eo", "eopp")))
+        p.add_argument("--queries", type=int, default=getattr(module, "DEFAULT_QUERIES", 1000),
+                       help="query budget (rows sent to the model)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--json", action="store_true", help="print the result as JSON")
+        if hasattr(module, "add_arguments"):
+            module.add_arguments(p)
+        p.set_defaults(run=run_bench)
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from patcher.bench import BENCHES
+    from patcher.benches import get_bench
 
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("run", "method", "json", "command")}
     try:
-        result = BENCHES[args.method](
-            dataset=args.dataset, sensitive=args.sensitive, criterion=args.criterion, queries=args.queries,
-            seed=args.seed, group_free=args.group_free, drop_sensitive=args.drop_sensitive,
-            proxies=args.proxies.split(",") if args.proxies else None)
+        result = get_bench(args.method).run(**kwargs)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result, indent=1))
+    elif hasattr(get_bench(args.method), "print_result"):
+        get_bench(args.method).print_result(result)
     else:
         print_table(result)
     return 0
@@ -60,4 +64,6 @@ def print_table(result: dict) -> None:
         a = result["after"].get(key)
         table.add_row(key, f"{b:.4f}", f"{a:.4f}", f"{a - b:+.4f}")
     Console().print(table)
-    print(f"fit {result['fit_seconds']:.2f}s, alpha {result['alpha']:.3f}, threshold {result['threshold']:.3f}")
+    extras = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+              and k not in ("seed", "queries_used", "fit_seconds", "n_tune", "n_test")}
+    print(f"fit {result['fit_seconds']:.2f}s" + "".join(f", {k} {v:.4g}" for k, v in extras.items()))
