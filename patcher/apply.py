@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from patcher.patch import Patch, PatchError
+
+
+def uniform_draws(request_id: str | None, n: int) -> np.ndarray:
+    """n reproducible U(0, 1) draws for one request: the same id gives the same draws (replays and
+    audits see the same randomized decisions); no id gives fresh draws."""
+    if request_id is None:
+        rng = np.random.default_rng()
+    else:
+        seed = int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "little")
+        rng = np.random.default_rng(seed)
+    return rng.random(n, dtype=np.float32)
 
 
 class UnknownGroupError(ValueError):
@@ -30,6 +43,20 @@ class PatchRunner:
         self._output = _session(out) if out else None
         self._output_inputs = {i.name for i in self._output.get_inputs()} if self._output else set()
         self._group_index = {name: i for i, name in enumerate(patch.groups)}
+        model = patch.part("replacement_model")
+        self._model = _session(model) if model else None
+
+    @property
+    def replaces_model(self) -> bool:
+        """A weight patch: the patched model runs here, the upstream is not called."""
+        return self._model is not None
+
+    def model_logits(self, X: np.ndarray) -> np.ndarray:
+        """The replacement model's [N, C] logits (weight patches only)."""
+        if self._model is None:
+            raise PatchError("this patch has no replacement model")
+        name = self._model.get_inputs()[0].name
+        return self._model.run(None, {name: np.asarray(X, dtype=np.float32)})[0]
 
     @property
     def needs_group(self) -> bool:
@@ -58,7 +85,7 @@ class PatchRunner:
         return self._input.run(None, {name: X.astype(np.float32, copy=False)})[0]
 
     def transform_outputs(self, features: np.ndarray, log_probs: np.ndarray,
-                          groups: np.ndarray | None = None) -> np.ndarray:
+                          groups: np.ndarray | None = None, request_id: str | None = None) -> np.ndarray:
         """Patched log-scores [N, C]; their argmax is the patched decision."""
         if self._output is None:
             return log_probs
@@ -71,7 +98,10 @@ class PatchRunner:
             if groups is None:
                 raise PatchError("this patch needs the group of every row at inference")
             feeds["group"] = self.group_ids(groups)
+        if "uniform" in self._output_inputs:
+            feeds["uniform"] = uniform_draws(request_id, len(log_probs))
         return self._output.run(None, feeds)[0].astype(np.float64)
 
-    def predict(self, features: np.ndarray, log_probs: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
-        return self.transform_outputs(features, log_probs, groups).argmax(axis=1)
+    def predict(self, features: np.ndarray, log_probs: np.ndarray, groups: np.ndarray | None = None,
+                request_id: str | None = None) -> np.ndarray:
+        return self.transform_outputs(features, log_probs, groups, request_id).argmax(axis=1)

@@ -8,8 +8,14 @@ fixed timestamps: the same patch always serialises to the same bytes. Nothing is
 
 Output-transform graph convention: inputs named `features` ([N, d] float, the model's input),
 `log_probs` ([N, C] float, the model's log-probabilities) and, when the patch needs the group at
-inference, `group` ([N] int64, index into `groups`); one output, the patched [N, C] log-scores
-whose argmax is the patched decision.
+inference, `group` ([N] int64, index into `groups`), and for randomized decisions `uniform` ([N]
+float, one U(0, 1) draw per row that the runner derives from the request id, so a replayed request
+gets the same decisions); one output, the patched [N, C] log-scores whose argmax is the patched
+decision.
+
+Replacement model convention (weight patches): the same input as the upstream model, one output
+`logits` [N, C] whose argmax is the patched decision (a tuned threshold is baked in). The gateway
+runs it itself instead of calling the upstream.
 """
 
 from __future__ import annotations
