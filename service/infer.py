@@ -37,6 +37,7 @@ from redis.exceptions import RedisError
 from patcher.apply import PatchRunner, UnknownGroupError
 from patcher.patch import PatchError
 from patcher.scores import from_log_probs, to_log_probs
+from service import patch_serving
 from service.errors import ApiError
 from service.oip import (
     NUMPY_DTYPES,
@@ -58,6 +59,7 @@ from service.oip import (
     to_numpy,
 )
 from service.openapi import json_body
+from service.patch_serving import SERVED_BY_HEADER, SERVED_BY_PATCH, SERVED_BY_UPSTREAM
 from service.registry import ModelRegistry, ModelSpec
 from service.upstream import UpstreamClient, UpstreamError, output_array, scores_index, v2_tensor
 
@@ -292,16 +294,17 @@ def group_ids(runner: PatchRunner | None, spec: ModelSpec, groups: np.ndarray | 
 
 
 def apply_patch(runner: PatchRunner, spec: ModelSpec, features: np.ndarray, scores: np.ndarray,
-                groups: np.ndarray | None) -> np.ndarray:
+                groups: np.ndarray | None, request_id: str | None = None) -> np.ndarray:
     """The patched scores in the model's own kind, shape and dtype. `features` are the rows the model saw
-    (after the patch's input transform, as the job worker evaluates a patch)."""
+    (after the patch's input transform, as the job worker evaluates a patch); randomized decisions are drawn
+    from `request_id` (the same id, the same decisions)."""
     n = len(features)
     if scores.ndim not in (1, 2) or len(scores) != n:
         raise UpstreamError(f"upstream {spec.upstream.url}: scores have shape {list(scores.shape)}; expected "
                             f"[{n}], [{n}, 1] or [{n}, C]", url=spec.upstream.url)
     kind = spec.upstream.output_kind
     try:
-        patched = runner.transform_outputs(features, to_log_probs(scores, kind), groups)
+        patched = runner.transform_outputs(features, to_log_probs(scores, kind), groups, request_id)
     except (UnknownGroupError, PatchError) as e:
         raise InvalidRequest(str(e)) from None
     except Exception as e:  # noqa: BLE001 - onnxruntime: the patch does not fit this model's outputs
@@ -337,10 +340,11 @@ def _cache(request: Request) -> ModelCache:
     return request.app.state.model_cache
 
 
-def _json(payload: BaseModel | dict, pid: str | None) -> Response:
+def _json(payload: BaseModel | dict, pid: str | None, served_by: str = SERVED_BY_UPSTREAM) -> Response:
     body = payload.model_dump_json(exclude_none=True) if isinstance(payload, BaseModel) \
         else pydantic_core.to_json(payload)
-    return Response(body, media_type="application/json", headers={PATCH_HEADER: pid or "none"})
+    return Response(body, media_type="application/json",
+                    headers={PATCH_HEADER: pid or "none", SERVED_BY_HEADER: served_by})
 
 
 @router.get("/v2/models/{model_name}", response_model=ModelMetadata)
@@ -348,16 +352,21 @@ def _json(payload: BaseModel | dict, pid: str | None) -> Response:
 async def model_metadata(request: Request, model_name: str, model_version: str | None = None) -> Response:
     cache = _cache(request)
     spec = await cache.spec(model_name, model_version)
-    meta = await cache.metadata(spec)
     runner = await request.app.state.patches.runner(spec.name, spec.version)
+    if runner is not None and runner.replaces_model:  # a weight patch: its model's signature; no upstream call
+        meta = ModelMetadata.model_validate(patch_serving.metadata(spec, runner))
+    else:
+        meta = await cache.metadata(spec)
     inputs = list(meta.inputs)
     if runner is not None and runner.needs_group:
         inputs.append(MetadataTensor(name=spec.group_input, datatype="BYTES", shape=[-1],
                                      parameters={"groups": list(runner.patch.groups)}))
     body = meta.model_dump(mode="json", exclude_none=True)
     body["inputs"] = [t.model_dump(mode="json", exclude_none=True) for t in inputs]
-    body["parameters"] = {**(meta.parameters or {}), "fairpatch_patch": patch_id(runner)}
-    return _json(body, patch_id(runner))
+    served_by = SERVED_BY_PATCH if runner is not None and runner.replaces_model else SERVED_BY_UPSTREAM
+    body["parameters"] = {**(meta.parameters or {}), "fairpatch_patch": patch_id(runner),
+                          "fairpatch_served_by": served_by}
+    return _json(body, patch_id(runner), served_by)
 
 
 @router.get("/v2/models/{model_name}/ready", response_model=ModelReadyResponse)
@@ -383,6 +392,8 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
             inputs.append(t)
     if not inputs:
         raise InvalidRequest(f"no feature input: the request has only the group input '{spec.group_input}'")
+    if runner is not None and runner.replaces_model:
+        return _infer_weight_patch(spec, req, runner, inputs, group_tensor)
     meta = await cache.metadata(spec) if v2 else None
     if meta is not None:
         check_signature(meta, InferRequest.model_construct(inputs=inputs, outputs=req.outputs))
@@ -406,7 +417,7 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
     if meta is None:  # V1 / MLflow upstream: one matrix in, one scores matrix out
         scores = await upstream.scores(spec, sent)
         name = spec.upstream.output_name or "predictions"  # as in upstream.synthesized_metadata
-        out = scores if runner is None else apply_patch(runner, spec, sent, scores, groups)
+        out = scores if runner is None else apply_patch(runner, spec, sent, scores, groups, req.id)
         outputs = [from_numpy(name, out.astype(np.float32, copy=False))]
         if raw_wanted:
             outputs.append(from_numpy(RAW_OUTPUT, scores.astype(np.float32, copy=False)))
@@ -431,7 +442,7 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
     outputs = list(result.outputs)
     if runner is not None:
         scores = output_array(raw, url)
-        outputs[i] = from_numpy(raw.name, apply_patch(runner, spec, sent, scores, groups), raw.parameters)
+        outputs[i] = from_numpy(raw.name, apply_patch(runner, spec, sent, scores, groups, req.id), raw.parameters)
     if wanted is not None:
         outputs = [o for o in outputs if o.name in wanted]
     if raw_wanted:
@@ -440,6 +451,25 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
     response = InferResponse.model_construct(model_name=spec.name, model_version=spec.version, id=req.id,
                                              parameters=result.parameters, outputs=outputs)
     return _json(response, patch_id(runner))
+
+
+def _infer_weight_patch(spec: ModelSpec, req: InferRequest, runner: PatchRunner, inputs: list[RequestInput],
+                        group_tensor: RequestInput | None) -> Response:
+    """V2 infer answered by the active weight patch's own model (service.patch_serving)."""
+    X = patch_serving.features(spec, runner, inputs)
+    groups = group_ids(runner, spec, None if group_tensor is None else to_numpy(group_tensor), len(X))
+    out, logits = patch_serving.scores(runner, spec, X, groups, req.id)
+    name = patch_serving.output_name(spec, runner)
+    unknown = [o.name for o in req.outputs or [] if o.name != name]
+    if unknown:
+        raise InvalidRequest(f"model '{spec.name}' is served by its active weight patch, which has one output, "
+                             f"'{name}'; no {', '.join(repr(n) for n in unknown)}")
+    outputs = [from_numpy(name, out)]
+    if (req.parameters or {}).get(RAW_PARAMETER):  # the replacement model's logits, before any output transform
+        outputs.append(from_numpy(RAW_OUTPUT, logits))
+    response = InferResponse.model_construct(model_name=spec.name, model_version=spec.version, id=req.id,
+                                             outputs=outputs)
+    return _json(response, patch_id(runner), SERVED_BY_PATCH)
 
 
 async def predict_v1(request: Request, model_name: str) -> Response:
@@ -458,6 +488,12 @@ async def predict_v1(request: Request, model_name: str) -> Response:
         raise InvalidRequest(f"invalid V1 request: {describe_validation_errors(errors)}") from None
     runner = await request.app.state.patches.runner(spec.name, spec.version)
     upstream: UpstreamClient = request.app.state.upstream
+    if runner is not None and runner.replaces_model:  # a weight patch answers itself
+        X = _instances(req.instances, "FP32")
+        patch_serving.check_shape(spec, runner, X)
+        gids = group_ids(runner, spec, None if req.groups is None else _group_values(req.groups), len(X))
+        out, _ = patch_serving.scores(runner, spec, X, gids, None)
+        return _json({"predictions": out.tolist()}, patch_id(runner), SERVED_BY_PATCH)
 
     meta = await cache.metadata(spec) if spec.upstream.protocol == "v2" else None
     datatype, name = "FP32", None

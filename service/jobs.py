@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import math
 import time
 import uuid
+from types import ModuleType
 from typing import Any, Literal
 
 from arq.connections import ArqRedis
@@ -32,7 +34,11 @@ Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ACTIVE: frozenset[str] = frozenset({"queued", "running"})
 FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 TASK_NAME = "train_patch"
-RESERVED_OPTIONS = frozenset({"seed", "progress", "budget", "criterion", "access", "data"})
+RESERVED_OPTIONS = frozenset({"seed", "progress", "budget", "criterion", "access", "data", "access_kind",
+                              "exemplar"})
+Access = Literal["queries", "zeroth_order", "gradient", "weights"]
+ACCESS_ORDER: tuple[str, ...] = ("queries", "zeroth_order", "gradient", "weights")  # least privileged first
+ARTIFACT_ACCESS = frozenset({"gradient", "weights"})  # these need the version's uploaded ONNX artifact
 
 
 class JobRequest(BaseModel):
@@ -47,6 +53,11 @@ class JobRequest(BaseModel):
     holdout: float = Field(0.3, gt=0, lt=1, description="fraction held out to score the patch on")
     seed: int = Field(0, ge=0, le=2**32 - 1)
     options: dict[str, Any] = Field(default_factory=dict, description="method options (e.g. {'bias': 'group'})")
+    access: Access | None = Field(None, description="how the method reaches the model (default: the least "
+                                                    "privileged kind the method supports)")
+    exemplar_dataset: str | None = Field(None, min_length=1, max_length=128,
+                                         description="id of a second uploaded dataset, for methods that take one "
+                                                     "(FORML's exemplar set)")
 
 
 class JobRecord(BaseModel):
@@ -61,12 +72,48 @@ class JobRecord(BaseModel):
     holdout: float
     seed: int
     options: dict[str, Any]
+    access: str = "queries"
+    exemplar_dataset: str | None = None
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
     progress: dict[str, Any] = Field(default_factory=dict)
     result: dict[str, Any] | None = None
     error: str | None = None
+
+
+# ---------------------------------------------------------------- what a method accepts
+
+
+def method_access(module: ModuleType) -> frozenset[str]:
+    """The access kinds a method module declares (`ACCESS`); a module that declares none takes queries."""
+    return frozenset(getattr(module, "ACCESS", None) or {"queries"})
+
+
+def default_access(supported: frozenset[str]) -> str:
+    return next(kind for kind in ACCESS_ORDER if kind in supported)
+
+
+def method_takes(module: ModuleType, name: str) -> bool:
+    """Whether the method's `fit` takes keyword `name`: a parameter of its own, or a field of its options
+    model when options are passed through as **kwargs."""
+    params = inspect.signature(module.fit).parameters
+    if name in params and params[name].kind in (inspect.Parameter.KEYWORD_ONLY,
+                                                inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        return True
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return False
+    options = options_model(module)
+    return options is not None and name in options.model_fields
+
+
+def options_model(module: ModuleType) -> type[BaseModel] | None:
+    """The method's pydantic options model (`EraserOptions` for eraser), when its module defines one."""
+    for value in vars(module).values():
+        if isinstance(value, type) and issubclass(value, BaseModel) and value.__name__.endswith("Options") \
+                and value.__module__ == module.__name__:
+            return value
+    return None
 
 
 # ---------------------------------------------------------------- JSON for the queue and the records
@@ -92,6 +139,8 @@ def plain(obj: Any) -> Any:
         return {str(k): plain(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [plain(v) for v in obj]
+    if getattr(obj, "ndim", 0) and hasattr(obj, "tolist"):  # numpy arrays (a method's per-row weights)
+        return plain(obj.tolist())
     if hasattr(obj, "item") and not isinstance(obj, str | bytes):
         obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -205,6 +254,7 @@ def _record(job_id: str, h: dict[str, str]) -> JobRecord:
         id=job_id, status=h["status"], method=req["method"], model=req["model"], version=req["version"],
         dataset=req["dataset"], criterion=req["criterion"], query_budget=req["query_budget"],
         holdout=req["holdout"], seed=req["seed"], options=req.get("options") or {},
+        access=req.get("access") or "queries", exemplar_dataset=req.get("exemplar_dataset"),
         created_at=num("created_at") or 0.0, started_at=num("started_at"), finished_at=num("finished_at"),
         progress=json.loads(h["progress"]) if h.get("progress") else {},
         result=json.loads(h["result"]) if h.get("result") else None, error=h.get("error") or None)

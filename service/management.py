@@ -27,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 
 from patcher.patch import Patch, PatchError
 from service import worker
+from service.artifacts import ONNX_TYPES, ArtifactError, inspect_onnx, verified
 from service.auth import check_upstream_allowed, require_admin
 from service.datasets_store import (
     CSV_TYPES,
@@ -39,7 +40,9 @@ from service.datasets_store import (
 )
 from service.errors import ApiError
 from service.jobs import (
+    ACCESS_ORDER,
     ACTIVE,
+    ARTIFACT_ACCESS,
     RESERVED_OPTIONS,
     JobNotFound,
     JobRecord,
@@ -47,12 +50,16 @@ from service.jobs import (
     JobStore,
     abort,
     arq_client,
+    default_access,
     enqueue,
+    method_access,
+    method_takes,
+    options_model,
 )
 from service.oip import ErrorResponse, describe_validation_errors
 from service.openapi import include_schemas, json_body
 from service.patch_store import PatchNotFound, PatchStore
-from service.registry import ModelRegistry, ModelSpec
+from service.registry import ArtifactInfo, ModelRegistry, ModelSpec
 
 log = logging.getLogger("fairpatch.service")
 
@@ -142,8 +149,10 @@ async def register_model(request: Request) -> JSONResponse:
     check_upstream_allowed(spec.upstream.url, request.app.state.settings.upstream_allowlist)
     registry = _registry(request)
     existing = await registry.get(spec.name, spec.version)
+    spec = spec.model_copy(update={"artifact": None})  # only POST .../artifact sets it
     if existing is not None:
-        if existing.model_dump(exclude={"created_at"}) == spec.model_dump(exclude={"created_at"}):
+        same = {"created_at", "artifact"}
+        if existing.model_dump(exclude=same) == spec.model_dump(exclude=same):
             return _json(existing, 200)  # the same registration again: nothing to do
         raise ApiError(409, f"model {spec.name} version {spec.version} is already registered with a different "
                             "spec; DELETE it first or register a new version")
@@ -169,6 +178,63 @@ async def delete_model(request: Request, model: str, version: str) -> Response:
     if await _patches(request).active_id(model, version) is not None:
         await _patches(request).deactivate(model, version)
     await _registry(request).delete(model, version)
+    return Response(status_code=204)
+
+
+# ---------------------------------------------------------------- model artifacts (ONNX, for weight access)
+
+
+def _artifact_path(model: str, version: str) -> str:
+    return f"/v1/models/{model}/versions/{version}/artifact"
+
+
+@router.post("/models/{model}/versions/{version}/artifact", status_code=201, response_model=ArtifactInfo,
+             summary="upload the model version's ONNX file (for gradient and weight access)",
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
+async def upload_artifact(request: Request, model: str, version: str) -> JSONResponse:
+    await _spec(request, model, version)
+    kind = media_type(request.headers.get("content-type"))
+    if kind not in ONNX_TYPES:
+        raise ApiError(415, f"unsupported content type {kind!r}: send the ONNX file as the raw body "
+                            "(Content-Type application/octet-stream)")
+    data = await _read_limited(request, request.app.state.settings.max_artifact_bytes, "model artifact")
+    try:
+        info = await run_in_threadpool(inspect_onnx, data)
+    except ArtifactError as e:
+        raise ApiError(400, str(e)) from None
+    if await _registry(request).set_artifact(model, version, info, data) is None:
+        raise ApiError(404, f"model {model!r} version {version!r} was unregistered during the upload")
+    return _json(info, 201, {"Location": _artifact_path(model, version)})
+
+
+@router.get("/models/{model}/versions/{version}/artifact", response_model=ArtifactInfo,
+            summary="the artifact's metadata; its bytes with Accept: application/octet-stream",
+            responses={200: {"content": {"application/octet-stream": {}}}})
+async def get_artifact(request: Request, model: str, version: str) -> Response:
+    spec = await _spec(request, model, version)
+    if spec.artifact is None:
+        raise ApiError(404, f"model {model!r} version {version!r} has no artifact; upload one with "
+                            f"POST {_artifact_path(model, version)}")
+    accept = {media_type(a) for a in request.headers.get("accept", "").split(",")}
+    if not accept & {"application/octet-stream", "application/onnx"}:
+        return _json(spec.artifact)
+    data = await _registry(request).artifact_bytes(model, version)
+    try:
+        verified(data, spec.artifact, f"model {model} version {version}")
+    except ValueError as e:
+        raise ApiError(409, str(e)) from None
+    return Response(data, media_type="application/octet-stream", headers={
+        "fairpatch-artifact-sha256": spec.artifact.sha256,
+        "content-disposition": f'attachment; filename="{model}-{version}.onnx"'})
+
+
+@router.delete("/models/{model}/versions/{version}/artifact", status_code=204, summary="drop the artifact")
+async def delete_artifact(request: Request, model: str, version: str) -> Response:
+    spec = await _spec(request, model, version)
+    if spec.artifact is None:
+        raise ApiError(404, f"model {model!r} version {version!r} has no artifact")
+    await _registry(request).set_artifact(model, version, None)
     return Response(status_code=204)
 
 
@@ -230,21 +296,11 @@ def _jobs(request: Request) -> JobStore:
     return request.app.state.jobs
 
 
-def _options_model(method: str) -> type[BaseModel] | None:
-    """The method's pydantic options model (`EraserOptions` for eraser), when its module defines one."""
-    from patcher.methods import get_method
-
-    module = get_method(method)
-    for value in vars(module).values():
-        if isinstance(value, type) and issubclass(value, BaseModel) and value.__name__.endswith("Options") \
-                and value.__module__ == module.__name__:
-            return value
-    return None
-
-
 def _check_options(method: str, options: dict[str, Any]) -> None:
     """Options are checked before the job is queued, so a typo is a 400 now rather than a failed job later."""
-    model = _options_model(method)
+    from patcher.methods import get_method
+
+    model = options_model(get_method(method))
     if model is None:
         return
     unknown = sorted(set(options) - set(model.model_fields))
@@ -255,12 +311,38 @@ def _check_options(method: str, options: dict[str, Any]) -> None:
         model(**options)
     except ValidationError as e:
         raise ApiError(400, f"invalid options for {method}: {describe_validation_errors(e.errors())}") from None
+    except (ValueError, TypeError) as e:  # a model validator's own check
+        raise ApiError(400, f"invalid options for {method}: {e}") from None
+
+
+def _resolve_access(req: JobRequest) -> JobRequest:
+    """The job's access kind: the one asked for if the method supports it, else 400 naming what it does."""
+    from patcher.methods import get_method
+
+    supported = method_access(get_method(req.method))
+    access = req.access or default_access(supported)
+    if access not in supported:
+        listed = ", ".join(k for k in ACCESS_ORDER if k in supported)
+        raise ApiError(400, f"method {req.method} does not support access {access!r}; it supports: {listed}")
+    return req.model_copy(update={"access": access})
+
+
+async def _check_dataset(request: Request, dataset_id: str, spec: ModelSpec, what: str) -> None:
+    try:
+        dataset = await _datasets(request).summary(dataset_id)
+    except DatasetNotFound as e:
+        raise ApiError(404, f"{what}: {e}: upload it with POST /v1/datasets first") from None
+    if spec.groups:
+        unknown = sorted(set(dataset.groups) - set(spec.groups))
+        if unknown:
+            raise ApiError(400, f"dataset {dataset_id} has group(s) {unknown} that model {spec.name} version "
+                                f"{spec.version} does not know (its groups: {spec.groups})")
 
 
 @router.post("/jobs", status_code=202, response_model=JobRecord, openapi_extra=json_body(JobRequest),
              summary="start a patch-training job")
 async def create_job(request: Request) -> JSONResponse:
-    from patcher.methods import METHODS
+    from patcher.methods import METHODS, get_method
 
     req = await _parse(request, JobRequest)
     if req.method not in METHODS:
@@ -269,6 +351,9 @@ async def create_job(request: Request) -> JSONResponse:
     if reserved:
         raise ApiError(400, f"options may not set {', '.join(reserved)}: they are fields of the job itself")
     _check_options(req.method, req.options)
+    req = _resolve_access(req)
+    if req.exemplar_dataset is not None and not method_takes(get_method(req.method), "exemplar"):
+        raise ApiError(400, f"method {req.method} takes no exemplar dataset; leave exemplar_dataset out")
     registry = _registry(request)
     if req.version is None:
         latest = await registry.latest(req.model)
@@ -276,15 +361,12 @@ async def create_job(request: Request) -> JSONResponse:
             raise ApiError(404, f"unknown model {req.model!r}: register it with POST /v1/models first")
         req = req.model_copy(update={"version": latest.version})
     spec = await _spec(request, req.model, req.version)
-    try:
-        dataset = await _datasets(request).summary(req.dataset)
-    except DatasetNotFound as e:
-        raise ApiError(404, f"{e}: upload it with POST /v1/datasets first") from None
-    if spec.groups:
-        unknown = sorted(set(dataset.groups) - set(spec.groups))
-        if unknown:
-            raise ApiError(400, f"dataset {req.dataset} has group(s) {unknown} that model {spec.name} version "
-                                f"{spec.version} does not know (its groups: {spec.groups})")
+    if req.access in ARTIFACT_ACCESS and spec.artifact is None:
+        raise ApiError(409, f"access {req.access!r} needs the model's ONNX file, and model {spec.name} version "
+                            f"{spec.version} has none: upload it with POST {_artifact_path(spec.name, spec.version)}")
+    await _check_dataset(request, req.dataset, spec, "dataset")
+    if req.exemplar_dataset is not None:
+        await _check_dataset(request, req.exemplar_dataset, spec, "exemplar_dataset")
     jobs = _jobs(request)
     record = await jobs.create(req)
     try:

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 from redis.asyncio import Redis
+from redis.exceptions import WatchError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 
@@ -34,6 +35,20 @@ class UpstreamSpec(BaseModel):
         return v.rstrip("/")
 
 
+class ArtifactInfo(BaseModel):
+    """What the gateway recorded about a model version's uploaded ONNX artifact (service.artifacts)."""
+
+    sha256: str = Field(description="sha256 of the ONNX bytes; the worker checks the stored bytes against it")
+    bytes: int
+    opset: int
+    input_name: str
+    input_shape: list[int | str] = Field(description="symbolic dimensions as strings, e.g. ['N', 104]")
+    input_datatype: str
+    output_name: str
+    output_shape: list[int | str]
+    uploaded_at: float = Field(default_factory=time.time)
+
+
 class ModelSpec(BaseModel):
     name: str = Field(pattern=NAME_PATTERN)
     version: str = Field("1", pattern=NAME_PATTERN)
@@ -41,6 +56,8 @@ class ModelSpec(BaseModel):
     group_input: str = Field("group", description="extra input tensor carrying the group; stripped upstream")
     groups: list[str] | None = Field(None, description="known group names (optional, for validation)")
     created_at: float = Field(default_factory=time.time)
+    artifact: ArtifactInfo | None = Field(None, description="the uploaded ONNX artifact (set by POST .../artifact "
+                                                            "only; ignored at registration)")
 
 
 class ModelRegistry:
@@ -84,8 +101,40 @@ class ModelRegistry:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(self._key(name, version))
             pipe.srem(f"{self.prefix}models", f"{name}\x00{version}")
-            deleted, _ = await pipe.execute()
+            pipe.delete(self.artifact_key(name, version))  # the version's ONNX artifact goes with it
+            deleted, _, _ = await pipe.execute()
         return bool(deleted)
+
+    def artifact_key(self, name: str, version: str) -> str:
+        return f"{self.prefix}artifact:{name}:{version}"
+
+    async def set_artifact(self, name: str, version: str, info: ArtifactInfo | None,
+                           data: bytes | None = None) -> ModelSpec | None:
+        """Store (or, with None, drop) a version's artifact bytes and record `info` in its spec, in one
+        transaction; None when the version is not registered."""
+        key = self._key(name, version)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    if raw is None:
+                        await pipe.unwatch()
+                        return None
+                    spec = ModelSpec.model_validate_json(raw).model_copy(update={"artifact": info})
+                    pipe.multi()
+                    pipe.set(key, spec.model_dump_json())
+                    if info is None:
+                        pipe.delete(self.artifact_key(name, version))
+                    else:
+                        pipe.set(self.artifact_key(name, version), data)
+                    await pipe.execute()
+                    return spec
+                except WatchError:  # the spec changed meanwhile: read it again
+                    continue
+
+    async def artifact_bytes(self, name: str, version: str) -> bytes | None:
+        return await self.redis.get(self.artifact_key(name, version))
 
 
 def _version_key(v: str) -> tuple:

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     upstream_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Uploaded datasets (raw CSV / Parquet bodies) larger than this are refused with 413.
     max_dataset_bytes: int = Field(default=64 * MiB, gt=0)
+    # Uploaded model artifacts (ONNX) larger than this are refused with 413 (max_body_bytes caps it too).
+    max_artifact_bytes: int = Field(default=64 * MiB, gt=0)
     # The arq queue patch-training jobs go to; gateways and workers on one Redis must agree on it.
     job_queue: str = Field(default="fairpatch:jobs", min_length=1)
     # A training job (fit + evaluation) that runs longer than this fails.

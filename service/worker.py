@@ -40,7 +40,17 @@ from arq.connections import ArqRedis
 from arq.worker import Worker, func
 
 from service.datasets_store import DatasetStore
-from service.jobs import ACTIVE, TASK_NAME, JobRecord, JobStore, job_deserializer, job_serializer, plain
+from service.jobs import (
+    ACTIVE,
+    ARTIFACT_ACCESS,
+    TASK_NAME,
+    JobRecord,
+    JobStore,
+    job_deserializer,
+    job_serializer,
+    method_takes,
+    plain,
+)
 from service.patch_store import PatchStore
 from service.registry import ModelRegistry, ModelSpec
 from service.settings import Settings
@@ -148,10 +158,13 @@ class _Progress:
 
 
 def _evaluate(spec: ModelSpec, patch: Any, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
-              cancelled: threading.Event) -> dict[str, Any]:
-    """Headline metrics on the held-out rows before and after the patch, through an unbudgeted oracle."""
+              cancelled: threading.Event, seed: int) -> dict[str, Any]:
+    """Headline metrics on the held-out rows before and after the patch, through an unbudgeted oracle. The
+    patch runs as the gateway runs it: input transform, then its replacement model (a weight patch) or the
+    upstream, then the output transform, with randomized decisions drawn reproducibly from `seed`."""
     from patcher.apply import PatchRunner
     from patcher.bench import headline
+    from patcher.scores import to_log_probs
     from service.http_oracle import HttpOracle
 
     with _cancellable(HttpOracle(spec), cancelled) as oracle:
@@ -159,10 +172,38 @@ def _evaluate(spec: ModelSpec, patch: Any, X: np.ndarray, y: np.ndarray, groups:
         logp = oracle.log_probs(X)
         before = logp.argmax(1)
         X_after = runner.transform_inputs(X)
-        logp_after = logp if X_after is X else oracle.log_probs(X_after)  # a trigger changes what the model sees
-        after = runner.predict(X_after, logp_after, groups if runner.needs_group else None)
+        if runner.replaces_model:
+            logp_after = to_log_probs(runner.model_logits(X_after), "logits")
+        else:
+            logp_after = logp if X_after is X else oracle.log_probs(X_after)  # a trigger changes what it sees
+        after = runner.predict(X_after, logp_after, groups if runner.needs_group else None,
+                               request_id=f"evaluation-{seed}")
         return {"before": headline(y, before, groups), "after": headline(y, after, groups),
-                "eval_queries": oracle.queries_used, "group_at_inference": runner.needs_group}
+                "eval_queries": oracle.queries_used, "group_at_inference": runner.needs_group,
+                "served_by": "patch" if runner.replaces_model else "upstream"}
+
+
+async def _model_artifact(ctx: dict[str, Any], spec: ModelSpec) -> Any:
+    """The version's ONNX artifact for gradient / weight access, checked against the hash recorded at upload."""
+    from patcher.access import ModelArtifact
+    from service.artifacts import verified
+
+    registry: ModelRegistry = ctx["registry"]
+    data = await registry.artifact_bytes(spec.name, spec.version)
+    try:
+        return ModelArtifact(verified(data, spec.artifact, f"model {spec.name} version {spec.version}"), name=spec.name)
+    except ValueError as e:
+        raise JobFailed(str(e)) from None
+
+
+async def _exemplar(ctx: dict[str, Any], job: JobRecord, group_names: tuple[str, ...], n_features: int) -> Any:
+    from patcher.tuning import TuningData
+
+    ex = await ctx["datasets"].load(job.exemplar_dataset, group_order=list(group_names))
+    if ex.X.shape[1] != n_features:
+        raise JobFailed(f"the exemplar dataset {job.exemplar_dataset} has {ex.X.shape[1]} feature columns, the "
+                        f"training dataset {job.dataset} {n_features}")
+    return TuningData(ex.X, ex.y, ex.groups, ex.group_names, ex.feature_names)
 
 
 async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, stage: list[str]) -> dict[str, Any]:
@@ -182,26 +223,40 @@ async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, 
                         "upload more rows or change holdout")
     method = get_method(job.method)
     tune = TuningData(data.X[fit_idx], data.y[fit_idx], data.groups[fit_idx], data.group_names, data.feature_names)
+    extra: dict[str, Any] = {}
+    if method_takes(method, "access_kind"):  # methods with more than one mode (triggers) learn which one
+        extra["access_kind"] = job.access
+    if job.exemplar_dataset is not None:
+        extra["exemplar"] = await _exemplar(ctx, job, data.group_names, data.X.shape[1])
 
     stage[0] = f"fitting {job.method}"
     progress = _Progress(jobs, job.id, asyncio.get_running_loop(), cancelled)
-    oracle = _cancellable(await asyncio.to_thread(HttpOracle, spec, budget=job.query_budget), cancelled,
-                          progress.sent)
+    if job.access in ARTIFACT_ACCESS:  # the ONNX file; the upstream sees no query while the method fits
+        access: Any = await _model_artifact(ctx, spec)
+        oracle = None
+    else:
+        access = oracle = _cancellable(await asyncio.to_thread(HttpOracle, spec, budget=job.query_budget),
+                                       cancelled, progress.sent)
 
     def fit() -> tuple[Any, Any]:
         try:
-            return method.fit(oracle, tune, job.criterion, job.query_budget, progress=progress, seed=job.seed,
-                              **job.options)
+            return method.fit(access, tune, job.criterion, job.query_budget, progress=progress, seed=job.seed,
+                              **job.options, **extra)
         finally:  # in the thread: a cancelled job's client is closed when the thread is done with it
-            oracle.close()
+            if oracle is not None:
+                oracle.close()
 
     patch, report = await asyncio.to_thread(fit)
-    queries_used = oracle.queries_used
+    if cancelled.is_set():
+        raise JobCancelled("the job was cancelled")
+    if not hasattr(patch, "for_model"):
+        raise JobFailed(f"method {job.method} returned {type(patch).__name__}, not a Patch")
+    queries_used = 0 if oracle is None else oracle.queries_used
 
     stage[0] = "scoring the held-out rows"
     await jobs.running_progress(job.id, {"fraction": FIT_SHARE, "stage": stage[0], "queries_used": queries_used})
     scores = await asyncio.to_thread(_evaluate, spec, patch, data.X[held_idx], data.y[held_idx],
-                                     data.groups[held_idx], cancelled)
+                                     data.groups[held_idx], cancelled, job.seed)
 
     stage[0] = "storing the patch"
     if cancelled.is_set():
@@ -212,6 +267,7 @@ async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, 
     return plain({"patch_id": patch_id, "queries_used": queries_used, "eval_queries": scores["eval_queries"],
                   "fit_rows": int(len(fit_idx)), "holdout_rows": int(len(held_idx)),
                   "groups": list(data.group_names), "group_at_inference": scores["group_at_inference"],
+                  "access": job.access, "served_by": scores["served_by"],
                   "before": scores["before"], "after": scores["after"], "report": report_dict})
 
 

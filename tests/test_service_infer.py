@@ -230,12 +230,13 @@ def test_metadata_is_the_upstreams_plus_the_group_input_the_patch_needs(world):
                               {"name": "group", "datatype": "BYTES", "shape": [-1],
                                "parameters": {"groups": ["Female", "Male"]}}]
     assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 2]}]
-    assert meta["parameters"] == {"fairpatch_patch": pid} and r.headers["fairpatch-patch"] == pid
+    assert meta["parameters"] == {"fairpatch_patch": pid, "fairpatch_served_by": "upstream"}
+    assert r.headers["fairpatch-patch"] == pid and r.headers["fairpatch-served-by"] == "upstream"
     assert world.client.get(f"/v2/models/{m}").json() == meta  # no version: the latest (2)
 
     unpatched = world.client.get(f"/v2/models/{m}/versions/1").json()
     assert [t["name"] for t in unpatched["inputs"]] == ["input"]
-    assert unpatched["parameters"] == {"fairpatch_patch": None}
+    assert unpatched["parameters"] == {"fairpatch_patch": None, "fairpatch_served_by": "upstream"}
     free = world.client.get(f"/v2/models/{world.names.free}").json()  # group-free patch: no group input
     assert [t["name"] for t in free["inputs"]] == ["input"]
     assert free["parameters"]["fairpatch_patch"] == world.patches[(world.names.free, "1")].id
