@@ -1,0 +1,253 @@
+"""Weight patches through the running gateway: while a patch with a replacement model is active the gateway
+serves that model itself with onnxruntime (the upstream gets no call), says so in a header and in the V2
+metadata, and deactivating sends requests back to the upstream. Also: randomized output transforms draw
+from the V2 request id, so a replayed request gets the same decisions. Real servers on loopback (gateway and
+local ONNX upstream, uvicorn in threads), a real Redis (REDIS_URL, else embedded), real ONNX models."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import uuid
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from patcher.apply import PatchRunner
+from patcher.onnx_graphs import GraphBuilder, float_tensor, int_tensor, mlp_model
+from patcher.patch import Patch
+from patcher.scores import log_softmax
+from service.app import create_app
+from service.local_upstream import OnnxModel, create_upstream_app
+from service.redis_embedded import redis_url_for
+from service.serve_thread import ServerThread
+from service.settings import Settings
+
+KEY = "weights-admin-key"
+RUN = uuid.uuid4().hex[:6]
+D = 5
+GROUPS = ["a", "b"]
+
+
+def mlp(seed: int, d: int = D) -> bytes:
+    rng = np.random.default_rng(seed)
+    return mlp_model([(rng.normal(size=(d, 8)), rng.normal(size=8)), (rng.normal(size=(8, 2)), rng.normal(size=2))])
+
+
+def run_onnx(model: bytes, X: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"input": X})[0]
+
+
+def random_nudge(scale: float = 3.0) -> bytes:
+    """An output transform with a randomized part: log_probs + [0, scale * uniform] per row."""
+    b = GraphBuilder()
+    u = b.op("Unsqueeze", ["uniform", b.const(np.array([1], dtype=np.int64))])
+    nudge = b.op("Mul", [u, b.const(np.array([0.0, scale], dtype=np.float32))])
+    b.op("Add", ["log_probs", nudge], "patched")
+    inputs = [float_tensor("log_probs", ["N", 2]), float_tensor("uniform", ["N"])]
+    return b.model(inputs, [float_tensor("patched", ["N", 2])], "nudge").SerializeToString()
+
+
+def group_shift() -> bytes:
+    """An output transform that needs the group: log_probs + table[group]."""
+    b = GraphBuilder()
+    row = b.op("Gather", [b.const(np.array([[0.0, 2.0], [0.0, -2.0]], dtype=np.float32)), "group"], axis=0)
+    b.op("Add", ["log_probs", row], "patched")
+    inputs = [float_tensor("log_probs", ["N", 2]), int_tensor("group", ["N"])]
+    return b.model(inputs, [float_tensor("patched", ["N", 2])], "shift").SerializeToString()
+
+
+class Counting:
+    """The upstream app, counting the requests it gets."""
+
+    def __init__(self, app) -> None:
+        self.app, self.calls = app, 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            self.calls += 1
+        await self.app(scope, receive, send)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("weights")
+    upstream_model, replacement = mlp(0), mlp(1)
+    counting = Counting(create_upstream_app(OnnxModel(upstream_model, name="m")))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    with redis_url_for(os.environ.get("REDIS_URL") or None, tmp / "redis") as redis_url, \
+            ServerThread(counting) as up:
+        settings = Settings(data_dir=tmp / "gw", redis_url=redis_url, admin_key=KEY, patch_recheck_s=0.2,
+                            job_queue=f"test-weights:{RUN}")
+        with ServerThread(create_app(settings)) as gw, \
+                httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as client:
+            names = SimpleNamespace(main=f"w-{RUN}", down=f"wdown-{RUN}", nudge=f"wnudge-{RUN}")
+            for name, url in ((names.main, up.url), (names.down, f"http://127.0.0.1:{closed}"),
+                              (names.nudge, up.url)):
+                spec = {"name": name, "version": "1", "groups": GROUPS,
+                        "upstream": {"url": url, "model_name": "m", "input_name": "input", "output_name": "logits"}}
+                assert client.post("/v1/models", json=spec).status_code == 201
+            yield SimpleNamespace(client=client, upstream=counting, names=names, upstream_model=upstream_model,
+                                  replacement=replacement)
+
+
+def upload(world, model: str, patch: Patch) -> str:
+    r = world.client.post(f"/v1/models/{model}/versions/1/patches", content=patch.to_bytes(),
+                          headers={"content-type": "application/zip"})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def activate(world, model: str, pid: str) -> None:
+    r = world.client.post(f"/v1/models/{model}/versions/1/patches/{pid}/activate")
+    assert r.status_code == 200, r.text
+
+
+def deactivate(world, model: str) -> None:
+    assert world.client.post(f"/v1/models/{model}/versions/1/patches/deactivate").status_code == 200
+
+
+def rows(n: int = 16, seed: int = 3) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, D)).astype(np.float32)
+
+
+def v2(X: np.ndarray, groups=None, **extra) -> dict:
+    inputs = [{"name": "input", "shape": list(X.shape), "datatype": "FP32", "data": X.ravel().tolist()}]
+    if groups is not None:
+        inputs.append({"name": "group", "shape": [len(groups)], "datatype": "BYTES", "data": list(groups)})
+    return {"inputs": inputs, **extra}
+
+
+def scores(r: httpx.Response, name: str = "logits") -> np.ndarray:
+    assert r.status_code == 200, r.text
+    (out,) = [o for o in r.json()["outputs"] if o["name"] == name]
+    return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+
+
+def infer(world, model: str, body: dict) -> httpx.Response:
+    return world.client.post(f"/v2/models/{model}/versions/1/infer", json=body)
+
+
+def test_an_active_weight_patch_serves_its_own_model_and_deactivating_returns_to_the_upstream(world):
+    m, X = world.names.main, rows()
+    before = infer(world, m, v2(X))
+    assert before.headers["fairpatch-served-by"] == "upstream" and before.headers["fairpatch-patch"] == "none"
+    np.testing.assert_allclose(scores(before), run_onnx(world.upstream_model, X), rtol=1e-5, atol=1e-5)
+
+    patch = Patch.build(method="weights-test", n_classes=2, replacement_model=world.replacement).for_model(m, "1")
+    pid = upload(world, m, patch)
+    activate(world, m, pid)
+    calls = world.upstream.calls
+    r = infer(world, m, v2(X))
+    assert r.headers["fairpatch-served-by"] == "patch" and r.headers["fairpatch-patch"] == pid
+    expected = log_softmax(run_onnx(world.replacement, X).astype(np.float64))  # the patched ONNX, run offline
+    np.testing.assert_allclose(scores(r), expected, rtol=1e-5, atol=1e-5)
+    assert (scores(r).argmax(1) == run_onnx(world.replacement, X).argmax(1)).all()
+    assert not np.array_equal(scores(r).argmax(1), run_onnx(world.upstream_model, X).argmax(1))  # a real change
+    assert r.json()["model_name"] == m and r.json()["model_version"] == "1"
+
+    # raw scores: the replacement model's own logits
+    raw = scores(infer(world, m, v2(X, parameters={"fairpatch_raw": True})), "fairpatch_raw")
+    np.testing.assert_allclose(raw, run_onnx(world.replacement, X), rtol=1e-5, atol=1e-5)
+    # V1 predict and V2 metadata, too, are answered without the upstream
+    r = world.client.post(f"/v1/models/{m}:predict", json={"instances": X.tolist()})
+    assert r.status_code == 200 and r.headers["fairpatch-served-by"] == "patch"
+    np.testing.assert_allclose(np.asarray(r.json()["predictions"]), expected, rtol=1e-5, atol=1e-5)
+    meta = world.client.get(f"/v2/models/{m}/versions/1")
+    assert meta.status_code == 200 and meta.headers["fairpatch-served-by"] == "patch"
+    assert meta.json()["parameters"] == {"fairpatch_patch": pid, "fairpatch_served_by": "patch"}
+    assert meta.json()["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, D]}]
+    assert meta.json()["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 2]}]
+    assert world.upstream.calls == calls, "the upstream was called while a weight patch was active"
+    listed = world.client.get(f"/v1/models/{m}/versions/1/patches").json()
+    assert listed["active"] == pid
+
+    deactivate(world, m)
+    r = infer(world, m, v2(X))
+    assert r.headers["fairpatch-served-by"] == "upstream" and r.headers["fairpatch-patch"] == "none"
+    np.testing.assert_array_equal(scores(r), scores(before))
+    assert world.upstream.calls > calls
+    assert world.client.get(f"/v2/models/{m}/versions/1").json()["parameters"]["fairpatch_served_by"] == "upstream"
+
+
+def test_a_weight_patch_serves_while_the_upstream_is_down(world):
+    m, X = world.names.down, rows(4)
+    r = infer(world, m, v2(X))
+    assert r.status_code == 502 and "cannot reach upstream" in r.json()["error"]
+    patch = Patch.build(method="weights-test", n_classes=2, replacement_model=world.replacement).for_model(m, "1")
+    activate(world, m, upload(world, m, patch))
+    r = infer(world, m, v2(X))
+    assert r.status_code == 200 and r.headers["fairpatch-served-by"] == "patch"
+    np.testing.assert_allclose(scores(r), log_softmax(run_onnx(world.replacement, X).astype(np.float64)),
+                               rtol=1e-5, atol=1e-5)
+    deactivate(world, m)
+    assert infer(world, m, v2(X)).status_code == 502
+
+
+def test_a_weight_patch_with_a_group_output_transform_needs_the_group(world):
+    m, X = world.names.main, rows(6)
+    groups = ["a", "b", "a", "b", "b", "a"]
+    patch = Patch.build(method="weights-test", n_classes=2, groups=GROUPS, group_at_inference=True,
+                        replacement_model=world.replacement, output_transform=group_shift()).for_model(m, "1")
+    activate(world, m, upload(world, m, patch))
+    try:
+        runner = PatchRunner(patch)
+        logits = run_onnx(world.replacement, X)
+        expected = runner.transform_outputs(X, log_softmax(logits.astype(np.float64)), np.array(groups, dtype=object))
+        r = infer(world, m, v2(X, groups))
+        assert r.headers["fairpatch-served-by"] == "patch"
+        np.testing.assert_allclose(scores(r), expected, rtol=1e-5, atol=1e-5)
+        r = infer(world, m, v2(X))
+        assert r.status_code == 400 and "needs every row's group" in r.json()["error"]
+        r = infer(world, m, v2(X, ["a", "b", "a", "b", "b", "zz"]))
+        assert r.status_code == 400 and "unknown group 'zz'" in r.json()["error"]
+        meta = world.client.get(f"/v2/models/{m}/versions/1").json()
+        assert [t["name"] for t in meta["inputs"]] == ["input", "group"]
+    finally:
+        deactivate(world, m)
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (v2(rows(3, 1)[:, :4]), "expects [-1, 5]"),
+    (json.dumps(v2(np.full((2, D), np.nan, dtype=np.float32))), "NaN"),
+    ({**v2(rows(2)), "outputs": [{"name": "doubled"}]}, "no 'doubled'"),
+    ({"inputs": [{"name": "other", "shape": [1, D], "datatype": "FP32", "data": [0.0] * D}]}, "no input 'input'"),
+])
+def test_bad_input_to_a_weight_patch_is_a_400_and_serving_goes_on(world, body, message):
+    m = world.names.down  # its upstream is down: only the patch can answer
+    patch = Patch.build(method="weights-test", n_classes=2, replacement_model=world.replacement).for_model(m, "1")
+    activate(world, m, upload(world, m, patch))
+    try:
+        r = infer(world, m, body) if isinstance(body, dict) else \
+            world.client.post(f"/v2/models/{m}/versions/1/infer", content=body)
+        assert r.status_code == 400, r.text
+        assert message in r.json()["error"]
+        assert infer(world, m, v2(rows(2))).status_code == 200
+    finally:
+        deactivate(world, m)
+
+
+def test_randomized_decisions_are_reproducible_per_request_id(world):
+    m, X = world.names.nudge, rows(64, seed=5)
+    for replacement in (None, world.replacement):  # through the upstream, then as a weight patch
+        patch = Patch.build(method="random-test", n_classes=2, output_transform=random_nudge(),
+                            replacement_model=replacement).for_model(m, "1")
+        activate(world, m, upload(world, m, patch))
+        runner = PatchRunner(patch)
+        served_by = "upstream" if replacement is None else "patch"
+        first = infer(world, m, v2(X, id="request-1"))
+        assert first.headers["fairpatch-served-by"] == served_by and first.json()["id"] == "request-1"
+        again = infer(world, m, v2(X, id="request-1"))
+        np.testing.assert_array_equal(scores(first), scores(again))
+        other = infer(world, m, v2(X, id="request-2"))
+        assert not np.array_equal(scores(first).argmax(1), scores(other).argmax(1))
+        logits = run_onnx(replacement or world.upstream_model, X).astype(np.float64)
+        expected = runner.transform_outputs(X, log_softmax(logits), request_id="request-1")
+        np.testing.assert_allclose(scores(first), expected, rtol=1e-5, atol=1e-5)
+    deactivate(world, m)
