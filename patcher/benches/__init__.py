@@ -16,6 +16,10 @@ from types import ModuleType
 
 BENCHES: dict[str, str] = {
     "eraser": "patcher.benches.eraser",
+    "thresholds": "patcher.benches.thresholds",
+    "reject_option": "patcher.benches.reject_option",
+    "eq_odds": "patcher.benches.eq_odds",
+    "calibrated_eq_odds": "patcher.benches.calibrated_eq_odds",
 }
 
 

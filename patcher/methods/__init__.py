@@ -11,7 +11,13 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-METHODS: dict[str, str] = {"eraser": "patcher.methods.eraser"}
+METHODS: dict[str, str] = {
+    "eraser": "patcher.methods.eraser",
+    "thresholds": "patcher.methods.thresholds",
+    "reject_option": "patcher.methods.reject_option",
+    "eq_odds": "patcher.methods.eq_odds",
+    "calibrated_eq_odds": "patcher.methods.calibrated_eq_odds",
+}
 
 
 def get_method(name: str) -> ModuleType:

@@ -1,0 +1,68 @@
+"""Shared bench for the post-processing methods (thresholds, reject_option, eq_odds, calibrated_eq_odds).
+
+Fits the method through a counting oracle on the tune split (every tune row by default) and scores
+the held-out test split: `before` is the reference model's own decision, `after` the patch run by
+PatchRunner with the group and one request id (so a randomized rule's draws are reproducible).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+from typing import Any
+
+from patcher.apply import PatchRunner
+from patcher.bench import headline
+from patcher.datasets import load_dataset
+from patcher.oracle import OnnxOracle
+from patcher.reference_models import reference_model
+from patcher.tuning import TuningData
+
+DATASETS = ("adult", "compas", "german")
+DEFAULT_QUERIES = None  # every tune row: these methods are meant to read the whole tuning set
+REQUEST_ID = "bench"  # the test split is scored as one request: its draws are fixed
+
+
+def add_tolerance(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="allowed spread of the constrained rate on the tune rows (dp, eopp)")
+
+
+def run_method(method: str, dataset: str = "adult", sensitive: str | None = None, criterion: str = "dp",
+               queries: int | None = None, seed: int = 0, *, option_names: tuple[str, ...] = (),
+               **kwargs: Any) -> dict[str, Any]:
+    """One run: the JSON `fairpatch bench <method>` prints. Only `option_names` of kwargs reach the method
+    (the CLI passes its global flags too); options left at None take the method's default."""
+    options = {k: kwargs[k] for k in option_names if kwargs.get(k) is not None}
+    data = load_dataset(dataset, sensitive)
+    model = reference_model(dataset, data.sensitive, seed=seed, data=data)
+    oracle = OnnxOracle(model.onnx_bytes, budget=queries)
+    tune = TuningData(data.tune.X, data.tune.y, data.tune.groups, data.group_names, tuple(data.feature_names))
+    module = importlib.import_module(f"patcher.methods.{method}")
+    started = time.perf_counter()
+    patch, report = module.fit(oracle, tune, criterion, queries, seed=seed, **options)
+    fit_seconds = time.perf_counter() - started
+
+    test = data.test
+    logp = OnnxOracle(model.onnx_bytes).log_probs(test.X)  # evaluation: not counted against the budget
+    runner = PatchRunner(patch)
+    after = runner.predict(test.X, logp, test.groups, request_id=f"{REQUEST_ID}-{seed}")
+    priv = data.group_names.index(data.privileged)
+    return {
+        "method": method, "dataset": dataset, "sensitive": data.sensitive, "criterion": criterion,
+        "seed": seed, "query_budget": queries, "queries_used": report.queries_used,
+        "fit_seconds": round(fit_seconds, 3), "group_at_inference": runner.needs_group,
+        "randomized": _randomized(patch.part("output_transform")), "params": patch.manifest["params"],
+        "tune_before": report.tune_before, "tune_after": report.tune_after,
+        "n_tune": len(tune), "n_test": len(test), "model_sha256": model.sha256, "patch_id": patch.id,
+        "before": headline(test.y, logp.argmax(1), test.groups, priv),
+        "after": headline(test.y, after, test.groups, priv),
+    }
+
+
+def _randomized(graph: bytes) -> bool:
+    """Whether the patch's decisions draw on the per-request uniform input."""
+    import onnx
+
+    return any(i.name == "uniform" for i in onnx.load_from_string(graph).graph.input)

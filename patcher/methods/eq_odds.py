@@ -1,0 +1,118 @@
+"""Equalized-odds post-processing (Hardt, Price, Srebro, NeurIPS 2016), the linear program AIF360 solves.
+
+The model's own decision d = [p(1) > 0.5] is kept or flipped at random, per group:
+a_g = P(out = 1 | d = 1, g), b_g = P(out = 1 | d = 0, g). Every rate of the output is linear in
+(a, b), e.g. TPR'_g = a_g TPR_g + b_g (1 - TPR_g), so one linear program over the 2G mixing
+probabilities (scipy's HiGHS) finds the best rule whose TPR and FPR (eo), TPR (eopp) or selection
+rate (dp) are equal across groups. Objective `error` is the paper's (expected 0-1 loss on the tune
+rows); `balanced` is AIF360's (the sum over groups of FPR' + FNR', every group weighted alike).
+Any number of groups. The patch draws u per row from the request id (reproducible decisions).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from patcher.methods.postprocess_common import (
+    Criterion,
+    Progress,
+    StepRule,
+    check_criterion,
+    group_rates,
+    score_tune,
+    step_rule_graph,
+    unfairness,
+)
+from patcher.oracle import Oracle
+from patcher.patch import Patch
+from patcher.tuning import TuningData
+
+ACCESS = frozenset({"queries"})
+CRITERIA = ("eo", "eopp", "dp")
+
+
+class EqOddsOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    objective: Literal["error", "balanced"] = "error"
+    threshold: float = Field(0.5, gt=0, lt=1, description="the model's decision: p(1) > threshold")
+
+
+class EqOddsReport(BaseModel):
+    method: str = "eq_odds"
+    criterion: Criterion
+    objective: str
+    queries_used: int
+    group_at_inference: bool = True
+    mixing: dict[str, dict[str, float]]  # group -> {"p_keep_positive": a_g, "p_flip_negative": b_g}
+    lp_status: str
+    tune_before: dict[str, float]
+    tune_after: dict[str, float]  # expected figures of the randomized rule on the tune rows
+    fit_seconds: float
+
+
+def solve_mixing(rates: dict[str, np.ndarray], weight: np.ndarray, base_rate: np.ndarray, criterion: str,
+                 objective: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """The LP over x = (a_0, b_0, a_1, b_1, ...). rates: per-group sr/tpr/fpr of the model's decision;
+    weight: group shares of the rows; base_rate: per-group P(y = 1). Returns (a, b, status)."""
+    from scipy.optimize import linprog
+
+    G = len(weight)
+
+    def row(rate: np.ndarray, g: int) -> np.ndarray:
+        r = np.zeros(2 * G)
+        r[2 * g], r[2 * g + 1] = rate[g], 1.0 - rate[g]  # rate' = a r + b (1 - r)
+        return r
+
+    keys = {"eo": ("tpr", "fpr"), "eopp": ("tpr",), "dp": ("sr",)}[criterion]
+    A_eq = [row(rates[k], g) - row(rates[k], 0) for k in keys for g in range(1, G)]
+    c = np.zeros(2 * G)
+    for g in range(G):
+        if objective == "error":  # P(g) [(1 - pi_g) FPR'_g - pi_g TPR'_g] + const
+            c += weight[g] * ((1 - base_rate[g]) * row(rates["fpr"], g) - base_rate[g] * row(rates["tpr"], g))
+        else:  # FPR'_g + FNR'_g = FPR'_g - TPR'_g + 1
+            c += row(rates["fpr"], g) - row(rates["tpr"], g)
+    res = linprog(c, A_eq=np.array(A_eq) if A_eq else None, b_eq=np.zeros(len(A_eq)) if A_eq else None,
+                  bounds=[(0.0, 1.0)] * (2 * G), method="highs")
+    if res.x is None:
+        raise ValueError(f"the equalized-odds linear program has no solution: {res.message}")
+    x = np.clip(res.x, 0.0, 1.0)
+    return x[0::2], x[1::2], str(res.message)
+
+
+def fit(access: Oracle, data: TuningData, criterion: Criterion = "eo", budget: int | None = None, *,
+        progress: Progress = None, seed: int = 0, **options) -> tuple[Patch, EqOddsReport]:
+    """Solve the mixing LP on the tune rows; the patch needs the group at inference."""
+    opts = EqOddsOptions(**options)
+    check_criterion(criterion, CRITERIA, "eq_odds")
+    started = time.perf_counter()
+    s = score_tune(access, data, budget, seed, progress, need_labels=True)
+    G = s.n_groups
+    cut = float(np.log(opts.threshold / (1 - opts.threshold)))
+    d = (s.margin > cut).astype(np.float64)
+    rates = group_rates(d, s.y, s.groups, G)
+    weight = np.bincount(s.groups, minlength=G) / len(s.groups)
+    base_rate = np.array([s.y[s.groups == g].mean() for g in range(G)])
+    a, b, status = solve_mixing(rates, weight, base_rate, criterion, opts.objective)
+    # P(1 | m, g) = b_g + (a_g - b_g) [m > cut]
+    rule = StepRule(np.stack([np.full(G, cut), np.full(G, 1e30)], 1), np.stack([a - b, np.zeros(G)], 1), b)
+    expected = rule.prob(s.margin, s.groups)
+    report = EqOddsReport(
+        criterion=criterion, objective=opts.objective, queries_used=s.queries_used,
+        mixing={data.group_names[g]: {"p_keep_positive": float(a[g]), "p_flip_negative": float(b[g])}
+                for g in range(G)},
+        lp_status=status,
+        tune_before={"accuracy": float(np.mean(d == s.y)), criterion: unfairness(d, s.y, s.groups, G, criterion)},
+        tune_after={"accuracy": float(np.mean(np.where(s.y == 1, expected, 1 - expected))),
+                    criterion: unfairness(expected, s.y, s.groups, G, criterion)},
+        fit_seconds=time.perf_counter() - started)
+    graph = step_rule_graph(rule, "eq_odds", doc=f"equalized-odds post-processing, criterion={criterion}, "
+                                                 f"objective={opts.objective}")
+    patch = Patch.build(method="eq_odds", n_classes=2, groups=list(data.group_names), group_at_inference=True,
+                        output_transform=graph, params={"criterion": criterion, "threshold": opts.threshold,
+                                                        "a": a.tolist(), "b": b.tolist()},
+                        report=report.model_dump(exclude={"fit_seconds"}))
+    return patch, report

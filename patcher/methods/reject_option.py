@@ -1,0 +1,147 @@
+"""Reject-option classification (Kamiran, Karim, Zhang, ICDM 2012; the rule AIF360 implements).
+
+Around the decision boundary the model is least sure; inside the band (t - m, t + m] of p(1) the
+disfavoured groups get the positive decision and the favoured groups the negative one, outside
+it the decision is p(1) > t. The grid over t (0.01..0.99, 100 steps) and m (0..min(t, 1 - t),
+50 steps) is searched on the tune rows; the pick is the best balanced accuracy among the points
+whose bias is within `bound`, else the least biased point. Bias per criterion: dp = selection-rate
+gap, eopp = TPR gap, eo = gap of (TPR + FPR) / 2 (AIF360's average odds difference); with two
+groups these are |SPD|, |EOD| and |AOD|. More than two groups: a group is disfavoured when its
+rate under the model is below the groups' mean (override with `favour`).
+
+Deterministic: the patch moves each group's cut to t - m (disfavoured) or t + m (favoured).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from patcher.methods.postprocess_common import (
+    BIG,
+    Criterion,
+    Progress,
+    StepRule,
+    check_criterion,
+    logit,
+    score_tune,
+    step_rule_graph,
+    unfairness,
+)
+from patcher.oracle import Oracle
+from patcher.patch import Patch
+from patcher.tuning import TuningData
+
+ACCESS = frozenset({"queries"})
+CRITERIA = ("dp", "eo", "eopp")
+
+
+class RejectOptionOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    bound: float = Field(0.05, ge=0, le=1, description="largest bias accepted on the tune rows (AIF360: 0.05)")
+    low: float = Field(0.01, gt=0, lt=1)
+    high: float = Field(0.99, gt=0, lt=1)
+    n_thresholds: int = Field(100, ge=1, le=10_000)
+    n_margins: int = Field(50, ge=1, le=10_000)
+    favour: list[str] | None = Field(None, description="groups given the positive decision in the band "
+                                     "(default: groups whose rate under the model is below the mean)")
+
+
+class RejectOptionReport(BaseModel):
+    method: str = "reject_option"
+    criterion: Criterion
+    queries_used: int
+    group_at_inference: bool = True
+    threshold: float  # on p(1)
+    margin: float
+    favoured: list[str]  # groups that get the positive decision in the band
+    satisfied: bool  # some grid point had bias within the bound on the tune rows
+    tune_before: dict[str, float]
+    tune_after: dict[str, float]
+    fit_seconds: float
+
+
+def _group_quantity(decision: np.ndarray, y: np.ndarray, groups: np.ndarray, G: int, criterion: str) -> np.ndarray:
+    q = np.zeros(G)
+    for g in range(G):
+        m = groups == g
+        sr, tpr, fpr = decision[m].mean(), decision[m & (y == 1)].mean(), decision[m & (y == 0)].mean()
+        q[g] = {"dp": sr, "eopp": tpr, "eo": 0.5 * (tpr + fpr)}[criterion]
+    return q
+
+
+def grid_search(prob: np.ndarray, y: np.ndarray, groups: np.ndarray, G: int, favoured: np.ndarray,
+                criterion: str, opts: RejectOptionOptions):
+    """Bias and balanced accuracy at every (t, m) of the grid, vectorised with sorted scores per group.
+    Returns (t, m, bias, balanced_accuracy) arrays."""
+    ts, ms = [], []
+    for t in np.linspace(opts.low, opts.high, opts.n_thresholds):
+        for m in np.linspace(0.0, t if t <= 0.5 else 1.0 - t, opts.n_margins):
+            ts.append(t)
+            ms.append(m)
+    t, m = np.asarray(ts), np.asarray(ms)
+    P, N = float((y == 1).sum()), float((y == 0).sum())
+    tp = np.zeros(len(t))
+    fp = np.zeros(len(t))
+    q = np.zeros((G, len(t)))
+    for g in range(G):
+        cut = t - m if favoured[g] else t + m  # the group's effective cut: p > cut
+        pos = np.sort(prob[(groups == g) & (y == 1)])
+        neg = np.sort(prob[(groups == g) & (y == 0)])
+        tp_g = len(pos) - np.searchsorted(pos, cut, side="right")
+        fp_g = len(neg) - np.searchsorted(neg, cut, side="right")
+        tp += tp_g
+        fp += fp_g
+        tpr, fpr, sr = tp_g / len(pos), fp_g / len(neg), (tp_g + fp_g) / (len(pos) + len(neg))
+        q[g] = {"dp": sr, "eopp": tpr, "eo": 0.5 * (tpr + fpr)}[criterion]
+    bias = q.max(0) - q.min(0)
+    bal_acc = 0.5 * (tp / P + (N - fp) / N)
+    return t, m, bias, bal_acc
+
+
+def fit(access: Oracle, data: TuningData, criterion: Criterion = "dp", budget: int | None = None, *,
+        progress: Progress = None, seed: int = 0, **options) -> tuple[Patch, RejectOptionReport]:
+    """Search the reject-option band on the tune rows' scores; the patch needs the group at inference."""
+    opts = RejectOptionOptions(**options)
+    check_criterion(criterion, CRITERIA, "reject_option")
+    if opts.low >= opts.high:
+        raise ValueError("low must be below high")
+    started = time.perf_counter()
+    s = score_tune(access, data, budget, seed, progress, need_labels=True)
+    G, prob = s.n_groups, s.prob
+    base = (prob > 0.5).astype(np.float64)
+    if opts.favour is not None:
+        unknown = set(opts.favour) - set(data.group_names)
+        if unknown:
+            raise ValueError(f"favour names unknown groups {sorted(unknown)}; groups: {list(data.group_names)}")
+        favoured = np.array([n in opts.favour for n in data.group_names])
+    else:
+        q = _group_quantity(base, s.y, s.groups, G, criterion)
+        favoured = q < q.mean()
+    t, m, bias, bal_acc = grid_search(prob, s.y, s.groups, G, favoured, criterion, opts)
+    ok = bias <= opts.bound + 1e-12
+    j = int(np.argmax(np.where(ok, bal_acc, -np.inf))) if ok.any() else int(np.argmin(bias))
+    threshold, margin = float(t[j]), float(m[j])
+    low = float(logit(threshold - margin)) if threshold - margin > 0 else -BIG  # p > 0: everyone
+    high = float(logit(threshold + margin)) if threshold + margin < 1 else BIG  # p > 1: nobody
+    cuts = np.where(favoured, low, high)
+    rule = StepRule(np.stack([cuts, np.full(G, BIG)], 1), np.tile([1.0, 0.0], (G, 1)), np.zeros(G))
+    after = rule.decide(s.margin, s.groups, None).astype(np.float64)
+    report = RejectOptionReport(
+        criterion=criterion, queries_used=s.queries_used, threshold=threshold, margin=margin,
+        favoured=[n for n, f in zip(data.group_names, favoured, strict=True) if f], satisfied=bool(ok.any()),
+        tune_before={"accuracy": float(np.mean(base == s.y)),
+                     criterion: unfairness(base, s.y, s.groups, G, criterion)},
+        tune_after={"accuracy": float(np.mean(after == s.y)), "balanced_accuracy": float(bal_acc[j]),
+                    "bias": float(bias[j]), criterion: unfairness(after, s.y, s.groups, G, criterion)},
+        fit_seconds=time.perf_counter() - started)
+    graph = step_rule_graph(rule, "reject_option", doc=f"reject-option classification, t={threshold:.4g}, "
+                                                        f"m={margin:.4g}, favoured={report.favoured}")
+    patch = Patch.build(method="reject_option", n_classes=2, groups=list(data.group_names), group_at_inference=True,
+                        output_transform=graph,
+                        params={"criterion": criterion, "threshold": threshold, "margin": margin,
+                                "favoured": report.favoured, **rule.to_json()},
+                        report=report.model_dump(exclude={"fit_seconds"}))
+    return patch, report
