@@ -20,6 +20,7 @@ BENCHES: dict[str, str] = {
     "reject_option": "patcher.benches.reject_option",
     "eq_odds": "patcher.benches.eq_odds",
     "calibrated_eq_odds": "patcher.benches.calibrated_eq_odds",
+    "trigger": "patcher.benches.trigger",
 }
 
 

@@ -17,6 +17,7 @@ METHODS: dict[str, str] = {
     "reject_option": "patcher.methods.reject_option",
     "eq_odds": "patcher.methods.eq_odds",
     "calibrated_eq_odds": "patcher.methods.calibrated_eq_odds",
+    "trigger": "patcher.methods.reprogram",
 }
 
 

@@ -1,0 +1,240 @@
+"""Fairness Reprogramming: learn an input trigger that makes a frozen model fairer (ALGORITHMS.md section 3).
+
+The model is never changed: the patch is an input transform x~ = m(x; theta) that the gateway applies
+before the upstream call (tabular: x * mask + delta; images: a border or a corner patch; see
+reprogram_triggers), optionally followed by a re-tuned decision threshold (binary tasks). Two ways
+to learn it:
+
+- gradient access (`access` is a ModelArtifact): backpropagate through the model (ONNX -> torch via
+  onnx2torch); the alternating min-max with a discriminator and the projected gradient, or a direct
+  rate-gap penalty (reprogram_gradient);
+- zeroth-order access (`access` is an Oracle, or options["access"] = "zeroth_order"): scores only,
+  randomized antithetic gradient estimates on a low-dimensional trigger, every row counted against
+  the budget, the best trigger seen kept (reprogram_zo).
+
+lam trades accuracy for fairness. With `lam` unset, gradient access trains one trigger per value of
+`lams` and keeps the one whose operating point (on the tuning rows) is fairest within the accuracy
+cap; zeroth-order access trains one trigger at `lam_zo` (its budget is too small to split).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+
+from patcher.access import ModelArtifact
+from patcher.methods.reprogram_fairness import Criterion, operating_point, unfairness
+from patcher.methods.reprogram_gradient import model_logits, train_trigger
+from patcher.methods.reprogram_triggers import BorderTrigger, PatchTrigger, TabularTrigger, Trigger, group_columns
+from patcher.methods.reprogram_zo import ZOTrainer
+from patcher.onnx_graphs import GraphBuilder, float_tensor
+from patcher.oracle import Oracle
+from patcher.patch import Patch
+from patcher.scores import log_softmax
+from patcher.tuning import TuningData
+
+ACCESS = frozenset({"gradient", "zeroth_order"})
+TriggerForm = Literal["auto", "tabular", "border", "patch"]
+
+
+class ReprogramOptions(BaseModel):
+    access: Literal["gradient", "zeroth_order"] | None = Field(
+        None, description="default: gradient for a model artifact, zeroth_order for an oracle")
+    trigger: TriggerForm = Field("auto", description="auto: tabular for [N, d] inputs, border for images")
+    mask: Literal["scale", "binary"] = Field("scale", description="tabular mask: real gain, or 0/1 (straight-through)")
+    columns: list[int] | None = Field(None, description="tabular columns the trigger may touch (default: "
+                                      "all with gradients, the zo_columns most group-correlated with queries)")
+    zo_columns: int = Field(6, ge=1, description="tabular columns a zeroth-order trigger touches")
+    fairness: Literal["gap", "adversary"] = Field(
+        "gap", description="gap: penalise the groups' rate spread directly; adversary: discriminator min-max")
+    lam: float | None = Field(None, ge=0, description="fairness weight; unset: sweep `lams` (gradient)")
+    lams: list[float] = Field([1.0, 2.0, 5.0, 10.0], min_length=1)
+    lam_zo: float = Field(10.0, ge=0)
+    steps: int = Field(600, ge=1, description="gradient steps per lambda")
+    batch_size: int = Field(512, ge=8)
+    lr: float = Field(0.02, gt=0)
+    adv_lr: float = Field(1e-2, gt=0)
+    q: int = Field(2, ge=1, description="zeroth order: antithetic direction pairs per step")
+    mu: float = Field(0.05, gt=0, description="zeroth order: smoothing radius")
+    zo_lr: float = Field(0.05, gt=0)
+    zo_batch: int = Field(128, ge=8, description="zeroth order: rows per step (shared by all its probes)")
+    eval_size: int = Field(3000, ge=50, description="zeroth order: tuning rows that score candidate triggers")
+    evals: int = Field(3, ge=1, description="zeroth order: evaluations during the run (plus the start)")
+    threshold: bool = Field(True, description="re-tune the decision threshold after the trigger (binary)")
+    fairness_tolerance: float = Field(0.02, ge=0, description="unfairness on tuning rows that is good enough")
+    max_accuracy_drop: float | None = Field(0.015, ge=0, description="accuracy the patch may cost on tuning rows")
+    border_width: int = Field(2, ge=1)
+    border_block: int = Field(4, ge=1, description="border cells share one value per block x block pixels")
+    patch_size: int = Field(4, ge=1)
+    seed: int = 0
+
+
+class FitReport(BaseModel):
+    method: str = "trigger"
+    access: str
+    criterion: Criterion
+    trigger: dict
+    lam: float
+    threshold: float
+    queries_used: int
+    steps: int
+    tune_before: dict[str, float]
+    tune_after: dict[str, float]
+    candidates: list[dict]  # per lambda (gradient) or evaluation (zeroth order): tuning accuracy, unfairness
+    fit_seconds: float
+
+
+def make_trigger(X: np.ndarray, groups: np.ndarray, opts: ReprogramOptions, access: str) -> Trigger:
+    form = opts.trigger if opts.trigger != "auto" else ("tabular" if X.ndim == 2 else "border")
+    if form == "tabular":
+        if X.ndim != 2:
+            raise ValueError(f"a tabular trigger needs [N, d] inputs, got {list(X.shape)}")
+        cols = opts.columns
+        if cols is None and access == "zeroth_order":
+            cols = group_columns(X, groups, min(opts.zo_columns, X.shape[1]))
+        if cols is not None and not all(0 <= c < X.shape[1] for c in cols):
+            raise ValueError(f"trigger columns must be in [0, {X.shape[1]})")
+        return TabularTrigger(X.shape[1], cols, opts.mask)
+    if X.ndim != 4:
+        raise ValueError(f"an image trigger needs [N, C, H, W] inputs, got {list(X.shape)}")
+    if form == "border":
+        return BorderTrigger(X.shape[1:], opts.border_width, 1 if access == "gradient" else opts.border_block)
+    return PatchTrigger(X.shape[1:], opts.patch_size)
+
+
+def threshold_graph(n_classes: int, threshold: float) -> bytes:
+    """patched = log_probs - [0, threshold]: argmax is the decision margin > threshold."""
+    g = GraphBuilder()
+    g.op("Add", ["log_probs", g.const(np.array([0.0, -threshold], np.float32), "shift")], "patched_log_probs")
+    m = g.model([float_tensor("log_probs", ["N", n_classes])], [float_tensor("patched_log_probs", ["N", n_classes])],
+                "trigger_threshold", doc=f"decision threshold {threshold:.6g} on log p1 - log p0")
+    return m.SerializeToString()
+
+
+def _choose(logps: list[tuple[int, np.ndarray]], base: np.ndarray, y: np.ndarray, groups: np.ndarray, G: int,
+            criterion: Criterion, opts: ReprogramOptions) -> tuple[int, float, float, float, float, list[dict]]:
+    """(candidate index, threshold, accuracy, unfairness, base unfairness, summaries) on tuning rows."""
+    base_pred = base.argmax(1)
+    base_acc, base_unfair = float(np.mean(base_pred == y)), unfairness(base_pred, y, groups, criterion)
+    C = base.shape[1]
+    if C == 2 and opts.threshold:
+        key, thr, acc, unf, summary = operating_point(
+            [(k, lp[:, 1] - lp[:, 0]) for k, lp in logps], y, groups, G, criterion, base_acc,
+            opts.fairness_tolerance, opts.max_accuracy_drop)
+        return int(key), thr, acc, unf, base_unfair, summary
+    best, best_key, summary = None, None, []
+    for k, lp in logps:
+        pred = lp.argmax(1)
+        acc, unf = float(np.mean(pred == y)), unfairness(pred, y, groups, criterion)
+        summary.append({"key": k, "accuracy": acc, "unfairness": unf, "threshold": 0.0})
+        within = opts.max_accuracy_drop is None or acc >= base_acc - opts.max_accuracy_drop
+        rank = (not within, max(unf, opts.fairness_tolerance), -acc)
+        if best_key is None or rank < best_key:
+            best_key, best = rank, (k, acc, unf)
+    return best[0], 0.0, best[1], best[2], base_unfair, summary
+
+
+def fit(access: Oracle | ModelArtifact, data: TuningData, criterion: Criterion = "dp", budget: int | None = None, *,
+        progress: Callable[[float, dict], None] | None = None, **options) -> tuple[Patch, FitReport]:
+    """Learn a fairness trigger on the tuning data (see the module docstring)."""
+    opts = ReprogramOptions(**options)
+    report_progress = progress or (lambda _f, _i: None)
+    if criterion not in ("dp", "eo", "eopp"):
+        raise ValueError(f"unknown criterion {criterion!r}; choose dp, eo or eopp")
+    kind = opts.access or ("gradient" if isinstance(access, ModelArtifact) else "zeroth_order")
+    if kind == "gradient" and not isinstance(access, ModelArtifact):
+        raise ValueError("access 'gradient' needs the model's ONNX artifact; an endpoint alone gives scores "
+                         "only: use access 'zeroth_order'")
+    started = time.perf_counter()
+    X = np.asarray(data.X, np.float32)
+    y, groups, G = np.asarray(data.y, np.int64), np.asarray(data.groups, np.int64), data.n_groups
+    trigger = make_trigger(X, groups, opts, kind)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small models: threads cost more than they save on a shared CPU
+    try:
+        if kind == "gradient":
+            theta, lam, thr, steps, queries, tune, summary = _fit_gradient(
+                access, trigger, X, y, groups, G, criterion, opts, report_progress)
+        else:
+            oracle = access.oracle(budget) if isinstance(access, ModelArtifact) else access
+            theta, lam, thr, steps, queries, tune, summary = _fit_zo(
+                oracle, trigger, X, y, groups, G, criterion, budget, opts, report_progress)
+    finally:
+        torch.set_num_threads(threads)
+    report_progress(0.97, {"stage": "exporting the patch", "lam": lam, "threshold": thr})
+    C = tune["n_classes"]
+    report = FitReport(
+        access=kind, criterion=criterion, trigger=trigger.describe(theta), lam=lam, threshold=thr,
+        queries_used=queries, steps=steps,
+        tune_before={"accuracy": tune["base_acc"], criterion: tune["base_unfair"]},
+        tune_after={"accuracy": tune["acc"], criterion: tune["unfair"]}, candidates=summary,
+        fit_seconds=time.perf_counter() - started)
+    patch = Patch.build(
+        method="trigger", n_classes=C, groups=list(data.group_names), group_at_inference=False,
+        input_transform=trigger.to_onnx(theta),
+        output_transform=threshold_graph(C, thr) if C == 2 and thr != 0.0 else None,
+        params={"access": kind, "criterion": criterion, "lam": lam, "threshold": thr,
+                "trigger": trigger.describe(theta)},
+        report=report.model_dump(exclude={"candidates", "fit_seconds"}))
+    return patch, report
+
+
+def _fit_gradient(artifact: ModelArtifact, trigger: Trigger, X, y, groups, G, criterion, opts, report_progress):
+    model = artifact.torch_module()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    base = log_softmax(model_logits(model, X))
+    C = base.shape[1]
+    lams = [opts.lam] if opts.lam is not None else list(opts.lams)
+    thetas, logps = [], []
+    for i, lam in enumerate(lams):
+        def tick(step: int, i: int = i, lam: float = lam) -> None:
+            if step % 50 == 0:
+                report_progress(0.05 + 0.9 * (i + step / opts.steps) / len(lams), {"stage": "training", "lam": lam,
+                                                                                   "step": step})
+        theta = train_trigger(model, trigger, X, y, groups, G, criterion, lam, steps=opts.steps,
+                              batch_size=min(opts.batch_size, len(X)), lr=opts.lr, adv_lr=opts.adv_lr,
+                              fairness=opts.fairness, seed=opts.seed, n_classes=C, tick=tick)
+        thetas.append(theta)
+        logps.append((i, log_softmax(model_logits(model, X, trigger, theta))))
+    k, thr, acc, unf, base_unfair, summary = _choose(logps, base, y, groups, G, criterion, opts)
+    for s in summary:
+        s["lam"] = lams[s.pop("key")]
+    tune = {"n_classes": C, "base_acc": float(np.mean(base.argmax(1) == y)), "base_unfair": base_unfair,
+            "acc": acc, "unfair": unf}
+    return thetas[k], float(lams[k]), thr, opts.steps * len(lams), 0, tune, summary
+
+
+def _fit_zo(oracle: Oracle, trigger: Trigger, X, y, groups, G, criterion, budget, opts, report_progress):
+    remaining = getattr(oracle, "remaining", None)
+    limits = [b for b in (budget, remaining) if b is not None]
+    limit = min(limits) if limits else 20_000
+    eval_size = min(opts.eval_size, len(X), max(limit // (4 * (opts.evals + 1)), 50))
+    C_guess = int(y.max()) + 1
+    trainer = ZOTrainer(oracle, trigger, X, y, groups, G, criterion, opts.lam_zo if opts.lam is None else opts.lam,
+                        fairness=opts.fairness, q=opts.q, mu=opts.mu, lr=opts.zo_lr,
+                        batch_size=min(opts.zo_batch, len(X)), eval_size=eval_size, evals=opts.evals,
+                        seed=opts.seed, n_classes=max(C_guess, 2))
+    if limit < eval_size * 2 + trainer.step_cost():
+        raise ValueError(f"a budget of {limit} queries is too small for a zeroth-order trigger: it needs at least "
+                         f"{eval_size * 2 + trainer.step_cost()} (two evaluations of {eval_size} rows and one step)")
+    used_before = oracle.queries_used
+    report_progress(0.02, {"stage": "training", "queries_used": 0})
+    result = trainer.run(limit, lambda f, info: report_progress(0.02 + 0.9 * f, {"stage": "training", **info}))
+    rows = result.eval_rows
+    logps = [(i, lp) for i, (_, _, lp) in enumerate(result.candidates)]
+    k, thr, acc, unf, base_unfair, summary = _choose(logps, result.base_log_probs, y[rows], groups[rows], G,
+                                                     criterion, opts)
+    for s, hist in zip(summary, result.history, strict=True):
+        s.update(step=hist["step"], queries=hist["queries"])
+        s.pop("key")
+    base = result.base_log_probs
+    tune = {"n_classes": base.shape[1], "base_acc": float(np.mean(base.argmax(1) == y[rows])),
+            "base_unfair": base_unfair, "acc": acc, "unfair": unf}
+    theta = torch.tensor(result.candidates[k][1])
+    return theta, float(trainer.lam), thr, result.steps, oracle.queries_used - used_before, tune, summary

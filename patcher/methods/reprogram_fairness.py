@@ -1,0 +1,94 @@
+"""The fairness side of trigger training: the discriminator, a direct rate-gap loss, the threshold.
+
+- `Discriminator` d_phi predicts the group from the model's (temperature-scaled) softmax s: for dp it
+  sees s only; for eo it also sees s * onehot(y) (so it can only use s within a label); for eopp it
+  is trained and evaluated on positive rows only. The trigger maximises its cross-entropy.
+- `gap_loss`: a differentiable stand-in for the criterion itself, the squared spread of the groups'
+  mean class-1 probability (dp), within each label (eo), or among positives (eopp). It needs no
+  second network, so the zeroth-order path uses it: every term is a plain function of scores.
+- `operating_point`: a decision threshold re-tuned on the tuning rows after the trigger (binary
+  tasks), chosen like Eraser's: least unfairness under an accuracy-drop cap, then most accuracy.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from patcher.methods.eraser import choose_operating_point, sweep_thresholds
+
+Criterion = Literal["dp", "eo", "eopp"]
+
+
+def rows_for(criterion: Criterion, y: torch.Tensor) -> torch.Tensor:
+    """The rows the criterion looks at: all of them, or the positives for eopp."""
+    return y == 1 if criterion == "eopp" else torch.ones_like(y, dtype=torch.bool)
+
+
+class Discriminator(nn.Module):
+    def __init__(self, n_classes: int, n_groups: int, criterion: Criterion, hidden: int = 32) -> None:
+        super().__init__()
+        self.criterion, self.n_classes = criterion, n_classes
+        width = n_classes * (1 + n_classes) if criterion == "eo" else n_classes
+        self.log_temperature = nn.Parameter(torch.zeros(()))
+        self.net = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, n_groups))
+
+    def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        s = torch.softmax(logits / self.log_temperature.exp(), dim=1)
+        if self.criterion == "eo":
+            onehot = nn.functional.one_hot(y, self.n_classes).to(s.dtype)
+            s = torch.cat([s, (s[:, :, None] * onehot[:, None, :]).flatten(1)], dim=1)
+        return self.net(s)
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        keep = rows_for(self.criterion, y)
+        return nn.functional.cross_entropy(self(logits[keep], y[keep]), groups[keep])
+
+
+def gap_loss(logits: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, n_groups: int,
+             criterion: Criterion) -> torch.Tensor:
+    """Squared spread (max - min) of the groups' mean P(class 1), within the criterion's cells."""
+    p = torch.softmax(logits, dim=1)[:, -1]
+    cells = [torch.ones_like(y, dtype=torch.bool)] if criterion == "dp" else \
+        [y == 1] if criterion == "eopp" else [y == 0, y == 1]
+    total = logits.new_zeros(())
+    for cell in cells:
+        means = [p[cell & (groups == a)].mean() for a in range(n_groups) if bool((cell & (groups == a)).any())]
+        if len(means) > 1:
+            m = torch.stack(means)
+            total = total + (m.max() - m.min()) ** 2
+    return total
+
+
+def unfairness(pred: np.ndarray, y: np.ndarray, groups: np.ndarray, criterion: Criterion) -> float:
+    """Gap of the groups' rates for hard decisions (selection rate, TPR and FPR, or TPR)."""
+    def gap(mask: np.ndarray) -> float:
+        rates = [pred[mask & (groups == a)].mean() for a in np.unique(groups) if (mask & (groups == a)).any()]
+        return float(max(rates) - min(rates)) if len(rates) > 1 else 0.0
+
+    if criterion == "dp":
+        return gap(np.ones(len(y), bool))
+    if criterion == "eopp":
+        return gap(y == 1)
+    return max(gap(y == 1), gap(y == 0))
+
+
+def operating_point(margins: list[tuple[float, np.ndarray]], y: np.ndarray, groups: np.ndarray, n_groups: int,
+                    criterion: Criterion, base_acc: float, tolerance: float, max_drop: float | None,
+                    weights: np.ndarray | None = None) -> tuple[float, float, float, float, list[dict]]:
+    """Pick (key, threshold) over candidate triggers' margins log p1 - log p0 on the tuning rows.
+    Returns (key, threshold, accuracy, unfairness, per-candidate summary)."""
+    curve, summary = [], []
+    for key, margin in margins:
+        cuts, acc, unfair = sweep_thresholds(margin, y, groups, n_groups, criterion, weights)
+        curve.append((key, cuts, acc, unfair))
+        j = int(np.argmin(np.abs(cuts)))  # the trigger alone, threshold 0
+        ok = acc >= base_acc - (max_drop if max_drop is not None else np.inf) - 1e-12
+        k = int(np.argmin(np.where(ok, np.maximum(unfair, tolerance) - 1e-9 * acc, np.inf))) if ok.any() else j
+        summary.append({"key": key, "accuracy_at_0": float(acc[j]), "unfairness_at_0": float(unfair[j]),
+                        "threshold": float(cuts[k]), "accuracy": float(acc[k]), "unfairness": float(unfair[k])})
+    key, threshold, acc, unfair = choose_operating_point(curve, base_acc, tolerance, max_drop)
+    return key, threshold, acc, unfair, summary

@@ -1,0 +1,155 @@
+"""Fairness-trigger forms: differentiable torch forwards over a flat parameter vector, and ONNX export.
+
+Every trigger maps a flat parameter vector `theta` (length `dim`) to a transform of the model's
+input, with the same shape in and out:
+
+- `TabularTrigger`: x~ = x * mask + delta on a set of input columns (all of them by default). The
+  mask is "binary" (the reference code: 0/1 in the forward pass, a straight-through estimator for
+  the gradient) or "scale" (a real-valued per-column gain). A scale on a one-hot group column moves
+  that group's inputs alone, so a trigger can shift one group's scores through the frozen model.
+- `BorderTrigger`: x~ = x + tanh(W) on a frame of the image (zero inside), W on a coarse grid of
+  `block` x `block` pixel cells, so the zeroth-order search has few dimensions.
+- `PatchTrigger`: a p x p corner patch replaces the pixels: x~ = x * (1 - M) + sigmoid(W) * M.
+
+Exported graphs contain only constants, Mul and Add: the trigger's ONNX graph is exact and tiny.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+
+from patcher.onnx_graphs import GraphBuilder, float_tensor
+
+MaskKind = Literal["binary", "scale"]
+
+
+class Trigger:
+    """Base: `dim` parameters, `init()`, `apply(X, theta)` in torch, `affine(theta)` -> (M, D) with
+    x~ = x * M + D exactly (every form here is affine in x), and the ONNX export built from it."""
+
+    dim: int
+    shape: tuple[int, ...]  # one input row's shape
+
+    def init(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def affine(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def apply(self, X: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        M, D = self.affine(theta)
+        return X * M + D
+
+    def describe(self, theta: torch.Tensor) -> dict:
+        return {"form": type(self).__name__, "dim": self.dim}
+
+    def to_onnx(self, theta: torch.Tensor, name: str = "fairness_trigger") -> bytes:
+        """input [N, *shape] -> output [N, *shape], x * M + D with the trained M and D baked in."""
+        with torch.no_grad():
+            M, D = (t.detach().double().numpy().astype(np.float32) for t in self.affine(theta))
+        g = GraphBuilder()
+        scaled = g.op("Mul", ["input", g.const(M.reshape(self.shape), "mask")])
+        g.op("Add", [scaled, g.const(D.reshape(self.shape), "delta")], "output")
+        shape = ["N", *self.shape]
+        model = g.model([float_tensor("input", shape)], [float_tensor("output", shape)], name,
+                        doc=f"fairness trigger ({type(self).__name__}): output = input * mask + delta")
+        return model.SerializeToString()
+
+
+class TabularTrigger(Trigger):
+    def __init__(self, n_features: int, columns: list[int] | None = None, mask: MaskKind = "scale") -> None:
+        self.shape = (n_features,)
+        self.columns = list(range(n_features)) if columns is None else list(columns)
+        self.k = len(self.columns)
+        self.mask_kind = mask
+        self.dim = 2 * self.k
+        self._index = torch.tensor(self.columns, dtype=torch.long)
+
+    def init(self) -> torch.Tensor:
+        # binary: mask logits well above 0 (mask = 1); scale: gain 1; delta 0: the identity
+        start = 3.0 if self.mask_kind == "binary" else 1.0
+        return torch.cat([torch.full((self.k,), start), torch.zeros(self.k)]).double()
+
+    def mask_values(self, theta: torch.Tensor) -> torch.Tensor:
+        s = theta[: self.k]
+        if self.mask_kind == "scale":
+            return s
+        soft = torch.sigmoid(s)
+        return (s > 0).to(s.dtype) + soft - soft.detach()  # straight-through: hard forward, sigmoid backward
+
+    def affine(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        M = torch.ones(self.shape, dtype=theta.dtype).index_put((self._index,), self.mask_values(theta))
+        D = torch.zeros(self.shape, dtype=theta.dtype).index_put((self._index,), theta[self.k:])
+        return M, D
+
+    def describe(self, theta: torch.Tensor) -> dict:
+        m = self.mask_values(theta).detach().numpy()
+        return {"form": "tabular", "mask": self.mask_kind, "dim": self.dim, "columns": self.columns,
+                "mask_values": [round(float(v), 4) for v in m],
+                "delta": [round(float(v), 4) for v in theta[self.k:].detach().numpy()]}
+
+
+def _frame(h: int, w: int, width: int) -> np.ndarray:
+    f = np.ones((h, w), np.float64)
+    f[width:h - width, width:w - width] = 0.0
+    return f
+
+
+class BorderTrigger(Trigger):
+    """x + tanh(W) on a `width`-pixel frame; W is constant on `block` x `block` cells (coarse: few params)."""
+
+    def __init__(self, shape: tuple[int, int, int], width: int = 2, block: int = 4) -> None:
+        c, h, w = shape
+        self.shape, self.width, self.block = tuple(shape), width, block
+        self.grid = (c, -(-h // block), -(-w // block))
+        self._frame = torch.tensor(_frame(h, w, width))
+        self.dim = int(np.prod(self.grid))
+
+    def init(self) -> torch.Tensor:
+        return torch.zeros(self.dim, dtype=torch.float64)
+
+    def affine(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c, h, w = self.shape
+        W = theta.reshape(self.grid).repeat_interleave(self.block, 1).repeat_interleave(self.block, 2)[:, :h, :w]
+        return torch.ones(self.shape, dtype=theta.dtype), torch.tanh(W) * self._frame
+
+    def describe(self, theta: torch.Tensor) -> dict:
+        return {"form": "border", "width": self.width, "block": self.block, "dim": self.dim}
+
+
+class PatchTrigger(Trigger):
+    """A p x p patch in the top-left corner replaces the pixels with sigmoid(W)."""
+
+    def __init__(self, shape: tuple[int, int, int], size: int = 4) -> None:
+        c, h, w = shape
+        self.shape, self.size = tuple(shape), size
+        m = np.zeros((h, w))
+        m[:size, :size] = 1.0
+        self._m = torch.tensor(m)
+        self.dim = c * size * size
+
+    def init(self) -> torch.Tensor:
+        return torch.zeros(self.dim, dtype=torch.float64)
+
+    def affine(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c, h, w = self.shape
+        W = torch.zeros((c, h, w), dtype=theta.dtype)
+        W[:, : self.size, : self.size] = torch.sigmoid(theta.reshape(c, self.size, self.size))
+        return (1.0 - self._m).expand(c, h, w).to(theta.dtype), W * self._m
+
+    def describe(self, theta: torch.Tensor) -> dict:
+        return {"form": "patch", "size": self.size, "dim": self.dim}
+
+
+def group_columns(X: np.ndarray, groups: np.ndarray, k: int) -> list[int]:
+    """The k input columns most correlated with the group (from the tuning data, no queries): where a
+    low-dimensional tabular trigger does the most good."""
+    Xf = X.reshape(len(X), -1).astype(np.float64)
+    a = (groups == groups.max()).astype(np.float64)
+    xs = Xf - Xf.mean(0)
+    denom = np.sqrt((xs ** 2).sum(0) * ((a - a.mean()) ** 2).sum()) + 1e-12
+    corr = np.abs(xs.T @ (a - a.mean())) / denom
+    return sorted(np.argsort(-corr)[:k].tolist())

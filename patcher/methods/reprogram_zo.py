@@ -1,0 +1,150 @@
+"""Trigger training from scores alone (zeroth order): randomized gradient estimates, every row counted.
+
+Per step, on one minibatch of tuning rows (common random numbers: the same rows for every probe of
+the step), `q` antithetic pairs of probes theta +/- mu * u_j, u_j uniform on the unit sphere:
+
+    g^ = (dim / q) * sum_j [(L(theta + mu u_j) - L(theta - mu u_j)) / (2 mu)] u_j
+
+costs 2 * q * batch rows. The trigger is low-dimensional (a few group-correlated columns for tabular
+inputs, a coarse border grid for images) because the estimate's variance grows like dim / q. The
+utility and fairness parts of L are estimated from the same probes, so the projected update of the
+gradient path works here too. A fixed evaluation subset of the tuning rows scores the trigger now
+and then (and at the end); the best one seen is kept. Before every step the remaining budget is
+checked so the run stops at the budget (leaving room for the last evaluation), never past it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from patcher.methods.reprogram_fairness import Criterion, Discriminator
+from patcher.methods.reprogram_gradient import project
+from patcher.methods.reprogram_triggers import Trigger
+from patcher.oracle import Oracle
+from patcher.scores import to_log_probs
+
+
+@dataclass
+class ZOResult:
+    eval_rows: np.ndarray  # indices of the tuning rows the evaluations scored
+    base_log_probs: np.ndarray  # the untouched model's log-probabilities on them
+    candidates: list[tuple[int, np.ndarray, np.ndarray]]  # (step, theta, log-probs on eval_rows) per evaluation
+    steps: int
+    history: list[dict] = field(default_factory=list)
+
+
+def unit_directions(q: int, dim: int, rng: np.random.Generator) -> np.ndarray:
+    u = rng.standard_normal((q, dim))
+    return u / np.linalg.norm(u, axis=1, keepdims=True)
+
+
+def numpy_gap(p: np.ndarray, y: np.ndarray, groups: np.ndarray, n_groups: int, criterion: Criterion) -> float:
+    cells = [np.ones(len(y), bool)] if criterion == "dp" else [y == 1] if criterion == "eopp" else [y == 0, y == 1]
+    total = 0.0
+    for cell in cells:
+        means = [p[cell & (groups == a)].mean() for a in range(n_groups) if (cell & (groups == a)).any()]
+        if len(means) > 1:
+            total += (max(means) - min(means)) ** 2
+    return total
+
+
+def stratified_batch(cells: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """About size / n_cells rows from every (group, label) cell, so every gap term has rows."""
+    ids = np.unique(cells)
+    per = max(size // len(ids), 1)
+    return np.concatenate([rng.choice(np.flatnonzero(cells == c), size=min(per, int((cells == c).sum())),
+                                      replace=False) for c in ids])
+
+
+class ZOTrainer:
+    def __init__(self, oracle: Oracle, trigger: Trigger, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
+                 n_groups: int, criterion: Criterion, lam: float, *, fairness: str, q: int, mu: float, lr: float,
+                 batch_size: int, eval_size: int, evals: int, seed: int, n_classes: int) -> None:
+        self.oracle, self.trigger = oracle, trigger
+        self.X, self.y, self.groups = X, y, groups
+        self.n_groups, self.criterion, self.lam, self.fairness = n_groups, criterion, lam, fairness
+        self.q, self.mu, self.lr, self.batch_size = q, mu, lr, batch_size
+        self.rng = np.random.default_rng(seed)
+        self.evals = evals  # evaluations of the trigger on the evaluation rows during the run
+        self.eval_rows = np.sort(self.rng.choice(len(X), size=min(eval_size, len(X)), replace=False))
+        self.cells = groups * (int(y.max()) + 1) + y
+        torch.manual_seed(seed)
+        self.disc = Discriminator(n_classes, n_groups, criterion) if fairness == "adversary" else None
+        self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=1e-2) if self.disc is not None else None
+
+    def log_probs(self, theta: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            Xt = self.trigger.apply(torch.tensor(self.X[rows], dtype=torch.float32), torch.tensor(theta).float())
+        return to_log_probs(self.oracle.scores(Xt.numpy()), self.oracle.output_kind)
+
+    def losses(self, logp: np.ndarray, rows: np.ndarray) -> tuple[float, float]:
+        """(utility loss, fairness loss the trigger minimises) for scores on `rows`."""
+        y, g = self.y[rows], self.groups[rows]
+        ce = float(-logp[np.arange(len(rows)), y].mean())
+        if self.disc is None:
+            return ce, numpy_gap(np.exp(logp[:, -1]), y, g, self.n_groups, self.criterion)
+        with torch.no_grad():
+            adv = self.disc.loss(torch.tensor(logp, dtype=torch.float32), torch.tensor(y), torch.tensor(g))
+        return ce, -float(adv)  # the trigger maximises the adversary's loss
+
+    def train_disc(self, logps: list[np.ndarray], rows: np.ndarray) -> None:
+        y, g = torch.tensor(self.y[rows]), torch.tensor(self.groups[rows])
+        for logp in logps:
+            self.disc_opt.zero_grad()
+            self.disc.loss(torch.tensor(logp, dtype=torch.float32), y, g).backward()
+            self.disc_opt.step()
+
+    def step_cost(self) -> int:
+        return 2 * self.q * self.batch_size
+
+    def run(self, budget: int, tick: Callable[[float, dict], None] | None = None) -> ZOResult:
+        o = self.oracle
+        start = o.queries_used
+        spent = lambda: o.queries_used - start  # noqa: E731
+        n_eval = len(self.eval_rows)
+        theta = self.trigger.init().numpy().astype(np.float64)
+        base = self.log_probs(theta, self.eval_rows)  # the identity trigger: the model's own scores
+        candidates = [(0, theta.copy(), base)]
+        history = [{"step": 0, "queries": spent()}]
+        train_budget = budget - n_eval * (1 + self.evals)
+        steps_total = max(train_budget // self.step_cost(), 0)
+        eval_at = set(np.linspace(0, steps_total, self.evals + 1).astype(int)[1:].tolist())
+        m = np.zeros_like(theta)
+        v = np.zeros_like(theta)
+        step = 0
+        while step < steps_total and budget - spent() >= self.step_cost() + n_eval:
+            rows = stratified_batch(self.cells, self.batch_size, self.rng)
+            u = unit_directions(self.q, len(theta), self.rng)
+            diffs_u, diffs_f, seen = [], [], []
+            for uj in u:
+                lp_plus = self.log_probs(theta + self.mu * uj, rows)
+                lp_minus = self.log_probs(theta - self.mu * uj, rows)
+                (cu_p, cf_p), (cu_m, cf_m) = self.losses(lp_plus, rows), self.losses(lp_minus, rows)
+                diffs_u.append((cu_p - cu_m) / (2 * self.mu))
+                diffs_f.append((cf_p - cf_m) / (2 * self.mu))
+                seen += [lp_plus, lp_minus]
+            scale = len(theta) / self.q
+            g_u = scale * (np.array(diffs_u) @ u)
+            g_f = scale * (np.array(diffs_f) @ u)
+            if self.disc is not None:  # g_f estimates -grad(adversary loss): project as with gradients
+                grad = project(torch.tensor(g_u), torch.tensor(-g_f), self.lam).numpy()
+                self.train_disc(seen, rows)
+            else:
+                grad = g_u + self.lam * g_f
+            step += 1  # Adam on the estimate
+            m = 0.9 * m + 0.1 * grad
+            v = 0.999 * v + 0.001 * grad ** 2
+            theta = theta - self.lr * (m / (1 - 0.9 ** step)) / (np.sqrt(v / (1 - 0.999 ** step)) + 1e-8)
+            if step in eval_at:
+                candidates.append((step, theta.copy(), self.log_probs(theta, self.eval_rows)))
+                history.append({"step": step, "queries": spent()})
+            if tick is not None:
+                tick(step / max(steps_total, 1), {"step": step, "queries_used": spent()})
+        if candidates[-1][0] != step:  # stopped early (budget): the last trigger is a candidate too
+            candidates.append((step, theta.copy(), self.log_probs(theta, self.eval_rows)))
+            history.append({"step": step, "queries": spent()})
+        return ZOResult(self.eval_rows, base, candidates, step, history)
