@@ -123,6 +123,26 @@ def _add_models(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
         p.add_argument("--version", default="1")
         p.set_defaults(run=run)
 
+    art = cmds.add_parser("artifact", help="the model version's ONNX file, for gradient and weight-access jobs",
+                          parents=[common])
+    art_cmds = art.add_subparsers(dest="artifact_cmd", required=True)
+    up = art_cmds.add_parser("upload", help="upload the ONNX file (opset <= 17)", parents=[common])
+    up.add_argument("name")
+    up.add_argument("version")
+    up.add_argument("file", help="the model as .onnx")
+    up.set_defaults(run=_artifact_upload)
+    dl = art_cmds.add_parser("download", help="save the uploaded ONNX file", parents=[common])
+    dl.add_argument("name")
+    dl.add_argument("version")
+    dl.add_argument("--output", "-o", help="file to write (default: NAME-VERSION.onnx)")
+    dl.set_defaults(run=_artifact_download)
+    for name, run, what in (("get", _artifact_get, "the artifact's sha256, size, opset and signature (JSON)"),
+                            ("delete", _artifact_delete, "drop the uploaded ONNX file")):
+        p = art_cmds.add_parser(name, help=what, parents=[common])
+        p.add_argument("name")
+        p.add_argument("version")
+        p.set_defaults(run=run)
+
 
 @handles_errors
 def _models_register(args: argparse.Namespace, client: Client) -> int:
@@ -165,6 +185,33 @@ def _models_get(args: argparse.Namespace, client: Client) -> int:
 def _models_delete(args: argparse.Namespace, client: Client) -> int:
     client.delete_model(args.name, args.version)
     print(f"deleted {args.name} version {args.version}")
+    return 0
+
+
+@handles_errors
+def _artifact_upload(args: argparse.Namespace, client: Client) -> int:
+    _print_json(client.upload_artifact(args.name, args.file, args.version))
+    return 0
+
+
+@handles_errors
+def _artifact_get(args: argparse.Namespace, client: Client) -> int:
+    _print_json(client.get_artifact(args.name, args.version))
+    return 0
+
+
+@handles_errors
+def _artifact_download(args: argparse.Namespace, client: Client) -> int:
+    path = args.output or f"{args.name}-{args.version}.onnx"
+    data = client.download_artifact(args.name, args.version, path)
+    print(f"wrote {len(data)} bytes to {path}")
+    return 0
+
+
+@handles_errors
+def _artifact_delete(args: argparse.Namespace, client: Client) -> int:
+    client.delete_artifact(args.name, args.version)
+    print(f"deleted the artifact of {args.name} version {args.version}")
     return 0
 
 
@@ -226,6 +273,10 @@ def _add_jobs(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) 
     create.add_argument("--version", help="model version (default: the latest)")
     create.add_argument("--dataset", required=True, help="dataset id (from `datasets upload`)")
     create.add_argument("--method", default="eraser")
+    create.add_argument("--access", choices=["queries", "zeroth_order", "gradient", "weights"],
+                        help="how the method reaches the model (default: the least privileged it supports; "
+                             "gradient and weights need `models artifact upload` first)")
+    create.add_argument("--exemplar-dataset", help="a second dataset id, for methods that take one (forml)")
     create.add_argument("--criterion", default="dp", choices=["dp", "eo", "eopp"])
     create.add_argument("--queries", type=int, default=1000, help="query budget: rows sent to the model")
     create.add_argument("--holdout", type=float, default=0.3, help="share of the dataset kept for the report")
@@ -285,6 +336,8 @@ def _job_summary(job: Job) -> int:
         rows = [[k, f"{result.before[k]:.4f}", f"{result.after.get(k, float('nan')):.4f}",
                  f"{result.after.get(k, float('nan')) - result.before[k]:+.4f}"] for k in keys]
         _table("held-out report", ["metric", "before", "after", "change"], rows)
+    if result.served_by == "patch":
+        print("a weight patch: while it is active the gateway serves its model itself, without the upstream")
     print(f"activate it: fairpatch patches activate {job.model} {result.patch_id} --version {job.version}")
     return 0
 
@@ -293,7 +346,8 @@ def _job_summary(job: Job) -> int:
 def _jobs_create(args: argparse.Namespace, client: Client) -> int:
     job = client.create_job(args.model, args.dataset, version=args.version, method=args.method,
                             criterion=args.criterion, query_budget=args.queries, holdout=args.holdout,
-                            seed=args.seed, options=dict(args.option))
+                            seed=args.seed, options=dict(args.option), access=args.access,
+                            exemplar_dataset=args.exemplar_dataset)
     if not args.wait:
         _print_json(job)
         return 0

@@ -39,15 +39,17 @@ if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = [
-    "AsyncClient", "Client", "DatasetInfo", "FairpatchError", "InferResult", "Job", "JobProgress", "JobResult",
-    "ModelSpec", "PatchInfo", "PatchList", "UpstreamSpec",
+    "ArtifactInfo", "AsyncClient", "Client", "DatasetInfo", "FairpatchError", "InferResult", "Job", "JobProgress",
+    "JobResult", "ModelSpec", "PatchInfo", "PatchList", "UpstreamSpec",
 ]
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 RAW_OUTPUT = "fairpatch_raw"
 PATCH_HEADER = "fairpatch-patch"
+SERVED_BY_HEADER = "fairpatch-served-by"
 SHA_HEADER = "fairpatch-patch-sha256"
+ARTIFACT_SHA_HEADER = "fairpatch-artifact-sha256"
 T = TypeVar("T")
 
 
@@ -78,6 +80,20 @@ class UpstreamSpec(_Shape):
     timeout_s: float = 10.0
 
 
+class ArtifactInfo(_Shape):
+    """A model version's uploaded ONNX file, as the gateway recorded it."""
+
+    sha256: str
+    bytes: int
+    opset: int | None = None
+    input_name: str | None = None
+    input_shape: list[int | str] = Field(default_factory=list)
+    input_datatype: str | None = None
+    output_name: str | None = None
+    output_shape: list[int | str] = Field(default_factory=list)
+    uploaded_at: float | None = None
+
+
 class ModelSpec(_Shape):
     name: str
     version: str = "1"
@@ -85,6 +101,7 @@ class ModelSpec(_Shape):
     group_input: str = "group"
     groups: list[str] | None = None
     created_at: float | None = None
+    artifact: ArtifactInfo | None = None  # set by upload_artifact, never by register_model
 
 
 class DatasetInfo(_Shape):
@@ -108,6 +125,8 @@ class JobResult(_Shape):
     queries_used: int | None = None
     eval_queries: int | None = None
     group_at_inference: bool | None = None
+    access: str | None = None
+    served_by: str | None = None  # "patch": a weight patch, the gateway serves its model itself
     before: dict[str, Any] = Field(default_factory=dict)
     after: dict[str, Any] = Field(default_factory=dict)
     report: dict[str, Any] = Field(default_factory=dict)
@@ -119,6 +138,8 @@ class Job(_Shape):
     method: str | None = None
     model: str | None = None
     version: str | None = None
+    access: str | None = None
+    exemplar_dataset: str | None = None
     created_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
@@ -146,13 +167,15 @@ class PatchList(_Shape):
 @dataclass
 class InferResult:
     """One V2 inference: `scores` is the (patched) scores output, `raw` the upstream's own scores when
-    asked for, `outputs` every output tensor by name, `patch_id` the patch that was applied (None: none)."""
+    asked for, `outputs` every output tensor by name, `patch_id` the patch that was applied (None: none),
+    `served_by` "upstream", or "patch" when an active weight patch's own model answered."""
 
     scores: np.ndarray
     patch_id: str | None
     raw: np.ndarray | None = None
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
     model_version: str | None = None
+    served_by: str | None = None
 
     @property
     def predictions(self) -> np.ndarray:
@@ -248,6 +271,18 @@ def _dataset_body(data: str | os.PathLike | pd.DataFrame | bytes, content_type: 
     raise TypeError(f"upload a file path, bytes or a pandas DataFrame, not {type(data).__name__}")
 
 
+def _onnx_bytes(data: bytes | str | os.PathLike) -> bytes:
+    return data if isinstance(data, bytes) else Path(data).read_bytes()
+
+
+def _artifact_bytes(r: httpx.Response) -> bytes:
+    expected = r.headers.get(ARTIFACT_SHA_HEADER)
+    if expected and hashlib.sha256(r.content).hexdigest() != expected:
+        raise FairpatchError(0, f"downloaded artifact does not match its {ARTIFACT_SHA_HEADER} header "
+                                "(corrupted in transit?)")
+    return r.content
+
+
 def _patch_bytes(r: httpx.Response) -> bytes:
     expected = r.headers.get(SHA_HEADER)
     if expected and hashlib.sha256(r.content).hexdigest() != expected:
@@ -272,7 +307,7 @@ def _tensor(name: str, array: np.ndarray) -> dict[str, Any]:
 
 def _infer_body(features: np.ndarray, groups: Sequence[Any] | np.ndarray | None, input_name: str,
                 datatype: str | None, group_input: str, raw: bool,
-                parameters: Mapping[str, Any] | None) -> dict[str, Any]:
+                parameters: Mapping[str, Any] | None, request_id: str | None = None) -> dict[str, Any]:
     X = np.asarray(features)
     if datatype in _NP and datatype != "BYTES":
         X = X.astype(_NP[datatype], copy=False)  # the model's declared input type (float64 frames -> FP32)
@@ -288,6 +323,8 @@ def _infer_body(features: np.ndarray, groups: Sequence[Any] | np.ndarray | None,
     if raw:
         params["fairpatch_raw"] = True
     body: dict[str, Any] = {"inputs": inputs}
+    if request_id is not None:
+        body["id"] = request_id
     if params:
         body["parameters"] = params
     return body
@@ -309,7 +346,8 @@ def _infer_reader(output_name: str | None) -> Callable[[httpx.Response], InferRe
             raise FairpatchError(r.status_code, f"the response has no output {name!r} (outputs: {list(outputs)})")
         header = r.headers.get(PATCH_HEADER)
         return InferResult(scores=outputs[name], patch_id=None if header in (None, "", "none") else header,
-                           raw=outputs.get(RAW_OUTPUT), outputs=outputs, model_version=body.get("model_version"))
+                           raw=outputs.get(RAW_OUTPUT), outputs=outputs, model_version=body.get("model_version"),
+                           served_by=r.headers.get(SERVED_BY_HEADER))
     return read
 
 
@@ -346,6 +384,25 @@ class _Calls:
     @staticmethod
     def delete_model(model: str, version: str) -> _Call[None]:
         return _Call("DELETE", _models_path(model, version), _nothing)
+
+    # model artifacts (ONNX, for gradient and weight access)
+    @staticmethod
+    def upload_artifact(model: str, version: str, data: bytes | str | os.PathLike) -> _Call[ArtifactInfo]:
+        return _Call("POST", f"{_models_path(model, version)}/artifact", _shape(ArtifactInfo),
+                     content=_onnx_bytes(data), headers={"content-type": "application/octet-stream"})
+
+    @staticmethod
+    def get_artifact(model: str, version: str) -> _Call[ArtifactInfo]:
+        return _Call("GET", f"{_models_path(model, version)}/artifact", _shape(ArtifactInfo))
+
+    @staticmethod
+    def download_artifact(model: str, version: str) -> _Call[bytes]:
+        return _Call("GET", f"{_models_path(model, version)}/artifact", _artifact_bytes,
+                     headers={"accept": "application/octet-stream"})
+
+    @staticmethod
+    def delete_artifact(model: str, version: str) -> _Call[None]:
+        return _Call("DELETE", f"{_models_path(model, version)}/artifact", _nothing)
 
     # datasets
     @staticmethod
@@ -420,10 +477,13 @@ def _jobs_of(body: Any) -> list[dict]:
 
 
 def _job_body(model: str, dataset: str, version: str | None, method: str, criterion: str, query_budget: int,
-              holdout: float, seed: int, options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The job request; without a version the gateway uses the model's latest."""
+              holdout: float, seed: int, options: Mapping[str, Any] | None, access: str | None = None,
+              exemplar_dataset: str | None = None) -> dict[str, Any]:
+    """The job request; without a version the gateway uses the model's latest, without an access kind the
+    least privileged one the method supports."""
     body = {"model": model, "version": version, "method": method, "dataset": dataset, "criterion": criterion,
-            "query_budget": query_budget, "holdout": holdout, "seed": seed, "options": dict(options or {})}
+            "query_budget": query_budget, "holdout": holdout, "seed": seed, "options": dict(options or {}),
+            "access": access, "exemplar_dataset": exemplar_dataset}
     return {k: v for k, v in body.items() if v is not None}
 
 
@@ -505,6 +565,24 @@ class Client(_Base):
     def delete_model(self, model: str, version: str = "1") -> None:
         self._do(_Calls.delete_model(model, version))
 
+    # model artifacts
+    def upload_artifact(self, model: str, data: bytes | str | os.PathLike, version: str = "1") -> ArtifactInfo:
+        """Upload the model version's ONNX file (bytes or a path): gradient and weight-access jobs use it."""
+        return self._do(_Calls.upload_artifact(model, version, data))
+
+    def get_artifact(self, model: str, version: str = "1") -> ArtifactInfo:
+        return self._do(_Calls.get_artifact(model, version))
+
+    def download_artifact(self, model: str, version: str = "1", path: str | os.PathLike | None = None) -> bytes:
+        """The ONNX bytes (checked against their sha256 header); written to `path` when given."""
+        data = self._do(_Calls.download_artifact(model, version))
+        if path is not None:
+            Path(path).write_bytes(data)
+        return data
+
+    def delete_artifact(self, model: str, version: str = "1") -> None:
+        self._do(_Calls.delete_artifact(model, version))
+
     # datasets
     def upload_dataset(self, data: str | os.PathLike | pd.DataFrame | bytes, *, label: str, group: str,
                        name: str | None = None, content_type: str | None = None) -> DatasetInfo:
@@ -520,9 +598,12 @@ class Client(_Base):
     # jobs
     def create_job(self, model: str, dataset: str, *, version: str | None = None, method: str = "eraser",
                    criterion: str = "dp", query_budget: int = 1000, holdout: float = 0.3, seed: int = 0,
-                   options: Mapping[str, Any] | None = None) -> Job:
+                   options: Mapping[str, Any] | None = None, access: str | None = None,
+                   exemplar_dataset: str | None = None) -> Job:
+        """Start a patch-training job. `access`: "queries", "zeroth_order", "gradient" or "weights" (the last two
+        need the version's artifact, see `upload_artifact`); `exemplar_dataset`: a second dataset id (FORML)."""
         return self._do(_Calls.create_job(_job_body(model, dataset, version, method, criterion, query_budget,
-                                                    holdout, seed, options)))
+                                                    holdout, seed, options, access, exemplar_dataset)))
 
     def get_job(self, job_id: str) -> Job:
         return self._do(_Calls.get_job(job_id))
@@ -573,16 +654,18 @@ class Client(_Base):
     def infer(self, model: str, features: np.ndarray, groups: Sequence[Any] | np.ndarray | None = None, *,
               version: str | None = None, raw: bool = False, input_name: str | None = None,
               group_input: str = "group", output_name: str | None = None,
-              parameters: Mapping[str, Any] | None = None) -> InferResult:
+              parameters: Mapping[str, Any] | None = None, request_id: str | None = None) -> InferResult:
         """V2 inference through the gateway. `groups` (names or int ids, one per row) travel as the
-        `group_input` tensor; `raw=True` also returns the upstream's unpatched scores. The feature input's
+        `group_input` tensor; `raw=True` also returns the upstream's unpatched scores; `request_id` is the V2
+        request id, from which a randomized patch draws its decisions (the same id, the same decisions). The
+        feature input's
         name (unless given) and datatype are read once per model from its V2 metadata, and `features` are
         cast to that datatype (a float64 array or DataFrame goes as FP32 to an FP32 model)."""
         key = (model, version, group_input, input_name)
         if key not in self._inputs:
             self._inputs[key] = _feature_input(self.model_metadata(model, version), group_input, input_name)
         name, datatype = self._inputs[key]
-        body = _infer_body(features, groups, name, datatype, group_input, raw, parameters)
+        body = _infer_body(features, groups, name, datatype, group_input, raw, parameters, request_id)
         return self._do(_Calls.infer(model, version, body, output_name))
 
 
@@ -642,6 +725,23 @@ class AsyncClient(_Base):
     async def delete_model(self, model: str, version: str = "1") -> None:
         await self._do(_Calls.delete_model(model, version))
 
+    # model artifacts
+    async def upload_artifact(self, model: str, data: bytes | str | os.PathLike, version: str = "1") -> ArtifactInfo:
+        return await self._do(_Calls.upload_artifact(model, version, data))
+
+    async def get_artifact(self, model: str, version: str = "1") -> ArtifactInfo:
+        return await self._do(_Calls.get_artifact(model, version))
+
+    async def download_artifact(self, model: str, version: str = "1",
+                                path: str | os.PathLike | None = None) -> bytes:
+        data = await self._do(_Calls.download_artifact(model, version))
+        if path is not None:
+            Path(path).write_bytes(data)
+        return data
+
+    async def delete_artifact(self, model: str, version: str = "1") -> None:
+        await self._do(_Calls.delete_artifact(model, version))
+
     # datasets
     async def upload_dataset(self, data: str | os.PathLike | pd.DataFrame | bytes, *, label: str, group: str,
                              name: str | None = None, content_type: str | None = None) -> DatasetInfo:
@@ -656,9 +756,10 @@ class AsyncClient(_Base):
     # jobs
     async def create_job(self, model: str, dataset: str, *, version: str | None = None, method: str = "eraser",
                          criterion: str = "dp", query_budget: int = 1000, holdout: float = 0.3, seed: int = 0,
-                         options: Mapping[str, Any] | None = None) -> Job:
+                         options: Mapping[str, Any] | None = None, access: str | None = None,
+                         exemplar_dataset: str | None = None) -> Job:
         return await self._do(_Calls.create_job(_job_body(model, dataset, version, method, criterion, query_budget,
-                                                          holdout, seed, options)))
+                                                          holdout, seed, options, access, exemplar_dataset)))
 
     async def get_job(self, job_id: str) -> Job:
         return await self._do(_Calls.get_job(job_id))
@@ -706,10 +807,10 @@ class AsyncClient(_Base):
     async def infer(self, model: str, features: np.ndarray, groups: Sequence[Any] | np.ndarray | None = None, *,
                     version: str | None = None, raw: bool = False, input_name: str | None = None,
                     group_input: str = "group", output_name: str | None = None,
-                    parameters: Mapping[str, Any] | None = None) -> InferResult:
+                    parameters: Mapping[str, Any] | None = None, request_id: str | None = None) -> InferResult:
         key = (model, version, group_input, input_name)
         if key not in self._inputs:
             self._inputs[key] = _feature_input(await self.model_metadata(model, version), group_input, input_name)
         name, datatype = self._inputs[key]
-        body = _infer_body(features, groups, name, datatype, group_input, raw, parameters)
+        body = _infer_body(features, groups, name, datatype, group_input, raw, parameters, request_id)
         return await self._do(_Calls.infer(model, version, body, output_name))

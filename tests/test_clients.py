@@ -321,3 +321,59 @@ def test_demo_runs_the_whole_loop_through_the_gateway():
     assert after < before / 2  # the patch served by the gateway removes most of the dp gap
     assert {"selection rate (Female)", "selection rate (Male)", "accuracy", "eo_diff"} <= set(rows)
     assert "Traceback" not in p.stderr
+
+
+# --- model artifacts and weight patches ----------------------------------------------------------------
+
+def test_sdk_artifact_upload_download_and_a_weight_patch(fp, servers, adult, adult_model):
+    import hashlib
+
+    from patcher.onnx_graphs import mlp_model
+
+    name = f"art-{RUN}"
+    register(fp, servers[1], name)
+    info = fp.upload_artifact(name, adult_model.onnx_bytes)
+    assert info.sha256 == hashlib.sha256(adult_model.onnx_bytes).hexdigest() and info.opset == 17
+    assert fp.get_artifact(name).sha256 == info.sha256 and fp.get_model(name).artifact.sha256 == info.sha256
+    assert fp.download_artifact(name) == adult_model.onnx_bytes
+    with pytest.raises(FairpatchError) as e:
+        fp.upload_artifact(name, b"not onnx")
+    assert e.value.status == 400 and "not an ONNX model" in e.value.message
+
+    rng = np.random.default_rng(0)
+    d = adult.test.X.shape[1]
+    replacement = mlp_model([(rng.normal(size=(d, 4)), rng.normal(size=4)), (rng.normal(size=(4, 2)), np.zeros(2))])
+    patch = Patch.build(method="weights-test", n_classes=2, replacement_model=replacement)
+    pid = fp.upload_patch(name, patch.to_bytes())
+    fp.activate_patch(name, pid)
+    X = adult.test.X[:10]
+    out = fp.infer(name, X, request_id="r-1")
+    assert out.served_by == "patch" and out.patch_id == pid
+    expected = PatchRunner(Patch.from_bytes(fp.download_patch(pid))).model_logits(X).argmax(1)
+    np.testing.assert_array_equal(out.predictions, expected)
+    fp.deactivate_patch(name)
+    assert fp.infer(name, X).served_by == "upstream"
+
+    with pytest.raises(FairpatchError) as e:  # eraser works through queries only
+        fp.create_job(name, "0" * 32, access="gradient")
+    assert e.value.status == 400 and "supports: queries" in e.value.message
+    fp.delete_artifact(name)
+    with pytest.raises(FairpatchError) as e:
+        fp.get_artifact(name)
+    assert e.value.status == 404
+
+
+def test_cli_model_artifact_commands(servers, adult_model, tmp_path):
+    gw, up = servers
+    name = f"cli-art-{RUN}"
+    assert cli("models", "register", name, "--upstream-url", up, "--upstream-model", "adult", url=gw).returncode == 0
+    model = tmp_path / "model.onnx"
+    model.write_bytes(adult_model.onnx_bytes)
+    p = cli("models", "artifact", "upload", name, "1", str(model), url=gw)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["opset"] == 17
+    out = tmp_path / "back.onnx"
+    p = cli("models", "artifact", "download", name, "1", "-o", str(out), url=gw)
+    assert p.returncode == 0 and out.read_bytes() == adult_model.onnx_bytes
+    p = cli("jobs", "create", "--model", name, "--dataset", "0" * 32, "--access", "weights", url=gw)
+    assert p.returncode != 0 and "does not support access 'weights'" in p.stderr
