@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 import uuid
 from types import SimpleNamespace
 
 import httpx
 import numpy as np
 import onnxruntime as ort
+import pandas as pd
 import pytest
 
 from patcher.apply import PatchRunner
@@ -26,6 +28,7 @@ from service.local_upstream import OnnxModel, create_upstream_app
 from service.redis_embedded import redis_url_for
 from service.serve_thread import ServerThread
 from service.settings import Settings
+from service.worker import WorkerThread
 
 KEY = "weights-admin-key"
 RUN = uuid.uuid4().hex[:6]
@@ -74,27 +77,32 @@ class Counting:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, adult_model):
     tmp = tmp_path_factory.mktemp("weights")
     upstream_model, replacement = mlp(0), mlp(1)
     counting = Counting(create_upstream_app(OnnxModel(upstream_model, name="m")))
+    adult_counting = Counting(create_upstream_app(OnnxModel(adult_model.onnx_bytes, name="adult")))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
     with redis_url_for(os.environ.get("REDIS_URL") or None, tmp / "redis") as redis_url, \
-            ServerThread(counting) as up:
+            ServerThread(counting) as up, ServerThread(adult_counting) as adult_up:
         settings = Settings(data_dir=tmp / "gw", redis_url=redis_url, admin_key=KEY, patch_recheck_s=0.2,
                             job_queue=f"test-weights:{RUN}")
-        with ServerThread(create_app(settings)) as gw, \
+        with ServerThread(create_app(settings)) as gw, WorkerThread(settings, redis_url), \
                 httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as client:
-            names = SimpleNamespace(main=f"w-{RUN}", down=f"wdown-{RUN}", nudge=f"wnudge-{RUN}")
-            for name, url in ((names.main, up.url), (names.down, f"http://127.0.0.1:{closed}"),
-                              (names.nudge, up.url)):
-                spec = {"name": name, "version": "1", "groups": GROUPS,
-                        "upstream": {"url": url, "model_name": "m", "input_name": "input", "output_name": "logits"}}
+            names = SimpleNamespace(main=f"w-{RUN}", down=f"wdown-{RUN}", nudge=f"wnudge-{RUN}",
+                                    adult=f"wadult-{RUN}", bare=f"wbare-{RUN}")
+            for name, url, upstream_name, groups in (
+                    (names.main, up.url, "m", GROUPS), (names.down, f"http://127.0.0.1:{closed}", "m", GROUPS),
+                    (names.nudge, up.url, "m", GROUPS), (names.adult, adult_up.url, "adult", ["Female", "Male"]),
+                    (names.bare, adult_up.url, "adult", ["Female", "Male"])):
+                spec = {"name": name, "version": "1", "groups": groups, "upstream": {
+                    "url": url, "model_name": upstream_name, "input_name": "input", "output_name": "logits"}}
                 assert client.post("/v1/models", json=spec).status_code == 201
-            yield SimpleNamespace(client=client, upstream=counting, names=names, upstream_model=upstream_model,
-                                  replacement=replacement)
+            yield SimpleNamespace(client=client, upstream=counting, adult_upstream=adult_counting, names=names,
+                                  upstream_model=upstream_model, replacement=replacement,
+                                  adult_model=adult_model.onnx_bytes)
 
 
 def upload(world, model: str, patch: Patch) -> str:
@@ -251,3 +259,77 @@ def test_randomized_decisions_are_reproducible_per_request_id(world):
         expected = runner.transform_outputs(X, log_softmax(logits), request_id="request-1")
         np.testing.assert_allclose(scores(first), expected, rtol=1e-5, atol=1e-5)
     deactivate(world, m)
+
+
+# --- jobs with gradient and weight access ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def adult_job_data(world, adult, adult_model) -> str:
+    """The Adult reference model's ONNX file uploaded as the artifact of `adult`, and 2,000 tune rows."""
+    r = world.client.post(f"/v1/models/{world.names.adult}/versions/1/artifact", content=adult_model.onnx_bytes,
+                          headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 201, r.text
+    frame = pd.DataFrame(adult.tune.X[:2000], columns=[f"f{i}" for i in range(adult.tune.X.shape[1])])
+    frame["income"] = adult.tune.y[:2000]
+    frame["sex"] = [adult.group_names[g] for g in adult.tune.groups[:2000]]
+    r = world.client.post("/v1/datasets", params={"label": "income", "group": "sex"},
+                          content=frame.to_csv(index=False).encode(), headers={"content-type": "text/csv"})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def wait(world, job_id: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        record = world.client.get(f"/v1/jobs/{job_id}").json()
+        if record["status"] in ("succeeded", "failed", "cancelled"):
+            return record
+        assert time.monotonic() < deadline, f"job stuck: {record}"
+        time.sleep(0.1)
+
+
+def submit(world, dataset: str, model: str | None = None, **extra) -> httpx.Response:
+    body = {"model": model or world.names.adult, "dataset": dataset, "criterion": "dp", "query_budget": 5000,
+            "holdout": 0.3, "seed": 0, **extra}
+    return world.client.post("/v1/jobs", json=body)
+
+
+def test_gradient_access_needs_an_uploaded_artifact(world, adult_job_data):
+    r = submit(world, adult_job_data, world.names.bare, method="trigger", access="gradient")
+    assert r.status_code == 409 and "upload it with POST" in r.json()["error"]
+    r = submit(world, adult_job_data, method="trigger", access="queries")
+    assert r.status_code == 400 and "it supports: zeroth_order, gradient" in r.json()["error"]
+
+
+def test_a_gradient_trigger_job_fits_on_the_artifact_and_patches_the_gateway(world, adult_job_data, adult):
+    calls = world.adult_upstream.calls
+    r = submit(world, adult_job_data, method="trigger", access="gradient", options={"steps": 40, "lams": [5.0]})
+    assert r.status_code == 202, r.text
+    assert r.json()["access"] == "gradient"
+    done = wait(world, r.json()["id"])
+    assert done["status"] == "succeeded", done["error"]
+    result = done["result"]
+    assert result["access"] == "gradient" and result["report"]["access"] == "gradient"
+    assert result["queries_used"] == 0 and result["served_by"] == "upstream"  # the fit never asked the upstream
+    # only the held-out rows went to the upstream (before, and after the trigger): metadata once, then a
+    # request per 1,024 rows, twice; a fit through the upstream would have sent its 1,400 rows too
+    assert result["holdout_rows"] < result["eval_queries"] <= 2 * result["holdout_rows"]
+    assert world.adult_upstream.calls - calls <= 1 + 2 * -(-result["holdout_rows"] // 1024)
+    assert result["after"]["dp_diff"] < result["before"]["dp_diff"] - 0.05, result
+
+    m, pid = world.names.adult, result["patch_id"]
+    activate(world, m, pid)
+    try:
+        X = adult.test.X[:32].astype(np.float32)
+        r = infer(world, m, v2(X, parameters={"fairpatch_raw": True}))
+        assert r.headers["fairpatch-patch"] == pid and r.headers["fairpatch-served-by"] == "upstream"
+        runner = PatchRunner(Patch.from_bytes(world.client.get(f"/v1/patches/{pid}").content, expected_id=pid))
+        seen = runner.transform_inputs(X)  # the trigger, applied offline
+        assert not np.allclose(seen, X)
+        raw = scores(r, "fairpatch_raw")  # the upstream's scores for the triggered rows
+        upstream_logits = run_onnx(world.adult_model, seen)
+        np.testing.assert_allclose(raw, upstream_logits, rtol=1e-4, atol=1e-4)
+        expected = runner.transform_outputs(seen, log_softmax(upstream_logits.astype(np.float64)))
+        np.testing.assert_allclose(scores(r), expected, rtol=1e-4, atol=1e-4)
+    finally:
+        deactivate(world, m)
