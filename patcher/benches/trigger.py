@@ -91,7 +91,7 @@ def fit_trigger(data, model, criterion: str, access: str, queries: int | None, s
     tune = data.tune
     tdata = TuningData(tune.X, tune.y, tune.groups, data.group_names, tuple(data.feature_names))
     opts = {**dataset_options(data.name), **{k: v for k, v in options.items() if v is not None}}
-    opts.update(access=access, seed=seed)
+    opts.update(access_kind=access, seed=seed)
     if access == "gradient":
         src, budget = ModelArtifact(model.onnx_bytes, data.name), None
     else:

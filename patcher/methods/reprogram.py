@@ -8,7 +8,7 @@ to learn it:
 - gradient access (`access` is a ModelArtifact): backpropagate through the model (ONNX -> torch via
   onnx2torch); the alternating min-max with a discriminator and the projected gradient, or a direct
   rate-gap penalty (reprogram_gradient);
-- zeroth-order access (`access` is an Oracle, or options["access"] = "zeroth_order"): scores only,
+- zeroth-order access (`access` is an Oracle, or access_kind="zeroth_order"): scores only,
   randomized antithetic gradient estimates on a low-dimensional trigger, every row counted against
   the budget, the best trigger seen kept (reprogram_zo).
 
@@ -43,8 +43,9 @@ TriggerForm = Literal["auto", "tabular", "border", "patch"]
 
 
 class ReprogramOptions(BaseModel):
-    access: Literal["gradient", "zeroth_order"] | None = Field(
-        None, description="default: gradient for a model artifact, zeroth_order for an oracle")
+    access_kind: Literal["gradient", "zeroth_order"] | None = Field(
+        None, description="default: gradient for a model artifact, zeroth_order for an oracle (the job worker "
+                          "passes the job's access here)")
     trigger: TriggerForm = Field("auto", description="auto: tabular for [N, d] inputs, border for images")
     mask: Literal["scale", "binary"] = Field("scale", description="tabular mask: real gain, or 0/1 (straight-through)")
     columns: list[int] | None = Field(None, description="tabular columns the trigger may touch (default: "
@@ -146,7 +147,7 @@ def fit(access: Oracle | ModelArtifact, data: TuningData, criterion: Criterion =
     report_progress = progress or (lambda _f, _i: None)
     if criterion not in ("dp", "eo", "eopp"):
         raise ValueError(f"unknown criterion {criterion!r}; choose dp, eo or eopp")
-    kind = opts.access or ("gradient" if isinstance(access, ModelArtifact) else "zeroth_order")
+    kind = opts.access_kind or ("gradient" if isinstance(access, ModelArtifact) else "zeroth_order")
     if kind == "gradient" and not isinstance(access, ModelArtifact):
         raise ValueError("access 'gradient' needs the model's ONNX artifact; an endpoint alone gives scores "
                          "only: use access 'zeroth_order'")
