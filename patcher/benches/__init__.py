@@ -16,11 +16,15 @@ from types import ModuleType
 
 BENCHES: dict[str, str] = {
     "eraser": "patcher.benches.eraser",
+    "forml": "patcher.benches.forml",
     "thresholds": "patcher.benches.thresholds",
     "reject_option": "patcher.benches.reject_option",
     "eq_odds": "patcher.benches.eq_odds",
     "calibrated_eq_odds": "patcher.benches.calibrated_eq_odds",
     "trigger": "patcher.benches.trigger",
+    "random_perturbation": "patcher.benches.random_perturbation",
+    "layerwise": "patcher.benches.layerwise",
+    "adversarial_finetune": "patcher.benches.adversarial_finetune",
 }
 
 

@@ -13,11 +13,15 @@ from types import ModuleType
 
 METHODS: dict[str, str] = {
     "eraser": "patcher.methods.eraser",
+    "forml": "patcher.methods.forml",
     "thresholds": "patcher.methods.thresholds",
     "reject_option": "patcher.methods.reject_option",
     "eq_odds": "patcher.methods.eq_odds",
     "calibrated_eq_odds": "patcher.methods.calibrated_eq_odds",
     "trigger": "patcher.methods.reprogram",
+    "random_perturbation": "patcher.methods.random_perturbation",
+    "layerwise": "patcher.methods.layerwise",
+    "adversarial_finetune": "patcher.methods.adversarial_finetune",
 }
 
 
