@@ -329,3 +329,121 @@ def test_http_oracle_over_v1_with_probabilities(servers, session):
         assert oracle.output_kind == "probabilities"
         np.testing.assert_allclose(oracle.scores(X), offline(session, X), rtol=1e-6)
         assert oracle.queries_used == 6
+
+
+# --- the async client's transport: pooling, stale keep-alive connections, shutdown ---------------------
+
+class RawServer:
+    """A bare HTTP/1.1 server on loopback (asyncio streams) that counts connections and can drop the
+    n-th request on a connection without answering, the way a server closes an idle keep-alive
+    connection just as the client reuses it."""
+
+    def __init__(self, drop_from: int | None = None, delay_s: float = 0.0) -> None:
+        self.drop_from, self.delay_s = drop_from, delay_s
+        self.connections, self.requests, self.headers = 0, 0, []
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *_exc: object) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        served = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode().split("\r\n")
+                headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:] if h)}
+                await reader.readexactly(int(headers.get("content-length", 0)))
+                self.headers.append(headers)
+                served += 1
+                if self.drop_from is not None and served >= self.drop_from:
+                    return  # closes the connection: no answer to this request
+                self.requests += 1
+                await asyncio.sleep(self.delay_s)
+                body = b'{"predictions": [[0.25, 0.75]]}'
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def test_async_client_pools_connections_within_its_limit(monkeypatch):
+    # A proxy in the environment must not reroute upstream calls (it does not exist: any use would fail).
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{closed_port()}")
+
+    async def main(server: RawServer):
+        async with server as url, UpstreamClient(max_connections=4) as client:
+            s = spec(url, "v1")
+            for _ in range(10):  # one after another: one keep-alive connection
+                np.testing.assert_array_equal(await client.scores(s, rows(1)), [[0.25, 0.75]])
+            sequential = server.connections
+            results = await asyncio.gather(*(client.scores(s, rows(1)) for _ in range(16)))
+            return sequential, results
+
+    server = RawServer(delay_s=0.02)
+    sequential, results = asyncio.run(main(server))
+    assert sequential == 1 and server.requests == 26
+    assert 1 < server.connections <= 4  # concurrent calls opened more, never above max_connections
+    assert all(r.tolist() == [[0.25, 0.75]] for r in results)
+    assert server.headers[0]["user-agent"].startswith("fairpatch-gateway/")
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_request_dropped_on_a_reused_connection_is_retried_on_a_new_one(retries):
+    async def main(server: RawServer):
+        async with server as url, UpstreamClient(retries=retries, backoff_s=0.01) as client:
+            s = spec(url, "v1")
+            await client.scores(s, rows(1))  # first request on the connection: answered
+            return await client.scores(s, rows(1))  # second on the same connection: dropped
+
+    server = RawServer(drop_from=2)
+    if retries:
+        np.testing.assert_array_equal(asyncio.run(main(server)), [[0.25, 0.75]])
+        assert server.connections == 2 and server.requests == 2
+    else:
+        with pytest.raises(UpstreamError) as info:
+            asyncio.run(main(server))
+        assert info.value.status_code == 502 and "cannot reach upstream" in info.value.message
+        assert "ServerDisconnectedError" in info.value.message
+
+
+@pytest.mark.parametrize(("status", "kind", "code"), [(500, UpstreamError, 502), (400, UpstreamRejected, 400),
+                                                      (503, UpstreamError, 502)])
+def test_async_client_maps_failures_like_the_sync_one(servers, status, kind, code):
+    script, s = servers["scripted"], spec(servers["script"], "v1")
+    script.run(*[(status, {"error": f"failure {status}"})] * 4)
+
+    async def main():
+        async with UpstreamClient(retries=2, backoff_s=0.01) as client:
+            await client.scores(s, rows(1))
+
+    with pytest.raises(kind) as info:
+        asyncio.run(main())
+    assert info.value.status_code == code and info.value.upstream_status == status
+    assert f"failure {status}" in info.value.message and servers["script"] in info.value.message
+    assert script.calls == (3 if status == 503 else 1)  # only 502/503 are retried
+
+
+def test_async_client_closes_cleanly_and_refuses_use_after_close(servers):
+    async def main():
+        client = UpstreamClient()
+        await client.aclose()  # never used: nothing to close, no error
+        client = UpstreamClient()
+        s = spec(servers["v1"], "v1")
+        await client.scores(s, rows(2))
+        session_ = client._session
+        await client.aclose()
+        assert session_ is not None and session_.closed
+        with pytest.raises(RuntimeError, match="closed"):
+            await client.scores(s, rows(2))
+
+    asyncio.run(main())
