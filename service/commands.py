@@ -19,6 +19,9 @@ def add_service_parsers(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, default=None, help="port (default: FAIRPATCH_PORT or 8080)")
     serve.add_argument("--no-worker", action="store_true",
                        help="in embedded mode, do not start a job worker beside the gateway")
+    serve.add_argument("--access-log", action="store_true",
+                       help="log every request (off by default: a log line per request costs the hot path; "
+                            "put access logs in the load balancer or proxy in front)")
     serve.set_defaults(run=run_serve)
 
     work = sub.add_parser(
@@ -68,8 +71,9 @@ def run_serve(args: argparse.Namespace) -> int:
         # Redis, workers are deployed on their own (`fairpatch worker`) and scaled apart from gateways.
         settings = settings.model_copy(update={"start_worker": True})
     _configure_logging(settings.log_level)
+    # uvloop and httptools are picked when installed (uvicorn[standard]); both are on the hot path.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower())
+                log_level=settings.log_level.lower(), access_log=getattr(args, "access_log", False))
     return 0
 
 

@@ -379,7 +379,8 @@ async def model_ready(request: Request, model_name: str, model_version: str | No
 async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
     cache = _cache(request)
     spec = await cache.spec(model_name, model_version)
-    req = parse_request(await request.body(), request.headers.get(BINARY_HEADER))
+    body, binary = await request.body(), request.headers.get(BINARY_HEADER)
+    req = parse_request(body, binary)
     runner = await request.app.state.patches.runner(spec.name, spec.version)
     upstream: UpstreamClient = request.app.state.upstream
     v2 = spec.upstream.protocol == "v2"
@@ -435,7 +436,12 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
     forward_outputs = None
     if wanted is not None:  # only names go upstream (binary_data etc. are answered here, as JSON)
         forward_outputs = [RequestOutput(name=n) for n in dict.fromkeys([*wanted, scores_name])]
-    result = await upstream.infer_v2(spec, inputs, forward_outputs, _forward_parameters(req.parameters))
+    forward_parameters = _forward_parameters(req.parameters)
+    if binary is None and group_tensor is None and sent is X and wanted is None \
+            and forward_parameters == req.parameters:  # nothing to change: the caller's bytes go upstream
+        result = await upstream.forward_v2(spec, body)
+    else:
+        result = await upstream.infer_v2(spec, inputs, forward_outputs, forward_parameters)
     url = spec.upstream.url
     i = scores_index(result, scores_name, url)
     raw = result.outputs[i]

@@ -36,7 +36,7 @@ class ServerThread:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.requested_port))
         self._socket, self.port = sock, sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level=self.log_level, lifespan="on",
+        config = uvicorn.Config(self.app, log_level=self.log_level, lifespan="on", access_log=False,
                                 timeout_graceful_shutdown=5)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True,

@@ -386,6 +386,12 @@ class UpstreamClient:
         body = await self.request("POST", url, encode_v2(inputs, outputs, parameters), spec.upstream.timeout_s)
         return decode_v2(body, url)
 
+    async def forward_v2(self, spec: ModelSpec, body: bytes) -> InferResponse:
+        """A caller's V2 request body sent as it came: for a request the gateway checked and would
+        re-encode unchanged (re-encoding a large tensor costs more than the rest of the gateway's work)."""
+        url = infer_url(spec)
+        return decode_v2(await self.request("POST", url, body, spec.upstream.timeout_s), url)
+
     async def scores(self, spec: ModelSpec, X: np.ndarray, *, input_name: str | None = None,
                      datatype: str = "FP32") -> np.ndarray:
         """Raw scores for a batch of rows, any protocol."""

@@ -447,3 +447,18 @@ def test_async_client_closes_cleanly_and_refuses_use_after_close(servers):
             await client.scores(s, rows(2))
 
     asyncio.run(main())
+
+
+def test_forward_v2_sends_the_callers_body_as_it_came(servers, session):
+    X = rows(4, seed=11)
+    s = spec(servers["v2"], model_name="mlp")
+    body = json.dumps({"id": "caller-7", "inputs": [{"name": "input", "shape": [4, 5], "datatype": "FP32",
+                                                     "data": X.tolist()}]}).encode()  # nested rows, as sent
+
+    async def main():
+        async with UpstreamClient() as client:
+            return await client.forward_v2(s, body)
+
+    response = asyncio.run(main())
+    assert response.id == "caller-7" and response.outputs[0].name == "logits"
+    np.testing.assert_array_equal(np.asarray(response.outputs[0].data, np.float32).reshape(4, 2), offline(session, X))

@@ -263,6 +263,7 @@ def test_cli_arguments():
     assert (args.version, args.host, args.port) == ("1", "127.0.0.1", 9000) and callable(args.run)
     args = parse(["serve", "--port", "8123"])
     assert args.port == 8123 and args.host is None and callable(args.run)
+    assert args.access_log is False and parse(["serve", "--access-log"]).access_log is True
 
 
 def test_cli_refuses_a_missing_model_file(tmp_path, capsys):
