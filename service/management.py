@@ -16,6 +16,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
+from types import ModuleType
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
@@ -296,11 +297,9 @@ def _jobs(request: Request) -> JobStore:
     return request.app.state.jobs
 
 
-def _check_options(method: str, options: dict[str, Any]) -> None:
+def _check_options(method: str, module: ModuleType, options: dict[str, Any]) -> None:
     """Options are checked before the job is queued, so a typo is a 400 now rather than a failed job later."""
-    from patcher.methods import get_method
-
-    model = options_model(get_method(method))
+    model = options_model(module)
     if model is None:
         return
     unknown = sorted(set(options) - set(model.model_fields))
@@ -315,11 +314,9 @@ def _check_options(method: str, options: dict[str, Any]) -> None:
         raise ApiError(400, f"invalid options for {method}: {e}") from None
 
 
-def _resolve_access(req: JobRequest) -> JobRequest:
+def _resolve_access(req: JobRequest, module: ModuleType) -> JobRequest:
     """The job's access kind: the one asked for if the method supports it, else 400 naming what it does."""
-    from patcher.methods import get_method
-
-    supported = method_access(get_method(req.method))
+    supported = method_access(module)
     access = req.access or default_access(supported)
     if access not in supported:
         listed = ", ".join(k for k in ACCESS_ORDER if k in supported)
@@ -350,9 +347,15 @@ async def create_job(request: Request) -> JSONResponse:
     reserved = sorted(RESERVED_OPTIONS & set(req.options))
     if reserved:
         raise ApiError(400, f"options may not set {', '.join(reserved)}: they are fields of the job itself")
-    _check_options(req.method, req.options)
-    req = _resolve_access(req)
-    if req.exemplar_dataset is not None and not method_takes(get_method(req.method), "exemplar"):
+    # In a thread: the first import of a torch method takes seconds, and inference shares this event loop.
+    try:
+        module = await run_in_threadpool(get_method, req.method)
+    except ImportError as e:
+        raise ApiError(500, f"method {req.method} is registered but cannot be loaded on this gateway ({e}); "
+                            "check its dependencies (the torch extra)") from None
+    _check_options(req.method, module, req.options)
+    req = _resolve_access(req, module)
+    if req.exemplar_dataset is not None and not method_takes(module, "exemplar"):
         raise ApiError(400, f"method {req.method} takes no exemplar dataset; leave exemplar_dataset out")
     registry = _registry(request)
     if req.version is None:

@@ -221,7 +221,7 @@ async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, 
     if len(fit_idx) == 0 or len(held_idx) == 0:
         raise JobFailed(f"holdout {job.holdout} of {len(data.y)} rows leaves one part empty; "
                         "upload more rows or change holdout")
-    method = get_method(job.method)
+    method = await asyncio.to_thread(get_method, job.method)  # a first torch import takes seconds
     tune = TuningData(data.X[fit_idx], data.y[fit_idx], data.groups[fit_idx], data.group_names, data.feature_names)
     extra: dict[str, Any] = {}
     if method_takes(method, "access_kind"):  # methods with more than one mode (triggers) learn which one

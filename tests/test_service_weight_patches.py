@@ -333,3 +333,58 @@ def test_a_gradient_trigger_job_fits_on_the_artifact_and_patches_the_gateway(wor
         np.testing.assert_allclose(scores(r), expected, rtol=1e-4, atol=1e-4)
     finally:
         deactivate(world, m)
+
+
+def upload_rows(world, adult, rows: slice, columns: int | None = None) -> str:
+    X = adult.tune.X[rows] if columns is None else adult.tune.X[rows][:, :columns]
+    frame = pd.DataFrame(X, columns=[f"f{i}" for i in range(X.shape[1])])
+    frame["income"] = adult.tune.y[rows]
+    frame["sex"] = [adult.group_names[g] for g in adult.tune.groups[rows]]
+    r = world.client.post("/v1/datasets", params={"label": "income", "group": "sex"},
+                          content=frame.to_csv(index=False).encode(), headers={"content-type": "text/csv"})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def test_a_forml_job_produces_an_activatable_weight_patch(world, adult_job_data, adult):
+    exemplars = upload_rows(world, adult, slice(2000, 2600))
+    calls = world.adult_upstream.calls
+    r = submit(world, adult_job_data, method="forml", criterion="eopp", exemplar_dataset=exemplars,
+               options={"epochs": 2, "exemplar_batch": 128, "min_per_cell": 8})
+    assert r.status_code == 202, r.text
+    assert r.json()["access"] == "weights" and r.json()["exemplar_dataset"] == exemplars  # FORML's only kind
+    done = wait(world, r.json()["id"])
+    assert done["status"] == "succeeded", done["error"]
+    result = done["result"]
+    assert result["access"] == "weights" and result["served_by"] == "patch" and result["queries_used"] == 0
+    assert result["report"]["n_exemplar"] == 600 and result["report"]["n_train"] == result["fit_rows"]
+    assert {"tprd", "max_fnr"} <= set(result["report"]["exemplar_metrics"])
+    assert result["after"]["accuracy"] > 0.75  # a working classifier, not noise
+    assert world.adult_upstream.calls - calls <= 1 + -(-result["holdout_rows"] // 1024)  # only "before" asked it
+
+    m, pid = world.names.adult, result["patch_id"]
+    patch = Patch.from_bytes(world.client.get(f"/v1/patches/{pid}").content, expected_id=pid)
+    assert patch.method == "forml" and patch.part("replacement_model") is not None
+    assert set(patch.arrays()) == {"sample_weights", "ema_weighted_loss"}
+    activate(world, m, pid)
+    try:
+        X = adult.test.X[:48].astype(np.float32)
+        calls = world.adult_upstream.calls
+        r = infer(world, m, v2(X))
+        assert r.headers["fairpatch-served-by"] == "patch" and r.headers["fairpatch-patch"] == pid
+        offline = log_softmax(run_onnx(patch.part("replacement_model"), X).astype(np.float64))
+        np.testing.assert_allclose(scores(r), offline, rtol=1e-5, atol=1e-5)
+        assert world.adult_upstream.calls == calls
+    finally:
+        deactivate(world, m)
+    assert infer(world, m, v2(adult.test.X[:4].astype(np.float32))).headers["fairpatch-served-by"] == "upstream"
+
+
+def test_an_exemplar_dataset_that_does_not_fit_fails_the_job_with_the_reason(world, adult_job_data, adult):
+    narrow = upload_rows(world, adult, slice(0, 200), columns=7)
+    r = submit(world, adult_job_data, method="forml", exemplar_dataset=narrow, options={"epochs": 1})
+    assert r.status_code == 202, r.text
+    done = wait(world, r.json()["id"])
+    assert done["status"] == "failed" and "has 7 feature columns" in done["error"]
+    r = submit(world, adult_job_data, method="forml", options={"epochs": 0})  # the method's own options check
+    assert r.status_code == 400 and "invalid options for forml: epochs" in r.json()["error"]
