@@ -114,7 +114,7 @@ class BorderTrigger(Trigger):
     def affine(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, h, w = self.shape
         W = theta.reshape(self.grid).repeat_interleave(self.block, 1).repeat_interleave(self.block, 2)[:, :h, :w]
-        return torch.ones(self.shape, dtype=theta.dtype), torch.tanh(W) * self._frame
+        return torch.ones(self.shape, dtype=theta.dtype), torch.tanh(W) * self._frame.to(theta.dtype)
 
     def describe(self, theta: torch.Tensor) -> dict:
         return {"form": "border", "width": self.width, "block": self.block, "dim": self.dim}
@@ -138,7 +138,8 @@ class PatchTrigger(Trigger):
         c, h, w = self.shape
         W = torch.zeros((c, h, w), dtype=theta.dtype)
         W[:, : self.size, : self.size] = torch.sigmoid(theta.reshape(c, self.size, self.size))
-        return (1.0 - self._m).expand(c, h, w).to(theta.dtype), W * self._m
+        m = self._m.to(theta.dtype)
+        return (1.0 - m).expand(c, h, w), W * m
 
     def describe(self, theta: torch.Tensor) -> dict:
         return {"form": "patch", "size": self.size, "dim": self.dim}

@@ -1,0 +1,130 @@
+"""Fairness Reprogramming: trigger forms and their ONNX export, the projected gradient, gradient and
+zeroth-order fits on the real Adult reference model (scored on the test split), budgets, the bench JSON."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from patcher.access import ModelArtifact
+from patcher.apply import PatchRunner
+from patcher.bench import headline
+from patcher.methods import get_method, reprogram
+from patcher.methods.reprogram_gradient import project
+from patcher.methods.reprogram_triggers import BorderTrigger, PatchTrigger, TabularTrigger, group_columns
+from patcher.oracle import OnnxOracle
+from patcher.tuning import TuningData
+
+
+def run_onnx(graph: bytes, X: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(graph, providers=["CPUExecutionProvider"]).run(None, {"input": X})[0]
+
+
+@pytest.mark.parametrize("trigger", [TabularTrigger(7), TabularTrigger(7, [1, 4], mask="binary"),
+                                     BorderTrigger((3, 16, 16), width=2, block=4), PatchTrigger((3, 16, 16), 4)],
+                         ids=["tabular-scale", "tabular-binary", "border", "patch"])
+def test_exported_trigger_is_exactly_the_torch_trigger(trigger) -> None:
+    rng = np.random.default_rng(0)
+    X = rng.random((5, *trigger.shape), dtype=np.float32)
+    theta = trigger.init().float() + torch.tensor(rng.normal(size=trigger.dim), dtype=torch.float32)
+    graph = trigger.to_onnx(theta)
+    with torch.no_grad():
+        expected = trigger.apply(torch.tensor(X), theta).numpy()
+    out = run_onnx(graph, X)
+    assert out.shape == X.shape
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+    if not isinstance(trigger, PatchTrigger):  # a patch always replaces its pixels; the others start as identity
+        np.testing.assert_allclose(run_onnx(trigger.to_onnx(trigger.init().float()), X), X, atol=1e-7)
+
+
+def test_border_and_patch_touch_only_their_pixels() -> None:
+    X = np.zeros((1, 3, 16, 16), np.float32)
+    border, patch = BorderTrigger((3, 16, 16), width=2), PatchTrigger((3, 16, 16), size=4)
+    b = run_onnx(border.to_onnx(torch.ones(border.dim)), X)[0]
+    assert np.all(b[:, 2:14, 2:14] == 0) and np.all(b[:, :2, :] > 0.7)
+    p = run_onnx(patch.to_onnx(torch.ones(patch.dim)), X + 0.5)[0]
+    assert np.allclose(p[:, :4, :4], 1 / (1 + np.exp(-1))) and np.all(p[:, 4:, :] == 0.5)
+
+
+def test_binary_mask_is_hard_forward_and_straight_through_backward() -> None:
+    trig = TabularTrigger(4, mask="binary")
+    theta = torch.tensor([2.0, -1.0, 0.5, -3.0, 0.0, 0.0, 0.0, 0.0], requires_grad=True)
+    M, _ = trig.affine(theta)
+    assert M.tolist() == [1.0, 0.0, 1.0, 0.0]
+    M.sum().backward()
+    assert torch.all(theta.grad[:4] > 0)  # sigmoid' flows through the hard mask
+
+
+def test_projection_removes_the_adversarys_direction() -> None:
+    g_u, g_adv = torch.tensor([1.0, 2.0, 0.0]), torch.tensor([0.0, 3.0, 4.0])
+    g = project(g_u, g_adv, 0.0)
+    assert abs(float(g @ g_adv)) < 1e-6
+    assert torch.allclose(project(g_u, g_adv, 0.5), g - 0.5 * g_adv)
+
+
+def test_group_columns_finds_the_sex_columns(adult) -> None:
+    cols = group_columns(adult.tune.X, adult.tune.groups, 2)
+    assert {adult.feature_names[c] for c in cols} == {"sex=Female", "sex=Male"}
+
+
+@pytest.fixture(scope="module")
+def tune(adult) -> TuningData:
+    t = adult.tune
+    return TuningData(t.X, t.y, t.groups, adult.group_names, tuple(adult.feature_names))
+
+
+def scored(adult, adult_model, patch) -> tuple[dict, dict]:
+    oracle, runner, test = OnnxOracle(adult_model.onnx_bytes, cache=False), PatchRunner(patch), adult.test
+    before = headline(test.y, oracle.log_probs(test.X).argmax(1), test.groups)
+    after = runner.predict(test.X, oracle.log_probs(runner.transform_inputs(test.X)))
+    return before, headline(test.y, after, test.groups)
+
+
+def test_gradient_trigger_cuts_adult_dp_on_the_test_split(adult, adult_model, tune) -> None:
+    kinds = reprogram.ACCESS
+    assert get_method("trigger") is reprogram and kinds == frozenset({"gradient", "zeroth_order"})
+    fractions = []
+    patch, report = reprogram.fit(ModelArtifact(adult_model.onnx_bytes), tune, "dp", None, lam=5.0, steps=150,
+                                  progress=lambda f, _info: fractions.append(f))
+    assert report.access == "gradient" and report.queries_used == 0 and report.lam == 5.0
+    assert patch.part("input_transform") is not None and not patch.group_at_inference
+    assert fractions and fractions == sorted(fractions)
+    before, after = scored(adult, adult_model, patch)
+    assert after["dp_diff"] < 0.5 * before["dp_diff"], (before, after)
+    assert before["accuracy"] - after["accuracy"] < 0.03, (before, after)
+
+
+def test_zeroth_order_trigger_stays_within_its_budget_and_helps(adult, adult_model, tune) -> None:
+    oracle = OnnxOracle(adult_model.onnx_bytes, budget=12_000)
+    patch, report = reprogram.fit(oracle, tune, "dp", 12_000, eval_size=1000, evals=2, zo_columns=4)
+    assert report.access == "zeroth_order" and report.steps > 0
+    assert report.queries_used == oracle.queries_used <= 12_000
+    assert len(report.trigger["columns"]) == 4 and report.trigger["dim"] == 8
+    before, after = scored(adult, adult_model, patch)
+    assert after["dp_diff"] < 0.6 * before["dp_diff"], (before, after)
+    assert before["accuracy"] - after["accuracy"] < 0.04, (before, after)
+
+
+def test_clear_errors(adult_model, tune) -> None:
+    with pytest.raises(ValueError, match="too small"):
+        reprogram.fit(OnnxOracle(adult_model.onnx_bytes, budget=300), tune, "dp", 300)
+    with pytest.raises(ValueError, match="needs the model's ONNX artifact"):
+        reprogram.fit(OnnxOracle(adult_model.onnx_bytes), tune, "dp", None, access_kind="gradient")
+    with pytest.raises(ValueError, match="unknown criterion"):
+        reprogram.fit(ModelArtifact(adult_model.onnx_bytes), tune, "parity", None)
+    with pytest.raises(ValueError, match="image trigger"):
+        reprogram.fit(ModelArtifact(adult_model.onnx_bytes), tune, "dp", None, trigger="border")
+
+
+def test_bench_json_has_the_eraser_fields_plus_access_and_lam() -> None:
+    from patcher.benches import get_bench
+
+    r = get_bench("trigger").run(dataset="german", sensitive=None, criterion="dp", access="zeroth_order",
+                                 queries=4000, seed=0, eval_size=100, evals=1)
+    for key in ("method", "dataset", "sensitive", "criterion", "seed", "queries_used", "fit_seconds",
+                "group_at_inference", "before", "after", "access", "lam"):
+        assert key in r
+    assert r["access"] == "zeroth_order" and 0 < r["queries_used"] <= 4000 and r["group_at_inference"] is False
+    assert set(r["before"]) == set(r["after"]) and "dp_diff" in r["after"]
