@@ -476,7 +476,7 @@ def _jobs_of(body: Any) -> list[dict]:
     return body if isinstance(body, list) else body.get("jobs", [])
 
 
-def _job_body(model: str, dataset: str, version: str | None, method: str, criterion: str, query_budget: int,
+def _job_body(model: str, dataset: str, version: str | None, method: str, criterion: str, query_budget: int | None,
               holdout: float, seed: int, options: Mapping[str, Any] | None, access: str | None = None,
               exemplar_dataset: str | None = None) -> dict[str, Any]:
     """The job request; without a version the gateway uses the model's latest, without an access kind the
@@ -597,7 +597,7 @@ class Client(_Base):
 
     # jobs
     def create_job(self, model: str, dataset: str, *, version: str | None = None, method: str = "eraser",
-                   criterion: str = "dp", query_budget: int = 1000, holdout: float = 0.3, seed: int = 0,
+                   criterion: str = "dp", query_budget: int | None = 1000, holdout: float = 0.3, seed: int = 0,
                    options: Mapping[str, Any] | None = None, access: str | None = None,
                    exemplar_dataset: str | None = None) -> Job:
         """Start a patch-training job. `access`: "queries", "zeroth_order", "gradient" or "weights" (the last two
@@ -755,7 +755,7 @@ class AsyncClient(_Base):
 
     # jobs
     async def create_job(self, model: str, dataset: str, *, version: str | None = None, method: str = "eraser",
-                         criterion: str = "dp", query_budget: int = 1000, holdout: float = 0.3, seed: int = 0,
+                         criterion: str = "dp", query_budget: int | None = 1000, holdout: float = 0.3, seed: int = 0,
                          options: Mapping[str, Any] | None = None, access: str | None = None,
                          exemplar_dataset: str | None = None) -> Job:
         return await self._do(_Calls.create_job(_job_body(model, dataset, version, method, criterion, query_budget,

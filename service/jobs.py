@@ -49,7 +49,9 @@ class JobRequest(BaseModel):
     method: str = Field("eraser", description="a method from patcher.methods.METHODS")
     dataset: str = Field(min_length=1, max_length=128, description="id of an uploaded dataset")
     criterion: Literal["dp", "eo", "eopp"] = "dp"
-    query_budget: int = Field(gt=0, le=100_000_000, description="rows the fit may send to the upstream")
+    query_budget: int | None = Field(None, gt=0, le=100_000_000,
+                                     description="rows the fit may send to the upstream (required for access "
+                                                 "queries and zeroth_order; gradient and weights send none)")
     holdout: float = Field(0.3, gt=0, lt=1, description="fraction held out to score the patch on")
     seed: int = Field(0, ge=0, le=2**32 - 1)
     options: dict[str, Any] = Field(default_factory=dict, description="method options (e.g. {'bias': 'group'})")
@@ -68,7 +70,7 @@ class JobRecord(BaseModel):
     version: str
     dataset: str
     criterion: str
-    query_budget: int
+    query_budget: int | None
     holdout: float
     seed: int
     options: dict[str, Any]

@@ -321,6 +321,9 @@ def _resolve_access(req: JobRequest, module: ModuleType) -> JobRequest:
     if access not in supported:
         listed = ", ".join(k for k in ACCESS_ORDER if k in supported)
         raise ApiError(400, f"method {req.method} does not support access {access!r}; it supports: {listed}")
+    if access not in ARTIFACT_ACCESS and req.query_budget is None:
+        raise ApiError(400, f"invalid request: query_budget: required for access {access!r} (the rows the fit may "
+                            "send to the upstream)")
     return req.model_copy(update={"access": access})
 
 

@@ -225,6 +225,7 @@ def job(dataset_id: str, **extra) -> dict:
     ({"exemplar_dataset": "0" * 32}, 400, "method eraser takes no exemplar dataset"),
     ({"options": {"access_kind": "gradient"}}, 400, "options may not set access_kind"),
     ({"options": {"exemplar": "x"}}, 400, "options may not set exemplar"),
+    ({"query_budget": None}, 400, "query_budget: required for access 'queries'"),
 ])
 def test_jobs_whose_access_does_not_fit_the_method_are_refused(client, dataset_id, extra, status, message):
     register(client)

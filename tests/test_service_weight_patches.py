@@ -350,7 +350,7 @@ def test_a_forml_job_produces_an_activatable_weight_patch(world, adult_job_data,
     exemplars = upload_rows(world, adult, slice(2000, 2600))
     calls = world.adult_upstream.calls
     r = submit(world, adult_job_data, method="forml", criterion="eopp", exemplar_dataset=exemplars,
-               options={"epochs": 2, "exemplar_batch": 128, "min_per_cell": 8})
+               query_budget=None, options={"epochs": 2, "exemplar_batch": 128, "min_per_cell": 8})
     assert r.status_code == 202, r.text
     assert r.json()["access"] == "weights" and r.json()["exemplar_dataset"] == exemplars  # FORML's only kind
     done = wait(world, r.json()["id"])
