@@ -1,0 +1,423 @@
+"""Shared parts of the intra-processing debiasers (Savani, White, Govindarajulu, NeurIPS 2020).
+
+The three weight-access methods (random perturbation, layer-wise optimisation, adversarial
+fine-tuning) all score a candidate model with the same objective on the tuning rows:
+
+    phi = balanced accuracy   if |bias| < epsilon - margin   else 0
+
+maximised over the decision threshold (`threshold_search`). `bias` is one of the paper's measures,
+each a gap of one per-group rate: SPD (selection rate), EOD (true-positive rate) and AOD (mean of
+true- and false-positive rate). With two groups it is rate(group 0) - rate(group 1), the AIF360
+sign when group 0 is the unprivileged one; with more groups it is the largest gap (max - min).
+
+The result of every method is a weight patch: the debiased torch module, wrapped so its threshold
+is baked into the logits (argmax = decision), exported to ONNX with the original input name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from patcher.tuning import TuningData
+
+if TYPE_CHECKING:
+    import torch
+
+    from patcher.access import ModelArtifact
+
+BiasMeasure = Literal["spd", "eod", "aod"]
+OutputKind = Literal["logits", "probs"]
+CRITERION_MEASURE: dict[str, BiasMeasure] = {"dp": "spd", "eo": "eod", "eopp": "eod"}
+Progress = Callable[[float, dict], None]
+
+
+class IntraOptions(BaseModel):
+    """Options every intra-processing method takes; unknown names are an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bias_measure: BiasMeasure | None = Field(None, description="spd, eod or aod (default: from the criterion, "
+                                                               "dp -> spd, eo/eopp -> eod)")
+    epsilon: float = Field(0.05, gt=0, lt=1, description="the bias bound of the objective")
+    margin: float = Field(0.01, ge=0, lt=1, description="tune against epsilon - margin, so the bound holds on "
+                                                        "unseen rows")
+    output_kind: OutputKind = Field("logits", description="what the model's [N, 2] output holds")
+
+
+def parse_options(model: type[BaseModel], options: dict[str, Any]) -> Any:
+    """Options -> the method's pydantic model; a bad option is a ValueError that names it and what is allowed."""
+    try:
+        opts = model(**options)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "options"
+            if err["type"] == "extra_forbidden":
+                problems.append(f"unknown option {where!r}; allowed: {', '.join(sorted(model.model_fields))}")
+            else:
+                problems.append(f"option {where!r}: {err['msg']} (got {err.get('input')!r})")
+        raise ValueError("; ".join(problems)) from None
+    if getattr(opts, "margin", 0) >= getattr(opts, "epsilon", 1):
+        raise ValueError(f"margin ({opts.margin}) must be below epsilon ({opts.epsilon})")
+    return opts
+
+
+def resolve_measure(criterion: str, bias_measure: BiasMeasure | None) -> BiasMeasure:
+    if criterion not in CRITERION_MEASURE:
+        raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERION_MEASURE)}")
+    return bias_measure or CRITERION_MEASURE[criterion]
+
+
+# ---------------------------------------------------------------- bias and the objective
+
+
+def group_rates(pred: np.ndarray, y: np.ndarray, groups: np.ndarray, n_groups: int, measure: BiasMeasure):
+    """The per-group rate a measure compares, from hard or soft predictions in [0, 1]. NaN where undefined."""
+    pred = np.asarray(pred, np.float64)
+    out = np.full(n_groups, np.nan)
+    for g in range(n_groups):
+        m = groups == g
+        pos, neg = m & (y == 1), m & (y == 0)
+        if measure == "spd":
+            out[g] = pred[m].mean() if m.any() else np.nan
+        elif measure == "eod":
+            out[g] = pred[pos].mean() if pos.any() else np.nan
+        else:
+            out[g] = 0.5 * (pred[pos].mean() + pred[neg].mean()) if pos.any() and neg.any() else np.nan
+    return out
+
+
+def rate_gap(rates: np.ndarray) -> np.ndarray:
+    """Signed gap of the last axis: r[0] - r[1] for two groups, max - min over present groups otherwise."""
+    rates = np.atleast_2d(rates)
+    if rates.shape[1] == 2:
+        gap = rates[:, 0] - rates[:, 1]
+    else:
+        with np.errstate(invalid="ignore"):
+            gap = np.nanmax(rates, axis=1) - np.nanmin(rates, axis=1)
+    return np.nan_to_num(gap, nan=0.0)
+
+
+def bias(pred: np.ndarray, y: np.ndarray, groups: np.ndarray, n_groups: int, measure: BiasMeasure) -> float:
+    return float(rate_gap(group_rates(pred, y, groups, n_groups, measure))[0])
+
+
+def balanced_accuracy(pred: np.ndarray, y: np.ndarray) -> float:
+    pred = np.asarray(pred) > 0.5
+    tpr = pred[y == 1].mean() if (y == 1).any() else 0.0
+    tnr = (~pred[y == 0]).mean() if (y == 0).any() else 0.0
+    return float(0.5 * (tpr + tnr))
+
+
+@dataclass(frozen=True)
+class Operating:
+    """The best decision threshold of one candidate model on the tuning rows."""
+
+    threshold: float  # decide positive where margin (logit1 - logit0) > threshold
+    objective: float  # phi at that threshold
+    balanced_accuracy: float
+    accuracy: float
+    bias: float  # signed, see the module docstring
+    feasible: bool  # |bias| < epsilon - margin
+    positive_rate: float
+
+    def as_dict(self) -> dict[str, float | bool]:
+        return {"threshold": self.threshold, "objective": self.objective, "balanced_accuracy": self.balanced_accuracy,
+                "accuracy": self.accuracy, "bias": self.bias, "feasible": self.feasible,
+                "positive_rate": self.positive_rate}
+
+
+def threshold_search(margin: np.ndarray, y: np.ndarray, groups: np.ndarray, n_groups: int, measure: BiasMeasure,
+                     bound: float) -> Operating:
+    """Maximise phi over every distinct cut of `margin` (exact, vectorised: one sort and cumulative counts).
+
+    `bound` = epsilon - margin. Cut k makes the top k rows positive; only cuts between distinct scores are
+    realisable. Among cuts of equal phi the least biased wins. The constant rules (everyone or no one
+    positive) have zero bias and balanced accuracy 0.5: the floor, as in the paper.
+    """
+    margin = np.asarray(margin, np.float64)
+    y = np.asarray(y, np.int64)
+    groups = np.asarray(groups, np.int64)
+    order = np.argsort(-margin, kind="stable")
+    s, yy, gg = margin[order], y[order], groups[order]
+    n = len(s)
+    pos = np.zeros((n + 1, n_groups, 2))
+    np.add.at(pos[1:], (np.arange(n), gg, yy), 1.0)
+    pos = np.cumsum(pos, axis=0)  # positives among the top k rows, per (group, label)
+    tot = np.zeros((n_groups, 2))
+    np.add.at(tot, (gg, yy), 1.0)
+    P, N = tot[:, 1].sum(), tot[:, 0].sum()
+    tp, fp = pos[:, :, 1].sum(1), pos[:, :, 0].sum(1)
+    tpr = tp / P if P else np.zeros(n + 1)
+    tnr = 1 - fp / N if N else np.zeros(n + 1)
+    ba = 0.5 * (tpr + tnr)
+    acc = (tp + N - fp) / n
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if measure == "spd":
+            rates = pos.sum(2) / tot.sum(1)
+        elif measure == "eod":
+            rates = pos[:, :, 1] / tot[:, 1]
+        else:
+            rates = 0.5 * (pos[:, :, 1] / tot[:, 1] + pos[:, :, 0] / tot[:, 0])
+    gap = rate_gap(rates)
+    ok = np.abs(gap) < bound
+    realisable = np.ones(n + 1, bool)
+    realisable[1:n] = s[:-1] > s[1:]
+    phi = np.where(ok, ba, 0.0)
+    key = np.where(realisable, phi - 1e-9 * np.abs(gap), -np.inf)
+    k = int(np.argmax(key))
+    cuts = np.concatenate([[s[0] + 1.0], (s[:-1] + s[1:]) / 2, [s[-1] - 1.0]]) if n else np.zeros(1)
+    return Operating(threshold=float(cuts[k]), objective=float(phi[k]), balanced_accuracy=float(ba[k]),
+                     accuracy=float(acc[k]), bias=float(gap[k]), feasible=bool(ok[k]), positive_rate=k / max(n, 1))
+
+
+def default_operating(margin: np.ndarray, y: np.ndarray, groups: np.ndarray, n_groups: int, measure: BiasMeasure,
+                      bound: float) -> Operating:
+    """The model as deployed: threshold 0 on the margin (argmax)."""
+    pred = (np.asarray(margin) > 0).astype(np.float64)
+    ba, b = balanced_accuracy(pred, y), bias(pred, y, groups, n_groups, measure)
+    return Operating(threshold=0.0, objective=ba if abs(b) < bound else 0.0, balanced_accuracy=ba,
+                     accuracy=float(np.mean(pred == y)), bias=b, feasible=abs(b) < bound,
+                     positive_rate=float(pred.mean()))
+
+
+# ---------------------------------------------------------------- torch helpers
+
+
+class Scorer:
+    """Margins (logit1 - logit0) of a torch module on fixed rows, in batches, without gradients."""
+
+    def __init__(self, X: np.ndarray, output_kind: OutputKind = "logits", batch_size: int = 16384) -> None:
+        import torch
+
+        self.X = torch.from_numpy(np.array(X, np.float32))
+        self.output_kind = output_kind
+        self.batch_size = batch_size
+
+    def margin(self, module: torch.nn.Module) -> np.ndarray:
+        import torch
+
+        outs = []
+        with torch.no_grad():
+            for i in range(0, len(self.X), self.batch_size):
+                outs.append(logit_margin(module(self.X[i:i + self.batch_size]), self.output_kind))
+        return torch.cat(outs).double().numpy()
+
+
+def logit_margin(out: torch.Tensor, output_kind: OutputKind = "logits") -> torch.Tensor:
+    """log p1 - log p0 from a [N, 2] output (differentiable)."""
+    import torch
+
+    if output_kind == "probs":
+        out = torch.log(out.clamp_min(1e-12))
+    return out[:, 1] - out[:, 0]
+
+
+def load_binary_module(access: ModelArtifact, data: TuningData, output_kind: OutputKind) -> torch.nn.Module:
+    """The artifact as a torch module, checked to be a binary classifier with [N, 2] outputs."""
+    import torch
+
+    from patcher.access import ModelArtifact
+
+    if not isinstance(access, ModelArtifact):
+        raise ValueError(f"intra-processing needs the model's weights (a ModelArtifact), got {type(access).__name__};"
+                         " upload the model's ONNX artifact")
+    if set(np.unique(data.y).tolist()) - {0, 1}:
+        raise ValueError("intra-processing methods are binary: labels must be 0/1")
+    module = access.torch_module()
+    with torch.no_grad():
+        out = module(torch.as_tensor(np.asarray(data.X[:2], np.float32)))
+    if out.ndim != 2 or out.shape[1] != 2:
+        raise ValueError(f"the model outputs shape {list(out.shape)}; intra-processing needs [N, 2] scores")
+    if output_kind == "probs" and (out.min() < 0 or out.max() > 1):
+        raise ValueError("output_kind='probs' but the model's outputs are not in [0, 1]")
+    return module
+
+
+def freeze_copy(module: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(module).eval()
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+def thresholded_module(module: torch.nn.Module, threshold: float, output_kind: OutputKind = "logits"):
+    """The module with its threshold baked in: argmax of the output = (margin > threshold)."""
+    import torch
+
+    class Thresholded(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = module
+            self.register_buffer("shift", torch.tensor([0.0, -threshold], dtype=torch.float32))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.model(x)
+            if output_kind == "probs":
+                out = torch.log(out.clamp_min(1e-12))
+            return out + self.shift
+
+    return Thresholded().eval()
+
+
+def last_linear(module: torch.nn.Module) -> torch.nn.Module:
+    """The last Linear layer in execution order (fx graph order for onnx2torch modules)."""
+    import torch
+
+    graph = getattr(module, "graph", None)
+    found = None
+    if graph is not None:
+        for node in graph.nodes:
+            if node.op == "call_module" and isinstance(module.get_submodule(node.target), torch.nn.Linear):
+                found = module.get_submodule(node.target)
+    if found is None:
+        linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+        found = linears[-1] if linears else None
+    if found is None:
+        raise ValueError("the model has no Linear layer: adversarial fine-tuning needs a final linear layer")
+    return found
+
+
+def export_weight_patch_model(access: ModelArtifact, module: torch.nn.Module, threshold: float,
+                              output_kind: OutputKind, sample: np.ndarray) -> bytes:
+    """ONNX bytes of the debiased module with the threshold baked in; same input name as the original."""
+    import onnx
+    import torch
+
+    from patcher.access import torch_to_onnx
+
+    input_name = onnx.load_from_string(access.onnx_bytes).graph.input[0].name
+    wrapped = thresholded_module(freeze_copy(module), threshold, output_kind)
+    return torch_to_onnx(wrapped, torch.as_tensor(np.asarray(sample[:2], np.float32)), input_name=input_name)
+
+
+def onnx_margin(onnx_bytes: bytes, X: np.ndarray) -> np.ndarray:
+    """logits1 - logits0 of an ONNX model (onnxruntime), for checks and benches."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: np.asarray(X, np.float32)})[0]
+    return out[:, 1].astype(np.float64) - out[:, 0]
+
+
+# ---------------------------------------------------------------- reports and the patch
+
+
+class IntraReport(BaseModel):
+    method: str
+    access: str = "weights"
+    queries_used: int = 0
+    criterion: str
+    bias_measure: BiasMeasure
+    epsilon: float
+    margin: float
+    threshold: float  # on the margin logit1 - logit0, baked into the patched model
+    tune_default: dict[str, float | bool]  # the model as deployed (threshold 0) on the tuning rows
+    tune_base: dict[str, float | bool]  # the unchanged model with the threshold search
+    tune_after: dict[str, float | bool]  # the debiased model with its threshold
+    details: dict[str, Any] = Field(default_factory=dict)
+    fit_seconds: float
+
+
+def build_patch(method: str, access: ModelArtifact, data: TuningData, module: torch.nn.Module, op: Operating,
+                report: IntraReport, output_kind: OutputKind) -> Any:
+    from patcher.patch import Patch
+
+    onnx_bytes = export_weight_patch_model(access, module, op.threshold, output_kind, data.X)
+    params = {"threshold": op.threshold, "bias_measure": report.bias_measure, "epsilon": report.epsilon,
+              "margin": report.margin, "criterion": report.criterion, "base_model_sha256": access.sha256}
+    return Patch.build(method=method, n_classes=2, groups=list(data.group_names), group_at_inference=False,
+                       replacement_model=onnx_bytes, params=params,
+                       report=report.model_dump(exclude={"details", "fit_seconds"}))
+
+
+def noop_progress(_fraction: float, _info: dict) -> None:
+    return None
+
+
+# ---------------------------------------------------------------- the shared fit skeleton
+
+
+@dataclass
+class FitContext:
+    """Everything a method needs after the common checks: the module, its scorer, the objective's terms."""
+
+    access: ModelArtifact
+    data: TuningData
+    criterion: str
+    opts: Any
+    measure: BiasMeasure
+    bound: float  # epsilon - margin
+    module: Any  # torch.nn.Module
+    scorer: Scorer
+    default: Operating  # the deployed model (threshold 0) on the tuning rows
+    base: Operating  # the unchanged model with the threshold search
+    progress: Progress
+    started: float
+
+    def search(self, margin: np.ndarray) -> Operating:
+        return threshold_search(margin, self.data.y, self.data.groups, self.data.n_groups, self.measure, self.bound)
+
+    def evaluate(self, module: Any) -> Operating:
+        return self.search(self.scorer.margin(module))
+
+
+def prepare(access: ModelArtifact, data: TuningData, criterion: str, options_model: type[BaseModel],
+            options: dict[str, Any], progress: Progress | None) -> FitContext:
+    import time
+
+    started = time.perf_counter()
+    opts = parse_options(options_model, options)
+    measure = resolve_measure(criterion, opts.bias_measure)
+    if data.n_groups < 2 or len(np.unique(data.groups)) < 2:
+        raise ValueError("the tuning rows hold fewer than two groups: no bias to measure")
+    module = load_binary_module(access, data, opts.output_kind)
+    scorer = Scorer(data.X, opts.output_kind)
+    bound = opts.epsilon - opts.margin
+    margin = scorer.margin(module)
+    y, g, G = np.asarray(data.y), np.asarray(data.groups), data.n_groups
+    return FitContext(access, data, criterion, opts, measure, bound, module, scorer,
+                      default_operating(margin, y, g, G, measure, bound),
+                      threshold_search(margin, y, g, G, measure, bound), progress or noop_progress, started)
+
+
+def finish(method: str, ctx: FitContext, module: Any, op: Operating,
+           details: dict[str, Any]) -> tuple[Any, IntraReport]:
+    import time
+
+    ctx.progress(0.97, {"stage": "exporting the weight patch", "threshold": op.threshold})
+    report = IntraReport(method=method, criterion=ctx.criterion, bias_measure=ctx.measure, epsilon=ctx.opts.epsilon,
+                         margin=ctx.opts.margin, threshold=op.threshold, tune_default=ctx.default.as_dict(),
+                         tune_base=ctx.base.as_dict(), tune_after=op.as_dict(), details=details,
+                         fit_seconds=time.perf_counter() - ctx.started)
+    patch = build_patch(method, ctx.access, ctx.data, module, op, report, ctx.opts.output_kind)
+    ctx.progress(1.0, {"stage": "done", "objective": op.objective})
+    return patch, report
+
+
+class single_thread:
+    """torch on one thread for the fit (tiny matmuls: threads cost more than they save), restored after."""
+
+    def __enter__(self) -> None:
+        import torch
+
+        self._n = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        torch.set_num_threads(self._n)
