@@ -268,6 +268,7 @@ async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, 
                   "fit_rows": int(len(fit_idx)), "holdout_rows": int(len(held_idx)),
                   "groups": list(data.group_names), "group_at_inference": scores["group_at_inference"],
                   "access": job.access, "served_by": scores["served_by"],
+                  "artifact_sha256": None if oracle is not None else access.sha256,
                   "before": scores["before"], "after": scores["after"], "report": report_dict})
 
 

@@ -137,6 +137,26 @@ def test_upload_describe_download_delete(client, redis_url):
     assert client.delete(path()).status_code == 404
 
 
+def redis_set(url: str, key: str, value: bytes) -> None:
+    async def main() -> None:
+        redis = Redis.from_url(url)
+        try:
+            await redis.set(key, value)
+        finally:
+            await redis.aclose()
+
+    asyncio.run(main())
+
+
+def test_bytes_that_no_longer_match_the_recorded_hash_are_never_handed_out(client, redis_url):
+    name = f"tampered-{RUN}"
+    register(client, name)
+    assert client.post(path(name), content=mlp(), headers=OCTET).status_code == 201
+    redis_set(redis_url, f"fp:artifact:{name}:1", mlp(seed=7))  # changed behind the gateway's back
+    r = client.get(path(name), headers={"accept": "application/octet-stream"})
+    assert r.status_code == 409 and "not the recorded" in error(r)
+
+
 def test_deleting_the_model_version_deletes_its_artifact(client, redis_url):
     name = f"gone-{RUN}"
     register(client, name)

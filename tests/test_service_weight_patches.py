@@ -6,6 +6,7 @@ local ONNX upstream, uvicorn in threads), a real Redis (REDIS_URL, else embedded
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -101,6 +102,7 @@ def world(tmp_path_factory, adult_model):
                     "url": url, "model_name": upstream_name, "input_name": "input", "output_name": "logits"}}
                 assert client.post("/v1/models", json=spec).status_code == 201
             yield SimpleNamespace(client=client, upstream=counting, adult_upstream=adult_counting, names=names,
+                                  redis_url=redis_url,
                                   upstream_model=upstream_model, replacement=replacement,
                                   adult_model=adult_model.onnx_bytes)
 
@@ -378,6 +380,29 @@ def test_a_forml_job_produces_an_activatable_weight_patch(world, adult_job_data,
     finally:
         deactivate(world, m)
     assert infer(world, m, v2(adult.test.X[:4].astype(np.float32))).headers["fairpatch-served-by"] == "upstream"
+
+
+def test_a_job_refuses_an_artifact_that_fails_its_hash(world, adult_job_data, adult_model):
+    from redis.asyncio import Redis
+
+    m = world.names.bare
+    r = world.client.post(f"/v1/models/{m}/versions/1/artifact", content=adult_model.onnx_bytes,
+                          headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 201, r.text
+
+    async def tamper() -> None:
+        redis = Redis.from_url(world.redis_url)
+        try:
+            await redis.set(f"fp:artifact:{m}:1", mlp(2))  # another model, changed behind the gateway's back
+        finally:
+            await redis.aclose()
+
+    asyncio.run(tamper())
+    r = submit(world, adult_job_data, m, method="forml", query_budget=None, options={"epochs": 1})
+    assert r.status_code == 202, r.text
+    done = wait(world, r.json()["id"])
+    assert done["status"] == "failed" and "not the recorded" in done["error"] and done["result"] is None
+    assert world.client.delete(f"/v1/models/{m}/versions/1/artifact").status_code == 204
 
 
 def test_an_exemplar_dataset_that_does_not_fit_fails_the_job_with_the_reason(world, adult_job_data, adult):
