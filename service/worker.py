@@ -228,6 +228,8 @@ async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, 
         extra["access_kind"] = job.access
     if job.exemplar_dataset is not None:
         extra["exemplar"] = await _exemplar(ctx, job, data.group_names, data.X.shape[1])
+    if "output_kind" not in job.options and method_takes(method, "output_kind"):
+        extra["output_kind"] = spec.upstream.output_kind  # the registration says what the model's output holds
 
     stage[0] = f"fitting {job.method}"
     progress = _Progress(jobs, job.id, asyncio.get_running_loop(), cancelled)

@@ -413,3 +413,27 @@ def test_an_exemplar_dataset_that_does_not_fit_fails_the_job_with_the_reason(wor
     assert done["status"] == "failed" and "has 7 feature columns" in done["error"]
     r = submit(world, adult_job_data, method="forml", options={"epochs": 0})  # the method's own options check
     assert r.status_code == 400 and "invalid options for forml: epochs" in r.json()["error"]
+
+
+def test_a_random_perturbation_job_produces_a_weight_patch_the_gateway_serves(world, adult_job_data, adult):
+    r = submit(world, adult_job_data, method="random_perturbation", query_budget=None, options={"trials": 5})
+    assert r.status_code == 202, r.text
+    assert r.json()["access"] == "weights"
+    done = wait(world, r.json()["id"])
+    assert done["status"] == "succeeded", done["error"]
+    result = done["result"]
+    assert result["served_by"] == "patch" and result["queries_used"] == 0 and result["access"] == "weights"
+    m, pid = world.names.adult, result["patch_id"]
+    patch = Patch.from_bytes(world.client.get(f"/v1/patches/{pid}").content, expected_id=pid)
+    runner = PatchRunner(patch)
+    assert runner.replaces_model
+    activate(world, m, pid)
+    try:
+        X = adult.test.X[:40].astype(np.float32)
+        calls = world.adult_upstream.calls
+        r = infer(world, m, v2(X))
+        assert r.headers["fairpatch-served-by"] == "patch" and world.adult_upstream.calls == calls
+        offline = runner.transform_outputs(X, log_softmax(runner.model_logits(runner.transform_inputs(X))))
+        np.testing.assert_allclose(scores(r), offline, rtol=1e-5, atol=1e-5)
+    finally:
+        deactivate(world, m)
