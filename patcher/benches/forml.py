@@ -64,24 +64,35 @@ def run(**kwargs: Any) -> dict[str, Any]:
     return bench_forml(**kwargs)
 
 
-def bench_forml(dataset: str = "adult", sensitive: str | None = None, criterion: str = "eopp", seed: int = 0,
-                epochs: int | None = None, meta_loss: str = "mean_loss_d", reverse: str = "none",
-                weight_lr: float | None = None, ce_weight: float | None = None, fine_tune: bool = False,
-                queries: int | None = None, **options: Any) -> dict[str, Any]:
+def bench_forml(**kwargs: Any) -> dict[str, Any]:
     """One FORML run and its uniform-weighting twin: the JSON `fairpatch bench forml --json` prints."""
+    return bench_forml_report(**kwargs)[0]
+
+
+def arm_options(image: bool, epochs: int | None, **options: Any) -> dict[str, Any]:
+    """fit options of both arms: the reference recipes (MLP: 20 epochs, batch 256; CNN: 12 epochs, batch 64)."""
+    options["epochs"] = epochs or (12 if image else 20)
+    if image:
+        options.setdefault("batch_size", 64)
+        options.setdefault("lr", 3e-3)
+        options.setdefault("exemplar_batch", 128)
+        options.setdefault("min_per_cell", 8)
+    return options
+
+
+def bench_forml_report(dataset: str = "adult", sensitive: str | None = None, criterion: str = "eopp",
+                       seed: int = 0, epochs: int | None = None, meta_loss: str = "mean_loss_d",
+                       reverse: str = "none", weight_lr: float | None = None, ce_weight: float | None = None,
+                       fine_tune: bool = False, queries: int | None = None,
+                       **options: Any) -> tuple[dict[str, Any], Any]:
+    """(the bench JSON, the FORML run's FormlReport with its full sample audit)."""
     from patcher.apply import PatchRunner
     from patcher.methods import forml
     from patcher.methods.forml_audit import summary_metrics
 
     data, priv = load(dataset, sensitive)
     train, exemplar, test = split_data(data, data.train), split_data(data, data.tune), data.test
-    image = train.X.ndim == 4
-    options.update(epochs=epochs or (12 if image else 20), meta_loss=meta_loss, reverse=reverse)
-    if image:  # the reference CNN recipe: batch 64, lr 3e-3
-        options.setdefault("batch_size", 64)
-        options.setdefault("lr", 3e-3)
-        options.setdefault("exemplar_batch", 128)
-        options.setdefault("min_per_cell", 8)
+    options = arm_options(train.X.ndim == 4, epochs, meta_loss=meta_loss, reverse=reverse, **options)
     if weight_lr is not None:
         options["weight_lr"] = weight_lr
     if ce_weight is not None:
@@ -111,4 +122,4 @@ def bench_forml(dataset: str = "adult", sensitive: str | None = None, criterion:
         "n_condensed": len(report.audit.condensed_indices),
         "exemplar_before": base_report.exemplar_metrics, "exemplar_after": report.exemplar_metrics,
         "before": before, "after": after,
-    }
+    }, report

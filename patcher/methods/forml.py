@@ -75,6 +75,7 @@ class FormlReport(BaseModel):
     train_metrics: dict[str, float]  # the trained model on its training rows (tprd, max_fnr included)
     exemplar_metrics: dict[str, float]  # ... and on the exemplar rows
     history: list[dict[str, float]]
+    onnx_max_abs_diff: float  # exported patch model vs the trained torch model, exemplar rows
     audit: SampleAudit
 
 
@@ -177,6 +178,7 @@ def fit(access: ModelArtifact | None, data: TuningData, criterion: Criterion = "
         result = train(model, X[train_rows], y[train_rows], Xv, yv, meta_gv, n_meta_groups, cfg, progress)
         onnx_bytes = torch_to_onnx(model, torch.as_tensor(X[:2]), input_name=input_name)
         train_pred, ex_pred = predict(model, X[train_rows]), predict(model, Xv)
+        onnx_diff = _onnx_gap(model, onnx_bytes, Xv[:512])
     finally:
         torch.set_num_threads(threads)
 
@@ -192,7 +194,8 @@ def fit(access: ModelArtifact | None, data: TuningData, criterion: Criterion = "
         architecture=arch, epochs=opts.epochs, batches=result.batches, n_train=len(train_rows),
         n_exemplar=len(yv), fit_seconds=round(time.perf_counter() - started, 3),
         train_metrics=summary_metrics(y[train_rows], train_pred, groups[train_rows], n_classes),
-        exemplar_metrics=summary_metrics(yv, ex_pred, gv, n_classes), history=result.history, audit=audit)
+        exemplar_metrics=summary_metrics(yv, ex_pred, gv, n_classes), history=result.history,
+        onnx_max_abs_diff=onnx_diff, audit=audit)
     patch = Patch.build(
         method="forml", n_classes=n_classes, groups=list(data.group_names), replacement_model=onnx_bytes,
         arrays={"sample_weights": weights, "ema_weighted_loss": ema},
@@ -200,6 +203,18 @@ def fit(access: ModelArtifact | None, data: TuningData, criterion: Criterion = "
         report={"exemplar_metrics": report.exemplar_metrics, "n_train": report.n_train,
                 "weight_quantiles": audit.weight_quantiles})
     return patch, report
+
+
+def _onnx_gap(model, onnx_bytes: bytes, X: np.ndarray) -> float:
+    """Max |logit| difference between the exported graph (onnxruntime) and the torch model: the export is checked."""
+    import torch
+
+    from patcher.oracle import OnnxOracle
+
+    with torch.no_grad():
+        ref = model(torch.as_tensor(X)).numpy()
+    got = OnnxOracle(onnx_bytes).scores(X)
+    return float(np.abs(got - ref).max())
 
 
 def _input_name(access: ModelArtifact) -> str:
