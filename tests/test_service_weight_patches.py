@@ -437,3 +437,12 @@ def test_a_random_perturbation_job_produces_a_weight_patch_the_gateway_serves(wo
         np.testing.assert_allclose(scores(r), offline, rtol=1e-5, atol=1e-5)
     finally:
         deactivate(world, m)
+
+
+def test_a_method_that_rejects_its_options_while_fitting_fails_the_job_and_the_worker_goes_on(world, adult_job_data):
+    r = submit(world, adult_job_data, method="trigger", access="gradient", options={"columns": [500], "steps": 5})
+    assert r.status_code == 202, r.text  # valid for the options model; the method itself refuses it
+    done = wait(world, r.json()["id"])
+    assert done["status"] == "failed" and done["error"].startswith("fitting trigger: trigger columns must be in")
+    r = submit(world, adult_job_data, method="random_perturbation", query_budget=None, options={"trials": 2})
+    assert wait(world, r.json()["id"])["status"] == "succeeded"  # the same worker runs the next job
