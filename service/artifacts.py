@@ -77,6 +77,21 @@ def inspect_onnx(data: bytes, max_opset: int = MAX_OPSET) -> ArtifactInfo:
                         output_name=out.name, output_shape=_dims(out))
 
 
+def upstream_conflict(info: ArtifactInfo, inputs: list[tuple[str, list[int]]], input_name: str | None) -> str | None:
+    """Why the artifact cannot be the model behind the upstream, judged by its feature input (name, shape with -1
+    for any size, from the upstream's V2 metadata); None when they fit."""
+    named = [(n, s) for n, s in inputs if n == input_name] if input_name else inputs
+    if len(named) != 1:
+        return None  # the registration does not pin one input down; nothing to compare with
+    name, shape = named[0]
+    mine = [-1 if isinstance(d, str) else d for d in info.input_shape]
+    fits = len(mine) == len(shape) and all(a < 0 or b < 0 or a == b for a, b in zip(mine, shape, strict=True))
+    if fits:
+        return None
+    return (f"the artifact's input '{info.input_name}' has shape {mine}, but the upstream's input '{name}' has "
+            f"shape {shape} (-1 = any size): it cannot be the model the upstream serves")
+
+
 def verified(data: bytes | None, info: ArtifactInfo | None, what: str) -> bytes:
     """The stored bytes, checked against the hash recorded at upload; ValueError says what is wrong."""
     if info is None or data is None:

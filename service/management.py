@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 
 from patcher.patch import Patch, PatchError
 from service import worker
-from service.artifacts import ONNX_TYPES, ArtifactError, inspect_onnx, verified
+from service.artifacts import ONNX_TYPES, ArtifactError, inspect_onnx, upstream_conflict, verified
 from service.auth import check_upstream_allowed, require_admin
 from service.datasets_store import (
     CSV_TYPES,
@@ -194,7 +194,7 @@ def _artifact_path(model: str, version: str) -> str:
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
 async def upload_artifact(request: Request, model: str, version: str) -> JSONResponse:
-    await _spec(request, model, version)
+    spec = await _spec(request, model, version)
     kind = media_type(request.headers.get("content-type"))
     if kind not in ONNX_TYPES:
         raise ApiError(415, f"unsupported content type {kind!r}: send the ONNX file as the raw body "
@@ -204,9 +204,28 @@ async def upload_artifact(request: Request, model: str, version: str) -> JSONRes
         info = await run_in_threadpool(inspect_onnx, data)
     except ArtifactError as e:
         raise ApiError(400, str(e)) from None
+    info = await _check_against_upstream(request, spec, info)
     if await _registry(request).set_artifact(model, version, info, data) is None:
         raise ApiError(404, f"model {model!r} version {version!r} was unregistered during the upload")
     return _json(info, 201, {"Location": _artifact_path(model, version)})
+
+
+async def _check_against_upstream(request: Request, spec: ModelSpec, info: ArtifactInfo,
+                                  wait_s: float = 5.0) -> ArtifactInfo:
+    """400 when the upstream's V2 metadata shows the artifact cannot be its model (another input shape). An
+    upstream that does not answer is no reason to refuse: the record says it was not checked."""
+    cache = getattr(request.app.state, "model_cache", None)
+    if cache is None or spec.upstream.protocol != "v2":
+        return info
+    try:
+        meta = await asyncio.wait_for(cache.metadata(spec), wait_s)
+    except (TimeoutError, ApiError) as e:
+        log.info("artifact of %s/%s not checked against its upstream: %s", spec.name, spec.version, e)
+        return info
+    conflict = upstream_conflict(info, [(t.name, list(t.shape)) for t in meta.inputs], spec.upstream.input_name)
+    if conflict is not None:
+        raise ApiError(400, conflict)
+    return info.model_copy(update={"upstream_checked": True})
 
 
 @router.get("/models/{model}/versions/{version}/artifact", response_model=ArtifactInfo,

@@ -46,6 +46,8 @@ class ArtifactInfo(BaseModel):
     input_datatype: str
     output_name: str
     output_shape: list[int | str]
+    upstream_checked: bool = Field(False, description="whether the input shape was checked against the upstream's "
+                                                      "V2 metadata at upload (false: the upstream did not answer)")
     uploaded_at: float = Field(default_factory=time.time)
 
 

@@ -446,3 +446,19 @@ def test_a_method_that_rejects_its_options_while_fitting_fails_the_job_and_the_w
     assert done["status"] == "failed" and done["error"].startswith("fitting trigger: trigger columns must be in")
     r = submit(world, adult_job_data, method="random_perturbation", query_budget=None, options={"trials": 2})
     assert wait(world, r.json()["id"])["status"] == "succeeded"  # the same worker runs the next job
+
+
+def test_an_artifact_is_checked_against_the_upstreams_signature(world):
+    m = world.names.main  # its upstream takes [N, 5]
+    r = world.client.post(f"/v1/models/{world.names.adult}/versions/1/artifact", content=mlp(0),
+                          headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 400 and "cannot be the model the upstream serves" in r.json()["error"]
+    assert "[-1, 5]" in r.json()["error"] and "[-1, 103]" in r.json()["error"]
+    r = world.client.post(f"/v1/models/{m}/versions/1/artifact", content=world.upstream_model,
+                          headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 201 and r.json()["upstream_checked"] is True
+    r = world.client.post(f"/v1/models/{world.names.down}/versions/1/artifact", content=world.upstream_model,
+                          headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 201 and r.json()["upstream_checked"] is False  # down: recorded as unchecked
+    for name in (m, world.names.down):
+        assert world.client.delete(f"/v1/models/{name}/versions/1/artifact").status_code == 204
