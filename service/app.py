@@ -66,5 +66,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.include_router(health.router)
     app.include_router(infer.router)
+    app.router.routes[:0] = infer.hot_routes()  # the inference POSTs are matched first (see hot_routes)
     app.include_router(management.router)
     return app

@@ -33,6 +33,7 @@ import pydantic_core
 from fastapi import APIRouter, FastAPI, Request, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 from redis.exceptions import RedisError
+from starlette.routing import Route
 
 from patcher.apply import PatchRunner, UnknownGroupError
 from patcher.patch import PatchError
@@ -569,6 +570,15 @@ async def _infer_route(request: Request) -> Response:
 
 async def _predict_route(request: Request) -> Response:
     return await predict_v1(request, request.path_params["model_name"])
+
+
+def hot_routes() -> list[Route]:
+    """The same two POST routes, for the top of the app's own route list (`create_app`): FastAPI
+    matches a request against an included router's routes twice, and against every route listed
+    before them, which costs about 0.1 ms a request; a top-level route listed first is matched in
+    microseconds."""
+    return [*(Route(p, _infer_route, methods=["POST"], include_in_schema=False) for p in V2_INFER_PATHS),
+            Route(V1_PREDICT_PATH, _predict_route, methods=["POST"], include_in_schema=False)]
 
 
 for _path in V2_INFER_PATHS:
