@@ -291,7 +291,9 @@ def _add_jobs(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) 
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(run=_jobs_list)
     for name, run, what in (("get", _jobs_get, "a job's record (JSON)"), ("cancel", _jobs_cancel, "cancel a job"),
-                            ("wait", _jobs_wait, "wait for a job, with a progress bar")):
+                            ("wait", _jobs_wait, "wait for a job, with a progress bar"),
+                            ("condense", _jobs_condense, "store the job's dataset without the rows its sample audit "
+                                                         "drops (forml); prints the new dataset")):
         p = cmds.add_parser(name, help=what, parents=[common])
         p.add_argument("id")
         if name == "wait":
@@ -358,6 +360,12 @@ def _jobs_create(args: argparse.Namespace, client: Client) -> int:
 @handles_errors
 def _jobs_wait(args: argparse.Namespace, client: Client) -> int:
     return _job_summary(wait_with_progress(client, args.id, args.wait_timeout))
+
+
+@handles_errors
+def _jobs_condense(args: argparse.Namespace, client: Client) -> int:
+    _print_json(client.condensed_dataset(args.id))
+    return 0
 
 
 @handles_errors

@@ -435,6 +435,10 @@ class _Calls:
         return _Call("DELETE", f"/v1/jobs/{_seg(job_id)}", _maybe_job)
 
     @staticmethod
+    def condensed_dataset(job_id: str) -> _Call[DatasetInfo]:
+        return _Call("POST", f"/v1/jobs/{_seg(job_id)}/condensed-dataset", _shape(DatasetInfo))
+
+    @staticmethod
     def list_jobs() -> _Call[list[Job]]:
         return _Call("GET", "/v1/jobs", lambda r: [Job.model_validate(j) for j in _jobs_of(_json(r))])
 
@@ -614,6 +618,10 @@ class Client(_Base):
     def list_jobs(self) -> list[Job]:
         return self._do(_Calls.list_jobs())
 
+    def condensed_dataset(self, job_id: str) -> DatasetInfo:
+        """A new dataset: the job's dataset without the training rows its sample audit drops (FORML jobs)."""
+        return self._do(_Calls.condensed_dataset(job_id))
+
     def wait_job(self, job_id: str, progress: Callable[[Job], None] | None = None, timeout: float | None = 600.0,
                  poll: float = 0.1, max_poll: float = 1.0) -> Job:
         """Poll until the job is finished (succeeded, failed or cancelled) and return it; `progress` sees
@@ -769,6 +777,9 @@ class AsyncClient(_Base):
 
     async def list_jobs(self) -> list[Job]:
         return await self._do(_Calls.list_jobs())
+
+    async def condensed_dataset(self, job_id: str) -> DatasetInfo:
+        return await self._do(_Calls.condensed_dataset(job_id))
 
     async def wait_job(self, job_id: str, progress: Callable[[Job], None] | None = None,
                        timeout: float | None = 600.0, poll: float = 0.1, max_poll: float = 1.0) -> Job:

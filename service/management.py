@@ -36,6 +36,9 @@ from service.datasets_store import (
     DatasetError,
     DatasetNotFound,
     DatasetStore,
+    DatasetSummary,
+    LoadedDataset,
+    frame_to_parquet,
     media_type,
     parse_dataset,
 )
@@ -429,6 +432,51 @@ async def cancel_job(request: Request, job_id: str) -> JSONResponse:
     await jobs.set_progress(job_id, {**record.progress, "stage": "cancelled"})
     await abort(request.app.state.arq, job_id)
     return _json(await jobs.get(job_id), 202)
+
+
+@router.post("/jobs/{job_id}/condensed-dataset", status_code=201,
+             summary="a new dataset: the job's dataset without the training rows its sample audit drops (FORML)")
+async def condensed_dataset(request: Request, job_id: str) -> JSONResponse:
+    try:
+        job = await _jobs(request).get(job_id)
+    except JobNotFound as e:
+        raise ApiError(404, str(e)) from None
+    audit = ((job.result or {}).get("report") or {}).get("audit")
+    if job.status != "succeeded":
+        raise ApiError(409, f"job {job_id} is {job.status}; only a succeeded job has a sample audit")
+    if not isinstance(audit, dict) or "condensed_indices" not in audit or "rows_are" not in audit:
+        raise ApiError(409, f"job {job_id} ({job.method}) reports no sample audit; forml jobs do")
+    dropped = sorted(set(audit.get("rank_by_weight") or []) - set(audit["condensed_indices"]))
+    try:
+        data = await _datasets(request).load(job.dataset)
+    except DatasetNotFound:
+        raise ApiError(409, f"job {job_id}'s dataset {job.dataset} has been deleted; nothing to condense") from None
+    stored, summary = await run_in_threadpool(_without_rows, data, dropped, f"{data.summary.name or job.dataset} "
+                                              f"condensed by job {job_id}")
+    await _datasets(request).put(stored, summary)
+    body = {**summary.model_dump(mode="json"), "source_dataset": job.dataset, "dropped_rows": len(dropped),
+            "condense_by": audit.get("condense_by"), "drop_fraction": audit.get("drop_fraction")}
+    return JSONResponse(body, status_code=201, headers={"Location": f"/v1/datasets/{summary.id}"})
+
+
+def _without_rows(data: LoadedDataset, dropped: list[int], name: str) -> tuple[bytes, DatasetSummary]:
+    import uuid
+
+    import numpy as np
+    import pandas as pd
+
+    keep = np.setdiff1d(np.arange(len(data.y)), np.asarray(dropped, dtype=np.int64))
+    src = data.summary
+    frame = pd.DataFrame(data.X[keep], columns=list(data.feature_names))
+    frame[src.label] = data.y[keep]
+    frame[src.group] = np.asarray(data.group_names, dtype=object)[data.groups[keep]]
+    stored = frame_to_parquet(frame)
+    counts = frame[src.group].value_counts()
+    summary = src.model_copy(update={
+        "id": uuid.uuid4().hex, "name": name, "format": "parquet", "rows": len(frame),
+        "groups": sorted(counts.index), "group_counts": {str(k): int(v) for k, v in sorted(counts.items())},
+        "bytes": len(stored), "stored_bytes": len(stored), "created_at": time.time()})
+    return stored, summary
 
 
 # ---------------------------------------------------------------- patches

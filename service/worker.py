@@ -157,6 +157,25 @@ class _Progress:
             log.warning("job %s: cannot write progress: %s", self.job_id, e)
 
 
+AUDIT_ROW_LISTS = ("rank_by_weight", "rank_by_ema", "condensed_indices")
+
+
+def audit_in_dataset_rows(audit: dict[str, Any], fit_idx: np.ndarray) -> dict[str, Any]:
+    """A sample audit's row numbers (positions in the fit part the method saw) as rows of the uploaded dataset
+    (0-based, in file order), so a user can find them in their own file."""
+    def row(i: Any) -> Any:
+        return int(fit_idx[i]) if isinstance(i, int) and 0 <= i < len(fit_idx) else i
+
+    out = dict(audit)
+    for key in AUDIT_ROW_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [row(i) for i in out[key]]
+    if isinstance(out.get("lowest"), list):
+        out["lowest"] = [{**r, "row": row(r.get("row"))} if isinstance(r, dict) else r for r in out["lowest"]]
+    out["rows_are"] = "rows of the uploaded dataset (0-based, file order)"
+    return out
+
+
 def _evaluate(spec: ModelSpec, patch: Any, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
               cancelled: threading.Event, seed: int) -> dict[str, Any]:
     """Headline metrics on the held-out rows before and after the patch, through an unbudgeted oracle. The
@@ -266,6 +285,8 @@ async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, 
     bound = patch.for_model(spec.name, spec.version)
     patch_id = await ctx["patches"].put(bound)
     report_dict = report.model_dump(mode="json") if hasattr(report, "model_dump") else dict(report)
+    if isinstance(report_dict.get("audit"), dict):
+        report_dict["audit"] = audit_in_dataset_rows(report_dict["audit"], fit_idx)
     return plain({"patch_id": patch_id, "queries_used": queries_used, "eval_queries": scores["eval_queries"],
                   "fit_rows": int(len(fit_idx)), "holdout_rows": int(len(held_idx)),
                   "groups": list(data.group_names), "group_at_inference": scores["group_at_inference"],

@@ -364,6 +364,27 @@ def test_a_forml_job_produces_an_activatable_weight_patch(world, adult_job_data,
     assert result["after"]["accuracy"] > 0.75  # a working classifier, not noise
     assert world.adult_upstream.calls - calls <= 1 + -(-result["holdout_rows"] // 1024)  # only "before" asked it
 
+    # the sample audit names rows of the uploaded dataset, and exports the dataset without the lowest 10%
+    audit, n_train = result["report"]["audit"], result["report"]["n_train"]
+    assert audit["rows_are"].startswith("rows of the uploaded dataset")
+    assert sorted(audit["rank_by_weight"]) == sorted(audit["rank_by_ema"]) and len(audit["rank_by_weight"]) == n_train
+    assert set(audit["rank_by_weight"]) <= set(range(2000))
+    for row in audit["lowest"]:  # the label and group the method saw are those of that row of the file
+        assert row["label"] == adult.tune.y[row["row"]]
+        assert ["Female", "Male"][row["group"]] == adult.group_names[adult.tune.groups[row["row"]]]
+    dropped = sorted(set(audit["rank_by_weight"]) - set(audit["condensed_indices"]))
+    assert len(dropped) == round(0.1 * n_train)
+    r = world.client.post(f"/v1/jobs/{done['id']}/condensed-dataset")
+    assert r.status_code == 201, r.text
+    condensed = r.json()
+    assert condensed["rows"] == 2000 - len(dropped) and condensed["dropped_rows"] == len(dropped)
+    assert condensed["source_dataset"] == adult_job_data and r.headers["location"] == f"/v1/datasets/{condensed['id']}"
+    kept = np.setdiff1d(np.arange(2000), dropped)
+    names, counts = np.unique(np.asarray(adult.group_names)[adult.tune.groups[:2000][kept]], return_counts=True)
+    assert condensed["group_counts"] == dict(zip(names.tolist(), counts.tolist(), strict=True))
+    assert world.client.get(f"/v1/datasets/{condensed['id']}").json()["rows"] == 2000 - len(dropped)
+    assert world.client.post("/v1/jobs/nope/condensed-dataset").status_code == 404
+
     m, pid = world.names.adult, result["patch_id"]
     patch = Patch.from_bytes(world.client.get(f"/v1/patches/{pid}").content, expected_id=pid)
     assert patch.method == "forml" and patch.part("replacement_model") is not None
@@ -423,6 +444,8 @@ def test_a_random_perturbation_job_produces_a_weight_patch_the_gateway_serves(wo
     assert done["status"] == "succeeded", done["error"]
     result = done["result"]
     assert result["served_by"] == "patch" and result["queries_used"] == 0 and result["access"] == "weights"
+    r = world.client.post(f"/v1/jobs/{done['id']}/condensed-dataset")
+    assert r.status_code == 409 and "reports no sample audit" in r.json()["error"]
     m, pid = world.names.adult, result["patch_id"]
     patch = Patch.from_bytes(world.client.get(f"/v1/patches/{pid}").content, expected_id=pid)
     runner = PatchRunner(patch)
