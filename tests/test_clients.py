@@ -357,6 +357,18 @@ def test_sdk_artifact_upload_download_and_a_weight_patch(fp, servers, adult, adu
     with pytest.raises(FairpatchError) as e:  # eraser works through queries only
         fp.create_job(name, "0" * 32, access="gradient")
     assert e.value.status == 400 and "supports: queries" in e.value.message
+
+    # a FORML job on the artifact, with an exemplar set; its sample audit condenses the dataset
+    train = fp.upload_dataset(tune_frame(adult, 1200), label="income", group="sex")
+    exemplars = fp.upload_dataset(tune_frame(adult, 1600).iloc[1200:], label="income", group="sex")
+    job = fp.create_job(name, train.id, method="forml", criterion="eopp", query_budget=None, access="weights",
+                        exemplar_dataset=exemplars.id, options={"epochs": 1, "exemplar_batch": 64, "min_per_cell": 4})
+    assert job.access == "weights" and job.exemplar_dataset == exemplars.id
+    done = fp.wait_job(job.id, timeout=120)
+    assert done.status == "succeeded", done.error
+    assert done.result.served_by == "patch" and done.result.access == "weights"
+    condensed = fp.condensed_dataset(job.id)
+    assert condensed.rows == 1200 - round(0.1 * done.result.report["n_train"])
     fp.delete_artifact(name)
     with pytest.raises(FairpatchError) as e:
         fp.get_artifact(name)
