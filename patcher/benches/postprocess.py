@@ -12,6 +12,8 @@ import importlib
 import time
 from typing import Any
 
+import numpy as np
+
 from patcher.apply import PatchRunner
 from patcher.bench import headline
 from patcher.datasets import load_dataset
@@ -30,10 +32,11 @@ def add_tolerance(parser: argparse.ArgumentParser) -> None:
 
 
 def run_method(method: str, dataset: str = "adult", sensitive: str | None = None, criterion: str = "dp",
-               queries: int | None = None, seed: int = 0, *, option_names: tuple[str, ...] = (),
+               queries: int | None = None, seed: int = 0, *, option_names: tuple[str, ...] = (), draws: int = 1,
                **kwargs: Any) -> dict[str, Any]:
     """One run: the JSON `fairpatch bench <method>` prints. Only `option_names` of kwargs reach the method
-    (the CLI passes its global flags too); options left at None take the method's default."""
+    (the CLI passes its global flags too); options left at None take the method's default. `draws` > 1 adds
+    `after_mean`: the test figures averaged over that many request ids (a randomized rule's expected result)."""
     options = {k: kwargs[k] for k in option_names if kwargs.get(k) is not None}
     data = load_dataset(dataset, sensitive)
     model = reference_model(dataset, data.sensitive, seed=seed, data=data)
@@ -49,7 +52,12 @@ def run_method(method: str, dataset: str = "adult", sensitive: str | None = None
     runner = PatchRunner(patch)
     after = runner.predict(test.X, logp, test.groups, request_id=f"{REQUEST_ID}-{seed}")
     priv = data.group_names.index(data.privileged)
-    return {
+    extra: dict[str, Any] = {}
+    if draws > 1:
+        runs = [headline(test.y, runner.predict(test.X, logp, test.groups, request_id=f"{REQUEST_ID}-{seed}-{i}"),
+                         test.groups, priv) for i in range(draws)]
+        extra["after_mean"] = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
+    return {**extra,
         "method": method, "dataset": dataset, "sensitive": data.sensitive, "criterion": criterion,
         "seed": seed, "query_budget": queries, "queries_used": report.queries_used,
         "fit_seconds": round(fit_seconds, 3), "group_at_inference": runner.needs_group,
