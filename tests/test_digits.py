@@ -37,7 +37,11 @@ def test_splits_are_deterministic_and_disjoint(colored) -> None:
     assert np.array_equal(again.test.X, colored.test.X) and np.array_equal(again.train.groups, colored.train.groups)
     other = load_digits_dataset("colored-digits", seed=1)
     assert not np.array_equal(other.test.X, colored.test.X)
-    assert len(colored.train) + len(colored.tune) + len(colored.test) == 3 * 1797
+    from patcher.digits import COPIES
+
+    images = sum(len(s) // COPIES[name] for name, s in (("train", colored.train), ("tune", colored.tune),
+                                                          ("test", colored.test)))
+    assert images == 1797 and len(colored.tune) % COPIES["tune"] == 0 and len(colored.tune) > len(colored.test)
 
 
 def test_noisy_digits_flips_train_labels_only() -> None:
