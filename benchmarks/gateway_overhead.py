@@ -170,38 +170,47 @@ class AiohttpLoad:
 LOADERS = {"httpx": HttpxLoad, "aiohttp": AiohttpLoad}
 
 
-async def run_cell(client: str, url: str, target: str, body: bytes, concurrency: int, batch: int, requests: int,
-                   seconds: float, warmup: int) -> Cell:
-    load = LOADERS[client](url, f"/v2/models/{MODEL}/infer", body, concurrency)
-    try:
-        async def one() -> tuple[float, bool]:
+async def _segment(load, concurrency: int, requests: int, seconds: float) -> tuple[list[float], int, float]:
+    """`concurrency` callers sending requests until `requests` are sent or `seconds` are up."""
+    latencies: list[float] = []
+    errors = sent = 0
+    deadline = time.perf_counter() + seconds
+
+    async def caller() -> None:
+        nonlocal sent, errors
+        while sent < requests and time.perf_counter() < deadline:
+            sent += 1
             t0 = time.perf_counter()
             ok = await load()
-            return (time.perf_counter() - t0) * 1000, ok
+            if ok:
+                latencies.append((time.perf_counter() - t0) * 1000)
+            else:
+                errors += 1
 
-        # warm-up: open every connection, fill caches
-        await asyncio.gather(*(one() for _ in range(max(warmup, concurrency))))
-        latencies: list[float] = []
-        errors = 0
-        sent = 0
-        deadline = time.perf_counter() + seconds
+    t0 = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return latencies, errors, time.perf_counter() - t0
 
-        async def caller() -> None:
-            nonlocal sent, errors
-            while sent < requests and time.perf_counter() < deadline:
-                sent += 1
-                ms, ok = await one()
-                if ok:
-                    latencies.append(ms)
-                else:
-                    errors += 1
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(caller() for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
+async def run_pair(client: str, urls: dict[str, str], bodies: dict[str, bytes], concurrency: int, batch: int,
+                   requests: int, seconds: float, warmup: int, rounds: int) -> list[Cell]:
+    """Direct and gateway cells for one (batch, concurrency), measured in alternating rounds: on a shared
+    machine the load from other processes drifts, and alternating spreads it over both targets alike."""
+    loads = {t: LOADERS[client](urls[t], f"/v2/models/{MODEL}/infer", bodies[t], concurrency) for t in urls}
+    try:
+        for load in loads.values():  # warm-up: open every connection, fill caches
+            await asyncio.gather(*(load() for _ in range(max(warmup, concurrency))))
+        totals = {t: ([], 0, 0.0) for t in loads}
+        for r in range(rounds):
+            for target in (list(loads) if r % 2 == 0 else list(loads)[::-1]):
+                lat, err, wall = await _segment(loads[target], concurrency, max(1, requests // rounds),
+                                                seconds / rounds)
+                done = totals[target]
+                totals[target] = (done[0] + lat, done[1] + err, done[2] + wall)
     finally:
-        await load.aclose()
-    return Cell(target, concurrency, batch, len(latencies), errors, wall, np.asarray(latencies))
+        for load in loads.values():
+            await load.aclose()
+    return [Cell(t, concurrency, batch, len(lat), err, wall, np.asarray(lat)) for t, (lat, err, wall) in totals.items()]
 
 
 # --- report ------------------------------------------------------------------------------------------
@@ -277,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=2000, help="requests per cell at most (default: 2000)")
     ap.add_argument("--seconds", type=float, default=8.0, help="seconds per cell at most (default: 8)")
     ap.add_argument("--warmup", type=int, default=50, help="warm-up requests per cell (default: 50)")
+    ap.add_argument("--rounds", type=int, default=4,
+                    help="each cell's requests and seconds are split into this many rounds, direct and gateway "
+                         "alternating (default: 4)")
     ap.add_argument("--concurrency", default="1,16,64", help="comma-separated (default: 1,16,64)")
     ap.add_argument("--batch", default="1,64", help="rows per request, comma-separated (default: 1,64)")
     ap.add_argument("--bias", default="estimator", choices=["estimator", "group"],
@@ -348,11 +360,11 @@ def main(argv: list[str] | None = None) -> int:
             bodies = {"direct": v2_body(X, None),
                       "gateway": v2_body(X, names if patch.group_at_inference else None)}
             for conc in concurrencies:
-                for target, url in (("direct", direct_url), ("gateway", gateway_url)):
-                    cell = runner(run_cell(args.client, url, target, bodies[target], conc, batch, args.requests,
-                                           args.seconds, args.warmup))
-                    cells.append(cell)
-                    print(f"  batch {batch:>3} concurrency {conc:>3} {target:>7}: p50 {cell.p50:7.2f} ms  "
+                pair = runner(run_pair(args.client, {"direct": direct_url, "gateway": gateway_url}, bodies, conc,
+                                       batch, args.requests, args.seconds, args.warmup, args.rounds))
+                cells += pair
+                for cell in pair:
+                    print(f"  batch {batch:>3} concurrency {conc:>3} {cell.target:>7}: p50 {cell.p50:7.2f} ms  "
                           f"p99 {cell.p99:7.2f} ms  {cell.rps:8,.0f} req/s  ({cell.requests} ok, "
                           f"{cell.errors} errors)", flush=True)
 
