@@ -8,17 +8,22 @@ with replacement from the tuning rows) from the batch's penultimate activations 
 
 so a batch the critic finds biased weighs more, and its gradient through g pushes the activations
 towards a batch the critic finds fair; (3) the threshold search scores the model by phi. The patch
-is the epoch with the best phi on the tuning rows (the reference keeps the last epoch).
+is the epoch with the best phi on the selection rows (the reference keeps the last epoch).
 
 Choices where the reference differs or is silent (docs/intra.md has the measurements behind them):
 - critic="set" (default): g scores each row's activations with a small MLP and returns the batch's
   bias of those scores under the chosen measure (the groups and labels of the batch rows say which
   rows each rate averages). The reference critic ("flat") is an MLP on the whole batch's activations
-  flattened into one vector; on Adult it did not move the bias in 16 epochs.
+  flattened into one vector; on Adult (dp) it ended no better than re-thresholding the unchanged
+  model (test balanced accuracy 0.58 vs 0.59 at the bias bound).
 - bias_target="operating" (default): the critic regresses the batch's bias of the decisions at the
   current operating point, sigmoid((margin - tau) / temperature), tau the threshold that maximises
   balanced accuracy (re-chosen each epoch), because that is where phi measures the bias. The
   reference ("scores") regresses the bias of the model's probabilities.
+- holdout=0.3 (default): fine-tuning sees 70% of the tuning rows; the epoch and the threshold are
+  chosen on the other 30% (stratified by group and label). Chosen on the rows it was trained on, the
+  model's bias did not carry over: COMPAS (1234 tuning rows, ~250 passes over them) had SPD +0.011
+  on the tuning rows and +0.058 on the test split; with the holdout +0.020 on test.
 - lam = 20 (CelebA's value; the tabular config has none), model lr 3e-4 (reference 1e-4: slower to
   move), 16 epochs (reference 32), margin 0.02 for the threshold search (the reference's adversarial
   margin).
@@ -40,8 +45,10 @@ from patcher.methods.intra_common import (
     IntraReport,
     bias,
     finish,
+    holdout_split,
     last_linear,
     logit_margin,
+    parse_options,
     prepare,
     single_thread,
     threshold_search,
@@ -67,6 +74,9 @@ class AdversarialOptions(IntraOptions):
     bias_target: Literal["operating", "scores"] = "operating"
     temperature: float = Field(1.0, gt=0, le=100, description="softness of the decisions the critic regresses")
     keep: Literal["best", "last"] = Field("best", description="which epoch's model becomes the patch")
+    holdout: float = Field(0.3, ge=0, lt=1, description="share of the tuning rows kept out of fine-tuning to pick "
+                                                        "the epoch and the threshold (0: the same rows, as the "
+                                                        "reference)")
 
 
 OPTIONS = AdversarialOptions  # the options fit() takes (the bench and docs read the names)
@@ -132,8 +142,11 @@ def fit(access: ModelArtifact, data: TuningData, criterion: str = "dp", budget: 
 
     with single_thread():
         torch.manual_seed(seed)
-        ctx = prepare(access, data, criterion, AdversarialOptions, options, progress)
-        return _train(ctx, seed)
+        opts = parse_options(AdversarialOptions, options)
+        train_rows, select_rows = holdout_split(data, opts.holdout, seed)
+        select = data if select_rows is None else data.subset(select_rows)
+        ctx = prepare(access, select, criterion, AdversarialOptions, options, progress, seed)
+        return _train(ctx, data if train_rows is None else data.subset(train_rows), seed)
 
 
 def _operating_tau(ctx: FitContext, margin: np.ndarray) -> float:
@@ -141,7 +154,7 @@ def _operating_tau(ctx: FitContext, margin: np.ndarray) -> float:
     return threshold_search(margin, ctx.data.y, ctx.data.groups, ctx.data.n_groups, ctx.measure, np.inf).threshold
 
 
-def _train(ctx: FitContext, seed: int) -> tuple[Patch, IntraReport]:
+def _train(ctx: FitContext, train: TuningData, seed: int) -> tuple[Patch, IntraReport]:
     import torch
     import torch.nn.functional as F
 
@@ -153,8 +166,8 @@ def _train(ctx: FitContext, seed: int) -> tuple[Patch, IntraReport]:
     critic = make_critic(opts.critic, head.in_features, opts.batch_size, opts.critic_hidden, ctx.measure)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=opts.critic_lr)
     actor_opt = torch.optim.Adam(actor.parameters(), lr=opts.lr)
-    X = torch.from_numpy(np.array(ctx.data.X, np.float32))
-    y_np, g_np, G = np.asarray(ctx.data.y), np.asarray(ctx.data.groups), ctx.data.n_groups
+    X = torch.from_numpy(np.array(train.X, np.float32))
+    y_np, g_np, G = np.asarray(train.y), np.asarray(train.groups), ctx.data.n_groups
     y_t = torch.from_numpy(y_np.astype(np.float32))
     rng = np.random.default_rng(seed)
     tau = _operating_tau(ctx, ctx.scorer.margin(actor))
@@ -209,5 +222,6 @@ def _train(ctx: FitContext, seed: int) -> tuple[Patch, IntraReport]:
     actor.load_state_dict(best_state)
     actor.eval()
     details = {"best_epoch": best_epoch, "epochs": opts.epochs, "lam": opts.lam, "lr": opts.lr,
+               "train_rows": len(train), "select_rows": len(ctx.data),
                "critic": opts.critic, "bias_target": opts.bias_target, "seed": seed, "history": history}
     return finish("adversarial_finetune", ctx, actor, best_op, details)

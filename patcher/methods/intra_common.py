@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from patcher.tuning import TuningData
 
@@ -47,6 +47,15 @@ class IntraOptions(BaseModel):
     margin: float = Field(0.01, ge=0, lt=1, description="tune against epsilon - margin, so the bound holds on "
                                                         "unseen rows")
     output_kind: OutputKind = Field("logits", description="what the model's [N, 2] output holds")
+    bootstrap: int = Field(5, ge=0, le=1000, description="average phi over this many bootstrap resamples of "
+                                                          "the tuning rows (0: phi on the rows themselves)")
+
+    @model_validator(mode="after")
+    def _margin_below_epsilon(self) -> IntraOptions:
+        if self.margin >= self.epsilon:
+            raise ValueError(f"margin ({self.margin}) must be below epsilon ({self.epsilon}): the threshold search "
+                             "tunes against epsilon - margin; pass a smaller margin")
+        return self
 
 
 def parse_options(model: type[BaseModel], options: dict[str, Any]) -> Any:
@@ -56,14 +65,14 @@ def parse_options(model: type[BaseModel], options: dict[str, Any]) -> Any:
     except ValidationError as e:
         problems = []
         for err in e.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "options"
-            if err["type"] == "extra_forbidden":
+            where = ".".join(str(p) for p in err["loc"])
+            if not where:  # a check across options (the model validator)
+                problems.append(str(err["msg"]).removeprefix("Value error, "))
+            elif err["type"] == "extra_forbidden":
                 problems.append(f"unknown option {where!r}; allowed: {', '.join(sorted(model.model_fields))}")
             else:
                 problems.append(f"option {where!r}: {err['msg']} (got {err.get('input')!r})")
         raise ValueError("; ".join(problems)) from None
-    if getattr(opts, "margin", 0) >= getattr(opts, "epsilon", 1):
-        raise ValueError(f"margin ({opts.margin}) must be below epsilon ({opts.epsilon})")
     return opts
 
 
@@ -132,13 +141,66 @@ class Operating:
                 "positive_rate": self.positive_rate}
 
 
+def _cut_curves(yy: np.ndarray, gg: np.ndarray, w: np.ndarray, n_groups: int, measure: BiasMeasure):
+    """Balanced accuracy, accuracy and signed bias of every cut "top k rows positive" (k = 0..n), for row
+    weights `w` ([B, n], rows already sorted by score); each output is [B, n + 1]."""
+    B, n = w.shape
+    cells = np.zeros((B, n + 1, n_groups * 2))
+    cells[:, np.arange(1, n + 1), gg * 2 + yy] = w
+    pos = np.cumsum(cells, axis=1).reshape(B, n + 1, n_groups, 2)  # weighted positives per (group, label)
+    tot = pos[:, -1]  # [B, G, 2]
+    P, N = tot[:, :, 1].sum(1)[:, None], tot[:, :, 0].sum(1)[:, None]
+    tp, fp = pos[:, :, :, 1].sum(2), pos[:, :, :, 0].sum(2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ba = np.nan_to_num(0.5 * (tp / P + 1 - fp / N))
+        acc = (tp + N - fp) / (P + N)
+        if measure == "spd":
+            rates = pos.sum(3) / tot.sum(2)[:, None]
+        elif measure == "eod":
+            rates = pos[..., 1] / tot[:, None, :, 1]
+        else:
+            rates = 0.5 * (pos[..., 1] / tot[:, None, :, 1] + pos[..., 0] / tot[:, None, :, 0])
+    gap = rate_gap(rates.reshape(-1, n_groups)).reshape(B, n + 1)
+    return ba, acc, gap
+
+
+def holdout_split(data: TuningData, share: float, seed: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(train rows, selection rows), `share` of every (group, label) cell held out; (None, None) when share is 0."""
+    if share <= 0:
+        return None, None
+    rng = np.random.default_rng(seed)
+    cells = np.asarray(data.groups, np.int64) * 2 + np.asarray(data.y, np.int64)
+    held = []
+    for c in np.unique(cells):
+        rows = rng.permutation(np.flatnonzero(cells == c))
+        held.append(rows[: int(round(share * len(rows)))])
+    select = np.sort(np.concatenate(held))
+    train = np.setdiff1d(np.arange(len(cells)), select)
+    if len(select) < 20 or len(train) < 20:
+        raise ValueError(f"holdout {share} of {len(cells)} tuning rows leaves too few rows to train on or to select "
+                         "with; use more rows or holdout=0")
+    return train, select
+
+
+def bootstrap_weights(n: int, count: int, seed: int) -> np.ndarray | None:
+    """`count` bootstrap resamples of n rows as per-row multiplicities [count, n] (None when count is 0)."""
+    if count <= 0:
+        return None
+    return np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=count).astype(np.float64)
+
+
 def threshold_search(margin: np.ndarray, y: np.ndarray, groups: np.ndarray, n_groups: int, measure: BiasMeasure,
-                     bound: float) -> Operating:
+                     bound: float, bootstrap: np.ndarray | None = None) -> Operating:
     """Maximise phi over every distinct cut of `margin` (exact, vectorised: one sort and cumulative counts).
 
     `bound` = epsilon - margin. Cut k makes the top k rows positive; only cuts between distinct scores are
     realisable. Among cuts of equal phi the least biased wins. The constant rules (everyone or no one
     positive) have zero bias and balanced accuracy 0.5: the floor, as in the paper.
+
+    With `bootstrap` ([B, n] row multiplicities) the objective is phi averaged over the resamples, as
+    the reference's validation objective does (5 random resamples there, 5 fixed ones here by default, so
+    a search is deterministic): a cut whose bias is under the bound only by luck of the sample scores less.
+    The cut must also be feasible on the rows themselves.
     """
     margin = np.asarray(margin, np.float64)
     y = np.asarray(y, np.int64)
@@ -146,29 +208,14 @@ def threshold_search(margin: np.ndarray, y: np.ndarray, groups: np.ndarray, n_gr
     order = np.argsort(-margin, kind="stable")
     s, yy, gg = margin[order], y[order], groups[order]
     n = len(s)
-    pos = np.zeros((n + 1, n_groups, 2))
-    np.add.at(pos[1:], (np.arange(n), gg, yy), 1.0)
-    pos = np.cumsum(pos, axis=0)  # positives among the top k rows, per (group, label)
-    tot = np.zeros((n_groups, 2))
-    np.add.at(tot, (gg, yy), 1.0)
-    P, N = tot[:, 1].sum(), tot[:, 0].sum()
-    tp, fp = pos[:, :, 1].sum(1), pos[:, :, 0].sum(1)
-    tpr = tp / P if P else np.zeros(n + 1)
-    tnr = 1 - fp / N if N else np.zeros(n + 1)
-    ba = 0.5 * (tpr + tnr)
-    acc = (tp + N - fp) / n
-    with np.errstate(invalid="ignore", divide="ignore"):
-        if measure == "spd":
-            rates = pos.sum(2) / tot.sum(1)
-        elif measure == "eod":
-            rates = pos[:, :, 1] / tot[:, 1]
-        else:
-            rates = 0.5 * (pos[:, :, 1] / tot[:, 1] + pos[:, :, 0] / tot[:, 0])
-    gap = rate_gap(rates)
+    ba, acc, gap = (a[0] for a in _cut_curves(yy, gg, np.ones((1, n)), n_groups, measure))
     ok = np.abs(gap) < bound
+    phi = np.where(ok, ba, 0.0)
+    if bootstrap is not None:
+        ba_b, _, gap_b = _cut_curves(yy, gg, bootstrap[:, order], n_groups, measure)
+        phi = np.where(ok, np.where(np.abs(gap_b) < bound, ba_b, 0.0).mean(0), 0.0)
     realisable = np.ones(n + 1, bool)
     realisable[1:n] = s[:-1] > s[1:]
-    phi = np.where(ok, ba, 0.0)
     key = np.where(realisable, phi - 1e-9 * np.abs(gap), -np.inf)
     k = int(np.argmax(key))
     cuts = np.concatenate([[s[0] + 1.0], (s[:-1] + s[1:]) / 2, [s[-1] - 1.0]]) if n else np.zeros(1)
@@ -367,16 +414,18 @@ class FitContext:
     base: Operating  # the unchanged model with the threshold search
     progress: Progress
     started: float
+    resamples: np.ndarray | None = None  # bootstrap multiplicities of the tuning rows, fixed for the fit
 
     def search(self, margin: np.ndarray) -> Operating:
-        return threshold_search(margin, self.data.y, self.data.groups, self.data.n_groups, self.measure, self.bound)
+        return threshold_search(margin, self.data.y, self.data.groups, self.data.n_groups, self.measure, self.bound,
+                                self.resamples)
 
     def evaluate(self, module: Any) -> Operating:
         return self.search(self.scorer.margin(module))
 
 
 def prepare(access: ModelArtifact, data: TuningData, criterion: str, options_model: type[BaseModel],
-            options: dict[str, Any], progress: Progress | None) -> FitContext:
+            options: dict[str, Any], progress: Progress | None, seed: int = 0) -> FitContext:
     import time
 
     started = time.perf_counter()
@@ -389,9 +438,11 @@ def prepare(access: ModelArtifact, data: TuningData, criterion: str, options_mod
     bound = opts.epsilon - opts.margin
     margin = scorer.margin(module)
     y, g, G = np.asarray(data.y), np.asarray(data.groups), data.n_groups
+    resamples = bootstrap_weights(len(y), opts.bootstrap, seed)
     return FitContext(access, data, criterion, opts, measure, bound, module, scorer,
                       default_operating(margin, y, g, G, measure, bound),
-                      threshold_search(margin, y, g, G, measure, bound), progress or noop_progress, started)
+                      threshold_search(margin, y, g, G, measure, bound, resamples), progress or noop_progress,
+                      started, resamples)
 
 
 def finish(method: str, ctx: FitContext, module: Any, op: Operating,

@@ -92,7 +92,7 @@ def fit(access: ModelArtifact, data: TuningData, criterion: str = "dp", budget: 
     import torch
 
     with single_thread():
-        ctx = prepare(access, data, criterion, LayerwiseOptions, options, progress)
+        ctx = prepare(access, data, criterion, LayerwiseOptions, options, progress, seed)
         opts = ctx.opts
         rng = np.random.default_rng(seed)
         model = copy.deepcopy(ctx.module)

@@ -37,7 +37,7 @@ def fit(access: ModelArtifact, data: TuningData, criterion: str = "dp", budget: 
     import torch
 
     with single_thread():
-        ctx = prepare(access, data, criterion, RandomPerturbationOptions, options, progress)
+        ctx = prepare(access, data, criterion, RandomPerturbationOptions, options, progress, seed)
         opts = ctx.opts
         gen = torch.Generator().manual_seed(seed)
         base_state = copy.deepcopy(ctx.module.state_dict())
