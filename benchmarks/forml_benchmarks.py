@@ -186,7 +186,8 @@ def write_markdown(summary: dict[str, Any], runs: list[dict[str, Any]], path: Pa
         f"re-run, this invocation took {wall / 60:.1f} min). All figures are on the "
         "held-out test split, in percent, mean ± standard error over the seeds listed. Both arms train the same "
         "architecture (Adult: the reference MLP [64, 32], Adam 1e-3, batch 256, 20 epochs; digits: the reference "
-        "CNN, Adam 3e-3, batch 64, 12 epochs) on the train split with the same seed, so they see the same "
+        "CNN recipe `patcher.digits.CNN_RECIPE`, flatten head, Adam 3e-3, batch 64, 12 epochs) on the train "
+        "split with the same seed, so they see the same "
         "batches in the same order; FORML's exemplar set is the tune split (min 32 rows per (group, label) cell "
         "in each exemplar batch of 512 for Adult, 8 of 128 for digits). Defaults: MeanLossD, weight_lr 0.01 "
         "per row, lookahead_lr 0.1, no reverse update, no cross-entropy in the meta-loss.",

@@ -92,7 +92,8 @@ def stratified_holdout(groups: np.ndarray, y: np.ndarray, fraction: float, seed:
 
 
 def build_model(X: np.ndarray, n_classes: int, seed: int):
-    """The from-scratch architecture: the reference MLP (tabular) or the reference CNN (images)."""
+    """The from-scratch architecture: the reference MLP (tabular) or the reference CNN recipe (images,
+    patcher.digits.CNN_RECIPE: two conv blocks and a flatten head)."""
     import torch
     from torch import nn
 
