@@ -28,13 +28,15 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--json", action="store_true", help="print the result as JSON")
         if hasattr(module, "add_arguments"):
             module.add_arguments(p)
-        p.set_defaults(run=run_bench)
+        # only this subcommand's own options reach the bench (not the CLI's global --url, --timeout, ...)
+        keys = tuple(a.dest for a in p._actions if a.dest not in ("help", "json"))
+        p.set_defaults(run=run_bench, bench_keys=keys)
 
 
 def run_bench(args: argparse.Namespace) -> int:
     from patcher.benches import get_bench
 
-    kwargs = {k: v for k, v in vars(args).items() if k not in ("run", "method", "json", "command")}
+    kwargs = {k: getattr(args, k) for k in args.bench_keys}
     try:
         result = get_bench(args.method).run(**kwargs)
     except ValueError as e:

@@ -39,10 +39,11 @@ from patcher.tuning import TuningData
 
 ACCESS = frozenset({"queries"})
 CRITERIA = ("dp", "eo", "eopp")
-# Fairlearn's default is 0 (exact parity on the tune rows). On Adult (sex) that cost 1.75 accuracy points on test
-# for a test dp of 0.006; 0.015 cost 1.49 points for 0.008 (docs/postprocess.md): the last few thousandths of
-# tune-set parity are the most expensive and do not carry over to test.
-DEFAULT_TOLERANCE = 0.015
+# Fairlearn's default is 0 (exact parity on the tune rows): the last few thousandths of tune-set parity are the
+# most expensive and do not carry over to test. 0.01 is the tolerance every fairpatch method uses by default
+# (Eraser's fairness_tolerance); it was fixed before looking at test results. A larger value read off the Adult
+# test split would pass the acceptance check but would be a test-tuned default, so it is not used.
+DEFAULT_TOLERANCE = 0.01
 
 
 class ThresholdOptions(BaseModel):
