@@ -146,8 +146,8 @@ def notes(results: dict) -> list[str]:
         "- Colored digits falls short. On the tune split the trigger drives eo_diff to a few hundredths while the test "
         "split keeps most of the gap: the tune split's cells where the color disagrees with the label hold few "
         "distinct images (10% of about 360), and an input-agnostic border has little leverage on a CNN whose color "
-        "evidence comes from the strokes themselves. The zeroth-order run on images often keeps the start point "
-        "(identity trigger, re-tuned threshold) as its best candidate.",
+        "evidence comes from the strokes themselves. In one zeroth-order image run examined during development "
+        "(lam 20), the best candidate was the start point (identity trigger plus a re-tuned threshold).",
     ]
     for key, r in results.items():
         if "transfer" in r:
