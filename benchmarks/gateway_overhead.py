@@ -16,9 +16,11 @@ variant (`bias=estimator`: the group is inferred from x by the patch), so both t
 byte-identical requests; `--bias group` sends the group as an extra input to the gateway instead.
 
 Each cell runs `--requests` requests or `--seconds`, whichever ends first, after a short warm-up on
-the same connections. Latency is per request as the client sees it (send to full response read);
-throughput is completed requests over the cell's wall time. On a small machine the client, the
-upstream and the gateway compete for the same cores: read the ratios, not the absolute figures.
+the same connections, split into `--rounds` rounds in which direct and gateway alternate, so load
+from other processes on a shared machine falls on both alike. Latency is per request as the client
+sees it (send to full response read); throughput is completed requests over the cell's wall time.
+On a small machine the client, the upstream and the gateway compete for the same cores: read the
+ratios, not the absolute figures.
 Targets: added p50 <= 1 ms at concurrency 1; gateway throughput >= 70% of direct at concurrency 64.
 """
 
@@ -372,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     loader = "`httpx.AsyncClient`" if args.client == "httpx" else "`aiohttp`"
     setup = (f"Adult reference model behind `fairpatch upstream`, `fairpatch serve` (embedded Redis) with an Eraser "
              f"patch active (bias={args.bias}, {args.queries} queries), each in its own process on loopback; "
-             f"load from {loader}, at most {args.requests} requests or {args.seconds:g} s per cell. "
+             f"load from {loader}, at most {args.requests} requests or {args.seconds:g} s per cell in {args.rounds} "
+             "rounds, direct and gateway alternating. "
              f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}. Latencies in ms as the client "
              "sees them; the client, upstream and gateway share the machine's cores.")
     print_table(cells, f"direct to the upstream vs through the gateway (Eraser patch active), {args.client} client")
