@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 docs: $(STAMP)
-	$(BIN)/python benchmarks/eraser_benchmarks.py --out docs/benchmarks.md
+	$(BIN)/python benchmarks/eraser_benchmarks.py --out docs/eraser.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,4 +1,4 @@
-"""Eraser against the query budget, side by side with Fairlearn's ThresholdOptimizer; writes docs/benchmarks.md.
+"""Eraser against the query budget, side by side with Fairlearn's ThresholdOptimizer; writes docs/eraser.md.
 
 For Adult (sex), COMPAS (race) and German credit (age), criteria dp and eo, query budgets 100, 300,
 1000 and all tune rows: Eraser with the group sent at inference and group-free (attribute
@@ -6,7 +6,7 @@ estimator), the Adult group-free runs over a model trained without the sex colum
 ThresholdOptimizer (group at inference) over the same reference model and splits. Every method
 fits on the tune split only; the test split is scored once, after fitting.
 
-    python benchmarks/eraser_benchmarks.py --out docs/benchmarks.md [--seeds 0 1 2] [--quick]
+    python benchmarks/eraser_benchmarks.py --out docs/eraser.md [--seeds 0 1 2] [--quick]
 """
 
 from __future__ import annotations
@@ -370,14 +370,14 @@ def report(agg, datasets, skipped: list[str], command: str, seconds: float, seed
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None,
-                    help="markdown to write (default docs/benchmarks.md; with --quick a temporary folder)")
+                    help="markdown to write (default docs/eraser.md; with --quick a temporary folder)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--quick", action="store_true", help="german and compas, budgets 100 and all, no adult")
     ap.add_argument("--json", type=Path, default=None, help="also write every raw result here")
     args = ap.parse_args()
     if args.out is None:
-        args.out = (Path(tempfile.gettempdir()) / "fairpatch_bench_quick" / "benchmarks.md" if args.quick
-                    else Path("docs/benchmarks.md"))
+        args.out = (Path(tempfile.gettempdir()) / "fairpatch_bench_quick" / "eraser.md" if args.quick
+                    else Path("docs/eraser.md"))
     cfg = QUICK if args.quick else {"datasets": tuple(DATASETS), "criteria": CRITERIA, "budgets": BUDGETS,
                                     "drop_sensitive": DROP_SENSITIVE}
     command = "python benchmarks/eraser_benchmarks.py " + " ".join(sys.argv[1:])
