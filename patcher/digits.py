@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from patcher.datasets import Dataset, Split, TabularEncoder
-from patcher.reference_models import ReferenceModel, cache_dir
+from patcher.reference_models import ReferenceModel, cache_dir, fit_minibatches
 
 DIGIT_DATASETS = ("colored-digits", "noisy-digits")
 SIZE = 16  # 8x8 upsampled twice
@@ -124,7 +124,6 @@ def _cnn(torch, n_classes: int, recipe: dict):
 def train_cnn(X: np.ndarray, y: np.ndarray, seed: int, recipe: dict = CNN_RECIPE) -> bytes:
     """Train the reference CNN on (X, y) and export it to ONNX bytes."""
     import torch
-    from torch import nn
 
     from patcher.access import torch_to_onnx
 
@@ -136,14 +135,7 @@ def train_cnn(X: np.ndarray, y: np.ndarray, seed: int, recipe: dict = CNN_RECIPE
         net = _cnn(torch, int(y.max()) + 1, recipe)
         opt = torch.optim.Adam(net.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
         Xt, yt = torch.tensor(X), torch.tensor(y)
-        net.train()
-        for _ in range(recipe["epochs"]):
-            order = torch.randperm(len(Xt), generator=gen)
-            for i in range(0, len(order), recipe["batch_size"]):
-                idx = order[i:i + recipe["batch_size"]]
-                opt.zero_grad()
-                nn.functional.cross_entropy(net(Xt[idx]), yt[idx]).backward()
-                opt.step()
+        fit_minibatches(net, opt, Xt, yt, recipe, gen)
         return torch_to_onnx(net, Xt[:2])
     finally:
         torch.set_num_threads(threads)

@@ -61,18 +61,12 @@ def train_mlp(X: np.ndarray, y: np.ndarray, seed: int, recipe: dict = RECIPE,
         torch.set_num_threads(threads)
 
 
-def _train(torch, nn, X, y, seed, recipe, progress):
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    sizes = [X.shape[1], *recipe["hidden"], int(y.max()) + 1]
-    layers: list[nn.Module] = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    net = nn.Sequential(*layers)
-    opt = torch.optim.Adam(net.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"], fused=True)
-    Xt, yt = torch.tensor(X, dtype=torch.float32), torch.tensor(y, dtype=torch.long)
+def fit_minibatches(net, opt, Xt, yt, recipe: dict, gen, progress: bool = False) -> None:
+    """Cross-entropy over shuffled minibatches for recipe["epochs"] epochs (every reference model's loop)."""
+    import torch
+    from torch import nn
+
+    net.train()
     epochs = range(recipe["epochs"])
     if progress:
         from rich.progress import track
@@ -85,6 +79,21 @@ def _train(torch, nn, X, y, seed, recipe, progress):
             opt.zero_grad()
             nn.functional.cross_entropy(net(Xt[idx]), yt[idx]).backward()
             opt.step()
+
+
+def _train(torch, nn, X, y, seed, recipe, progress):
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [X.shape[1], *recipe["hidden"], int(y.max()) + 1]
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    net = nn.Sequential(*layers)
+    opt = torch.optim.Adam(net.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"], fused=True)
+    Xt, yt = torch.tensor(X, dtype=torch.float32), torch.tensor(y, dtype=torch.long)
+    fit_minibatches(net, opt, Xt, yt, recipe, gen, progress)
     return [(m.weight.detach().numpy().T.copy(), m.bias.detach().numpy().copy())
             for m in net if isinstance(m, nn.Linear)]
 

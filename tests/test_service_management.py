@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import socket
 import uuid
 
@@ -19,7 +18,6 @@ from patcher.methods.eraser import build_output_graph
 from patcher.patch import Patch
 from service.app import create_app
 from service.auth import upstream_allowed
-from service.redis_embedded import redis_url_for
 from service.serve_thread import ServerThread
 from service.settings import MiB, Settings
 
@@ -30,12 +28,6 @@ MODEL = f"adult-{uuid.uuid4().hex[:6]}"  # a name of its own on a shared REDIS_U
 
 def spec(name: str = MODEL, version: str = "1", url: str = "http://127.0.0.1:9000", **extra) -> dict:
     return {"name": name, "version": version, "upstream": {"url": url, "input_name": "input"}, **extra}
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    with redis_url_for(os.environ.get("REDIS_URL") or None, tmp_path_factory.mktemp("redis")) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Model registry and patch store against a real Redis (REDIS_URL when set, else the embedded one)."""
 
 import asyncio
-import os
 import uuid
 
 import numpy as np
@@ -11,14 +10,7 @@ from redis.asyncio import Redis
 from patcher.methods.eraser import build_output_graph
 from patcher.patch import Patch, PatchError
 from service.patch_store import PatchNotFound, PatchStore
-from service.redis_embedded import redis_url_for
 from service.registry import ModelRegistry, ModelSpec, UpstreamSpec
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    with redis_url_for(os.environ.get("REDIS_URL"), tmp_path_factory.mktemp("redis")) as url:
-        yield url
 
 
 def _patch(alpha: float) -> Patch:
