@@ -62,6 +62,12 @@ class Cell:
     errors: int
     seconds: float
     latencies_ms: np.ndarray
+    cpu_s: float = float("nan")  # CPU time of the server answering (upstream direct, gateway through it)
+
+    @property
+    def cpu_ms(self) -> float:
+        """The answering server's own CPU per completed request (steadier than latency on a shared machine)."""
+        return 1000 * self.cpu_s / self.requests if self.requests else float("nan")
 
     @property
     def p50(self) -> float:
@@ -123,6 +129,15 @@ def fit_patch(bias: str, queries: int, seed: int):
     tune = TuningData(data.tune.X, data.tune.y, data.tune.groups, data.group_names, tuple(data.feature_names))
     patch, _ = eraser.fit(OnnxOracle(model.onnx_bytes, budget=queries), tune, "dp", queries, bias=bias, seed=seed)
     return model, patch.for_model(MODEL, "1"), data
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of a process so far, from /proc (nan where there is none)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError, TypeError):
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 # --- load --------------------------------------------------------------------------------------------
@@ -195,24 +210,30 @@ async def _segment(load, concurrency: int, requests: int, seconds: float) -> tup
 
 
 async def run_pair(client: str, urls: dict[str, str], bodies: dict[str, bytes], concurrency: int, batch: int,
-                   requests: int, seconds: float, warmup: int, rounds: int) -> list[Cell]:
+                   requests: int, seconds: float, warmup: int, rounds: int,
+                   pids: dict[str, int | None] | None = None) -> list[Cell]:
     """Direct and gateway cells for one (batch, concurrency), measured in alternating rounds: on a shared
-    machine the load from other processes drifts, and alternating spreads it over both targets alike."""
+    machine the load from other processes drifts, and alternating spreads it over both targets alike.
+    `pids`: the process answering each target, whose CPU time per request is recorded."""
+    pids = pids or {}
     loads = {t: LOADERS[client](urls[t], f"/v2/models/{MODEL}/infer", bodies[t], concurrency) for t in urls}
     try:
         for load in loads.values():  # warm-up: open every connection, fill caches
             await asyncio.gather(*(load() for _ in range(max(warmup, concurrency))))
-        totals = {t: ([], 0, 0.0) for t in loads}
+        totals = {t: ([], 0, 0.0, 0.0) for t in loads}
         for r in range(rounds):
             for target in (list(loads) if r % 2 == 0 else list(loads)[::-1]):
+                cpu0 = cpu_seconds(pids.get(target))
                 lat, err, wall = await _segment(loads[target], concurrency, max(1, requests // rounds),
                                                 seconds / rounds)
+                cpu = cpu_seconds(pids.get(target)) - cpu0
                 done = totals[target]
-                totals[target] = (done[0] + lat, done[1] + err, done[2] + wall)
+                totals[target] = (done[0] + lat, done[1] + err, done[2] + wall, done[3] + cpu)
     finally:
         for load in loads.values():
             await load.aclose()
-    return [Cell(t, concurrency, batch, len(lat), err, wall, np.asarray(lat)) for t, (lat, err, wall) in totals.items()]
+    return [Cell(t, concurrency, batch, len(lat), err, wall, np.asarray(lat), cpu)
+            for t, (lat, err, wall, cpu) in totals.items()]
 
 
 # --- report ------------------------------------------------------------------------------------------
@@ -226,12 +247,13 @@ def rows(cells: list[Cell]) -> list[list[str]]:
         d = by[("direct", conc, batch)]
         out.append([str(batch), str(conc), f"{d.p50:.2f}", f"{g.p50:.2f}", f"{g.p50 - d.p50:+.2f}",
                     f"{d.p99:.2f}", f"{g.p99:.2f}", f"{d.rps:,.0f}", f"{g.rps:,.0f}", f"{g.rps / d.rps:.0%}",
-                    f"{d.requests}/{g.requests}", str(d.errors + g.errors)])
+                    f"{d.cpu_ms:.2f}", f"{g.cpu_ms:.2f}", f"{d.requests}/{g.requests}", str(d.errors + g.errors)])
     return out
 
 
 HEAD = ["batch", "conc.", "p50 direct ms", "p50 gateway ms", "added p50 ms", "p99 direct ms", "p99 gateway ms",
-        "req/s direct", "req/s gateway", "gateway/direct", "requests (d/g)", "errors"]
+        "req/s direct", "req/s gateway", "gateway/direct", "CPU ms/req upstream", "CPU ms/req gateway",
+        "requests (d/g)", "errors"]
 
 
 def verdict(cells: list[Cell]) -> list[str]:
@@ -363,11 +385,13 @@ def main(argv: list[str] | None = None) -> int:
                       "gateway": v2_body(X, names if patch.group_at_inference else None)}
             for conc in concurrencies:
                 pair = runner(run_pair(args.client, {"direct": direct_url, "gateway": gateway_url}, bodies, conc,
-                                       batch, args.requests, args.seconds, args.warmup, args.rounds))
+                                       batch, args.requests, args.seconds, args.warmup, args.rounds,
+                                       {"direct": upstream.pid, "gateway": gateway.pid}))
                 cells += pair
                 for cell in pair:
                     print(f"  batch {batch:>3} concurrency {conc:>3} {cell.target:>7}: p50 {cell.p50:7.2f} ms  "
-                          f"p99 {cell.p99:7.2f} ms  {cell.rps:8,.0f} req/s  ({cell.requests} ok, "
+                          f"p99 {cell.p99:7.2f} ms  {cell.rps:8,.0f} req/s  CPU {cell.cpu_ms:5.2f} ms/req  "
+                          f"({cell.requests} ok, "
                           f"{cell.errors} errors)", flush=True)
 
     cpu = platform.processor() or platform.machine()
@@ -377,7 +401,9 @@ def main(argv: list[str] | None = None) -> int:
              f"load from {loader}, at most {args.requests} requests or {args.seconds:g} s per cell in {args.rounds} "
              "rounds, direct and gateway alternating. "
              f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}. Latencies in ms as the client "
-             "sees them; the client, upstream and gateway share the machine's cores.")
+             "sees them; the client, upstream and gateway share the machine's cores. CPU ms/req: the answering "
+             "server process's own CPU time (user + system, from /proc) per request: the upstream's in the direct "
+             "rounds, the gateway's (not counting the upstream it calls) in the gateway rounds.")
     print_table(cells, f"direct to the upstream vs through the gateway (Eraser patch active), {args.client} client")
     if args.markdown:
         write_markdown(args.markdown, markdown(cells, setup))

@@ -15,10 +15,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from redis.asyncio import Redis
+from starlette.types import Receive, Scope, Send
 
 from service import health, infer, management
 from service.body_limit import BodySizeLimit
 from service.errors import install_error_handlers
+from service.fast_path import FastPath
 from service.patch_store import PatchStore
 from service.redis_embedded import redis_url_for
 from service.registry import ModelRegistry
@@ -32,7 +34,21 @@ def _redacted(url: str) -> str:
     return re.sub(r"://[^@/]*@", "://***@", url)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+class Gateway(FastAPI):
+    """The FastAPI app, with the inference POSTs served by `fast_path` before FastAPI's own stack when set
+    (service.fast_path); everything else, and every request when it is None, goes through FastAPI."""
+
+    fast_path: FastPath | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        fast = self.fast_path
+        if fast is not None and not self.root_path and (route := fast.match(scope)) is not None:
+            await fast(route, scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None) -> Gateway:
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -59,9 +75,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await app.state.patches.stop()
                 await client.aclose()
 
-    app = FastAPI(title="fairpatch gateway", version=__version__, lifespan=lifespan,
+    app = Gateway(title="fairpatch gateway", version=__version__, lifespan=lifespan,
                   description="Fairness-patched predictions over the Open Inference Protocol (KServe V2).")
     app.state.settings = settings
+    if settings.fast_path:
+        app.fast_path = FastPath(app.state, settings.max_body_bytes)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.include_router(health.router)

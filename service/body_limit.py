@@ -28,12 +28,12 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = _content_length(scope)
+        declared = content_length(scope)
         if declared is not None and declared > self.max_bytes:
-            await _send_error(send, 413, BodyTooLarge(self.max_bytes).detail)
+            await send_error(send, 413, BodyTooLarge(self.max_bytes).detail)
             return
         if declared == -1:
-            await _send_error(send, 400, "invalid Content-Length header")
+            await send_error(send, 400, "invalid Content-Length header")
             return
 
         received = 0
@@ -59,10 +59,10 @@ class BodySizeLimit:
             # Normally the app's handler has answered already; this covers reads outside a route.
             if started:
                 raise
-            await _send_error(send, 413, e.detail)
+            await send_error(send, 413, e.detail)
 
 
-def _content_length(scope: Scope) -> int | None:
+def content_length(scope: Scope) -> int | None:
     """The declared body length, None when absent, -1 when unparseable."""
     for key, value in scope["headers"]:
         if key == b"content-length":
@@ -74,7 +74,7 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _send_error(send: Send, status: int, message: str) -> None:
+async def send_error(send: Send, status: int, message: str) -> None:
     body = json.dumps({"error": message}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -31,6 +31,24 @@ def error_response(status_code: int, message: str, headers: dict[str, str] | Non
     return JSONResponse({"error": message}, status_code=status_code, headers=headers)
 
 
+def client_error_response(exc: Exception) -> JSONResponse | None:
+    """The answer for an error the client is told about (ApiError, InvalidRequest, an HTTPException such
+    as the body limit's 413); None for anything else. The handlers below and the ASGI fast path
+    (service.fast_path) both answer with it, so either front door says the same."""
+    if isinstance(exc, ApiError):
+        return error_response(exc.status_code, exc.message)
+    if isinstance(exc, InvalidRequest):
+        return error_response(400, str(exc))
+    if isinstance(exc, StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+    return None
+
+
+def unexpected_error_response(method: str, path: str, exc: Exception) -> JSONResponse:
+    log.error("unhandled error on %s %s: %r", method, path, exc)
+    return error_response(500, f"internal server error ({type(exc).__name__}); see the server log")
+
+
 async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
     return error_response(exc.status_code, exc.message)
 
@@ -55,8 +73,7 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> J
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.error("unhandled error on %s %s: %r", request.method, request.url.path, exc)
-    return error_response(500, f"internal server error ({type(exc).__name__}); see the server log")
+    return unexpected_error_response(request.method, request.url.path, exc)
 
 
 def install_error_handlers(app: FastAPI) -> None:

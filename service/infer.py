@@ -26,6 +26,7 @@ import struct
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -33,6 +34,7 @@ import pydantic_core
 from fastapi import APIRouter, FastAPI, Request, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 from redis.exceptions import RedisError
+from starlette.datastructures import State
 from starlette.routing import Route
 
 from patcher.apply import PatchRunner, UnknownGroupError
@@ -77,6 +79,7 @@ BINARY_HEADER = "inference-header-content-length"
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+BodyReader = Callable[[], Awaitable[bytes]]
 
 
 # --- caches ------------------------------------------------------------------------------------------
@@ -341,11 +344,30 @@ def _cache(request: Request) -> ModelCache:
     return request.app.state.model_cache
 
 
-def _json(payload: BaseModel | dict, pid: str | None, served_by: str = SERVED_BY_UPSTREAM) -> Response:
-    body = payload.model_dump_json(exclude_none=True) if isinstance(payload, BaseModel) \
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A 200 answer: the JSON body, the active patch's id (None: unpatched) and what served it. The
+    FastAPI routes wrap it in a Response; the ASGI fast path (service.fast_path) sends it as it is."""
+
+    body: bytes
+    patch: str | None
+    served_by: str = SERVED_BY_UPSTREAM
+
+    def headers(self) -> dict[str, str]:
+        return {PATCH_HEADER: self.patch or "none", SERVED_BY_HEADER: self.served_by}
+
+    def response(self) -> Response:
+        return Response(self.body, media_type="application/json", headers=self.headers())
+
+
+def _answer(payload: BaseModel | dict, pid: str | None, served_by: str = SERVED_BY_UPSTREAM) -> Answer:
+    body = payload.model_dump_json(exclude_none=True).encode() if isinstance(payload, BaseModel) \
         else pydantic_core.to_json(payload)
-    return Response(body, media_type="application/json",
-                    headers={PATCH_HEADER: pid or "none", SERVED_BY_HEADER: served_by})
+    return Answer(body, pid, served_by)
+
+
+def _json(payload: BaseModel | dict, pid: str | None, served_by: str = SERVED_BY_UPSTREAM) -> Response:
+    return _answer(payload, pid, served_by).response()
 
 
 @router.get("/v2/models/{model_name}", response_model=ModelMetadata)
@@ -378,12 +400,21 @@ async def model_ready(request: Request, model_name: str, model_version: str | No
 
 
 async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
-    cache = _cache(request)
+    answer = await infer_answer(request.app.state, model_name, model_version, request.body,
+                                request.headers.get(BINARY_HEADER))
+    return answer.response()
+
+
+async def infer_answer(state: State, model_name: str, model_version: str | None, read_body: BodyReader,
+                       binary: str | None) -> Answer:
+    """V2 inference, whichever front door the request came in by. The body is read only once the model is
+    known (an unknown model is a 404 whatever was sent); `binary` is the Inference-Header-Content-Length."""
+    cache: ModelCache = state.model_cache
     spec = await cache.spec(model_name, model_version)
-    body, binary = await request.body(), request.headers.get(BINARY_HEADER)
+    body = await read_body()
     req = parse_request(body, binary)
-    runner = await request.app.state.patches.runner(spec.name, spec.version)
-    upstream: UpstreamClient = request.app.state.upstream
+    runner = await state.patches.runner(spec.name, spec.version)
+    upstream: UpstreamClient = state.upstream
     v2 = spec.upstream.protocol == "v2"
 
     group_tensor, inputs = None, []
@@ -425,7 +456,7 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
             outputs.append(from_numpy(RAW_OUTPUT, scores.astype(np.float32, copy=False)))
         response = InferResponse.model_construct(model_name=spec.name, model_version=spec.version, id=req.id,
                                                  outputs=outputs)
-        return _json(response, patch_id(runner))
+        return _answer(response, patch_id(runner))
 
     if sent is not X:  # the input transform changed the rows: send them in the request's datatype
         features_sent = RequestInput.model_construct(
@@ -457,11 +488,11 @@ async def infer(request: Request, model_name: str, model_version: str | None = N
                                                       parameters=None, data=raw.data))
     response = InferResponse.model_construct(model_name=spec.name, model_version=spec.version, id=req.id,
                                              parameters=result.parameters, outputs=outputs)
-    return _json(response, patch_id(runner))
+    return _answer(response, patch_id(runner))
 
 
 def _infer_weight_patch(spec: ModelSpec, req: InferRequest, runner: PatchRunner, inputs: list[RequestInput],
-                        group_tensor: RequestInput | None) -> Response:
+                        group_tensor: RequestInput | None) -> Answer:
     """V2 infer answered by the active weight patch's own model (service.patch_serving)."""
     X = patch_serving.features(spec, runner, inputs)
     groups = group_ids(runner, spec, None if group_tensor is None else to_numpy(group_tensor), len(X))
@@ -476,13 +507,18 @@ def _infer_weight_patch(spec: ModelSpec, req: InferRequest, runner: PatchRunner,
         outputs.append(from_numpy(RAW_OUTPUT, logits))
     response = InferResponse.model_construct(model_name=spec.name, model_version=spec.version, id=req.id,
                                              outputs=outputs)
-    return _json(response, patch_id(runner), SERVED_BY_PATCH)
+    return _answer(response, patch_id(runner), SERVED_BY_PATCH)
 
 
 async def predict_v1(request: Request, model_name: str) -> Response:
-    cache = _cache(request)
+    return (await predict_answer(request.app.state, model_name, request.body)).response()
+
+
+async def predict_answer(state: State, model_name: str, read_body: BodyReader) -> Answer:
+    """KServe V1 predict, whichever front door the request came in by."""
+    cache: ModelCache = state.model_cache
     spec = await cache.spec(model_name)
-    body = await request.body()
+    body = await read_body()
     if not body:
         raise InvalidRequest('empty request body; expected {"instances": [[...], ...]}')
     try:
@@ -493,14 +529,14 @@ async def predict_v1(request: Request, model_name: str) -> Response:
             raise InvalidRequest(f"malformed JSON: {errors[0].get('ctx', {}).get('error', errors[0]['msg'])}") \
                 from None
         raise InvalidRequest(f"invalid V1 request: {describe_validation_errors(errors)}") from None
-    runner = await request.app.state.patches.runner(spec.name, spec.version)
-    upstream: UpstreamClient = request.app.state.upstream
+    runner = await state.patches.runner(spec.name, spec.version)
+    upstream: UpstreamClient = state.upstream
     if runner is not None and runner.replaces_model:  # a weight patch answers itself
         X = _instances(req.instances, "FP32")
         patch_serving.check_shape(spec, runner, X)
         gids = group_ids(runner, spec, None if req.groups is None else _group_values(req.groups), len(X))
         out, _ = patch_serving.scores(runner, spec, X, gids, None)
-        return _json({"predictions": out.tolist()}, patch_id(runner), SERVED_BY_PATCH)
+        return _answer({"predictions": out.tolist()}, patch_id(runner), SERVED_BY_PATCH)
 
     meta = await cache.metadata(spec) if spec.upstream.protocol == "v2" else None
     datatype, name = "FP32", None
@@ -526,7 +562,7 @@ async def predict_v1(request: Request, model_name: str) -> Response:
         scores = output_array(result.outputs[scores_index(result, scores_name, spec.upstream.url)],
                               spec.upstream.url)
     out = scores if runner is None else apply_patch(runner, spec, sent, scores, gids)
-    return _json({"predictions": out.tolist()}, patch_id(runner))
+    return _answer({"predictions": out.tolist()}, patch_id(runner))
 
 
 def _instances(instances: list[Any], datatype: str) -> np.ndarray:
