@@ -14,8 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
     parser.add_argument("--epochs", type=int, default=None, help="critic/model rounds (default 16)")
     parser.add_argument("--lam", type=float, default=None, help="weight of the critic's bias estimate (default 20)")
-    parser.add_argument("--critic", choices=("set", "flat"), default=None,
-                        help="set: per-row scores pooled by the measure (default); flat: the reference's MLP")
+    parser.add_argument("--critic", choices=("set", "flat", "exact"), default=None,
+                        help="set: per-row scores pooled by the measure (default); flat: the reference's MLP; "
+                             "exact: no learned critic, the bias of the model's own soft decisions")
     parser.add_argument("--bias-target", choices=("operating", "scores"), default=None,
                         help="what the critic regresses: decisions at the operating point (default) or scores")
 

@@ -24,6 +24,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epsilon", type=float, default=None, help="the bias bound (default 0.05)")
     parser.add_argument("--margin", type=float, default=None,
                         help="tune against epsilon - margin (default 0.01; adversarial 0.02)")
+    parser.add_argument("--bootstrap", type=int, default=None,
+                        help="average phi over this many bootstrap resamples of the rows phi is scored on (default 5; "
+                             "0: phi on the rows themselves)")
 
 
 def run_intra(method: str, dataset: str = "adult", sensitive: str | None = None, criterion: str = "dp",

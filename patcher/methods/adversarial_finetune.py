@@ -16,6 +16,9 @@ Choices where the reference differs or is silent (docs/intra.md has the measurem
   rows each rate averages). The reference critic ("flat") is an MLP on the whole batch's activations
   flattened into one vector; on Adult (dp) it ended no better than re-thresholding the unchanged
   model (test balanced accuracy 0.58 vs 0.59 at the bias bound).
+- critic="exact" (option): no learned critic; the weight uses the batch's bias of the model's own soft
+  decisions sigmoid((margin - tau) / temperature), differentiable, so the gradient reaches the decision
+  itself. docs/intra.md compares it with the set critic over two seeds (neither is better everywhere).
 - bias_target="operating" (default): the critic regresses the batch's bias of the decisions at the
   current operating point, sigmoid((margin - tau) / temperature), tau the threshold that maximises
   balanced accuracy (re-chosen each epoch), because that is where phi measures the bias. The
@@ -43,6 +46,7 @@ from patcher.methods.intra_common import (
     FitContext,
     IntraOptions,
     IntraReport,
+    balanced_accuracy,
     bias,
     finish,
     holdout_split,
@@ -69,7 +73,7 @@ class AdversarialOptions(IntraOptions):
     batch_size: int = Field(64, ge=4, le=65_536)
     lr: float = Field(3e-4, gt=0, le=1.0, description="model learning rate (Adam)")
     critic_lr: float = Field(1e-3, gt=0, le=1.0, description="critic learning rate (Adam)")
-    critic: Literal["set", "flat"] = "set"
+    critic: Literal["set", "flat", "exact"] = "set"
     critic_hidden: int = Field(32, ge=1, le=4096)
     bias_target: Literal["operating", "scores"] = "operating"
     temperature: float = Field(1.0, gt=0, le=100, description="softness of the decisions the critic regresses")
@@ -89,6 +93,26 @@ def measure_weights(y: np.ndarray, groups: np.ndarray, n_groups: int, measure: s
     return [[(sel & (groups == g), c) for sel, c in parts] for g in range(n_groups)]
 
 
+def soft_bias(soft, y: np.ndarray, groups: np.ndarray, n_groups: int, measure: str):
+    """The batch's bias of per-row soft decisions in [0, 1], computed as `bias` computes it from hard ones
+    (a differentiable torch scalar; 0 when fewer than two groups have the rows a rate needs)."""
+    import torch
+
+    rates = []
+    for parts in measure_weights(y, groups, n_groups, measure):
+        if all(m.any() for m, _ in parts):
+            rates.append(sum(c * soft[torch.as_tensor(m)].mean() for m, c in parts))
+        else:
+            rates.append(None)
+    present = [r for r in rates if r is not None]
+    if len(present) < 2:
+        return soft.sum() * 0.0
+    if n_groups == 2:
+        return rates[0] - rates[1]
+    stacked = torch.stack(present)
+    return stacked.max() - stacked.min()
+
+
 def make_critic(kind: str, hid: int, batch_size: int, width: int, measure: str):
     """The critic g: penultimate activations of a batch (plus its labels and groups) -> the batch's bias."""
     import torch
@@ -103,20 +127,7 @@ def make_critic(kind: str, hid: int, batch_size: int, width: int, measure: str):
                                      nn.Linear(width, 1))
 
         def forward(self, h: torch.Tensor, y: np.ndarray, groups: np.ndarray, n_groups: int) -> torch.Tensor:
-            s = torch.sigmoid(self.row(h)[:, 0])
-            rates = []
-            for parts in measure_weights(y, groups, n_groups, measure):
-                if all(m.any() for m, _ in parts):
-                    rates.append(sum(c * s[torch.as_tensor(m)].mean() for m, c in parts))
-                else:
-                    rates.append(None)
-            present = [r for r in rates if r is not None]
-            if len(present) < 2:
-                return s.sum() * 0.0
-            if n_groups == 2:
-                return rates[0] - rates[1]
-            stacked = torch.stack(present)
-            return stacked.max() - stacked.min()
+            return soft_bias(torch.sigmoid(self.row(h)[:, 0]), y, groups, n_groups, measure)
 
     class FlatCritic(nn.Module):
         """The reference critic: an MLP on the batch's activations flattened into one vector."""
@@ -131,7 +142,7 @@ def make_critic(kind: str, hid: int, batch_size: int, width: int, measure: str):
         def forward(self, h: torch.Tensor, y: np.ndarray, groups: np.ndarray, n_groups: int) -> torch.Tensor:
             return self.net(h.reshape(1, -1))[0, 0]
 
-    return SetCritic() if kind == "set" else FlatCritic()
+    return FlatCritic() if kind == "flat" else SetCritic()
 
 
 def fit(access: ModelArtifact, data: TuningData, criterion: str = "dp", budget: int | None = None, *,
@@ -178,7 +189,7 @@ def _train(ctx: FitContext, train: TuningData, seed: int) -> tuple[Patch, IntraR
             actor.eval()
             critic.train()
             critic_loss = 0.0
-            for _ in range(opts.critic_steps):
+            for _ in range(0 if opts.critic == "exact" else opts.critic_steps):
                 idx = rng.integers(0, len(X), opts.batch_size)
                 with torch.no_grad():
                     m = logit_margin(actor(X[idx]), opts.output_kind)
@@ -197,7 +208,11 @@ def _train(ctx: FitContext, train: TuningData, seed: int) -> tuple[Patch, IntraR
             for _ in range(opts.actor_steps):
                 idx = rng.integers(0, len(X), opts.batch_size)
                 m = logit_margin(actor(X[idx]), opts.output_kind)
-                predicted = critic(captured["h"], y_np[idx], g_np[idx], G)
+                if opts.critic == "exact":
+                    soft = torch.sigmoid((m - tau) / opts.temperature)
+                    predicted = soft_bias(soft, y_np[idx], g_np[idx], G, ctx.measure)
+                else:
+                    predicted = critic(captured["h"], y_np[idx], g_np[idx], G)
                 bce = F.binary_cross_entropy_with_logits(m, y_t[idx])
                 weight = torch.clamp(opts.lam * (predicted.abs() - opts.epsilon + opts.delta) + 1, min=1.0)
                 loss = weight * bce
@@ -210,8 +225,12 @@ def _train(ctx: FitContext, train: TuningData, seed: int) -> tuple[Patch, IntraR
             margin = ctx.scorer.margin(actor)
             op = ctx.search(margin)
             tau = _operating_tau(ctx, margin)
+            operating = (margin > tau).astype(np.float64)  # unbounded best cut: shows progress phi can't see yet
             history.append({"epoch": epoch, "objective": op.objective, "balanced_accuracy": op.balanced_accuracy,
-                            "bias": op.bias, "critic_mse": critic_loss, "tau": tau})
+                            "bias": op.bias, "critic_mse": critic_loss, "tau": tau,
+                            "operating_balanced_accuracy": balanced_accuracy(operating, ctx.data.y),
+                            "operating_bias": bias(operating, ctx.data.y, ctx.data.groups, ctx.data.n_groups,
+                                                   ctx.measure)})
             if op.objective > best_op.objective or opts.keep == "last":
                 best_op, best_state, best_epoch = op, copy.deepcopy(actor.state_dict()), epoch
             ctx.progress(0.95 * epoch / opts.epochs, {"stage": "adversarial fine-tuning", "epoch": epoch,
