@@ -54,9 +54,12 @@ from service.oip import (
     RequestInput,
     RequestOutput,
     ResponseOutput,
-    check_signature,
+    check_tensors,
+    construct,
     describe_validation_errors,
     from_numpy,
+    infer_request_from_doc,
+    loads,
     parse_infer_request,
     shape_matches,
     to_numpy,
@@ -104,6 +107,12 @@ class TtlCache(Generic[K, V]):
             future.add_done_callback(_retrieve)  # a failure nobody waits for any more is not logged as lost
         return await asyncio.shield(future)  # a caller that goes away does not cancel the load for others
 
+    def fresh(self, key: K) -> V | None:
+        """The cached value for `key` while it has not expired, else None: the hot path's lookup, with no
+        coroutine to run."""
+        hit = self._values.get(key)
+        return hit[1] if hit is not None and hit[0] > time.monotonic() else None
+
     async def _load(self, key: K, load: Callable[[], Awaitable[V]], ttl: Callable[[V], float],
                     stale: V | None) -> V:
         try:
@@ -150,6 +159,15 @@ class ModelCache:
                 raise ApiError(503, f"the model registry (Redis) is unavailable ({e}); retry shortly") from None
 
         return await self._specs.get((name, version), load, lambda s: SPEC_TTL_S if s else MISS_TTL_S)
+
+    def fresh_spec(self, name: str, version: str | None = None) -> ModelSpec | None:
+        """`spec` when it is cached and fresh, else None (then await `spec`)."""
+        return self._specs.fresh((name, version))
+
+    def fresh_metadata(self, spec: ModelSpec) -> ModelMetadata | None:
+        """`metadata` when it is cached and fresh for the spec's upstream, else None (then await `metadata`)."""
+        hit = self._metadata.fresh((spec.name, spec.version))
+        return hit[1] if hit is not None and (hit[0] is spec.upstream or hit[0] == spec.upstream) else None
 
     async def spec(self, name: str, version: str | None = None) -> ModelSpec:
         """The registration of `name` at `version` (latest when None); 404 when there is none."""
@@ -214,9 +232,12 @@ def parse_request(body: bytes, binary_header_length: str | None) -> InferRequest
     if not 0 < n <= len(body):
         raise InvalidRequest(f"Inference-Header-Content-Length {n} does not fit the {len(body)}-byte body")
     try:
-        doc = json.loads(body[:n])
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InvalidRequest(f"malformed JSON in the inference header: {e}") from None
+        doc = loads(body[:n])
+    except ValueError:  # orjson refuses NaN literals, which json (and pydantic) accept: json decides
+        try:
+            doc = json.loads(body[:n])
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InvalidRequest(f"malformed JSON in the inference header: {e}") from None
     blob, offset = memoryview(body)[n:], 0
     if isinstance(doc, dict) and isinstance(doc.get("inputs"), list):
         for t in doc["inputs"]:
@@ -233,6 +254,9 @@ def parse_request(body: bytes, binary_header_length: str | None) -> InferRequest
     if offset != len(blob):
         raise InvalidRequest(f"{len(blob) - offset} bytes of binary data belong to no input "
                              "(check each input's binary_data_size)")
+    request = infer_request_from_doc(doc)
+    if request is not None:
+        return request
     try:
         return InferRequest.model_validate(doc)
     except ValidationError as e:
@@ -410,10 +434,12 @@ async def infer_answer(state: State, model_name: str, model_version: str | None,
     """V2 inference, whichever front door the request came in by. The body is read only once the model is
     known (an unknown model is a 404 whatever was sent); `binary` is the Inference-Header-Content-Length."""
     cache: ModelCache = state.model_cache
-    spec = await cache.spec(model_name, model_version)
+    spec = cache.fresh_spec(model_name, model_version) or await cache.spec(model_name, model_version)
     body = await read_body()
     req = parse_request(body, binary)
-    runner = await state.patches.runner(spec.name, spec.version)
+    known, runner = state.patches.runner_now(spec.name, spec.version)
+    if not known:
+        runner = await state.patches.runner(spec.name, spec.version)
     upstream: UpstreamClient = state.upstream
     v2 = spec.upstream.protocol == "v2"
 
@@ -427,12 +453,12 @@ async def infer_answer(state: State, model_name: str, model_version: str | None,
         raise InvalidRequest(f"no feature input: the request has only the group input '{spec.group_input}'")
     if runner is not None and runner.replaces_model:
         return _infer_weight_patch(spec, req, runner, inputs, group_tensor)
-    meta = await cache.metadata(spec) if v2 else None
+    meta = (cache.fresh_metadata(spec) or await cache.metadata(spec)) if v2 else None
     if meta is not None:
-        check_signature(meta, InferRequest.model_construct(inputs=inputs, outputs=req.outputs))
+        check_tensors(meta, inputs, req.outputs)
         feature_name = spec.upstream.input_name or meta.inputs[0].name
         features = next((t for t in inputs if t.name == feature_name), None)
-        if features is None:  # check_signature passed, so the registration names an input the model lacks
+        if features is None:  # check_tensors passed, so the registration names an input the model lacks
             raise UpstreamError(f"model '{spec.name}' is registered with input_name '{feature_name}', which upstream "
                                 f"{spec.upstream.url} does not declare (its inputs: "
                                 f"{', '.join(t.name for t in meta.inputs)}); fix the registration",
@@ -486,8 +512,8 @@ async def infer_answer(state: State, model_name: str, model_version: str | None,
     if raw_wanted:
         outputs.append(ResponseOutput.model_construct(name=RAW_OUTPUT, shape=raw.shape, datatype=raw.datatype,
                                                       parameters=None, data=raw.data))
-    response = InferResponse.model_construct(model_name=spec.name, model_version=spec.version, id=req.id,
-                                             parameters=result.parameters, outputs=outputs)
+    response = construct(InferResponse, {"model_name": spec.name, "model_version": spec.version, "id": req.id,
+                                         "parameters": result.parameters, "outputs": outputs})
     return _answer(response, patch_id(runner))
 
 

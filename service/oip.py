@@ -7,16 +7,20 @@ raises `InvalidRequest`, whose message is written for the client and which serve
 
 Conversion is the hot path: one `np.asarray` over the list the JSON parser already built, then a
 reshape. Tensor `data` is typed `list[Any]` so pydantic does not validate each element; the numpy
-conversion does that in C.
+conversion does that in C. Bodies are parsed with orjson and checked by hand (`infer_request_from_doc`,
+`infer_response_from_doc`) when they are in the plain form a client sends; anything else (bad JSON,
+NaN literals, a wrong type, a value pydantic would coerce) is left to pydantic, which decides and words
+the error exactly as before. orjson takes about two thirds of the time pydantic's parser does.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 Datatype = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
@@ -119,6 +123,45 @@ class InferResponse(_Wire):
     outputs: list[ResponseOutput]
 
 
+# --- building wire objects without validation -----------------------------------------------------
+
+M = TypeVar("M", bound=BaseModel)
+_setattr = object.__setattr__
+
+
+def _construct_direct(cls: type[M], values: dict[str, Any]) -> M:
+    # What `model_construct` ends with, without its per-field alias and default handling (a few microseconds
+    # per object, several objects per request): `values` must hold every field.
+    m = cls.__new__(cls)
+    _setattr(m, "__dict__", values)
+    _setattr(m, "__pydantic_fields_set__", set(values))
+    _setattr(m, "__pydantic_extra__", None)
+    _setattr(m, "__pydantic_private__", None)
+    return m
+
+
+def _construct_pydantic(cls: type[M], values: dict[str, Any]) -> M:
+    return cls.model_construct(**values)
+
+
+def _pick_construct() -> Any:
+    """The direct construction when it builds what `model_construct` builds with this pydantic (checked
+    once, at import), else `model_construct` itself."""
+    probe = {"name": "x", "shape": [1], "datatype": "FP32", "parameters": None, "data": [0.0]}
+    try:
+        direct = _construct_direct(ResponseOutput, dict(probe))
+        same = direct == ResponseOutput.model_construct(**probe) and direct.model_fields_set == set(probe) \
+            and direct.model_dump_json() == ResponseOutput.model_validate(probe).model_dump_json()
+    except Exception:  # noqa: BLE001 - any difference means: use pydantic's own
+        same = False
+    return _construct_direct if same else _construct_pydantic
+
+
+# construct(cls, values): `cls.model_construct(**values)` (no validation) for a wire model whose every field
+# is in `values`; for objects the gateway builds from data it has checked itself.
+construct = _pick_construct()
+
+
 # --- parsing ---------------------------------------------------------------------------------------
 
 def describe_validation_errors(errors: Iterable[Mapping[str, Any]], limit: int = 5) -> str:
@@ -132,10 +175,101 @@ def describe_validation_errors(errors: Iterable[Mapping[str, Any]], limit: int =
     return "; ".join(parts) + more
 
 
+def _params(v: Any) -> bool:
+    return v is None or type(v) is dict
+
+
+def _request_input(t: Any) -> RequestInput | None:
+    if type(t) is not dict:
+        return None
+    name, shape, datatype, data, parameters = (t.get("name"), t.get("shape"), t.get("datatype"), t.get("data"),
+                                               t.get("parameters"))
+    if type(name) is not str or type(shape) is not list or type(datatype) is not str \
+            or datatype not in NUMPY_DTYPES or type(data) is not list or not _params(parameters):
+        return None
+    for d in shape:
+        if type(d) is not int or d < 0:
+            return None
+    return construct(RequestInput, {"name": name, "shape": shape, "datatype": datatype, "parameters": parameters,
+                                    "data": data})
+
+
+def infer_request_from_doc(doc: Any) -> InferRequest | None:
+    """The request a parsed JSON document holds when every field already has the type `InferRequest`
+    declares (what pydantic would accept unchanged); None when pydantic must decide."""
+    if type(doc) is not dict:
+        return None
+    inputs, rid, parameters, outputs = doc.get("inputs"), doc.get("id"), doc.get("parameters"), doc.get("outputs")
+    if type(inputs) is not list or not inputs or not (rid is None or type(rid) is str) or not _params(parameters):
+        return None
+    tensors = []
+    for t in inputs:
+        tensor = _request_input(t)
+        if tensor is None:
+            return None
+        tensors.append(tensor)
+    wanted = None
+    if outputs is not None:
+        if type(outputs) is not list:
+            return None
+        wanted = []
+        for o in outputs:
+            if type(o) is not dict or type(o.get("name")) is not str or not _params(o.get("parameters")):
+                return None
+            wanted.append(construct(RequestOutput, {"name": o["name"], "parameters": o.get("parameters")}))
+    return construct(InferRequest, {"id": rid, "parameters": parameters, "inputs": tensors, "outputs": wanted})
+
+
+def _response_output(t: Any) -> ResponseOutput | None:
+    if type(t) is not dict:
+        return None
+    name, shape, datatype, data, parameters = (t.get("name"), t.get("shape"), t.get("datatype"), t.get("data"),
+                                               t.get("parameters"))
+    if type(name) is not str or type(shape) is not list or type(datatype) is not str \
+            or datatype not in NUMPY_DTYPES or type(data) is not list or not _params(parameters):
+        return None
+    for d in shape:
+        if type(d) is not int:
+            return None
+    return construct(ResponseOutput, {"name": name, "shape": shape, "datatype": datatype, "parameters": parameters,
+                                      "data": data})
+
+
+def infer_response_from_doc(doc: Any) -> InferResponse | None:
+    """`infer_request_from_doc` for an inference response (what an upstream answers)."""
+    if type(doc) is not dict:
+        return None
+    name, version, rid, parameters, outputs = (doc.get("model_name"), doc.get("model_version"), doc.get("id"),
+                                               doc.get("parameters"), doc.get("outputs"))
+    if type(name) is not str or not (version is None or type(version) is str) or not (rid is None or type(rid) is str) \
+            or not _params(parameters) or type(outputs) is not list:
+        return None
+    tensors = []
+    for t in outputs:
+        tensor = _response_output(t)
+        if tensor is None:
+            return None
+        tensors.append(tensor)
+    return construct(InferResponse, {"model_name": name, "model_version": version, "id": rid,
+                                     "parameters": parameters, "outputs": tensors})
+
+
+def loads(body: bytes | str) -> Any:
+    """orjson's parse; raises ValueError (orjson.JSONDecodeError) on what it refuses, NaN literals included."""
+    return orjson.loads(body)
+
+
 def parse_infer_request(body: bytes) -> InferRequest:
-    """Parse and validate an inference request body in one pass (pydantic's Rust JSON parser)."""
+    """Parse and validate an inference request body: orjson and the checks above for a request in plain
+    form, else pydantic's own validation (which words the error)."""
     if not body:
         raise InvalidRequest("empty request body; expected an inference request JSON object")
+    try:
+        request = infer_request_from_doc(orjson.loads(body))
+    except orjson.JSONDecodeError:
+        request = None
+    if request is not None:
+        return request
     try:
         return InferRequest.model_validate_json(body)
     except ValidationError as e:
@@ -228,8 +362,8 @@ def from_numpy(name: str, array: np.ndarray, parameters: Parameters | None = Non
     data = array.ravel().tolist()
     if datatype == "BYTES":
         data = [x.decode("utf-8", errors="replace") if isinstance(x, bytes) else str(x) for x in data]
-    return ResponseOutput(name=name, shape=list(array.shape), datatype=datatype, parameters=parameters,
-                          data=data)
+    return construct(ResponseOutput, {"name": name, "shape": list(array.shape), "datatype": datatype,
+                                      "parameters": parameters, "data": data})
 
 
 # --- request vs model signature --------------------------------------------------------------------
@@ -244,9 +378,15 @@ def shape_matches(expected: list[int], actual: list[int]) -> bool:
 def check_signature(metadata: ModelMetadata, request: InferRequest) -> None:
     """Reject a request whose inputs or requested outputs do not fit the model's declared signature,
     before any data is converted or sent."""
+    check_tensors(metadata, request.inputs, request.outputs)
+
+
+def check_tensors(metadata: ModelMetadata, inputs: list[RequestInput], outputs: list[RequestOutput] | None) -> None:
+    """`check_signature` for inputs and requested outputs given apart (the gateway checks the request less
+    its group input)."""
     declared = {t.name: t for t in metadata.inputs}
     seen: set[str] = set()
-    for t in request.inputs:
+    for t in inputs:
         spec = declared.get(t.name)
         if spec is None:
             raise InvalidRequest(f"model '{metadata.name}' has no input '{t.name}' "
@@ -262,9 +402,9 @@ def check_signature(metadata: ModelMetadata, request: InferRequest) -> None:
     missing = [n for n in declared if n not in seen]
     if missing:
         raise InvalidRequest(f"missing input(s) {', '.join(missing)} for model '{metadata.name}'")
-    if request.outputs:
-        outputs = {t.name for t in metadata.outputs}
-        unknown = [o.name for o in request.outputs if o.name not in outputs]
+    if outputs:
+        names = {t.name for t in metadata.outputs}
+        unknown = [o.name for o in outputs if o.name not in names]
         if unknown:
             raise InvalidRequest(f"model '{metadata.name}' has no output(s) {', '.join(unknown)} "
-                                 f"(its outputs: {', '.join(sorted(outputs))})")
+                                 f"(its outputs: {', '.join(sorted(names))})")

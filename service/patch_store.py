@@ -87,6 +87,15 @@ class PatchStore:
         raw = await self.redis.get(f"{self.prefix}active:{model}:{version}")
         return None if raw is None else raw.decode() if isinstance(raw, bytes) else raw
 
+    def runner_now(self, model: str, version: str) -> tuple[bool, PatchRunner | None]:
+        """(True, the active patch's runner or None) when this replica has both in memory already, else
+        (False, None) and `runner` must be awaited: the hot path's lookup, with no coroutine to run."""
+        pid = self._active.get((model, version), "")
+        if pid is None:
+            return True, None
+        runner = self._runners.get(pid) if pid else None
+        return (True, runner) if runner is not None else (False, None)
+
     async def runner(self, model: str, version: str) -> PatchRunner | None:
         """The active patch's runner: from memory; Redis only the first time a version is seen."""
         key = (model, version)

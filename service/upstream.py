@@ -20,6 +20,7 @@ itself: 400/413); messages name the upstream URL and the cause, including the up
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -45,6 +46,8 @@ from service.oip import (
     RequestOutput,
     ResponseOutput,
     describe_validation_errors,
+    infer_response_from_doc,
+    loads,
 )
 from service.registry import ModelSpec
 from service.version import __version__
@@ -128,12 +131,18 @@ def v2_model_url(spec: ModelSpec) -> str:
 
 
 def infer_url(spec: ModelSpec) -> str:
-    protocol = spec.upstream.protocol
+    up = spec.upstream
+    return _infer_url(up.protocol, up.url, upstream_model_name(spec), up.model_version)
+
+
+@functools.lru_cache(maxsize=1024)  # built per request, from a few distinct registrations
+def _infer_url(protocol: str, base: str, model: str, version: str | None) -> str:
     if protocol == "v2":
-        return f"{v2_model_url(spec)}/infer"
+        url = f"{base}/v2/models/{quote(model, safe='')}"
+        return f"{url}/versions/{quote(version, safe='')}/infer" if version else f"{url}/infer"
     if protocol == "v1":
-        return f"{spec.upstream.url}/v1/models/{quote(upstream_model_name(spec), safe='')}:predict"
-    return f"{spec.upstream.url}/invocations"
+        return f"{base}/v1/models/{quote(model, safe='')}:predict"
+    return f"{base}/invocations"
 
 
 # --- requests ----------------------------------------------------------------------------------------
@@ -167,6 +176,12 @@ def encode_request(spec: ModelSpec, X: np.ndarray, *, input_name: str | None = N
 
 def decode_v2(body: bytes, url: str) -> InferResponse:
     try:
+        response = infer_response_from_doc(loads(body))
+    except ValueError:
+        response = None
+    if response is not None:
+        return response
+    try:  # not in plain form: pydantic decides, and words the error
         return InferResponse.model_validate_json(body)
     except ValidationError as e:
         raise UpstreamError(f"upstream {url} sent an invalid V2 inference response: "
