@@ -137,3 +137,122 @@ def test_missing_inputs_are_named():
     meta = META.model_copy(update={"inputs": [*META.inputs, MetadataTensor(name="g", datatype="INT64", shape=[-1])]})
     with pytest.raises(InvalidRequest, match="missing input.*g"):
         check_signature(meta, request(tensor([0.0] * 3, [1, 3])))
+
+
+# --- the orjson path agrees with pydantic ----------------------------------------------------------------
+
+def _t(**over) -> dict:
+    return {"name": "x", "shape": [2, 3], "datatype": "FP32", "data": [1.0, 2, 3, 4, 5, 6], **over}
+
+
+PARSE_DOCS = [
+    {"inputs": [_t()]},
+    {"id": "r1", "parameters": {"a": 1, "b": None}, "inputs": [_t(parameters={"p": [1]}), _t(name="g")],
+     "outputs": [{"name": "y"}, {"name": "z", "parameters": {"binary_data": True}}], "extra": 1},
+    {"inputs": [_t()], "outputs": []},
+    {"inputs": [_t(shape=[1.0, 6])]},  # pydantic coerces 1.0 to 1
+    {"inputs": [_t(shape=["2", "3"])]},  # and "2" to 2
+    {"inputs": [_t(shape=[True, 6])]},
+    {"inputs": [_t(shape=[-1, 6])]},
+    {"inputs": [_t(datatype="FLOAT")]},
+    {"inputs": [_t(datatype=7)]},
+    {"inputs": [_t(name=3)]},
+    {"inputs": [_t(data="abc")]},
+    {"inputs": [_t(data={"a": 1})]},
+    {"inputs": [_t(parameters=[1])]},
+    {"inputs": [{k: v for k, v in _t().items() if k != "data"}]},
+    {"inputs": []},
+    {"inputs": {"x": 1}},
+    {"id": 5, "inputs": [_t()]},
+    {"parameters": "p", "inputs": [_t()]},
+    {"inputs": [_t()], "outputs": {"name": "y"}},
+    {"inputs": [_t()], "outputs": [{"name": 1}]},
+    {"inputs": [_t()], "outputs": [{"parameters": {}}]},
+    [_t()],
+    "inputs",
+]
+
+
+@pytest.mark.parametrize("doc", PARSE_DOCS)
+def test_the_orjson_path_accepts_only_what_pydantic_accepts_unchanged(doc):
+    import json
+
+    from pydantic import ValidationError
+
+    from service.oip import infer_request_from_doc
+
+    fast = infer_request_from_doc(json.loads(json.dumps(doc)))
+    try:
+        expected = InferRequest.model_validate(doc)
+    except ValidationError:
+        expected = None
+    if fast is not None:  # taken: the same object pydantic builds, with nothing it would have changed
+        assert expected is not None and fast.model_dump() == expected.model_dump()
+        assert fast.model_dump_json(exclude_none=True) == expected.model_dump_json(exclude_none=True)
+    body = json.dumps(doc).encode()
+    if expected is None:  # refused: the same error as before, worded by pydantic
+        with pytest.raises(InvalidRequest, match="invalid inference request"):
+            parse_infer_request(body)
+    else:
+        assert parse_infer_request(body).model_dump() == expected.model_dump()
+    plain = doc in PARSE_DOCS[:3]
+    assert (fast is not None) == plain  # the plain documents take the fast path, every other one pydantic's
+
+
+@pytest.mark.parametrize("body", [b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [NaN]}]}',
+                                  b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1e400]}]}'])
+def test_json_orjson_refuses_is_still_read_as_pydantic_reads_it(body):
+    req = parse_infer_request(body)  # NaN literals and overflowing numbers parse (and to_numpy refuses them)
+    with pytest.raises(InvalidRequest, match="NaN, infinite"):
+        to_numpy(req.inputs[0])
+
+
+def test_responses_decode_the_same_on_both_paths():
+    import json
+
+    from pydantic import ValidationError
+
+    from service.oip import InferResponse, infer_response_from_doc
+
+    out = {"name": "y", "shape": [2, -1], "datatype": "FP32", "data": [0.5, 1.5]}
+    docs = [{"model_name": "m", "outputs": [out]},
+            {"model_name": "m", "model_version": "1", "id": "i", "parameters": {"k": "v"},
+             "outputs": [out, {**out, "name": "z", "parameters": {"p": 1}}]},
+            {"model_name": "m", "model_version": 1, "outputs": [out]},
+            {"model_name": "m", "outputs": [{**out, "datatype": "F32"}]},
+            {"model_name": "m", "outputs": [{**out, "shape": [2.0]}]},
+            {"model_name": "m"}, {"outputs": [out]}]
+    for i, doc in enumerate(docs):
+        fast = infer_response_from_doc(json.loads(json.dumps(doc)))
+        try:
+            expected = InferResponse.model_validate(doc)
+        except ValidationError:
+            expected = None
+        assert (fast is not None) == (i < 2), doc
+        if fast is not None:
+            assert fast.model_dump() == expected.model_dump()
+
+
+def test_construct_builds_what_model_construct_builds():
+    from service.oip import (
+        InferResponse,
+        RequestOutput,
+        ResponseOutput,
+        _construct_direct,
+        _construct_pydantic,
+        construct,
+    )
+
+    assert construct is _construct_direct  # the check at import passed with this pydantic
+    cases = [(ResponseOutput, {"name": "y", "shape": [1, 2], "datatype": "FP32", "parameters": None, "data": [1, 2]}),
+             (RequestOutput, {"name": "y", "parameters": {"a": 1}}),
+             (RequestInput, {"name": "x", "shape": [1], "datatype": "INT64", "parameters": None, "data": [3]})]
+    for cls, values in cases:
+        direct, slow = _construct_direct(cls, dict(values)), _construct_pydantic(cls, dict(values))
+        assert direct == slow and direct.model_fields_set == slow.model_fields_set
+        validated = cls.model_validate(values)
+        assert direct.model_dump_json(exclude_none=True) == validated.model_dump_json(exclude_none=True)
+    response = construct(InferResponse, {"model_name": "m", "model_version": None, "id": None, "parameters": None,
+                                         "outputs": [construct(*cases[0])]})
+    assert response.model_dump_json(exclude_none=True) == \
+        '{"model_name":"m","outputs":[{"name":"y","shape":[1,2],"datatype":"FP32","data":[1,2]}]}'
