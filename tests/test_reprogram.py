@@ -1,5 +1,6 @@
-"""Fairness Reprogramming: trigger forms and their ONNX export, the projected gradient, gradient and
-zeroth-order fits on the real Adult reference model (scored on the test split), budgets, the bench JSON."""
+"""Fairness Reprogramming: trigger forms and their ONNX export, the projected gradient, cell weights and
+the selection holdout, gradient and zeroth-order fits on the real Adult reference model and the colored
+digits CNN (scored on the test split), budgets, the bench JSON."""
 
 from __future__ import annotations
 
@@ -12,8 +13,16 @@ from patcher.access import ModelArtifact
 from patcher.apply import PatchRunner
 from patcher.bench import headline
 from patcher.methods import get_method, reprogram
+from patcher.methods.reprogram import holdout_split
+from patcher.methods.reprogram_fairness import cell_weights
 from patcher.methods.reprogram_gradient import project
-from patcher.methods.reprogram_triggers import BorderTrigger, PatchTrigger, TabularTrigger, group_columns
+from patcher.methods.reprogram_triggers import (
+    BorderTrigger,
+    FrameTrigger,
+    PatchTrigger,
+    TabularTrigger,
+    group_columns,
+)
 from patcher.oracle import OnnxOracle
 from patcher.tuning import TuningData
 
@@ -23,8 +32,9 @@ def run_onnx(graph: bytes, X: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("trigger", [TabularTrigger(7), TabularTrigger(7, [1, 4], mask="binary"),
-                                     BorderTrigger((3, 16, 16), width=2, block=4), PatchTrigger((3, 16, 16), 4)],
-                         ids=["tabular-scale", "tabular-binary", "border", "patch"])
+                                     BorderTrigger((3, 16, 16), width=2, block=4), PatchTrigger((3, 16, 16), 4),
+                                     FrameTrigger((3, 16, 16), width=2, block=4), FrameTrigger((3, 16, 16), 2)],
+                         ids=["tabular-scale", "tabular-binary", "border", "patch", "frame-coarse", "frame"])
 def test_exported_trigger_is_exactly_the_torch_trigger(trigger) -> None:
     rng = np.random.default_rng(0)
     X = rng.random((5, *trigger.shape), dtype=np.float32)
@@ -35,7 +45,7 @@ def test_exported_trigger_is_exactly_the_torch_trigger(trigger) -> None:
     out = run_onnx(graph, X)
     assert out.shape == X.shape
     np.testing.assert_allclose(out, expected, atol=1e-6)
-    if not isinstance(trigger, PatchTrigger):  # a patch always replaces its pixels; the others start as identity
+    if not isinstance(trigger, PatchTrigger | FrameTrigger):  # these replace pixels; the others start as identity
         np.testing.assert_allclose(run_onnx(trigger.to_onnx(trigger.init().float()), X), X, atol=1e-7)
 
 
@@ -46,6 +56,43 @@ def test_border_and_patch_touch_only_their_pixels() -> None:
     assert np.all(b[:, 2:14, 2:14] == 0) and np.all(b[:, :2, :] > 0.7)
     p = run_onnx(patch.to_onnx(torch.ones(patch.dim)), X + 0.5)[0]
     assert np.allclose(p[:, :4, :4], 1 / (1 + np.exp(-1))) and np.all(p[:, 4:, :] == 0.5)
+
+
+def test_frame_replaces_its_pixels_the_same_for_every_image_with_no_dead_parameters() -> None:
+    frame = FrameTrigger((3, 16, 16), width=2, block=4, seed=3)
+    assert frame.dim == 3 * 12  # the 4 inner cells of the 4 x 4 grid hold no frame pixels: no parameters
+    theta = frame.init().float()
+    assert not torch.equal(theta, FrameTrigger((3, 16, 16), width=2, block=4, seed=4).init().float())
+    X = np.random.default_rng(0).random((2, 3, 16, 16), dtype=np.float32)
+    out = run_onnx(frame.to_onnx(theta), X)
+    np.testing.assert_array_equal(out[:, :, 2:14, 2:14], X[:, :, 2:14, 2:14])
+    np.testing.assert_allclose(out[0, :, :2], out[1, :, :2], atol=0)  # the frame does not depend on the image
+    assert np.all((out[:, :, :2] > 0) & (out[:, :, :2] < 1))
+    with torch.no_grad():
+        base = frame.apply(torch.tensor(X), theta)
+        for i in range(frame.dim):  # every parameter moves some frame pixel
+            assert not torch.equal(frame.apply(torch.tensor(X), theta + 0.5 * torch.eye(frame.dim)[i]), base)
+
+
+def test_cell_weights_make_every_group_label_cell_count_the_same() -> None:
+    y, groups = np.array([0, 0, 0, 0, 1, 1, 0, 1]), np.array([0, 0, 0, 1, 0, 0, 1, 1])
+    w = cell_weights(y, groups)
+    assert w.mean() == pytest.approx(1.0)
+    sums = {(g, c): w[(groups == g) & (y == c)].sum() for g in (0, 1) for c in (0, 1)}
+    assert all(v == pytest.approx(2.0) for v in sums.values()), sums
+
+
+def test_holdout_split_is_disjoint_and_stratified() -> None:
+    rng = np.random.default_rng(0)
+    y, groups = rng.integers(0, 2, 1000), (rng.random(1000) < 0.2).astype(np.int64)
+    fit_rows, sel = holdout_split(y, groups, 0.3, seed=0)
+    assert len(np.intersect1d(fit_rows, sel)) == 0 and len(fit_rows) + len(sel) == 1000
+    for g in (0, 1):
+        for c in (0, 1):
+            cell = (groups == g) & (y == c)
+            assert abs(cell[sel].sum() - 0.3 * cell.sum()) <= 1
+    everything, same = holdout_split(y, groups, 0.0, seed=0)
+    assert np.array_equal(everything, same) and len(same) == 1000
 
 
 def test_binary_mask_is_hard_forward_and_straight_through_backward() -> None:
@@ -128,3 +175,23 @@ def test_bench_json_has_the_eraser_fields_plus_access_and_lam() -> None:
         assert key in r
     assert r["access"] == "zeroth_order" and 0 < r["queries_used"] <= 4000 and r["group_at_inference"] is False
     assert set(r["before"]) == set(r["after"]) and "dp_diff" in r["after"]
+
+
+def test_balanced_frame_trigger_cuts_colored_digits_eo_on_the_test_split() -> None:
+    """The colored-digits setting of docs/triggers.md, shortened: a replaced frame trained with cell-balanced
+    utility, lambda and threshold chosen on held-out tuning rows, scored on the test split it never saw."""
+    from patcher.digits import load_digits_dataset, reference_cnn
+
+    data = load_digits_dataset("colored-digits")
+    model = reference_cnn("colored-digits", 0, data=data)
+    t = data.tune
+    tune = TuningData(t.X, t.y, t.groups, data.group_names, ("pixels",))
+    patch, report = reprogram.fit(ModelArtifact(model.onnx_bytes), tune, "eo", None, trigger="frame", balance=True,
+                                  holdout=0.3, lams=[20.0], steps=300, batch_size=256, lr=0.05,
+                                  max_accuracy_drop=0.1)
+    assert report.trigger["form"] == "frame" and report.trigger["dim"] == 3 * (16 * 16 - 12 * 12)
+    oracle, runner, test = OnnxOracle(model.onnx_bytes, cache=False), PatchRunner(patch), data.test
+    before = headline(test.y, oracle.log_probs(test.X).argmax(1), test.groups)
+    after = headline(test.y, runner.predict(test.X, oracle.log_probs(runner.transform_inputs(test.X))), test.groups)
+    assert after["eo_diff"] < 0.6 * before["eo_diff"], (before, after)
+    assert after["accuracy"] > 0.7, (before, after)

@@ -1,8 +1,8 @@
 """Fairness Reprogramming: learn an input trigger that makes a frozen model fairer (ALGORITHMS.md section 3).
 
 The model is never changed: the patch is an input transform x~ = m(x; theta) that the gateway applies
-before the upstream call (tabular: x * mask + delta; images: a border or a corner patch; see
-reprogram_triggers), optionally followed by a re-tuned decision threshold (binary tasks). Two ways
+before the upstream call (tabular: x * mask + delta; images: an added border, a replaced frame or a corner patch;
+see reprogram_triggers), optionally followed by a re-tuned decision threshold (binary tasks). Two ways
 to learn it:
 
 - gradient access (`access` is a ModelArtifact): backpropagate through the model (ONNX -> torch via
@@ -15,6 +15,11 @@ to learn it:
 lam trades accuracy for fairness. With `lam` unset, gradient access trains one trigger per value of
 `lams` and keeps the one whose operating point (on the tuning rows) is fairest within the accuracy
 cap; zeroth-order access trains one trigger at `lam_zo` (its budget is too small to split).
+
+`balance` weighs every (group, label) cell equally in the utility loss and in the accuracy that
+selects the trigger and threshold: for a deployment where the group says nothing about the label
+while it does on the tuning rows (a shortcut, e.g. colored digits), plain tuning accuracy rewards
+the very shortcut the patch must remove.
 """
 
 from __future__ import annotations
@@ -28,9 +33,16 @@ import torch
 from pydantic import BaseModel, Field
 
 from patcher.access import ModelArtifact
-from patcher.methods.reprogram_fairness import Criterion, operating_point, unfairness
+from patcher.methods.reprogram_fairness import Criterion, cell_weights, operating_point, unfairness
 from patcher.methods.reprogram_gradient import model_logits, train_trigger
-from patcher.methods.reprogram_triggers import BorderTrigger, PatchTrigger, TabularTrigger, Trigger, group_columns
+from patcher.methods.reprogram_triggers import (
+    BorderTrigger,
+    FrameTrigger,
+    PatchTrigger,
+    TabularTrigger,
+    Trigger,
+    group_columns,
+)
 from patcher.methods.reprogram_zo import ZOTrainer
 from patcher.onnx_graphs import GraphBuilder, float_tensor
 from patcher.oracle import Oracle
@@ -39,14 +51,15 @@ from patcher.scores import log_softmax
 from patcher.tuning import TuningData
 
 ACCESS = frozenset({"gradient", "zeroth_order"})
-TriggerForm = Literal["auto", "tabular", "border", "patch"]
+TriggerForm = Literal["auto", "tabular", "border", "frame", "patch"]
 
 
 class ReprogramOptions(BaseModel):
     access_kind: Literal["gradient", "zeroth_order"] | None = Field(
         None, description="default: gradient for a model artifact, zeroth_order for an oracle (the job worker "
                           "passes the job's access here)")
-    trigger: TriggerForm = Field("auto", description="auto: tabular for [N, d] inputs, border for images")
+    trigger: TriggerForm = Field("auto", description="auto: tabular for [N, d] inputs, border for images; frame: "
+                                 "a border that replaces the pixels")
     mask: Literal["scale", "binary"] = Field("scale", description="tabular mask: real gain, or 0/1 (straight-through)")
     columns: list[int] | None = Field(None, description="tabular columns the trigger may touch (default: "
                                       "all with gradients, the zo_columns most group-correlated with queries)")
@@ -66,11 +79,17 @@ class ReprogramOptions(BaseModel):
     zo_batch: int = Field(128, ge=8, description="zeroth order: rows per step (shared by all its probes)")
     eval_size: int = Field(3000, ge=50, description="zeroth order: tuning rows that score candidate triggers")
     evals: int = Field(3, ge=1, description="zeroth order: evaluations during the run (plus the start)")
+    balance: bool = Field(False, description="every (group, label) cell weighs the same in the utility loss and "
+                                             "in the selection accuracy")
+    holdout: float = Field(0.0, ge=0, le=0.8, description="share of the tuning rows (stratified by group and label) "
+                           "kept out of trigger training; lambda, the evaluated trigger and the threshold are "
+                           "chosen on them (0: on the training rows)")
     threshold: bool = Field(True, description="re-tune the decision threshold after the trigger (binary)")
     fairness_tolerance: float = Field(0.02, ge=0, description="unfairness on tuning rows that is good enough")
     max_accuracy_drop: float | None = Field(0.015, ge=0, description="accuracy the patch may cost on tuning rows")
     border_width: int = Field(2, ge=1)
     border_block: int = Field(4, ge=1, description="border cells share one value per block x block pixels")
+    init_scale: float = Field(1.0, ge=0, description="frame: std of the random start (logits of the pixels)")
     patch_size: int = Field(4, ge=1)
     seed: int = 0
 
@@ -103,8 +122,11 @@ def make_trigger(X: np.ndarray, groups: np.ndarray, opts: ReprogramOptions, acce
         return TabularTrigger(X.shape[1], cols, opts.mask)
     if X.ndim != 4:
         raise ValueError(f"an image trigger needs [N, C, H, W] inputs, got {list(X.shape)}")
+    block = 1 if access == "gradient" else opts.border_block
     if form == "border":
-        return BorderTrigger(X.shape[1:], opts.border_width, 1 if access == "gradient" else opts.border_block)
+        return BorderTrigger(X.shape[1:], opts.border_width, block)
+    if form == "frame":
+        return FrameTrigger(X.shape[1:], opts.border_width, block, opts.init_scale, opts.seed)
     return PatchTrigger(X.shape[1:], opts.patch_size)
 
 
@@ -119,19 +141,21 @@ def threshold_graph(n_classes: int, threshold: float) -> bytes:
 
 def _choose(logps: list[tuple[int, np.ndarray]], base: np.ndarray, y: np.ndarray, groups: np.ndarray, G: int,
             criterion: Criterion, opts: ReprogramOptions) -> tuple[int, float, float, float, float, list[dict]]:
-    """(candidate index, threshold, accuracy, unfairness, base unfairness, summaries) on tuning rows."""
+    """(candidate index, threshold, accuracy, unfairness, base unfairness, summaries) on tuning rows
+    (accuracy cell-balanced with `opts.balance`)."""
+    w = cell_weights(y, groups) if opts.balance else np.ones(len(y))
     base_pred = base.argmax(1)
-    base_acc, base_unfair = float(np.mean(base_pred == y)), unfairness(base_pred, y, groups, criterion)
+    base_acc, base_unfair = float(np.average(base_pred == y, weights=w)), unfairness(base_pred, y, groups, criterion)
     C = base.shape[1]
     if C == 2 and opts.threshold:
         key, thr, acc, unf, summary = operating_point(
             [(k, lp[:, 1] - lp[:, 0]) for k, lp in logps], y, groups, G, criterion, base_acc,
-            opts.fairness_tolerance, opts.max_accuracy_drop)
+            opts.fairness_tolerance, opts.max_accuracy_drop, w if opts.balance else None)
         return int(key), thr, acc, unf, base_unfair, summary
     best, best_key, summary = None, None, []
     for k, lp in logps:
         pred = lp.argmax(1)
-        acc, unf = float(np.mean(pred == y)), unfairness(pred, y, groups, criterion)
+        acc, unf = float(np.average(pred == y, weights=w)), unfairness(pred, y, groups, criterion)
         summary.append({"key": k, "accuracy": acc, "unfairness": unf, "threshold": 0.0})
         within = opts.max_accuracy_drop is None or acc >= base_acc - opts.max_accuracy_drop
         rank = (not within, max(unf, opts.fairness_tolerance), -acc)
@@ -185,11 +209,33 @@ def fit(access: Oracle | ModelArtifact, data: TuningData, criterion: Criterion =
     return patch, report
 
 
+def _accuracy(logp: np.ndarray, y: np.ndarray, groups: np.ndarray, opts: ReprogramOptions) -> float:
+    w = cell_weights(y, groups) if opts.balance else None
+    return float(np.average(logp.argmax(1) == y, weights=w))
+
+
+def holdout_split(y: np.ndarray, groups: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, selection rows): `share` of every (group, label) cell held out for selection, so
+    the choice of lambda and threshold is scored on rows the trigger did not fit. share 0: all rows both."""
+    everything = np.arange(len(y))
+    if share <= 0:
+        return everything, everything
+    rng = np.random.default_rng([seed, 7])
+    cells = groups * (int(y.max()) + 1) + y
+    held = [rng.permutation(np.flatnonzero(cells == c))[: int(round(share * int((cells == c).sum())))]
+            for c in np.unique(cells)]
+    sel = np.sort(np.concatenate(held))
+    return np.setdiff1d(everything, sel), sel
+
+
 def _fit_gradient(artifact: ModelArtifact, trigger: Trigger, X, y, groups, G, criterion, opts, report_progress):
     model = artifact.torch_module()
     for p in model.parameters():
         p.requires_grad_(False)
-    base = log_softmax(model_logits(model, X))
+    fit_rows, sel = holdout_split(y, groups, opts.holdout, opts.seed)
+    Xs, ys, gs = X[sel], y[sel], groups[sel]
+    X, y, groups = X[fit_rows], y[fit_rows], groups[fit_rows]
+    base = log_softmax(model_logits(model, Xs))
     C = base.shape[1]
     lams = [opts.lam] if opts.lam is not None else list(opts.lams)
     thetas, logps = [], []
@@ -200,13 +246,14 @@ def _fit_gradient(artifact: ModelArtifact, trigger: Trigger, X, y, groups, G, cr
                                                                                    "step": step})
         theta = train_trigger(model, trigger, X, y, groups, G, criterion, lam, steps=opts.steps,
                               batch_size=min(opts.batch_size, len(X)), lr=opts.lr, adv_lr=opts.adv_lr,
-                              fairness=opts.fairness, seed=opts.seed, n_classes=C, tick=tick)
+                              fairness=opts.fairness, seed=opts.seed, n_classes=C, tick=tick,
+                              weights=cell_weights(y, groups) if opts.balance else None)
         thetas.append(theta)
-        logps.append((i, log_softmax(model_logits(model, X, trigger, theta))))
-    k, thr, acc, unf, base_unfair, summary = _choose(logps, base, y, groups, G, criterion, opts)
+        logps.append((i, log_softmax(model_logits(model, Xs, trigger, theta))))
+    k, thr, acc, unf, base_unfair, summary = _choose(logps, base, ys, gs, G, criterion, opts)
     for s in summary:
         s["lam"] = lams[s.pop("key")]
-    tune = {"n_classes": C, "base_acc": float(np.mean(base.argmax(1) == y)), "base_unfair": base_unfair,
+    tune = {"n_classes": C, "base_acc": _accuracy(base, ys, gs, opts), "base_unfair": base_unfair,
             "acc": acc, "unfair": unf}
     return thetas[k], float(lams[k]), thr, opts.steps * len(lams), 0, tune, summary
 
@@ -215,12 +262,14 @@ def _fit_zo(oracle: Oracle, trigger: Trigger, X, y, groups, G, criterion, budget
     remaining = getattr(oracle, "remaining", None)
     limits = [b for b in (budget, remaining) if b is not None]
     limit = min(limits) if limits else 20_000
-    eval_size = min(opts.eval_size, len(X), max(limit // (4 * (opts.evals + 1)), 50))
+    fit_rows, sel = holdout_split(y, groups, opts.holdout, opts.seed)
+    eval_size = min(opts.eval_size, len(sel), max(limit // (4 * (opts.evals + 1)), 50))
     C_guess = int(y.max()) + 1
     trainer = ZOTrainer(oracle, trigger, X, y, groups, G, criterion, opts.lam_zo if opts.lam is None else opts.lam,
                         fairness=opts.fairness, q=opts.q, mu=opts.mu, lr=opts.zo_lr,
                         batch_size=min(opts.zo_batch, len(X)), eval_size=eval_size, evals=opts.evals,
-                        seed=opts.seed, n_classes=max(C_guess, 2))
+                        seed=opts.seed, n_classes=max(C_guess, 2),
+                        holdout=(fit_rows, sel) if opts.holdout > 0 else None)
     if limit < eval_size * 2 + trainer.step_cost():
         raise ValueError(f"a budget of {limit} queries is too small for a zeroth-order trigger: it needs at least "
                          f"{eval_size * 2 + trainer.step_cost()} (two evaluations of {eval_size} rows and one step)")
@@ -235,7 +284,7 @@ def _fit_zo(oracle: Oracle, trigger: Trigger, X, y, groups, G, criterion, budget
         s.update(step=hist["step"], queries=hist["queries"])
         s.pop("key")
     base = result.base_log_probs
-    tune = {"n_classes": base.shape[1], "base_acc": float(np.mean(base.argmax(1) == y[rows])),
+    tune = {"n_classes": base.shape[1], "base_acc": _accuracy(base, y[rows], groups[rows], opts),
             "base_unfair": base_unfair, "acc": acc, "unfair": unf}
     theta = torch.tensor(result.candidates[k][1])
     return theta, float(trainer.lam), thr, result.steps, oracle.queries_used - used_before, tune, summary

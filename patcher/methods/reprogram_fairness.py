@@ -63,6 +63,14 @@ def gap_loss(logits: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, n_grou
     return total
 
 
+def cell_weights(y: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Per-row weights under which every (group, label) cell present counts equally (mean weight 1):
+    accuracy and loss for a population where the group says nothing about the label."""
+    cells = np.asarray(groups, np.int64) * (int(np.max(y)) + 1) + np.asarray(y, np.int64)
+    _, inverse, counts = np.unique(cells, return_inverse=True, return_counts=True)
+    return len(cells) / (len(counts) * counts[inverse].astype(np.float64))
+
+
 def unfairness(pred: np.ndarray, y: np.ndarray, groups: np.ndarray, criterion: Criterion) -> float:
     """Gap of the groups' rates for hard decisions (selection rate, TPR and FPR, or TPR)."""
     def gap(mask: np.ndarray) -> float:

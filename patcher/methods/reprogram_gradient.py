@@ -29,12 +29,14 @@ def project(g_u: torch.Tensor, g_adv: torch.Tensor, lam: float) -> torch.Tensor:
 
 def train_trigger(model: nn.Module, trigger: Trigger, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
                   n_groups: int, criterion: Criterion, lam: float, *, steps: int, batch_size: int, lr: float,
-                  adv_lr: float, fairness: str, seed: int, n_classes: int,
+                  adv_lr: float, fairness: str, seed: int, n_classes: int, weights: np.ndarray | None = None,
                   tick: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Train one trigger at one lambda; returns its parameters."""
+    """Train one trigger at one lambda; returns its parameters. `weights`: per-row weights of the
+    utility loss (e.g. every (group, label) cell counting equally)."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     Xt, yt, gt = torch.tensor(X, dtype=torch.float32), torch.tensor(y), torch.tensor(groups)
+    wt = torch.ones(len(y)) if weights is None else torch.tensor(weights, dtype=torch.float32)
     theta = trigger.init().float().requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=lr)
     disc = Discriminator(n_classes, n_groups, criterion) if fairness == "adversary" else None
@@ -46,17 +48,18 @@ def train_trigger(model: nn.Module, trigger: Trigger, X: np.ndarray, y: np.ndarr
             order, pos = torch.randperm(n, generator=gen), 0
         idx = order[pos:pos + batch_size]
         pos += batch_size
-        xb, yb, gb = Xt[idx], yt[idx], gt[idx]
+        xb, yb, gb, wb = Xt[idx], yt[idx], gt[idx], wt[idx]
         logits = model(trigger.apply(xb, theta))
+        utility = (nn.functional.cross_entropy(logits, yb, reduction="none") * wb).sum() / wb.sum()
         if disc is not None:
             disc_opt.zero_grad()
             disc.loss(logits.detach(), yb, gb).backward()
             disc_opt.step()
-            g_u, = torch.autograd.grad(nn.functional.cross_entropy(logits, yb), theta, retain_graph=True)
+            g_u, = torch.autograd.grad(utility, theta, retain_graph=True)
             g_adv, = torch.autograd.grad(disc.loss(logits, yb, gb), theta)
             grad = project(g_u, g_adv, lam)
         else:
-            loss = nn.functional.cross_entropy(logits, yb) + lam * gap_loss(logits, yb, gb, n_groups, criterion)
+            loss = utility + lam * gap_loss(logits, yb, gb, n_groups, criterion)
             grad, = torch.autograd.grad(loss, theta)
         opt.zero_grad()
         theta.grad = grad

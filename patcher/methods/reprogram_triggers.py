@@ -10,6 +10,11 @@ input, with the same shape in and out:
 - `BorderTrigger`: x~ = x + tanh(W) on a frame of the image (zero inside), W on a coarse grid of
   `block` x `block` pixel cells, so the zeroth-order search has few dimensions.
 - `PatchTrigger`: a p x p corner patch replaces the pixels: x~ = x * (1 - M) + sigmoid(W) * M.
+- `FrameTrigger`: the border's frame, but replacing the pixels like the patch (x~ = x * (1 - M) +
+  sigmoid(W) * M): what the frame shows is the same for every image, so the trigger cannot fit
+  particular images through strokes that reach the edge (an added border can), and under a model
+  that pools globally it acts as a per-feature floor that every image shares. Its start is a random
+  frame (a uniform gray frame sits on a plateau of a max-pooling model's loss).
 
 Exported graphs contain only constants, Mul and Add: the trigger's ONNX graph is exact and tiny.
 """
@@ -143,6 +148,40 @@ class PatchTrigger(Trigger):
 
     def describe(self, theta: torch.Tensor) -> dict:
         return {"form": "patch", "size": self.size, "dim": self.dim}
+
+
+class FrameTrigger(Trigger):
+    """A `width`-pixel frame whose pixels are replaced by sigmoid(W); W on `block` x `block` cells, one
+    parameter per channel and cell that holds frame pixels (no dead dimensions for a zeroth-order search)."""
+
+    def __init__(self, shape: tuple[int, int, int], width: int = 2, block: int = 1, init_scale: float = 1.0,
+                 seed: int = 0) -> None:
+        c, h, w = shape
+        self.shape, self.width, self.block = tuple(shape), width, block
+        frame = _frame(h, w, width)
+        self._frame = torch.tensor(frame)
+        gh, gw = -(-h // block), -(-w // block)
+        padded = np.zeros((gh * block, gw * block))
+        padded[:h, :w] = frame
+        live = padded.reshape(gh, block, gw, block).max(axis=(1, 3)) > 0
+        self.grid = (c, gh, gw)
+        self._live = torch.tensor(np.flatnonzero(np.tile(live.ravel(), c)))
+        self.dim = int(len(self._live))
+        self.init_scale, self.seed = init_scale, seed
+
+    def init(self) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed)
+        return torch.randn(self.dim, generator=gen, dtype=torch.float64) * self.init_scale
+
+    def affine(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c, h, w = self.shape
+        cells = theta.new_zeros(int(np.prod(self.grid))).index_put((self._live,), theta).reshape(self.grid)
+        W = cells.repeat_interleave(self.block, 1).repeat_interleave(self.block, 2)[:, :h, :w]
+        m = self._frame.to(theta.dtype)
+        return (1.0 - m).expand(c, h, w), torch.sigmoid(W) * m
+
+    def describe(self, theta: torch.Tensor) -> dict:
+        return {"form": "frame", "width": self.width, "block": self.block, "dim": self.dim}
 
 
 def group_columns(X: np.ndarray, groups: np.ndarray, k: int) -> list[int]:

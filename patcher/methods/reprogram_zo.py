@@ -63,15 +63,19 @@ def stratified_batch(cells: np.ndarray, size: int, rng: np.random.Generator) -> 
 class ZOTrainer:
     def __init__(self, oracle: Oracle, trigger: Trigger, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
                  n_groups: int, criterion: Criterion, lam: float, *, fairness: str, q: int, mu: float, lr: float,
-                 batch_size: int, eval_size: int, evals: int, seed: int, n_classes: int) -> None:
+                 batch_size: int, eval_size: int, evals: int, seed: int, n_classes: int,
+                 holdout: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """`holdout`: (training rows, selection rows): minibatches from the first, evaluations from the second."""
         self.oracle, self.trigger = oracle, trigger
         self.X, self.y, self.groups = X, y, groups
         self.n_groups, self.criterion, self.lam, self.fairness = n_groups, criterion, lam, fairness
         self.q, self.mu, self.lr, self.batch_size = q, mu, lr, batch_size
         self.rng = np.random.default_rng(seed)
         self.evals = evals  # evaluations of the trigger on the evaluation rows during the run
-        self.eval_rows = np.sort(self.rng.choice(len(X), size=min(eval_size, len(X)), replace=False))
-        self.cells = groups * (int(y.max()) + 1) + y
+        train, pool = holdout if holdout is not None else (np.arange(len(X)), np.arange(len(X)))
+        self.eval_rows = np.sort(self.rng.choice(pool, size=min(eval_size, len(pool)), replace=False))
+        self.train_rows = train
+        self.cells = (groups * (int(y.max()) + 1) + y)[train]
         torch.manual_seed(seed)
         self.disc = Discriminator(n_classes, n_groups, criterion) if fairness == "adversary" else None
         self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=1e-2) if self.disc is not None else None
@@ -117,7 +121,7 @@ class ZOTrainer:
         v = np.zeros_like(theta)
         step = 0
         while step < steps_total and budget - spent() >= self.step_cost() + n_eval:
-            rows = stratified_batch(self.cells, self.batch_size, self.rng)
+            rows = self.train_rows[stratified_batch(self.cells, self.batch_size, self.rng)]
             u = unit_directions(self.q, len(theta), self.rng)
             diffs_u, diffs_f, seen = [], [], []
             for uj in u:
