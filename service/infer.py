@@ -15,6 +15,10 @@ before anything is sent, so a wrong shape or datatype is the client's 400, not a
 Requests may use the V2 binary tensor extension (Triton's client sends binary data by default): the
 JSON header's length comes in `Inference-Header-Content-Length` and tensors with
 `parameters.binary_data_size` take their bytes, in order, from what follows. Answers are JSON.
+
+`infer_answer` and `predict_answer` are the whole of it, whichever front door a request comes in by:
+the ASGI fast path (service.fast_path, the default) or the FastAPI routes below; both send their
+`Answer` (body and headers) and render errors alike.
 """
 
 from __future__ import annotations
@@ -616,11 +620,13 @@ def _group_values(groups: list[Any]) -> np.ndarray:
     raise InvalidRequest("groups must be all group names (strings) or all group ids (integers)")
 
 
-# The two POST routes are the hot path. They are plain Starlette routes: FastAPI's per-request
-# dependency solving and parameter validation cost as much as the rest of the gateway's own work
-# (about 0.25 ms a request on a small machine), and these handlers read and validate the body
-# themselves. FastAPI routes with the same paths, registered after them (so never matched first),
-# document them in OpenAPI and behave the same if ever reached.
+# The inference POSTs are the hot path. By default they never reach these routes: service.fast_path
+# serves them ahead of FastAPI's stack, through `infer_answer` / `predict_answer` like the routes below.
+# With the fast path off (Settings.fast_path) the routes serve them: plain Starlette routes, because
+# FastAPI's per-request dependency solving and parameter validation cost as much as the rest of the
+# gateway's own work (about 0.25 ms a request on a small machine), and these handlers read and validate
+# the body themselves. FastAPI routes with the same paths, registered after them (so never matched
+# first), document them in OpenAPI and behave the same if ever reached.
 V2_INFER_PATHS = ("/v2/models/{model_name}/infer", "/v2/models/{model_name}/versions/{model_version}/infer")
 V1_PREDICT_PATH = "/v1/models/{model_name}:predict"
 
