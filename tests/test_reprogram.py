@@ -177,13 +177,44 @@ def test_bench_json_has_the_eraser_fields_plus_access_and_lam() -> None:
     assert set(r["before"]) == set(r["after"]) and "dp_diff" in r["after"]
 
 
-def test_balanced_frame_trigger_cuts_colored_digits_eo_on_the_test_split() -> None:
-    """The colored-digits setting of docs/triggers.md, shortened: a replaced frame trained with cell-balanced
-    utility, lambda and threshold chosen on held-out tuning rows, scored on the test split it never saw."""
+@pytest.fixture(scope="module")
+def colored():
     from patcher.digits import load_digits_dataset, reference_cnn
 
     data = load_digits_dataset("colored-digits")
-    model = reference_cnn("colored-digits", 0, data=data)
+    return data, reference_cnn("colored-digits", 0, data=data)
+
+
+def test_zeroth_order_frame_starts_from_the_best_random_frame_and_scores_the_model_itself(colored) -> None:
+    from patcher.methods.reprogram_zo import ZOTrainer
+
+    data, model = colored
+    t = data.tune
+    fit_rows, sel = holdout_split(t.y, t.groups, 0.3, seed=0)
+    frame = FrameTrigger((3, 16, 16), width=2, block=4)
+    oracle = OnnxOracle(model.onnx_bytes, budget=6000, cache=False)
+    trainer = ZOTrainer(oracle, frame, t.X, t.y, t.groups, 2, "eo", 10.0, fairness="gap", q=2, mu=0.1, lr=0.05,
+                        batch_size=32, eval_size=300, evals=1, seed=0, n_classes=2, holdout=(fit_rows, sel),
+                        restarts=8)
+    assert set(trainer.eval_rows) <= set(sel)
+    result = trainer.run(6000)
+    assert oracle.queries_used <= 6000 and result.steps > 0
+    own = OnnxOracle(model.onnx_bytes, cache=False).log_probs(t.X[result.eval_rows])
+    np.testing.assert_allclose(result.base_log_probs, own, atol=1e-5)  # the model's own scores, not the start's
+    assert not np.allclose(result.candidates[0][2], own, atol=1e-3)  # a frame changes what the model sees
+    trainer.oracle = OnnxOracle(model.onnx_bytes, cache=False)  # the run spent its budget
+    init, rows = frame.init().numpy(), fit_rows[:256]
+    best, loss = trainer.best_start(init, rows)
+    utility, fair = trainer.losses(trainer.log_probs(init, rows), rows)
+    assert loss <= utility + 10.0 * fair and not np.array_equal(best, init)  # a random draw beat the seeded start
+    trainer.restarts = 1
+    assert np.array_equal(trainer.best_start(init, rows)[0], init)
+
+
+def test_balanced_frame_trigger_cuts_colored_digits_eo_on_the_test_split(colored) -> None:
+    """The colored-digits setting of docs/triggers.md, shortened: a replaced frame trained with cell-balanced
+    utility, lambda and threshold chosen on held-out tuning rows, scored on the test split it never saw."""
+    data, model = colored
     t = data.tune
     tune = TuningData(t.X, t.y, t.groups, data.group_names, ("pixels",))
     patch, report = reprogram.fit(ModelArtifact(model.onnx_bytes), tune, "eo", None, trigger="frame", balance=True,

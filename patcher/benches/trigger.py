@@ -63,11 +63,14 @@ def dataset_options(dataset: str) -> dict[str, Any]:
     label 90% of the time), so the utility loss and the selection accuracy weigh the four (color, label)
     cells equally (`balance`) and the accuracy cap is loose (a fair trigger gives up the shortcut's
     accuracy); the trigger is a replaced frame; lambda and threshold are chosen on 30% of the tune rows
-    held out of training (fitted rows look fair long before unseen ones do; see docs/triggers.md)."""
+    held out of training (fitted rows look fair long before unseen ones do). Zeroth order: the best of
+    32 random frames on one training batch, then antithetic estimates (q = 4) on small stratified
+    batches (see docs/triggers.md)."""
     if dataset == "colored-digits":
         return {"trigger": "frame", "balance": True, "holdout": 0.3, "max_accuracy_drop": 0.1,
                 "fairness_tolerance": 0.02, "lams": [2.0, 5.0, 10.0, 20.0], "steps": 800, "batch_size": 256,
-                "lr": 0.05, "zo_lr": 0.05, "mu": 0.1, "eval_size": 1000}
+                "lr": 0.05, "lam_zo": 20.0, "border_block": 1, "q": 4, "zo_batch": 32, "zo_restarts": 32,
+                "zo_lr": 0.05, "mu": 0.1, "eval_size": 1000}
     return {}
 
 

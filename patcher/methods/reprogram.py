@@ -74,6 +74,8 @@ class ReprogramOptions(BaseModel):
     lr: float = Field(0.02, gt=0)
     adv_lr: float = Field(1e-2, gt=0)
     q: int = Field(2, ge=1, description="zeroth order: antithetic direction pairs per step")
+    zo_restarts: int = Field(0, ge=0, description="zeroth order, forms with a random start (frame): starts tried, "
+                                                  "the best on one training batch kept")
     mu: float = Field(0.05, gt=0, description="zeroth order: smoothing radius")
     zo_lr: float = Field(0.05, gt=0)
     zo_batch: int = Field(128, ge=8, description="zeroth order: rows per step (shared by all its probes)")
@@ -269,10 +271,12 @@ def _fit_zo(oracle: Oracle, trigger: Trigger, X, y, groups, G, criterion, budget
                         fairness=opts.fairness, q=opts.q, mu=opts.mu, lr=opts.zo_lr,
                         batch_size=min(opts.zo_batch, len(X)), eval_size=eval_size, evals=opts.evals,
                         seed=opts.seed, n_classes=max(C_guess, 2),
-                        holdout=(fit_rows, sel) if opts.holdout > 0 else None)
-    if limit < eval_size * 2 + trainer.step_cost():
+                        holdout=(fit_rows, sel) if opts.holdout > 0 else None, restarts=opts.zo_restarts)
+    evaluations = 2 if trigger.identity_start else 3  # a start that is not the model: the model scored too
+    need = eval_size * evaluations + trainer.step_cost() + trainer.restarts * trainer.restart_rows()
+    if limit < need:
         raise ValueError(f"a budget of {limit} queries is too small for a zeroth-order trigger: it needs at least "
-                         f"{eval_size * 2 + trainer.step_cost()} (two evaluations of {eval_size} rows and one step)")
+                         f"{need} ({evaluations} evaluations of {eval_size} rows, the starts and one step)")
     used_before = oracle.queries_used
     report_progress(0.02, {"stage": "training", "queries_used": 0})
     result = trainer.run(limit, lambda f, info: report_progress(0.02 + 0.9 * f, {"stage": "training", **info}))

@@ -37,9 +37,14 @@ class Trigger:
 
     dim: int
     shape: tuple[int, ...]  # one input row's shape
+    identity_start = True  # init() leaves every input unchanged
 
     def init(self) -> torch.Tensor:
         raise NotImplementedError
+
+    def random_start(self, rng: np.random.Generator) -> torch.Tensor | None:
+        """Another start drawn like init() for forms that start at random (a search may try several)."""
+        return None
 
     def affine(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -128,6 +133,8 @@ class BorderTrigger(Trigger):
 class PatchTrigger(Trigger):
     """A p x p patch in the top-left corner replaces the pixels with sigmoid(W)."""
 
+    identity_start = False
+
     def __init__(self, shape: tuple[int, int, int], size: int = 4) -> None:
         c, h, w = shape
         self.shape, self.size = tuple(shape), size
@@ -154,6 +161,8 @@ class FrameTrigger(Trigger):
     """A `width`-pixel frame whose pixels are replaced by sigmoid(W); W on `block` x `block` cells, one
     parameter per channel and cell that holds frame pixels (no dead dimensions for a zeroth-order search)."""
 
+    identity_start = False
+
     def __init__(self, shape: tuple[int, int, int], width: int = 2, block: int = 1, init_scale: float = 1.0,
                  seed: int = 0) -> None:
         c, h, w = shape
@@ -172,6 +181,9 @@ class FrameTrigger(Trigger):
     def init(self) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.seed)
         return torch.randn(self.dim, generator=gen, dtype=torch.float64) * self.init_scale
+
+    def random_start(self, rng: np.random.Generator) -> torch.Tensor:
+        return torch.tensor(rng.standard_normal(self.dim) * self.init_scale)
 
     def affine(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, h, w = self.shape

@@ -11,6 +11,11 @@ utility and fairness parts of L are estimated from the same probes, so the proje
 gradient path works here too. A fixed evaluation subset of the tuning rows scores the trigger now
 and then (and at the end); the best one seen is kept. Before every step the remaining budget is
 checked so the run stops at the budget (leaving room for the last evaluation), never past it.
+
+Forms that start at random (an image frame) can begin with a random search: `restarts` starts scored
+on one stratified batch of training rows (the same rows for all), the run descends from the best.
+Their start is not the model itself, so the untouched model is scored on the evaluation rows too
+(the accuracy cap refers to it).
 """
 
 from __future__ import annotations
@@ -64,12 +69,13 @@ class ZOTrainer:
     def __init__(self, oracle: Oracle, trigger: Trigger, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
                  n_groups: int, criterion: Criterion, lam: float, *, fairness: str, q: int, mu: float, lr: float,
                  batch_size: int, eval_size: int, evals: int, seed: int, n_classes: int,
-                 holdout: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+                 holdout: tuple[np.ndarray, np.ndarray] | None = None, restarts: int = 0) -> None:
         """`holdout`: (training rows, selection rows): minibatches from the first, evaluations from the second."""
         self.oracle, self.trigger = oracle, trigger
         self.X, self.y, self.groups = X, y, groups
         self.n_groups, self.criterion, self.lam, self.fairness = n_groups, criterion, lam, fairness
         self.q, self.mu, self.lr, self.batch_size = q, mu, lr, batch_size
+        self.restarts = restarts if trigger.random_start(np.random.default_rng(0)) is not None else 0
         self.rng = np.random.default_rng(seed)
         self.evals = evals  # evaluations of the trigger on the evaluation rows during the run
         train, pool = holdout if holdout is not None else (np.arange(len(X)), np.arange(len(X)))
@@ -105,16 +111,34 @@ class ZOTrainer:
     def step_cost(self) -> int:
         return 2 * self.q * self.batch_size
 
+    def restart_rows(self) -> int:
+        return 4 * self.batch_size
+
+    def best_start(self, theta: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, float]:
+        """The start among `restarts` (init plus random draws) with the least training loss on `rows`."""
+        best, best_loss = theta, np.inf
+        for k in range(self.restarts):
+            cand = theta if k == 0 else self.trigger.random_start(self.rng).numpy().astype(np.float64)
+            utility, fair = self.losses(self.log_probs(cand, rows), rows)
+            if utility + self.lam * fair < best_loss:
+                best, best_loss = cand, utility + self.lam * fair
+        return best, best_loss
+
     def run(self, budget: int, tick: Callable[[float, dict], None] | None = None) -> ZOResult:
         o = self.oracle
         start = o.queries_used
         spent = lambda: o.queries_used - start  # noqa: E731
         n_eval = len(self.eval_rows)
         theta = self.trigger.init().numpy().astype(np.float64)
-        base = self.log_probs(theta, self.eval_rows)  # the identity trigger: the model's own scores
-        candidates = [(0, theta.copy(), base)]
+        if self.restarts > 1:
+            theta, _ = self.best_start(theta, self.train_rows[stratified_batch(self.cells, self.restart_rows(),
+                                                                                self.rng)])
+        start_lp = self.log_probs(theta, self.eval_rows)
+        base = start_lp if self.trigger.identity_start else \
+            to_log_probs(o.scores(self.X[self.eval_rows]), o.output_kind)  # the model's own scores
+        candidates = [(0, theta.copy(), start_lp)]
         history = [{"step": 0, "queries": spent()}]
-        train_budget = budget - n_eval * (1 + self.evals)
+        train_budget = budget - spent() - n_eval * self.evals
         steps_total = max(train_budget // self.step_cost(), 0)
         eval_at = set(np.linspace(0, steps_total, self.evals + 1).astype(int)[1:].tolist())
         m = np.zeros_like(theta)
