@@ -68,8 +68,9 @@ def dataset_options(dataset: str) -> dict[str, Any]:
     batches (see docs/triggers.md)."""
     if dataset == "colored-digits":
         return {"trigger": "frame", "balance": True, "holdout": 0.3, "max_accuracy_drop": 0.1,
-                "fairness_tolerance": 0.02, "lams": [2.0, 5.0, 10.0, 20.0], "steps": 800, "batch_size": 256,
+                "fairness_tolerance": 0.02, "lams": [2.0, 5.0, 10.0, 20.0], "steps": 400, "batch_size": 256,
                 "lr": 0.05, "lam_zo": 20.0, "border_block": 1, "q": 4, "zo_batch": 32, "zo_restarts": 32,
+                "zo_restart_rows": 128,
                 "zo_lr": 0.05, "mu": 0.1, "eval_size": 1000}
     return {}
 

@@ -76,6 +76,7 @@ class ReprogramOptions(BaseModel):
     q: int = Field(2, ge=1, description="zeroth order: antithetic direction pairs per step")
     zo_restarts: int = Field(0, ge=0, description="zeroth order, forms with a random start (frame): starts tried, "
                                                   "the best on one training batch kept")
+    zo_restart_rows: int = Field(512, ge=8, description="zeroth order: rows of the batch that scores the starts")
     mu: float = Field(0.05, gt=0, description="zeroth order: smoothing radius")
     zo_lr: float = Field(0.05, gt=0)
     zo_batch: int = Field(128, ge=8, description="zeroth order: rows per step (shared by all its probes)")
@@ -271,7 +272,8 @@ def _fit_zo(oracle: Oracle, trigger: Trigger, X, y, groups, G, criterion, budget
                         fairness=opts.fairness, q=opts.q, mu=opts.mu, lr=opts.zo_lr,
                         batch_size=min(opts.zo_batch, len(X)), eval_size=eval_size, evals=opts.evals,
                         seed=opts.seed, n_classes=max(C_guess, 2),
-                        holdout=(fit_rows, sel) if opts.holdout > 0 else None, restarts=opts.zo_restarts)
+                        holdout=(fit_rows, sel) if opts.holdout > 0 else None, restarts=opts.zo_restarts,
+                        restart_rows=opts.zo_restart_rows)
     evaluations = 2 if trigger.identity_start else 3  # a start that is not the model: the model scored too
     need = eval_size * evaluations + trainer.step_cost() + trainer.restarts * trainer.restart_rows()
     if limit < need:

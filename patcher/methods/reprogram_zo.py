@@ -69,13 +69,15 @@ class ZOTrainer:
     def __init__(self, oracle: Oracle, trigger: Trigger, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
                  n_groups: int, criterion: Criterion, lam: float, *, fairness: str, q: int, mu: float, lr: float,
                  batch_size: int, eval_size: int, evals: int, seed: int, n_classes: int,
-                 holdout: tuple[np.ndarray, np.ndarray] | None = None, restarts: int = 0) -> None:
+                 holdout: tuple[np.ndarray, np.ndarray] | None = None, restarts: int = 0,
+                 restart_rows: int = 512) -> None:
         """`holdout`: (training rows, selection rows): minibatches from the first, evaluations from the second."""
         self.oracle, self.trigger = oracle, trigger
         self.X, self.y, self.groups = X, y, groups
         self.n_groups, self.criterion, self.lam, self.fairness = n_groups, criterion, lam, fairness
         self.q, self.mu, self.lr, self.batch_size = q, mu, lr, batch_size
         self.restarts = restarts if trigger.random_start(np.random.default_rng(0)) is not None else 0
+        self._restart_rows = restart_rows
         self.rng = np.random.default_rng(seed)
         self.evals = evals  # evaluations of the trigger on the evaluation rows during the run
         train, pool = holdout if holdout is not None else (np.arange(len(X)), np.arange(len(X)))
@@ -112,7 +114,7 @@ class ZOTrainer:
         return 2 * self.q * self.batch_size
 
     def restart_rows(self) -> int:
-        return 4 * self.batch_size
+        return min(self._restart_rows, len(self.train_rows))
 
     def best_start(self, theta: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, float]:
         """The start among `restarts` (init plus random draws) with the least training loss on `rows`."""
