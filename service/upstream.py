@@ -275,10 +275,12 @@ def synthesized_metadata(spec: ModelSpec) -> ModelMetadata:
 # --- transport ---------------------------------------------------------------------------------------
 
 def _retryable(exc: BaseException) -> bool:
-    # Nothing reached the model: refused or failed connects, and a pooled keep-alive connection the
-    # server had already closed (it drops the request before any response).
+    # Refused or failed connects, and a pooled keep-alive connection the server had already closed: it
+    # drops the request before any response (ServerDisconnectedError), or resets it while the request is
+    # written (ClientOSError, "Can not write request body"). Under load the second is as common as the
+    # first; inference is pure, so sending the request again on a new connection is safe.
     return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.RemoteProtocolError
-                      | aiohttp.ClientConnectorError | aiohttp.ServerDisconnectedError)
+                      | aiohttp.ClientOSError | aiohttp.ServerDisconnectedError)
 
 
 class _Policy:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import struct
 import time
 
 import numpy as np
@@ -338,8 +339,8 @@ class RawServer:
     n-th request on a connection without answering, the way a server closes an idle keep-alive
     connection just as the client reuses it."""
 
-    def __init__(self, drop_from: int | None = None, delay_s: float = 0.0) -> None:
-        self.drop_from, self.delay_s = drop_from, delay_s
+    def __init__(self, drop_from: int | None = None, delay_s: float = 0.0, reset: bool = False) -> None:
+        self.drop_from, self.delay_s, self.reset = drop_from, delay_s, reset
         self.connections, self.requests, self.headers = 0, 0, []
 
     async def __aenter__(self) -> str:
@@ -356,6 +357,12 @@ class RawServer:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
+                if self.reset and self.drop_from is not None and served + 1 >= self.drop_from:
+                    # a reset, not a clean close: the client's write of the request fails
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.headers.append({})
+                    return
                 lines = head.decode().split("\r\n")
                 headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:] if h)}
                 await reader.readexactly(int(headers.get("content-length", 0)))
@@ -414,6 +421,25 @@ def test_a_request_dropped_on_a_reused_connection_is_retried_on_a_new_one(retrie
             asyncio.run(main(server))
         assert info.value.status_code == 502 and "cannot reach upstream" in info.value.message
         assert "ServerDisconnectedError" in info.value.message
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_request_reset_on_a_reused_connection_is_retried_on_a_new_one(retries):
+    async def main(server: RawServer):
+        async with server as url, UpstreamClient(retries=retries, backoff_s=0.01) as client:
+            s = spec(url, "v1")
+            await client.scores(s, rows(1))  # first request on the connection: answered
+            return await client.scores(s, rows(1))  # second on the same connection: reset
+
+    server = RawServer(drop_from=2, reset=True)
+    if retries:
+        np.testing.assert_array_equal(asyncio.run(main(server)), [[0.25, 0.75]])
+        assert server.connections == 2 and server.requests == 2
+    else:
+        with pytest.raises(UpstreamError) as info:
+            asyncio.run(main(server))
+        assert info.value.status_code == 502 and "cannot reach upstream" in info.value.message
+        assert "ClientOSError" in info.value.message
 
 
 @pytest.mark.parametrize(("status", "kind", "code"), [(500, UpstreamError, 502), (400, UpstreamRejected, 400),
