@@ -22,6 +22,10 @@ sees it (send to full response read); throughput is completed requests over the 
 On a small machine the client, the upstream and the gateway compete for the same cores: read the
 ratios, not the absolute figures.
 Targets: added p50 <= 1 ms at concurrency 1; gateway throughput >= 70% of direct at concurrency 64.
+
+`--baseline DIR` also starts the gateway of another checkout (an earlier commit, say) in front of the same
+upstream, with the same patch, and measures it in the same alternating rounds as a third target: a
+before/after comparison under the same load, which separate runs on a shared machine cannot give.
 """
 
 from __future__ import annotations
@@ -102,8 +106,8 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
     raise RuntimeError(f"{url} was not ready after {timeout:.0f}s")
 
 
-def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=REPO)
+def start(cmd: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=cwd)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -271,11 +275,35 @@ def verdict(cells: list[Cell]) -> list[str]:
     return lines
 
 
-def markdown(cells: list[Cell], setup: str) -> str:
-    lines = [START, "## Gateway overhead", "", setup, "",
-             "| " + " | ".join(HEAD) + " |", "|" + "|".join("---:" for _ in HEAD) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows(cells)]
-    lines += ["", *(f"- {v}" for v in verdict(cells)), "", END]
+BASE_HEAD = ["batch", "conc.", "p50 baseline ms", "p50 gateway ms", "req/s baseline", "req/s gateway",
+             "CPU ms/req baseline", "CPU ms/req gateway", "CPU gateway/baseline", "errors (b/g)"]
+
+
+def baseline_rows(cells: list[Cell]) -> list[list[str]]:
+    """The gateway against the baseline gateway (`--baseline`), cell by cell."""
+    by = {(c.target, c.concurrency, c.batch): c for c in cells}
+    out = []
+    for (target, conc, batch), b in by.items():
+        if target != "baseline":
+            continue
+        g = by[("gateway", conc, batch)]
+        out.append([str(batch), str(conc), f"{b.p50:.2f}", f"{g.p50:.2f}", f"{b.rps:,.0f}", f"{g.rps:,.0f}",
+                    f"{b.cpu_ms:.2f}", f"{g.cpu_ms:.2f}", f"{g.cpu_ms / b.cpu_ms:.0%}", f"{b.errors}/{g.errors}"])
+    return out
+
+
+def _table(head: list[str], body: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "|".join("---:" for _ in head) + "|",
+            *("| " + " | ".join(r) + " |" for r in body)]
+
+
+def markdown(cells: list[Cell], setup: str, baseline: str | None = None) -> str:
+    lines = [START, "## Gateway overhead", "", setup, "", *_table(HEAD, rows(cells))]
+    lines += ["", *(f"- {v}" for v in verdict(cells))]
+    if baseline:
+        lines += ["", f"Against the baseline gateway ({baseline}), same rounds:", "",
+                  *_table(BASE_HEAD, baseline_rows(cells))]
+    lines += ["", END]
     return "\n".join(lines) + "\n"
 
 
@@ -301,6 +329,13 @@ def print_table(cells: list[Cell], title: str) -> None:
     console.print(table)
     for v in verdict(cells):
         console.print(v)
+    if any(c.target == "baseline" for c in cells):
+        base = Table(title="the gateway against the baseline gateway")
+        for h in BASE_HEAD:
+            base.add_column(h, justify="right")
+        for r in baseline_rows(cells):
+            base.add_row(*r)
+        console.print(base)
 
 
 # --- main --------------------------------------------------------------------------------------------
@@ -322,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--client", default="auto", choices=["auto", "httpx", "aiohttp"],
                     help="load generator: httpx.AsyncClient, or aiohttp (auto: aiohttp when installed)")
     ap.add_argument("--markdown", type=Path, help="write (or replace) the '## Gateway overhead' section of FILE")
+    ap.add_argument("--baseline", type=Path, metavar="DIR",
+                    help="also measure the gateway of the checkout in DIR (e.g. `git worktree add DIR <commit>`) "
+                         "in the same rounds, against the same upstream")
+    ap.add_argument("--baseline-label", default=None, help="how the report names the baseline (default: DIR)")
     args = ap.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     if args.client == "auto":
@@ -347,29 +386,41 @@ def main(argv: list[str] | None = None) -> int:
         upstream = start([*exe, "upstream", "--onnx", str(onnx), "--name", MODEL, "--port", str(up_port),
                           "--log-level", "warning"], env, tmp / "upstream.log")
         stack.callback(stop, upstream)
-        gateway = start([*exe, "serve", "--port", str(gw_port)], env, tmp / "gateway.log")
-        stack.callback(stop, gateway)
-        direct_url, gateway_url = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{gw_port}"
+        gateways = {"gateway": start([*exe, "serve", "--port", str(gw_port)], env, tmp / "gateway.log")}
+        stack.callback(stop, gateways["gateway"])
+        urls = {"direct": f"http://127.0.0.1:{up_port}", "gateway": f"http://127.0.0.1:{gw_port}"}
+        if args.baseline:  # its own data dir (embedded Redis) and its own code: DIR first on its path
+            base_env = {**env, "FAIRPATCH_DATA_DIR": str(tmp / "baseline-data"),
+                        "PYTHONPATH": os.pathsep.join([str(args.baseline.resolve()), env.get("PYTHONPATH", "")])}
+            base_port = free_port()
+            gateways["baseline"] = start([*exe, "serve", "--port", str(base_port)], base_env, tmp / "baseline.log",
+                                         cwd=args.baseline.resolve())
+            stack.callback(stop, gateways["baseline"])
+            urls["baseline"] = f"http://127.0.0.1:{base_port}"
         try:
-            wait_ready(direct_url, upstream)
-            wait_ready(gateway_url, gateway)
+            wait_ready(urls["direct"], upstream)
+            for target, proc in gateways.items():
+                wait_ready(urls[target], proc)
         except RuntimeError as e:
-            for log in ("upstream.log", "gateway.log"):
-                print(f"--- {log}\n{(tmp / log).read_text()[-3000:]}", file=sys.stderr)
+            for log in ("upstream.log", "gateway.log", "baseline.log"):
+                if (tmp / log).exists():
+                    print(f"--- {log}\n{(tmp / log).read_text()[-3000:]}", file=sys.stderr)
             print(f"error: {e}", file=sys.stderr)
             return 1
 
-        with Client(gateway_url, "bench") as fp:
-            fp.register_model(ModelSpec(name=MODEL, upstream=UpstreamSpec(url=direct_url, input_name="input",
-                                                                          output_name="logits"),
-                                        groups=list(data.group_names)))
-            pid = fp.upload_patch(MODEL, patch.to_bytes())
-            fp.activate_patch(MODEL, pid)
-            groups = [data.group_names[g] for g in data.test.groups[:4]] if patch.group_at_inference else None
-            check = fp.infer(MODEL, data.test.X[:4], groups, input_name="input")
-            if check.patch_id != pid:
-                print(f"error: the gateway answered with patch {check.patch_id}, expected {pid}", file=sys.stderr)
-                return 1
+        for target in gateways:
+            with Client(urls[target], "bench") as fp:
+                fp.register_model(ModelSpec(name=MODEL, upstream=UpstreamSpec(url=urls["direct"], input_name="input",
+                                                                              output_name="logits"),
+                                            groups=list(data.group_names)))
+                pid = fp.upload_patch(MODEL, patch.to_bytes())
+                fp.activate_patch(MODEL, pid)
+                groups = [data.group_names[g] for g in data.test.groups[:4]] if patch.group_at_inference else None
+                check = fp.infer(MODEL, data.test.X[:4], groups, input_name="input")
+                if check.patch_id != pid:
+                    print(f"error: the {target} answered with patch {check.patch_id}, expected {pid}",
+                          file=sys.stderr)
+                    return 1
 
         try:
             import uvloop
@@ -381,15 +432,15 @@ def main(argv: list[str] | None = None) -> int:
         for batch in batches:
             X = data.test.X[:batch]
             names = [data.group_names[g] for g in data.test.groups[:batch]]
-            bodies = {"direct": v2_body(X, None),
-                      "gateway": v2_body(X, names if patch.group_at_inference else None)}
+            through = v2_body(X, names if patch.group_at_inference else None)
+            bodies = {"direct": v2_body(X, None), **{target: through for target in gateways}}
+            pids = {"direct": upstream.pid, **{target: proc.pid for target, proc in gateways.items()}}
             for conc in concurrencies:
-                pair = runner(run_pair(args.client, {"direct": direct_url, "gateway": gateway_url}, bodies, conc,
-                                       batch, args.requests, args.seconds, args.warmup, args.rounds,
-                                       {"direct": upstream.pid, "gateway": gateway.pid}))
+                pair = runner(run_pair(args.client, urls, bodies, conc, batch, args.requests, args.seconds,
+                                       args.warmup, args.rounds, pids))
                 cells += pair
                 for cell in pair:
-                    print(f"  batch {batch:>3} concurrency {conc:>3} {cell.target:>7}: p50 {cell.p50:7.2f} ms  "
+                    print(f"  batch {batch:>3} concurrency {conc:>3} {cell.target:>8}: p50 {cell.p50:7.2f} ms  "
                           f"p99 {cell.p99:7.2f} ms  {cell.rps:8,.0f} req/s  CPU {cell.cpu_ms:5.2f} ms/req  "
                           f"({cell.requests} ok, "
                           f"{cell.errors} errors)", flush=True)
@@ -399,14 +450,15 @@ def main(argv: list[str] | None = None) -> int:
     setup = (f"Adult reference model behind `fairpatch upstream`, `fairpatch serve` (embedded Redis) with an Eraser "
              f"patch active (bias={args.bias}, {args.queries} queries), each in its own process on loopback; "
              f"load from {loader}, at most {args.requests} requests or {args.seconds:g} s per cell in {args.rounds} "
-             "rounds, direct and gateway alternating. "
+             f"rounds, direct and gateway{' (and the baseline gateway)' if args.baseline else ''} alternating. "
              f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}. Latencies in ms as the client "
              "sees them; the client, upstream and gateway share the machine's cores. CPU ms/req: the answering "
              "server process's own CPU time (user + system, from /proc) per request: the upstream's in the direct "
              "rounds, the gateway's (not counting the upstream it calls) in the gateway rounds.")
     print_table(cells, f"direct to the upstream vs through the gateway (Eraser patch active), {args.client} client")
     if args.markdown:
-        write_markdown(args.markdown, markdown(cells, setup))
+        label = (args.baseline_label or str(args.baseline)) if args.baseline else None
+        write_markdown(args.markdown, markdown(cells, setup, label))
         print(f"wrote the section to {args.markdown}")
     return 0
 
