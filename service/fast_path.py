@@ -41,6 +41,7 @@ _V2 = [compile_path(p)[0] for p in V2_INFER_PATHS]  # the same patterns the rout
 _V1 = compile_path(V1_PREDICT_PATH)[0]
 _BINARY = BINARY_HEADER.encode("latin-1")
 _JSON = b"application/json"
+_PATCH, _SERVED_BY = PATCH_HEADER.encode("latin-1"), SERVED_BY_HEADER.encode("latin-1")
 
 
 class _Disconnected(Exception):
@@ -133,7 +134,6 @@ def _header(scope: Scope, name: bytes) -> str | None:
 async def _send_answer(send: Send, answer: Answer) -> None:
     body = answer.body
     headers = [(b"content-length", str(len(body)).encode()), (b"content-type", _JSON),
-               (PATCH_HEADER.encode(), (answer.patch or "none").encode("latin-1")),
-               (SERVED_BY_HEADER.encode(), answer.served_by.encode("latin-1"))]
+               (_PATCH, (answer.patch or "none").encode("latin-1")), (_SERVED_BY, answer.served_by.encode("latin-1"))]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": body})
