@@ -179,7 +179,9 @@ def _params(v: Any) -> bool:
     return v is None or type(v) is dict
 
 
-def _request_input(t: Any) -> RequestInput | None:
+def _plain_tensor(t: Any, cls: type[RequestInput] | type[ResponseOutput], negative_dims: bool) -> Any:
+    """A tensor object of `cls` when every field already has its declared type, else None (pydantic decides).
+    Requests must have sizes >= 0; responses are read as upstreams send them (their shapes are checked later)."""
     if type(t) is not dict:
         return None
     name, shape, datatype, data, parameters = (t.get("name"), t.get("shape"), t.get("datatype"), t.get("data"),
@@ -188,10 +190,14 @@ def _request_input(t: Any) -> RequestInput | None:
             or datatype not in NUMPY_DTYPES or type(data) is not list or not _params(parameters):
         return None
     for d in shape:
-        if type(d) is not int or d < 0:
+        if type(d) is not int or (d < 0 and not negative_dims):
             return None
-    return construct(RequestInput, {"name": name, "shape": shape, "datatype": datatype, "parameters": parameters,
-                                    "data": data})
+    return construct(cls, {"name": name, "shape": shape, "datatype": datatype, "parameters": parameters,
+                           "data": data})
+
+
+def _request_input(t: Any) -> RequestInput | None:
+    return _plain_tensor(t, RequestInput, negative_dims=False)
 
 
 def infer_request_from_doc(doc: Any) -> InferRequest | None:
@@ -221,18 +227,7 @@ def infer_request_from_doc(doc: Any) -> InferRequest | None:
 
 
 def _response_output(t: Any) -> ResponseOutput | None:
-    if type(t) is not dict:
-        return None
-    name, shape, datatype, data, parameters = (t.get("name"), t.get("shape"), t.get("datatype"), t.get("data"),
-                                               t.get("parameters"))
-    if type(name) is not str or type(shape) is not list or type(datatype) is not str \
-            or datatype not in NUMPY_DTYPES or type(data) is not list or not _params(parameters):
-        return None
-    for d in shape:
-        if type(d) is not int:
-            return None
-    return construct(ResponseOutput, {"name": name, "shape": shape, "datatype": datatype, "parameters": parameters,
-                                      "data": data})
+    return _plain_tensor(t, ResponseOutput, negative_dims=True)
 
 
 def infer_response_from_doc(doc: Any) -> InferResponse | None:
