@@ -14,7 +14,7 @@ from patcher.apply import PatchRunner
 from patcher.bench import headline
 from patcher.methods import get_method, reprogram
 from patcher.methods.reprogram import holdout_split
-from patcher.methods.reprogram_fairness import cell_weights
+from patcher.methods.reprogram_fairness import cell_accuracy_curve, cell_weights, unfairness, worst_cell_point
 from patcher.methods.reprogram_gradient import project
 from patcher.methods.reprogram_triggers import (
     BorderTrigger,
@@ -165,6 +165,48 @@ def test_clear_errors(adult_model, tune) -> None:
         reprogram.fit(ModelArtifact(adult_model.onnx_bytes), tune, "dp", None, trigger="border")
 
 
+def test_unbiased_gap_removes_the_small_batch_bias() -> None:
+    """Both groups draw their scores from one distribution: the true gap is 0; the plain square of 8-row
+    means is not (it is var / n per group on average), the unbiased one is near 0 on average."""
+    from patcher.methods.reprogram_zo import numpy_gap
+
+    rng = np.random.default_rng(0)
+    y, g = np.repeat([0, 1, 0, 1], 8), np.repeat([0, 0, 1, 1], 8)
+    plain, fixed = [], []
+    for _ in range(4000):
+        p = rng.random(32)
+        plain.append(numpy_gap(p, y, g, 2, "eo"))
+        fixed.append(numpy_gap(p, y, g, 2, "eo", unbiased=True))
+    assert np.mean(plain) > 0.02  # about 2 cells x 2 x (1/12) / 8
+    assert abs(np.mean(fixed)) < 0.1 * np.mean(plain)
+    p = rng.random(32)
+    cells = [(y == lab) & (g == a) for lab in (0, 1) for a in (0, 1)]
+    var_terms = sum(p[c].var(ddof=1) / c.sum() for c in cells)
+    assert numpy_gap(p, y, g, 2, "eo", unbiased=True) == pytest.approx(numpy_gap(p, y, g, 2, "eo") - var_terms)
+
+
+def test_worst_cell_point_is_the_best_worst_cell_under_the_unfairness_target() -> None:
+    rng = np.random.default_rng(1)
+    y, g = rng.integers(0, 2, 400), rng.integers(0, 2, 400)
+    margins = [(k, rng.normal(size=400) + (1.0 + k) * y - 0.8 * g) for k in range(3)]
+    base = unfairness((margins[0][1] > 0).astype(int), y, g, "eo")
+    key, thr, acc, unf, summary = worst_cell_point(margins, y, g, 2, "eo", 0.5 * base)
+    pred = (dict(margins)[key] > thr).astype(int)
+    assert unf <= 0.5 * base and unfairness(pred, y, g, "eo") == pytest.approx(unf)
+    assert acc == pytest.approx(float((pred == y).mean()))
+    worst = min(float((pred[(y == lab) & (g == a)] == lab).mean()) for lab in (0, 1) for a in (0, 1))
+    assert worst == pytest.approx(summary[key]["worst_cell_accuracy"])
+    for _, m in margins:  # brute force over every cut: nothing feasible has a better worst cell
+        cuts = np.concatenate([[m.max() + 1], np.sort(m)[:-1] + np.diff(np.sort(m)) / 2])
+        curve = cell_accuracy_curve(m, y, g, cuts)
+        for c, w in zip(cuts, curve, strict=True):
+            p = (m > c).astype(int)
+            assert w == pytest.approx(min(float((p[(y == lab) & (g == a)] == lab).mean())
+                                          for lab in (0, 1) for a in (0, 1)))
+            if all(0 < p[g == a].mean() < 1 for a in (0, 1)) and unfairness(p, y, g, "eo") <= 0.5 * base:
+                assert w <= worst + 1e-12
+
+
 def test_bench_json_has_the_eraser_fields_plus_access_and_lam() -> None:
     from patcher.benches import get_bench
 
@@ -209,6 +251,47 @@ def test_zeroth_order_frame_starts_from_the_best_random_frame_and_scores_the_mod
     assert loss <= utility + 10.0 * fair and not np.array_equal(best, init)  # a random draw beat the seeded start
     trainer.restarts = 1
     assert np.array_equal(trainer.best_start(init, rows)[0], init)
+
+
+def test_zeroth_order_subspace_search_moves_the_frame_along_k_directions_within_budget(colored) -> None:
+    from patcher.methods.reprogram_zo import ZOTrainer
+
+    data, model = colored
+    t = data.tune
+    fit_rows, sel = holdout_split(t.y, t.groups, 0.3, seed=0)
+    frame = FrameTrigger((3, 16, 16), width=2, block=1)
+    oracle = OnnxOracle(model.onnx_bytes, budget=5000, cache=False)
+    trainer = ZOTrainer(oracle, frame, t.X, t.y, t.groups, 2, "eo", 20.0, fairness="gap", q=2, mu=0.3, lr=0.2,
+                        batch_size=32, eval_size=200, evals=2, seed=0, n_classes=2, holdout=(fit_rows, sel),
+                        restarts=4, restart_rows=64, unbiased_gap=True, subspace=6)
+    result = trainer.run(5000)
+    assert oracle.queries_used <= 5000 and result.steps > 3
+    moves = np.stack([theta - result.candidates[0][1] for _, theta, _ in result.candidates[1:]])
+    assert np.abs(moves).max() > 1e-3  # the search moved the frame ...
+    assert np.linalg.matrix_rank(moves, tol=1e-8) <= 6  # ... inside the 6-dimensional subspace
+    basis = trainer.subspace_basis(frame.dim)
+    assert basis.shape == (frame.dim, 6)
+    np.testing.assert_allclose(basis.T @ basis, np.eye(6) * frame.dim / 6, atol=1e-8)
+    trainer.subspace = 0
+    assert np.array_equal(trainer.subspace_basis(frame.dim), np.eye(frame.dim))
+
+
+def test_zeroth_order_worst_cell_selection_stays_within_budget_and_reports_its_choice(colored) -> None:
+    data, model = colored
+    t = data.tune
+    tune = TuningData(t.X, t.y, t.groups, data.group_names, ("pixels",))
+    oracle = OnnxOracle(model.onnx_bytes, budget=8000, cache=False)
+    patch, report = reprogram.fit(oracle, tune, "eo", 8000, trigger="frame", balance=True, holdout=0.3,
+                                  border_block=1, q=2, zo_batch=32, zo_restarts=4, zo_restart_rows=64,
+                                  zo_subspace=8, zo_unbiased_gap=True, zo_select="worst_cell", eval_size=300,
+                                  evals=2, lam_zo=20.0, zo_lr=0.2, mu=0.3)
+    assert report.queries_used == oracle.queries_used <= 8000
+    chosen = [c for c in report.candidates if c["threshold"] == report.threshold]
+    assert chosen and all("worst_cell_accuracy" in c for c in report.candidates)
+    assert report.tune_after["eo"] == pytest.approx(chosen[0]["unfairness"])
+    if report.tune_after["eo"] <= 0.5 * report.tune_before["eo"]:  # the target was reachable: best worst cell
+        feasible = [c for c in report.candidates if c["unfairness"] <= 0.5 * report.tune_before["eo"]]
+        assert chosen[0]["worst_cell_accuracy"] == max(c["worst_cell_accuracy"] for c in feasible)
 
 
 def test_balanced_frame_trigger_cuts_colored_digits_eo_on_the_test_split(colored) -> None:

@@ -33,7 +33,13 @@ import torch
 from pydantic import BaseModel, Field
 
 from patcher.access import ModelArtifact
-from patcher.methods.reprogram_fairness import Criterion, cell_weights, operating_point, unfairness
+from patcher.methods.reprogram_fairness import (
+    Criterion,
+    cell_weights,
+    operating_point,
+    unfairness,
+    worst_cell_point,
+)
 from patcher.methods.reprogram_gradient import model_logits, train_trigger
 from patcher.methods.reprogram_triggers import (
     BorderTrigger,
@@ -77,6 +83,15 @@ class ReprogramOptions(BaseModel):
     zo_restarts: int = Field(0, ge=0, description="zeroth order, forms with a random start (frame): starts tried, "
                                                   "the best on one training batch kept")
     zo_restart_rows: int = Field(512, ge=8, description="zeroth order: rows of the batch that scores the starts")
+    zo_unbiased_gap: bool = Field(False, description="zeroth order, gap: subtract the small-batch variance bias "
+                                  "of the squared rate spread (it rewards scores uniform within a cell)")
+    zo_subspace: int = Field(0, ge=0, description="zeroth order: search k fixed random directions around the start "
+                             "instead of every trigger parameter (0: all; the estimate's variance grows like k / q)")
+    zo_select: Literal["fairest", "worst_cell"] = Field(
+        "fairest", description="zeroth order, binary: choose the evaluated trigger and threshold on the selection "
+        "rows as the fairest within the accuracy cap, or as the best worst (group, label) cell accuracy with "
+        "unfairness at most zo_unfairness_ratio x the model's there")
+    zo_unfairness_ratio: float = Field(0.5, gt=0, description="zeroth order, worst_cell: the unfairness target")
     mu: float = Field(0.05, gt=0, description="zeroth order: smoothing radius")
     zo_lr: float = Field(0.05, gt=0)
     zo_batch: int = Field(128, ge=8, description="zeroth order: rows per step (shared by all its probes)")
@@ -273,7 +288,8 @@ def _fit_zo(oracle: Oracle, trigger: Trigger, X, y, groups, G, criterion, budget
                         batch_size=min(opts.zo_batch, len(X)), eval_size=eval_size, evals=opts.evals,
                         seed=opts.seed, n_classes=max(C_guess, 2),
                         holdout=(fit_rows, sel) if opts.holdout > 0 else None, restarts=opts.zo_restarts,
-                        restart_rows=opts.zo_restart_rows)
+                        restart_rows=opts.zo_restart_rows, unbiased_gap=opts.zo_unbiased_gap,
+                        subspace=opts.zo_subspace)
     evaluations = 2 if trigger.identity_start else 3  # a start that is not the model: the model scored too
     need = eval_size * evaluations + trainer.step_cost() + trainer.restarts * trainer.restart_rows()
     if limit < need:
@@ -286,6 +302,10 @@ def _fit_zo(oracle: Oracle, trigger: Trigger, X, y, groups, G, criterion, budget
     logps = [(i, lp) for i, (_, _, lp) in enumerate(result.candidates)]
     k, thr, acc, unf, base_unfair, summary = _choose(logps, result.base_log_probs, y[rows], groups[rows], G,
                                                      criterion, opts)
+    if opts.zo_select == "worst_cell" and opts.threshold and result.base_log_probs.shape[1] == 2:
+        k, thr, acc, unf, summary = worst_cell_point(
+            [(i, lp[:, 1] - lp[:, 0]) for i, lp in logps], y[rows], groups[rows], G, criterion,
+            opts.zo_unfairness_ratio * base_unfair, cell_weights(y[rows], groups[rows]) if opts.balance else None)
     for s, hist in zip(summary, result.history, strict=True):
         s.update(step=hist["step"], queries=hist["queries"])
         s.pop("key")

@@ -7,7 +7,8 @@
   mean class-1 probability (dp), within each label (eo), or among positives (eopp). It needs no
   second network, so the zeroth-order path uses it: every term is a plain function of scores.
 - `operating_point`: a decision threshold re-tuned on the tuning rows after the trigger (binary
-  tasks), chosen like Eraser's: least unfairness under an accuracy-drop cap, then most accuracy.
+  tasks), chosen like Eraser's: least unfairness under an accuracy-drop cap, then most accuracy;
+  `worst_cell_point` instead: the best worst (group, label) cell accuracy under an unfairness target.
 """
 
 from __future__ import annotations
@@ -100,3 +101,35 @@ def operating_point(margins: list[tuple[float, np.ndarray]], y: np.ndarray, grou
                         "threshold": float(cuts[k]), "accuracy": float(acc[k]), "unfairness": float(unfair[k])})
     key, threshold, acc, unfair = choose_operating_point(curve, base_acc, tolerance, max_drop)
     return key, threshold, acc, unfair, summary
+
+
+def cell_accuracy_curve(margin: np.ndarray, y: np.ndarray, groups: np.ndarray, cuts: np.ndarray) -> np.ndarray:
+    """Per cut (decision margin > cut), the least accuracy over the (group, label) cells present."""
+    worst = np.full(len(cuts), np.inf)
+    for a in np.unique(groups):
+        for label in (0, 1):
+            m = np.sort(margin[(groups == a) & (y == label)])
+            if len(m):
+                above = len(m) - np.searchsorted(m, cuts, side="right")  # rows predicted 1
+                worst = np.minimum(worst, (above if label == 1 else len(m) - above) / len(m))
+    return worst
+
+
+def worst_cell_point(margins: list[tuple[float, np.ndarray]], y: np.ndarray, groups: np.ndarray, n_groups: int,
+                     criterion: Criterion, target: float, weights: np.ndarray | None = None,
+                     ) -> tuple[float, float, float, float, list[dict]]:
+    """Pick (key, threshold) with the best worst-cell accuracy among the points whose unfairness is at most
+    `target` (none: the least unfair point). Returns (key, threshold, accuracy (`weights`), unfairness,
+    summary)."""
+    best, best_rank, summary = None, None, []
+    for key, margin in margins:
+        cuts, acc, unfair = sweep_thresholds(margin, y, groups, n_groups, criterion, weights)
+        worst = cell_accuracy_curve(margin, y, groups, cuts)
+        rank = np.where(unfair <= target, -worst, 1.0 + unfair)  # feasible points first, then the least unfair
+        k, j = int(np.argmin(rank)), int(np.argmin(np.abs(cuts)))
+        summary.append({"key": key, "accuracy_at_0": float(acc[j]), "unfairness_at_0": float(unfair[j]),
+                        "threshold": float(cuts[k]), "accuracy": float(acc[k]), "unfairness": float(unfair[k]),
+                        "worst_cell_accuracy": float(worst[k])})
+        if best_rank is None or (rank[k], unfair[k]) < best_rank:
+            best_rank, best = (rank[k], unfair[k]), (key, float(cuts[k]), float(acc[k]), float(unfair[k]))
+    return (*best, summary)

@@ -47,13 +47,21 @@ def unit_directions(q: int, dim: int, rng: np.random.Generator) -> np.ndarray:
     return u / np.linalg.norm(u, axis=1, keepdims=True)
 
 
-def numpy_gap(p: np.ndarray, y: np.ndarray, groups: np.ndarray, n_groups: int, criterion: Criterion) -> float:
+def numpy_gap(p: np.ndarray, y: np.ndarray, groups: np.ndarray, n_groups: int, criterion: Criterion,
+              unbiased: bool = False) -> float:
+    """Squared spread of the groups' mean P(class 1) per criterion cell. On a small batch the plain square
+    is biased upwards by var(p) / n per group, a term a trigger lowers by making its scores uniform within
+    a cell (towards one class for all): `unbiased` subtracts the estimated variances of the two means."""
     cells = [np.ones(len(y), bool)] if criterion == "dp" else [y == 1] if criterion == "eopp" else [y == 0, y == 1]
     total = 0.0
     for cell in cells:
-        means = [p[cell & (groups == a)].mean() for a in range(n_groups) if (cell & (groups == a)).any()]
-        if len(means) > 1:
-            total += (max(means) - min(means)) ** 2
+        parts = [p[cell & (groups == a)] for a in range(n_groups) if (cell & (groups == a)).any()]
+        if len(parts) > 1:
+            means = [float(v.mean()) for v in parts]
+            hi, lo = int(np.argmax(means)), int(np.argmin(means))
+            total += (means[hi] - means[lo]) ** 2
+            if unbiased:
+                total -= sum(float(v.var(ddof=1)) / len(v) for v in (parts[hi], parts[lo]) if len(v) > 1)
     return total
 
 
@@ -70,7 +78,7 @@ class ZOTrainer:
                  n_groups: int, criterion: Criterion, lam: float, *, fairness: str, q: int, mu: float, lr: float,
                  batch_size: int, eval_size: int, evals: int, seed: int, n_classes: int,
                  holdout: tuple[np.ndarray, np.ndarray] | None = None, restarts: int = 0,
-                 restart_rows: int = 512) -> None:
+                 restart_rows: int = 512, unbiased_gap: bool = False, subspace: int = 0) -> None:
         """`holdout`: (training rows, selection rows): minibatches from the first, evaluations from the second."""
         self.oracle, self.trigger = oracle, trigger
         self.X, self.y, self.groups = X, y, groups
@@ -78,6 +86,8 @@ class ZOTrainer:
         self.q, self.mu, self.lr, self.batch_size = q, mu, lr, batch_size
         self.restarts = restarts if trigger.random_start(np.random.default_rng(0)) is not None else 0
         self._restart_rows = restart_rows
+        self.unbiased_gap = unbiased_gap
+        self.subspace = min(subspace, trigger.dim)
         self.rng = np.random.default_rng(seed)
         self.evals = evals  # evaluations of the trigger on the evaluation rows during the run
         train, pool = holdout if holdout is not None else (np.arange(len(X)), np.arange(len(X)))
@@ -98,7 +108,7 @@ class ZOTrainer:
         y, g = self.y[rows], self.groups[rows]
         ce = float(-logp[np.arange(len(rows)), y].mean())
         if self.disc is None:
-            return ce, numpy_gap(np.exp(logp[:, -1]), y, g, self.n_groups, self.criterion)
+            return ce, numpy_gap(np.exp(logp[:, -1]), y, g, self.n_groups, self.criterion, self.unbiased_gap)
         with torch.no_grad():
             adv = self.disc.loss(torch.tensor(logp, dtype=torch.float32), torch.tensor(y), torch.tensor(g))
         return ce, -float(adv)  # the trigger maximises the adversary's loss
@@ -126,6 +136,14 @@ class ZOTrainer:
                 best, best_loss = cand, utility + self.lam * fair
         return best, best_loss
 
+    def subspace_basis(self, dim: int) -> np.ndarray:
+        """Identity (the full trigger), or `subspace` fixed random orthogonal directions scaled by
+        sqrt(dim / k), so z ~ N(0, 1) moves each parameter about as much as the random start draws them."""
+        if self.subspace <= 0 or self.subspace >= dim:
+            return np.eye(dim)
+        q, _ = np.linalg.qr(self.rng.standard_normal((dim, self.subspace)))
+        return q * np.sqrt(dim / self.subspace)
+
     def run(self, budget: int, tick: Callable[[float, dict], None] | None = None) -> ZOResult:
         o = self.oracle
         start = o.queries_used
@@ -139,25 +157,28 @@ class ZOTrainer:
         base = start_lp if self.trigger.identity_start else \
             to_log_probs(o.scores(self.X[self.eval_rows]), o.output_kind)  # the model's own scores
         candidates = [(0, theta.copy(), start_lp)]
+        origin, basis = theta.copy(), self.subspace_basis(len(theta))
+        z = np.zeros(basis.shape[1])  # the search runs on theta = origin + basis @ z
+        theta_of = lambda z: origin + basis @ z  # noqa: E731
         history = [{"step": 0, "queries": spent()}]
         train_budget = budget - spent() - n_eval * self.evals
         steps_total = max(train_budget // self.step_cost(), 0)
         eval_at = set(np.linspace(0, steps_total, self.evals + 1).astype(int)[1:].tolist())
-        m = np.zeros_like(theta)
-        v = np.zeros_like(theta)
+        m = np.zeros_like(z)
+        v = np.zeros_like(z)
         step = 0
         while step < steps_total and budget - spent() >= self.step_cost() + n_eval:
             rows = self.train_rows[stratified_batch(self.cells, self.batch_size, self.rng)]
-            u = unit_directions(self.q, len(theta), self.rng)
+            u = unit_directions(self.q, len(z), self.rng)
             diffs_u, diffs_f, seen = [], [], []
             for uj in u:
-                lp_plus = self.log_probs(theta + self.mu * uj, rows)
-                lp_minus = self.log_probs(theta - self.mu * uj, rows)
+                lp_plus = self.log_probs(theta_of(z + self.mu * uj), rows)
+                lp_minus = self.log_probs(theta_of(z - self.mu * uj), rows)
                 (cu_p, cf_p), (cu_m, cf_m) = self.losses(lp_plus, rows), self.losses(lp_minus, rows)
                 diffs_u.append((cu_p - cu_m) / (2 * self.mu))
                 diffs_f.append((cf_p - cf_m) / (2 * self.mu))
                 seen += [lp_plus, lp_minus]
-            scale = len(theta) / self.q
+            scale = len(z) / self.q
             g_u = scale * (np.array(diffs_u) @ u)
             g_f = scale * (np.array(diffs_f) @ u)
             if self.disc is not None:  # g_f estimates -grad(adversary loss): project as with gradients
@@ -168,7 +189,8 @@ class ZOTrainer:
             step += 1  # Adam on the estimate
             m = 0.9 * m + 0.1 * grad
             v = 0.999 * v + 0.001 * grad ** 2
-            theta = theta - self.lr * (m / (1 - 0.9 ** step)) / (np.sqrt(v / (1 - 0.999 ** step)) + 1e-8)
+            z = z - self.lr * (m / (1 - 0.9 ** step)) / (np.sqrt(v / (1 - 0.999 ** step)) + 1e-8)
+            theta = theta_of(z)
             if step in eval_at:
                 candidates.append((step, theta.copy(), self.log_probs(theta, self.eval_rows)))
                 history.append({"step": step, "queries": spent()})
