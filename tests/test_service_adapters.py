@@ -405,14 +405,15 @@ def test_async_client_pools_connections_within_its_limit(monkeypatch):
 
 
 @pytest.mark.parametrize("retries", [0, 1])
-def test_a_request_dropped_on_a_reused_connection_is_retried_on_a_new_one(retries):
+@pytest.mark.parametrize(("reset", "cause"), [(False, "ServerDisconnectedError"), (True, "ClientOSError")])
+def test_a_request_dropped_or_reset_on_a_reused_connection_is_retried_on_a_new_one(retries, reset, cause):
     async def main(server: RawServer):
         async with server as url, UpstreamClient(retries=retries, backoff_s=0.01) as client:
             s = spec(url, "v1")
             await client.scores(s, rows(1))  # first request on the connection: answered
-            return await client.scores(s, rows(1))  # second on the same connection: dropped
+            return await client.scores(s, rows(1))  # second on the same connection: dropped or reset
 
-    server = RawServer(drop_from=2)
+    server = RawServer(drop_from=2, reset=reset)
     if retries:
         np.testing.assert_array_equal(asyncio.run(main(server)), [[0.25, 0.75]])
         assert server.connections == 2 and server.requests == 2
@@ -420,26 +421,7 @@ def test_a_request_dropped_on_a_reused_connection_is_retried_on_a_new_one(retrie
         with pytest.raises(UpstreamError) as info:
             asyncio.run(main(server))
         assert info.value.status_code == 502 and "cannot reach upstream" in info.value.message
-        assert "ServerDisconnectedError" in info.value.message
-
-
-@pytest.mark.parametrize("retries", [0, 1])
-def test_a_request_reset_on_a_reused_connection_is_retried_on_a_new_one(retries):
-    async def main(server: RawServer):
-        async with server as url, UpstreamClient(retries=retries, backoff_s=0.01) as client:
-            s = spec(url, "v1")
-            await client.scores(s, rows(1))  # first request on the connection: answered
-            return await client.scores(s, rows(1))  # second on the same connection: reset
-
-    server = RawServer(drop_from=2, reset=True)
-    if retries:
-        np.testing.assert_array_equal(asyncio.run(main(server)), [[0.25, 0.75]])
-        assert server.connections == 2 and server.requests == 2
-    else:
-        with pytest.raises(UpstreamError) as info:
-            asyncio.run(main(server))
-        assert info.value.status_code == 502 and "cannot reach upstream" in info.value.message
-        assert "ClientOSError" in info.value.message
+        assert cause in info.value.message
 
 
 @pytest.mark.parametrize(("status", "kind", "code"), [(500, UpstreamError, 502), (400, UpstreamRejected, 400),

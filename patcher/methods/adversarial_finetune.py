@@ -174,8 +174,10 @@ def _train(ctx: FitContext, train: TuningData, seed: int) -> tuple[Patch, IntraR
     head = last_linear(actor)
     captured: dict[str, torch.Tensor] = {}
     hook = head.register_forward_pre_hook(lambda _m, inp: captured.__setitem__("h", inp[0]))
-    critic = make_critic(opts.critic, head.in_features, opts.batch_size, opts.critic_hidden, ctx.measure)
-    critic_opt = torch.optim.Adam(critic.parameters(), lr=opts.critic_lr)
+    # critic="exact" learns nothing: the batch's bias comes straight from the model's own soft decisions
+    critic = None if opts.critic == "exact" else make_critic(opts.critic, head.in_features, opts.batch_size,
+                                                              opts.critic_hidden, ctx.measure)
+    critic_opt = None if critic is None else torch.optim.Adam(critic.parameters(), lr=opts.critic_lr)
     actor_opt = torch.optim.Adam(actor.parameters(), lr=opts.lr)
     X = torch.from_numpy(np.array(train.X, np.float32))
     y_np, g_np, G = np.asarray(train.y), np.asarray(train.groups), ctx.data.n_groups
@@ -184,43 +186,49 @@ def _train(ctx: FitContext, train: TuningData, seed: int) -> tuple[Patch, IntraR
     tau = _operating_tau(ctx, ctx.scorer.margin(actor))
     best_op, best_state, best_epoch = ctx.base, copy.deepcopy(actor.state_dict()), 0
     history = []
+
+    def fit_critic() -> float:
+        """`critic_steps` regression steps on the frozen actor; the critic is left frozen for the actor's turn."""
+        critic.train()
+        for p in critic.parameters():
+            p.requires_grad_(True)
+        mse = 0.0
+        for _ in range(opts.critic_steps):
+            idx = rng.integers(0, len(X), opts.batch_size)
+            with torch.no_grad():
+                m = logit_margin(actor(X[idx]), opts.output_kind)
+                h = captured["h"]
+                soft = torch.sigmoid((m - tau) / opts.temperature if opts.bias_target == "operating" else m)
+            target = bias(soft.numpy(), y_np[idx], g_np[idx], G, ctx.measure)
+            loss = (critic(h, y_np[idx], g_np[idx], G) - target) ** 2
+            critic_opt.zero_grad()
+            loss.backward()
+            critic_opt.step()
+            mse += loss.item() / opts.critic_steps
+        critic.eval()
+        for p in critic.parameters():
+            p.requires_grad_(False)
+        return mse
+
+    def batch_bias(m: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
+        if critic is None:
+            return soft_bias(torch.sigmoid((m - tau) / opts.temperature), y_np[idx], g_np[idx], G, ctx.measure)
+        return critic(captured["h"], y_np[idx], g_np[idx], G)
+
     try:
         for epoch in range(1, opts.epochs + 1):
             actor.eval()
-            critic.train()
-            critic_loss = 0.0
-            for _ in range(0 if opts.critic == "exact" else opts.critic_steps):
-                idx = rng.integers(0, len(X), opts.batch_size)
-                with torch.no_grad():
-                    m = logit_margin(actor(X[idx]), opts.output_kind)
-                    h = captured["h"]
-                    soft = torch.sigmoid((m - tau) / opts.temperature if opts.bias_target == "operating" else m)
-                target = bias(soft.numpy(), y_np[idx], g_np[idx], G, ctx.measure)
-                loss = (critic(h, y_np[idx], g_np[idx], G) - target) ** 2
-                critic_opt.zero_grad()
-                loss.backward()
-                critic_opt.step()
-                critic_loss += loss.item() / opts.critic_steps
+            critic_loss = None if critic is None else fit_critic()
             actor.train()
-            critic.eval()
-            for p in critic.parameters():
-                p.requires_grad_(False)
             for _ in range(opts.actor_steps):
                 idx = rng.integers(0, len(X), opts.batch_size)
                 m = logit_margin(actor(X[idx]), opts.output_kind)
-                if opts.critic == "exact":
-                    soft = torch.sigmoid((m - tau) / opts.temperature)
-                    predicted = soft_bias(soft, y_np[idx], g_np[idx], G, ctx.measure)
-                else:
-                    predicted = critic(captured["h"], y_np[idx], g_np[idx], G)
                 bce = F.binary_cross_entropy_with_logits(m, y_t[idx])
-                weight = torch.clamp(opts.lam * (predicted.abs() - opts.epsilon + opts.delta) + 1, min=1.0)
+                weight = torch.clamp(opts.lam * (batch_bias(m, idx).abs() - opts.epsilon + opts.delta) + 1, min=1.0)
                 loss = weight * bce
                 actor_opt.zero_grad()
                 loss.backward()
                 actor_opt.step()
-            for p in critic.parameters():
-                p.requires_grad_(True)
             actor.eval()
             margin = ctx.scorer.margin(actor)
             op = ctx.search(margin)
