@@ -49,12 +49,8 @@ def unexpected_error_response(method: str, path: str, exc: Exception) -> JSONRes
     return error_response(500, f"internal server error ({type(exc).__name__}); see the server log")
 
 
-async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-    return error_response(exc.status_code, exc.message)
-
-
-async def _invalid_request(_request: Request, exc: InvalidRequest) -> JSONResponse:
-    return error_response(400, str(exc))
+async def _client_error(_request: Request, exc: ApiError | InvalidRequest) -> JSONResponse:
+    return client_error_response(exc)
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -77,8 +73,8 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(ApiError, _api_error)
-    app.add_exception_handler(InvalidRequest, _invalid_request)
+    app.add_exception_handler(ApiError, _client_error)
+    app.add_exception_handler(InvalidRequest, _client_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected)

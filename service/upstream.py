@@ -126,8 +126,13 @@ def upstream_model_name(spec: ModelSpec) -> str:
 def v2_model_url(spec: ModelSpec) -> str:
     """`{url}/v2/models/{name}[/versions/{version}]`: the V2 model's metadata URL, prefix of the rest."""
     up = spec.upstream
-    url = f"{up.url}/v2/models/{quote(upstream_model_name(spec), safe='')}"
-    return f"{url}/versions/{quote(up.model_version, safe='')}" if up.model_version else url
+    return _v2_model_url(up.url, upstream_model_name(spec), up.model_version)
+
+
+@functools.lru_cache(maxsize=1024)  # built per request, from a few distinct registrations
+def _v2_model_url(base: str, model: str, version: str | None) -> str:
+    url = f"{base}/v2/models/{quote(model, safe='')}"
+    return f"{url}/versions/{quote(version, safe='')}" if version else url
 
 
 def infer_url(spec: ModelSpec) -> str:
@@ -138,8 +143,7 @@ def infer_url(spec: ModelSpec) -> str:
 @functools.lru_cache(maxsize=1024)  # built per request, from a few distinct registrations
 def _infer_url(protocol: str, base: str, model: str, version: str | None) -> str:
     if protocol == "v2":
-        url = f"{base}/v2/models/{quote(model, safe='')}"
-        return f"{url}/versions/{quote(version, safe='')}/infer" if version else f"{url}/infer"
+        return f"{_v2_model_url(base, model, version)}/infer"
     if protocol == "v1":
         return f"{base}/v1/models/{quote(model, safe='')}:predict"
     return f"{base}/invocations"
