@@ -42,3 +42,14 @@ class TuningData:
     def subset(self, idx: np.ndarray) -> TuningData:
         bf = None if self.bias_features is None else self.bias_features[idx]
         return TuningData(self.X[idx], self.y[idx], self.groups[idx], self.group_names, self.feature_names, bf)
+
+
+def stratified_holdout(y: np.ndarray, groups: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
+    """Sorted row indices holding out `share` of every (group, label) cell (rounded per cell): rows a method
+    selects on (lambda, threshold, epoch) that it did not fit."""
+    y, groups = np.asarray(y, np.int64), np.asarray(groups, np.int64)
+    cells = groups * (int(y.max()) + 1) + y
+    held = [rng.permutation(np.flatnonzero(cells == c))[: int(round(share * int((cells == c).sum())))]
+            for c in np.unique(cells)]
+    return np.sort(np.concatenate(held))
+

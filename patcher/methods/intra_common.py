@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from patcher.tuning import TuningData
+from patcher.tuning import TuningData, stratified_holdout
 
 if TYPE_CHECKING:
     import torch
@@ -168,16 +168,10 @@ def holdout_split(data: TuningData, share: float, seed: int) -> tuple[np.ndarray
     """(train rows, selection rows), `share` of every (group, label) cell held out; (None, None) when share is 0."""
     if share <= 0:
         return None, None
-    rng = np.random.default_rng(seed)
-    cells = np.asarray(data.groups, np.int64) * 2 + np.asarray(data.y, np.int64)
-    held = []
-    for c in np.unique(cells):
-        rows = rng.permutation(np.flatnonzero(cells == c))
-        held.append(rows[: int(round(share * len(rows)))])
-    select = np.sort(np.concatenate(held))
-    train = np.setdiff1d(np.arange(len(cells)), select)
+    select = stratified_holdout(data.y, data.groups, share, np.random.default_rng(seed))
+    train = np.setdiff1d(np.arange(len(data)), select)
     if len(select) < 20 or len(train) < 20:
-        raise ValueError(f"holdout {share} of {len(cells)} tuning rows leaves too few rows to train on or to select "
+        raise ValueError(f"holdout {share} of {len(data)} tuning rows leaves too few rows to train on or to select "
                          "with; use more rows or holdout=0")
     return train, select
 

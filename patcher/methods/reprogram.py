@@ -54,7 +54,7 @@ from patcher.onnx_graphs import GraphBuilder, float_tensor
 from patcher.oracle import Oracle
 from patcher.patch import Patch
 from patcher.scores import log_softmax
-from patcher.tuning import TuningData
+from patcher.tuning import TuningData, stratified_holdout
 
 ACCESS = frozenset({"gradient", "zeroth_order"})
 TriggerForm = Literal["auto", "tabular", "border", "frame", "patch"]
@@ -238,11 +238,7 @@ def holdout_split(y: np.ndarray, groups: np.ndarray, share: float, seed: int) ->
     everything = np.arange(len(y))
     if share <= 0:
         return everything, everything
-    rng = np.random.default_rng([seed, 7])
-    cells = groups * (int(y.max()) + 1) + y
-    held = [rng.permutation(np.flatnonzero(cells == c))[: int(round(share * int((cells == c).sum())))]
-            for c in np.unique(cells)]
-    sel = np.sort(np.concatenate(held))
+    sel = stratified_holdout(y, groups, share, np.random.default_rng([seed, 7]))
     return np.setdiff1d(everything, sel), sel
 
 
@@ -300,12 +296,14 @@ def _fit_zo(oracle: Oracle, trigger: Trigger, X, y, groups, G, criterion, budget
     result = trainer.run(limit, lambda f, info: report_progress(0.02 + 0.9 * f, {"stage": "training", **info}))
     rows = result.eval_rows
     logps = [(i, lp) for i, (_, _, lp) in enumerate(result.candidates)]
-    k, thr, acc, unf, base_unfair, summary = _choose(logps, result.base_log_probs, y[rows], groups[rows], G,
-                                                     criterion, opts)
     if opts.zo_select == "worst_cell" and opts.threshold and result.base_log_probs.shape[1] == 2:
+        base_unfair = unfairness(result.base_log_probs.argmax(1), y[rows], groups[rows], criterion)
         k, thr, acc, unf, summary = worst_cell_point(
             [(i, lp[:, 1] - lp[:, 0]) for i, lp in logps], y[rows], groups[rows], G, criterion,
             opts.zo_unfairness_ratio * base_unfair, cell_weights(y[rows], groups[rows]) if opts.balance else None)
+    else:
+        k, thr, acc, unf, base_unfair, summary = _choose(logps, result.base_log_probs, y[rows], groups[rows], G,
+                                                         criterion, opts)
     for s, hist in zip(summary, result.history, strict=True):
         s.update(step=hist["step"], queries=hist["queries"])
         s.pop("key")
