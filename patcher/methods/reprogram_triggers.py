@@ -38,13 +38,14 @@ class Trigger:
     dim: int
     shape: tuple[int, ...]  # one input row's shape
     identity_start = True  # init() leaves every input unchanged
+    random_starts = False  # random_start() draws other starts (a search may try several)
 
     def init(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def random_start(self, rng: np.random.Generator) -> torch.Tensor | None:
-        """Another start drawn like init() for forms that start at random (a search may try several)."""
-        return None
+    def random_start(self, rng: np.random.Generator) -> torch.Tensor:
+        """Another start drawn like init(), for forms with `random_starts`."""
+        raise NotImplementedError(f"{type(self).__name__} has one start")
 
     def affine(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -162,6 +163,7 @@ class FrameTrigger(Trigger):
     parameter per channel and cell that holds frame pixels (no dead dimensions for a zeroth-order search)."""
 
     identity_start = False
+    random_starts = True
 
     def __init__(self, shape: tuple[int, int, int], width: int = 2, block: int = 1, init_scale: float = 1.0,
                  seed: int = 0) -> None:

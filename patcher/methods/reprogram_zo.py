@@ -84,7 +84,7 @@ class ZOTrainer:
         self.X, self.y, self.groups = X, y, groups
         self.n_groups, self.criterion, self.lam, self.fairness = n_groups, criterion, lam, fairness
         self.q, self.mu, self.lr, self.batch_size = q, mu, lr, batch_size
-        self.restarts = restarts if trigger.random_start(np.random.default_rng(0)) is not None else 0
+        self.restarts = restarts if trigger.random_starts else 0
         self._restart_rows = restart_rows
         self.unbiased_gap = unbiased_gap
         self.subspace = min(subspace, trigger.dim)
