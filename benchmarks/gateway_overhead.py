@@ -23,6 +23,13 @@ On a small machine the client, the upstream and the gateway compete for the same
 ratios, not the absolute figures.
 Targets: added p50 <= 1 ms at concurrency 1; gateway throughput >= 70% of direct at concurrency 64.
 
+The gateway is measured with two upstream legs, in the same alternating rounds: `gateway` sends the
+upstream JSON (the caller's bytes as they came, when nothing in them changes), `gateway-binary` the same
+model registered with `binary_data` (tensors to and from the upstream as binary data, the V2 binary
+tensor extension Triton speaks): the gateway still reads the caller's JSON, but the upstream no longer
+parses it. `--legs` picks. The upstream's CPU per request is recorded in every round, so the table
+shows what each leg costs the upstream as well as the gateway.
+
 `--baseline DIR` also starts the gateway of another checkout (an earlier commit, say) in front of the same
 upstream, with the same patch, and measures it in the same alternating rounds as a third target: a
 before/after comparison under the same load, which separate runs on a shared machine cannot give.
@@ -54,6 +61,7 @@ sys.path.insert(0, str(REPO))
 from clients.sdk import Client, ModelSpec, UpstreamSpec  # noqa: E402
 
 MODEL = "adult"
+LEGS = {"gateway": ("json", MODEL), "gateway-binary": ("binary", "adult-binary")}  # target: (leg, model name)
 START, END = "<!-- gateway_overhead:start -->", "<!-- gateway_overhead:end -->"
 
 
@@ -67,11 +75,16 @@ class Cell:
     seconds: float
     latencies_ms: np.ndarray
     cpu_s: float = float("nan")  # CPU time of the server answering (upstream direct, gateway through it)
+    upstream_cpu_s: float = float("nan")  # the upstream's CPU time in the same rounds
 
     @property
     def cpu_ms(self) -> float:
         """The answering server's own CPU per completed request (steadier than latency on a shared machine)."""
         return 1000 * self.cpu_s / self.requests if self.requests else float("nan")
+
+    @property
+    def upstream_cpu_ms(self) -> float:
+        return 1000 * self.upstream_cpu_s / self.requests if self.requests else float("nan")
 
     @property
     def p50(self) -> float:
@@ -213,31 +226,31 @@ async def _segment(load, concurrency: int, requests: int, seconds: float) -> tup
     return latencies, errors, time.perf_counter() - t0
 
 
-async def run_pair(client: str, urls: dict[str, str], bodies: dict[str, bytes], concurrency: int, batch: int,
-                   requests: int, seconds: float, warmup: int, rounds: int,
-                   pids: dict[str, int | None] | None = None) -> list[Cell]:
+async def run_pair(client: str, urls: dict[str, str], paths: dict[str, str], bodies: dict[str, bytes],
+                   concurrency: int, batch: int, requests: int, seconds: float, warmup: int, rounds: int,
+                   pids: dict[str, int | None] | None = None, upstream_pid: int | None = None) -> list[Cell]:
     """Direct and gateway cells for one (batch, concurrency), measured in alternating rounds: on a shared
-    machine the load from other processes drifts, and alternating spreads it over both targets alike.
-    `pids`: the process answering each target, whose CPU time per request is recorded."""
+    machine the load from other processes drifts, and alternating spreads it over every target alike.
+    `pids`: the process answering each target, whose CPU time per request is recorded (and the upstream's)."""
     pids = pids or {}
-    loads = {t: LOADERS[client](urls[t], f"/v2/models/{MODEL}/infer", bodies[t], concurrency) for t in urls}
+    loads = {t: LOADERS[client](urls[t], paths[t], bodies[t], concurrency) for t in urls}
     try:
         for load in loads.values():  # warm-up: open every connection, fill caches
             await asyncio.gather(*(load() for _ in range(max(warmup, concurrency))))
-        totals = {t: ([], 0, 0.0, 0.0) for t in loads}
+        totals = {t: ([], 0, 0.0, 0.0, 0.0) for t in loads}
         for r in range(rounds):
             for target in (list(loads) if r % 2 == 0 else list(loads)[::-1]):
-                cpu0 = cpu_seconds(pids.get(target))
+                cpu0, up0 = cpu_seconds(pids.get(target)), cpu_seconds(upstream_pid)
                 lat, err, wall = await _segment(loads[target], concurrency, max(1, requests // rounds),
                                                 seconds / rounds)
-                cpu = cpu_seconds(pids.get(target)) - cpu0
+                cpu, up = cpu_seconds(pids.get(target)) - cpu0, cpu_seconds(upstream_pid) - up0
                 done = totals[target]
-                totals[target] = (done[0] + lat, done[1] + err, done[2] + wall, done[3] + cpu)
+                totals[target] = (done[0] + lat, done[1] + err, done[2] + wall, done[3] + cpu, done[4] + up)
     finally:
         for load in loads.values():
             await load.aclose()
-    return [Cell(t, concurrency, batch, len(lat), err, wall, np.asarray(lat), cpu)
-            for t, (lat, err, wall, cpu) in totals.items()]
+    return [Cell(t, concurrency, batch, len(lat), err, wall, np.asarray(lat), cpu, up)
+            for t, (lat, err, wall, cpu, up) in totals.items()]
 
 
 # --- report ------------------------------------------------------------------------------------------
@@ -246,32 +259,34 @@ def rows(cells: list[Cell]) -> list[list[str]]:
     out = []
     by = {(c.target, c.concurrency, c.batch): c for c in cells}
     for (target, conc, batch), g in by.items():
-        if target != "gateway":
+        if target not in LEGS:
             continue
         d = by[("direct", conc, batch)]
-        out.append([str(batch), str(conc), f"{d.p50:.2f}", f"{g.p50:.2f}", f"{g.p50 - d.p50:+.2f}",
+        out.append([str(batch), str(conc), LEGS[target][0], f"{d.p50:.2f}", f"{g.p50:.2f}", f"{g.p50 - d.p50:+.2f}",
                     f"{d.p99:.2f}", f"{g.p99:.2f}", f"{d.rps:,.0f}", f"{g.rps:,.0f}", f"{g.rps / d.rps:.0%}",
-                    f"{d.cpu_ms:.2f}", f"{g.cpu_ms:.2f}", f"{d.requests}/{g.requests}", str(d.errors + g.errors)])
-    return out
+                    f"{d.cpu_ms:.2f}", f"{g.upstream_cpu_ms:.2f}", f"{g.cpu_ms:.2f}", f"{d.requests}/{g.requests}",
+                    str(d.errors + g.errors)])
+    return sorted(out, key=lambda r: (int(r[0]), int(r[1])))
 
 
-HEAD = ["batch", "conc.", "p50 direct ms", "p50 gateway ms", "added p50 ms", "p99 direct ms", "p99 gateway ms",
-        "req/s direct", "req/s gateway", "gateway/direct", "CPU ms/req upstream", "CPU ms/req gateway",
-        "requests (d/g)", "errors"]
+HEAD = ["batch", "conc.", "upstream leg", "p50 direct ms", "p50 gateway ms", "added p50 ms", "p99 direct ms",
+        "p99 gateway ms", "req/s direct", "req/s gateway", "gateway/direct", "CPU ms/req upstream (direct)",
+        "CPU ms/req upstream (via gateway)", "CPU ms/req gateway", "requests (d/g)", "errors"]
 
 
 def verdict(cells: list[Cell]) -> list[str]:
     by = {(c.target, c.concurrency, c.batch): c for c in cells}
     lines = []
-    for batch in sorted({c.batch for c in cells}):
-        if ("gateway", 1, batch) in by:
-            added = by[("gateway", 1, batch)].p50 - by[("direct", 1, batch)].p50
-            lines.append(f"batch {batch}, concurrency 1: added p50 {added:.2f} ms (target <= 1 ms): "
-                         f"{'met' if added <= 1.0 else 'NOT met'}")
-        if ("gateway", 64, batch) in by:
-            ratio = by[("gateway", 64, batch)].rps / by[("direct", 64, batch)].rps
-            lines.append(f"batch {batch}, concurrency 64: throughput {ratio:.0%} of direct (target >= 70%): "
-                         f"{'met' if ratio >= 0.7 else 'NOT met'}")
+    for target, (leg, _) in LEGS.items():
+        for batch in sorted({c.batch for c in cells}):
+            if (target, 1, batch) in by:
+                added = by[(target, 1, batch)].p50 - by[("direct", 1, batch)].p50
+                lines.append(f"{leg} upstream leg, batch {batch}, concurrency 1: added p50 {added:.2f} ms "
+                             f"(target <= 1 ms): {'met' if added <= 1.0 else 'NOT met'}")
+            if (target, 64, batch) in by:
+                ratio = by[(target, 64, batch)].rps / by[("direct", 64, batch)].rps
+                lines.append(f"{leg} upstream leg, batch {batch}, concurrency 64: throughput {ratio:.0%} of direct "
+                             f"(target >= 70%): {'met' if ratio >= 0.7 else 'NOT met'}")
     return lines
 
 
@@ -286,7 +301,9 @@ def baseline_rows(cells: list[Cell]) -> list[list[str]]:
     for (target, conc, batch), b in by.items():
         if target != "baseline":
             continue
-        g = by[("gateway", conc, batch)]
+        g = by.get(("gateway", conc, batch))
+        if g is None:  # the JSON leg was not measured
+            continue
         out.append([str(batch), str(conc), f"{b.p50:.2f}", f"{g.p50:.2f}", f"{b.rps:,.0f}", f"{g.rps:,.0f}",
                     f"{b.cpu_ms:.2f}", f"{g.cpu_ms:.2f}", f"{g.cpu_ms / b.cpu_ms:.0%}", f"{b.errors}/{g.errors}"])
     return out
@@ -353,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bias", default="estimator", choices=["estimator", "group"],
                     help="Eraser variant: estimator (no group at inference) or group (sent as an input)")
     ap.add_argument("--queries", type=int, default=1000, help="Eraser query budget (default: 1000)")
+    ap.add_argument("--legs", default="json,binary",
+                    help="upstream legs to measure through the gateway: json, binary or both (default: json,binary)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--client", default="auto", choices=["auto", "httpx", "aiohttp"],
                     help="load generator: httpx.AsyncClient, or aiohttp (auto: aiohttp when installed)")
@@ -371,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             args.client = "httpx"
     batches = [int(b) for b in args.batch.split(",")]
+    legs = [t for t, (leg, _) in LEGS.items() if leg in args.legs.split(",")]
+    if not legs:
+        ap.error("--legs: give json, binary or both")
 
     print(f"fitting the Eraser patch (bias={args.bias}, {args.queries} queries) ...", flush=True)
     model, patch, data = fit_patch(args.bias, args.queries, args.seed)
@@ -408,19 +430,30 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
 
+        # The gateway serves one model per leg; the baseline (older code) the JSON leg only.
+        served = {"gateway": [LEGS[t] for t in legs], "baseline": [LEGS["gateway"]]}
         for target in gateways:
             with Client(urls[target], "bench") as fp:
-                fp.register_model(ModelSpec(name=MODEL, upstream=UpstreamSpec(url=urls["direct"], input_name="input",
-                                                                              output_name="logits"),
-                                            groups=list(data.group_names)))
-                pid = fp.upload_patch(MODEL, patch.to_bytes())
-                fp.activate_patch(MODEL, pid)
-                groups = [data.group_names[g] for g in data.test.groups[:4]] if patch.group_at_inference else None
-                check = fp.infer(MODEL, data.test.X[:4], groups, input_name="input")
-                if check.patch_id != pid:
-                    print(f"error: the {target} answered with patch {check.patch_id}, expected {pid}",
-                          file=sys.stderr)
-                    return 1
+                for leg, name in served[target]:
+                    binary = {"binary_data": True} if leg == "binary" else {}
+                    fp.register_model(ModelSpec(name=name, upstream=UpstreamSpec(
+                        url=urls["direct"], model_name=MODEL, input_name="input", output_name="logits", **binary),
+                        groups=list(data.group_names)))
+                    pid = fp.upload_patch(name, patch.for_model(name, "1").to_bytes())
+                    fp.activate_patch(name, pid)
+                    groups = [data.group_names[g] for g in data.test.groups[:4]] if patch.group_at_inference else None
+                    check = fp.infer(name, data.test.X[:4], groups, input_name="input")
+                    if check.patch_id != pid:
+                        print(f"error: the {target} answered with patch {check.patch_id}, expected {pid}",
+                              file=sys.stderr)
+                        return 1
+        targets = {"direct": urls["direct"], **{t: urls["gateway"] for t in legs}}
+        if "baseline" in urls:
+            targets["baseline"] = urls["baseline"]
+        paths = {t: f"/v2/models/{LEGS[t][1] if t in LEGS else MODEL}/infer" for t in targets}
+        answering = {"direct": upstream.pid, **{t: gateways["gateway"].pid for t in legs}}
+        if "baseline" in gateways:
+            answering["baseline"] = gateways["baseline"].pid
 
         try:
             import uvloop
@@ -433,15 +466,15 @@ def main(argv: list[str] | None = None) -> int:
             X = data.test.X[:batch]
             names = [data.group_names[g] for g in data.test.groups[:batch]]
             through = v2_body(X, names if patch.group_at_inference else None)
-            bodies = {"direct": v2_body(X, None), **{target: through for target in gateways}}
-            pids = {"direct": upstream.pid, **{target: proc.pid for target, proc in gateways.items()}}
+            bodies = {"direct": v2_body(X, None), **{target: through for target in targets if target != "direct"}}
             for conc in concurrencies:
-                pair = runner(run_pair(args.client, urls, bodies, conc, batch, args.requests, args.seconds,
-                                       args.warmup, args.rounds, pids))
+                pair = runner(run_pair(args.client, targets, paths, bodies, conc, batch, args.requests, args.seconds,
+                                       args.warmup, args.rounds, answering, upstream.pid))
                 cells += pair
                 for cell in pair:
-                    print(f"  batch {batch:>3} concurrency {conc:>3} {cell.target:>8}: p50 {cell.p50:7.2f} ms  "
+                    print(f"  batch {batch:>3} concurrency {conc:>3} {cell.target:>14}: p50 {cell.p50:7.2f} ms  "
                           f"p99 {cell.p99:7.2f} ms  {cell.rps:8,.0f} req/s  CPU {cell.cpu_ms:5.2f} ms/req  "
+                          f"upstream CPU {cell.upstream_cpu_ms:5.2f} ms/req  "
                           f"({cell.requests} ok, "
                           f"{cell.errors} errors)", flush=True)
 
@@ -450,11 +483,13 @@ def main(argv: list[str] | None = None) -> int:
     setup = (f"Adult reference model behind `fairpatch upstream`, `fairpatch serve` (embedded Redis) with an Eraser "
              f"patch active (bias={args.bias}, {args.queries} queries), each in its own process on loopback; "
              f"load from {loader}, at most {args.requests} requests or {args.seconds:g} s per cell in {args.rounds} "
-             f"rounds, direct and gateway{' (and the baseline gateway)' if args.baseline else ''} alternating. "
+             f"rounds, direct and gateway (upstream legs: {', '.join(LEGS[t][0] for t in legs)})"
+             f"{' (and the baseline gateway)' if args.baseline else ''} alternating. "
              f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}. Latencies in ms as the client "
              "sees them; the client, upstream and gateway share the machine's cores. CPU ms/req: the answering "
              "server process's own CPU time (user + system, from /proc) per request: the upstream's in the direct "
-             "rounds, the gateway's (not counting the upstream it calls) in the gateway rounds.")
+             "rounds, the gateway's (not counting the upstream it calls) in the gateway rounds; the upstream's "
+             "own in the gateway rounds beside it.")
     print_table(cells, f"direct to the upstream vs through the gateway (Eraser patch active), {args.client} client")
     if args.markdown:
         label = (args.baseline_label or str(args.baseline)) if args.baseline else None

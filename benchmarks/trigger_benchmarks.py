@@ -2,8 +2,10 @@
 
 Writes docs/triggers.md and docs/img/trigger_lambda.png. Every method is fitted on the tune split and
 scored on the same held-out test split. Rows: Adult (sex) dp and eo with gradient and zeroth-order access,
-colored digits (color) eo, the transfer setting (a trigger fitted against the seed-0 reference model,
-scored on the seed-1 model) and the lambda sweeps (accuracy-fairness curves).
+colored digits (color) eo on the reference CNNs of seeds 0-6 (0-2: development seeds, 3-4: fresh for the
+holdout rules, 5-6: fresh for the cross-fitted selection), the gradient path also under the earlier 30% holdout
+(`select_folds` 0) and the earlier `fairest` selection rule, the transfer setting (a trigger fitted against the seed-0
+reference model, scored on the seed-1 model) and the lambda sweeps (accuracy-fairness curves).
 
     .venv/bin/python benchmarks/trigger_benchmarks.py [--quick]
 """
@@ -26,6 +28,9 @@ from patcher.benches.eraser import bench_eraser  # noqa: E402
 from patcher.benches.trigger import bench_trigger, sweep_lam  # noqa: E402
 
 KEYS = ("accuracy", "dp_diff", "eo_diff", "worst_group_accuracy")
+DEV_SEEDS = (0, 1, 2)  # colored-digits settings were chosen while looking at their test figures
+FRESH_SEEDS = (3, 4, 5, 6)  # 3-4: run once after the holdout rules were fixed; 5-6: after select_folds 2 was
+HOLDOUT_FRESH, FOLDS_FRESH = (3, 4), (5, 6)
 
 
 def fmt_row(name: str, dataset: str, criterion: str, queries, before: dict, after: dict, extra: str = "") -> str:
@@ -74,14 +79,22 @@ def main() -> None:
         print(rows[-1], flush=True)
 
     seed_rows = []  # colored digits on the reference CNNs of other seeds: how much of seed 0 is luck
-    for seed in (0, 1, 2):
-        for access in ("gradient", "zeroth_order"):
-            r = results[f"colored-digits-eo-{access}"] if seed == 0 else \
-                bench_trigger("colored-digits", None, "eo", access, 50_000, seed)
-            results[f"colored-digits-eo-{access}-seed{seed}"] = r
-            seed_rows.append(fmt_row(f"trigger, {access}, seed {seed}", "colored-digits", "eo", r["queries_used"],
-                                     r["before"], r["after"], f"lam {r['lam']:g}, threshold {r['threshold']:.3f}, "
-                                     f"{goal(r)}"))
+    for seed in (*DEV_SEEDS, *FRESH_SEEDS):
+        kind = "development" if seed in DEV_SEEDS else \
+            "fresh for the holdout rules" if seed in HOLDOUT_FRESH else "fresh for 2 folds"
+        for access, select in (("gradient", None), ("gradient", "holdout"), ("gradient", "fairest"),
+                               ("zeroth_order", None)):
+            key = f"colored-digits-eo-{access}" + (f"-{select}" if select else "")
+            # the earlier gradient rules: the worst-cell rule on the 30% holdout, the fairest rule (on the holdout)
+            earlier = {"holdout": {"select_folds": 0}, "fairest": {"select": "fairest", "select_folds": 0}}
+            r = results[key] if seed == 0 and not select else \
+                bench_trigger("colored-digits", None, "eo", access, 50_000, seed, **earlier.get(select, {}))
+            results[f"{key}-seed{seed}"] = r
+            label = {"holdout": ", 30% holdout (earlier)", "fairest": ", fairest rule (earlier)"}.get(select, "")
+            name = f"trigger, {access}{label}, seed {seed} ({kind})"
+            seed_rows.append(fmt_row(name, "colored-digits", "eo", r["queries_used"], r["before"], r["after"],
+                                     f"lam {r['lam']:g}, threshold {r['threshold']:.3f}, fit {r['fit_seconds']:.0f}s, "
+                                     f"{goal(r)}{selection_note(r)}"))
             print(seed_rows[-1], flush=True)
 
     transfer_rows = []
@@ -137,6 +150,38 @@ def goal(r: dict) -> str:
     return "goal met" if ok else "goal NOT met"
 
 
+def selection_note(r: dict) -> str:
+    """Say when the held-out unfairness target of the worst-cell rule was out of reach (the least unfair
+    point was kept instead)."""
+    sel = r.get("selection") or {}
+    return ", held-out eo target NOT reached (least unfair point kept)" if sel.get("target_met") is False else ""
+
+
+def seed_summary(results: dict) -> list[str]:
+    """Which colored-digits rows meet issue 4's goal, per access and rule, development and fresh seeds apart."""
+    out = []
+    for access, rule, key in (("gradient", "worst_cell, 2 folds", "colored-digits-eo-gradient"),
+                              ("gradient", "worst_cell, 30% holdout (earlier)", "colored-digits-eo-gradient-holdout"),
+                              ("gradient", "fairest (earlier)", "colored-digits-eo-gradient-fairest"),
+                              ("zeroth_order", "worst_cell", "colored-digits-eo-zeroth_order")):
+        parts = []
+        for label, seeds in (("development seeds", DEV_SEEDS), ("seeds 3-4 (fresh for the holdout rules)",
+                                                                HOLDOUT_FRESH),
+                             ("seeds 5-6 (fresh for 2 folds)", FOLDS_FRESH)):
+            rs = [(s, results[f"{key}-seed{s}"]) for s in seeds if f"{key}-seed{s}" in results]
+            met = [s for s, r in rs if goal(r) == "goal met"]
+            parts.append(f"{label} {len(met)} of {len(rs)}" + (f" ({', '.join(map(str, met))})" if met else ""))
+        out.append(f"- Colored digits, {access}, selection {rule}: goal met on " + "; ".join(parts) + ".")
+    gaps = [(s, r["tune_after"]["eo"], r["after"]["eo_diff"]) for s in (*DEV_SEEDS, *FRESH_SEEDS)
+            if (r := results.get(f"colored-digits-eo-gradient-seed{s}"))]
+    if gaps:
+        out.append("- The out-of-fold eo_diff (all tune rows, 2 folds) of the chosen gradient point against its test "
+                   "eo_diff, seeds " + ", ".join(f"{s}: {h:.3f} / {t:.3f}" for s, h, t in gaps) + ". Still "
+                   "optimistic, about as much as the 30% holdout was (0.109 / 0.183, 0.083 / 0.191, 0.080 / 0.228, "
+                   "0.052 / 0.153, 0.013 / 0.165 on seeds 0-4): more selection rows did not remove the gap.")
+    return out
+
+
 def notes(results: dict) -> list[str]:
     """What the figures say, checked against the issue's targets (computed, so they follow the tables)."""
     out = []
@@ -188,7 +233,8 @@ def notes(results: dict) -> list[str]:
         drop = r["before"]["accuracy"] - r["after"]["accuracy"]
         out.append(f"- The price on colored digits: the gradient frame costs {100 * drop:.1f} points of test accuracy "
                    "(the frame floors digit evidence along with the colour evidence: the features carry both); "
-                   "its worst cell rises only a little. The design (frame, balance, "
+                   f"its worst cell goes {r['before']['worst_group_accuracy']:.4f} -> "
+                   f"{r['after']['worst_group_accuracy']:.4f}. The design (frame, balance, "
                    "holdout) was settled while looking at test-split figures of single development runs; every "
                    "choice the fit makes (lambda, threshold, zeroth-order candidate) and the per-dataset settings "
                    "(steps, restarts) were picked on the held-out tune rows only (the zeroth-order settings: see "
@@ -209,11 +255,21 @@ def notes(results: dict) -> list[str]:
         "with it. (2) `zo_subspace` 16: the estimate searches 16 fixed random directions around the start "
         "(variance like 16 / q instead of 336 / q), with step 0.2 and radius 0.3; the training loss then falls "
         "(balanced cross-entropy about 0.72 -> 0.56-0.67 over the run; it did not fall in the 336-dimensional "
-        "search). (3) `zo_select` worst_cell: among the evaluated frames and thresholds, the best worst "
+        "search). (3) `select` worst_cell (first `zo_select`, still accepted as its older name for zeroth order): "
+        "among the evaluated frames and thresholds, the best worst "
         "(group, label) cell accuracy on the held-out tune rows with eo_diff there at most half the model's "
-        "(today's rule, fairest within 10 points of balanced accuracy, drives held-out eo to about 0.02 on cells of "
-        "about 40 rows and pays for it in the worst cell). All three are options; only the colored-digits "
-        "zeroth-order defaults use them (Adult and the gradient path are unchanged).",
+        "(the earlier rule, fairest within 10 points of balanced accuracy, drives held-out eo to about 0.02 on cells "
+        "of about 40 rows and pays for it in the worst cell). All three are options; only the colored-digits "
+        "defaults use them (Adult is unchanged).",
+        "- Gradient selection (issue 4, follow-up): the gradient path chose lambda and threshold by the fairest rule "
+        "and its worst cell fell on seeds 1 and 2 (rows 'fairest rule (earlier)' below); it now uses the same "
+        "`select` worst_cell rule as zeroth order, on the same held-out tune rows (never the test split). With no "
+        "point under the held-out target the rule keeps the least unfair point and the fit reports "
+        "`selection.target_met` false (flagged in the tables). A stricter target (0.4, 0.3, 0.25 x the model's "
+        "held-out eo) was tried on the development seeds with the same trained triggers and their test figures "
+        "looked at: it met the goal on no more of them (seed 0 moved to lam 10, test eo 0.1234 but worst cell "
+        "0.7015, the model's own; seeds 1 and 2 kept their choice), so the target stayed at half, as for zeroth "
+        "order. Seeds 3 and 4 were then run once with every setting fixed.",
         "- Tried and dropped (single runs, seed 0 unless said): one colour per side and frame ring (24 "
         "parameters) or 2-4 colours along each side (48-96): even trained with gradients these frames reach only "
         "test accuracy 0.73 / worst cell 0.66 (24) and 0.77 / 0.67 with eo 0.14 (96), against 0.77 / 0.72 / "
@@ -230,8 +286,17 @@ def notes(results: dict) -> list[str]:
         "- Before these changes the colored-digits zeroth-order settings gave, on the seed-0/1/2 models: eo_diff "
         "0.1245 / 0.1836 / 0.1244, worst-group accuracy 0.6419 / 0.6045 / 0.2568, accuracy 0.7474 / 0.7261 / "
         "0.6258 (49,512-49,652 queries): the goal met on none of the three seeds; now on seeds 0 and 2 (table "
-        "below). The gradient settings meet it on seed 0 only: on seeds 1 and 2 their worst cell falls.",
+        "below).",
     ]
+    out.append(
+        "- Gradient selection by cross-fitting (issue 4, second follow-up): the worst-cell rule on a 30% holdout "
+        "(about 40 rows per minority cell) chose points whose held-out eo was far below their test eo. With "
+        "`select_folds` 2 every tune row is scored out of fold (per lambda, a trigger trained on one half scores "
+        "the other), the rule runs on all of them, and the chosen lambda is retrained on every tune row (a fold "
+        "trigger saw half the rows; several cannot share one input transform). 2 and 3 folds were compared on "
+        "the development seeds only (goal on 3 and 2 of 3, the holdout 1 of 3), so 2 became the default; seeds "
+        "5 and 6 were then run once. Fit time about doubles (9 trainings instead of 4).")
+    out += seed_summary(results)
     for key, r in results.items():
         if "transfer" in r and "-seed" not in key:
             t, crit = r["transfer"], f"{r['criterion']}_diff"
@@ -286,13 +351,15 @@ def write_doc(path: Path, rows: list[str], transfer_rows: list[str], sweeps: dic
         "Colored digits (`dataset_options` in patcher/benches/trigger.py): the trigger is a 2-pixel frame whose "
         "pixels are *replaced* (`x * (1 - M) + sigmoid(W) * M`, 336 parameters; the paper's added border "
         "`x + tanh(W * M)` is `--trigger border`); the utility loss and the accuracy that selects weigh the four "
-        "(color, label) cells equally (`balance`); lambda in (2, 5, 10, 20) and the threshold are chosen on 30% of "
-        "the tune rows held out of training (`holdout`), fairest within 10 points of balanced accuracy. Zeroth "
+        "(color, label) cells equally (`balance`); lambda in (2, 5, 10, 20) and the threshold are chosen, with "
+        "gradient access, on out-of-fold scores of every tune row (`select_folds` 2: per lambda one trigger per "
+        "half of the rows scores the other half, and the chosen lambda is then retrained on all rows), with zeroth "
+        "order on 30% of the tune rows held out of training (`holdout`): the best worst (color, label) cell "
+        "accuracy there among the points whose eo_diff there is at most half the model's (`select` worst_cell). Zeroth "
         "order: the same frame, the best of 32 random frames on one training batch as the start, then q = 4 "
         "antithetic pairs on stratified batches of 32 rows at lam 20 with the small-batch bias of the gap removed, "
-        "searching 16 random directions around the start (`zo_subspace`); the frame and threshold with the best "
-        "worst-cell accuracy on the held-out rows among those that halve the model's eo_diff there "
-        "(`zo_select` worst_cell).",
+        "searching 16 random directions around the start (`zo_subspace`); the frame and threshold chosen by the "
+        "same rule among the evaluated frames.",
         "",
         "## Results (seed 0)",
         "",
@@ -304,15 +371,23 @@ def write_doc(path: Path, rows: list[str], transfer_rows: list[str], sweeps: dic
         "",
         "## Colored digits: the candidates on the held-out tune rows",
         "",
-        "What the selection saw (30% of the tune split, never trained on; accuracy balanced over the four cells, "
-        "each candidate at its own re-tuned threshold). These rows are few in the minority cells (about 40 each), "
-        "so their eo_diff is optimistic next to the test split's.",
+        "What the selection saw (gradient: every tune row, each scored by the fold trigger that did not train on it; "
+        "zeroth order: 30% of the tune split, never trained on; accuracy balanced over the four cells, each "
+        "candidate at its own re-tuned threshold). The minority cells are small (about 144 rows each out of fold, "
+        "about 40 in the holdout), so their eo_diff is optimistic next to the test split's.",
         "",
         *candidate_lines,
         "## Colored digits on other seeds",
         "",
-        "The same settings on the reference CNNs trained with seeds 1 and 2 (`--seed`: the model changes, the "
-        "splits do not). Issue 4's goal per row: eo_diff at least halved and worst-group accuracy up.",
+        "The same settings on the reference CNNs trained with seeds 0-6 (`--seed`: the model changes, the "
+        "splits do not). Issue 4's goal per row: eo_diff at least halved and worst-group accuracy up (worst "
+        "(color, label) cell, test split). Seeds 0, 1 and 2 are development seeds: the colored-digits design and "
+        "settings were chosen while looking at their test figures, so their rows are optimistic (the gradient "
+        "fold count too: 2 folds met the goal on 3 of them, 3 folds on 2, the holdout on 1). Seeds 3 and 4 were run "
+        "once after the holdout rules were fixed (the clean estimate for those rows); seeds 5 and 6 once after "
+        "the cross-fitted gradient selection was fixed (the clean estimate for the 2-fold rows). '30% holdout "
+        "(earlier)' and 'fairest rule (earlier)': the gradient path under the selections it used before "
+        "(`--select-folds 0`, `--select fairest --select-folds 0`), for comparison.",
         "",
         head, *seed_rows,
         "",

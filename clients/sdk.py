@@ -78,6 +78,7 @@ class UpstreamSpec(_Shape):
     output_name: str | None = None
     output_kind: Literal["logits", "probabilities"] = "logits"
     timeout_s: float = 10.0
+    binary_data: bool = False  # v2: tensors to and from the upstream as binary data (Triton, fairpatch upstream)
 
 
 class ArtifactInfo(_Shape):

@@ -107,7 +107,11 @@ class OnnxOracle(CountingOracle):
 
         super().__init__(budget, output_kind=output_kind, **kwargs)
         source = model if isinstance(model, bytes) else str(model)
-        self._session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+        opts = ort.SessionOptions()
+        # Idle intra-op threads must not busy-wait: between batches they would burn the cores that the rest of
+        # a job (torch, the patch fit) or a server beside it needs.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         self.input_name = input_name or self._session.get_inputs()[0].name
         self.output_name = output_name or self._session.get_outputs()[0].name
 

@@ -44,6 +44,11 @@ def add_service_parsers(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
     up.add_argument("--port", type=int, default=9000, help="port (default: 9000)")
     up.add_argument("--max-body-mib", type=float, default=64.0, help="body size limit (default: 64)")
+    up.add_argument("--threads", type=int, default=0,
+                    help="onnxruntime intra-op threads per request (default: 0, one per core)")
+    up.add_argument("--spin", action="store_true",
+                    help="let idle onnxruntime threads busy-wait (lower latency on a dedicated machine; burns "
+                         "CPU between requests)")
     up.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     up.set_defaults(run=run_upstream)
 
@@ -100,7 +105,7 @@ def run_upstream(args: argparse.Namespace) -> int:
 
     _configure_logging(args.log_level)
     try:
-        model = OnnxModel(args.onnx, name=args.name, version=args.version)
+        model = OnnxModel(args.onnx, name=args.name, version=args.version, threads=args.threads, spin=args.spin)
     except Exception as e:  # missing file, not ONNX, unsupported signature: say so, no traceback
         print(f"fairpatch upstream: cannot load {args.onnx}: {e}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ from starlette.datastructures import State
 from starlette.routing import compile_path
 from starlette.types import Message, Receive, Scope, Send
 
+from service.binary_tensors import CONTENT_TYPE
 from service.body_limit import BodyTooLarge, content_length, send_error
 from service.errors import client_error_response, unexpected_error_response
 from service.infer import (
@@ -41,6 +42,7 @@ _V2 = [compile_path(p)[0] for p in V2_INFER_PATHS]  # the same patterns the rout
 _V1 = compile_path(V1_PREDICT_PATH)[0]
 _BINARY = BINARY_HEADER.encode("latin-1")
 _JSON = b"application/json"
+_OCTETS = CONTENT_TYPE.encode("latin-1")
 _PATCH, _SERVED_BY = PATCH_HEADER.encode("latin-1"), SERVED_BY_HEADER.encode("latin-1")
 
 
@@ -133,7 +135,10 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 async def _send_answer(send: Send, answer: Answer) -> None:
     body = answer.body
-    headers = [(b"content-length", str(len(body)).encode()), (b"content-type", _JSON),
+    headers = [(b"content-length", str(len(body)).encode()),
+               (b"content-type", _JSON if answer.binary_header is None else _OCTETS),
                (_PATCH, (answer.patch or "none").encode("latin-1")), (_SERVED_BY, answer.served_by.encode("latin-1"))]
+    if answer.binary_header is not None:
+        headers.append((_BINARY, str(answer.binary_header).encode()))
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": body})

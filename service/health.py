@@ -13,12 +13,13 @@ from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from service import binary_tensors
 from service.oip import LiveResponse, ReadyResponse, ServerMetadata
 from service.version import __version__
 
 SERVER_NAME = "fairpatch"
-# V2 extensions this gateway implements; none yet (model repository, patches and jobs come later).
-EXTENSIONS: list[str] = []
+# V2 extensions this gateway implements: binary tensor data, in requests and (when asked) answers.
+EXTENSIONS: list[str] = [binary_tensors.EXTENSION]
 
 router = APIRouter(prefix="/v2", tags=["health"])
 

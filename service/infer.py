@@ -14,7 +14,9 @@ before anything is sent, so a wrong shape or datatype is the client's 400, not a
 
 Requests may use the V2 binary tensor extension (Triton's client sends binary data by default): the
 JSON header's length comes in `Inference-Header-Content-Length` and tensors with
-`parameters.binary_data_size` take their bytes, in order, from what follows. Answers are JSON.
+`parameters.binary_data_size` take their bytes, in order, from what follows (service.binary_tensors).
+Answers are JSON, or binary for the outputs the caller asks so for. An upstream registered with
+`binary_data` is sent tensors, and asked for its outputs, as binary data.
 
 `infer_answer` and `predict_answer` are the whole of it, whichever front door a request comes in by:
 the ASGI fast path (service.fast_path, the default) or the FastAPI routes below; both send their
@@ -24,9 +26,7 @@ the ASGI fast path (service.fast_path, the default) or the FastAPI routes below;
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import struct
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Hashable
@@ -44,7 +44,8 @@ from starlette.routing import Route
 from patcher.apply import PatchRunner, UnknownGroupError
 from patcher.patch import PatchError
 from patcher.scores import from_log_probs, to_log_probs
-from service import patch_serving
+from service import binary_tensors, patch_serving
+from service.binary_tensors import parse_request
 from service.errors import ApiError
 from service.oip import (
     NUMPY_DTYPES,
@@ -62,9 +63,6 @@ from service.oip import (
     construct,
     describe_validation_errors,
     from_numpy,
-    infer_request_from_doc,
-    loads,
-    parse_infer_request,
     shape_matches,
     to_numpy,
 )
@@ -82,7 +80,7 @@ MAX_CACHED = 10_000
 PATCH_HEADER = "fairpatch-patch"
 RAW_OUTPUT = "fairpatch_raw"
 RAW_PARAMETER = "fairpatch_raw"
-BINARY_HEADER = "inference-header-content-length"
+BINARY_HEADER = binary_tensors.HEADER
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -224,69 +222,6 @@ def patch_id(runner: PatchRunner | None) -> str | None:
 
 # --- request parsing ---------------------------------------------------------------------------------
 
-def parse_request(body: bytes, binary_header_length: str | None) -> InferRequest:
-    """A V2 infer request: JSON, or JSON plus binary tensor data (the binary tensor extension)."""
-    if binary_header_length is None:
-        return parse_infer_request(body)
-    try:
-        n = int(binary_header_length)
-    except ValueError:
-        raise InvalidRequest(f"Inference-Header-Content-Length must be an integer, "
-                             f"got {binary_header_length!r}") from None
-    if not 0 < n <= len(body):
-        raise InvalidRequest(f"Inference-Header-Content-Length {n} does not fit the {len(body)}-byte body")
-    try:
-        doc = loads(body[:n])
-    except ValueError:  # orjson refuses NaN literals, which json (and pydantic) accept: json decides
-        try:
-            doc = json.loads(body[:n])
-        except (ValueError, UnicodeDecodeError) as e:
-            raise InvalidRequest(f"malformed JSON in the inference header: {e}") from None
-    blob, offset = memoryview(body)[n:], 0
-    if isinstance(doc, dict) and isinstance(doc.get("inputs"), list):
-        for t in doc["inputs"]:
-            params = t.get("parameters") if isinstance(t, dict) else None
-            if not isinstance(params, dict) or "binary_data_size" not in params:
-                continue
-            size = params["binary_data_size"]
-            if not isinstance(size, int) or size < 0 or offset + size > len(blob):
-                raise InvalidRequest(f"input '{t.get('name')}': binary_data_size {size!r} does not fit the "
-                                     f"{len(blob) - offset} binary bytes left")
-            t["data"] = _binary_values(bytes(blob[offset:offset + size]), t.get("datatype"), t.get("name"))
-            t["parameters"] = {k: v for k, v in params.items() if k != "binary_data_size"} or None
-            offset += size
-    if offset != len(blob):
-        raise InvalidRequest(f"{len(blob) - offset} bytes of binary data belong to no input "
-                             "(check each input's binary_data_size)")
-    request = infer_request_from_doc(doc)
-    if request is not None:
-        return request
-    try:
-        return InferRequest.model_validate(doc)
-    except ValidationError as e:
-        raise InvalidRequest(f"invalid inference request: {describe_validation_errors(e.errors())}") from None
-
-
-def _binary_values(raw: bytes, datatype: Any, name: Any) -> list[Any]:
-    if datatype == "BYTES":  # each element: 4-byte little-endian length, then the bytes
-        values, i = [], 0
-        while i < len(raw):
-            if i + 4 > len(raw):
-                raise InvalidRequest(f"input '{name}': truncated BYTES element in the binary data")
-            (size,) = struct.unpack_from("<I", raw, i)
-            if i + 4 + size > len(raw):
-                raise InvalidRequest(f"input '{name}': truncated BYTES element in the binary data")
-            values.append(raw[i + 4:i + 4 + size].decode("utf-8", errors="replace"))
-            i += 4 + size
-        return values
-    dtype = NUMPY_DTYPES.get(datatype) if isinstance(datatype, str) else None
-    if dtype is None:
-        raise InvalidRequest(f"input '{name}': unknown datatype {datatype!r} for binary data")
-    if len(raw) % dtype.itemsize:
-        raise InvalidRequest(f"input '{name}': {len(raw)} bytes is not a whole number of {datatype} values")
-    return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).tolist()
-
-
 class V1Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
     instances: list[Any]
@@ -380,18 +315,42 @@ class Answer:
     body: bytes
     patch: str | None
     served_by: str = SERVED_BY_UPSTREAM
+    binary_header: int | None = None  # set: binary tensor data follows a JSON header of this length
+
+    @property
+    def media_type(self) -> str:
+        return "application/json" if self.binary_header is None else binary_tensors.CONTENT_TYPE
 
     def headers(self) -> dict[str, str]:
-        return {PATCH_HEADER: self.patch or "none", SERVED_BY_HEADER: self.served_by}
+        headers = {PATCH_HEADER: self.patch or "none", SERVED_BY_HEADER: self.served_by}
+        if self.binary_header is not None:
+            headers[BINARY_HEADER] = str(self.binary_header)
+        return headers
 
     def response(self) -> Response:
-        return Response(self.body, media_type="application/json", headers=self.headers())
+        return Response(self.body, media_type=self.media_type, headers=self.headers())
 
 
 def _answer(payload: BaseModel | dict, pid: str | None, served_by: str = SERVED_BY_UPSTREAM) -> Answer:
     body = payload.model_dump_json(exclude_none=True).encode() if isinstance(payload, BaseModel) \
         else pydantic_core.to_json(payload)
     return Answer(body, pid, served_by)
+
+
+def _infer_answer(response: InferResponse, req: InferRequest, pid: str | None,
+                  served_by: str = SERVED_BY_UPSTREAM) -> Answer:
+    """A V2 infer answer: JSON, or with the outputs the caller asked for as binary data (Triton's rules:
+    `parameters.binary_data` on a requested output, else the request's `binary_data_output`)."""
+    asked = {o.name: o.parameters for o in req.outputs or ()}
+    binary = [binary_tensors.wants_binary(asked.get(o.name), req.parameters) for o in response.outputs]
+    if not any(binary):
+        return _answer(response, pid, served_by)
+    outputs = [(o.name, o.data if o.datatype == "BYTES" else np.asarray(o.data, dtype=NUMPY_DTYPES[o.datatype]),
+                o.datatype, o.shape, o.parameters) for o in response.outputs]
+    header = {"model_name": response.model_name, "model_version": response.model_version, "id": response.id,
+              "parameters": response.parameters}
+    body, n = binary_tensors.encode_response(header, outputs, binary)
+    return Answer(body, pid, served_by, n)
 
 
 def _json(payload: BaseModel | dict, pid: str | None, served_by: str = SERVED_BY_UPSTREAM) -> Response:
@@ -441,7 +400,7 @@ async def infer_answer(state: State, model_name: str, model_version: str | None,
     spec = cache.fresh_spec(model_name, model_version) or await cache.spec(model_name, model_version)
     body = await read_body()
     req = parse_request(body, binary)
-    known, runner = state.patches.runner_now(spec.name, spec.version)
+    known, runner = state.patches.runner_now(spec.name, spec.version)  # no coroutine when it is in memory
     if not known:
         runner = await state.patches.runner(spec.name, spec.version)
     upstream: UpstreamClient = state.upstream
@@ -486,12 +445,14 @@ async def infer_answer(state: State, model_name: str, model_version: str | None,
             outputs.append(from_numpy(RAW_OUTPUT, scores.astype(np.float32, copy=False)))
         response = InferResponse.model_construct(model_name=spec.name, model_version=spec.version, id=req.id,
                                                  outputs=outputs)
-        return _answer(response, patch_id(runner))
+        return _infer_answer(response, req, patch_id(runner))
 
-    if sent is not X:  # the input transform changed the rows: send them in the request's datatype
+    # Rows the input transform changed go in the request's datatype; a binary leg takes the converted rows as
+    # they are rather than converting the request's list a second time.
+    if sent is not X or (spec.upstream.binary_data and not isinstance(features.data, np.ndarray)):
         features_sent = RequestInput.model_construct(
             name=features.name, shape=list(sent.shape), datatype=features.datatype, parameters=features.parameters,
-            data=np.asarray(sent, dtype=NUMPY_DTYPES[features.datatype]).ravel().tolist())
+            data=np.asarray(sent, dtype=NUMPY_DTYPES[features.datatype]).ravel())
         inputs = [features_sent if t is features else t for t in inputs]
     scores_name = spec.upstream.output_name or meta.outputs[0].name
     wanted = [o.name for o in req.outputs] if req.outputs else None
@@ -499,7 +460,7 @@ async def infer_answer(state: State, model_name: str, model_version: str | None,
     if wanted is not None:  # only names go upstream (binary_data etc. are answered here, as JSON)
         forward_outputs = [RequestOutput(name=n) for n in dict.fromkeys([*wanted, scores_name])]
     forward_parameters = _forward_parameters(req.parameters)
-    if binary is None and group_tensor is None and sent is X and wanted is None \
+    if binary is None and group_tensor is None and sent is X and wanted is None and not spec.upstream.binary_data \
             and forward_parameters == req.parameters:  # nothing to change: the caller's bytes go upstream
         result = await upstream.forward_v2(spec, body)
     else:
@@ -518,7 +479,7 @@ async def infer_answer(state: State, model_name: str, model_version: str | None,
                                                       parameters=None, data=raw.data))
     response = construct(InferResponse, {"model_name": spec.name, "model_version": spec.version, "id": req.id,
                                          "parameters": result.parameters, "outputs": outputs})
-    return _answer(response, patch_id(runner))
+    return _infer_answer(response, req, patch_id(runner))
 
 
 def _infer_weight_patch(spec: ModelSpec, req: InferRequest, runner: PatchRunner, inputs: list[RequestInput],
@@ -537,7 +498,7 @@ def _infer_weight_patch(spec: ModelSpec, req: InferRequest, runner: PatchRunner,
         outputs.append(from_numpy(RAW_OUTPUT, logits))
     response = InferResponse.model_construct(model_name=spec.name, model_version=spec.version, id=req.id,
                                              outputs=outputs)
-    return _answer(response, patch_id(runner), SERVED_BY_PATCH)
+    return _infer_answer(response, req, patch_id(runner), SERVED_BY_PATCH)
 
 
 async def predict_v1(request: Request, model_name: str) -> Response:
@@ -547,7 +508,7 @@ async def predict_v1(request: Request, model_name: str) -> Response:
 async def predict_answer(state: State, model_name: str, read_body: BodyReader) -> Answer:
     """KServe V1 predict, whichever front door the request came in by."""
     cache: ModelCache = state.model_cache
-    spec = await cache.spec(model_name)
+    spec = cache.fresh_spec(model_name) or await cache.spec(model_name)
     body = await read_body()
     if not body:
         raise InvalidRequest('empty request body; expected {"instances": [[...], ...]}')
@@ -559,7 +520,9 @@ async def predict_answer(state: State, model_name: str, read_body: BodyReader) -
             raise InvalidRequest(f"malformed JSON: {errors[0].get('ctx', {}).get('error', errors[0]['msg'])}") \
                 from None
         raise InvalidRequest(f"invalid V1 request: {describe_validation_errors(errors)}") from None
-    runner = await state.patches.runner(spec.name, spec.version)
+    known, runner = state.patches.runner_now(spec.name, spec.version)
+    if not known:
+        runner = await state.patches.runner(spec.name, spec.version)
     upstream: UpstreamClient = state.upstream
     if runner is not None and runner.replaces_model:  # a weight patch answers itself
         X = _instances(req.instances, "FP32")
@@ -568,7 +531,7 @@ async def predict_answer(state: State, model_name: str, read_body: BodyReader) -
         out, _ = patch_serving.scores(runner, spec, X, gids, None)
         return _answer({"predictions": out.tolist()}, patch_id(runner), SERVED_BY_PATCH)
 
-    meta = await cache.metadata(spec) if spec.upstream.protocol == "v2" else None
+    meta = (cache.fresh_metadata(spec) or await cache.metadata(spec)) if spec.upstream.protocol == "v2" else None
     datatype, name = "FP32", None
     if meta is not None:
         named = [t for t in meta.inputs if t.name == spec.upstream.input_name] if spec.upstream.input_name \

@@ -1,7 +1,8 @@
 """`fairpatch upstream`: any ONNX model served over the Open Inference Protocol (V2) REST API.
 
 It plays the deployed model the gateway fronts in the demo, tests and benchmarks, and speaks the
-same protocol as Triton, KServe or Seldon MLServer would. One InferenceSession is created at start
+same protocol as Triton, KServe or Seldon MLServer would, binary tensor data included (requests and,
+when asked, answers: service.binary_tensors). One InferenceSession is created at start
 and shared (onnxruntime's `run` is thread-safe); inference runs in the thread pool so a large batch
 never blocks the event loop. Every bad request gets a 4xx `{"error": ...}` (see service.errors).
 """
@@ -14,6 +15,7 @@ import numpy as np
 from fastapi import APIRouter, FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from service import binary_tensors
 from service.body_limit import BodySizeLimit
 from service.errors import ApiError, install_error_handlers
 from service.oip import (
@@ -28,8 +30,8 @@ from service.oip import (
     ReadyResponse,
     ServerMetadata,
     check_signature,
+    datatype_of,
     from_numpy,
-    parse_infer_request,
     to_numpy,
 )
 from service.openapi import include_schemas, json_body
@@ -60,10 +62,17 @@ def _metadata_tensor(arg) -> MetadataTensor | None:
 class OnnxModel:
     """One ONNX model behind one onnxruntime session, with its V2 metadata read from the graph."""
 
-    def __init__(self, model: str | Path | bytes, name: str, version: str = "1") -> None:
+    def __init__(self, model: str | Path | bytes, name: str, version: str = "1", *, threads: int = 0,
+                 spin: bool = False) -> None:
         import onnxruntime as ort
 
-        self.session = ort.InferenceSession(model if isinstance(model, bytes) else str(model),
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads  # 0: onnxruntime's default, one per core
+        # Spinning keeps idle intra-op threads busy-waiting for the next operator: it saves microseconds on a
+        # dedicated machine and, between requests, burns the cores that the server's other work (and anything
+        # sharing the machine, such as a gateway in front of it) needs. Off unless asked for.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        self.session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts,
                                             providers=["CPUExecutionProvider"])
         self.name, self.version = name, version
         inputs = [(a, _metadata_tensor(a)) for a in self.session.get_inputs()]
@@ -100,7 +109,7 @@ def _router(model: OnnxModel) -> APIRouter:
 
     @router.get("", response_model=ServerMetadata)
     async def server_metadata() -> ServerMetadata:
-        return ServerMetadata(name=SERVER_NAME, version=__version__, extensions=[])
+        return ServerMetadata(name=SERVER_NAME, version=__version__, extensions=[binary_tensors.EXTENSION])
 
     @router.get("/health/live", response_model=LiveResponse)
     async def live() -> LiveResponse:
@@ -130,11 +139,19 @@ def _router(model: OnnxModel) -> APIRouter:
     @router.post("/models/{model_name}/versions/{model_version}/infer", **infer_doc)
     async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
         version = resolve(model_name, model_version)
-        req = parse_infer_request(await request.body())
+        req = binary_tensors.parse_request(await request.body(), request.headers.get(binary_tensors.HEADER))
         check_signature(model.metadata, req)
         feeds = {t.name: to_numpy(t) for t in req.inputs}
         names = [o.name for o in req.outputs] if req.outputs else model.output_names
         results = await run_in_threadpool(model.run, feeds, names)
+        asked = {o.name: o.parameters for o in req.outputs or ()}
+        binary = [binary_tensors.wants_binary(asked.get(n), req.parameters) for n in names]
+        if any(binary):  # the binary tensor extension, as Triton answers it
+            body, n = binary_tensors.encode_response(
+                {"model_name": model.name, "model_version": version, "id": req.id},
+                [(name, r, datatype_of(r.dtype), list(r.shape), None) for name, r in zip(names, results, strict=True)],
+                binary)
+            return Response(body, media_type=binary_tensors.CONTENT_TYPE, headers={binary_tensors.HEADER: str(n)})
         response = InferResponse(model_name=model.name, model_version=version, id=req.id,
                                  outputs=[from_numpy(n, r) for n, r in zip(names, results, strict=True)])
         # Serialized by pydantic-core directly: FastAPI's jsonable_encoder is slow on long lists.

@@ -92,7 +92,9 @@ class RequestInput(_Wire):
     shape: list[Annotated[int, Field(ge=0)]]
     datatype: Datatype
     parameters: Parameters | None = None
-    data: list[Any]  # row-major, flat or nested; checked by `to_numpy`, not per element by pydantic
+    # Row-major, flat or nested; checked by `to_numpy`, not per element by pydantic. A flat numpy array when
+    # the values came as binary data (service.binary_tensors).
+    data: list[Any]
 
 
 class RequestOutput(_Wire):
@@ -187,7 +189,8 @@ def _plain_tensor(t: Any, cls: type[RequestInput] | type[ResponseOutput], negati
     name, shape, datatype, data, parameters = (t.get("name"), t.get("shape"), t.get("datatype"), t.get("data"),
                                                t.get("parameters"))
     if type(name) is not str or type(shape) is not list or type(datatype) is not str \
-            or datatype not in NUMPY_DTYPES or type(data) is not list or not _params(parameters):
+            or datatype not in NUMPY_DTYPES or not (type(data) is list or type(data) is np.ndarray) \
+            or not _params(parameters):
         return None
     for d in shape:
         if type(d) is not int or (d < 0 and not negative_dims):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
@@ -26,6 +26,16 @@ class UpstreamSpec(BaseModel):
     output_name: str | None = Field(None, description="output tensor holding the scores (default: the first)")
     output_kind: Literal["logits", "probabilities"] = "logits"
     timeout_s: float = Field(10.0, gt=0, le=300)
+    binary_data: bool = Field(False, description="v2 only: send tensors to the upstream, and ask for its outputs, "
+                                                "as binary data (the binary tensor extension: Triton, fairpatch "
+                                                "upstream); spares both ends the JSON text of large tensors")
+
+    @model_validator(mode="after")
+    def _binary_needs_v2(self) -> UpstreamSpec:
+        if self.binary_data and self.protocol != "v2":
+            raise ValueError(f"binary_data needs protocol v2 (the binary tensor extension is part of the Open "
+                             f"Inference Protocol); protocol is {self.protocol}")
+        return self
 
     @field_validator("url")
     @classmethod

@@ -24,7 +24,7 @@ import functools
 import math
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 import aiohttp
@@ -34,11 +34,13 @@ import pydantic_core
 import yarl
 from pydantic import ValidationError
 
+from service import binary_tensors
 from service.errors import ApiError
 from service.oip import (
     NUMPY_DTYPES,
     InferRequest,
     InferResponse,
+    InvalidRequest,
     MetadataTensor,
     ModelMetadata,
     Parameters,
@@ -151,45 +153,124 @@ def _infer_url(protocol: str, base: str, model: str, version: str | None) -> str
 
 # --- requests ----------------------------------------------------------------------------------------
 
+class Payload(NamedTuple):
+    """A request body, and the length of its JSON header when it carries binary tensor data."""
+
+    body: bytes
+    header_length: int | None = None
+
+    def headers(self) -> dict[str, str] | None:
+        if self.header_length is None:
+            return None
+        return {binary_tensors.HEADER: str(self.header_length), "content-type": binary_tensors.CONTENT_TYPE}
+
+
 def v2_tensor(name: str, array: np.ndarray, datatype: str = "FP32") -> RequestInput:
-    """A request tensor from an array (cast to `datatype`), flat row-major data."""
+    """A request tensor from an array (cast to `datatype`); `data` is the flat array itself (the encoders
+    below write it as JSON numbers or as bytes)."""
     array = np.asarray(array, dtype=NUMPY_DTYPES[datatype])
     return RequestInput.model_construct(name=name, shape=list(array.shape), datatype=datatype, parameters=None,
-                                        data=array.ravel().tolist())
+                                        data=array.ravel())
+
+
+def _listed(t: RequestInput) -> RequestInput:
+    if isinstance(t.data, np.ndarray):  # pydantic writes lists, not arrays
+        return t.model_copy(update={"data": t.data.tolist()})
+    return t
 
 
 def encode_v2(inputs: Sequence[RequestInput], outputs: Sequence[RequestOutput] | None = None,
               parameters: Parameters | None = None, request_id: str | None = None) -> bytes:
-    """A V2 infer request body (pydantic-core serialises it; tensors are not re-validated)."""
-    request = InferRequest.model_construct(id=request_id, parameters=parameters or None, inputs=list(inputs),
+    """A V2 infer request body as JSON (pydantic-core serialises it; tensors are not re-validated)."""
+    request = InferRequest.model_construct(id=request_id, parameters=parameters or None,
+                                           inputs=[_listed(t) for t in inputs],
                                            outputs=list(outputs) if outputs else None)
     return request.model_dump_json(exclude_none=True).encode()
 
 
+def encode_v2_binary(inputs: Sequence[RequestInput], outputs: Sequence[RequestOutput] | None = None,
+                     parameters: Parameters | None = None, request_id: str | None = None) -> Payload:
+    """The same request with every tensor as binary data, asking for binary outputs."""
+    header: dict[str, Any] = {}
+    if request_id is not None:
+        header["id"] = request_id
+    params = dict(parameters or {})
+    if outputs:
+        header["outputs"] = [{"name": o.name, "parameters": {**(o.parameters or {}), "binary_data": True}}
+                             for o in outputs]
+    else:
+        params["binary_data_output"] = True
+    header["parameters"] = params
+    tensors = [({"name": t.name, "shape": list(t.shape), "datatype": t.datatype,
+                 **({"parameters": dict(t.parameters)} if t.parameters else {})}, t.data) for t in inputs]
+    header["inputs"] = [t for t, _ in tensors]
+    body, n = binary_tensors.pack(header, tensors)
+    return Payload(body, n)
+
+
+def encode_infer(spec: ModelSpec, inputs: Sequence[RequestInput], outputs: Sequence[RequestOutput] | None = None,
+                 parameters: Parameters | None = None) -> Payload:
+    """A V2 infer request in the encoding the registration asks for."""
+    if spec.upstream.binary_data:
+        return encode_v2_binary(inputs, outputs, parameters)
+    return Payload(encode_v2(inputs, outputs, parameters))
+
+
 def encode_request(spec: ModelSpec, X: np.ndarray, *, input_name: str | None = None,
-                   datatype: str = "FP32") -> bytes:
+                   datatype: str = "FP32") -> Payload:
     """One batch of rows as the body the upstream's protocol expects."""
     protocol = spec.upstream.protocol
     if protocol == "v2":
-        return encode_v2([v2_tensor(input_name or spec.upstream.input_name or "input", X, datatype)])
+        return encode_infer(spec, [v2_tensor(input_name or spec.upstream.input_name or "input", X, datatype)])
     rows = np.asarray(X, dtype=np.float32).tolist()
-    return pydantic_core.to_json({"instances": rows} if protocol == "v1" else {"inputs": rows})
+    return Payload(pydantic_core.to_json({"instances": rows} if protocol == "v1" else {"inputs": rows}))
 
 
 # --- responses ---------------------------------------------------------------------------------------
 
-def decode_v2(body: bytes, url: str) -> InferResponse:
+def decode_v2(body: bytes, url: str, header_length: str | None = None) -> InferResponse:
+    """A V2 infer answer; `header_length` (the answer's Inference-Header-Content-Length) when it carries
+    binary tensor data."""
+    if header_length is not None:
+        return _response_from_doc(_binary_answer_doc(body, url, header_length), url)
     try:
-        response = infer_response_from_doc(loads(body))
-    except ValueError:
-        response = None
+        doc = loads(body)
+    except ValueError:  # not JSON orjson reads (NaN literals, say): pydantic decides, and words the error
+        try:
+            return InferResponse.model_validate_json(body)
+        except ValidationError as e:
+            raise _invalid_response(url, e) from None
+    return _response_from_doc(doc, url)
+
+
+def _response_from_doc(doc: Any, url: str) -> InferResponse:
+    response = infer_response_from_doc(doc)
     if response is not None:
         return response
     try:  # not in plain form: pydantic decides, and words the error
-        return InferResponse.model_validate_json(body)
+        return InferResponse.model_validate(doc)
     except ValidationError as e:
-        raise UpstreamError(f"upstream {url} sent an invalid V2 inference response: "
-                            f"{describe_validation_errors(e.errors(include_url=False), limit=3)}", url=url) from None
+        raise _invalid_response(url, e) from None
+
+
+def _invalid_response(url: str, e: ValidationError) -> UpstreamError:
+    return UpstreamError(f"upstream {url} sent an invalid V2 inference response: "
+                         f"{describe_validation_errors(e.errors(include_url=False), limit=3)}", url=url)
+
+
+def _binary_answer_doc(body: bytes, url: str, header_length: str) -> Any:
+    """The JSON header of a binary answer with each binary output's values put in as a list (answers are passed
+    on as JSON; scores are a few values a row)."""
+    try:
+        doc, blob = binary_tensors.split(body, header_length)
+        outputs = doc.get("outputs") if isinstance(doc, dict) else None
+        binary_tensors.attach(outputs, blob, "output")
+    except InvalidRequest as e:
+        raise UpstreamError(f"upstream {url} sent an unreadable binary inference response: {e}", url=url) from None
+    for t in outputs or ():
+        if isinstance(t, dict) and isinstance(t.get("data"), np.ndarray):
+            t["data"] = t["data"].tolist()
+    return doc
 
 
 def scores_index(response: InferResponse, output_name: str | None, url: str) -> int:
@@ -238,10 +319,10 @@ def _predictions_array(predictions: Any, url: str) -> np.ndarray:
     return arr
 
 
-def decode_scores(spec: ModelSpec, body: bytes, url: str) -> np.ndarray:
+def decode_scores(spec: ModelSpec, body: bytes, url: str, header_length: str | None = None) -> np.ndarray:
     """The scores array from an upstream answer, whatever its protocol."""
     if spec.upstream.protocol == "v2":
-        response = decode_v2(body, url)
+        response = decode_v2(body, url, header_length)
         return output_array(response.outputs[scores_index(response, spec.upstream.output_name, url)], url)
     try:
         doc = pydantic_core.from_json(body)
@@ -285,6 +366,13 @@ def _retryable(exc: BaseException) -> bool:
     # first; inference is pure, so sending the request again on a new connection is safe.
     return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.RemoteProtocolError
                       | aiohttp.ClientOSError | aiohttp.ServerDisconnectedError)
+
+
+class Reply(NamedTuple):
+    """A 2xx answer's body, and its Inference-Header-Content-Length (set: binary tensor data follows)."""
+
+    body: bytes
+    header_length: str | None = None
 
 
 class _Policy:
@@ -371,24 +459,31 @@ class UpstreamClient:
 
     async def request(self, method: str, url: str, body: bytes | None, timeout_s: float) -> bytes:
         """The body of a 2xx answer; retries and maps every failure to an UpstreamError."""
+        return (await self.call(method, url, None if body is None else Payload(body), timeout_s)).body
+
+    async def call(self, method: str, url: str, payload: Payload | None, timeout_s: float) -> Reply:
+        """`request` for a payload that may carry binary tensor data; the answer with its binary header."""
         session = self._session or self._open()
         target = self._url(url)
+        body, headers = (None, None) if payload is None else (payload.body, payload.headers())
         deadline = time.monotonic() + timeout_s
         attempt = 0
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise self._policy.expired(url, timeout_s)
-            status, content, error = None, b"", None
+            status, content, error, binary = None, b"", None, None
             try:
                 async with asyncio.timeout(remaining), \
-                        session.request(method, target, data=body, allow_redirects=False) as response:
+                        session.request(method, target, data=body, headers=headers,
+                                        allow_redirects=False) as response:
                     status, content = response.status, await response.read()
+                    binary = response.headers.get(binary_tensors.HEADER)
             except (aiohttp.ClientError, TimeoutError) as e:  # OSError from a socket is a ClientOSError
                 status, error = None, e
             step = self._policy.step(url, timeout_s, attempt, deadline, status, content, error)
             if isinstance(step, bytes):
-                return step
+                return Reply(step, binary)
             await asyncio.sleep(step)
             attempt += 1
 
@@ -402,23 +497,26 @@ class UpstreamClient:
     async def infer_v2(self, spec: ModelSpec, inputs: Sequence[RequestInput],
                        outputs: Sequence[RequestOutput] | None = None,
                        parameters: Parameters | None = None) -> InferResponse:
-        """Forward V2 tensors as they are; the whole V2 answer comes back (every output)."""
+        """Forward V2 tensors as they are, JSON or binary as registered; the whole V2 answer comes back
+        (every output)."""
         url = infer_url(spec)
-        body = await self.request("POST", url, encode_v2(inputs, outputs, parameters), spec.upstream.timeout_s)
-        return decode_v2(body, url)
+        reply = await self.call("POST", url, encode_infer(spec, inputs, outputs, parameters), spec.upstream.timeout_s)
+        return decode_v2(reply.body, url, reply.header_length)
 
     async def forward_v2(self, spec: ModelSpec, body: bytes) -> InferResponse:
         """A caller's V2 request body sent as it came: for a request the gateway checked and would
         re-encode unchanged (re-encoding a large tensor costs more than the rest of the gateway's work)."""
         url = infer_url(spec)
-        return decode_v2(await self.request("POST", url, body, spec.upstream.timeout_s), url)
+        reply = await self.call("POST", url, Payload(body), spec.upstream.timeout_s)
+        return decode_v2(reply.body, url, reply.header_length)
 
     async def scores(self, spec: ModelSpec, X: np.ndarray, *, input_name: str | None = None,
                      datatype: str = "FP32") -> np.ndarray:
         """Raw scores for a batch of rows, any protocol."""
         url = infer_url(spec)
-        body = encode_request(spec, X, input_name=input_name, datatype=datatype)
-        return decode_scores(spec, await self.request("POST", url, body, spec.upstream.timeout_s), url)
+        payload = encode_request(spec, X, input_name=input_name, datatype=datatype)
+        reply = await self.call("POST", url, payload, spec.upstream.timeout_s)
+        return decode_scores(spec, reply.body, url, reply.header_length)
 
 
 class SyncUpstreamClient:
@@ -440,21 +538,26 @@ class SyncUpstreamClient:
         self.close()
 
     def request(self, method: str, url: str, body: bytes | None, timeout_s: float) -> bytes:
+        return self.call(method, url, None if body is None else Payload(body), timeout_s).body
+
+    def call(self, method: str, url: str, payload: Payload | None, timeout_s: float) -> Reply:
+        body, headers = (None, None) if payload is None else (payload.body, payload.headers())
         deadline = time.monotonic() + timeout_s
         attempt = 0
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise self._policy.expired(url, timeout_s)
-            status, content, error = None, b"", None
+            status, content, error, binary = None, b"", None, None
             try:
-                response = self._client.request(method, url, content=body, timeout=remaining)
+                response = self._client.request(method, url, content=body, headers=headers, timeout=remaining)
                 status, content = response.status_code, response.content
+                binary = response.headers.get(binary_tensors.HEADER)
             except httpx.HTTPError as e:
                 error = e
             step = self._policy.step(url, timeout_s, attempt, deadline, status, content, error)
             if isinstance(step, bytes):
-                return step
+                return Reply(step, binary)
             time.sleep(step)
             attempt += 1
 
@@ -467,5 +570,6 @@ class SyncUpstreamClient:
     def scores(self, spec: ModelSpec, X: np.ndarray, *, input_name: str | None = None,
                datatype: str = "FP32") -> np.ndarray:
         url = infer_url(spec)
-        body = encode_request(spec, X, input_name=input_name, datatype=datatype)
-        return decode_scores(spec, self.request("POST", url, body, spec.upstream.timeout_s), url)
+        reply = self.call("POST", url, encode_request(spec, X, input_name=input_name, datatype=datatype),
+                          spec.upstream.timeout_s)
+        return decode_scores(spec, reply.body, url, reply.header_length)

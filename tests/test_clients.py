@@ -258,10 +258,11 @@ def cli(*args: str, url: str, key: str | None = KEY, timeout: float = 180) -> su
 def test_cli_register_upload_train_activate_infer(servers, adult, tmp_path):
     gw, up = servers
     name = f"cli-{RUN}"
+    # --binary-data: the job's queries and the inference below reach the upstream as binary tensor data
     p = cli("models", "register", name, "--upstream-url", up, "--upstream-model", "adult", "--groups",
-            "Female,Male", url=gw)
+            "Female,Male", "--binary-data", url=gw)
     assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout)["name"] == name
+    assert json.loads(p.stdout)["name"] == name and json.loads(p.stdout)["upstream"]["binary_data"] is True
     p = cli("models", "list", "--json", url=gw)
     assert p.returncode == 0 and name in {m["name"] for m in json.loads(p.stdout)}
 

@@ -234,3 +234,68 @@ def test_exact_critic_debiases_held_out_rows(artifact, tune, held_out):
     logp = OnnxOracle(artifact.onnx_bytes).log_probs(X)
     rethresholded = (logp[:, 1] - logp[:, 0]) > report.tune_base["threshold"]
     assert ic.balanced_accuracy(after, y) > ic.balanced_accuracy(rethresholded, y) + 0.05
+
+
+def _gap_se_direct(pred, y, g, n_groups, measure):
+    """Binomial standard error of the bias of hard decisions, computed group by group."""
+    rates, var = [], []
+    for k in range(n_groups):
+        pos, neg = pred[(g == k) & (y == 1)], pred[(g == k) & (y == 0)]
+        if measure == "spd":
+            r = pred[g == k].mean()
+            rates.append(r)
+            var.append(r * (1 - r) / (g == k).sum())
+        elif measure == "eod":
+            rates.append(pos.mean())
+            var.append(pos.mean() * (1 - pos.mean()) / len(pos))
+        else:
+            rates.append(0.5 * (pos.mean() + neg.mean()))
+            var.append(0.25 * (pos.mean() * (1 - pos.mean()) / len(pos) + neg.mean() * (1 - neg.mean()) / len(neg)))
+    return float(np.sqrt(var[int(np.argmax(rates))] + var[int(np.argmin(rates))]))
+
+
+@pytest.mark.parametrize("measure", ["spd", "eod", "aod"])
+@pytest.mark.parametrize("n_groups", [2, 3])
+def test_se_margin_needs_the_gap_under_epsilon_minus_its_standard_error(measure, n_groups):
+    rng = np.random.default_rng(20 + n_groups)
+    g = rng.integers(0, n_groups, 400)
+    y = rng.binomial(1, 0.3 + 0.2 * (g == 0))
+    margin = rng.normal(size=400) + y + 0.3 * (g == 0)
+
+    def allowed(cut):
+        pred = (margin > cut).astype(float)
+        _, b = _direct(margin, y, g, cut, measure)
+        return abs(b) < min(0.04, 0.05 - 1.5 * _gap_se_direct(pred, y, g, n_groups, measure))
+
+    op = ic.threshold_search(margin, y, g, n_groups, measure, bound=0.04, epsilon=0.05, se_margin=1.5)
+    plain = ic.threshold_search(margin, y, g, n_groups, measure, bound=0.04)
+    assert op.feasible and allowed(op.threshold)
+    assert op.objective == pytest.approx(_direct(margin, y, g, op.threshold, measure)[0])
+    for cut in np.quantile(margin, np.linspace(0.005, 0.995, 150)):  # no allowed cut does better
+        if allowed(cut):
+            assert _direct(margin, y, g, cut, measure)[0] <= op.objective + 1e-12
+    # the standard-error margin is stricter here: the plain search's cut is not allowed
+    assert not allowed(plain.threshold) and op.objective < plain.objective
+
+
+def test_train_layers_last_fine_tunes_only_the_last_linear_layer(artifact, tune, monkeypatch):
+    torch.set_num_threads(1)
+    captured = {}
+    finish = adversarial_finetune.finish
+
+    def keep_module(method, ctx, module, op, details):
+        captured["module"] = module
+        return finish(method, ctx, module, op, details)
+
+    monkeypatch.setattr(adversarial_finetune, "finish", keep_module)
+    opts = {**FAST["adversarial_finetune"], "critic": "exact", "train_layers": "last", "keep": "last"}
+    _, report = adversarial_finetune.fit(artifact, tune, "dp", None, seed=0, **opts)
+    assert report.details["train_layers"] == "last"
+    module = captured["module"]
+    head = {id(p) for p in ic.last_linear(module).parameters()}
+    original = artifact.torch_module().state_dict()
+    changed = {name for name, p in module.named_parameters() if not torch.equal(p, original[name])}
+    head_names = {name for name, p in module.named_parameters() if id(p) in head}
+    assert changed and changed <= head_names  # the head moved, nothing else did
+    for name, buf in module.named_buffers():  # batch-norm statistics stay as trained (eval mode)
+        assert torch.equal(buf, original[name]), name

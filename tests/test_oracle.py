@@ -18,6 +18,7 @@ def test_scores_match_onnxruntime_and_count_rows(small_model):
     np.testing.assert_allclose(oracle.scores(X), _offline(small_model, X), rtol=1e-6)
     assert oracle.queries_used == 50
     assert oracle.remaining == 50
+    assert oracle._session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def test_paid_rows_are_not_paid_twice(small_model):

@@ -13,7 +13,8 @@ from patcher.access import ModelArtifact
 from patcher.apply import PatchRunner
 from patcher.bench import headline
 from patcher.methods import get_method, reprogram
-from patcher.methods.reprogram import holdout_split
+from patcher.methods.eraser import sweep_thresholds
+from patcher.methods.reprogram import crossfit_folds, holdout_split
 from patcher.methods.reprogram_fairness import cell_accuracy_curve, cell_weights, unfairness, worst_cell_point
 from patcher.methods.reprogram_gradient import project
 from patcher.methods.reprogram_triggers import (
@@ -93,6 +94,54 @@ def test_holdout_split_is_disjoint_and_stratified() -> None:
             assert abs(cell[sel].sum() - 0.3 * cell.sum()) <= 1
     everything, same = holdout_split(y, groups, 0.0, seed=0)
     assert np.array_equal(everything, same) and len(same) == 1000
+
+
+def test_crossfit_folds_split_every_group_label_cell_evenly() -> None:
+    rng = np.random.default_rng(1)
+    y, groups = rng.integers(0, 2, 1001), (rng.random(1001) < 0.15).astype(np.int64)
+    folds = crossfit_folds(y, groups, 3, seed=0)
+    assert set(folds.tolist()) == {0, 1, 2} and np.array_equal(folds, crossfit_folds(y, groups, 3, seed=0))
+    assert np.ptp(np.bincount(folds)) <= 1
+    for g in (0, 1):
+        for c in (0, 1):
+            counts = np.bincount(folds[(groups == g) & (y == c)], minlength=3)
+            assert np.ptp(counts) <= 1, (g, c, counts)
+    assert not np.array_equal(folds, crossfit_folds(y, groups, 3, seed=1))
+
+
+def test_crossfit_selection_scores_each_fold_with_a_trigger_that_did_not_train_on_it(adult_model, tune,
+                                                                                     monkeypatch) -> None:
+    trained, scored_rows = [], []
+    real_train, real_logits = reprogram.train_trigger, reprogram.model_logits
+
+    def spy_train(model, trigger, X, *args, **kwargs):
+        trained.append(len(X))
+        return real_train(model, trigger, X, *args, **kwargs)
+
+    def spy_logits(model, X, trigger=None, theta=None, **kwargs):
+        if trigger is not None:
+            scored_rows.append(len(X))
+        return real_logits(model, X, trigger, theta, **kwargs)
+
+    monkeypatch.setattr(reprogram, "train_trigger", spy_train)
+    monkeypatch.setattr(reprogram, "model_logits", spy_logits)
+    n = len(tune.y)
+    folds = np.bincount(crossfit_folds(tune.y, tune.groups, 2, seed=0))
+    patch, report = reprogram.fit(ModelArtifact(adult_model.onnx_bytes), tune, "dp", None, lams=[1.0, 5.0],
+                                  steps=30, select_folds=2, holdout=0.3, select="worst_cell")
+    # per lambda: fold f trained on the other fold, then scored fold f; last: the chosen lambda on every row
+    assert trained == [n - folds[0], n - folds[1]] * 2 + [n]
+    assert scored_rows == [folds[0], folds[1]] * 2
+    assert report.selection["folds"] == 2 and report.selection["selection_rows"] == n  # holdout ignored
+    assert report.steps == 30 * 5 and report.lam in (1.0, 5.0)
+    assert [c["lam"] for c in report.candidates] == [1.0, 5.0]
+    chosen = [c for c in report.candidates if c["lam"] == report.lam][0]
+    assert report.threshold == chosen["threshold"] and report.tune_after["dp"] == pytest.approx(chosen["unfairness"])
+    with pytest.raises(ValueError, match="select_folds"):
+        reprogram.ReprogramOptions(select_folds=1)
+    from patcher.benches.trigger import dataset_options
+
+    assert dataset_options("colored-digits")["select_folds"] == 2 and "select_folds" not in dataset_options("adult")
 
 
 def test_binary_mask_is_hard_forward_and_straight_through_backward() -> None:
@@ -207,6 +256,47 @@ def test_worst_cell_point_is_the_best_worst_cell_under_the_unfairness_target() -
                 assert w <= worst + 1e-12
 
 
+def test_select_is_one_rule_for_both_access_kinds_and_zo_select_still_speaks_for_zeroth_order() -> None:
+    opts = reprogram.ReprogramOptions
+    assert opts().selection("gradient") == opts().selection("zeroth_order") == ("fairest", 0.5)
+    assert opts(select="worst_cell", unfairness_ratio=0.4).selection("gradient") == ("worst_cell", 0.4)
+    old = opts(zo_select="worst_cell", zo_unfairness_ratio=0.3)  # saved job options from before `select`
+    assert old.selection("zeroth_order") == ("worst_cell", 0.3) and old.selection("gradient") == ("fairest", 0.3)
+    assert {"select", "zo_select", "unfairness_ratio", "zo_unfairness_ratio"} <= set(opts.model_fields)
+    with pytest.raises(ValueError, match="older name of select"):
+        opts(select="fairest", zo_select="worst_cell")
+    from patcher.benches.trigger import dataset_options
+
+    assert dataset_options("colored-digits")["select"] == "worst_cell" and "zo_select" not in \
+        dataset_options("colored-digits")
+    assert dataset_options("adult") == {}  # Adult keeps the fairest rule
+
+
+def test_worst_cell_selection_falls_back_on_the_least_unfair_point_and_says_so() -> None:
+    rng = np.random.default_rng(3)
+    y, g = rng.integers(0, 2, 600), rng.integers(0, 2, 600)
+    base_margin = rng.normal(size=600) + 2.0 * y - 1.5 * g
+    base = np.stack([np.zeros(600), base_margin], 1)
+    logps = [(k, np.stack([np.zeros(600), rng.normal(size=600) + 2.0 * y - s * g], 1))
+             for k, s in enumerate((1.2, 0.6))]
+    args = (logps, base, y, g, 2, "eo")
+    k, thr, acc, unf, base_unf, summary, info = reprogram._select(
+        *args, reprogram.ReprogramOptions(select="worst_cell"), "gradient")
+    assert info == {"rule": "worst_cell", "unfairness_target": pytest.approx(0.5 * base_unf), "target_met": True}
+    assert unf <= 0.5 * base_unf and summary[k]["worst_cell_accuracy"] == max(
+        c["worst_cell_accuracy"] for c in summary if c["unfairness"] <= 0.5 * base_unf)
+    # a target no cut reaches: the least unfair point over every candidate and cut, reported as missed
+    k, thr, acc, unf, _, summary, info = reprogram._select(
+        *args, reprogram.ReprogramOptions(select="worst_cell", unfairness_ratio=1e-9), "gradient")
+    assert info["rule"] == "worst_cell" and info["target_met"] is False and unf > info["unfairness_target"]
+    least = min(float(sweep_thresholds(lp[:, 1] - lp[:, 0], y, g, 2, "eo")[2].min()) for _, lp in logps)
+    assert unf == pytest.approx(least)
+    pred = (dict(logps)[k][:, 1] - dict(logps)[k][:, 0] > thr).astype(int)
+    assert unfairness(pred, y, g, "eo") == pytest.approx(unf)
+    *_, info = reprogram._select(*args, reprogram.ReprogramOptions(), "gradient")
+    assert info == {"rule": "fairest"}
+
+
 def test_bench_json_has_the_eraser_fields_plus_access_and_lam() -> None:
     from patcher.benches import get_bench
 
@@ -286,6 +376,7 @@ def test_zeroth_order_worst_cell_selection_stays_within_budget_and_reports_its_c
                                   zo_subspace=8, zo_unbiased_gap=True, zo_select="worst_cell", eval_size=300,
                                   evals=2, lam_zo=20.0, zo_lr=0.2, mu=0.3)
     assert report.queries_used == oracle.queries_used <= 8000
+    assert report.selection["rule"] == "worst_cell"  # zo_select, the older name, still works
     chosen = [c for c in report.candidates if c["threshold"] == report.threshold]
     assert chosen and all("worst_cell_accuracy" in c for c in report.candidates)
     assert report.tune_after["eo"] == pytest.approx(chosen[0]["unfairness"])
@@ -309,3 +400,36 @@ def test_balanced_frame_trigger_cuts_colored_digits_eo_on_the_test_split(colored
     after = headline(test.y, runner.predict(test.X, oracle.log_probs(runner.transform_inputs(test.X))), test.groups)
     assert after["eo_diff"] < 0.6 * before["eo_diff"], (before, after)
     assert after["accuracy"] > 0.7, (before, after)
+
+
+def test_gradient_worst_cell_selection_picks_on_held_out_tune_rows_only(colored) -> None:
+    """The gradient path under `select` worst_cell: the lambda and threshold with the best held-out worst cell
+    among those that halve the model's held-out eo; the test split never reaches the fit (rows it scores are
+    the tune split's holdout)."""
+    data, model = colored
+    t = data.tune
+    tune = TuningData(t.X, t.y, t.groups, data.group_names, ("pixels",))
+    opts = dict(trigger="frame", balance=True, holdout=0.3, lams=[2.0, 20.0], steps=60, batch_size=256, lr=0.05)
+    patch, report = reprogram.fit(ModelArtifact(model.onnx_bytes), tune, "eo", None, select="worst_cell", **opts)
+    sel = report.selection
+    assert sel["rule"] == "worst_cell" and sel["unfairness_target"] == pytest.approx(0.5 * report.tune_before["eo"])
+    assert all("worst_cell_accuracy" in c for c in report.candidates) and len(report.candidates) == 2
+    chosen = next(c for c in report.candidates if c["lam"] == report.lam)
+    assert chosen["threshold"] == report.threshold and report.tune_after["eo"] == pytest.approx(chosen["unfairness"])
+    assert sel["target_met"] == (chosen["unfairness"] <= sel["unfairness_target"])
+    if sel["target_met"]:
+        feasible = [c for c in report.candidates if c["unfairness"] <= sel["unfairness_target"]]
+        assert chosen["worst_cell_accuracy"] == max(c["worst_cell_accuracy"] for c in feasible)
+    # the held-out selection rows recomputed: the chosen point's worst cell is what the report says
+    _, rows = holdout_split(t.y, t.groups, 0.3, 0)
+    runner, oracle = PatchRunner(patch), OnnxOracle(model.onnx_bytes, cache=False)
+    pred = runner.predict(t.X[rows], oracle.log_probs(runner.transform_inputs(t.X[rows])))
+    yy, gg = t.y[rows], t.groups[rows]
+    worst = min(float((pred[(yy == lab) & (gg == a)] == lab).mean()) for lab in (0, 1) for a in (0, 1))
+    assert worst == pytest.approx(chosen["worst_cell_accuracy"], abs=1e-6)
+    assert unfairness(pred, yy, gg, "eo") == pytest.approx(report.tune_after["eo"], abs=1e-6)
+    # the same trained triggers under the fairest rule: the choice differs only in the rule
+    _, fairest = reprogram.fit(ModelArtifact(model.onnx_bytes), tune, "eo", None, max_accuracy_drop=0.1, **opts)
+    assert fairest.selection == {"rule": "fairest"} and "worst_cell_accuracy" not in fairest.candidates[0]
+    for a, b in zip(report.candidates, fairest.candidates, strict=True):
+        assert (a["accuracy_at_0"], a["unfairness_at_0"]) == (b["accuracy_at_0"], b["unfairness_at_0"])

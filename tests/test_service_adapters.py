@@ -75,12 +75,14 @@ def test_urls_per_protocol():
 
 def test_request_bodies_per_protocol():
     X = np.array([[1.5, 2.0], [3.0, -4.25]], dtype=np.float32)
-    v2 = InferRequest.model_validate_json(encode_request(spec(input_name="x"), X))
+    v2 = InferRequest.model_validate_json(encode_request(spec(input_name="x"), X).body)
     (t,) = v2.inputs
     assert (t.name, t.shape, t.datatype, t.data) == ("x", [2, 2], "FP32", [1.5, 2.0, 3.0, -4.25])
-    assert json.loads(encode_request(spec(), X, input_name="feat", datatype="FP64"))["inputs"][0]["name"] == "feat"
-    assert json.loads(encode_request(spec(protocol="v1"), X)) == {"instances": [[1.5, 2.0], [3.0, -4.25]]}
-    assert json.loads(encode_request(spec(protocol="mlflow"), X)) == {"inputs": [[1.5, 2.0], [3.0, -4.25]]}
+    assert json.loads(encode_request(spec(), X, input_name="feat", datatype="FP64").body)["inputs"][0]["name"] \
+        == "feat"
+    assert json.loads(encode_request(spec(protocol="v1"), X).body) == {"instances": [[1.5, 2.0], [3.0, -4.25]]}
+    assert json.loads(encode_request(spec(protocol="mlflow"), X).body) == {"inputs": [[1.5, 2.0], [3.0, -4.25]]}
+    assert all(encode_request(spec(protocol=p), X).header_length is None for p in ("v2", "v1", "mlflow"))
 
 
 def test_v2_scores_pick_the_named_output_or_the_first():
@@ -219,7 +221,7 @@ def test_mlflow_adapter_against_a_real_server(servers, session, shape):
     s = spec(servers["mlflow"], "mlflow")
     url = infer_url(s) + f"?shape={shape}"
     with SyncUpstreamClient() as client:
-        body = client.request("POST", url, encode_request(s, X), 5)
+        body = client.request("POST", url, encode_request(s, X).body, 5)
     np.testing.assert_allclose(decode_scores(s, body, url), offline(session, X), rtol=1e-6)
 
 

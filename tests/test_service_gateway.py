@@ -62,7 +62,8 @@ def client(tmp_path_factory):
 
 def test_server_metadata(client):
     meta = client.get("/v2").json()
-    assert meta["name"] == "fairpatch" and isinstance(meta["version"], str) and meta["extensions"] == []
+    assert meta["name"] == "fairpatch" and isinstance(meta["version"], str)
+    assert meta["extensions"] == ["binary_tensor_data"]
 
 
 def test_live_and_ready(client):

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import httpx
 import numpy as np
 import pytest
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from redis.asyncio import Redis
 
 from patcher.apply import PatchRunner
@@ -76,6 +76,37 @@ def slow_app(metadata: dict, delay_s: float) -> FastAPI:
     return app
 
 
+def binary_only(app: FastAPI) -> FastAPI:
+    """The upstream app refusing inference requests whose tensors are not binary data: proof that a leg
+    registered `binary_data` really sends them so."""
+    @app.middleware("http")
+    async def refuse_json(request: Request, call_next):
+        if request.method == "POST" and "inference-header-content-length" not in request.headers:
+            return Response(b'{"error": "binary tensor data only"}', status_code=415, media_type="application/json")
+        return await call_next(request)
+
+    return app
+
+
+def garbled_binary_app(metadata: dict) -> FastAPI:
+    """A V2 server whose binary answers do not add up: its Inference-Header-Content-Length points past
+    the body."""
+    app = FastAPI()
+
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def meta(name: str, version: str):
+        return metadata
+
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def garbled(name: str, version: str):
+        header = json.dumps({"model_name": name, "outputs": [
+            {"name": "logits", "datatype": "FP32", "shape": [1, 2], "parameters": {"binary_data_size": 8}}]}).encode()
+        return Response(header + b"\0" * 4, media_type="application/octet-stream",
+                        headers={"inference-header-content-length": str(len(header))})
+
+    return app
+
+
 def mlflow_app(model: bytes) -> FastAPI:
     """`mlflow models serve` in miniature: {"inputs": rows} -> {"predictions": logits}."""
     import onnxruntime as ort
@@ -120,12 +151,17 @@ def world(tmp_path_factory, adult, adult_model):
     onnx_model = OnnxModel(adult_model.onnx_bytes, name=UPSTREAM_NAME, version=UPSTREAM_VERSION)
     names = SimpleNamespace(adult=f"adult-{sfx}", free=f"free-{sfx}", multi=f"multi-{sfx}", down=f"down-{sfx}",
                             slow=f"slow-{sfx}", toggle=f"toggle-{sfx}", moving=f"moving-{sfx}",
-                            mlflow=f"mlflow-{sfx}")
+                            mlflow=f"mlflow-{sfx}", binary=f"binary-{sfx}", multi_binary=f"multibin-{sfx}",
+                            garbled=f"garbled-{sfx}")
     with redis_url_for(os.environ.get("REDIS_URL"), tmp / "redis") as redis_url, \
             ServerThread(create_upstream_app(onnx_model)) as up, \
             ServerThread(create_upstream_app(OnnxModel(multi_output_model(), name="multi"))) as multi_up, \
             ServerThread(slow_app(onnx_model.metadata.model_dump(exclude_none=True), 1.0)) as slow_up, \
-            ServerThread(mlflow_app(adult_model.onnx_bytes)) as mlflow_up:
+            ServerThread(mlflow_app(adult_model.onnx_bytes)) as mlflow_up, \
+            ServerThread(garbled_binary_app(onnx_model.metadata.model_dump(exclude_none=True))) as garbled_up, \
+            ServerThread(binary_only(create_upstream_app(onnx_model))) as binary_up, \
+            ServerThread(binary_only(create_upstream_app(OnnxModel(multi_output_model(), name="multi")))) \
+            as multi_binary_up:
         adult_up = UpstreamSpec(url=up.url, model_name=UPSTREAM_NAME, model_version=UPSTREAM_VERSION,
                                 output_name="logits")
         specs = [
@@ -140,12 +176,20 @@ def world(tmp_path_factory, adult, adult_model):
             ModelSpec(name=names.toggle, version="1", upstream=adult_up),
             ModelSpec(name=names.mlflow, version="1", upstream=UpstreamSpec(url=mlflow_up.url, protocol="mlflow",
                                                                              output_name="logits")),
+            ModelSpec(name=names.binary, version="1",
+                      upstream=adult_up.model_copy(update={"url": binary_up.url, "binary_data": True})),
+            ModelSpec(name=names.multi_binary, version="1",
+                      upstream=UpstreamSpec(url=multi_binary_up.url, model_name="multi", binary_data=True)),
+            ModelSpec(name=names.garbled, version="1",
+                      upstream=adult_up.model_copy(update={"url": garbled_up.url, "binary_data": True})),
         ]
         patches = {(names.adult, "2"): group_patch.for_model(names.adult, "2"),
                    (names.free, "1"): free_patch.for_model(names.free, "1"),
                    (names.multi, "1"): table_patch().for_model(names.multi, "1"),
                    (names.toggle, "1"): group_patch.for_model(names.toggle, "1"),
-                   (names.mlflow, "1"): group_patch.for_model(names.mlflow, "1")}
+                   (names.mlflow, "1"): group_patch.for_model(names.mlflow, "1"),
+                   (names.binary, "1"): group_patch.for_model(names.binary, "1"),
+                   (names.multi_binary, "1"): table_patch().for_model(names.multi_binary, "1")}
 
         async def register(registry, store):
             for s in specs:
@@ -424,6 +468,89 @@ def test_tritonclient_reads_health_metadata_and_infers(world):
             np.testing.assert_allclose(result.as_numpy("logits"), expected, atol=1e-5)
     finally:
         client.close()
+
+
+# --- the binary tensor extension on the upstream leg ------------------------------------------------------
+
+def binary_body(X: np.ndarray, groups: list[str] | None, *, outputs: list[str] | None = None,
+                **parameters) -> tuple[bytes, dict[str, str]]:
+    """A V2 request with its tensors as binary data (what tritonclient sends by default)."""
+    from service import binary_tensors
+
+    header: dict = {"inputs": [{"name": "input", "shape": list(X.shape), "datatype": "FP32"}]}
+    tensors = [(header["inputs"][0], X)]
+    if groups is not None:
+        header["inputs"].append({"name": "group", "shape": [len(groups)], "datatype": "BYTES"})
+        tensors.append((header["inputs"][1], np.array(groups, dtype=object)))
+    if outputs is not None:
+        header["outputs"] = [{"name": n, "parameters": {"binary_data": True}} for n in outputs]
+    if parameters:
+        header["parameters"] = parameters
+    data, n = binary_tensors.pack(header, tensors)
+    return data, {"inference-header-content-length": str(n)}
+
+
+def binary_outputs(r: httpx.Response) -> dict[str, np.ndarray]:
+    from service import binary_tensors
+
+    assert r.headers["content-type"] == binary_tensors.CONTENT_TYPE, r.text[:300]
+    doc, blob = binary_tensors.split(r.content, r.headers["inference-header-content-length"])
+    binary_tensors.attach(doc["outputs"], blob, "output")
+    return {o["name"]: np.asarray(o["data"], dtype=np.float32).reshape(o["shape"]) for o in doc["outputs"]}
+
+
+def test_an_upstream_registered_binary_gets_binary_tensors_and_the_same_answers(world):
+    """The gateway sends the binary model's upstream (which refuses JSON tensors) binary tensors and reads its
+    binary answers; callers see the same JSON as through a JSON upstream leg, patched the same way."""
+    X, _, names = batch(world, 40, start=200)
+    runner = world.runners[(world.names.binary, "1")]
+    expected = offline(runner, X, upstream_raw(world, X), names)
+    for extra in ({}, {"parameters": {"fairpatch_raw": True}}, {"outputs": [{"name": "logits"}]}):
+        doc = body(X, names, **extra)
+        via_binary = world.client.post(f"/v2/models/{world.names.binary}/versions/1/infer", json=doc)
+        via_json = world.client.post(f"/v2/models/{world.names.adult}/versions/2/infer", json=doc)
+        assert via_binary.status_code == 200 and via_json.status_code == 200, via_binary.text
+        np.testing.assert_array_equal(output(via_binary, "logits"), expected)
+        assert [o["name"] for o in via_binary.json()["outputs"]] == [o["name"] for o in via_json.json()["outputs"]]
+        if extra.get("parameters"):
+            np.testing.assert_array_equal(output(via_binary, "fairpatch_raw"), upstream_raw(world, X))
+
+
+def test_other_upstream_outputs_pass_through_a_binary_leg(world):
+    """A two-output model behind a binary leg: the patched scores and the untouched extra output."""
+    m = world.names.multi_binary
+    X = np.random.default_rng(5).normal(size=(6, 5)).astype(np.float32)
+    r = world.client.post(f"/v2/models/{m}/infer", json=body(X, ["a", "b", "a", "a", "b", "b"]))
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(output(r, "doubled"), 2 * X, rtol=1e-6)
+    assert output(r, "logits").shape == (6, 2)
+    r = world.client.post(f"/v2/models/{m}/infer", json=body(X, ["a"] * 6, outputs=[{"name": "doubled"}]))
+    assert r.status_code == 200 and [o["name"] for o in r.json()["outputs"]] == ["doubled"], r.text
+
+
+def test_the_gateway_answers_binary_outputs_when_asked(world):
+    """Binary in, binary out (Triton's rules): the values equal the JSON answer's."""
+    m = world.names.adult
+    X, _, names = batch(world, 25, start=300)
+    want = output(world.client.post(f"/v2/models/{m}/versions/2/infer", json=body(X, names)), "logits")
+    for kwargs in ({"outputs": ["logits"]}, {"binary_data_output": True}):
+        data, headers = binary_body(X, names, **kwargs)
+        r = world.client.post(f"/v2/models/{m}/versions/2/infer", content=data, headers=headers)
+        assert r.status_code == 200, r.text
+        assert r.headers["fairpatch-patch"] == world.patches[(m, "2")].id
+        np.testing.assert_array_equal(binary_outputs(r)["logits"], want)
+    data, headers = binary_body(X, names)  # binary in, no binary output asked: JSON out
+    r = world.client.post(f"/v2/models/{m}/versions/2/infer", content=data, headers=headers)
+    assert r.headers["content-type"] == "application/json"
+    np.testing.assert_array_equal(output(r, "logits"), want)
+
+
+def test_an_unreadable_binary_answer_is_a_502_with_the_cause(world):
+    X, _, _ = batch(world, 1)
+    r = world.client.post(f"/v2/models/{world.names.garbled}/versions/1/infer", json=body(X))
+    assert r.status_code == 502, r.text
+    assert "unreadable binary inference response" in r.json()["error"] and "binary_data_size" in r.json()["error"]
+    assert_serving(world)
 
 
 # --- bad input: 4xx {"error"}, and the gateway keeps serving ---------------------------------------------

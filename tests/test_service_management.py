@@ -166,6 +166,8 @@ def test_register_get_list_delete(client):
     (b'{"name": "../etc", "upstream": {"url": "http://127.0.0.1:1"}}', "name"),
     (b'{"name": "x", "upstream": {"url": "file:///etc/passwd"}}', "http"),
     (b'{"name": "x", "upstream": {"url": "http://127.0.0.1:1", "timeout_s": -1}}', "timeout_s"),
+    (b'{"name": "x", "upstream": {"url": "http://127.0.0.1:1", "protocol": "v1", "binary_data": true}}',
+     "binary_data needs protocol v2"),
 ])
 def test_bad_model_specs_are_400(client, body, message):
     r = client.post("/v1/models", content=body, headers={"content-type": "application/json"})

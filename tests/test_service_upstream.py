@@ -79,7 +79,8 @@ def rows(n: int, seed: int = 1) -> np.ndarray:
 
 def test_server_metadata_and_health(client):
     meta = client.get("/v2").json()
-    assert meta["name"] == "fairpatch-upstream" and isinstance(meta["version"], str) and meta["extensions"] == []
+    assert meta["name"] == "fairpatch-upstream" and isinstance(meta["version"], str)
+    assert meta["extensions"] == ["binary_tensor_data"]
     assert client.get("/v2/health/live").json() == {"live": True}
     assert client.get("/v2/health/ready").json() == {"ready": True}
 
@@ -261,9 +262,21 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def test_cli_arguments():
     args = parse(["upstream", "--onnx", "m.onnx", "--name", "adult"])
     assert (args.version, args.host, args.port) == ("1", "127.0.0.1", 9000) and callable(args.run)
+    assert (args.threads, args.spin) == (0, False)
+    args = parse(["upstream", "--onnx", "m.onnx", "--name", "adult", "--threads", "2", "--spin"])
+    assert (args.threads, args.spin) == (2, True)
     args = parse(["serve", "--port", "8123"])
     assert args.port == 8123 and args.host is None and callable(args.run)
     assert args.access_log is False and parse(["serve", "--access-log"]).access_log is True
+
+
+@pytest.mark.parametrize(("threads", "spin"), [(0, False), (1, True)])
+def test_the_session_spins_only_when_asked(mlp_path, threads, spin):
+    """Idle intra-op threads that busy-wait burn the cores a gateway beside the upstream needs (they doubled
+    the upstream's CPU per request in docs/gateway_overhead.md): off by default."""
+    options = OnnxModel(mlp_path, name="m", threads=threads, spin=spin).session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spin else "0")
+    assert options.intra_op_num_threads == threads
 
 
 def test_cli_refuses_a_missing_model_file(tmp_path, capsys):

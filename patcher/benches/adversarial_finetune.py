@@ -19,6 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "exact: no learned critic, the bias of the model's own soft decisions")
     parser.add_argument("--bias-target", choices=("operating", "scores"), default=None,
                         help="what the critic regresses: decisions at the operating point (default) or scores")
+    parser.add_argument("--train-layers", choices=("all", "last"), default=None,
+                        help="fine-tune every weight (default) or only the last linear layer")
+    parser.add_argument("--holdout", type=float, default=None,
+                        help="share of the tuning rows kept out of fine-tuning to pick the epoch and threshold")
 
 
 def run(**kwargs: Any) -> dict[str, Any]:

@@ -27,6 +27,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", type=int, default=None,
                         help="average phi over this many bootstrap resamples of the rows phi is scored on (default 5; "
                              "0: phi on the rows themselves)")
+    parser.add_argument("--se-margin", type=float, default=None,
+                        help="feasible cuts need |bias| < epsilon - max(margin, this times the bias estimate's "
+                             "standard error) (default 0: the fixed margin only)")
 
 
 def run_intra(method: str, dataset: str = "adult", sensitive: str | None = None, criterion: str = "dp",

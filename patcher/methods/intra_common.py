@@ -49,6 +49,9 @@ class IntraOptions(BaseModel):
     output_kind: OutputKind = Field("logits", description="what the model's [N, 2] output holds")
     bootstrap: int = Field(5, ge=0, le=1000, description="average phi over this many bootstrap resamples of "
                                                           "the tuning rows (0: phi on the rows themselves)")
+    se_margin: float = Field(0.0, ge=0, le=10, description="a cut is feasible when |bias| < epsilon - max(margin, "
+                                                           "se_margin * standard error of its bias estimate) (0: "
+                                                           "the fixed margin only)")
 
     @model_validator(mode="after")
     def _margin_below_epsilon(self) -> IntraOptions:
@@ -142,8 +145,8 @@ class Operating:
 
 
 def _cut_curves(yy: np.ndarray, gg: np.ndarray, w: np.ndarray, n_groups: int, measure: BiasMeasure):
-    """Balanced accuracy, accuracy and signed bias of every cut "top k rows positive" (k = 0..n), for row
-    weights `w` ([B, n], rows already sorted by score); each output is [B, n + 1]."""
+    """Balanced accuracy, accuracy, signed bias and the bias estimate's standard error of every cut "top k rows
+    positive" (k = 0..n), for row weights `w` ([B, n], rows already sorted by score); each output is [B, n + 1]."""
     B, n = w.shape
     cells = np.zeros((B, n + 1, n_groups * 2))
     cells[:, np.arange(1, n + 1), gg * 2 + yy] = w
@@ -156,12 +159,27 @@ def _cut_curves(yy: np.ndarray, gg: np.ndarray, w: np.ndarray, n_groups: int, me
         acc = (tp + N - fp) / (P + N)
         if measure == "spd":
             rates = pos.sum(3) / tot.sum(2)[:, None]
+            var = rates * (1 - rates) / tot.sum(2)[:, None]
         elif measure == "eod":
             rates = pos[..., 1] / tot[:, None, :, 1]
+            var = rates * (1 - rates) / tot[:, None, :, 1]
         else:
-            rates = 0.5 * (pos[..., 1] / tot[:, None, :, 1] + pos[..., 0] / tot[:, None, :, 0])
+            tpr, fpr = pos[..., 1] / tot[:, None, :, 1], pos[..., 0] / tot[:, None, :, 0]
+            rates = 0.5 * (tpr + fpr)
+            var = 0.25 * (tpr * (1 - tpr) / tot[:, None, :, 1] + fpr * (1 - fpr) / tot[:, None, :, 0])
     gap = rate_gap(rates.reshape(-1, n_groups)).reshape(B, n + 1)
-    return ba, acc, gap
+    return ba, acc, gap, _gap_se(rates, var)
+
+
+def _gap_se(rates: np.ndarray, var: np.ndarray) -> np.ndarray:
+    """Binomial standard error of the gap of the last axis (two groups: both; more: the max and the min group)."""
+    var = np.nan_to_num(var, nan=0.0)
+    if rates.shape[-1] == 2:
+        return np.sqrt(var.sum(-1))
+    filled = np.nan_to_num(rates, nan=np.inf)
+    lo = np.take_along_axis(var, np.argmin(filled, -1)[..., None], -1)[..., 0]
+    hi = np.take_along_axis(var, np.argmax(np.nan_to_num(rates, nan=-np.inf), -1)[..., None], -1)[..., 0]
+    return np.sqrt(lo + hi)
 
 
 def holdout_split(data: TuningData, share: float, seed: int) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -184,7 +202,8 @@ def bootstrap_weights(n: int, count: int, seed: int) -> np.ndarray | None:
 
 
 def threshold_search(margin: np.ndarray, y: np.ndarray, groups: np.ndarray, n_groups: int, measure: BiasMeasure,
-                     bound: float, bootstrap: np.ndarray | None = None) -> Operating:
+                     bound: float, bootstrap: np.ndarray | None = None, *, epsilon: float | None = None,
+                     se_margin: float = 0.0) -> Operating:
     """Maximise phi over every distinct cut of `margin` (exact, vectorised: one sort and cumulative counts).
 
     `bound` = epsilon - margin. Cut k makes the top k rows positive; only cuts between distinct scores are
@@ -195,6 +214,10 @@ def threshold_search(margin: np.ndarray, y: np.ndarray, groups: np.ndarray, n_gr
     the reference's validation objective does (5 random resamples there, 5 fixed ones here by default, so
     a search is deterministic): a cut whose bias is under the bound only by luck of the sample scores less.
     The cut must also be feasible on the rows themselves.
+
+    With `se_margin` z > 0 a cut is feasible only when |bias| < min(bound, epsilon - z * SE), SE the binomial
+    standard error of that cut's bias estimate on these rows: on few rows a gap under the bound by less than
+    its own noise is not evidence that it holds on unseen rows (the trivial cuts have SE 0 and stay feasible).
     """
     margin = np.asarray(margin, np.float64)
     y = np.asarray(y, np.int64)
@@ -202,12 +225,17 @@ def threshold_search(margin: np.ndarray, y: np.ndarray, groups: np.ndarray, n_gr
     order = np.argsort(-margin, kind="stable")
     s, yy, gg = margin[order], y[order], groups[order]
     n = len(s)
-    ba, acc, gap = (a[0] for a in _cut_curves(yy, gg, np.ones((1, n)), n_groups, measure))
-    ok = np.abs(gap) < bound
+    ba, acc, gap, se = (a[0] for a in _cut_curves(yy, gg, np.ones((1, n)), n_groups, measure))
+    limit = np.full(n + 1, bound)
+    if se_margin > 0:
+        if epsilon is None:
+            raise ValueError("se_margin needs epsilon")
+        limit = np.minimum(limit, epsilon - se_margin * se)
+    ok = np.abs(gap) < limit
     phi = np.where(ok, ba, 0.0)
     if bootstrap is not None:
-        ba_b, _, gap_b = _cut_curves(yy, gg, bootstrap[:, order], n_groups, measure)
-        phi = np.where(ok, np.where(np.abs(gap_b) < bound, ba_b, 0.0).mean(0), 0.0)
+        ba_b, _, gap_b, _ = _cut_curves(yy, gg, bootstrap[:, order], n_groups, measure)
+        phi = np.where(ok, np.where(np.abs(gap_b) < limit, ba_b, 0.0).mean(0), 0.0)
     realisable = np.ones(n + 1, bool)
     realisable[1:n] = s[:-1] > s[1:]
     key = np.where(realisable, phi - 1e-9 * np.abs(gap), -np.inf)
@@ -412,7 +440,7 @@ class FitContext:
 
     def search(self, margin: np.ndarray) -> Operating:
         return threshold_search(margin, self.data.y, self.data.groups, self.data.n_groups, self.measure, self.bound,
-                                self.resamples)
+                                self.resamples, epsilon=self.opts.epsilon, se_margin=self.opts.se_margin)
 
     def evaluate(self, module: Any) -> Operating:
         return self.search(self.scorer.margin(module))
@@ -435,7 +463,8 @@ def prepare(access: ModelArtifact, data: TuningData, criterion: str, options_mod
     resamples = bootstrap_weights(len(y), opts.bootstrap, seed)
     return FitContext(access, data, criterion, opts, measure, bound, module, scorer,
                       default_operating(margin, y, g, G, measure, bound),
-                      threshold_search(margin, y, g, G, measure, bound, resamples), progress or noop_progress,
+                      threshold_search(margin, y, g, G, measure, bound, resamples, epsilon=opts.epsilon,
+                                       se_margin=opts.se_margin), progress or noop_progress,
                       started, resamples)
 
 

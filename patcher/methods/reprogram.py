@@ -13,8 +13,16 @@ to learn it:
   the budget, the best trigger seen kept (reprogram_zo).
 
 lam trades accuracy for fairness. With `lam` unset, gradient access trains one trigger per value of
-`lams` and keeps the one whose operating point (on the tuning rows) is fairest within the accuracy
-cap; zeroth-order access trains one trigger at `lam_zo` (its budget is too small to split).
+`lams` and keeps the one whose operating point (on the tuning rows) `select` prefers; zeroth-order
+access trains one trigger at `lam_zo` (its budget is too small to split).
+
+`select` says how the trigger (lambda or evaluated candidate) and the threshold are chosen on the
+selection rows: `fairest` (least unfairness within the accuracy cap, then accuracy) or `worst_cell` (the
+best worst (group, label) cell accuracy among the points whose unfairness is at most `unfairness_ratio` x
+the model's there; when no point reaches that, the least unfair one, and the report's
+`selection.target_met` is false). Both access kinds use the same rule. The selection rows are the `holdout`
+share of the tuning rows, or, for gradient access with `select_folds` k >= 2, every tuning row scored out of
+fold (cross-fitting: k triggers per lambda, then the chosen lambda retrained on all rows).
 
 `balance` weighs every (group, label) cell equally in the utility loss and in the accuracy that
 selects the trigger and threshold: for a deployment where the group says nothing about the label
@@ -30,7 +38,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from patcher.access import ModelArtifact
 from patcher.methods.reprogram_fairness import (
@@ -87,11 +95,16 @@ class ReprogramOptions(BaseModel):
                                   "of the squared rate spread (it rewards scores uniform within a cell)")
     zo_subspace: int = Field(0, ge=0, description="zeroth order: search k fixed random directions around the start "
                              "instead of every trigger parameter (0: all; the estimate's variance grows like k / q)")
-    zo_select: Literal["fairest", "worst_cell"] = Field(
-        "fairest", description="zeroth order, binary: choose the evaluated trigger and threshold on the selection "
-        "rows as the fairest within the accuracy cap, or as the best worst (group, label) cell accuracy with "
-        "unfairness at most zo_unfairness_ratio x the model's there")
-    zo_unfairness_ratio: float = Field(0.5, gt=0, description="zeroth order, worst_cell: the unfairness target")
+    select: Literal["fairest", "worst_cell"] | None = Field(
+        None, description="binary with threshold: choose the trigger (lambda or evaluated candidate) and threshold "
+        "on the selection rows as the fairest within the accuracy cap (default), or as the best worst (group, "
+        "label) cell accuracy with unfairness at most unfairness_ratio x the model's there (none there: the least "
+        "unfair point, reported as selection.target_met false)")
+    unfairness_ratio: float | None = Field(None, gt=0, description="worst_cell: the unfairness target as a share "
+                                                                   "of the model's on the selection rows (0.5)")
+    zo_select: Literal["fairest", "worst_cell"] | None = Field(
+        None, description="older name of select, for zeroth-order access only (kept so saved job options work)")
+    zo_unfairness_ratio: float | None = Field(None, gt=0, description="older name of unfairness_ratio")
     mu: float = Field(0.05, gt=0, description="zeroth order: smoothing radius")
     zo_lr: float = Field(0.05, gt=0)
     zo_batch: int = Field(128, ge=8, description="zeroth order: rows per step (shared by all its probes)")
@@ -102,6 +115,11 @@ class ReprogramOptions(BaseModel):
     holdout: float = Field(0.0, ge=0, le=0.8, description="share of the tuning rows (stratified by group and label) "
                            "kept out of trigger training; lambda, the evaluated trigger and the threshold are "
                            "chosen on them (0: on the training rows)")
+    select_folds: int = Field(0, ge=0, description="gradient access: choose lambda and threshold by cross-fitting "
+                              "instead of `holdout`: the tuning rows in k folds (stratified by group and label), one "
+                              "trigger per (lambda, fold) trained on the other folds scores that fold, the rule runs "
+                              "on every row's out-of-fold score, then the chosen lambda is trained on all rows "
+                              "(0: off; 1 is not a split)")
     threshold: bool = Field(True, description="re-tune the decision threshold after the trigger (binary)")
     fairness_tolerance: float = Field(0.02, ge=0, description="unfairness on tuning rows that is good enough")
     max_accuracy_drop: float | None = Field(0.015, ge=0, description="accuracy the patch may cost on tuning rows")
@@ -110,6 +128,23 @@ class ReprogramOptions(BaseModel):
     init_scale: float = Field(1.0, ge=0, description="frame: std of the random start (logits of the pixels)")
     patch_size: int = Field(4, ge=1)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_name_per_option(self) -> ReprogramOptions:
+        for new, old in (("select", "zo_select"), ("unfairness_ratio", "zo_unfairness_ratio")):
+            a, b = getattr(self, new), getattr(self, old)
+            if a is not None and b is not None and a != b:
+                raise ValueError(f"{old} is the older name of {new}; give one of them (got {a!r} and {b!r})")
+        if self.select_folds == 1:
+            raise ValueError("select_folds: 0 (off) or at least 2 folds")
+        return self
+
+    def selection(self, access: str) -> tuple[str, float]:
+        """(rule, unfairness ratio) for this access kind; zo_select (the older name) speaks for zeroth order only,
+        as it always did."""
+        rule = self.select or (self.zo_select if access == "zeroth_order" else None) or "fairest"
+        ratio = self.unfairness_ratio or self.zo_unfairness_ratio or 0.5
+        return rule, ratio
 
 
 class FitReport(BaseModel):
@@ -124,6 +159,7 @@ class FitReport(BaseModel):
     tune_before: dict[str, float]
     tune_after: dict[str, float]
     candidates: list[dict]  # per lambda (gradient) or evaluation (zeroth order): tuning accuracy, unfairness
+    selection: dict = Field(default_factory=dict)  # the rule that chose, its unfairness target, whether it was met
     fit_seconds: float
 
 
@@ -182,6 +218,28 @@ def _choose(logps: list[tuple[int, np.ndarray]], base: np.ndarray, y: np.ndarray
     return best[0], 0.0, best[1], best[2], base_unfair, summary
 
 
+def _select(logps: list[tuple[int, np.ndarray]], base: np.ndarray, y: np.ndarray, groups: np.ndarray, G: int,
+            criterion: Criterion, opts: ReprogramOptions, access: str,
+            ) -> tuple[int, float, float, float, float, list[dict], dict]:
+    """`_choose`'s answer plus what chose it, by the options' rule; y and groups are the selection rows (the
+    held-out tuning rows with `holdout`), never the test split."""
+    rule, ratio = opts.selection(access)
+    if rule == "worst_cell" and opts.threshold and base.shape[1] == 2:
+        base_unfair = unfairness(base.argmax(1), y, groups, criterion)
+        target = ratio * base_unfair
+        k, thr, acc, unf, summary = worst_cell_point(
+            [(i, lp[:, 1] - lp[:, 0]) for i, lp in logps], y, groups, G, criterion, target,
+            cell_weights(y, groups) if opts.balance else None)
+        # target not met: worst_cell_point fell back on the least unfair point; say so
+        return int(k), thr, acc, unf, base_unfair, summary, {
+            "rule": "worst_cell", "unfairness_target": target, "target_met": bool(unf <= target)}
+    k, thr, acc, unf, base_unfair, summary = _choose(logps, base, y, groups, G, criterion, opts)
+    info: dict = {"rule": "fairest"}
+    if rule == "worst_cell":
+        info["note"] = "worst_cell needs a binary task with a re-tuned threshold: chose the fairest"
+    return k, thr, acc, unf, base_unfair, summary, info
+
+
 def fit(access: Oracle | ModelArtifact, data: TuningData, criterion: Criterion = "dp", budget: int | None = None, *,
         progress: Callable[[float, dict], None] | None = None, **options) -> tuple[Patch, FitReport]:
     """Learn a fairness trigger on the tuning data (see the module docstring)."""
@@ -201,11 +259,11 @@ def fit(access: Oracle | ModelArtifact, data: TuningData, criterion: Criterion =
     torch.set_num_threads(1)  # small models: threads cost more than they save on a shared CPU
     try:
         if kind == "gradient":
-            theta, lam, thr, steps, queries, tune, summary = _fit_gradient(
+            theta, lam, thr, steps, queries, tune, summary, selection = _fit_gradient(
                 access, trigger, X, y, groups, G, criterion, opts, report_progress)
         else:
             oracle = access.oracle(budget) if isinstance(access, ModelArtifact) else access
-            theta, lam, thr, steps, queries, tune, summary = _fit_zo(
+            theta, lam, thr, steps, queries, tune, summary, selection = _fit_zo(
                 oracle, trigger, X, y, groups, G, criterion, budget, opts, report_progress)
     finally:
         torch.set_num_threads(threads)
@@ -216,7 +274,7 @@ def fit(access: Oracle | ModelArtifact, data: TuningData, criterion: Criterion =
         queries_used=queries, steps=steps,
         tune_before={"accuracy": tune["base_acc"], criterion: tune["base_unfair"]},
         tune_after={"accuracy": tune["acc"], criterion: tune["unfair"]}, candidates=summary,
-        fit_seconds=time.perf_counter() - started)
+        selection=selection, fit_seconds=time.perf_counter() - started)
     patch = Patch.build(
         method="trigger", n_classes=C, groups=list(data.group_names), group_at_inference=False,
         input_transform=trigger.to_onnx(theta),
@@ -242,10 +300,26 @@ def holdout_split(y: np.ndarray, groups: np.ndarray, share: float, seed: int) ->
     return np.setdiff1d(everything, sel), sel
 
 
+def crossfit_folds(y: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Fold index (0..k-1) per row, every (group, label) cell dealt round-robin after a shuffle, so each fold
+    holds about 1/k of every cell (the minority cells decide the selection)."""
+    y, groups = np.asarray(y, np.int64), np.asarray(groups, np.int64)
+    cells = groups * (int(y.max()) + 1) + y
+    rng, folds = np.random.default_rng([seed, 11]), np.empty(len(y), np.int64)
+    start = 0  # deal each cell from where the last one stopped: fold sizes differ by one row at most
+    for c in np.unique(cells):
+        rows = rng.permutation(np.flatnonzero(cells == c))
+        folds[rows] = (start + np.arange(len(rows))) % k
+        start = (start + len(rows)) % k
+    return folds
+
+
 def _fit_gradient(artifact: ModelArtifact, trigger: Trigger, X, y, groups, G, criterion, opts, report_progress):
     model = artifact.torch_module()
     for p in model.parameters():
         p.requires_grad_(False)
+    if opts.select_folds >= 2:
+        return _fit_gradient_crossfit(model, trigger, X, y, groups, G, criterion, opts, report_progress)
     fit_rows, sel = holdout_split(y, groups, opts.holdout, opts.seed)
     Xs, ys, gs = X[sel], y[sel], groups[sel]
     X, y, groups = X[fit_rows], y[fit_rows], groups[fit_rows]
@@ -264,12 +338,54 @@ def _fit_gradient(artifact: ModelArtifact, trigger: Trigger, X, y, groups, G, cr
                               weights=cell_weights(y, groups) if opts.balance else None)
         thetas.append(theta)
         logps.append((i, log_softmax(model_logits(model, Xs, trigger, theta))))
-    k, thr, acc, unf, base_unfair, summary = _choose(logps, base, ys, gs, G, criterion, opts)
+    k, thr, acc, unf, base_unfair, summary, selection = _select(logps, base, ys, gs, G, criterion, opts, "gradient")
     for s in summary:
         s["lam"] = lams[s.pop("key")]
     tune = {"n_classes": C, "base_acc": _accuracy(base, ys, gs, opts), "base_unfair": base_unfair,
             "acc": acc, "unfair": unf}
-    return thetas[k], float(lams[k]), thr, opts.steps * len(lams), 0, tune, summary
+    return thetas[k], float(lams[k]), thr, opts.steps * len(lams), 0, tune, summary, selection
+
+
+def _fit_gradient_crossfit(model, trigger: Trigger, X, y, groups, G, criterion, opts, report_progress):
+    """Cross-fitted selection: every tuning row is scored by triggers that did not train on it, so the rule
+    (lambda and threshold) sees all the rows instead of a 30% holdout (a holdout leaves ~40 rows per minority
+    cell, and the point the rule picks is where their noise flatters it most). The final trigger is the chosen
+    lambda trained on all rows: the fold triggers each saw (k-1)/k of the rows, and an input transform cannot
+    average several of them without k model calls per request."""
+    K = opts.select_folds
+    folds = crossfit_folds(y, groups, K, opts.seed)
+    base = log_softmax(model_logits(model, X))
+    C = base.shape[1]
+    lams = [opts.lam] if opts.lam is not None else list(opts.lams)
+    units = len(lams) * K + 1
+
+    def train(rows: np.ndarray, lam: float, unit: int) -> torch.Tensor:
+        def tick(step: int) -> None:
+            if step % 50 == 0:
+                report_progress(0.05 + 0.9 * (unit + step / opts.steps) / units, {"stage": "training", "lam": lam,
+                                                                                  "step": step})
+        yr, gr = y[rows], groups[rows]
+        return train_trigger(model, trigger, X[rows], yr, gr, G, criterion, lam, steps=opts.steps,
+                             batch_size=min(opts.batch_size, len(rows)), lr=opts.lr, adv_lr=opts.adv_lr,
+                             fairness=opts.fairness, seed=opts.seed, n_classes=C, tick=tick,
+                             weights=cell_weights(yr, gr) if opts.balance else None)
+
+    logps = []
+    for i, lam in enumerate(lams):
+        oof = np.empty_like(base)
+        for f in range(K):
+            theta = train(np.flatnonzero(folds != f), lam, i * K + f)
+            held = np.flatnonzero(folds == f)
+            oof[held] = log_softmax(model_logits(model, X[held], trigger, theta))
+        logps.append((i, oof))
+    k, thr, acc, unf, base_unfair, summary, selection = _select(logps, base, y, groups, G, criterion, opts, "gradient")
+    selection.update(folds=K, selection_rows=len(y))
+    for s in summary:
+        s["lam"] = lams[s.pop("key")]
+    theta = train(np.arange(len(y)), lams[k], units - 1)
+    tune = {"n_classes": C, "base_acc": _accuracy(base, y, groups, opts), "base_unfair": base_unfair,
+            "acc": acc, "unfair": unf}  # out-of-fold figures: the final trigger's own tuning rows would flatter it
+    return theta, float(lams[k]), thr, opts.steps * units, 0, tune, summary, selection
 
 
 def _fit_zo(oracle: Oracle, trigger: Trigger, X, y, groups, G, criterion, budget, opts, report_progress):
@@ -296,14 +412,8 @@ def _fit_zo(oracle: Oracle, trigger: Trigger, X, y, groups, G, criterion, budget
     result = trainer.run(limit, lambda f, info: report_progress(0.02 + 0.9 * f, {"stage": "training", **info}))
     rows = result.eval_rows
     logps = [(i, lp) for i, (_, _, lp) in enumerate(result.candidates)]
-    if opts.zo_select == "worst_cell" and opts.threshold and result.base_log_probs.shape[1] == 2:
-        base_unfair = unfairness(result.base_log_probs.argmax(1), y[rows], groups[rows], criterion)
-        k, thr, acc, unf, summary = worst_cell_point(
-            [(i, lp[:, 1] - lp[:, 0]) for i, lp in logps], y[rows], groups[rows], G, criterion,
-            opts.zo_unfairness_ratio * base_unfair, cell_weights(y[rows], groups[rows]) if opts.balance else None)
-    else:
-        k, thr, acc, unf, base_unfair, summary = _choose(logps, result.base_log_probs, y[rows], groups[rows], G,
-                                                         criterion, opts)
+    k, thr, acc, unf, base_unfair, summary, selection = _select(logps, result.base_log_probs, y[rows], groups[rows],
+                                                                G, criterion, opts, "zeroth_order")
     for s, hist in zip(summary, result.history, strict=True):
         s.update(step=hist["step"], queries=hist["queries"])
         s.pop("key")
@@ -311,4 +421,4 @@ def _fit_zo(oracle: Oracle, trigger: Trigger, X, y, groups, G, criterion, budget
     tune = {"n_classes": base.shape[1], "base_acc": _accuracy(base, y[rows], groups[rows], opts),
             "base_unfair": base_unfair, "acc": acc, "unfair": unf}
     theta = torch.tensor(result.candidates[k][1])
-    return theta, float(trainer.lam), thr, result.steps, oracle.queries_used - used_before, tune, summary
+    return theta, float(trainer.lam), thr, result.steps, oracle.queries_used - used_before, tune, summary, selection
