@@ -46,7 +46,11 @@ def client_error_response(exc: Exception) -> JSONResponse | None:
 
 def unexpected_error_response(method: str, path: str, exc: Exception) -> JSONResponse:
     log.error("unhandled error on %s %s: %r", method, path, exc)
-    return error_response(500, f"internal server error ({type(exc).__name__}); see the server log")
+    # The exception is re-raised to the server afterwards (Starlette's error middleware does so, and the
+    # fast path does the same), and uvicorn then closes the connection: saying so stops a keep-alive
+    # client from sending its next request down a socket about to be reset.
+    return error_response(500, f"internal server error ({type(exc).__name__}); see the server log",
+                          {"connection": "close"})
 
 
 async def _client_error(_request: Request, exc: ApiError | InvalidRequest) -> JSONResponse:

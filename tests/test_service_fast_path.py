@@ -215,6 +215,8 @@ def test_a_bug_is_a_500_json_error_on_both_paths(gateways, served_fast, monkeypa
     path = f"/v2/models/{gateways.model}/infer"
     fast, slow = post(gateways.fast, path, v2()), post(gateways.slow, path, v2())
     assert fast.status_code == 500 and "RuntimeError" in fast.json()["error"]
+    # the server closes the connection after a bug; the answer says so, and the client opens a new one
+    assert fast.headers["connection"] == slow.headers["connection"] == "close"
     assert_same(fast, slow)
     monkeypatch.undo()
     assert post(gateways.fast, path, v2()).status_code == 200  # and the gateway keeps serving
