@@ -19,6 +19,7 @@ from patcher.methods.reprogram_fairness import cell_accuracy_curve, cell_weights
 from patcher.methods.reprogram_gradient import project
 from patcher.methods.reprogram_triggers import (
     BorderTrigger,
+    ColorTrigger,
     FrameTrigger,
     PatchTrigger,
     TabularTrigger,
@@ -34,8 +35,10 @@ def run_onnx(graph: bytes, X: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("trigger", [TabularTrigger(7), TabularTrigger(7, [1, 4], mask="binary"),
                                      BorderTrigger((3, 16, 16), width=2, block=4), PatchTrigger((3, 16, 16), 4),
-                                     FrameTrigger((3, 16, 16), width=2, block=4), FrameTrigger((3, 16, 16), 2)],
-                         ids=["tabular-scale", "tabular-binary", "border", "patch", "frame-coarse", "frame"])
+                                     FrameTrigger((3, 16, 16), width=2, block=4), FrameTrigger((3, 16, 16), 2),
+                                     ColorTrigger((3, 16, 16)), ColorTrigger((3, 7)), ColorTrigger((2, 3, 4, 5))],
+                         ids=["tabular-scale", "tabular-binary", "border", "patch", "frame-coarse", "frame", "color",
+                              "color-1d", "color-3d"])
 def test_exported_trigger_is_exactly_the_torch_trigger(trigger) -> None:
     rng = np.random.default_rng(0)
     X = rng.random((5, *trigger.shape), dtype=np.float32)
@@ -48,6 +51,48 @@ def test_exported_trigger_is_exactly_the_torch_trigger(trigger) -> None:
     np.testing.assert_allclose(out, expected, atol=1e-6)
     if not isinstance(trigger, PatchTrigger | FrameTrigger):  # these replace pixels; the others start as identity
         np.testing.assert_allclose(run_onnx(trigger.to_onnx(trigger.init().float()), X), X, atol=1e-7)
+
+
+def test_color_trigger_mixes_channels_the_same_at_every_pixel_and_can_send_two_hues_to_one() -> None:
+    from patcher.digits import COLORS
+
+    trig = ColorTrigger((3, 16, 16))
+    assert trig.dim == 12 and trig.identity_start and not trig.random_starts
+    red, blue = COLORS.astype(np.float64)
+    w = np.linalg.pinv(np.stack([red, blue])) @ np.ones(2)  # w . red = w . blue = 1
+    target = np.array([0.5, 0.3, 0.7])
+    theta = torch.tensor(np.concatenate([np.outer(target, w).ravel(), [0.1, 0.0, -0.1]]))
+    gray = np.random.default_rng(0).random((2, 16, 16)).astype(np.float32)
+    X = np.stack([gray[0][None] * red[:, None, None], gray[0][None] * blue[:, None, None],
+                  gray[1][None] * blue[:, None, None]]).astype(np.float32)
+    out = run_onnx(trig.to_onnx(theta.float()), X)
+    np.testing.assert_allclose(out[0], out[1], atol=1e-5)  # the same strokes in either hue look the same
+    expected = gray[1][None] * target[:, None, None] + np.array([0.1, 0.0, -0.1])[:, None, None]
+    np.testing.assert_allclose(out[2], expected, atol=1e-5)  # every pixel: A x + b
+    d = trig.describe(theta)
+    assert d["form"] == "color" and len(d["mix"]) == 3 and d["bias"] == [0.1, 0.0, -0.1]
+    with pytest.raises(ValueError, match="channels-first"):
+        ColorTrigger((7,))
+
+
+def test_zo_trigger_is_the_zeroth_order_form_and_colored_digits_defaults_use_the_color_mix() -> None:
+    from patcher.benches.trigger import dataset_options
+    from patcher.methods.reprogram import make_trigger
+
+    X, g = np.zeros((4, 3, 16, 16), np.float32), np.array([0, 1, 0, 1])
+    opts = reprogram.ReprogramOptions(**dataset_options("colored-digits"))
+    assert isinstance(make_trigger(X, g, opts, "zeroth_order"), ColorTrigger)
+    assert isinstance(make_trigger(X, g, opts, "gradient"), FrameTrigger)  # the gradient path keeps its frame
+    plain = reprogram.ReprogramOptions(trigger="color")
+    assert isinstance(make_trigger(X, g, plain, "gradient"), ColorTrigger)
+    with pytest.raises(ValueError, match="color trigger needs"):
+        make_trigger(np.zeros((4, 5), np.float32), g, reprogram.ReprogramOptions(trigger="color"), "gradient")
+    # an explicit form speaks for both access kinds; a zeroth-order frame keeps the frame's search settings
+    frame = dataset_options("colored-digits", "frame")
+    assert frame["zo_trigger"] is None and (frame["q"], frame["zo_batch"], frame["zo_lr"]) == (4, 32, 0.2)
+    color = dataset_options("colored-digits", "color")
+    assert color["zo_trigger"] is None and (color["q"], color["zo_batch"], color["zo_lr"]) == (2, 64, 0.1)
+    assert dataset_options("adult") == dataset_options("adult", "tabular") == {}
 
 
 def test_border_and_patch_touch_only_their_pixels() -> None:
@@ -383,6 +428,27 @@ def test_zeroth_order_worst_cell_selection_stays_within_budget_and_reports_its_c
     if report.tune_after["eo"] <= 0.5 * report.tune_before["eo"]:  # the target was reachable: best worst cell
         feasible = [c for c in report.candidates if c["unfairness"] <= 0.5 * report.tune_before["eo"]]
         assert chosen[0]["worst_cell_accuracy"] == max(c["worst_cell_accuracy"] for c in feasible)
+
+
+def test_zeroth_order_color_mix_halves_colored_digits_eo_and_lifts_the_worst_cell_on_the_test_split(colored) -> None:
+    """The colored-digits zeroth-order defaults (a 12-parameter color mix, docs/triggers_zo_dev.md) on a smaller
+    budget, scored on the test split the fit never saw."""
+    from patcher.benches.trigger import dataset_options
+
+    data, model = colored
+    t = data.tune
+    tune = TuningData(t.X, t.y, t.groups, data.group_names, ("pixels",))
+    opts = {**dataset_options("colored-digits"), "eval_size": 500}
+    oracle = OnnxOracle(model.onnx_bytes, budget=20000, cache=False)
+    patch, report = reprogram.fit(oracle, tune, "eo", 20000, **opts)
+    assert report.trigger["form"] == "color" and report.trigger["dim"] == 12
+    assert report.queries_used == oracle.queries_used <= 20000 and report.steps > 50
+    runner, test = PatchRunner(patch), data.test
+    scorer = OnnxOracle(model.onnx_bytes, cache=False)
+    before = headline(test.y, scorer.log_probs(test.X).argmax(1), test.groups)
+    after = headline(test.y, runner.predict(test.X, scorer.log_probs(runner.transform_inputs(test.X))), test.groups)
+    assert after["eo_diff"] <= 0.5 * before["eo_diff"], (before, after)
+    assert after["worst_group_accuracy"] > before["worst_group_accuracy"], (before, after)
 
 
 def test_balanced_frame_trigger_cuts_colored_digits_eo_on_the_test_split(colored) -> None:

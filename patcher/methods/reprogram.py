@@ -1,16 +1,16 @@
 """Fairness Reprogramming: learn an input trigger that makes a frozen model fairer (ALGORITHMS.md section 3).
 
 The model is never changed: the patch is an input transform x~ = m(x; theta) that the gateway applies
-before the upstream call (tabular: x * mask + delta; images: an added border, a replaced frame or a corner patch;
-see reprogram_triggers), optionally followed by a re-tuned decision threshold (binary tasks). Two ways
-to learn it:
+before the upstream call (tabular: x * mask + delta; images: an added border, a replaced frame, a corner
+patch or a global color mix; see reprogram_triggers), optionally followed by a re-tuned decision
+threshold (binary tasks). Two ways to learn it:
 
 - gradient access (`access` is a ModelArtifact): backpropagate through the model (ONNX -> torch via
   onnx2torch); the alternating min-max with a discriminator and the projected gradient, or a direct
   rate-gap penalty (reprogram_gradient);
 - zeroth-order access (`access` is an Oracle, or access_kind="zeroth_order"): scores only,
   randomized antithetic gradient estimates on a low-dimensional trigger, every row counted against
-  the budget, the best trigger seen kept (reprogram_zo).
+  the budget, the best trigger seen kept (reprogram_zo); `zo_trigger` gives it its own form.
 
 lam trades accuracy for fairness. With `lam` unset, gradient access trains one trigger per value of
 `lams` and keeps the one whose operating point (on the tuning rows) `select` prefers; zeroth-order
@@ -51,6 +51,7 @@ from patcher.methods.reprogram_fairness import (
 from patcher.methods.reprogram_gradient import model_logits, train_trigger
 from patcher.methods.reprogram_triggers import (
     BorderTrigger,
+    ColorTrigger,
     FrameTrigger,
     PatchTrigger,
     TabularTrigger,
@@ -65,7 +66,7 @@ from patcher.scores import log_softmax
 from patcher.tuning import TuningData, stratified_holdout
 
 ACCESS = frozenset({"gradient", "zeroth_order"})
-TriggerForm = Literal["auto", "tabular", "border", "frame", "patch"]
+TriggerForm = Literal["auto", "tabular", "border", "frame", "patch", "color"]
 
 
 class ReprogramOptions(BaseModel):
@@ -73,7 +74,11 @@ class ReprogramOptions(BaseModel):
         None, description="default: gradient for a model artifact, zeroth_order for an oracle (the job worker "
                           "passes the job's access here)")
     trigger: TriggerForm = Field("auto", description="auto: tabular for [N, d] inputs, border for images; frame: "
-                                 "a border that replaces the pixels")
+                                 "a border that replaces the pixels; color: a global channel mix (C * C + C "
+                                 "parameters) at every pixel")
+    zo_trigger: TriggerForm | None = Field(None, description="zeroth-order access: its own trigger form (unset: "
+                                           "`trigger`), e.g. a few-parameter color mix where the gradient path "
+                                           "trains a frame")
     mask: Literal["scale", "binary"] = Field("scale", description="tabular mask: real gain, or 0/1 (straight-through)")
     columns: list[int] | None = Field(None, description="tabular columns the trigger may touch (default: "
                                       "all with gradients, the zo_columns most group-correlated with queries)")
@@ -164,7 +169,8 @@ class FitReport(BaseModel):
 
 
 def make_trigger(X: np.ndarray, groups: np.ndarray, opts: ReprogramOptions, access: str) -> Trigger:
-    form = opts.trigger if opts.trigger != "auto" else ("tabular" if X.ndim == 2 else "border")
+    form = opts.zo_trigger if access == "zeroth_order" and opts.zo_trigger is not None else opts.trigger
+    form = form if form != "auto" else ("tabular" if X.ndim == 2 else "border")
     if form == "tabular":
         if X.ndim != 2:
             raise ValueError(f"a tabular trigger needs [N, d] inputs, got {list(X.shape)}")
@@ -174,6 +180,10 @@ def make_trigger(X: np.ndarray, groups: np.ndarray, opts: ReprogramOptions, acce
         if cols is not None and not all(0 <= c < X.shape[1] for c in cols):
             raise ValueError(f"trigger columns must be in [0, {X.shape[1]})")
         return TabularTrigger(X.shape[1], cols, opts.mask)
+    if form == "color":  # channels first, any number of spatial axes
+        if X.ndim < 3:
+            raise ValueError(f"a color trigger needs [N, C, *spatial] inputs, got {list(X.shape)}")
+        return ColorTrigger(X.shape[1:])
     if X.ndim != 4:
         raise ValueError(f"an image trigger needs [N, C, H, W] inputs, got {list(X.shape)}")
     block = 1 if access == "gradient" else opts.border_block

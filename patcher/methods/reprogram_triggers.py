@@ -10,13 +10,18 @@ input, with the same shape in and out:
 - `BorderTrigger`: x~ = x + tanh(W) on a frame of the image (zero inside), W on a coarse grid of
   `block` x `block` pixel cells, so the zeroth-order search has few dimensions.
 - `PatchTrigger`: a p x p corner patch replaces the pixels: x~ = x * (1 - M) + sigmoid(W) * M.
+- `ColorTrigger`: a global channel mix, x~[:, c] = sum_c' A[c, c'] x[:, c'] + b[c] at every pixel (C * C + C
+  parameters, the identity at the start): a color or tint shared by a whole image (a sensitive attribute
+  carried as a hue) can be mixed away by a map that sends both hues to one, whatever the image shows.
+  Not elementwise, so it exports as a 1x1 convolution (any number of spatial axes) instead of Mul and Add.
 - `FrameTrigger`: the border's frame, but replacing the pixels like the patch (x~ = x * (1 - M) +
   sigmoid(W) * M): what the frame shows is the same for every image, so the trigger cannot fit
   particular images through strokes that reach the edge (an added border can), and under a model
   that pools globally it acts as a per-feature floor that every image shares. Its start is a random
   frame (a uniform gray frame sits on a plateau of a max-pooling model's loss).
 
-Exported graphs contain only constants, Mul and Add: the trigger's ONNX graph is exact and tiny.
+Exported graphs contain only constants, Mul and Add (the color mix: one Conv): the trigger's ONNX graph is exact
+and tiny.
 """
 
 from __future__ import annotations
@@ -196,6 +201,53 @@ class FrameTrigger(Trigger):
 
     def describe(self, theta: torch.Tensor) -> dict:
         return {"form": "frame", "width": self.width, "block": self.block, "dim": self.dim}
+
+
+class ColorTrigger(Trigger):
+    """x~[:, c] = sum_c' A[c, c'] x[:, c'] + b[c] at every position of a [C, *spatial] input (channels first),
+    theta = (A row-major, b); A starts as the identity and b at 0. A few parameters for the whole image, so a
+    zeroth-order search needs no subspace; it exports as a 1x1 convolution over the spatial axes."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        if len(shape) < 2:
+            raise ValueError(f"a color trigger needs channels-first inputs [C, *spatial], got {list(shape)}")
+        self.shape = tuple(int(v) for v in shape)
+        self.channels = self.shape[0]
+        self.dim = self.channels * self.channels + self.channels
+
+    def init(self) -> torch.Tensor:
+        c = self.channels
+        return torch.cat([torch.eye(c, dtype=torch.float64).flatten(), torch.zeros(c, dtype=torch.float64)])
+
+    def mix(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.channels
+        return theta[: c * c].reshape(c, c), theta[c * c:]
+
+    def affine(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError("a channel mix is not elementwise: use apply() or to_onnx()")
+
+    def apply(self, X: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        A, b = self.mix(theta.to(X.dtype))
+        spatial = (1,) * (len(self.shape) - 1)
+        return torch.einsum("dc,nc...->nd...", A, X) + b.reshape(self.channels, *spatial)
+
+    def to_onnx(self, theta: torch.Tensor, name: str = "fairness_trigger") -> bytes:
+        """input [N, C, *spatial] -> output of the same shape: Conv with a 1x1 kernel A and bias b."""
+        with torch.no_grad():
+            A, b = (t.detach().double().numpy().astype(np.float32) for t in self.mix(theta))
+        spatial = (1,) * (len(self.shape) - 1)
+        g = GraphBuilder()
+        g.op("Conv", ["input", g.const(A.reshape(self.channels, self.channels, *spatial), "mix"),
+                      g.const(b, "bias")], "output")
+        shape = ["N", *self.shape]
+        model = g.model([float_tensor("input", shape)], [float_tensor("output", shape)], name,
+                        doc="fairness trigger (ColorTrigger): output[:, c] = sum_k mix[c, k] * input[:, k] + bias[c]")
+        return model.SerializeToString()
+
+    def describe(self, theta: torch.Tensor) -> dict:
+        A, b = self.mix(theta.detach().double())
+        return {"form": "color", "dim": self.dim, "mix": [[round(float(v), 4) for v in row] for row in A.numpy()],
+                "bias": [round(float(v), 4) for v in b.numpy()]}
 
 
 def group_columns(X: np.ndarray, groups: np.ndarray, k: int) -> list[int]:

@@ -6,11 +6,12 @@ the step), `q` antithetic pairs of probes theta +/- mu * u_j, u_j uniform on the
     g^ = (dim / q) * sum_j [(L(theta + mu u_j) - L(theta - mu u_j)) / (2 mu)] u_j
 
 costs 2 * q * batch rows. The trigger is low-dimensional (a few group-correlated columns for tabular
-inputs, a coarse border grid for images) because the estimate's variance grows like dim / q. The
-utility and fairness parts of L are estimated from the same probes, so the projected update of the
-gradient path works here too. A fixed evaluation subset of the tuning rows scores the trigger now
-and then (and at the end); the best one seen is kept. Before every step the remaining budget is
-checked so the run stops at the budget (leaving room for the last evaluation), never past it.
+inputs, a coarse border grid or a 12-parameter color mix for images) because the estimate's variance
+grows like dim / q. The utility and fairness parts of L are estimated from the same probes, so the
+projected update of the gradient path works here too. A fixed evaluation subset of the tuning rows
+scores the trigger now and then (and at the end); the best one seen is kept. Before every step the
+remaining budget is checked so the run stops at the budget (leaving room for the last evaluation), never
+past it.
 
 Forms that start at random (an image frame) can begin with a random search: `restarts` starts scored
 on one stratified batch of training rows (the same rows for all), the run descends from the best.
