@@ -101,6 +101,16 @@ class Cell:
 
 # --- processes ---------------------------------------------------------------------------------------
 
+# Under --profile: the main thread's CPU clock, not the wall clock (a write that wakes the peer process often
+# hands it the core, and wall time would charge that wait to the write). `python -m cProfile` would write nothing:
+# uvicorn re-raises SIGTERM after its graceful shutdown and the default handler ends the process first; a handler
+# installed beforehand turns it into SystemExit, so the stats are written.
+PROFILED = ("import cProfile, signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: sys.exit(0)); "
+            "from clients.cli import main; sys.argv = ['fairpatch'] + sys.argv[1:]; "
+            "p = cProfile.Profile(time.thread_time); p.enable()\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\nfinally:\n    p.disable(); p.dump_stats({out!r})")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -309,6 +319,27 @@ def baseline_rows(cells: list[Cell]) -> list[list[str]]:
     return out
 
 
+FLOOR_HEAD = ["batch", "conc.", "p50 direct ms", "added p50 floor ms", "added p50 gateway ms (json / binary leg)",
+              "floor/direct throughput", "gateway/direct throughput (json / binary leg)", "CPU ms/req floor",
+              "CPU ms/req gateway (json / binary leg)", "errors floor"]
+
+
+def floor_rows(cells: list[Cell]) -> list[list[str]]:
+    """The pass-through proxy (`--floor`) beside the gateway's legs, cell by cell."""
+    by = {(c.target, c.concurrency, c.batch): c for c in cells}
+    out = []
+    for (target, conc, batch), f in by.items():
+        if target != "floor":
+            continue
+        d = by[("direct", conc, batch)]
+        legs = [g for t in LEGS if (g := by.get((t, conc, batch))) is not None]
+        out.append([str(batch), str(conc), f"{d.p50:.2f}", f"{f.p50 - d.p50:+.2f}",
+                    " / ".join(f"{g.p50 - d.p50:+.2f}" for g in legs), f"{f.rps / d.rps:.0%}",
+                    " / ".join(f"{g.rps / d.rps:.0%}" for g in legs), f"{f.cpu_ms:.2f}",
+                    " / ".join(f"{g.cpu_ms:.2f}" for g in legs), str(f.errors)])
+    return sorted(out, key=lambda r: (int(r[0]), int(r[1])))
+
+
 def _table(head: list[str], body: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "|".join("---:" for _ in head) + "|",
             *("| " + " | ".join(r) + " |" for r in body)]
@@ -320,6 +351,9 @@ def markdown(cells: list[Cell], setup: str, baseline: str | None = None) -> str:
     if baseline:
         lines += ["", f"Against the baseline gateway ({baseline}), same rounds:", "",
                   *_table(BASE_HEAD, baseline_rows(cells))]
+    if any(c.target == "floor" for c in cells):
+        lines += ["", "The floor: a pass-through proxy on the same stack (benchmarks/bare_proxy.py: uvicorn + aiohttp, "
+                  "no parsing, no patch), same rounds:", "", *_table(FLOOR_HEAD, floor_rows(cells))]
     lines += ["", END]
     return "\n".join(lines) + "\n"
 
@@ -346,6 +380,13 @@ def print_table(cells: list[Cell], title: str) -> None:
     console.print(table)
     for v in verdict(cells):
         console.print(v)
+    if any(c.target == "floor" for c in cells):
+        floor = Table(title="the floor: a pass-through proxy on the same stack (uvicorn + aiohttp)")
+        for h in FLOOR_HEAD:
+            floor.add_column(h, justify="right")
+        for r in floor_rows(cells):
+            floor.add_row(*r)
+        console.print(floor)
     if any(c.target == "baseline" for c in cells):
         base = Table(title="the gateway against the baseline gateway")
         for h in BASE_HEAD:
@@ -379,6 +420,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", type=Path, metavar="DIR",
                     help="also measure the gateway of the checkout in DIR (e.g. `git worktree add DIR <commit>`) "
                          "in the same rounds, against the same upstream")
+    ap.add_argument("--profile", type=Path, default=None, metavar="FILE",
+                    help="run the gateway under cProfile and write its stats to FILE when it stops (read them with "
+                         "`python -m pstats FILE`); the profiler slows the gateway, so its figures are not the "
+                         "gateway's own")
+    ap.add_argument("--floor", action="store_true",
+                    help="also measure a pass-through proxy on the gateway's stack (benchmarks/bare_proxy.py: "
+                         "uvicorn + aiohttp, no parsing, no patch) in the same rounds: what any proxy built from "
+                         "these parts adds on this machine")
     ap.add_argument("--baseline-label", default=None, help="how the report names the baseline (default: DIR)")
     args = ap.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -408,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
         upstream = start([*exe, "upstream", "--onnx", str(onnx), "--name", MODEL, "--port", str(up_port),
                           "--log-level", "warning"], env, tmp / "upstream.log")
         stack.callback(stop, upstream)
-        gateways = {"gateway": start([*exe, "serve", "--port", str(gw_port)], env, tmp / "gateway.log")}
+        profiled = [sys.executable, "-c", PROFILED.format(out=str(args.profile.resolve()))] if args.profile else exe
+        gateways = {"gateway": start([*profiled, "serve", "--port", str(gw_port)], env, tmp / "gateway.log")}
         stack.callback(stop, gateways["gateway"])
         urls = {"direct": f"http://127.0.0.1:{up_port}", "gateway": f"http://127.0.0.1:{gw_port}"}
         if args.baseline:  # its own data dir (embedded Redis) and its own code: DIR first on its path
@@ -419,12 +469,18 @@ def main(argv: list[str] | None = None) -> int:
                                          cwd=args.baseline.resolve())
             stack.callback(stop, gateways["baseline"])
             urls["baseline"] = f"http://127.0.0.1:{base_port}"
+        if args.floor:
+            floor_port = free_port()
+            gateways["floor"] = start([sys.executable, str(REPO / "benchmarks" / "bare_proxy.py"), "--upstream",
+                                       urls["direct"], "--port", str(floor_port)], env, tmp / "floor.log")
+            stack.callback(stop, gateways["floor"])
+            urls["floor"] = f"http://127.0.0.1:{floor_port}"
         try:
             wait_ready(urls["direct"], upstream)
             for target, proc in gateways.items():
                 wait_ready(urls[target], proc)
         except RuntimeError as e:
-            for log in ("upstream.log", "gateway.log", "baseline.log"):
+            for log in ("upstream.log", "gateway.log", "baseline.log", "floor.log"):
                 if (tmp / log).exists():
                     print(f"--- {log}\n{(tmp / log).read_text()[-3000:]}", file=sys.stderr)
             print(f"error: {e}", file=sys.stderr)
@@ -432,7 +488,9 @@ def main(argv: list[str] | None = None) -> int:
 
         # The gateway serves one model per leg; the baseline (older code) the JSON leg only.
         served = {"gateway": [LEGS[t] for t in legs], "baseline": [LEGS["gateway"]]}
-        for target in gateways:
+        for target in served:
+            if target not in gateways:
+                continue
             with Client(urls[target], "bench") as fp:
                 for leg, name in served[target]:
                     binary = {"binary_data": True} if leg == "binary" else {}
@@ -448,12 +506,14 @@ def main(argv: list[str] | None = None) -> int:
                               file=sys.stderr)
                         return 1
         targets = {"direct": urls["direct"], **{t: urls["gateway"] for t in legs}}
-        if "baseline" in urls:
-            targets["baseline"] = urls["baseline"]
+        for extra in ("baseline", "floor"):
+            if extra in urls:
+                targets[extra] = urls[extra]
         paths = {t: f"/v2/models/{LEGS[t][1] if t in LEGS else MODEL}/infer" for t in targets}
         answering = {"direct": upstream.pid, **{t: gateways["gateway"].pid for t in legs}}
-        if "baseline" in gateways:
-            answering["baseline"] = gateways["baseline"].pid
+        for extra in ("baseline", "floor"):
+            if extra in gateways:
+                answering[extra] = gateways[extra].pid
 
         try:
             import uvloop
@@ -466,7 +526,10 @@ def main(argv: list[str] | None = None) -> int:
             X = data.test.X[:batch]
             names = [data.group_names[g] for g in data.test.groups[:batch]]
             through = v2_body(X, names if patch.group_at_inference else None)
+            # The floor forwards bytes untouched, so it gets what the upstream gets.
             bodies = {"direct": v2_body(X, None), **{target: through for target in targets if target != "direct"}}
+            if "floor" in targets:
+                bodies["floor"] = bodies["direct"]
             for conc in concurrencies:
                 pair = runner(run_pair(args.client, targets, paths, bodies, conc, batch, args.requests, args.seconds,
                                        args.warmup, args.rounds, answering, upstream.pid))
@@ -484,7 +547,8 @@ def main(argv: list[str] | None = None) -> int:
              f"patch active (bias={args.bias}, {args.queries} queries), each in its own process on loopback; "
              f"load from {loader}, at most {args.requests} requests or {args.seconds:g} s per cell in {args.rounds} "
              f"rounds, direct and gateway (upstream legs: {', '.join(LEGS[t][0] for t in legs)})"
-             f"{' (and the baseline gateway)' if args.baseline else ''} alternating. "
+             f"{' (and the baseline gateway)' if args.baseline else ''}"
+             f"{' (and a pass-through proxy, the floor)' if args.floor else ''} alternating. "
              f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}. Latencies in ms as the client "
              "sees them; the client, upstream and gateway share the machine's cores. CPU ms/req: the answering "
              "server process's own CPU time (user + system, from /proc) per request: the upstream's in the direct "
