@@ -33,10 +33,16 @@ class BareProxy:
             body += message.get("body", b"")
             more = message.get("more_body", False)
         headers = {"content-type": "application/json"}
-        async with self.session.request(scope["method"], self.upstream + scope["path"], data=body,
-                                        headers=headers) as response:
-            status, content = response.status, await response.read()
-            kind = response.headers.get("content-type", "application/json")
+        for attempt in (0, 1):  # one retry of a reused keep-alive connection the upstream closed, as the gateway
+            try:
+                async with self.session.request(scope["method"], self.upstream + scope["path"], data=body,
+                                                headers=headers) as response:
+                    status, content = response.status, await response.read()
+                    kind = response.headers.get("content-type", "application/json")
+                break
+            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+                if attempt:
+                    raise
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", kind.encode("latin-1")),
                                 (b"content-length", str(len(content)).encode())]})

@@ -169,6 +169,8 @@ def cpu_seconds(pid: int | None) -> float:
 
 # --- load --------------------------------------------------------------------------------------------
 
+KEEPALIVE_S = 3.0  # the load's idle connections are closed before uvicorn's 5 s keep-alive timeout closes them
+
 def v2_body(X: np.ndarray, groups: list[str] | None) -> bytes:
     inputs = [{"name": "input", "shape": list(X.shape), "datatype": "FP32", "data": X.ravel().tolist()}]
     if groups is not None:
@@ -180,12 +182,16 @@ class HttpxLoad:
     """One httpx.AsyncClient with a connection per concurrent caller."""
 
     def __init__(self, url: str, path: str, body: bytes, concurrency: int) -> None:
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency,
+                              keepalive_expiry=KEEPALIVE_S)
         self.client = httpx.AsyncClient(base_url=url, limits=limits, timeout=30)
         self.path, self.body, self.headers = path, body, {"content-type": "application/json"}
 
     async def __call__(self) -> bool:
-        r = await self.client.post(self.path, content=self.body, headers=self.headers)
+        try:
+            r = await self.client.post(self.path, content=self.body, headers=self.headers)
+        except httpx.HTTPError:  # counted as an error, like a non-200 answer
+            return False
         return r.status_code == 200
 
     async def aclose(self) -> None:
@@ -198,14 +204,20 @@ class AiohttpLoad:
     def __init__(self, url: str, path: str, body: bytes, concurrency: int) -> None:
         import aiohttp
 
-        self.session = aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=concurrency),
-                                             timeout=aiohttp.ClientTimeout(total=30))
+        self._errors = (aiohttp.ClientError, TimeoutError)
+        # Idle connections are dropped before uvicorn's 5 s keep-alive ends them: while the other targets take
+        # their turn a connection can sit idle that long, and reusing one the server is closing fails.
+        connector = aiohttp.TCPConnector(limit=concurrency, keepalive_timeout=KEEPALIVE_S)
+        self.session = aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=30))
         self.path, self.body, self.headers = path, body, {"content-type": "application/json"}
 
     async def __call__(self) -> bool:
-        async with self.session.post(self.path, data=self.body, headers=self.headers) as r:
-            await r.read()
-            return r.status == 200
+        try:
+            async with self.session.post(self.path, data=self.body, headers=self.headers) as r:
+                await r.read()
+                return r.status == 200
+        except self._errors:  # counted as an error, like a non-200 answer
+            return False
 
     async def aclose(self) -> None:
         await self.session.close()
