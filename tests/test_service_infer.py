@@ -60,8 +60,8 @@ def table_patch() -> Patch:
                        output_transform=graph)
 
 
-def slow_app(metadata: dict, delay_s: float) -> FastAPI:
-    """Answers metadata at once and inference after `delay_s` (longer than the model's timeout)."""
+def scripted_v2_app(metadata: dict, infer) -> FastAPI:
+    """A V2 server that answers metadata at once and inference with `await infer(name)`."""
     app = FastAPI()
 
     @app.get("/v2/models/{name}/versions/{version}")
@@ -69,11 +69,19 @@ def slow_app(metadata: dict, delay_s: float) -> FastAPI:
         return metadata
 
     @app.post("/v2/models/{name}/versions/{version}/infer")
-    async def slow(name: str, version: str):
+    async def answer(name: str, version: str):
+        return await infer(name)
+
+    return app
+
+
+def slow_app(metadata: dict, delay_s: float) -> FastAPI:
+    """Answers metadata at once and inference after `delay_s` (longer than the model's timeout)."""
+    async def slow(name: str):
         await asyncio.sleep(delay_s)
         return {"model_name": name, "outputs": []}
 
-    return app
+    return scripted_v2_app(metadata, slow)
 
 
 def binary_only(app: FastAPI) -> FastAPI:
@@ -91,20 +99,13 @@ def binary_only(app: FastAPI) -> FastAPI:
 def garbled_binary_app(metadata: dict) -> FastAPI:
     """A V2 server whose binary answers do not add up: its Inference-Header-Content-Length points past
     the body."""
-    app = FastAPI()
-
-    @app.get("/v2/models/{name}/versions/{version}")
-    async def meta(name: str, version: str):
-        return metadata
-
-    @app.post("/v2/models/{name}/versions/{version}/infer")
-    async def garbled(name: str, version: str):
+    async def garbled(name: str):
         header = json.dumps({"model_name": name, "outputs": [
             {"name": "logits", "datatype": "FP32", "shape": [1, 2], "parameters": {"binary_data_size": 8}}]}).encode()
         return Response(header + b"\0" * 4, media_type="application/octet-stream",
                         headers={"inference-header-content-length": str(len(header))})
 
-    return app
+    return scripted_v2_app(metadata, garbled)
 
 
 def mlflow_app(model: bytes) -> FastAPI:
