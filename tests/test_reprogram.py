@@ -80,18 +80,20 @@ def test_zo_trigger_is_the_zeroth_order_form_and_colored_digits_defaults_use_the
     from patcher.methods.reprogram import make_trigger
 
     X, g = np.zeros((4, 3, 16, 16), np.float32), np.array([0, 1, 0, 1])
+    split = reprogram.ReprogramOptions(trigger="frame", zo_trigger="color")
+    assert isinstance(make_trigger(X, g, split, "zeroth_order"), ColorTrigger)
+    assert isinstance(make_trigger(X, g, split, "gradient"), FrameTrigger)  # zo_trigger leaves gradients alone
     opts = reprogram.ReprogramOptions(**dataset_options("colored-digits"))
-    assert isinstance(make_trigger(X, g, opts, "zeroth_order"), ColorTrigger)
-    assert isinstance(make_trigger(X, g, opts, "gradient"), FrameTrigger)  # the gradient path keeps its frame
-    plain = reprogram.ReprogramOptions(trigger="color")
-    assert isinstance(make_trigger(X, g, plain, "gradient"), ColorTrigger)
+    assert opts.zo_trigger is None
+    assert all(isinstance(make_trigger(X, g, opts, a), ColorTrigger) for a in ("gradient", "zeroth_order"))
     with pytest.raises(ValueError, match="color trigger needs"):
         make_trigger(np.zeros((4, 5), np.float32), g, reprogram.ReprogramOptions(trigger="color"), "gradient")
-    # an explicit form speaks for both access kinds; a zeroth-order frame keeps the frame's search settings
+    # an explicit frame (the earlier default) keeps the frame's zeroth-order search settings
     frame = dataset_options("colored-digits", "frame")
-    assert frame["zo_trigger"] is None and (frame["q"], frame["zo_batch"], frame["zo_lr"]) == (4, 32, 0.2)
+    assert (frame["q"], frame["zo_batch"], frame["zo_lr"]) == (4, 32, 0.2)
     color = dataset_options("colored-digits", "color")
-    assert color["zo_trigger"] is None and (color["q"], color["zo_batch"], color["zo_lr"]) == (2, 64, 0.1)
+    assert color == dataset_options("colored-digits") and color["trigger"] == "color"
+    assert (color["q"], color["zo_batch"], color["zo_lr"]) == (2, 64, 0.1)
     assert dataset_options("adult") == dataset_options("adult", "tabular") == {}
 
 

@@ -29,8 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fairness weight (default: gradient sweeps a few and picks on tune; zo uses 10)")
     parser.add_argument("--sweep-lam", action="store_true", help="print the accuracy-fairness curve over lambda")
     parser.add_argument("--trigger", choices=("auto", "tabular", "border", "frame", "patch", "color"), default=None,
-                        help="trigger form for both access kinds (default: auto; colored-digits: frame with gradients, "
-                             "color with zeroth order)")
+                        help="trigger form (default: auto; colored-digits: color, a global channel mix)")
     parser.add_argument("--fairness", choices=("gap", "adversary"), default=None,
                         help="gap penalty or discriminator min-max (default: gap)")
     parser.add_argument("--select", choices=("fairest", "worst_cell"), default=None,
@@ -67,33 +66,29 @@ def load(dataset: str, sensitive: str | None, seed: int):
 
 
 def dataset_options(dataset: str, trigger: str | None = None) -> dict[str, Any]:
-    """Per-task defaults (`trigger`: a form asked for explicitly, which both access kinds then use).
+    """Per-task defaults (`trigger`: a form asked for explicitly).
 
-    Colored digits: the tune split rewards the color shortcut (it agrees with the
-    label 90% of the time), so the utility loss and the selection accuracy weigh the four (color, label)
-    cells equally (`balance`) and the accuracy cap is loose (a fair trigger gives up the shortcut's
-    accuracy). Gradient access trains a replaced frame and picks lambda and threshold on the out-of-fold
-    scores of 2 folds of the tune split (`select_folds`: every tune row selects, then the chosen lambda is
-    retrained on all of them; a 30% holdout left ~40 rows per minority cell and flattered the chosen point's
-    eo). Zeroth order trains a global color mix (`zo_trigger` color: 12 parameters, the identity at the start;
-    the color is a tint of the whole image, and a mix that sends both hues to one removes it) with
-    antithetic estimates (q = 2) on stratified batches of 64 rows, the small-batch bias of the gap removed,
-    and picks among the evaluated mixes on 30% of the tune rows held out of training (fitted rows look fair
-    long before unseen ones do). With `trigger` frame, zeroth order searches the frame as before: the best of
-    32 random frames on one training batch, then q = 4 on batches of 32 rows in 16 random directions around
-    that start. Both access kinds choose the trigger (lambda, or evaluated candidate) and threshold with the
-    best worst-cell accuracy on their selection rows among those that halve the model's eo there (see
-    docs/triggers.md and docs/triggers_zo_dev.md)."""
+    Colored digits: the tune split rewards the color shortcut (it agrees with the label 90% of the time), so
+    the utility loss and the selection accuracy weigh the four (color, label) cells equally (`balance`) and
+    the accuracy cap is loose (a fair trigger gives up the shortcut's accuracy). The trigger is a global
+    color mix (`color`: 12 parameters, the identity at the start): the color is a tint of the whole image,
+    and a mix that sends both hues to one removes it. Gradient access picks lambda and threshold on the
+    out-of-fold scores of 2 folds of the tune split (`select_folds`: every tune row selects, then the chosen
+    lambda is retrained on all of them). Zeroth order: antithetic estimates (q = 2) on stratified batches
+    of 64 rows with the small-batch bias of the gap removed, the evaluated mix and threshold chosen on 30% of
+    the tune rows held out of training (fitted rows look fair long before unseen ones do). Both access kinds
+    choose the trigger (lambda, or evaluated candidate) and threshold with the best worst-cell accuracy on
+    their selection rows among those that halve the model's eo there. `trigger` frame (the earlier default)
+    keeps the frame's zeroth-order search: the best of 32 random frames on one training batch, then q = 4 on
+    batches of 32 rows in 16 random directions around it (see docs/triggers.md, docs/triggers_zo_dev.md)."""
     if dataset == "colored-digits":
-        opts = {"trigger": "frame", "zo_trigger": "color", "balance": True, "holdout": 0.3,
-                "max_accuracy_drop": 0.1, "fairness_tolerance": 0.02, "lams": [2.0, 5.0, 10.0, 20.0], "steps": 400,
-                "batch_size": 256, "lr": 0.05, "lam_zo": 20.0, "border_block": 1, "q": 2, "zo_batch": 64,
-                "zo_restarts": 32, "zo_restart_rows": 128, "zo_unbiased_gap": True, "zo_subspace": 16,
-                "select": "worst_cell", "zo_lr": 0.1, "mu": 0.3, "eval_size": 1000, "select_folds": 2}
-        if trigger is not None:  # one form for both access kinds; a zeroth-order frame with the frame's settings
-            opts["zo_trigger"] = None
-            if trigger != "color":
-                opts.update(q=4, zo_batch=32, zo_lr=0.2)
+        opts = {"trigger": "color", "balance": True, "holdout": 0.3, "max_accuracy_drop": 0.1,
+                "fairness_tolerance": 0.02, "lams": [2.0, 5.0, 10.0, 20.0], "steps": 400, "batch_size": 256,
+                "lr": 0.05, "lam_zo": 20.0, "border_block": 1, "q": 2, "zo_batch": 64, "zo_restarts": 32,
+                "zo_restart_rows": 128, "zo_unbiased_gap": True, "zo_subspace": 16, "select": "worst_cell",
+                "zo_lr": 0.1, "mu": 0.3, "eval_size": 1000, "select_folds": 2}
+        if trigger is not None and trigger != "color":  # the frame (or another form): the frame's search settings
+            opts.update(q=4, zo_batch=32, zo_lr=0.2)
         return opts
     return {}
 
