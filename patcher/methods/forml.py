@@ -143,14 +143,15 @@ def fit(access: ModelArtifact | None, data: TuningData, criterion: Criterion = "
     if access is not None and not isinstance(access, ModelArtifact):
         raise ValueError("FORML needs weight access: a ModelArtifact (ONNX) or None to train from scratch")
     started = time.perf_counter()
-    X, y = np.asarray(data.X, np.float32), np.asarray(data.y, np.int64)
+    # writable copies: a decoded upload is a read-only view, which torch warns about
+    X, y = np.array(data.X, np.float32), np.asarray(data.y, np.int64)
     groups = np.asarray(data.groups, np.int64)
     if exemplar is None:
         train_rows, ex_rows = stratified_holdout(groups, y, opts.exemplar_fraction, seed)
         Xv, yv, gv = X[ex_rows], y[ex_rows], groups[ex_rows]
     else:
         train_rows = np.arange(len(data))
-        Xv, yv = np.asarray(exemplar.X, np.float32), np.asarray(exemplar.y, np.int64)
+        Xv, yv = np.array(exemplar.X, np.float32), np.asarray(exemplar.y, np.int64)
         gv = np.asarray(exemplar.groups, np.int64)
     n_classes = int(max(y.max(), yv.max())) + 1
     if n_classes < 2:
