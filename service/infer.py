@@ -457,7 +457,7 @@ async def infer_answer(state: State, model_name: str, model_version: str | None,
     scores_name = spec.upstream.output_name or meta.outputs[0].name
     wanted = [o.name for o in req.outputs] if req.outputs else None
     forward_outputs = None
-    if wanted is not None:  # only names go upstream (binary_data etc. are answered here, as JSON)
+    if wanted is not None:  # only names go upstream (binary_data etc. are answered here)
         forward_outputs = [RequestOutput(name=n) for n in dict.fromkeys([*wanted, scores_name])]
     forward_parameters = _forward_parameters(req.parameters)
     if binary is None and group_tensor is None and sent is X and wanted is None and not spec.upstream.binary_data \

@@ -324,6 +324,19 @@ def crossfit_folds(y: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.n
     return folds
 
 
+def _train(model, trigger: Trigger, X, y, groups, G, criterion, lam: float, C: int, opts: ReprogramOptions,
+           report_progress, unit: int, units: int) -> torch.Tensor:
+    """One trigger trained with gradients on these rows; progress reported as training unit `unit` of `units`."""
+    def tick(step: int) -> None:
+        if step % 50 == 0:
+            report_progress(0.05 + 0.9 * (unit + step / opts.steps) / units, {"stage": "training", "lam": lam,
+                                                                              "step": step})
+    return train_trigger(model, trigger, X, y, groups, G, criterion, lam, steps=opts.steps,
+                         batch_size=min(opts.batch_size, len(X)), lr=opts.lr, adv_lr=opts.adv_lr,
+                         fairness=opts.fairness, seed=opts.seed, n_classes=C, tick=tick,
+                         weights=cell_weights(y, groups) if opts.balance else None)
+
+
 def _fit_gradient(artifact: ModelArtifact, trigger: Trigger, X, y, groups, G, criterion, opts, report_progress):
     model = artifact.torch_module()
     for p in model.parameters():
@@ -338,14 +351,7 @@ def _fit_gradient(artifact: ModelArtifact, trigger: Trigger, X, y, groups, G, cr
     lams = [opts.lam] if opts.lam is not None else list(opts.lams)
     thetas, logps = [], []
     for i, lam in enumerate(lams):
-        def tick(step: int, i: int = i, lam: float = lam) -> None:
-            if step % 50 == 0:
-                report_progress(0.05 + 0.9 * (i + step / opts.steps) / len(lams), {"stage": "training", "lam": lam,
-                                                                                   "step": step})
-        theta = train_trigger(model, trigger, X, y, groups, G, criterion, lam, steps=opts.steps,
-                              batch_size=min(opts.batch_size, len(X)), lr=opts.lr, adv_lr=opts.adv_lr,
-                              fairness=opts.fairness, seed=opts.seed, n_classes=C, tick=tick,
-                              weights=cell_weights(y, groups) if opts.balance else None)
+        theta = _train(model, trigger, X, y, groups, G, criterion, lam, C, opts, report_progress, i, len(lams))
         thetas.append(theta)
         logps.append((i, log_softmax(model_logits(model, Xs, trigger, theta))))
     k, thr, acc, unf, base_unfair, summary, selection = _select(logps, base, ys, gs, G, criterion, opts, "gradient")
@@ -370,15 +376,8 @@ def _fit_gradient_crossfit(model, trigger: Trigger, X, y, groups, G, criterion, 
     units = len(lams) * K + 1
 
     def train(rows: np.ndarray, lam: float, unit: int) -> torch.Tensor:
-        def tick(step: int) -> None:
-            if step % 50 == 0:
-                report_progress(0.05 + 0.9 * (unit + step / opts.steps) / units, {"stage": "training", "lam": lam,
-                                                                                  "step": step})
-        yr, gr = y[rows], groups[rows]
-        return train_trigger(model, trigger, X[rows], yr, gr, G, criterion, lam, steps=opts.steps,
-                             batch_size=min(opts.batch_size, len(rows)), lr=opts.lr, adv_lr=opts.adv_lr,
-                             fairness=opts.fairness, seed=opts.seed, n_classes=C, tick=tick,
-                             weights=cell_weights(yr, gr) if opts.balance else None)
+        return _train(model, trigger, X[rows], y[rows], groups[rows], G, criterion, lam, C, opts, report_progress,
+                      unit, units)
 
     logps = []
     for i, lam in enumerate(lams):
