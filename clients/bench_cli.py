@@ -1,24 +1,33 @@
-"""`fairpatch bench <method>`: fit on the tune split, score on the test split, print JSON or a table."""
+"""`fairpatch bench <method>`: fit on the tune split, score on the test split, print JSON or a table.
+
+Every registered method has a subcommand. Its options come from the method's options model: `-o key=value`
+(repeatable; a value is read as JSON when it parses, else as a string) and `--preset NAME`, both validated
+before anything is loaded. `--dataset --sensitive --criterion --queries --seed --json` are common; a bench
+may add flags of its own that are not method options (eraser: --group-free, --drop-sensitive, --proxies;
+trigger: --access, --sweep-lam, --transfer-seed; forml: --fine-tune).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from typing import Any
 
 ALL_DATASETS = ("adult", "compas", "german", "colored-digits", "noisy-digits")
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     from patcher.benches import available, get_bench
+    from patcher.methods import get_method
 
     bench = sub.add_parser("bench", help="benchmark a debiasing method on a real dataset",
                            description="Fit a method on the tune split, score before/after on the held-out "
                                        "test split. One subcommand per method.")
     methods = bench.add_subparsers(dest="method", metavar="method", required=True)
     for name in available():
-        module = get_bench(name)
-        p = methods.add_parser(name, help=(module.__doc__ or name).strip().splitlines()[0])
+        module, method = get_bench(name), get_method(name)
+        p = methods.add_parser(name, help=method.summary)
         p.add_argument("--dataset", default="adult", choices=getattr(module, "DATASETS", ALL_DATASETS))
         p.add_argument("--sensitive", default=None, help="sensitive attribute (default: the dataset's usual one)")
         p.add_argument("--criterion", default="dp", choices=getattr(module, "CRITERIA", ("dp", "eo", "eopp")))
@@ -26,19 +35,55 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                        help="query budget (rows sent to the model)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--json", action="store_true", help="print the result as JSON")
+        p.add_argument("-o", "--option", dest="option", action="append", default=[], metavar="KEY=VALUE",
+                       help=f"a {name} option (repeatable; `fairpatch methods show {name}` lists them)")
+        p.add_argument("--preset", default=None, choices=sorted(method.presets) or None,
+                       help="a named set of the method's options (-o overrides it)"
+                       + (f": {', '.join(sorted(method.presets))}" if method.presets else "; it has none"))
         if hasattr(module, "add_arguments"):
             module.add_arguments(p)
-        # only this subcommand's own options reach the bench (not the CLI's global --url, --timeout, ...)
-        keys = tuple(a.dest for a in p._actions if a.dest not in ("help", "json"))
+        # only this subcommand's own flags reach the bench (not the CLI's global --url, --timeout, ...)
+        keys = tuple(a.dest for a in p._actions if a.dest not in ("help", "json", "option", "preset"))
         p.set_defaults(run=run_bench, bench_keys=keys)
 
 
+def parse_option_flags(flags: list[str]) -> dict[str, Any]:
+    """`key=value` strings -> {key: value}; a value is JSON when it parses (numbers, true, lists), else text."""
+    out: dict[str, Any] = {}
+    for flag in flags:
+        key, sep, raw = flag.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"-o {flag!r}: write an option as KEY=VALUE, e.g. -o alpha_max=2")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+def method_options(method: str, flags: list[str], preset: str | None) -> dict[str, Any]:
+    """The options the run passes on: the preset's, then the -o flags, validated by the method's options model."""
+    from patcher.methods import get_method
+
+    m = get_method(method)
+    values = {**(m.presets[preset] if preset is not None and preset in m.presets else {}),
+              **parse_option_flags(flags)}
+    m.parse_options(values, preset)  # raises OptionsError naming the bad option and the valid ones
+    return values
+
+
 def run_bench(args: argparse.Namespace) -> int:
-    from patcher.benches import get_bench
+    from patcher.benches import get_bench, run
 
     kwargs = {k: getattr(args, k) for k in args.bench_keys}
     try:
-        result = get_bench(args.method).run(**kwargs)
+        options = method_options(args.method, args.option, args.preset)
+        clash = sorted(set(options) & set(kwargs))
+        if clash:
+            raise ValueError(f"{', '.join(clash)}: give {'it' if len(clash) == 1 else 'them'} as the bench's own "
+                             f"--{clash[0].replace('_', '-')} flag, not as -o")
+        result = run(args.method, **kwargs, **options)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

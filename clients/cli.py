@@ -38,6 +38,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     add_bench_parser(sub)
 
 
+def _add_methods(sub: argparse._SubParsersAction) -> None:
+    from clients.methods_cli import add_methods_parser
+
+    add_methods_parser(sub)
+
+
 def _add_service(sub: argparse._SubParsersAction) -> None:
     try:
         from service.commands import add_service_parsers
@@ -70,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fairpatch", description="Fairness patches for deployed models.")
     add_connection_options(parser, top_level=True)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_model, _add_bench, _add_service, _add_gateway, _add_demo):
+    for add in (_add_model, _add_methods, _add_bench, _add_service, _add_gateway, _add_demo):
         add(sub)
     return parser
 

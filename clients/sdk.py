@@ -437,7 +437,7 @@ class _Calls:
 
     @staticmethod
     def condensed_dataset(job_id: str) -> _Call[DatasetInfo]:
-        return _Call("POST", f"/v1/jobs/{_seg(job_id)}/condensed-dataset", _shape(DatasetInfo))
+        return _Call("POST", f"/v1/jobs/{_seg(job_id)}/datasets/condensed", _shape(DatasetInfo))
 
     @staticmethod
     def list_jobs() -> _Call[list[Job]]:

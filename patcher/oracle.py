@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -36,7 +37,8 @@ class Oracle(Protocol):
 
 
 class CountingOracle(ABC):
-    """Budget, batching and a paid-row cache around `_score_batch`."""
+    """Budget, batching and a paid-row cache around `_score_batch`. `before_batch(rows)`, when set, is called
+    before every batch is sent (a caller counts rows or stops a fit by raising)."""
 
     def __init__(self, budget: int | None = None, *, batch_size: int = 4096, cache: bool = True,
                  output_kind: OutputKind = "logits") -> None:
@@ -47,6 +49,7 @@ class CountingOracle(ABC):
         self.batch_size = batch_size
         self.output_kind: OutputKind = output_kind
         self._cache: dict[bytes, np.ndarray] | None = {} if cache else None
+        self.before_batch: Callable[[int], None] | None = None
 
     @property
     def queries_used(self) -> int:
@@ -83,7 +86,7 @@ class CountingOracle(ABC):
             raise BudgetExceeded(
                 f"scoring {len(todo)} new rows would use {self._used + len(todo)} queries, over the "
                 f"budget of {self._budget} ({self.remaining} left); send fewer rows or raise the budget")
-        fresh = [self._score_batch(X[todo[i:i + self.batch_size]]) for i in range(0, len(todo), self.batch_size)]
+        fresh = [self._send(X[todo[i:i + self.batch_size]]) for i in range(0, len(todo), self.batch_size)]
         self._used += len(todo)
         if keys is None:
             return np.concatenate(fresh)
@@ -92,6 +95,11 @@ class CountingOracle(ABC):
             for j, i in enumerate(todo):
                 self._cache[keys[i]] = out[j]
         return np.stack([self._cache[k] for k in keys])
+
+    def _send(self, batch: np.ndarray) -> np.ndarray:
+        if self.before_batch is not None:
+            self.before_batch(len(batch))
+        return self._score_batch(batch)
 
     def log_probs(self, X: np.ndarray) -> np.ndarray:
         """Scores as (N, C) log-probabilities, whatever the model's output kind."""

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import math
 import time
 import uuid
-from types import ModuleType
 from typing import Any, Literal
 
 from arq.connections import ArqRedis
@@ -28,16 +26,13 @@ from arq.jobs import Job, SerializationError
 from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 
+from patcher.methods.contract import Access, Method
 from service.registry import NAME_PATTERN
 
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ACTIVE: frozenset[str] = frozenset({"queued", "running"})
 FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 TASK_NAME = "train_patch"
-RESERVED_OPTIONS = frozenset({"seed", "progress", "budget", "criterion", "access", "data", "access_kind",
-                              "exemplar"})
-Access = Literal["queries", "zeroth_order", "gradient", "weights"]
-ACCESS_ORDER: tuple[str, ...] = ("queries", "zeroth_order", "gradient", "weights")  # least privileged first
 ARTIFACT_ACCESS = frozenset({"gradient", "weights"})  # these need the version's uploaded ONNX artifact
 
 
@@ -46,7 +41,7 @@ class JobRequest(BaseModel):
 
     model: str = Field(pattern=NAME_PATTERN, description="registered model name")
     version: str | None = Field(None, pattern=NAME_PATTERN, description="model version (default: the latest)")
-    method: str = Field("eraser", description="a method from patcher.methods.METHODS")
+    method: str = Field("eraser", description="a method (GET /v1/methods lists them)")
     dataset: str = Field(min_length=1, max_length=128, description="id of an uploaded dataset")
     criterion: Literal["dp", "eo", "eopp"] = "dp"
     query_budget: int | None = Field(None, gt=0, le=100_000_000,
@@ -54,7 +49,10 @@ class JobRequest(BaseModel):
                                                  "queries and zeroth_order; gradient and weights send none)")
     holdout: float = Field(0.3, gt=0, lt=1, description="fraction held out to score the patch on")
     seed: int = Field(0, ge=0, le=2**32 - 1)
-    options: dict[str, Any] = Field(default_factory=dict, description="method options (e.g. {'bias': 'group'})")
+    preset: str | None = Field(None, description="a named preset of the method's options (GET /v1/methods/{name} "
+                                                 "lists them); `options` override it")
+    options: dict[str, Any] = Field(default_factory=dict, description="method options (e.g. {'bias': 'group'}); "
+                                    "GET /v1/methods/{name} gives each method's options schema")
     access: Access | None = Field(None, description="how the method reaches the model (default: the least "
                                                     "privileged kind the method supports)")
     exemplar_dataset: str | None = Field(None, min_length=1, max_length=128,
@@ -73,6 +71,7 @@ class JobRecord(BaseModel):
     query_budget: int | None
     holdout: float
     seed: int
+    preset: str | None = None
     options: dict[str, Any]
     access: str = "queries"
     exemplar_dataset: str | None = None
@@ -87,35 +86,30 @@ class JobRecord(BaseModel):
 # ---------------------------------------------------------------- what a method accepts
 
 
-def method_access(module: ModuleType) -> frozenset[str]:
-    """The access kinds a method module declares (`ACCESS`); a module that declares none takes queries."""
-    return frozenset(getattr(module, "ACCESS", None) or {"queries"})
+class OptionInfo(BaseModel):
+    name: str
+    type: str
+    default: Any
+    description: str
 
 
-def default_access(supported: frozenset[str]) -> str:
-    return next(kind for kind in ACCESS_ORDER if kind in supported)
+class MethodInfo(BaseModel):
+    """A method as the job API describes it (`GET /v1/methods/{name}`)."""
 
+    name: str
+    summary: str
+    access: list[Access] = Field(description="access kinds it works with, least privileged first")
+    default_access: Access
+    group_at_inference: Literal["required", "none", "optional"] = Field(
+        description="whether its patches need the group with every request (optional: depends on the options)")
+    takes_exemplar: bool = Field(description="whether a job may give it an exemplar_dataset")
+    presets: dict[str, dict[str, Any]] = Field(description="named option sets a job selects with `preset`")
+    options: list[OptionInfo]
+    options_schema: dict[str, Any] = Field(description="JSON schema of `options`")
 
-def method_takes(module: ModuleType, name: str) -> bool:
-    """Whether the method's `fit` takes keyword `name`: a parameter of its own, or a field of its options
-    model when options are passed through as **kwargs."""
-    params = inspect.signature(module.fit).parameters
-    if name in params and params[name].kind in (inspect.Parameter.KEYWORD_ONLY,
-                                                inspect.Parameter.POSITIONAL_OR_KEYWORD):
-        return True
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return False
-    options = options_model(module)
-    return options is not None and name in options.model_fields
-
-
-def options_model(module: ModuleType) -> type[BaseModel] | None:
-    """The method's pydantic options model (`EraserOptions` for eraser), when its module defines one."""
-    for value in vars(module).values():
-        if isinstance(value, type) and issubclass(value, BaseModel) and value.__name__.endswith("Options") \
-                and value.__module__ == module.__name__:
-            return value
-    return None
+    @classmethod
+    def of(cls, method: Method) -> MethodInfo:
+        return cls.model_validate(plain(method.describe()))
 
 
 # ---------------------------------------------------------------- JSON for the queue and the records
@@ -255,7 +249,7 @@ def _record(job_id: str, h: dict[str, str]) -> JobRecord:
     return JobRecord(
         id=job_id, status=h["status"], method=req["method"], model=req["model"], version=req["version"],
         dataset=req["dataset"], criterion=req["criterion"], query_budget=req["query_budget"],
-        holdout=req["holdout"], seed=req["seed"], options=req.get("options") or {},
+        holdout=req["holdout"], seed=req["seed"], preset=req.get("preset"), options=req.get("options") or {},
         access=req.get("access") or "queries", exemplar_dataset=req.get("exemplar_dataset"),
         created_at=num("created_at") or 0.0, started_at=num("started_at"), finished_at=num("finished_at"),
         progress=json.loads(h["progress"]) if h.get("progress") else {},

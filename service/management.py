@@ -16,7 +16,6 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from types import ModuleType
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
@@ -26,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
+from patcher.methods import ACCESS_ORDER, Method, OptionsError, get_method, methods
 from patcher.patch import Patch, PatchError
 from service import worker
 from service.artifacts import ONNX_TYPES, ArtifactError, inspect_onnx, upstream_conflict, verified
@@ -44,21 +44,16 @@ from service.datasets_store import (
 )
 from service.errors import ApiError
 from service.jobs import (
-    ACCESS_ORDER,
     ACTIVE,
     ARTIFACT_ACCESS,
-    RESERVED_OPTIONS,
     JobNotFound,
     JobRecord,
     JobRequest,
     JobStore,
+    MethodInfo,
     abort,
     arq_client,
-    default_access,
     enqueue,
-    method_access,
-    method_takes,
-    options_model,
 )
 from service.oip import ErrorResponse, describe_validation_errors
 from service.openapi import include_schemas, json_body
@@ -319,27 +314,28 @@ def _jobs(request: Request) -> JobStore:
     return request.app.state.jobs
 
 
-def _check_options(method: str, module: ModuleType, options: dict[str, Any]) -> None:
-    """Options are checked before the job is queued, so a typo is a 400 now rather than a failed job later."""
-    model = options_model(module)
-    if model is None:
-        return
-    unknown = sorted(set(options) - set(model.model_fields))
-    if unknown:
-        raise ApiError(400, f"unknown option(s) {unknown} for {method}; it takes "
-                            f"{sorted(k for k in model.model_fields if k not in RESERVED_OPTIONS)}")
+def _method(name: str) -> Method:
     try:
-        model(**options)
-    except ValidationError as e:
-        raise ApiError(400, f"invalid options for {method}: {describe_validation_errors(e.errors())}") from None
-    except (ValueError, TypeError) as e:  # a model validator's own check
-        raise ApiError(400, f"invalid options for {method}: {e}") from None
+        return get_method(name)
+    except OptionsError as e:
+        raise ApiError(404, str(e)) from None
 
 
-def _resolve_access(req: JobRequest, module: ModuleType) -> JobRequest:
+@router.get("/methods", summary="the debiasing methods a job can use", response_model=list[MethodInfo])
+async def list_methods() -> JSONResponse:
+    return JSONResponse([MethodInfo.of(m).model_dump(mode="json") for m in methods()])
+
+
+@router.get("/methods/{name}", summary="one method: access kinds, inference needs, presets, options schema",
+            response_model=MethodInfo)
+async def describe_method(name: str) -> JSONResponse:
+    return _json(MethodInfo.of(_method(name)))
+
+
+def _resolve_access(req: JobRequest, method: Method) -> JobRequest:
     """The job's access kind: the one asked for if the method supports it, else 400 naming what it does."""
-    supported = method_access(module)
-    access = req.access or default_access(supported)
+    supported = method.access
+    access = req.access or method.default_access
     if access not in supported:
         listed = ", ".join(k for k in ACCESS_ORDER if k in supported)
         raise ApiError(400, f"method {req.method} does not support access {access!r}; it supports: {listed}")
@@ -364,23 +360,15 @@ async def _check_dataset(request: Request, dataset_id: str, spec: ModelSpec, wha
 @router.post("/jobs", status_code=202, response_model=JobRecord, openapi_extra=json_body(JobRequest),
              summary="start a patch-training job")
 async def create_job(request: Request) -> JSONResponse:
-    from patcher.methods import METHODS, get_method
-
     req = await _parse(request, JobRequest)
-    if req.method not in METHODS:
-        raise ApiError(400, f"unknown method {req.method!r}; available: {', '.join(sorted(METHODS))}")
-    reserved = sorted(RESERVED_OPTIONS & set(req.options))
-    if reserved:
-        raise ApiError(400, f"options may not set {', '.join(reserved)}: they are fields of the job itself")
-    # In a thread: the first import of a torch method takes seconds, and inference shares this event loop.
+    # Options are checked before the job is queued, so a typo is a 400 now rather than a failed job later.
     try:
-        module = await run_in_threadpool(get_method, req.method)
-    except ImportError as e:
-        raise ApiError(500, f"method {req.method} is registered but cannot be loaded on this gateway ({e}); "
-                            "check its dependencies (the torch extra)") from None
-    _check_options(req.method, module, req.options)
-    req = _resolve_access(req, module)
-    if req.exemplar_dataset is not None and not method_takes(module, "exemplar"):
+        method = get_method(req.method)
+        method.parse_options(req.options, req.preset)
+    except OptionsError as e:
+        raise ApiError(400, str(e)) from None
+    req = _resolve_access(req, method)
+    if req.exemplar_dataset is not None and not method.takes_exemplar:
         raise ApiError(400, f"method {req.method} takes no exemplar dataset; leave exemplar_dataset out")
     registry = _registry(request)
     if req.version is None:
@@ -434,28 +422,30 @@ async def cancel_job(request: Request, job_id: str) -> JSONResponse:
     return _json(await jobs.get(job_id), 202)
 
 
-@router.post("/jobs/{job_id}/condensed-dataset", status_code=201,
-             summary="a new dataset: the job's dataset without the training rows its sample audit drops (FORML)")
-async def condensed_dataset(request: Request, job_id: str) -> JSONResponse:
+@router.post("/jobs/{job_id}/datasets/{row_set}", status_code=201,
+             summary="a new dataset: the job's dataset without a set of rows its method proposed leaving out "
+                     "(forml: condensed)")
+async def dataset_without_rows(request: Request, job_id: str, row_set: str) -> JSONResponse:
     try:
         job = await _jobs(request).get(job_id)
     except JobNotFound as e:
         raise ApiError(404, str(e)) from None
-    audit = ((job.result or {}).get("report") or {}).get("audit")
     if job.status != "succeeded":
-        raise ApiError(409, f"job {job_id} is {job.status}; only a succeeded job has a sample audit")
-    if not isinstance(audit, dict) or "condensed_indices" not in audit or "rows_are" not in audit:
-        raise ApiError(409, f"job {job_id} ({job.method}) reports no sample audit; forml jobs do")
-    dropped = sorted(set(audit.get("rank_by_weight") or []) - set(audit["condensed_indices"]))
+        raise ApiError(409, f"job {job_id} is {job.status}; only a succeeded job has row sets")
+    sets = (job.result or {}).get("drop_rows") or {}
+    if row_set not in sets:
+        have = ", ".join(sorted(sets)) or "none"
+        raise ApiError(404, f"job {job_id} ({job.method}) proposed no row set {row_set!r}; its row sets: {have}")
+    dropped = sorted(int(i) for i in sets[row_set])
     try:
         data = await _datasets(request).load(job.dataset)
     except DatasetNotFound:
-        raise ApiError(409, f"job {job_id}'s dataset {job.dataset} has been deleted; nothing to condense") from None
+        raise ApiError(409, f"job {job_id}'s dataset {job.dataset} has been deleted; nothing to build from") from None
     stored, summary = await run_in_threadpool(_without_rows, data, dropped, f"{data.summary.name or job.dataset} "
-                                              f"condensed by job {job_id}")
+                                              f"without {row_set} rows of job {job_id}")
     await _datasets(request).put(stored, summary)
-    body = {**summary.model_dump(mode="json"), "source_dataset": job.dataset, "dropped_rows": len(dropped),
-            "condense_by": audit.get("condense_by"), "drop_fraction": audit.get("drop_fraction")}
+    body = {**summary.model_dump(mode="json"), "source_dataset": job.dataset, "row_set": row_set,
+            "dropped_rows": len(dropped)}
     return JSONResponse(body, status_code=201, headers={"Location": f"/v1/datasets/{summary.id}"})
 
 
@@ -579,7 +569,7 @@ async def startup(app: FastAPI) -> None:
     app.state.arq = arq_client(redis, settings.job_queue)
     app.state.worker_process = None
     app.state.worker_watch = None
-    include_schemas(app, ModelSpec, JobRequest)
+    include_schemas(app, ModelSpec, JobRequest, MethodInfo, *(m.options for m in methods()))
     if settings.admin_key is None and settings.host not in LOOPBACK_HOSTS:
         log.warning("FAIRPATCH_ADMIN_KEY is not set and the gateway listens on %s: anyone who can reach it can "
                     "register models and run jobs", settings.host)

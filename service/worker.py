@@ -48,7 +48,6 @@ from service.jobs import (
     JobStore,
     job_deserializer,
     job_serializer,
-    method_takes,
     plain,
 )
 from service.patch_store import PatchStore
@@ -86,19 +85,14 @@ def stratified_split(strata: np.ndarray, holdout: float, seed: int) -> tuple[np.
 
 
 def _cancellable(oracle: Any, cancelled: threading.Event, sent: Callable[[int], None] | None = None) -> Any:
-    """Check the cancel flag before every batch the oracle sends (`_score_batch` is CountingOracle's hook),
-    and report the rows each batch sent to `sent`."""
-    send = oracle._score_batch
-
-    def score_batch(X: np.ndarray) -> np.ndarray:
+    """Check the cancel flag before every batch the oracle sends, and report the rows of each batch to `sent`."""
+    def before_batch(rows: int) -> None:
         if cancelled.is_set():
             raise JobCancelled("the job was cancelled")
-        out = send(X)
         if sent is not None:
-            sent(len(X))
-        return out
+            sent(rows)
 
-    oracle._score_batch = score_batch
+    oracle.before_batch = before_batch
     return oracle
 
 
@@ -157,25 +151,6 @@ class _Progress:
             log.warning("job %s: cannot write progress: %s", self.job_id, e)
 
 
-AUDIT_ROW_LISTS = ("rank_by_weight", "rank_by_ema", "condensed_indices")
-
-
-def audit_in_dataset_rows(audit: dict[str, Any], fit_idx: np.ndarray) -> dict[str, Any]:
-    """A sample audit's row numbers (positions in the fit part the method saw) as rows of the uploaded dataset
-    (0-based, in file order), so a user can find them in their own file."""
-    def row(i: Any) -> Any:
-        return int(fit_idx[i]) if isinstance(i, int) and 0 <= i < len(fit_idx) else i
-
-    out = dict(audit)
-    for key in AUDIT_ROW_LISTS:
-        if isinstance(out.get(key), list):
-            out[key] = [row(i) for i in out[key]]
-    if isinstance(out.get("lowest"), list):
-        out["lowest"] = [{**r, "row": row(r.get("row"))} if isinstance(r, dict) else r for r in out["lowest"]]
-    out["rows_are"] = "rows of the uploaded dataset (0-based, file order)"
-    return out
-
-
 def _evaluate(spec: ModelSpec, patch: Any, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
               cancelled: threading.Event, seed: int) -> dict[str, Any]:
     """Headline metrics on the held-out rows before and after the patch, through an unbudgeted oracle. The
@@ -226,7 +201,7 @@ async def _exemplar(ctx: dict[str, Any], job: JobRecord, group_names: tuple[str,
 
 
 async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, stage: list[str]) -> dict[str, Any]:
-    from patcher.methods import get_method
+    from patcher.methods import FitRequest, get_method
     from patcher.tuning import TuningData
     from service.http_oracle import HttpOracle
 
@@ -240,15 +215,12 @@ async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, 
     if len(fit_idx) == 0 or len(held_idx) == 0:
         raise JobFailed(f"holdout {job.holdout} of {len(data.y)} rows leaves one part empty; "
                         "upload more rows or change holdout")
-    method = await asyncio.to_thread(get_method, job.method)  # a first torch import takes seconds
+    method = get_method(job.method)
+    options = method.parse_options(job.options, job.preset)
     tune = TuningData(data.X[fit_idx], data.y[fit_idx], data.groups[fit_idx], data.group_names, data.feature_names)
-    extra: dict[str, Any] = {}
-    if method_takes(method, "access_kind"):  # methods with more than one mode (triggers) learn which one
-        extra["access_kind"] = job.access
+    exemplar = None
     if job.exemplar_dataset is not None:
-        extra["exemplar"] = await _exemplar(ctx, job, data.group_names, data.X.shape[1])
-    if "output_kind" not in job.options and method_takes(method, "output_kind"):
-        extra["output_kind"] = spec.upstream.output_kind  # the registration says what the model's output holds
+        exemplar = await _exemplar(ctx, job, data.group_names, data.X.shape[1])
 
     stage[0] = f"fitting {job.method}"
     progress = _Progress(jobs, job.id, asyncio.get_running_loop(), cancelled)
@@ -259,15 +231,18 @@ async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, 
         access = oracle = _cancellable(await asyncio.to_thread(HttpOracle, spec, budget=job.query_budget),
                                        cancelled, progress.sent)
 
-    def fit() -> tuple[Any, Any]:
+    request = FitRequest(criterion=job.criterion, budget=job.query_budget, seed=job.seed, progress=progress,
+                         output_kind=spec.upstream.output_kind, access=job.access, exemplar=exemplar, row_ids=fit_idx)
+
+    def fit() -> Any:
         try:
-            return method.fit(access, tune, job.criterion, job.query_budget, progress=progress, seed=job.seed,
-                              **job.options, **extra)
+            return method.fit(access, tune, request, options)
         finally:  # in the thread: a cancelled job's client is closed when the thread is done with it
             if oracle is not None:
                 oracle.close()
 
-    patch, report = await asyncio.to_thread(fit)
+    result = await asyncio.to_thread(fit)
+    patch, report = result.patch, result.report
     if cancelled.is_set():
         raise JobCancelled("the job was cancelled")
     if not hasattr(patch, "for_model"):
@@ -285,14 +260,13 @@ async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, 
     bound = patch.for_model(spec.name, spec.version)
     patch_id = await ctx["patches"].put(bound)
     report_dict = report.model_dump(mode="json") if hasattr(report, "model_dump") else dict(report)
-    if isinstance(report_dict.get("audit"), dict):
-        report_dict["audit"] = audit_in_dataset_rows(report_dict["audit"], fit_idx)
     return plain({"patch_id": patch_id, "queries_used": queries_used, "eval_queries": scores["eval_queries"],
                   "fit_rows": int(len(fit_idx)), "holdout_rows": int(len(held_idx)),
                   "groups": list(data.group_names), "group_at_inference": scores["group_at_inference"],
                   "access": job.access, "served_by": scores["served_by"],
                   "artifact_sha256": None if oracle is not None else access.sha256,
-                  "before": scores["before"], "after": scores["after"], "report": report_dict})
+                  "before": scores["before"], "after": scores["after"], "report": report_dict,
+                  "drop_rows": {name: [int(i) for i in rows] for name, rows in result.drop_rows.items()}})
 
 
 async def train_patch(ctx: dict[str, Any], job_id: str) -> str:

@@ -43,3 +43,13 @@ def redis_url(tmp_path_factory):
 
     with redis_url_for(os.environ.get("REDIS_URL") or None, tmp_path_factory.mktemp("redis")) as url:
         yield url
+
+
+def fit(method: str, access, data, criterion: str = "dp", budget: int | None = None, *, seed: int = 0,
+        access_kind: str | None = None, exemplar=None, progress=None, **options):
+    """(patch, report) of one fit of a registered method, the way every caller runs one (`Method.run`)."""
+    from patcher.methods import FitRequest, get_method
+
+    request = FitRequest(criterion, budget, seed, progress, access=access_kind, exemplar=exemplar)
+    result = get_method(method).run(access, data, request, options)
+    return result.patch, result.report

@@ -10,6 +10,7 @@ from patcher.oracle import OnnxOracle
 from patcher.patch import Patch
 from patcher.scores import log_softmax
 from patcher.tuning import TuningData
+from tests.conftest import fit
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_softlabel_logreg_recovers_the_conditional_mean():
 @pytest.mark.parametrize("bias", ["group", "estimator"])
 def test_eraser_reduces_dp_within_budget_and_the_patch_applies_offline(adult, adult_model, tune, bias):
     oracle = OnnxOracle(adult_model.onnx_bytes, budget=300)
-    patch, report = eraser.fit(oracle, tune, "dp", 300, bias=bias, seed=0)
+    patch, report = fit("eraser", oracle, tune, "dp", 300, bias=bias, seed=0)
     assert oracle.queries_used == report.queries_used <= 300
     assert report.group_at_inference is (bias == "group")
     # round trip through bytes, then apply on the held-out test split
@@ -83,12 +84,12 @@ def test_eraser_reduces_dp_within_budget_and_the_patch_applies_offline(adult, ad
 
 def test_proxies_need_columns(tune, adult_model):
     with pytest.raises(ValueError, match="proxy_columns"):
-        eraser.fit(OnnxOracle(adult_model.onnx_bytes), tune, "dp", 100, bias="proxies")
+        fit("eraser", OnnxOracle(adult_model.onnx_bytes), tune, "dp", 100, bias="proxies")
 
 
 def test_budget_too_small_is_a_clear_error(tune, adult_model):
     with pytest.raises(ValueError, match="too small"):
-        eraser.fit(OnnxOracle(adult_model.onnx_bytes), tune, "dp", 3)
+        fit("eraser", OnnxOracle(adult_model.onnx_bytes), tune, "dp", 3)
 
 
 def test_multiclass_model_gets_a_patch(adult):
@@ -99,7 +100,7 @@ def test_multiclass_model_gets_a_patch(adult):
     logp = OnnxOracle(model).log_probs(X)
     y = logp.argmax(1)  # labels the model agrees with, three classes
     data = TuningData(X, y, adult.tune.groups[:2000], adult.group_names)
-    patch, report = eraser.fit(OnnxOracle(model, budget=600), data, "dp", 600, bias="group")
+    patch, report = fit("eraser", OnnxOracle(model, budget=600), data, "dp", 600, bias="group")
     assert patch.manifest["n_classes"] == 3 and report.queries_used <= 600
     out = PatchRunner(patch).transform_outputs(X, logp, data.groups)
     assert out.shape == (2000, 3)
@@ -128,7 +129,7 @@ def test_proxy_rule_needs_no_group_and_uses_only_its_columns(adult, adult_model,
 
     cols = feature_columns(adult.feature_names, ["relationship", "marital_status"])
     assert all(adult.feature_names[i].startswith(("relationship=", "marital_status=")) for i in cols)
-    patch, report = eraser.fit(OnnxOracle(adult_model.onnx_bytes, budget=500), tune, "dp", 500,
+    patch, report = fit("eraser", OnnxOracle(adult_model.onnx_bytes, budget=500), tune, "dp", 500,
                                bias="proxies", proxy_columns=cols)
     runner = PatchRunner(patch)
     assert not runner.needs_group and not report.group_at_inference

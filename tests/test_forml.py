@@ -11,11 +11,11 @@ from torch import nn
 
 from patcher.access import ModelArtifact
 from patcher.apply import PatchRunner
-from patcher.methods import forml
 from patcher.methods.forml_audit import export_condensed, normalised_weights
 from patcher.methods.forml_core import ExemplarSampler, TrainConfig, lookahead, meta_loss
 from patcher.methods.forml_core import train as forml_train
 from patcher.tuning import TuningData
+from tests.conftest import fit
 
 FAST = {"epochs": 2, "batch_size": 128, "exemplar_batch": 128, "min_per_cell": 8}
 
@@ -42,7 +42,7 @@ def small(adult):
 @pytest.fixture(scope="module")
 def fitted(small):
     train, exemplar = small
-    return forml.fit(None, train, "eopp", None, seed=0, exemplar=exemplar, weight_lr=0.5, **FAST)
+    return fit("forml", None, train, "eopp", None, seed=0, exemplar=exemplar, weight_lr=0.5, **FAST)
 
 
 def _mlp(d: int) -> nn.Module:
@@ -143,8 +143,8 @@ def test_meta_losses():
 
 def test_zero_weight_lr_is_exactly_the_uniform_run(small):
     train, exemplar = small
-    a, _ = forml.fit(None, train, "eopp", None, seed=3, exemplar=exemplar, weight_lr=0.0, **FAST)
-    b, rep = forml.fit(None, train, "eopp", None, seed=3, exemplar=exemplar, uniform=True, **FAST)
+    a, _ = fit("forml", None, train, "eopp", None, seed=3, exemplar=exemplar, weight_lr=0.0, **FAST)
+    b, rep = fit("forml", None, train, "eopp", None, seed=3, exemplar=exemplar, uniform=True, **FAST)
     ra, rb = PatchRunner(a), PatchRunner(b)
     np.testing.assert_allclose(ra.model_logits(exemplar.X), rb.model_logits(exemplar.X), atol=1e-6)
     assert rep.audit.weight_quantiles["min"] == rep.audit.weight_quantiles["max"] == 1.0
@@ -191,7 +191,7 @@ def test_audit_ranking_and_condensed_export_are_consistent(small, fitted):
 
 def test_held_out_exemplars_are_not_ranked(small):
     train, _ = small
-    patch, report = forml.fit(None, train, "eo", None, seed=1, exemplar_fraction=0.2, **FAST)
+    patch, report = fit("forml", None, train, "eo", None, seed=1, exemplar_fraction=0.2, **FAST)
     weights = patch.arrays()["sample_weights"]
     held = np.flatnonzero(np.isnan(weights))
     assert report.n_exemplar == len(held) and report.n_train == len(train) - len(held)
@@ -207,7 +207,7 @@ def test_fine_tunes_the_given_model(small, adult_model):
     train, exemplar = small
     artifact = ModelArtifact(adult_model.onnx_bytes, "adult-ref")
     # a vanishing learning rate leaves the given weights: the patch reproduces the reference model
-    patch, report = forml.fit(artifact, train, "eopp", None, seed=0, exemplar=exemplar, lr=1e-12,
+    patch, report = fit("forml", artifact, train, "eopp", None, seed=0, exemplar=exemplar, lr=1e-12,
                               lookahead_lr=1e-12, epochs=1, batch_size=256, exemplar_batch=64, min_per_cell=4)
     assert report.architecture == "given:adult-ref" and not report.from_scratch
     ref = artifact.oracle().scores(exemplar.X)
@@ -219,8 +219,8 @@ def test_normalised_weights_and_bad_input(small):
     np.testing.assert_allclose(normalised_weights(np.log([1.0, 3.0])), [0.5, 1.5])
     train, _ = small
     with pytest.raises(ValueError, match="criterion"):
-        forml.fit(None, train, "parity", None)
+        fit("forml", None, train, "parity", None)
     with pytest.raises(ValueError, match="weight access"):
-        forml.fit(b"not an artifact", train, "eopp", None)  # type: ignore[arg-type]
+        fit("forml", b"not an artifact", train, "eopp", None)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
-        forml.fit(None, train, "eopp", None, epochs=0)
+        fit("forml", None, train, "eopp", None, epochs=0)

@@ -25,8 +25,10 @@ from patcher.methods.reprogram_triggers import (
     TabularTrigger,
     group_columns,
 )
+from patcher.methods.trigger import TriggerOptions
 from patcher.oracle import OnnxOracle
 from patcher.tuning import TuningData
+from tests.conftest import fit
 
 
 def run_onnx(graph: bytes, X: np.ndarray) -> np.ndarray:
@@ -80,16 +82,17 @@ def test_zo_trigger_is_the_zeroth_order_form_and_colored_digits_defaults_use_the
     from patcher.methods.reprogram import make_trigger
 
     X, g = np.zeros((4, 3, 16, 16), np.float32), np.array([0, 1, 0, 1])
-    split = reprogram.ReprogramOptions(trigger="frame", zo_trigger="color")
+    split = TriggerOptions(trigger="frame", zo_trigger="color")
     assert isinstance(make_trigger(X, g, split, "zeroth_order"), ColorTrigger)
     assert isinstance(make_trigger(X, g, split, "gradient"), FrameTrigger)  # zo_trigger leaves gradients alone
-    opts = reprogram.ReprogramOptions(**dataset_options("colored-digits"))
+    opts = get_method("trigger").parse_options(preset="colored-digits")
     assert opts.zo_trigger is None
     assert all(isinstance(make_trigger(X, g, opts, a), ColorTrigger) for a in ("gradient", "zeroth_order"))
     with pytest.raises(ValueError, match="color trigger needs"):
-        make_trigger(np.zeros((4, 5), np.float32), g, reprogram.ReprogramOptions(trigger="color"), "gradient")
-    # an explicit frame (the earlier default) keeps the frame's zeroth-order search settings
+        make_trigger(np.zeros((4, 5), np.float32), g, TriggerOptions(trigger="color"), "gradient")
+    # an explicit frame keeps the frame's zeroth-order search settings (the colored-digits-frame preset)
     frame = dataset_options("colored-digits", "frame")
+    assert frame == dict(get_method("trigger").presets["colored-digits-frame"]) and frame["trigger"] == "frame"
     assert (frame["q"], frame["zo_batch"], frame["zo_lr"]) == (4, 32, 0.2)
     color = dataset_options("colored-digits", "color")
     assert color == dataset_options("colored-digits") and color["trigger"] == "color"
@@ -174,7 +177,7 @@ def test_crossfit_selection_scores_each_fold_with_a_trigger_that_did_not_train_o
     monkeypatch.setattr(reprogram, "model_logits", spy_logits)
     n = len(tune.y)
     folds = np.bincount(crossfit_folds(tune.y, tune.groups, 2, seed=0))
-    patch, report = reprogram.fit(ModelArtifact(adult_model.onnx_bytes), tune, "dp", None, lams=[1.0, 5.0],
+    patch, report = fit("trigger", ModelArtifact(adult_model.onnx_bytes), tune, "dp", None, lams=[1.0, 5.0],
                                   steps=30, select_folds=2, holdout=0.3, select="worst_cell")
     # per lambda: fold f trained on the other fold, then scored fold f; last: the chosen lambda on every row
     assert trained == [n - folds[0], n - folds[1]] * 2 + [n]
@@ -185,7 +188,7 @@ def test_crossfit_selection_scores_each_fold_with_a_trigger_that_did_not_train_o
     chosen = [c for c in report.candidates if c["lam"] == report.lam][0]
     assert report.threshold == chosen["threshold"] and report.tune_after["dp"] == pytest.approx(chosen["unfairness"])
     with pytest.raises(ValueError, match="select_folds"):
-        reprogram.ReprogramOptions(select_folds=1)
+        TriggerOptions(select_folds=1)
     from patcher.benches.trigger import dataset_options
 
     assert dataset_options("colored-digits")["select_folds"] == 2 and "select_folds" not in dataset_options("adult")
@@ -226,10 +229,9 @@ def scored(adult, adult_model, patch) -> tuple[dict, dict]:
 
 
 def test_gradient_trigger_cuts_adult_dp_on_the_test_split(adult, adult_model, tune) -> None:
-    kinds = reprogram.ACCESS
-    assert get_method("trigger") is reprogram and kinds == frozenset({"gradient", "zeroth_order"})
+    assert get_method("trigger").access == ("zeroth_order", "gradient")
     fractions = []
-    patch, report = reprogram.fit(ModelArtifact(adult_model.onnx_bytes), tune, "dp", None, lam=5.0, steps=150,
+    patch, report = fit("trigger", ModelArtifact(adult_model.onnx_bytes), tune, "dp", None, lam=5.0, steps=150,
                                   progress=lambda f, _info: fractions.append(f))
     assert report.access == "gradient" and report.queries_used == 0 and report.lam == 5.0
     assert patch.part("input_transform") is not None and not patch.group_at_inference
@@ -241,7 +243,7 @@ def test_gradient_trigger_cuts_adult_dp_on_the_test_split(adult, adult_model, tu
 
 def test_zeroth_order_trigger_stays_within_its_budget_and_helps(adult, adult_model, tune) -> None:
     oracle = OnnxOracle(adult_model.onnx_bytes, budget=12_000)
-    patch, report = reprogram.fit(oracle, tune, "dp", 12_000, eval_size=1000, evals=2, zo_columns=4)
+    patch, report = fit("trigger", oracle, tune, "dp", 12_000, eval_size=1000, evals=2, zo_columns=4)
     assert report.access == "zeroth_order" and report.steps > 0
     assert report.queries_used == oracle.queries_used <= 12_000
     assert len(report.trigger["columns"]) == 4 and report.trigger["dim"] == 8
@@ -252,13 +254,13 @@ def test_zeroth_order_trigger_stays_within_its_budget_and_helps(adult, adult_mod
 
 def test_clear_errors(adult_model, tune) -> None:
     with pytest.raises(ValueError, match="too small"):
-        reprogram.fit(OnnxOracle(adult_model.onnx_bytes, budget=300), tune, "dp", 300)
+        fit("trigger", OnnxOracle(adult_model.onnx_bytes, budget=300), tune, "dp", 300)
     with pytest.raises(ValueError, match="needs the model's ONNX artifact"):
-        reprogram.fit(OnnxOracle(adult_model.onnx_bytes), tune, "dp", None, access_kind="gradient")
+        fit("trigger", OnnxOracle(adult_model.onnx_bytes), tune, "dp", None, access_kind="gradient")
     with pytest.raises(ValueError, match="unknown criterion"):
-        reprogram.fit(ModelArtifact(adult_model.onnx_bytes), tune, "parity", None)
+        fit("trigger", ModelArtifact(adult_model.onnx_bytes), tune, "parity", None)
     with pytest.raises(ValueError, match="image trigger"):
-        reprogram.fit(ModelArtifact(adult_model.onnx_bytes), tune, "dp", None, trigger="border")
+        fit("trigger", ModelArtifact(adult_model.onnx_bytes), tune, "dp", None, trigger="border")
 
 
 def test_unbiased_gap_removes_the_small_batch_bias() -> None:
@@ -303,19 +305,15 @@ def test_worst_cell_point_is_the_best_worst_cell_under_the_unfairness_target() -
                 assert w <= worst + 1e-12
 
 
-def test_select_is_one_rule_for_both_access_kinds_and_zo_select_still_speaks_for_zeroth_order() -> None:
-    opts = reprogram.ReprogramOptions
-    assert opts().selection("gradient") == opts().selection("zeroth_order") == ("fairest", 0.5)
-    assert opts(select="worst_cell", unfairness_ratio=0.4).selection("gradient") == ("worst_cell", 0.4)
-    old = opts(zo_select="worst_cell", zo_unfairness_ratio=0.3)  # saved job options from before `select`
-    assert old.selection("zeroth_order") == ("worst_cell", 0.3) and old.selection("gradient") == ("fairest", 0.3)
-    assert {"select", "zo_select", "unfairness_ratio", "zo_unfairness_ratio"} <= set(opts.model_fields)
-    with pytest.raises(ValueError, match="older name of select"):
-        opts(select="fairest", zo_select="worst_cell")
+def test_select_is_one_rule_for_both_access_kinds_and_the_old_names_are_gone() -> None:
+    opts = TriggerOptions
+    assert opts().selection() == ("fairest", 0.5)
+    assert opts(select="worst_cell", unfairness_ratio=0.4).selection() == ("worst_cell", 0.4)
+    with pytest.raises(ValueError, match="zo_select"):
+        opts(zo_select="worst_cell")
     from patcher.benches.trigger import dataset_options
 
-    assert dataset_options("colored-digits")["select"] == "worst_cell" and "zo_select" not in \
-        dataset_options("colored-digits")
+    assert dataset_options("colored-digits")["select"] == "worst_cell"
     assert dataset_options("adult") == {}  # Adult keeps the fairest rule
 
 
@@ -327,21 +325,20 @@ def test_worst_cell_selection_falls_back_on_the_least_unfair_point_and_says_so()
     logps = [(k, np.stack([np.zeros(600), rng.normal(size=600) + 2.0 * y - s * g], 1))
              for k, s in enumerate((1.2, 0.6))]
     args = (logps, base, y, g, 2, "eo")
-    k, thr, acc, unf, base_unf, summary, info = reprogram._select(
-        *args, reprogram.ReprogramOptions(select="worst_cell"), "gradient")
+    c = reprogram._select(*args, TriggerOptions(select="worst_cell"))
+    k, thr, unf, base_unf, summary, info = c.key, c.threshold, c.unfairness, c.base_unfairness, c.summary, c.selection
     assert info == {"rule": "worst_cell", "unfairness_target": pytest.approx(0.5 * base_unf), "target_met": True}
     assert unf <= 0.5 * base_unf and summary[k]["worst_cell_accuracy"] == max(
         c["worst_cell_accuracy"] for c in summary if c["unfairness"] <= 0.5 * base_unf)
     # a target no cut reaches: the least unfair point over every candidate and cut, reported as missed
-    k, thr, acc, unf, _, summary, info = reprogram._select(
-        *args, reprogram.ReprogramOptions(select="worst_cell", unfairness_ratio=1e-9), "gradient")
+    c = reprogram._select(*args, TriggerOptions(select="worst_cell", unfairness_ratio=1e-9))
+    k, thr, unf, summary, info = c.key, c.threshold, c.unfairness, c.summary, c.selection
     assert info["rule"] == "worst_cell" and info["target_met"] is False and unf > info["unfairness_target"]
     least = min(float(sweep_thresholds(lp[:, 1] - lp[:, 0], y, g, 2, "eo")[2].min()) for _, lp in logps)
     assert unf == pytest.approx(least)
     pred = (dict(logps)[k][:, 1] - dict(logps)[k][:, 0] > thr).astype(int)
     assert unfairness(pred, y, g, "eo") == pytest.approx(unf)
-    *_, info = reprogram._select(*args, reprogram.ReprogramOptions(), "gradient")
-    assert info == {"rule": "fairest"}
+    assert reprogram._select(*args, TriggerOptions()).selection == {"rule": "fairest"}
 
 
 def test_bench_json_has_the_eraser_fields_plus_access_and_lam() -> None:
@@ -418,12 +415,12 @@ def test_zeroth_order_worst_cell_selection_stays_within_budget_and_reports_its_c
     t = data.tune
     tune = TuningData(t.X, t.y, t.groups, data.group_names, ("pixels",))
     oracle = OnnxOracle(model.onnx_bytes, budget=8000, cache=False)
-    patch, report = reprogram.fit(oracle, tune, "eo", 8000, trigger="frame", balance=True, holdout=0.3,
+    patch, report = fit("trigger", oracle, tune, "eo", 8000, trigger="frame", balance=True, holdout=0.3,
                                   border_block=1, q=2, zo_batch=32, zo_restarts=4, zo_restart_rows=64,
-                                  zo_subspace=8, zo_unbiased_gap=True, zo_select="worst_cell", eval_size=300,
+                                  zo_subspace=8, zo_unbiased_gap=True, select="worst_cell", eval_size=300,
                                   evals=2, lam_zo=20.0, zo_lr=0.2, mu=0.3)
     assert report.queries_used == oracle.queries_used <= 8000
-    assert report.selection["rule"] == "worst_cell"  # zo_select, the older name, still works
+    assert report.selection["rule"] == "worst_cell"
     chosen = [c for c in report.candidates if c["threshold"] == report.threshold]
     assert chosen and all("worst_cell_accuracy" in c for c in report.candidates)
     assert report.tune_after["eo"] == pytest.approx(chosen[0]["unfairness"])
@@ -442,7 +439,7 @@ def test_zeroth_order_color_mix_halves_colored_digits_eo_and_lifts_the_worst_cel
     tune = TuningData(t.X, t.y, t.groups, data.group_names, ("pixels",))
     opts = {**dataset_options("colored-digits"), "eval_size": 500}
     oracle = OnnxOracle(model.onnx_bytes, budget=20000, cache=False)
-    patch, report = reprogram.fit(oracle, tune, "eo", 20000, **opts)
+    patch, report = fit("trigger", oracle, tune, "eo", 20000, **opts)
     assert report.trigger["form"] == "color" and report.trigger["dim"] == 12
     assert report.queries_used == oracle.queries_used <= 20000 and report.steps > 50
     runner, test = PatchRunner(patch), data.test
@@ -459,7 +456,7 @@ def test_balanced_frame_trigger_cuts_colored_digits_eo_on_the_test_split(colored
     data, model = colored
     t = data.tune
     tune = TuningData(t.X, t.y, t.groups, data.group_names, ("pixels",))
-    patch, report = reprogram.fit(ModelArtifact(model.onnx_bytes), tune, "eo", None, trigger="frame", balance=True,
+    patch, report = fit("trigger", ModelArtifact(model.onnx_bytes), tune, "eo", None, trigger="frame", balance=True,
                                   holdout=0.3, lams=[20.0], steps=300, batch_size=256, lr=0.05,
                                   max_accuracy_drop=0.1)
     assert report.trigger["form"] == "frame" and report.trigger["dim"] == 3 * (16 * 16 - 12 * 12)
@@ -478,7 +475,7 @@ def test_gradient_worst_cell_selection_picks_on_held_out_tune_rows_only(colored)
     t = data.tune
     tune = TuningData(t.X, t.y, t.groups, data.group_names, ("pixels",))
     opts = dict(trigger="frame", balance=True, holdout=0.3, lams=[2.0, 20.0], steps=60, batch_size=256, lr=0.05)
-    patch, report = reprogram.fit(ModelArtifact(model.onnx_bytes), tune, "eo", None, select="worst_cell", **opts)
+    patch, report = fit("trigger", ModelArtifact(model.onnx_bytes), tune, "eo", None, select="worst_cell", **opts)
     sel = report.selection
     assert sel["rule"] == "worst_cell" and sel["unfairness_target"] == pytest.approx(0.5 * report.tune_before["eo"])
     assert all("worst_cell_accuracy" in c for c in report.candidates) and len(report.candidates) == 2
@@ -497,7 +494,7 @@ def test_gradient_worst_cell_selection_picks_on_held_out_tune_rows_only(colored)
     assert worst == pytest.approx(chosen["worst_cell_accuracy"], abs=1e-6)
     assert unfairness(pred, yy, gg, "eo") == pytest.approx(report.tune_after["eo"], abs=1e-6)
     # the same trained triggers under the fairest rule: the choice differs only in the rule
-    _, fairest = reprogram.fit(ModelArtifact(model.onnx_bytes), tune, "eo", None, max_accuracy_drop=0.1, **opts)
+    _, fairest = fit("trigger", ModelArtifact(model.onnx_bytes), tune, "eo", None, max_accuracy_drop=0.1, **opts)
     assert fairest.selection == {"rule": "fairest"} and "worst_cell_accuracy" not in fairest.candidates[0]
     for a, b in zip(report.candidates, fairest.candidates, strict=True):
         assert (a["accuracy_at_0"], a["unfairness_at_0"]) == (b["accuracy_at_0"], b["unfairness_at_0"])

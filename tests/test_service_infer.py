@@ -36,6 +36,7 @@ from service.redis_embedded import redis_url_for
 from service.registry import ModelRegistry, ModelSpec, UpstreamSpec
 from service.serve_thread import ServerThread
 from service.settings import Settings
+from tests.conftest import fit
 
 BODY_LIMIT = 512 * 1024
 UPSTREAM_NAME, UPSTREAM_VERSION = "adult-ref", "3"
@@ -145,9 +146,8 @@ def world(tmp_path_factory, adult, adult_model):
     tmp = tmp_path_factory.mktemp("infer")
     sfx = uuid.uuid4().hex[:6]  # models of our own on a possibly shared Redis
     tune = TuningData(adult.tune.X, adult.tune.y, adult.tune.groups, adult.group_names)
-    group_patch, _ = eraser.fit(OnnxOracle(adult_model.onnx_bytes, budget=300), tune, "dp", 300, bias="group", seed=0)
-    free_patch, _ = eraser.fit(OnnxOracle(adult_model.onnx_bytes, budget=300), tune, "dp", 300, bias="estimator",
-                               seed=0)
+    group_patch, _ = fit("eraser", OnnxOracle(adult_model.onnx_bytes, budget=300), tune, "dp", 300, bias="group")
+    free_patch, _ = fit("eraser", OnnxOracle(adult_model.onnx_bytes, budget=300), tune, "dp", 300, bias="estimator")
     assert group_patch.group_at_inference and not free_patch.group_at_inference
     onnx_model = OnnxModel(adult_model.onnx_bytes, name=UPSTREAM_NAME, version=UPSTREAM_VERSION)
     names = SimpleNamespace(adult=f"adult-{sfx}", free=f"free-{sfx}", multi=f"multi-{sfx}", down=f"down-{sfx}",

@@ -41,13 +41,13 @@ def bench_eraser(dataset: str = "adult", sensitive: str | None = None, criterion
     if proxies:
         options.update(bias="proxies", proxy_columns=feature_columns(data.feature_names, proxies))
     options.setdefault("bias", "estimator" if group_free else "group")
-    options.setdefault("seed", seed)
 
-    from patcher.methods import eraser
+    from patcher.methods import FitRequest, get_method
 
     started = time.perf_counter()
-    patch, report = eraser.fit(oracle, tune, criterion, queries, **options)
+    result = get_method("eraser").run(oracle, tune, FitRequest(criterion, queries, seed), options)
     fit_seconds = time.perf_counter() - started
+    patch, report = result.patch, result.report
 
     test = data.test
     logp = OnnxOracle(model.onnx_bytes).log_probs(test.X)  # evaluation: not counted against the budget

@@ -17,14 +17,9 @@ DEFAULT_QUERIES = 0  # FORML needs weight access, not queries
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs of both arms (default: 20 "
-                        "tabular as the reference recipe, 12 images as the reference CNN)")
-    parser.add_argument("--meta-loss", default="mean_loss_d", choices=("max_loss_d", "mean_loss_d", "cross_entropy"))
-    parser.add_argument("--reverse", default="none", choices=("none", "model", "weights", "both"))
-    parser.add_argument("--weight-lr", type=float, default=None, help="eta_f per row (default 0.01)")
-    parser.add_argument("--ce-weight", type=float, default=None, help="exemplar cross-entropy added to the meta-loss")
     parser.add_argument("--fine-tune", action="store_true", help="fine-tune the reference model instead of "
-                        "training from scratch (both arms)")
+                        "training from scratch (both arms); -o epochs=N sets both arms' epochs (default: 20 "
+                        "tabular as the reference recipe, 12 images as the reference CNN)")
 
 
 def load(dataset: str, sensitive: str | None):
@@ -87,7 +82,7 @@ def bench_forml_report(dataset: str = "adult", sensitive: str | None = None, cri
                        **options: Any) -> tuple[dict[str, Any], Any]:
     """(the bench JSON, the FORML run's FormlReport with its full sample audit)."""
     from patcher.apply import PatchRunner
-    from patcher.methods import forml
+    from patcher.methods import FitRequest, get_method
     from patcher.methods.forml_audit import summary_metrics
 
     data, priv = load(dataset, sensitive)
@@ -102,8 +97,9 @@ def bench_forml_report(dataset: str = "adult", sensitive: str | None = None, cri
 
     def arm(uniform: bool) -> tuple[dict[str, float], Any, Any, float]:
         started = time.perf_counter()
-        patch, report = forml.fit(access, train, criterion, None, seed=seed, exemplar=exemplar,
-                                  uniform=uniform, **options)
+        result = get_method("forml").run(access, train, FitRequest(criterion, None, seed, exemplar=exemplar),
+                                         {**options, "uniform": uniform})
+        patch, report = result.patch, result.report
         seconds = time.perf_counter() - started
         pred = PatchRunner(patch).model_logits(test.X).argmax(1)
         return summary_metrics(test.y, pred, test.groups, n_classes, priv), patch, report, seconds

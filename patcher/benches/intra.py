@@ -9,27 +9,12 @@ privileged) is reported before and after beside the headline metrics.
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Any
 
 DATASETS = ("adult", "compas", "german")
 CRITERIA = ("dp", "eo")
 DEFAULT_QUERIES = 0  # weight access: the methods send no queries
-
-
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bias-measure", choices=("spd", "eod", "aod"), default=None,
-                        help="the bias the objective bounds (default: dp -> spd, eo -> eod)")
-    parser.add_argument("--epsilon", type=float, default=None, help="the bias bound (default 0.05)")
-    parser.add_argument("--margin", type=float, default=None,
-                        help="tune against epsilon - margin (default 0.01; adversarial 0.02)")
-    parser.add_argument("--bootstrap", type=int, default=None,
-                        help="average phi over this many bootstrap resamples of the rows phi is scored on (default 5; "
-                             "0: phi on the rows themselves)")
-    parser.add_argument("--se-margin", type=float, default=None,
-                        help="feasible cuts need |bias| < epsilon - max(margin, this times the bias estimate's "
-                             "standard error) (default 0: the fixed margin only)")
 
 
 def run_intra(method: str, dataset: str = "adult", sensitive: str | None = None, criterion: str = "dp",
@@ -39,23 +24,19 @@ def run_intra(method: str, dataset: str = "adult", sensitive: str | None = None,
     from patcher.apply import PatchRunner
     from patcher.bench import headline
     from patcher.datasets import load_dataset
-    from patcher.methods import get_method
+    from patcher.methods import FitRequest, get_method
     from patcher.oracle import OnnxOracle
     from patcher.reference_models import reference_model
     from patcher.tuning import TuningData
 
-    module = get_method(method)
-    # only the method's own options: the CLI namespace also carries global flags (--url, --timeout)
-    options = {k: v for k, v in options.items() if v is not None and k in module.OPTIONS.model_fields}
     data = load_dataset(dataset, sensitive)
     model = reference_model(dataset, data.sensitive, seed=seed, data=data)
     tune = TuningData(data.tune.X, data.tune.y, data.tune.groups, data.group_names, tuple(data.feature_names))
-    fit = module.fit
-
     started = time.perf_counter()
-    patch, report = fit(ModelArtifact(model.onnx_bytes, name=f"{dataset}_reference"), tune, criterion, None,
-                        seed=seed, **options)
+    result = get_method(method).run(ModelArtifact(model.onnx_bytes, name=f"{dataset}_reference"), tune,
+                                    FitRequest(criterion, None, seed), options)
     fit_seconds = time.perf_counter() - started
+    patch, report = result.patch, result.report
 
     test = data.test
     before = OnnxOracle(model.onnx_bytes).log_probs(test.X).argmax(1)

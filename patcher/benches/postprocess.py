@@ -7,8 +7,6 @@ PatchRunner with the group and one request id (so a randomized rule's draws are 
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import time
 from typing import Any
 
@@ -26,26 +24,20 @@ DEFAULT_QUERIES = None  # every tune row: these methods are meant to read the wh
 REQUEST_ID = "bench"  # the test split is scored as one request: its draws are fixed
 
 
-def add_tolerance(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tolerance", type=float, default=None,
-                        help="allowed spread of the constrained rate on the tune rows (dp, eopp)")
-
-
 def run_method(method: str, dataset: str = "adult", sensitive: str | None = None, criterion: str = "dp",
-               queries: int | None = None, seed: int = 0, *, option_names: tuple[str, ...] = (), draws: int = 1,
-               **kwargs: Any) -> dict[str, Any]:
-    """One run: the JSON `fairpatch bench <method>` prints. Only `option_names` of kwargs reach the method
-    (the CLI passes its global flags too); options left at None take the method's default. `draws` > 1 adds
+               queries: int | None = None, seed: int = 0, *, draws: int = 1, **options: Any) -> dict[str, Any]:
+    """One run: the JSON `fairpatch bench <method>` prints; `options` are the method's. `draws` > 1 adds
     `after_mean`: the test figures averaged over that many request ids (a randomized rule's expected result)."""
-    options = {k: kwargs[k] for k in option_names if kwargs.get(k) is not None}
+    from patcher.methods import FitRequest, get_method
+
     data = load_dataset(dataset, sensitive)
     model = reference_model(dataset, data.sensitive, seed=seed, data=data)
     oracle = OnnxOracle(model.onnx_bytes, budget=queries)
     tune = TuningData(data.tune.X, data.tune.y, data.tune.groups, data.group_names, tuple(data.feature_names))
-    module = importlib.import_module(f"patcher.methods.{method}")
     started = time.perf_counter()
-    patch, report = module.fit(oracle, tune, criterion, queries, seed=seed, **options)
+    result = get_method(method).run(oracle, tune, FitRequest(criterion, queries, seed), options)
     fit_seconds = time.perf_counter() - started
+    patch, report = result.patch, result.report
 
     test = data.test
     logp = OnnxOracle(model.onnx_bytes).log_probs(test.X)  # evaluation: not counted against the budget

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 from patcher.benches.postprocess import DATASETS, DEFAULT_QUERIES, run_method
 
 CRITERIA = ("dp", "eo", "eopp")
-__all__ = ["CRITERIA", "DATASETS", "DEFAULT_QUERIES", "add_arguments", "run"]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bound", type=float, default=None, help="largest bias accepted on the tune rows (0.05)")
+__all__ = ["CRITERIA", "DATASETS", "DEFAULT_QUERIES", "run"]
 
 
 def run(**kwargs: Any) -> dict[str, Any]:
-    return run_method("reject_option", option_names=("bound",), **kwargs)
+    return run_method("reject_option", **kwargs)

@@ -25,20 +25,7 @@ SWEEP_LAMS = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--access", choices=("gradient", "zeroth_order"), default="gradient",
                         help="gradient: through the model artifact; zeroth_order: scores only, --queries rows")
-    parser.add_argument("--lam", type=float, default=None,
-                        help="fairness weight (default: gradient sweeps a few and picks on tune; zo uses 10)")
     parser.add_argument("--sweep-lam", action="store_true", help="print the accuracy-fairness curve over lambda")
-    parser.add_argument("--trigger", choices=("auto", "tabular", "border", "frame", "patch", "color"), default=None,
-                        help="trigger form (default: auto; colored-digits: color, a global channel mix)")
-    parser.add_argument("--fairness", choices=("gap", "adversary"), default=None,
-                        help="gap penalty or discriminator min-max (default: gap)")
-    parser.add_argument("--select", choices=("fairest", "worst_cell"), default=None,
-                        help="how the trigger and threshold are chosen on the held-out tune rows: fairest within "
-                             "the accuracy cap, or best worst cell with the unfairness halved (default: fairest; "
-                             "colored-digits: worst_cell)")
-    parser.add_argument("--select-folds", type=int, default=None,
-                        help="gradient: choose lambda and threshold on out-of-fold scores of k folds of the tune "
-                             "split instead of the holdout (0: the holdout; default 0, colored-digits 2)")
     parser.add_argument("--transfer-seed", type=int, default=None,
                         help="also score the trigger on the reference model trained with this seed")
 
@@ -66,31 +53,14 @@ def load(dataset: str, sensitive: str | None, seed: int):
 
 
 def dataset_options(dataset: str, trigger: str | None = None) -> dict[str, Any]:
-    """Per-task defaults (`trigger`: a form asked for explicitly).
+    """Per-task defaults: colored digits runs the trigger method's `colored-digits` preset, or with another
+    trigger form asked for (`trigger`), `colored-digits-frame` (the frame's zeroth-order search settings)."""
+    if dataset != "colored-digits":
+        return {}
+    from patcher.methods import get_method
 
-    Colored digits: the tune split rewards the color shortcut (it agrees with the label 90% of the time), so
-    the utility loss and the selection accuracy weigh the four (color, label) cells equally (`balance`) and
-    the accuracy cap is loose (a fair trigger gives up the shortcut's accuracy). The trigger is a global
-    color mix (`color`: 12 parameters, the identity at the start): the color is a tint of the whole image,
-    and a mix that sends both hues to one removes it. Gradient access picks lambda and threshold on the
-    out-of-fold scores of 2 folds of the tune split (`select_folds`: every tune row selects, then the chosen
-    lambda is retrained on all of them). Zeroth order: antithetic estimates (q = 2) on stratified batches
-    of 64 rows with the small-batch bias of the gap removed, the evaluated mix and threshold chosen on 30% of
-    the tune rows held out of training (fitted rows look fair long before unseen ones do). Both access kinds
-    choose the trigger (lambda, or evaluated candidate) and threshold with the best worst-cell accuracy on
-    their selection rows among those that halve the model's eo there. `trigger` frame (the earlier default)
-    keeps the frame's zeroth-order search: the best of 32 random frames on one training batch, then q = 4 on
-    batches of 32 rows in 16 random directions around it (see docs/triggers.md, docs/triggers_zo_dev.md)."""
-    if dataset == "colored-digits":
-        opts = {"trigger": "color", "balance": True, "holdout": 0.3, "max_accuracy_drop": 0.1,
-                "fairness_tolerance": 0.02, "lams": [2.0, 5.0, 10.0, 20.0], "steps": 400, "batch_size": 256,
-                "lr": 0.05, "lam_zo": 20.0, "border_block": 1, "q": 2, "zo_batch": 64, "zo_restarts": 32,
-                "zo_restart_rows": 128, "zo_unbiased_gap": True, "zo_subspace": 16, "select": "worst_cell",
-                "zo_lr": 0.1, "mu": 0.3, "eval_size": 1000, "select_folds": 2}
-        if trigger is not None and trigger != "color":  # the frame (or another form): the frame's search settings
-            opts.update(q=4, zo_batch=32, zo_lr=0.2)
-        return opts
-    return {}
+    name = "colored-digits" if trigger in (None, "color") else "colored-digits-frame"
+    return dict(get_method("trigger").presets[name])
 
 
 def _scores(onnx_bytes: bytes, X: np.ndarray) -> np.ndarray:
@@ -110,21 +80,20 @@ def evaluate(patch, onnx_bytes: bytes, split, priv) -> dict[str, float]:
 
 def fit_trigger(data, model, criterion: str, access: str, queries: int | None, seed: int, **options):
     from patcher.access import ModelArtifact
-    from patcher.methods import reprogram
+    from patcher.methods import FitRequest, get_method
     from patcher.oracle import OnnxOracle
     from patcher.tuning import TuningData
 
     tune = data.tune
     tdata = TuningData(tune.X, tune.y, tune.groups, data.group_names, tuple(data.feature_names))
     opts = {**dataset_options(data.name, options.get("trigger")), **{k: v for k, v in options.items() if v is not None}}
-    opts.update(access_kind=access, seed=seed)
     if access == "gradient":
         src, budget = ModelArtifact(model.onnx_bytes, data.name), None
     else:
         src, budget = OnnxOracle(model.onnx_bytes, budget=queries), queries
     started = time.perf_counter()
-    patch, report = reprogram.fit(src, tdata, criterion, budget, **opts)
-    return patch, report, time.perf_counter() - started
+    result = get_method("trigger").run(src, tdata, FitRequest(criterion, budget, seed, access=access), opts)
+    return result.patch, result.report, time.perf_counter() - started
 
 
 def bench_trigger(dataset: str = "adult", sensitive: str | None = None, criterion: str = "dp",

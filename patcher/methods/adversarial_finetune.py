@@ -38,13 +38,13 @@ Choices where the reference differs or is silent (docs/intra.md has the measurem
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
 
 from patcher.access import ModelArtifact
+from patcher.methods.contract import FitRequest, FitResult, Method
 from patcher.methods.intra_common import (
     FitContext,
     IntraOptions,
@@ -55,7 +55,6 @@ from patcher.methods.intra_common import (
     holdout_split,
     last_linear,
     logit_margin,
-    parse_options,
     prepare,
     single_thread,
     threshold_search,
@@ -63,22 +62,24 @@ from patcher.methods.intra_common import (
 from patcher.patch import Patch
 from patcher.tuning import TuningData
 
-ACCESS = frozenset({"weights"})
-
 
 class AdversarialOptions(IntraOptions):
     margin: float = Field(0.02, ge=0, lt=1, description="tune against epsilon - margin")
     lam: float = Field(20.0, ge=0, le=1e4, description="weight of the critic's bias estimate in the loss (lambda)")
     delta: float = Field(0.02, ge=0, lt=1, description="the critic's bias counts from epsilon - delta")
-    epochs: int = Field(16, ge=1, le=10_000)
-    critic_steps: int = Field(201, ge=1, le=100_000)
-    actor_steps: int = Field(301, ge=0, le=100_000)
-    batch_size: int = Field(64, ge=4, le=65_536)
+    epochs: int = Field(16, ge=1, le=10_000, description="critic/model rounds")
+    critic_steps: int = Field(201, ge=1, le=100_000, description="critic regression steps per epoch")
+    actor_steps: int = Field(301, ge=0, le=100_000, description="model fine-tuning steps per epoch")
+    batch_size: int = Field(64, ge=4, le=65_536, description="rows per minibatch (critic and model)")
     lr: float = Field(3e-4, gt=0, le=1.0, description="model learning rate (Adam)")
     critic_lr: float = Field(1e-3, gt=0, le=1.0, description="critic learning rate (Adam)")
-    critic: Literal["set", "flat", "exact"] = "set"
-    critic_hidden: int = Field(32, ge=1, le=4096)
-    bias_target: Literal["operating", "scores"] = "operating"
+    critic: Literal["set", "flat", "exact"] = Field(
+        "set", description="set: per-row scores pooled by the bias measure; flat: an MLP on the whole batch's "
+        "activations (the reference); exact: no learned critic, the bias of the model's own soft decisions")
+    critic_hidden: int = Field(32, ge=1, le=4096, description="hidden units of the critic")
+    bias_target: Literal["operating", "scores"] = Field(
+        "operating", description="what the critic regresses: the bias of decisions at the operating point, or of "
+        "the scores (the reference)")
     temperature: float = Field(1.0, gt=0, le=100, description="softness of the decisions the critic regresses")
     keep: Literal["best", "last"] = Field("best", description="which epoch's model becomes the patch")
     train_layers: Literal["all", "last"] = Field("all", description="fine-tune every weight, or only the last "
@@ -87,8 +88,6 @@ class AdversarialOptions(IntraOptions):
                                                         "the epoch and the threshold (0: the same rows, as the "
                                                         "reference)")
 
-
-OPTIONS = AdversarialOptions  # the options fit() takes (the bench and docs read the names)
 
 
 def measure_weights(y: np.ndarray, groups: np.ndarray, n_groups: int, measure: str) -> list[list[tuple[Any, float]]]:
@@ -150,18 +149,16 @@ def make_critic(kind: str, hid: int, batch_size: int, width: int, measure: str):
     return FlatCritic() if kind == "flat" else SetCritic()
 
 
-def fit(access: ModelArtifact, data: TuningData, criterion: str = "dp", budget: int | None = None, *,
-        progress: Callable[[float, dict], None] | None = None, seed: int = 0,
-        **options: Any) -> tuple[Patch, IntraReport]:
+def fit(access: ModelArtifact, data: TuningData, request: FitRequest, opts: AdversarialOptions) -> FitResult:
     """Fine-tune the model against a bias critic on `data`; the best epoch by phi becomes a weight patch."""
     import torch
 
     with single_thread():
+        seed = request.seed
         torch.manual_seed(seed)
-        opts = parse_options(AdversarialOptions, options)
         train_rows, select_rows = holdout_split(data, opts.holdout, seed)
         select = data if select_rows is None else data.subset(select_rows)
-        ctx = prepare(access, select, criterion, AdversarialOptions, options, progress, seed)
+        ctx = prepare(access, select, request, opts)
         return _train(ctx, data if train_rows is None else data.subset(train_rows), seed)
 
 
@@ -207,7 +204,7 @@ def _train(ctx: FitContext, train: TuningData, seed: int) -> tuple[Patch, IntraR
         for _ in range(opts.critic_steps):
             idx = rng.integers(0, len(X), opts.batch_size)
             with torch.no_grad():
-                m = logit_margin(actor(X[idx]), opts.output_kind)
+                m = logit_margin(actor(X[idx]), ctx.output_kind)
                 h = captured["h"]
                 soft = torch.sigmoid((m - tau) / opts.temperature if opts.bias_target == "operating" else m)
             target = bias(soft.numpy(), y_np[idx], g_np[idx], G, ctx.measure)
@@ -233,7 +230,7 @@ def _train(ctx: FitContext, train: TuningData, seed: int) -> tuple[Patch, IntraR
             actor.train(not head_only)
             for _ in range(opts.actor_steps):
                 idx = rng.integers(0, len(X), opts.batch_size)
-                m = logit_margin(actor(X[idx]), opts.output_kind)
+                m = logit_margin(actor(X[idx]), ctx.output_kind)
                 bce = F.binary_cross_entropy_with_logits(m, y_t[idx])
                 weight = torch.clamp(opts.lam * (batch_bias(m, idx).abs() - opts.epsilon + opts.delta) + 1, min=1.0)
                 loss = weight * bce
@@ -266,3 +263,10 @@ def _train(ctx: FitContext, train: TuningData, seed: int) -> tuple[Patch, IntraR
                "critic": opts.critic, "bias_target": opts.bias_target, "train_layers": opts.train_layers,
                "se_margin": opts.se_margin, "seed": seed, "history": history}
     return finish("adversarial_finetune", ctx, actor, best_op, details)
+
+
+METHOD = Method(
+    name="adversarial_finetune",
+    summary=("intra-processing (Savani et al. 2020): fine-tune the weights against a critic that estimates "
+             "the bias; the best epoch becomes the patch"),
+    access=("weights",), options=AdversarialOptions, fit=fit, group_at_inference="none")

@@ -16,11 +16,11 @@ import time
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
+from patcher.methods.contract import FitRequest, FitResult, Method
 from patcher.methods.postprocess_common import (
     Criterion,
-    Progress,
     check_criterion,
     logit,
     score_mix_graph,
@@ -31,14 +31,15 @@ from patcher.oracle import Oracle
 from patcher.patch import Patch
 from patcher.tuning import TuningData
 
-ACCESS = frozenset({"queries"})
 CRITERIA = ("eo", "eopp")
 CostConstraint = Literal["fpr", "fnr", "weighted"]
 
 
 class CalibratedEqOddsOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    cost_constraint: CostConstraint | None = None  # default: fnr for eopp (TPR parity), weighted for eo
+    cost_constraint: CostConstraint | None = Field(
+        None, description="the cost equalised across groups: fpr, fnr or weighted (default: fnr for eopp, "
+        "weighted for eo)")
 
 
 class CalibratedEqOddsReport(BaseModel):
@@ -67,14 +68,13 @@ def group_cost(prob: np.ndarray, y: np.ndarray, base_rate: float, constraint: st
     return 0.5 * (gfpr * (1 - base_rate) + gfnr * base_rate)
 
 
-def fit(access: Oracle, data: TuningData, criterion: Criterion = "eo", budget: int | None = None, *,
-        progress: Progress = None, seed: int = 0, **options) -> tuple[Patch, CalibratedEqOddsReport]:
+def fit(access: Oracle, data: TuningData, request: FitRequest, opts: CalibratedEqOddsOptions) -> FitResult:
     """Mixing rates from the tune rows' scores and labels; the patch needs the group at inference."""
-    opts = CalibratedEqOddsOptions(**options)
+    criterion = request.criterion
     check_criterion(criterion, CRITERIA, "calibrated_eq_odds (it has no demographic-parity form)")
     constraint: CostConstraint = opts.cost_constraint or ("fnr" if criterion == "eopp" else "weighted")
     started = time.perf_counter()
-    s = score_tune(access, data, budget, seed, progress, need_labels=True)
+    s = score_tune(access, data, request.budget, request.seed, request.progress, need_labels=True)
     G, prob = s.n_groups, s.prob
     base = np.array([s.y[s.groups == g].mean() for g in range(G)])
     cost = np.array([group_cost(prob[s.groups == g], s.y[s.groups == g], base[g], constraint) for g in range(G)])
@@ -107,4 +107,11 @@ def fit(access: Oracle, data: TuningData, criterion: Criterion = "eo", budget: i
                         params={"criterion": criterion, "cost_constraint": constraint, "mix_rates": mix.tolist(),
                                 "base_rates": base.tolist()},
                         report=report.model_dump(exclude={"fit_seconds"}))
-    return patch, report
+    return FitResult(patch, report)
+
+
+METHOD = Method(
+    name="calibrated_eq_odds",
+    summary=("calibrated equalized odds (Pleiss et al. 2017): mix a group's scores with its base rate, like "
+             "AIF360's"),
+    access=("queries",), options=CalibratedEqOddsOptions, fit=fit, group_at_inference="required")

@@ -17,9 +17,9 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from patcher.methods.contract import FitRequest, FitResult, Method
 from patcher.methods.postprocess_common import (
     Criterion,
-    Progress,
     StepRule,
     check_criterion,
     group_rates,
@@ -31,13 +31,14 @@ from patcher.oracle import Oracle
 from patcher.patch import Patch
 from patcher.tuning import TuningData
 
-ACCESS = frozenset({"queries"})
 CRITERIA = ("eo", "eopp", "dp")
 
 
 class EqOddsOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    objective: Literal["error", "balanced"] = "error"
+    objective: Literal["error", "balanced"] = Field(
+        "error", description="error: expected 0-1 loss on the tune rows (the paper); balanced: the sum over "
+        "groups of FPR + FNR (AIF360)")
     threshold: float = Field(0.5, gt=0, lt=1, description="the model's decision: p(1) > threshold")
 
 
@@ -83,13 +84,12 @@ def solve_mixing(rates: dict[str, np.ndarray], weight: np.ndarray, base_rate: np
     return x[0::2], x[1::2], str(res.message)
 
 
-def fit(access: Oracle, data: TuningData, criterion: Criterion = "eo", budget: int | None = None, *,
-        progress: Progress = None, seed: int = 0, **options) -> tuple[Patch, EqOddsReport]:
+def fit(access: Oracle, data: TuningData, request: FitRequest, opts: EqOddsOptions) -> FitResult:
     """Solve the mixing LP on the tune rows; the patch needs the group at inference."""
-    opts = EqOddsOptions(**options)
+    criterion = request.criterion
     check_criterion(criterion, CRITERIA, "eq_odds")
     started = time.perf_counter()
-    s = score_tune(access, data, budget, seed, progress, need_labels=True)
+    s = score_tune(access, data, request.budget, request.seed, request.progress, need_labels=True)
     G = s.n_groups
     cut = float(np.log(opts.threshold / (1 - opts.threshold)))
     d = (s.margin > cut).astype(np.float64)
@@ -115,4 +115,11 @@ def fit(access: Oracle, data: TuningData, criterion: Criterion = "eo", budget: i
                         output_transform=graph, params={"criterion": criterion, "threshold": opts.threshold,
                                                         "a": a.tolist(), "b": b.tolist()},
                         report=report.model_dump(exclude={"fit_seconds"}))
-    return patch, report
+    return FitResult(patch, report)
+
+
+METHOD = Method(
+    name="eq_odds",
+    summary=("equalized-odds post-processing by linear program (Hardt et al. 2016): keep or flip the model's "
+             "decision at random per group, like AIF360's"),
+    access=("queries",), options=EqOddsOptions, fit=fit, group_at_inference="required")

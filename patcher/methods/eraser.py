@@ -5,7 +5,7 @@ Eraser estimates that rule from a few queries and removes it at inference:
 
     z'_j(x) = z_j(x) - alpha * log p_f(y = j | b(x))
 
-b is one of (ALGORITHMS.md section 2):
+b is one of:
 - "group": the sensitive attribute sent at inference; the rule is a [G, C] table;
 - "proxies": user-chosen columns of x; the rule is a small soft-label logistic model g(b);
 - "estimator": no group at inference; an attribute estimator q(a | x), trained on the tuning set's
@@ -21,12 +21,13 @@ test-set dp spread across seeds from about 0.03 to 0.01. The patch is one ONNX g
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from patcher.methods.contract import FitRequest, FitResult, Method
 from patcher.oracle import Oracle
 from patcher.patch import Patch
 from patcher.scores import log_softmax, to_log_probs
@@ -37,16 +38,20 @@ BiasSource = Literal["group", "proxies", "estimator"]
 
 
 class EraserOptions(BaseModel):
-    bias: BiasSource = "group"
+    model_config = ConfigDict(extra="forbid")
+
+    bias: BiasSource = Field("group", description="what carries the bias: group (the sensitive attribute, sent at "
+                             "inference), proxies (columns of x) or estimator (the group inferred from x; no group "
+                             "at inference)")
     proxy_columns: list[int] | None = Field(None, description="columns of X that carry the bias (bias='proxies')")
-    estimator_columns: list[int] | None = Field(None, description="columns the attribute estimator may read")
-    alpha_max: float = Field(4.0, gt=0)
-    alpha_steps: int = Field(81, ge=2)
+    estimator_columns: list[int] | None = Field(None, description="columns the attribute estimator may read "
+                                                "(bias='estimator'; default: all)")
+    alpha_max: float = Field(4.0, gt=0, description="largest strength of the erased rule that is tried")
+    alpha_steps: int = Field(81, ge=2, description="strengths tried between 0 and alpha_max")
     fairness_tolerance: float = Field(0.01, ge=0, description="unfairness (on tuning data) that is good enough")
     max_accuracy_drop: float | None = Field(0.03, ge=0, description="never trade more accuracy than this")
     surrogate: bool | None = Field(None, description="impute unpaid tuning rows' scores with a ridge surrogate "
                                    "(default: for dp only; eo and eopp tune on the paid rows, reweighted)")
-    seed: int = 0
 
 
 class FitReport(BaseModel):
@@ -253,11 +258,23 @@ def build_output_graph(n_features: int, n_classes: int, alpha: float, threshold:
 # ---------------------------------------------------------------- fit
 
 
-def fit(access: Oracle, data: TuningData, criterion: Criterion = "dp", budget: int | None = None, *,
-        progress: Callable[[float, dict], None] | None = None, **options) -> tuple[Patch, FitReport]:
-    """Learn an Eraser patch from at most `budget` queries to `access` (default: its remaining budget)."""
-    opts = EraserOptions(**options)
-    report_progress = progress or (lambda _f, _i: None)
+@dataclass(frozen=True)
+class OperatingPoint:
+    """The chosen strength and threshold, with accuracy and unfairness before and after (tuning data)."""
+
+    alpha: float
+    threshold: float
+    base_accuracy: float
+    base_unfairness: float
+    accuracy: float
+    unfairness: float
+    curve: list[dict[str, float]]  # per alpha: best threshold, accuracy, unfairness
+
+
+def fit(access: Oracle, data: TuningData, request: FitRequest, opts: EraserOptions) -> FitResult:
+    """Learn an Eraser patch from the queries the request's budget (and the oracle) allow."""
+    criterion = request.criterion
+    report_progress = request.report
     if criterion not in ("dp", "eo", "eopp"):
         raise ValueError(f"unknown criterion {criterion!r}; choose dp, eo or eopp")
     if opts.bias == "proxies" and not opts.proxy_columns and data.bias_features is None:
@@ -265,13 +282,12 @@ def fit(access: Oracle, data: TuningData, criterion: Criterion = "dp", budget: i
     started = time.perf_counter()
     X = np.asarray(data.X).reshape(len(data), -1)
     y, groups, G = np.asarray(data.y, np.int64), np.asarray(data.groups, np.int64), data.n_groups
-    remaining = getattr(access, "remaining", None)
-    limit = min(x for x in (budget, remaining, len(data)) if x is not None)
+    limit = request.query_limit(access, len(data))
     if limit < 2 * G:
         raise ValueError(f"a budget of {limit} queries is too small: Eraser needs at least {2 * G} "
                          f"(two per group) and does well from about 100")
     used_before = access.queries_used
-    idx, weights = stratified_rows(groups, y, limit, opts.seed)
+    idx, weights = stratified_rows(groups, y, limit, request.seed)
     report_progress(0.05, {"stage": "querying", "queries_used": 0})
     log_probs = to_log_probs(access.scores(X[idx]), access.output_kind)  # the Oracle protocol: scores only
     C = log_probs.shape[1]
@@ -287,7 +303,7 @@ def fit(access: Oracle, data: TuningData, criterion: Criterion = "dp", budget: i
     elif opts.bias == "estimator":
         columns = opts.estimator_columns
         Xe = X[:, columns] if columns else X
-        W, b = fit_attribute_estimator(Xe, groups, G, opts.seed)
+        W, b = fit_attribute_estimator(Xe, groups, G, request.seed)
         rule_all = np.exp(log_softmax(Xe @ W + b)) @ table
     else:
         rule_all = table[groups]
@@ -317,17 +333,18 @@ def fit(access: Oracle, data: TuningData, criterion: Criterion = "dp", budget: i
             j = int(np.argmin(np.maximum(unfair, opts.fairness_tolerance) - 1e-9 * acc))
             summary.append({"alpha": a, "threshold": float(cuts[j]), "accuracy": float(acc[j]),
                             "unfairness": float(unfair[j])})
+        point = OperatingPoint(alpha, threshold, base_acc, base_unfair, acc_after, unfair_after, summary)
     else:
-        alpha, threshold, base_acc, base_unfair, acc_after, unfair_after, summary = _tune_multiclass(
-            log_probs, rule_all[idx], y[idx], groups[idx], G, criterion, opts)
+        point = _tune_multiclass(log_probs, rule_all[idx], y[idx], groups[idx], G, criterion, opts)
+    alpha, threshold = point.alpha, point.threshold
 
     report_progress(0.95, {"stage": "exporting the patch", "alpha": alpha, "threshold": threshold})
     graph = build_output_graph(X.shape[1], C, alpha, threshold, opts.bias, table, columns, W, b)
     report = FitReport(
         criterion=criterion, bias=opts.bias, queries_used=access.queries_used - used_before, alpha=alpha,
         threshold=threshold, group_at_inference=opts.bias == "group", rule=table.tolist(),
-        tune_before={"accuracy": base_acc, criterion: base_unfair},
-        tune_after={"accuracy": acc_after, criterion: unfair_after}, curve=summary,
+        tune_before={"accuracy": point.base_accuracy, criterion: point.base_unfairness},
+        tune_after={"accuracy": point.accuracy, criterion: point.unfairness}, curve=point.curve,
         fit_seconds=time.perf_counter() - started)
     patch = Patch.build(
         method="eraser", n_classes=C, groups=list(data.group_names), group_at_inference=opts.bias == "group",
@@ -335,10 +352,10 @@ def fit(access: Oracle, data: TuningData, criterion: Criterion = "dp", budget: i
         params={"alpha": alpha, "threshold": threshold, "bias": opts.bias, "criterion": criterion,
                 "rule": table.tolist()},
         report=report.model_dump(exclude={"curve", "fit_seconds"}))
-    return patch, report
+    return FitResult(patch, report)
 
 
-def _tune_multiclass(log_probs, rule, y, groups, G, criterion, opts):
+def _tune_multiclass(log_probs, rule, y, groups, G, criterion, opts) -> OperatingPoint:
     """More than two classes: no single threshold; tune alpha on the paid rows (argmax decisions).
     dp = largest gap over classes of the per-group rate of predicting that class; eo/eopp use recall."""
     C = log_probs.shape[1]
@@ -366,4 +383,10 @@ def _tune_multiclass(log_probs, rule, y, groups, G, criterion, opts):
         key = (not within, max(unfair, opts.fairness_tolerance), -acc)
         if best_key is None or key < best_key:
             best_key, best = key, (float(alpha), acc, unfair)
-    return best[0], 0.0, base_acc, base_unfair, best[1], best[2], summary
+    return OperatingPoint(best[0], 0.0, base_acc, base_unfair, best[1], best[2], summary)
+
+
+METHOD = Method(
+    name="eraser", summary="Inference-Time Rule Eraser: distil the model's biased rule from a few queries and "
+    "subtract it from its scores (group at inference unless bias is proxies or estimator)",
+    access=("queries",), options=EraserOptions, fit=fit, group_at_inference="optional")

@@ -15,43 +15,47 @@ weight and by the EMA of their weighted loss, and the rows of the condensed data
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from patcher.access import ModelArtifact
+from patcher.methods.contract import FitRequest, FitResult, Method
 from patcher.methods.forml_audit import CondenseBy, SampleAudit, build_audit, normalised_weights, summary_metrics
-from patcher.methods.forml_core import MetaLoss, Reverse, TrainConfig, train
 from patcher.patch import Patch
 from patcher.tuning import TuningData
 
-ACCESS = frozenset({"weights"})
-Criterion = Literal["dp", "eo", "eopp"]
+MetaLoss = Literal["max_loss_d", "mean_loss_d", "cross_entropy"]
+Reverse = Literal["none", "model", "weights", "both"]
 
 
 class FormlOptions(BaseModel):
-    epochs: int = Field(20, ge=1, le=500)
-    batch_size: int = Field(256, ge=2)
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(20, ge=1, le=500, description="training epochs")
+    batch_size: int = Field(256, ge=2, description="training rows per step")
     lr: float = Field(1e-3, gt=0, description="model learning rate (Adam)")
-    weight_decay: float = Field(1e-4, ge=0)
+    weight_decay: float = Field(1e-4, ge=0, description="Adam weight decay of the model")
     lookahead_lr: float = Field(0.1, gt=0, description="eta_c of the one-step SGD lookahead")
     weight_lr: float = Field(0.01, ge=0, description="eta_f per row (the weight gradient is scaled by the batch size)")
-    meta_loss: MetaLoss = "mean_loss_d"
+    meta_loss: MetaLoss = Field("mean_loss_d", description="the fairness loss on the exemplars that the sample "
+                                "weights descend: max or mean over groups of the loss gap, or plain cross-entropy")
     ce_weight: float = Field(0.0, ge=0, description="add this times the exemplar cross-entropy to the meta-loss")
     reverse: Reverse = Field("none", description="appendix A.2: flip the sign of the lookahead ('model'), "
                              "of the weight update ('weights') or both")
     meta_groups: Literal["auto", "sensitive", "label"] = Field(
         "auto", description="groups of the meta-loss: the sensitive groups, or the classes (the paper's CIFAR/MNIST "
         "setting); auto = sensitive for binary labels, classes otherwise")
-    exemplar_batch: int = Field(512, ge=2)
+    exemplar_batch: int = Field(512, ge=2, description="exemplar rows per meta step")
     min_per_cell: int = Field(32, ge=1, description="minimum exemplar rows per (group, label) cell in each batch")
     exemplar_fraction: float = Field(0.2, gt=0, lt=1, description="share of data held out as exemplars when "
                                      "no exemplar set is given (stratified by group and label)")
-    ema_decay: float = Field(0.9, ge=0, lt=1)
-    condense_by: CondenseBy = "ema"
-    drop_fraction: float = Field(0.1, ge=0, lt=1)
+    ema_decay: float = Field(0.9, ge=0, lt=1, description="decay of the per-row EMA of the weighted loss (audit)")
+    condense_by: CondenseBy = Field("ema", description="what ranks the training rows for the condensed data set: "
+                                    "the EMA of the weighted loss, or the learned weight")
+    drop_fraction: float = Field(0.1, ge=0, lt=1, description="share of the lowest-ranked training rows the "
+                                 "condensed data set drops")
     uniform: bool = Field(False, description="baseline: the same training with uniform weights (no meta step)")
     fine_tune: bool = Field(True, description="with a model given: start from its weights (else only its "
                             "architecture is kept and it is re-initialised)")
@@ -129,15 +133,15 @@ def predict(model, X: np.ndarray, batch: int = 4096) -> np.ndarray:
                                for i in range(0, len(X), batch)])
 
 
-def fit(access: ModelArtifact | None, data: TuningData, criterion: Criterion = "eopp", budget: int | None = None,
-        *, progress: Callable[[float, dict], None] | None = None, seed: int = 0,
-        exemplar: TuningData | None = None, **options: Any) -> tuple[Patch, FormlReport]:
-    """Train (access None) or fine-tune (a ModelArtifact) on `data` with FORML; `budget` is unused (no queries)."""
+def fit(access: ModelArtifact | None, data: TuningData, request: FitRequest, opts: FormlOptions) -> FitResult:
+    """Train (access None) or fine-tune (a ModelArtifact) on `data` with FORML, on `request.exemplar` if given
+    (no queries)."""
     import torch
 
     from patcher.access import torch_to_onnx
+    from patcher.methods.forml_core import TrainConfig, train
 
-    opts = FormlOptions(**options)
+    criterion, seed, exemplar, progress = request.criterion, request.seed, request.exemplar, request.progress
     if criterion not in ("dp", "eo", "eopp"):
         raise ValueError(f"unknown criterion {criterion!r}; choose dp, eo or eopp")
     if access is not None and not isinstance(access, ModelArtifact):
@@ -184,7 +188,7 @@ def fit(access: ModelArtifact | None, data: TuningData, criterion: Criterion = "
     finally:
         torch.set_num_threads(threads)
 
-    audit = build_audit(train_rows, result.weight_logits, result.ema_weighted_loss, y[train_rows],
+    audit = build_audit(request.ids(train_rows), result.weight_logits, result.ema_weighted_loss, y[train_rows],
                         groups[train_rows], opts.condense_by, opts.drop_fraction)
     weights = np.full(len(data), np.nan, np.float32)
     weights[train_rows] = normalised_weights(result.weight_logits)
@@ -204,7 +208,8 @@ def fit(access: ModelArtifact | None, data: TuningData, criterion: Criterion = "
         params={**opts.model_dump(), "criterion": criterion, "seed": seed},
         report={"exemplar_metrics": report.exemplar_metrics, "n_train": report.n_train,
                 "weight_quantiles": audit.weight_quantiles})
-    return patch, report
+    dropped = sorted(set(audit.rank_by_weight) - set(audit.condensed_indices))
+    return FitResult(patch, report, drop_rows={"condensed": dropped})
 
 
 def _onnx_gap(model, onnx_bytes: bytes, X: np.ndarray) -> float:
@@ -225,3 +230,10 @@ def _input_name(access: ModelArtifact) -> str:
     graph = onnx.load_from_string(access.onnx_bytes).graph
     inits = {i.name for i in graph.initializer}
     return next(i.name for i in graph.input if i.name not in inits)
+
+
+METHOD = Method(
+    name="forml",
+    summary=("FORML (Yan et al. 2022): train or fine-tune the model with meta-learned sample weights that lower "
+             "the unfairness on an exemplar set; a weight patch"),
+    access=("weights",), options=FormlOptions, fit=fit, group_at_inference="none", takes_exemplar=True)

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-MetaLoss = Literal["max_loss_d", "mean_loss_d", "cross_entropy"]
-Reverse = Literal["none", "model", "weights", "both"]
+from patcher.methods.forml import MetaLoss, Reverse
+
 GroupCriterion = Literal["eopp", "eo", "dp", "loss"]
 
 

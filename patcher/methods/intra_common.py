@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from patcher.methods.contract import FitRequest, FitResult
 from patcher.tuning import TuningData, stratified_holdout
 
 if TYPE_CHECKING:
@@ -46,7 +47,6 @@ class IntraOptions(BaseModel):
     epsilon: float = Field(0.05, gt=0, lt=1, description="the bias bound of the objective")
     margin: float = Field(0.01, ge=0, lt=1, description="tune against epsilon - margin, so the bound holds on "
                                                         "unseen rows")
-    output_kind: OutputKind = Field("logits", description="what the model's [N, 2] output holds")
     bootstrap: int = Field(5, ge=0, le=1000, description="average phi over this many bootstrap resamples of "
                                                           "the tuning rows (0: phi on the rows themselves)")
     se_margin: float = Field(0.0, ge=0, le=10, description="a cut is feasible when |bias| < epsilon - max(margin, "
@@ -437,6 +437,7 @@ class FitContext:
     progress: Progress
     started: float
     resamples: np.ndarray | None = None  # bootstrap multiplicities of the tuning rows, fixed for the fit
+    output_kind: OutputKind = "logits"  # what the model's [N, 2] output holds
 
     def search(self, margin: np.ndarray) -> Operating:
         return threshold_search(margin, self.data.y, self.data.groups, self.data.n_groups, self.measure, self.bound,
@@ -446,17 +447,17 @@ class FitContext:
         return self.search(self.scorer.margin(module))
 
 
-def prepare(access: ModelArtifact, data: TuningData, criterion: str, options_model: type[BaseModel],
-            options: dict[str, Any], progress: Progress | None, seed: int = 0) -> FitContext:
+def prepare(access: ModelArtifact, data: TuningData, request: FitRequest, opts: IntraOptions) -> FitContext:
     import time
 
     started = time.perf_counter()
-    opts = parse_options(options_model, options)
+    criterion, seed = request.criterion, request.seed
+    output_kind: OutputKind = "probs" if request.output_kind == "probabilities" else "logits"
     measure = resolve_measure(criterion, opts.bias_measure)
     if data.n_groups < 2 or len(np.unique(data.groups)) < 2:
         raise ValueError("the tuning rows hold fewer than two groups: no bias to measure")
-    module = load_binary_module(access, data, opts.output_kind)
-    scorer = Scorer(data.X, opts.output_kind)
+    module = load_binary_module(access, data, output_kind)
+    scorer = Scorer(data.X, output_kind)
     bound = opts.epsilon - opts.margin
     margin = scorer.margin(module)
     y, g, G = np.asarray(data.y), np.asarray(data.groups), data.n_groups
@@ -464,12 +465,11 @@ def prepare(access: ModelArtifact, data: TuningData, criterion: str, options_mod
     return FitContext(access, data, criterion, opts, measure, bound, module, scorer,
                       default_operating(margin, y, g, G, measure, bound),
                       threshold_search(margin, y, g, G, measure, bound, resamples, epsilon=opts.epsilon,
-                                       se_margin=opts.se_margin), progress or noop_progress,
-                      started, resamples)
+                                       se_margin=opts.se_margin), request.progress or noop_progress,
+                      started, resamples, output_kind)
 
 
-def finish(method: str, ctx: FitContext, module: Any, op: Operating,
-           details: dict[str, Any]) -> tuple[Any, IntraReport]:
+def finish(method: str, ctx: FitContext, module: Any, op: Operating, details: dict[str, Any]) -> FitResult:
     import time
 
     ctx.progress(0.97, {"stage": "exporting the weight patch", "threshold": op.threshold})
@@ -477,9 +477,9 @@ def finish(method: str, ctx: FitContext, module: Any, op: Operating,
                          margin=ctx.opts.margin, threshold=op.threshold, tune_default=ctx.default.as_dict(),
                          tune_base=ctx.base.as_dict(), tune_after=op.as_dict(), details=details,
                          fit_seconds=time.perf_counter() - ctx.started)
-    patch = build_patch(method, ctx.access, ctx.data, module, op, report, ctx.opts.output_kind)
+    patch = build_patch(method, ctx.access, ctx.data, module, op, report, ctx.output_kind)
     ctx.progress(1.0, {"stage": "done", "objective": op.objective})
-    return patch, report
+    return FitResult(patch, report)
 
 
 class single_thread:

@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 from pydantic import Field
 
 from patcher.access import ModelArtifact
-from patcher.methods.intra_common import IntraOptions, IntraReport, finish, prepare, single_thread
-from patcher.patch import Patch
+from patcher.methods.contract import FitRequest, FitResult, Method
+from patcher.methods.intra_common import IntraOptions, finish, prepare, single_thread
 from patcher.tuning import TuningData
-
-ACCESS = frozenset({"weights"})
 
 
 class LayerwiseOptions(IntraOptions):
@@ -39,8 +36,6 @@ class LayerwiseOptions(IntraOptions):
     max_elements: int = Field(100_000, ge=1, description="optimise at most this many elements of a tensor")
     xi: float = Field(0.01, ge=0, description="expected-improvement exploration margin")
 
-
-OPTIONS = LayerwiseOptions  # the options fit() takes (the bench and docs read the names)
 
 
 def expected_improvement(mu: np.ndarray, sigma: np.ndarray, best: float, xi: float) -> np.ndarray:
@@ -85,15 +80,13 @@ def gbrt_minimize(func: Callable[[np.ndarray], float], lower: np.ndarray, upper:
     return xs[j], ys[j], ys
 
 
-def fit(access: ModelArtifact, data: TuningData, criterion: str = "dp", budget: int | None = None, *,
-        progress: Callable[[float, dict], None] | None = None, seed: int = 0,
-        **options: Any) -> tuple[Patch, IntraReport]:
+def fit(access: ModelArtifact, data: TuningData, request: FitRequest, opts: LayerwiseOptions) -> FitResult:
     """Optimise the last `layers` parameter tensors one at a time for phi on `data`; keep the best one."""
     import torch
 
     with single_thread():
-        ctx = prepare(access, data, criterion, LayerwiseOptions, options, progress, seed)
-        opts = ctx.opts
+        ctx = prepare(access, data, request, opts)
+        seed = request.seed
         rng = np.random.default_rng(seed)
         model = copy.deepcopy(ctx.module)
         named = [(n, p) for n, p in model.named_parameters() if p.numel() > 0]
@@ -146,3 +139,10 @@ def fit(access: ModelArtifact, data: TuningData, criterion: str = "dp", budget: 
         details = {"tensors": per_tensor, "chosen": None if best_change is None else best_change[0],
                    "calls": opts.calls, "seed": seed}
         return finish("layerwise", ctx, model, best_op, details)
+
+
+METHOD = Method(
+    name="layerwise",
+    summary=("intra-processing (Savani et al. 2020): optimise the last layers' weights one tensor at a time "
+             "by Bayesian optimisation of a bias-bounded objective"),
+    access=("weights",), options=LayerwiseOptions, fit=fit, group_at_inference="none")

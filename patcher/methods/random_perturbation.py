@@ -9,17 +9,13 @@ the tuning rows. Needs the weights; sends no queries.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
-from typing import Any
 
 from pydantic import Field
 
 from patcher.access import ModelArtifact
-from patcher.methods.intra_common import IntraOptions, IntraReport, finish, prepare, single_thread
-from patcher.patch import Patch
+from patcher.methods.contract import FitRequest, FitResult, Method
+from patcher.methods.intra_common import IntraOptions, finish, prepare, single_thread
 from patcher.tuning import TuningData
-
-ACCESS = frozenset({"weights"})
 
 
 class RandomPerturbationOptions(IntraOptions):
@@ -27,18 +23,14 @@ class RandomPerturbationOptions(IntraOptions):
     stddev: float = Field(0.1, gt=0, le=10, description="relative size of the multiplicative noise")
 
 
-OPTIONS = RandomPerturbationOptions  # the options fit() takes (the bench and docs read the names)
 
-
-def fit(access: ModelArtifact, data: TuningData, criterion: str = "dp", budget: int | None = None, *,
-        progress: Callable[[float, dict], None] | None = None, seed: int = 0,
-        **options: Any) -> tuple[Patch, IntraReport]:
-    """Best of `trials` randomly perturbed copies of the model by phi on `data` (budget unused: no queries)."""
+def fit(access: ModelArtifact, data: TuningData, request: FitRequest, opts: RandomPerturbationOptions) -> FitResult:
+    """Best of `trials` randomly perturbed copies of the model by phi on `data` (no queries)."""
     import torch
 
     with single_thread():
-        ctx = prepare(access, data, criterion, RandomPerturbationOptions, options, progress, seed)
-        opts = ctx.opts
+        ctx = prepare(access, data, request, opts)
+        seed = request.seed
         gen = torch.Generator().manual_seed(seed)
         base_state = copy.deepcopy(ctx.module.state_dict())
         trial_model = copy.deepcopy(ctx.module)
@@ -60,3 +52,10 @@ def fit(access: ModelArtifact, data: TuningData, criterion: str = "dp", budget: 
         details = {"trials": opts.trials, "stddev": opts.stddev, "best_trial": best_trial, "seed": seed,
                    "objectives": [round(o, 5) for o in objectives]}
         return finish("random_perturbation", ctx, trial_model, best_op, details)
+
+
+METHOD = Method(
+    name="random_perturbation",
+    summary=("intra-processing (Savani et al. 2020): the best of many randomly perturbed copies of the "
+             "weights, by a bias-bounded objective"),
+    access=("weights",), options=RandomPerturbationOptions, fit=fit, group_at_inference="none")

@@ -19,10 +19,10 @@ import time
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from patcher.methods.contract import FitRequest, FitResult, Method
 from patcher.methods.postprocess_common import (
     BIG,
     Criterion,
-    Progress,
     StepRule,
     check_criterion,
     logit,
@@ -34,17 +34,16 @@ from patcher.oracle import Oracle
 from patcher.patch import Patch
 from patcher.tuning import TuningData
 
-ACCESS = frozenset({"queries"})
 CRITERIA = ("dp", "eo", "eopp")
 
 
 class RejectOptionOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     bound: float = Field(0.05, ge=0, le=1, description="largest bias accepted on the tune rows (AIF360: 0.05)")
-    low: float = Field(0.01, gt=0, lt=1)
-    high: float = Field(0.99, gt=0, lt=1)
-    n_thresholds: int = Field(100, ge=1, le=10_000)
-    n_margins: int = Field(50, ge=1, le=10_000)
+    low: float = Field(0.01, gt=0, lt=1, description="lowest threshold on p(1) searched")
+    high: float = Field(0.99, gt=0, lt=1, description="highest threshold on p(1) searched")
+    n_thresholds: int = Field(100, ge=1, le=10_000, description="thresholds searched between low and high")
+    n_margins: int = Field(50, ge=1, le=10_000, description="band half-widths searched per threshold")
     favour: list[str] | None = Field(None, description="groups given the positive decision in the band "
                                      "(default: groups whose rate under the model is below the mean)")
 
@@ -101,15 +100,14 @@ def grid_search(prob: np.ndarray, y: np.ndarray, groups: np.ndarray, G: int, fav
     return t, m, bias, bal_acc
 
 
-def fit(access: Oracle, data: TuningData, criterion: Criterion = "dp", budget: int | None = None, *,
-        progress: Progress = None, seed: int = 0, **options) -> tuple[Patch, RejectOptionReport]:
+def fit(access: Oracle, data: TuningData, request: FitRequest, opts: RejectOptionOptions) -> FitResult:
     """Search the reject-option band on the tune rows' scores; the patch needs the group at inference."""
-    opts = RejectOptionOptions(**options)
+    criterion = request.criterion
     check_criterion(criterion, CRITERIA, "reject_option")
     if opts.low >= opts.high:
         raise ValueError("low must be below high")
     started = time.perf_counter()
-    s = score_tune(access, data, budget, seed, progress, need_labels=True)
+    s = score_tune(access, data, request.budget, request.seed, request.progress, need_labels=True)
     G, prob = s.n_groups, s.prob
     base = (prob > 0.5).astype(np.float64)
     if opts.favour is not None:
@@ -144,4 +142,11 @@ def fit(access: Oracle, data: TuningData, criterion: Criterion = "dp", budget: i
                         params={"criterion": criterion, "threshold": threshold, "margin": margin,
                                 "favoured": report.favoured, **rule.to_json()},
                         report=report.model_dump(exclude={"fit_seconds"}))
-    return patch, report
+    return FitResult(patch, report)
+
+
+METHOD = Method(
+    name="reject_option",
+    summary=("reject-option classification (Kamiran et al. 2012): flip decisions in a band around the "
+             "threshold, per group, like AIF360's"),
+    access=("queries",), options=RejectOptionOptions, fit=fit, group_at_inference="required")

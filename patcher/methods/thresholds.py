@@ -22,10 +22,10 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from patcher.methods.contract import FitRequest, FitResult, Method
 from patcher.methods.postprocess_common import (
     BIG,
     Criterion,
-    Progress,
     Scored,
     StepRule,
     check_criterion,
@@ -37,7 +37,6 @@ from patcher.oracle import Oracle
 from patcher.patch import Patch
 from patcher.tuning import TuningData
 
-ACCESS = frozenset({"queries"})
 CRITERIA = ("dp", "eo", "eopp")
 # Fairlearn's default is 0 (exact parity on the tune rows): the last few thousandths of tune-set parity are the
 # most expensive and do not carry over to test. 0.01 is the tolerance every fairpatch method uses by default
@@ -48,10 +47,11 @@ DEFAULT_TOLERANCE = 0.01
 
 class ThresholdOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    objective: Literal["accuracy", "balanced_accuracy"] = "accuracy"
+    objective: Literal["accuracy", "balanced_accuracy"] = Field(
+        "accuracy", description="what the rule maximises on the tune rows under the constraint")
     tolerance: float | None = Field(None, ge=0, le=1, description="allowed spread of the constrained rate on "
                                     "the tune rows (dp, eopp; default DEFAULT_TOLERANCE; eo: 0)")
-    grid_size: int = Field(1000, ge=10, le=100_000)
+    grid_size: int = Field(1000, ge=10, le=100_000, description="steps of the grid of common rates searched")
 
 
 class GroupPoint(BaseModel):
@@ -198,16 +198,15 @@ def _fit_eo(curves, grid_size: int, balanced: bool):
     return rules, points
 
 
-def fit(access: Oracle, data: TuningData, criterion: Criterion = "dp", budget: int | None = None, *,
-        progress: Progress = None, seed: int = 0, **options) -> tuple[Patch, ThresholdReport]:
+def fit(access: Oracle, data: TuningData, request: FitRequest, opts: ThresholdOptions) -> FitResult:
     """Learn group-specific (randomized) thresholds from the model's scores on the tune rows."""
-    opts = ThresholdOptions(**options)
+    criterion = request.criterion
     check_criterion(criterion, CRITERIA, "thresholds")
     if criterion == "eo" and opts.tolerance:
         raise ValueError("tolerance relaxes dp and eopp only (as in Fairlearn); use tolerance=0 with eo")
     tolerance = 0.0 if criterion == "eo" else DEFAULT_TOLERANCE if opts.tolerance is None else opts.tolerance
     started = time.perf_counter()
-    s = score_tune(access, data, budget, seed, progress, need_labels=True)
+    s = score_tune(access, data, request.budget, request.seed, request.progress, need_labels=True)
     curves = _group_curves(s, opts.objective)
     if criterion == "eo":
         rules, points = _fit_eo(curves, opts.grid_size, opts.objective == "balanced_accuracy")
@@ -215,8 +214,7 @@ def fit(access: Oracle, data: TuningData, criterion: Criterion = "dp", budget: i
         rules, points = _fit_rate(curves, "sr" if criterion == "dp" else "tpr", tolerance, opts.grid_size)
     rule = StepRule(np.array([r[0] for r in rules], np.float64), np.array([r[1] for r in rules], np.float64),
                     np.array([r[2] for r in rules], np.float64))
-    if progress:
-        progress(0.9, {"stage": "exporting the patch"})
+    request.report(0.9, {"stage": "exporting the patch"})
     expected = rule.prob(s.margin, s.groups)
     base = (s.margin > 0).astype(np.float64)
     tune_before = {"accuracy": float(np.mean(base == s.y)), criterion: unfairness(base, s.y, s.groups,
@@ -235,5 +233,11 @@ def fit(access: Oracle, data: TuningData, criterion: Criterion = "dp", budget: i
                         output_transform=graph,
                         params={"criterion": criterion, "tolerance": tolerance, **rule.to_json()},
                         report=report.model_dump(exclude={"fit_seconds"}))
-    return patch, report
+    return FitResult(patch, report)
 
+
+METHOD = Method(
+    name="thresholds",
+    summary=("group-specific (randomized) thresholds on the model's score, like Fairlearn's "
+             "ThresholdOptimizer (Hardt et al. 2016)"),
+    access=("queries",), options=ThresholdOptions, fit=fit, group_at_inference="required")

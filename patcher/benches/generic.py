@@ -1,0 +1,61 @@
+"""`fairpatch bench <method>` for a method without a bench of its own: any registered method on a tabular dataset.
+
+The method reaches the reference model the way its least privileged access kind says (queries and zeroth order:
+a counting oracle with `--queries` rows; gradient and weights: the ONNX artifact), fits on the tune split and is
+scored on the test split as the gateway would serve the patch (input transform, the upstream or the patch's
+replacement model, output transform, the group when the patch needs it).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+DATASETS = ("adult", "compas", "german")
+
+
+def run(method: str, dataset: str = "adult", sensitive: str | None = None, criterion: str = "dp",
+        queries: int | None = 1000, seed: int = 0, **options: Any) -> dict[str, Any]:
+    from patcher.access import ModelArtifact
+    from patcher.apply import PatchRunner
+    from patcher.bench import headline
+    from patcher.datasets import load_dataset
+    from patcher.methods import FitRequest, get_method
+    from patcher.oracle import OnnxOracle
+    from patcher.reference_models import reference_model
+    from patcher.scores import to_log_probs
+    from patcher.tuning import TuningData
+
+    m = get_method(method)
+    data = load_dataset(dataset, sensitive)
+    model = reference_model(dataset, data.sensitive, seed=seed, data=data)
+    tune = TuningData(data.tune.X, data.tune.y, data.tune.groups, data.group_names, tuple(data.feature_names))
+    access = m.default_access
+    if access in ("gradient", "weights"):
+        src: Any = ModelArtifact(model.onnx_bytes, name=f"{dataset}_reference")
+        budget = None
+    else:
+        src, budget = OnnxOracle(model.onnx_bytes, budget=queries), queries
+    started = time.perf_counter()
+    result = m.run(src, tune, FitRequest(criterion, budget, seed, access=access), options)
+    fit_seconds = time.perf_counter() - started
+
+    test = data.test
+    upstream = OnnxOracle(model.onnx_bytes, cache=False)  # evaluation: not counted against the budget
+    runner = PatchRunner(result.patch)
+    X_after = runner.transform_inputs(test.X)
+    if runner.replaces_model:
+        logp_after = to_log_probs(runner.model_logits(X_after), "logits")
+    else:
+        logp_after = upstream.log_probs(X_after)
+    after = runner.predict(X_after, logp_after, test.groups if runner.needs_group else None,
+                           request_id=f"bench-{seed}")
+    priv = data.group_names.index(data.privileged)
+    return {
+        "method": method, "dataset": dataset, "sensitive": data.sensitive, "criterion": criterion, "seed": seed,
+        "access": access, "query_budget": budget, "queries_used": getattr(src, "queries_used", 0),
+        "fit_seconds": round(fit_seconds, 3), "group_at_inference": runner.needs_group,
+        "n_tune": len(tune), "n_test": len(test), "model_sha256": model.sha256, "patch_id": result.patch.id,
+        "before": headline(test.y, upstream.log_probs(test.X).argmax(1), test.groups, priv),
+        "after": headline(test.y, after, test.groups, priv),
+    }

@@ -1,0 +1,120 @@
+"""Fairness Reprogramming's declaration: the trigger method's options and presets (torch-free).
+
+The fit itself (gradient and zeroth-order training, selection, the patch) is in `reprogram`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from patcher.methods.contract import FitRequest, FitResult, Method
+
+TriggerForm = Literal["auto", "tabular", "border", "frame", "patch", "color"]
+
+
+class TriggerOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    trigger: TriggerForm = Field("auto", description="auto: tabular for [N, d] inputs, border for images; frame: "
+                                 "a border that replaces the pixels; color: a global channel mix (C * C + C "
+                                 "parameters) at every pixel")
+    zo_trigger: TriggerForm | None = Field(None, description="zeroth-order access: its own trigger form (unset: "
+                                           "`trigger`), e.g. a few-parameter color mix where the gradient path "
+                                           "trains a frame")
+    mask: Literal["scale", "binary"] = Field("scale", description="tabular mask: real gain, or 0/1 (straight-through)")
+    columns: list[int] | None = Field(None, description="tabular columns the trigger may touch (default: "
+                                      "all with gradients, the zo_columns most group-correlated with queries)")
+    zo_columns: int = Field(6, ge=1, description="tabular columns a zeroth-order trigger touches")
+    fairness: Literal["gap", "adversary"] = Field(
+        "gap", description="gap: penalise the groups' rate spread directly; adversary: discriminator min-max")
+    lam: float | None = Field(None, ge=0, description="fairness weight; unset: sweep `lams` (gradient)")
+    lams: list[float] = Field([1.0, 2.0, 5.0, 10.0], min_length=1, description="gradient access with lam unset: "
+                              "the fairness weights tried, one trigger each")
+    lam_zo: float = Field(10.0, ge=0, description="zeroth-order access with lam unset: the fairness weight")
+    steps: int = Field(600, ge=1, description="gradient steps per lambda")
+    batch_size: int = Field(512, ge=8, description="gradient access: rows per step")
+    lr: float = Field(0.02, gt=0, description="gradient access: the trigger's learning rate (Adam)")
+    adv_lr: float = Field(1e-2, gt=0, description="fairness adversary: the discriminator's learning rate")
+    q: int = Field(2, ge=1, description="zeroth order: antithetic direction pairs per step")
+    zo_restarts: int = Field(0, ge=0, description="zeroth order, forms with a random start (frame): starts tried, "
+                                                  "the best on one training batch kept")
+    zo_restart_rows: int = Field(512, ge=8, description="zeroth order: rows of the batch that scores the starts")
+    zo_unbiased_gap: bool = Field(False, description="zeroth order, gap: subtract the small-batch variance bias "
+                                  "of the squared rate spread (it rewards scores uniform within a cell)")
+    zo_subspace: int = Field(0, ge=0, description="zeroth order: search k fixed random directions around the start "
+                             "instead of every trigger parameter (0: all; the estimate's variance grows like k / q)")
+    select: Literal["fairest", "worst_cell"] | None = Field(
+        None, description="binary with threshold: choose the trigger (lambda or evaluated candidate) and threshold "
+        "on the selection rows as the fairest within the accuracy cap (default), or as the best worst (group, "
+        "label) cell accuracy with unfairness at most unfairness_ratio x the model's there (none there: the least "
+        "unfair point, reported as selection.target_met false)")
+    unfairness_ratio: float | None = Field(None, gt=0, description="worst_cell: the unfairness target as a share "
+                                                                   "of the model's on the selection rows (0.5)")
+    mu: float = Field(0.05, gt=0, description="zeroth order: smoothing radius")
+    zo_lr: float = Field(0.05, gt=0, description="zeroth order: step size")
+    zo_batch: int = Field(128, ge=8, description="zeroth order: rows per step (shared by all its probes)")
+    eval_size: int = Field(3000, ge=50, description="zeroth order: tuning rows that score candidate triggers")
+    evals: int = Field(3, ge=1, description="zeroth order: evaluations during the run (plus the start)")
+    balance: bool = Field(False, description="every (group, label) cell weighs the same in the utility loss and "
+                                             "in the selection accuracy")
+    holdout: float = Field(0.0, ge=0, le=0.8, description="share of the tuning rows (stratified by group and label) "
+                           "kept out of trigger training; lambda, the evaluated trigger and the threshold are "
+                           "chosen on them (0: on the training rows)")
+    select_folds: int = Field(0, ge=0, description="gradient access: choose lambda and threshold by cross-fitting "
+                              "instead of `holdout`: the tuning rows in k folds (stratified by group and label), one "
+                              "trigger per (lambda, fold) trained on the other folds scores that fold, the rule runs "
+                              "on every row's out-of-fold score, then the chosen lambda is trained on all rows "
+                              "(0: off; 1 is not a split)")
+    threshold: bool = Field(True, description="re-tune the decision threshold after the trigger (binary)")
+    fairness_tolerance: float = Field(0.02, ge=0, description="unfairness on tuning rows that is good enough")
+    max_accuracy_drop: float | None = Field(0.015, ge=0, description="accuracy the patch may cost on tuning rows")
+    border_width: int = Field(2, ge=1, description="border and frame triggers: width in pixels")
+    border_block: int = Field(4, ge=1, description="border cells share one value per block x block pixels")
+    init_scale: float = Field(1.0, ge=0, description="frame: std of the random start (logits of the pixels)")
+    patch_size: int = Field(4, ge=1, description="patch trigger: side of the corner patch in pixels")
+
+    @model_validator(mode="after")
+    def _folds(self) -> TriggerOptions:
+        if self.select_folds == 1:
+            raise ValueError("select_folds: 0 (off) or at least 2 folds")
+        return self
+
+    def selection(self) -> tuple[str, float]:
+        """(rule, unfairness ratio) that choose the trigger and threshold."""
+        return self.select or "fairest", self.unfairness_ratio or 0.5
+
+
+# Colored digits: the tune split rewards the color shortcut (it agrees with the label 90% of the time), so the
+# utility loss and the selection accuracy weigh the four (color, label) cells equally (`balance`) and the accuracy
+# cap is loose (a fair trigger gives up the shortcut's accuracy). The trigger is a global color mix (`color`: 12
+# parameters, the identity at the start): the color is a tint of the whole image, and a mix that sends both hues
+# to one removes it. Gradient access picks lambda and threshold on the out-of-fold scores of 2 folds of the tune
+# split (`select_folds`: every tune row selects, then the chosen lambda is retrained on all of them). Zeroth
+# order: antithetic estimates (q = 2) on stratified batches of 64 rows with the small-batch bias of the gap
+# removed, the evaluated mix and threshold chosen on 30% of the tune rows held out of training (fitted rows look
+# fair long before unseen ones do). Both access kinds choose the trigger (lambda, or evaluated candidate) and
+# threshold with the best worst-cell accuracy on their selection rows among those that halve the model's eo there.
+COLORED_DIGITS: dict[str, Any] = {
+    "trigger": "color", "balance": True, "holdout": 0.3, "max_accuracy_drop": 0.1, "fairness_tolerance": 0.02,
+    "lams": [2.0, 5.0, 10.0, 20.0], "steps": 400, "batch_size": 256, "lr": 0.05, "lam_zo": 20.0, "border_block": 1,
+    "q": 2, "zo_batch": 64, "zo_restarts": 32, "zo_restart_rows": 128, "zo_unbiased_gap": True, "zo_subspace": 16,
+    "select": "worst_cell", "zo_lr": 0.1, "mu": 0.3, "eval_size": 1000, "select_folds": 2}
+# The same task with a frame trigger: the best of 32 random frames on one training batch, then q = 4 on batches of
+# 32 rows in 16 random directions around it (docs/triggers.md, docs/triggers_zo_dev.md).
+COLORED_DIGITS_FRAME: dict[str, Any] = {**COLORED_DIGITS, "trigger": "frame", "q": 4, "zo_batch": 32, "zo_lr": 0.2}
+
+
+def fit(access: Any, data: Any, request: FitRequest, opts: TriggerOptions) -> FitResult:
+    from patcher.methods.reprogram import fit_trigger  # torch
+
+    return fit_trigger(access, data, request, opts)
+
+
+METHOD = Method(
+    name="trigger",
+    summary=("Fairness Reprogramming (Zhang et al. 2022): learn an input trigger, through the model's gradients or "
+             "from scores only (zeroth order), that makes the frozen model fairer"),
+    access=("zeroth_order", "gradient"), options=TriggerOptions, fit=fit, group_at_inference="none",
+    presets={"colored-digits": COLORED_DIGITS, "colored-digits-frame": COLORED_DIGITS_FRAME})
