@@ -39,7 +39,7 @@ def one_run(dataset: str, seed: int, variant: str = "default") -> dict[str, Any]
     torch.set_num_threads(1)
     from patcher.apply import PatchRunner
     from patcher.benches.forml import arm_options, bench_forml_report, load, split_data
-    from patcher.methods import forml
+    from patcher.methods import FitRequest, get_method
     from patcher.methods.forml_audit import summary_metrics
 
     started = time.perf_counter()
@@ -59,8 +59,9 @@ def one_run(dataset: str, seed: int, variant: str = "default") -> dict[str, Any]
                    "random": np.sort(rng.choice(len(train), len(audit.condensed_indices), replace=False))}
         result["condensation"] = {}
         for name, rows in subsets.items():
-            patch, _ = forml.fit(None, train.subset(rows), DATASETS[dataset], None, seed=seed, exemplar=exemplar,
-                                 uniform=True, **opts)
+            patch = get_method("forml").run(None, train.subset(rows), FitRequest(DATASETS[dataset], None, seed,
+                                                                                  exemplar=exemplar),
+                                            {**opts, "uniform": True}).patch
             pred = PatchRunner(patch).model_logits(test.X).argmax(1)
             result["condensation"][name] = {"n": int(len(rows)), **summary_metrics(test.y, pred, test.groups,
                                                                                   n_classes, priv)}
@@ -115,10 +116,11 @@ the classes, as the paper's CIFAR and MNIST runs); cross-entropy is the ablation
 ("model"), the weight update ("weights") or both (appendix A.2).
 
 ```python
-from patcher.methods import forml
+from patcher.methods import FitRequest, get_method
 from patcher.methods.forml_audit import export_condensed
 
-patch, report = forml.fit(None, train, "eopp", None, seed=0, exemplar=exemplar)   # or a ModelArtifact to fine-tune
+result = get_method("forml").run(None, train, FitRequest("eopp", exemplar=exemplar))  # or a ModelArtifact
+patch, report = result.patch, result.report
 patch.part("replacement_model")          # ONNX, input like the model's, output `logits`: the weight patch
 patch.arrays()["sample_weights"]          # learned weights, mean 1 over the training rows (NaN: held-out exemplars)
 report.audit.rank_by_weight[:20]          # training rows with the lowest learned weight
@@ -132,8 +134,9 @@ FNR (`report.train_metrics`, `report.exemplar_metrics`) and checks its ONNX expo
 
 `fairpatch bench forml --dataset adult|compas|german|colored-digits|noisy-digits --criterion eopp|eo|dp --seed S
 --json` trains both arms (uniform = `before`, FORML = `after`) on the train split, FORML's exemplar set is the
-tune split, both are scored on the test split through the patch's ONNX model. Flags: `--epochs`, `--meta-loss`,
-`--reverse`, `--weight-lr`, `--ce-weight`, `--fine-tune` (start both arms from the reference model).
+tune split, both are scored on the test split through the patch's ONNX model. Options (`-o key=value`):
+`epochs`, `meta_loss`, `reverse`, `weight_lr`, `ce_weight`; flag `--fine-tune` (start both arms from the
+reference model).
 
 Departures from the paper, on purpose:
 - The weight gradient is multiplied by the batch size (softmax weights are about 1/B, so otherwise the

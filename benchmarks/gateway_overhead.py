@@ -146,7 +146,7 @@ def stop(proc: subprocess.Popen) -> None:
 def fit_patch(bias: str, queries: int, seed: int):
     """The reference model, an Eraser patch fitted on the tune split, and the test split to send."""
     from patcher.datasets import load_dataset
-    from patcher.methods import eraser
+    from patcher.methods import FitRequest, get_method
     from patcher.oracle import OnnxOracle
     from patcher.reference_models import reference_model
     from patcher.tuning import TuningData
@@ -154,7 +154,8 @@ def fit_patch(bias: str, queries: int, seed: int):
     data = load_dataset("adult", "sex")
     model = reference_model("adult", "sex", seed=seed, data=data)
     tune = TuningData(data.tune.X, data.tune.y, data.tune.groups, data.group_names, tuple(data.feature_names))
-    patch, _ = eraser.fit(OnnxOracle(model.onnx_bytes, budget=queries), tune, "dp", queries, bias=bias, seed=seed)
+    patch = get_method("eraser").run(OnnxOracle(model.onnx_bytes, budget=queries), tune,
+                                     FitRequest("dp", queries, seed), {"bias": bias}).patch
     return model, patch.for_model(MODEL, "1"), data
 
 

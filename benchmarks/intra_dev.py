@@ -45,7 +45,7 @@ def run(datasets: list[str], criteria: list[str], model_seeds: list[int], split_
     from patcher.access import ModelArtifact
     from patcher.apply import PatchRunner
     from patcher.datasets import load_dataset
-    from patcher.methods import adversarial_finetune
+    from patcher.methods import FitRequest, get_method
     from patcher.methods.intra_common import CRITERION_MEASURE, balanced_accuracy, bias
     from patcher.oracle import OnnxOracle
     from patcher.reference_models import reference_model
@@ -68,9 +68,10 @@ def run(datasets: list[str], criteria: list[str], model_seeds: list[int], split_
                     measure = CRITERION_MEASURE[criterion]
                     for name in configs:
                         started = time.perf_counter()
-                        patch, report = adversarial_finetune.fit(
-                            ModelArtifact(model.onnx_bytes, name=f"{dataset}_reference"), pseudo_tune, criterion,
-                            None, seed=model_seed, **CONFIGS[name])
+                        result = get_method("adversarial_finetune").run(
+                            ModelArtifact(model.onnx_bytes, name=f"{dataset}_reference"), pseudo_tune,
+                            FitRequest(criterion, None, model_seed), CONFIGS[name])
+                        patch, report = result.patch, result.report
                         after = PatchRunner(patch).model_logits(pseudo_test.X).argmax(1)
                         row = {"config": name, "dataset": dataset, "criterion": criterion, "model_seed": model_seed,
                                "split_seed": split_seed, "bias": bias(after, y, g, G, measure),

@@ -154,7 +154,7 @@ def pairs(dataset: str, sensitive: str, seed: int, prep: Prepared) -> list[dict[
 
     run = dict(dataset=dataset, sensitive=sensitive, seed=seed, draws=DRAWS)
     for tol in (DEFAULT_TOLERANCE, 0.0):
-        ours = run_method("thresholds", criterion="dp", option_names=("tolerance",), tolerance=tol, **run)
+        ours = run_method("thresholds", criterion="dp", tolerance=tol, **run)
         add(f"thresholds, tolerance {tol}", "dp", ours, fairlearn_peer(prep, "dp", seed, tol or None),
             f"Fairlearn ThresholdOptimizer (tol={tol or None})")
     add("thresholds", "eo", run_method("thresholds", criterion="eo", **run), fairlearn_peer(prep, "eo", seed, None),
@@ -164,11 +164,10 @@ def pairs(dataset: str, sensitive: str, seed: int, prep: Prepared) -> list[dict[
             aif360_peer(prep, "reject_option", crit, seed), "AIF360 RejectOptionClassification")
     peer = aif360_peer(prep, "eq_odds", "eo", seed)
     for objective in ("balanced", "error"):
-        ours = run_method("eq_odds", criterion="eo", option_names=("objective",), objective=objective, **run)
+        ours = run_method("eq_odds", criterion="eo", objective=objective, **run)
         add(f"eq_odds, objective {objective}", "eo", ours, peer, "AIF360 EqOddsPostprocessing")
     for cost, crit in (("weighted", "eo"), ("fnr", "eopp")):
-        ours = run_method("calibrated_eq_odds", criterion=crit, option_names=("cost_constraint",),
-                          cost_constraint=cost, **run)
+        ours = run_method("calibrated_eq_odds", criterion=crit, cost_constraint=cost, **run)
         add(f"calibrated_eq_odds, cost {cost}", crit, ours,
             aif360_peer(prep, "calibrated_eq_odds", crit, seed, cost_constraint=cost),
             f"AIF360 CalibratedEqOddsPostprocessing ({cost})")

@@ -199,7 +199,7 @@ def notes(results: dict) -> list[str]:
     out.append(
         "- Colored digits, why a color mix: the sensitive attribute is a tint of the whole image (every stroke pixel "
         "is its gray level times the group's color), so a 3x3 channel mix plus a per-channel offset applied at every "
-        "pixel (`--trigger color`, 12 parameters, the identity at the start; exported as one ONNX 1x1 Conv over any "
+        "pixel (`-o trigger=color`, 12 parameters, the identity at the start; exported as one ONNX 1x1 Conv over any "
         "spatial rank) can send both hues to one colour. A frame cannot: the reference CNN pools its last features "
         "globally (max), so a frame reaches the decision only by raising a feature's maximum, a floor shared by "
         "every image, and it floors digit evidence along with colour evidence.")
@@ -207,7 +207,7 @@ def notes(results: dict) -> list[str]:
         "- The caveat: this works because the attribute is a global hue in this constructed task. On real images "
         "(a face attribute, say) a colour mix will not remove the attribute; the colored-digits defaults are the "
         "only place it is on, and the frame, the paper's added border and the corner patch remain "
-        "(`--trigger frame|border|patch`).")
+        "(`-o trigger=frame|border|patch`).")
     frame = {a: results.get(f"colored-digits-eo-{a}-frame") for a in ("gradient", "zeroth_order")}
     if all(frame.values()):
         out.append("- The earlier default, the replaced frame (seed 0, rows 'earlier default: frame'): gradient eo "
@@ -290,14 +290,15 @@ def write_doc(path: Path, rows: list[str], transfer_rows: list[str], sweeps: dic
         "images: see below), every row counted by the oracle, the best of the evaluated "
         "triggers kept when the budget runs out.",
         "",
-        "Colored digits (`dataset_options` in patcher/benches/trigger.py): the trigger is a global colour mix "
+        "Colored digits (the trigger method's `colored-digits` preset, `fairpatch methods show trigger`): "
+        "the trigger is a global colour mix "
         "(`color`: `x~[:, c] = sum_k A[c, k] x[:, k] + b[c]` at every pixel, 12 parameters, the identity at the "
         "start); the utility loss and the accuracy that selects weigh the four (color, label) cells equally "
         "(`balance`); lambda in (2, 5, 10, 20) and the threshold are chosen, with gradient access, on out-of-fold "
         "scores of every tune row (`select_folds` 2), with zeroth order on 30% of the tune rows held out of "
         "training (`holdout`): the best worst (color, label) cell accuracy there among the points whose eo_diff "
         "there is at most half the model's (`select` worst_cell). Zeroth order: q = 2 antithetic pairs on "
-        "stratified batches of 64 rows at lam 20, with the small-batch bias of the gap removed. `--trigger frame` "
+        "stratified batches of 64 rows at lam 20, with the small-batch bias of the gap removed. `-o trigger=frame` "
         "gives the earlier default (a 2-pixel replaced frame, 336 parameters, and its zeroth-order search).",
         "",
         "## Results (seed 0)",

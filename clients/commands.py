@@ -285,7 +285,8 @@ def _add_jobs(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) 
     create.add_argument("--holdout", type=float, default=0.3, help="share of the dataset kept for the report")
     create.add_argument("--seed", type=int, default=0)
     create.add_argument("--option", "-o", action="append", type=_option, default=[], metavar="KEY=VALUE",
-                        help="method option, repeatable (e.g. -o bias=estimator)")
+                        help="method option, repeatable (e.g. -o bias=estimator; `fairpatch methods show NAME`)")
+    create.add_argument("--preset", help="a named set of the method's options (`fairpatch methods show NAME`)")
     create.add_argument("--wait", action="store_true", help="wait for it, with a progress bar")
     create.add_argument("--wait-timeout", type=float, default=3600.0, help="seconds to wait (default: 3600)")
     create.set_defaults(run=_jobs_create)
@@ -352,7 +353,7 @@ def _jobs_create(args: argparse.Namespace, client: Client) -> int:
     job = client.create_job(args.model, args.dataset, version=args.version, method=args.method,
                             criterion=args.criterion, query_budget=args.queries, holdout=args.holdout,
                             seed=args.seed, options=dict(args.option), access=args.access,
-                            exemplar_dataset=args.exemplar_dataset)
+                            exemplar_dataset=args.exemplar_dataset, preset=args.preset)
     if not args.wait:
         _print_json(job)
         return 0

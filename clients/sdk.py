@@ -140,6 +140,7 @@ class Job(_Shape):
     model: str | None = None
     version: str | None = None
     access: str | None = None
+    preset: str | None = None
     exemplar_dataset: str | None = None
     created_at: float | None = None
     started_at: float | None = None
@@ -436,6 +437,14 @@ class _Calls:
         return _Call("DELETE", f"/v1/jobs/{_seg(job_id)}", _maybe_job)
 
     @staticmethod
+    def methods() -> _Call[list[dict[str, Any]]]:
+        return _Call("GET", "/v1/methods", _json)
+
+    @staticmethod
+    def method(name: str) -> _Call[dict[str, Any]]:
+        return _Call("GET", f"/v1/methods/{_seg(name)}", _json)
+
+    @staticmethod
     def condensed_dataset(job_id: str) -> _Call[DatasetInfo]:
         return _Call("POST", f"/v1/jobs/{_seg(job_id)}/datasets/condensed", _shape(DatasetInfo))
 
@@ -483,12 +492,12 @@ def _jobs_of(body: Any) -> list[dict]:
 
 def _job_body(model: str, dataset: str, version: str | None, method: str, criterion: str, query_budget: int | None,
               holdout: float, seed: int, options: Mapping[str, Any] | None, access: str | None = None,
-              exemplar_dataset: str | None = None) -> dict[str, Any]:
+              exemplar_dataset: str | None = None, preset: str | None = None) -> dict[str, Any]:
     """The job request; without a version the gateway uses the model's latest, without an access kind the
     least privileged one the method supports."""
     body = {"model": model, "version": version, "method": method, "dataset": dataset, "criterion": criterion,
             "query_budget": query_budget, "holdout": holdout, "seed": seed, "options": dict(options or {}),
-            "access": access, "exemplar_dataset": exemplar_dataset}
+            "access": access, "exemplar_dataset": exemplar_dataset, "preset": preset}
     return {k: v for k, v in body.items() if v is not None}
 
 
@@ -604,11 +613,19 @@ class Client(_Base):
     def create_job(self, model: str, dataset: str, *, version: str | None = None, method: str = "eraser",
                    criterion: str = "dp", query_budget: int | None = 1000, holdout: float = 0.3, seed: int = 0,
                    options: Mapping[str, Any] | None = None, access: str | None = None,
-                   exemplar_dataset: str | None = None) -> Job:
+                   exemplar_dataset: str | None = None, preset: str | None = None) -> Job:
         """Start a patch-training job. `access`: "queries", "zeroth_order", "gradient" or "weights" (the last two
-        need the version's artifact, see `upload_artifact`); `exemplar_dataset`: a second dataset id (FORML)."""
+        need the version's artifact, see `upload_artifact`); `exemplar_dataset`: a second dataset id (FORML);
+        `preset`: a named set of the method's options (`methods()` lists them), which `options` override."""
         return self._do(_Calls.create_job(_job_body(model, dataset, version, method, criterion, query_budget,
-                                                    holdout, seed, options, access, exemplar_dataset)))
+                                                    holdout, seed, options, access, exemplar_dataset, preset)))
+
+    def methods(self) -> list[dict[str, Any]]:
+        """Every method the gateway runs: access kinds, inference needs, presets, options with their schema."""
+        return self._do(_Calls.methods())
+
+    def method(self, name: str) -> dict[str, Any]:
+        return self._do(_Calls.method(name))
 
     def get_job(self, job_id: str) -> Job:
         return self._do(_Calls.get_job(job_id))
@@ -620,7 +637,8 @@ class Client(_Base):
         return self._do(_Calls.list_jobs())
 
     def condensed_dataset(self, job_id: str) -> DatasetInfo:
-        """A new dataset: the job's dataset without the training rows its sample audit drops (FORML jobs)."""
+        """A new dataset: the job's dataset without the training rows its sample audit drops (FORML jobs' row set
+        "condensed")."""
         return self._do(_Calls.condensed_dataset(job_id))
 
     def wait_job(self, job_id: str, progress: Callable[[Job], None] | None = None, timeout: float | None = 600.0,
@@ -766,9 +784,16 @@ class AsyncClient(_Base):
     async def create_job(self, model: str, dataset: str, *, version: str | None = None, method: str = "eraser",
                          criterion: str = "dp", query_budget: int | None = 1000, holdout: float = 0.3, seed: int = 0,
                          options: Mapping[str, Any] | None = None, access: str | None = None,
-                         exemplar_dataset: str | None = None) -> Job:
+                         exemplar_dataset: str | None = None, preset: str | None = None) -> Job:
         return await self._do(_Calls.create_job(_job_body(model, dataset, version, method, criterion, query_budget,
-                                                          holdout, seed, options, access, exemplar_dataset)))
+                                                          holdout, seed, options, access, exemplar_dataset,
+                                                          preset)))
+
+    async def methods(self) -> list[dict[str, Any]]:
+        return await self._do(_Calls.methods())
+
+    async def method(self, name: str) -> dict[str, Any]:
+        return await self._do(_Calls.method(name))
 
     async def get_job(self, job_id: str) -> Job:
         return await self._do(_Calls.get_job(job_id))

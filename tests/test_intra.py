@@ -190,7 +190,7 @@ def test_gbrt_minimize_stays_in_the_box_and_returns_its_best():
 
 @pytest.mark.parametrize("method,options,message", [
     ("random_perturbation", {"trials": 0}, "trials"),
-    ("random_perturbation", {"triels": 5}, "unknown option.* triels; valid options: .*trials"),
+    ("random_perturbation", {"triels": 5}, "unknown option.*triels.*valid options: .*trials"),
     ("layerwise", {"bias_measure": "xyz"}, "bias_measure"),
     ("layerwise", {"epsilon": 0.01, "margin": 0.02}, "margin"),
     ("adversarial_finetune", {"critic": "huge"}, "critic"),

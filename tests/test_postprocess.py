@@ -43,7 +43,7 @@ def test_thresholds_dp_on_adult_matches_fairlearn(adult_setup):
     from benchmarks.peers import OnnxScoreClassifier
 
     data, model, tune, logp = adult_setup
-    patch, report = fit_method("thresholds", model, tune, "dp", tolerance=0.0)
+    patch, report = fit("thresholds", model, tune, "dp", tolerance=0.0)
     assert report.queries_used == len({r.tobytes() for r in tune.X})  # every distinct tune row, once
     assert report.tune_after["dp"] < 1e-6 and report.randomized
     pred = PatchRunner(patch).predict(data.test.X, logp, data.test.groups, request_id="t")
@@ -77,7 +77,7 @@ def test_each_method_reduces_its_gap_on_adult_test(adult_setup, method, criterio
 def test_graph_decides_like_the_fitted_rule(adult_setup):
     """The ONNX graph and the numpy rule it was built from agree row for row, with the runner's draws."""
     data, model, tune, logp = adult_setup
-    patch, _ = fit_method("thresholds", model, tune, "dp")
+    patch, _ = fit("thresholds", model, tune, "dp")
     p = patch.manifest["params"]
     rule = StepRule(np.array(p["cuts"]), np.array(p["weights"]), np.array(p["bias"]))
     margin = logp[:, 1] - logp[:, 0]
@@ -88,7 +88,7 @@ def test_graph_decides_like_the_fitted_rule(adult_setup):
 
 def test_randomized_decisions_reproducible_from_request_id(adult_setup):
     data, model, tune, logp = adult_setup
-    patch, _ = fit_method("eq_odds", model, tune, "eo")
+    patch, _ = fit("eq_odds", model, tune, "eo")
     runner = PatchRunner(patch)
     a = runner.predict(data.test.X, logp, data.test.groups, request_id="abc")
     b = PatchRunner(Patch.from_bytes(patch.to_bytes())).predict(data.test.X, logp, data.test.groups,
@@ -180,7 +180,7 @@ def test_budget_is_respected(adult_setup):
     _, report = fit_method("thresholds", oracle, tune, "dp", 1500)
     assert report.queries_used == oracle.queries_used <= 1500
     with pytest.raises(ValueError, match="too small"):
-        fit_method("eq_odds", model, tune, "eo", budget=5)
+        fit("eq_odds", model, tune, "eo", budget=5)
     small = OnnxOracle(model, budget=100)  # the oracle's own budget wins over a larger job budget
     _, report = fit_method("eq_odds", small, tune, "eo", 1000)
     assert report.queries_used == small.queries_used <= 100
@@ -193,9 +193,9 @@ def test_bad_options_and_criteria_are_errors(adult_setup):
     with pytest.raises(ValueError, match="calibrated_eq_odds"):
         fit("calibrated_eq_odds", model, tune, "dp", budget=500)
     with pytest.raises(ValueError):
-        fit_method("thresholds", model, tune, "dp", budget=500, tolerence=0.01)  # typo: never silently ignored
+        fit("thresholds", model, tune, "dp", budget=500, tolerence=0.01)  # typo: never silently ignored
     with pytest.raises(ValueError, match="tolerance"):
-        fit_method("thresholds", model, tune, "eo", budget=500, tolerance=0.01)
+        fit("thresholds", model, tune, "eo", budget=500, tolerance=0.01)
 
 
 def test_aif360_same_parameters_on_german():
@@ -233,7 +233,7 @@ def test_aif360_same_parameters_on_german():
     _, r = fit("reject_option", model, tune, "dp", n_thresholds=25, n_margins=10)
     assert r.threshold == pytest.approx(roc.classification_threshold) and r.margin == pytest.approx(roc.ROC_margin)
 
-    patch, _ = fit_method("eq_odds", model, tune, "eo", objective="balanced")
+    patch, _ = fit("eq_odds", model, tune, "eo", objective="balanced")
     a, b = np.array(patch.manifest["params"]["a"]), np.array(patch.manifest["params"]["b"])
     x = eo.model_params.x
     theirs_a = np.array([x[0] if g == priv else x[2] for g in (0, 1)])
@@ -251,7 +251,7 @@ def test_bench_json_fields():
     from patcher.benches import get_bench
 
     r = get_bench("reject_option").run(dataset="german", sensitive=None, criterion="dp", queries=None, seed=0,
-                                       bound=None, url="ignored global flag")
+                                       bound=0.05)
     for k in ("method", "dataset", "sensitive", "criterion", "seed", "queries_used", "fit_seconds",
               "group_at_inference", "before", "after"):
         assert k in r

@@ -317,9 +317,10 @@ def job(dataset_id: str, **overrides) -> dict:
     ({"query_budget": 0}, 400, "query_budget"),
     ({"query_budget": -5}, 400, "query_budget"),
     ({"holdout": 1.0}, 400, "holdout"),
-    ({"options": {"seed": 3}}, 400, "options may not set seed"),
+    ({"options": {"seed": 3}}, 400, "unknown option(s) seed for eraser; valid options: bias, proxy_columns"),
     ({"options": "group"}, 400, "options"),
-    ({"options": {"bais": "group"}}, 400, "unknown option(s) ['bais'] for eraser"),
+    ({"options": {"bais": "group"}}, 400, "unknown option(s) bais for eraser"),
+    ({"preset": "colored-digits"}, 400, "method eraser has no preset 'colored-digits'; its presets: none"),
     ({"options": {"bias": "vibes"}}, 400, "invalid options for eraser: bias"),
     ({"budget": 100}, 400, "budget"),  # unknown fields are typos, not silently ignored
 ])

@@ -366,15 +366,14 @@ def test_a_forml_job_produces_an_activatable_weight_patch(world, adult_job_data,
 
     # the sample audit names rows of the uploaded dataset, and exports the dataset without the lowest 10%
     audit, n_train = result["report"]["audit"], result["report"]["n_train"]
-    assert audit["rows_are"].startswith("rows of the uploaded dataset")
     assert sorted(audit["rank_by_weight"]) == sorted(audit["rank_by_ema"]) and len(audit["rank_by_weight"]) == n_train
     assert set(audit["rank_by_weight"]) <= set(range(2000))
     for row in audit["lowest"]:  # the label and group the method saw are those of that row of the file
         assert row["label"] == adult.tune.y[row["row"]]
         assert ["Female", "Male"][row["group"]] == adult.group_names[adult.tune.groups[row["row"]]]
     dropped = sorted(set(audit["rank_by_weight"]) - set(audit["condensed_indices"]))
-    assert len(dropped) == round(0.1 * n_train)
-    r = world.client.post(f"/v1/jobs/{done['id']}/condensed-dataset")
+    assert len(dropped) == round(0.1 * n_train) and result["drop_rows"] == {"condensed": dropped}
+    r = world.client.post(f"/v1/jobs/{done['id']}/datasets/condensed")
     assert r.status_code == 201, r.text
     condensed = r.json()
     assert condensed["rows"] == 2000 - len(dropped) and condensed["dropped_rows"] == len(dropped)
@@ -383,7 +382,7 @@ def test_a_forml_job_produces_an_activatable_weight_patch(world, adult_job_data,
     names, counts = np.unique(np.asarray(adult.group_names)[adult.tune.groups[:2000][kept]], return_counts=True)
     assert condensed["group_counts"] == dict(zip(names.tolist(), counts.tolist(), strict=True))
     assert world.client.get(f"/v1/datasets/{condensed['id']}").json()["rows"] == 2000 - len(dropped)
-    assert world.client.post("/v1/jobs/nope/condensed-dataset").status_code == 404
+    assert world.client.post("/v1/jobs/nope/datasets/condensed").status_code == 404
 
     m, pid = world.names.adult, result["patch_id"]
     patch = Patch.from_bytes(world.client.get(f"/v1/patches/{pid}").content, expected_id=pid)
@@ -444,8 +443,8 @@ def test_a_random_perturbation_job_produces_a_weight_patch_the_gateway_serves(wo
     assert done["status"] == "succeeded", done["error"]
     result = done["result"]
     assert result["served_by"] == "patch" and result["queries_used"] == 0 and result["access"] == "weights"
-    r = world.client.post(f"/v1/jobs/{done['id']}/condensed-dataset")
-    assert r.status_code == 409 and "reports no sample audit" in r.json()["error"]
+    r = world.client.post(f"/v1/jobs/{done['id']}/datasets/condensed")
+    assert r.status_code == 404 and "proposed no row set 'condensed'; its row sets: none" in r.json()["error"]
     m, pid = world.names.adult, result["patch_id"]
     patch = Patch.from_bytes(world.client.get(f"/v1/patches/{pid}").content, expected_id=pid)
     runner = PatchRunner(patch)

@@ -103,14 +103,14 @@ class Method:
         values.update(options or {})
         unknown = sorted(set(values) - set(self.options.model_fields))
         if unknown:
-            raise OptionsError(f"unknown option(s) {', '.join(unknown)} for method {self.name}; valid options: "
+            raise OptionsError(f"unknown option(s) {', '.join(unknown)} for {self.name}; valid options: "
                                f"{', '.join(self.options.model_fields)}")
         try:
             return self.options(**values)
         except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'options'}: {err['msg']}"
-                                 for err in e.errors())
-            raise OptionsError(f"invalid options for method {self.name}: {problems}") from None
+            problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'options'}: "
+                                 f"{str(err['msg']).removeprefix('Value error, ')}" for err in e.errors())
+            raise OptionsError(f"invalid options for {self.name}: {problems}") from None
 
     def run(self, access: Any, data: TuningData, request: FitRequest | None = None,
             options: Mapping[str, Any] | None = None, preset: str | None = None) -> FitResult:
