@@ -44,7 +44,8 @@ def run_list(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title="debiasing methods (`fairpatch methods show NAME` for options)")
-    for col in ("name", "access", "group at inference", "summary"):
+    table.add_column("name", no_wrap=True)
+    for col in ("access", "group at inference", "summary"):
         table.add_column(col, overflow="fold")
     for m in methods():
         table.add_row(m.name, ", ".join(m.access), GROUP_AT_INFERENCE[m.group_at_inference], escape(m.summary))
@@ -74,7 +75,8 @@ def run_show(args: argparse.Namespace) -> int:
     console.print(f"access: {', '.join(m.access)} (default {m.default_access}); group at inference: "
                   f"{GROUP_AT_INFERENCE[m.group_at_inference]}")
     table = Table(title=f"{m.name} options (-o key=value in `fairpatch bench`, `options` in a job)")
-    for col in ("option", "type", "default", "description"):
+    table.add_column("option", no_wrap=True)
+    for col in ("type", "default", "description"):
         table.add_column(col, overflow="fold")
     for row in option_rows(m.options):
         table.add_row(*(escape(x) for x in (row["name"], row["type"], _show_default(row["default"]),

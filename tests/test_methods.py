@@ -83,7 +83,7 @@ def test_every_method_declares_access_options_with_defaults_and_descriptions_and
 
 def test_bad_options_and_presets_name_what_is_valid():
     eraser = get_method("eraser")
-    with pytest.raises(OptionsError, match="unknown option.* alpha; valid options: bias, .*alpha_max"):
+    with pytest.raises(OptionsError, match=r"unknown option\(s\) alpha for eraser; valid options: bias, .*alpha_max"):
         eraser.parse_options({"alpha": 1})
     with pytest.raises(OptionsError, match="invalid options for eraser: alpha_max"):
         eraser.parse_options({"alpha_max": -1})
