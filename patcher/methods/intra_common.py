@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from patcher.methods.contract import FitRequest, FitResult
 from patcher.tuning import TuningData, stratified_holdout
@@ -59,24 +59,6 @@ class IntraOptions(BaseModel):
             raise ValueError(f"margin ({self.margin}) must be below epsilon ({self.epsilon}): the threshold search "
                              "tunes against epsilon - margin; pass a smaller margin")
         return self
-
-
-def parse_options(model: type[BaseModel], options: dict[str, Any]) -> Any:
-    """Options -> the method's pydantic model; a bad option is a ValueError that names it and what is allowed."""
-    try:
-        opts = model(**options)
-    except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            where = ".".join(str(p) for p in err["loc"])
-            if not where:  # a check across options (the model validator)
-                problems.append(str(err["msg"]).removeprefix("Value error, "))
-            elif err["type"] == "extra_forbidden":
-                problems.append(f"unknown option {where!r}; allowed: {', '.join(sorted(model.model_fields))}")
-            else:
-                problems.append(f"option {where!r}: {err['msg']} (got {err.get('input')!r})")
-        raise ValueError("; ".join(problems)) from None
-    return opts
 
 
 def resolve_measure(criterion: str, bias_measure: BiasMeasure | None) -> BiasMeasure:
