@@ -21,6 +21,24 @@ def test_scores_match_onnxruntime_and_count_rows(small_model):
     assert oracle._session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
+def test_before_batch_sees_every_batch_and_can_stop_the_next_one(small_model):
+    X = np.random.default_rng(4).normal(size=(20, 5)).astype(np.float32)
+    oracle = OnnxOracle(small_model, batch_size=8)
+    seen: list[int] = []
+    oracle.before_batch = seen.append
+    oracle.scores(X)
+    assert seen == [8, 8, 4] and oracle.queries_used == 20
+
+    def stop(rows: int) -> None:
+        raise RuntimeError("stopped")
+
+    oracle.before_batch = stop
+    with pytest.raises(RuntimeError, match="stopped"):
+        oracle.scores(X + 1)
+    assert oracle.queries_used == 20  # nothing was sent, nothing is counted
+    np.testing.assert_array_equal(oracle.scores(X), _offline(small_model, X))  # paid rows: no batch, no hook
+
+
 def test_paid_rows_are_not_paid_twice(small_model):
     X = np.random.default_rng(2).normal(size=(30, 5)).astype(np.float32)
     oracle = OnnxOracle(small_model, budget=40)
