@@ -73,18 +73,6 @@ class JobFailed(Exception):
 # ---------------------------------------------------------------- the job
 
 
-def stratified_split(strata: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(fit rows, held-out rows): `holdout` of every stratum held out, shuffled with `seed`."""
-    rng = np.random.default_rng(seed)
-    fit, held = [], []
-    for s in np.unique(strata):
-        idx = rng.permutation(np.flatnonzero(strata == s))
-        k = int(round(holdout * len(idx)))
-        held.append(idx[:k])
-        fit.append(idx[k:])
-    return np.sort(np.concatenate(fit)), np.sort(np.concatenate(held))
-
-
 def _cancellable(oracle: Any, cancelled: threading.Event, sent: Callable[[int], None] | None = None) -> Any:
     """Check the cancel flag before every batch the oracle sends (`_score_batch` is CountingOracle's hook),
     and report the rows each batch sent to `sent`."""
@@ -227,7 +215,7 @@ async def _exemplar(ctx: dict[str, Any], job: JobRecord, group_names: tuple[str,
 
 async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, stage: list[str]) -> dict[str, Any]:
     from patcher.methods import get_method
-    from patcher.tuning import TuningData
+    from patcher.tuning import TuningData, stratified_split
     from service.http_oracle import HttpOracle
 
     jobs: JobStore = ctx["jobs"]
@@ -236,7 +224,7 @@ async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, 
     if spec is None:
         raise JobFailed(f"model {job.model} version {job.version} is no longer registered")
     data = await ctx["datasets"].load(job.dataset, group_order=spec.groups)
-    fit_idx, held_idx = stratified_split(data.groups * 2 + data.y, job.holdout, job.seed)
+    held_idx, fit_idx = stratified_split(data.y, data.groups, job.holdout, job.seed)
     if len(fit_idx) == 0 or len(held_idx) == 0:
         raise JobFailed(f"holdout {job.holdout} of {len(data.y)} rows leaves one part empty; "
                         "upload more rows or change holdout")

@@ -14,7 +14,7 @@ from patcher.apply import PatchRunner
 from patcher.bench import headline
 from patcher.methods import get_method, reprogram
 from patcher.methods.eraser import sweep_thresholds
-from patcher.methods.reprogram import crossfit_folds, holdout_split
+from patcher.methods.reprogram import crossfit_folds
 from patcher.methods.reprogram_fairness import cell_accuracy_curve, cell_weights, unfairness, worst_cell_point
 from patcher.methods.reprogram_gradient import project
 from patcher.methods.reprogram_triggers import (
@@ -26,7 +26,7 @@ from patcher.methods.reprogram_triggers import (
     group_columns,
 )
 from patcher.oracle import OnnxOracle
-from patcher.tuning import TuningData
+from patcher.tuning import TuningData, stratified_split
 
 
 def run_onnx(graph: bytes, X: np.ndarray) -> np.ndarray:
@@ -128,19 +128,6 @@ def test_cell_weights_make_every_group_label_cell_count_the_same() -> None:
     assert w.mean() == pytest.approx(1.0)
     sums = {(g, c): w[(groups == g) & (y == c)].sum() for g in (0, 1) for c in (0, 1)}
     assert all(v == pytest.approx(2.0) for v in sums.values()), sums
-
-
-def test_holdout_split_is_disjoint_and_stratified() -> None:
-    rng = np.random.default_rng(0)
-    y, groups = rng.integers(0, 2, 1000), (rng.random(1000) < 0.2).astype(np.int64)
-    fit_rows, sel = holdout_split(y, groups, 0.3, seed=0)
-    assert len(np.intersect1d(fit_rows, sel)) == 0 and len(fit_rows) + len(sel) == 1000
-    for g in (0, 1):
-        for c in (0, 1):
-            cell = (groups == g) & (y == c)
-            assert abs(cell[sel].sum() - 0.3 * cell.sum()) <= 1
-    everything, same = holdout_split(y, groups, 0.0, seed=0)
-    assert np.array_equal(everything, same) and len(same) == 1000
 
 
 def test_crossfit_folds_split_every_group_label_cell_evenly() -> None:
@@ -369,7 +356,7 @@ def test_zeroth_order_frame_starts_from_the_best_random_frame_and_scores_the_mod
 
     data, model = colored
     t = data.tune
-    fit_rows, sel = holdout_split(t.y, t.groups, 0.3, seed=0)
+    sel, fit_rows = stratified_split(t.y, t.groups, 0.3, [0, 7])  # the trigger's selection rows
     frame = FrameTrigger((3, 16, 16), width=2, block=4)
     oracle = OnnxOracle(model.onnx_bytes, budget=6000, cache=False)
     trainer = ZOTrainer(oracle, frame, t.X, t.y, t.groups, 2, "eo", 10.0, fairness="gap", q=2, mu=0.1, lr=0.05,
@@ -395,7 +382,7 @@ def test_zeroth_order_subspace_search_moves_the_frame_along_k_directions_within_
 
     data, model = colored
     t = data.tune
-    fit_rows, sel = holdout_split(t.y, t.groups, 0.3, seed=0)
+    sel, fit_rows = stratified_split(t.y, t.groups, 0.3, [0, 7])  # the trigger's selection rows
     frame = FrameTrigger((3, 16, 16), width=2, block=1)
     oracle = OnnxOracle(model.onnx_bytes, budget=5000, cache=False)
     trainer = ZOTrainer(oracle, frame, t.X, t.y, t.groups, 2, "eo", 20.0, fairness="gap", q=2, mu=0.3, lr=0.2,
@@ -489,7 +476,7 @@ def test_gradient_worst_cell_selection_picks_on_held_out_tune_rows_only(colored)
         feasible = [c for c in report.candidates if c["unfairness"] <= sel["unfairness_target"]]
         assert chosen["worst_cell_accuracy"] == max(c["worst_cell_accuracy"] for c in feasible)
     # the held-out selection rows recomputed: the chosen point's worst cell is what the report says
-    _, rows = holdout_split(t.y, t.groups, 0.3, 0)
+    rows = stratified_split(t.y, t.groups, 0.3, [0, 7])[0]
     runner, oracle = PatchRunner(patch), OnnxOracle(model.onnx_bytes, cache=False)
     pred = runner.predict(t.X[rows], oracle.log_probs(runner.transform_inputs(t.X[rows])))
     yy, gg = t.y[rows], t.groups[rows]

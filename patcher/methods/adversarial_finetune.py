@@ -52,7 +52,6 @@ from patcher.methods.intra_common import (
     balanced_accuracy,
     bias,
     finish,
-    holdout_split,
     last_linear,
     logit_margin,
     parse_options,
@@ -61,7 +60,7 @@ from patcher.methods.intra_common import (
     threshold_search,
 )
 from patcher.patch import Patch
-from patcher.tuning import TuningData
+from patcher.tuning import TuningData, stratified_split
 
 ACCESS = frozenset({"weights"})
 
@@ -159,10 +158,15 @@ def fit(access: ModelArtifact, data: TuningData, criterion: str = "dp", budget: 
     with single_thread():
         torch.manual_seed(seed)
         opts = parse_options(AdversarialOptions, options)
-        train_rows, select_rows = holdout_split(data, opts.holdout, seed)
-        select = data if select_rows is None else data.subset(select_rows)
+        train, select = data, data  # holdout 0: the epoch is chosen on the rows it trained on
+        if opts.holdout > 0:
+            select_rows, train_rows = stratified_split(data.y, data.groups, opts.holdout, seed)
+            if len(select_rows) < 20 or len(train_rows) < 20:
+                raise ValueError(f"holdout {opts.holdout} of {len(data)} tuning rows leaves too few rows to train on "
+                                 "or to select with; use more rows or holdout=0")
+            train, select = data.subset(train_rows), data.subset(select_rows)
         ctx = prepare(access, select, criterion, AdversarialOptions, options, progress, seed)
-        return _train(ctx, data if train_rows is None else data.subset(train_rows), seed)
+        return _train(ctx, train, seed)
 
 
 def _operating_tau(ctx: FitContext, margin: np.ndarray) -> float:

@@ -25,7 +25,7 @@ from patcher.access import ModelArtifact
 from patcher.methods.forml_audit import CondenseBy, SampleAudit, build_audit, normalised_weights, summary_metrics
 from patcher.methods.forml_core import MetaLoss, Reverse, TrainConfig, train
 from patcher.patch import Patch
-from patcher.tuning import TuningData
+from patcher.tuning import TuningData, stratified_split
 
 ACCESS = frozenset({"weights"})
 Criterion = Literal["dp", "eo", "eopp"]
@@ -77,18 +77,6 @@ class FormlReport(BaseModel):
     history: list[dict[str, float]]
     onnx_max_abs_diff: float  # exported patch model vs the trained torch model, exemplar rows
     audit: SampleAudit
-
-
-def stratified_holdout(groups: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows, exemplar rows): `fraction` of every (group, label) cell, at least one row, held out."""
-    rng = np.random.default_rng(seed)
-    cells = groups.astype(np.int64) * (int(y.max()) + 1) + y
-    held = []
-    for c in np.unique(cells):
-        rows = rng.permutation(np.flatnonzero(cells == c))
-        held.append(rows[:max(1, int(round(fraction * len(rows))))] if len(rows) > 1 else rows[:0])
-    ex = np.sort(np.concatenate(held))
-    return np.setdiff1d(np.arange(len(y)), ex), ex
 
 
 def build_model(X: np.ndarray, n_classes: int, seed: int):
@@ -147,7 +135,7 @@ def fit(access: ModelArtifact | None, data: TuningData, criterion: Criterion = "
     X, y = np.array(data.X, np.float32), np.asarray(data.y, np.int64)
     groups = np.asarray(data.groups, np.int64)
     if exemplar is None:
-        train_rows, ex_rows = stratified_holdout(groups, y, opts.exemplar_fraction, seed)
+        ex_rows, train_rows = stratified_split(y, groups, opts.exemplar_fraction, seed, hold_one=True)
         Xv, yv, gv = X[ex_rows], y[ex_rows], groups[ex_rows]
     else:
         train_rows = np.arange(len(data))

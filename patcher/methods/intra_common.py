@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from patcher.tuning import TuningData, stratified_holdout
+from patcher.tuning import TuningData
 
 if TYPE_CHECKING:
     import torch
@@ -180,18 +180,6 @@ def _gap_se(rates: np.ndarray, var: np.ndarray) -> np.ndarray:
     lo = np.take_along_axis(var, np.argmin(filled, -1)[..., None], -1)[..., 0]
     hi = np.take_along_axis(var, np.argmax(np.nan_to_num(rates, nan=-np.inf), -1)[..., None], -1)[..., 0]
     return np.sqrt(lo + hi)
-
-
-def holdout_split(data: TuningData, share: float, seed: int) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(train rows, selection rows), `share` of every (group, label) cell held out; (None, None) when share is 0."""
-    if share <= 0:
-        return None, None
-    select = stratified_holdout(data.y, data.groups, share, np.random.default_rng(seed))
-    train = np.setdiff1d(np.arange(len(data)), select)
-    if len(select) < 20 or len(train) < 20:
-        raise ValueError(f"holdout {share} of {len(data)} tuning rows leaves too few rows to train on or to select "
-                         "with; use more rows or holdout=0")
-    return train, select
 
 
 def bootstrap_weights(n: int, count: int, seed: int) -> np.ndarray | None:

@@ -63,7 +63,7 @@ from patcher.onnx_graphs import GraphBuilder, float_tensor
 from patcher.oracle import Oracle
 from patcher.patch import Patch
 from patcher.scores import log_softmax
-from patcher.tuning import TuningData, stratified_holdout
+from patcher.tuning import TuningData, stratified_split
 
 ACCESS = frozenset({"gradient", "zeroth_order"})
 TriggerForm = Literal["auto", "tabular", "border", "frame", "patch", "color"]
@@ -300,16 +300,6 @@ def _accuracy(logp: np.ndarray, y: np.ndarray, groups: np.ndarray, opts: Reprogr
     return float(np.average(logp.argmax(1) == y, weights=w))
 
 
-def holdout_split(y: np.ndarray, groups: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(training rows, selection rows): `share` of every (group, label) cell held out for selection, so
-    the choice of lambda and threshold is scored on rows the trigger did not fit. share 0: all rows both."""
-    everything = np.arange(len(y))
-    if share <= 0:
-        return everything, everything
-    sel = stratified_holdout(y, groups, share, np.random.default_rng([seed, 7]))
-    return np.setdiff1d(everything, sel), sel
-
-
 def crossfit_folds(y: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.ndarray:
     """Fold index (0..k-1) per row, every (group, label) cell dealt round-robin after a shuffle, so each fold
     holds about 1/k of every cell (the minority cells decide the selection)."""
@@ -343,7 +333,8 @@ def _fit_gradient(artifact: ModelArtifact, trigger: Trigger, X, y, groups, G, cr
         p.requires_grad_(False)
     if opts.select_folds >= 2:
         return _fit_gradient_crossfit(model, trigger, X, y, groups, G, criterion, opts, report_progress)
-    fit_rows, sel = holdout_split(y, groups, opts.holdout, opts.seed)
+    everything = np.arange(len(y))  # holdout 0: lambda and threshold are chosen on the rows the trigger fit
+    sel, fit_rows = stratified_split(y, groups, opts.holdout, [opts.seed, 7]) if opts.holdout > 0 else (everything,) * 2
     Xs, ys, gs = X[sel], y[sel], groups[sel]
     X, y, groups = X[fit_rows], y[fit_rows], groups[fit_rows]
     base = log_softmax(model_logits(model, Xs))
@@ -401,7 +392,8 @@ def _fit_zo(oracle: Oracle, trigger: Trigger, X, y, groups, G, criterion, budget
     remaining = getattr(oracle, "remaining", None)
     limits = [b for b in (budget, remaining) if b is not None]
     limit = min(limits) if limits else 20_000
-    fit_rows, sel = holdout_split(y, groups, opts.holdout, opts.seed)
+    everything = np.arange(len(y))  # holdout 0: lambda and threshold are chosen on the rows the trigger fit
+    sel, fit_rows = stratified_split(y, groups, opts.holdout, [opts.seed, 7]) if opts.holdout > 0 else (everything,) * 2
     eval_size = min(opts.eval_size, len(sel), max(limit // (4 * (opts.evals + 1)), 50))
     C_guess = int(y.max()) + 1
     trainer = ZOTrainer(oracle, trigger, X, y, groups, G, criterion, opts.lam_zo if opts.lam is None else opts.lam,
