@@ -183,6 +183,16 @@ class TabularEncoder:
         return cls(d["categories"], d["means"], d["stds"])
 
 
+def feature_columns(feature_names: list[str], columns: list[str]) -> list[int]:
+    """Encoded feature indices of raw columns (a numeric column, or every one-hot `col=value`)."""
+    idx = [i for i, n in enumerate(feature_names) if n in columns or n.split("=", 1)[0] in columns]
+    missing = [c for c in columns if not any(n == c or n.startswith(c + "=") for n in feature_names)]
+    if missing:
+        raise ValueError(f"no such column(s) {missing}; the model's inputs come from "
+                         f"{sorted({n.split('=', 1)[0] for n in feature_names})}")
+    return idx
+
+
 @dataclass(frozen=True)
 class Split:
     X: np.ndarray  # encoded features, float32 [N, d]: the reference model's input

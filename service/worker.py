@@ -170,7 +170,7 @@ def _evaluate(spec: ModelSpec, patch: Any, X: np.ndarray, y: np.ndarray, groups:
     patch runs as the gateway runs it: input transform, then its replacement model (a weight patch) or the
     upstream, then the output transform, with randomized decisions drawn reproducibly from `seed`."""
     from patcher.apply import PatchRunner
-    from patcher.bench import headline
+    from patcher.metrics import headline
     from patcher.scores import to_log_probs
     from service.http_oracle import HttpOracle
 

@@ -11,11 +11,10 @@ import torch
 
 from patcher.access import ModelArtifact
 from patcher.apply import PatchRunner
-from patcher.bench import headline
 from patcher.methods import get_method, reprogram
 from patcher.methods.eraser import sweep_thresholds
 from patcher.methods.reprogram import crossfit_folds
-from patcher.methods.reprogram_fairness import cell_accuracy_curve, cell_weights, unfairness, worst_cell_point
+from patcher.methods.reprogram_fairness import cell_accuracy_curve, cell_weights, worst_cell_point
 from patcher.methods.reprogram_gradient import project
 from patcher.methods.reprogram_triggers import (
     BorderTrigger,
@@ -25,6 +24,7 @@ from patcher.methods.reprogram_triggers import (
     TabularTrigger,
     group_columns,
 )
+from patcher.metrics import criterion_gap, headline
 from patcher.oracle import OnnxOracle
 from patcher.tuning import TuningData, stratified_split
 
@@ -272,10 +272,10 @@ def test_worst_cell_point_is_the_best_worst_cell_under_the_unfairness_target() -
     rng = np.random.default_rng(1)
     y, g = rng.integers(0, 2, 400), rng.integers(0, 2, 400)
     margins = [(k, rng.normal(size=400) + (1.0 + k) * y - 0.8 * g) for k in range(3)]
-    base = unfairness((margins[0][1] > 0).astype(int), y, g, "eo")
+    base = criterion_gap((margins[0][1] > 0).astype(int), y, g, 2, "eo")
     key, thr, acc, unf, summary = worst_cell_point(margins, y, g, 2, "eo", 0.5 * base)
     pred = (dict(margins)[key] > thr).astype(int)
-    assert unf <= 0.5 * base and unfairness(pred, y, g, "eo") == pytest.approx(unf)
+    assert unf <= 0.5 * base and criterion_gap(pred, y, g, 2, "eo") == pytest.approx(unf)
     assert acc == pytest.approx(float((pred == y).mean()))
     worst = min(float((pred[(y == lab) & (g == a)] == lab).mean()) for lab in (0, 1) for a in (0, 1))
     assert worst == pytest.approx(summary[key]["worst_cell_accuracy"])
@@ -286,7 +286,7 @@ def test_worst_cell_point_is_the_best_worst_cell_under_the_unfairness_target() -
             p = (m > c).astype(int)
             assert w == pytest.approx(min(float((p[(y == lab) & (g == a)] == lab).mean())
                                           for lab in (0, 1) for a in (0, 1)))
-            if all(0 < p[g == a].mean() < 1 for a in (0, 1)) and unfairness(p, y, g, "eo") <= 0.5 * base:
+            if all(0 < p[g == a].mean() < 1 for a in (0, 1)) and criterion_gap(p, y, g, 2, "eo") <= 0.5 * base:
                 assert w <= worst + 1e-12
 
 
@@ -326,7 +326,7 @@ def test_worst_cell_selection_falls_back_on_the_least_unfair_point_and_says_so()
     least = min(float(sweep_thresholds(lp[:, 1] - lp[:, 0], y, g, 2, "eo")[2].min()) for _, lp in logps)
     assert unf == pytest.approx(least)
     pred = (dict(logps)[k][:, 1] - dict(logps)[k][:, 0] > thr).astype(int)
-    assert unfairness(pred, y, g, "eo") == pytest.approx(unf)
+    assert criterion_gap(pred, y, g, 2, "eo") == pytest.approx(unf)
     *_, info = reprogram._select(*args, reprogram.ReprogramOptions(), "gradient")
     assert info == {"rule": "fairest"}
 
@@ -482,7 +482,7 @@ def test_gradient_worst_cell_selection_picks_on_held_out_tune_rows_only(colored)
     yy, gg = t.y[rows], t.groups[rows]
     worst = min(float((pred[(yy == lab) & (gg == a)] == lab).mean()) for lab in (0, 1) for a in (0, 1))
     assert worst == pytest.approx(chosen["worst_cell_accuracy"], abs=1e-6)
-    assert unfairness(pred, yy, gg, "eo") == pytest.approx(report.tune_after["eo"], abs=1e-6)
+    assert criterion_gap(pred, yy, gg, 2, "eo") == pytest.approx(report.tune_after["eo"], abs=1e-6)
     # the same trained triggers under the fairest rule: the choice differs only in the rule
     _, fairest = reprogram.fit(ModelArtifact(model.onnx_bytes), tune, "eo", None, max_accuracy_drop=0.1, **opts)
     assert fairest.selection == {"rule": "fairest"} and "worst_cell_accuracy" not in fairest.candidates[0]

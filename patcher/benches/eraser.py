@@ -7,8 +7,8 @@ import time
 from typing import Any
 
 from patcher.apply import PatchRunner
-from patcher.bench import feature_columns, headline
-from patcher.datasets import load_dataset
+from patcher.datasets import feature_columns, load_dataset
+from patcher.metrics import headline
 from patcher.oracle import OnnxOracle
 from patcher.reference_models import reference_model
 from patcher.tuning import TuningData

@@ -37,9 +37,9 @@ def run_intra(method: str, dataset: str = "adult", sensitive: str | None = None,
     """One bench run of an intra-processing method: the JSON `fairpatch bench <method> --json` prints."""
     from patcher.access import ModelArtifact
     from patcher.apply import PatchRunner
-    from patcher.bench import headline
     from patcher.datasets import load_dataset
     from patcher.methods import get_method
+    from patcher.metrics import headline
     from patcher.oracle import OnnxOracle
     from patcher.reference_models import reference_model
     from patcher.tuning import TuningData

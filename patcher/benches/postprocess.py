@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from patcher.apply import PatchRunner
-from patcher.bench import headline
 from patcher.datasets import load_dataset
+from patcher.metrics import headline
 from patcher.oracle import OnnxOracle
 from patcher.reference_models import reference_model
 from patcher.tuning import TuningData

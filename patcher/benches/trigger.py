@@ -101,7 +101,7 @@ def _scores(onnx_bytes: bytes, X: np.ndarray) -> np.ndarray:
 
 def evaluate(patch, onnx_bytes: bytes, split, priv) -> dict[str, float]:
     from patcher.apply import PatchRunner
-    from patcher.bench import headline
+    from patcher.metrics import headline
 
     runner = PatchRunner(patch)
     logp = _scores(onnx_bytes, runner.transform_inputs(split.X))
@@ -131,7 +131,7 @@ def bench_trigger(dataset: str = "adult", sensitive: str | None = None, criterio
                   access: str = "gradient", queries: int | None = DEFAULT_QUERIES, seed: int = 0,
                   lam: float | None = None, transfer_seed: int | None = None, **options) -> dict[str, Any]:
     """One trigger run: the JSON `fairpatch bench trigger` prints."""
-    from patcher.bench import headline
+    from patcher.metrics import headline
 
     data, model = load(dataset, sensitive, seed)
     patch, report, fit_seconds = fit_trigger(data, model, criterion, access, queries, seed, lam=lam, **options)
@@ -160,7 +160,7 @@ def sweep_lam(dataset: str = "adult", sensitive: str | None = None, criterion: s
               lam: float | None = None, transfer_seed: int | None = None, lams: tuple[float, ...] = SWEEP_LAMS,
               **options) -> dict[str, Any]:
     """One trigger per lambda (each with its re-tuned threshold); test-split accuracy and fairness."""
-    from patcher.bench import headline
+    from patcher.metrics import headline
 
     data, model = load(dataset, sensitive, seed)
     test, priv = data.test, data.group_names.index(data.privileged)

@@ -85,11 +85,11 @@ def export_condensed(data: TuningData, audit: SampleAudit | dict) -> TuningData:
 
 def summary_metrics(y: np.ndarray, pred: np.ndarray, groups: np.ndarray, n_classes: int,
                     privileged: int | None = None) -> dict[str, float]:
-    """Headline metrics with TPRD and max FNR. Binary labels: per sensitive group (patcher.bench.headline).
+    """Headline metrics with TPRD and max FNR. Binary labels: per sensitive group (patcher.metrics.headline).
     More classes: per class, as the paper does for CIFAR and MNIST (TPRD = max - min recall over classes,
     max FNR = max over classes of 1 - recall), plus the worst (group, class) accuracy."""
     if n_classes == 2:
-        from patcher.bench import headline
+        from patcher.metrics import headline
 
         return headline(y, pred, groups, privileged)
     recall = np.array([(pred[y == c] == c).mean() for c in range(n_classes) if (y == c).any()])

@@ -45,7 +45,6 @@ from patcher.methods.reprogram_fairness import (
     Criterion,
     cell_weights,
     operating_point,
-    unfairness,
     worst_cell_point,
 )
 from patcher.methods.reprogram_gradient import model_logits, train_trigger
@@ -59,6 +58,7 @@ from patcher.methods.reprogram_triggers import (
     group_columns,
 )
 from patcher.methods.reprogram_zo import ZOTrainer
+from patcher.metrics import criterion_gap
 from patcher.onnx_graphs import GraphBuilder, float_tensor
 from patcher.oracle import Oracle
 from patcher.patch import Patch
@@ -209,7 +209,8 @@ def _choose(logps: list[tuple[int, np.ndarray]], base: np.ndarray, y: np.ndarray
     (accuracy cell-balanced with `opts.balance`)."""
     w = cell_weights(y, groups) if opts.balance else np.ones(len(y))
     base_pred = base.argmax(1)
-    base_acc, base_unfair = float(np.average(base_pred == y, weights=w)), unfairness(base_pred, y, groups, criterion)
+    base_acc = float(np.average(base_pred == y, weights=w))
+    base_unfair = criterion_gap(base_pred, y, groups, G, criterion)
     C = base.shape[1]
     if C == 2 and opts.threshold:
         key, thr, acc, unf, summary = operating_point(
@@ -219,7 +220,7 @@ def _choose(logps: list[tuple[int, np.ndarray]], base: np.ndarray, y: np.ndarray
     best, best_key, summary = None, None, []
     for k, lp in logps:
         pred = lp.argmax(1)
-        acc, unf = float(np.average(pred == y, weights=w)), unfairness(pred, y, groups, criterion)
+        acc, unf = float(np.average(pred == y, weights=w)), criterion_gap(pred, y, groups, G, criterion)
         summary.append({"key": k, "accuracy": acc, "unfairness": unf, "threshold": 0.0})
         within = opts.max_accuracy_drop is None or acc >= base_acc - opts.max_accuracy_drop
         rank = (not within, max(unf, opts.fairness_tolerance), -acc)
@@ -235,7 +236,7 @@ def _select(logps: list[tuple[int, np.ndarray]], base: np.ndarray, y: np.ndarray
     held-out tuning rows with `holdout`), never the test split."""
     rule, ratio = opts.selection(access)
     if rule == "worst_cell" and opts.threshold and base.shape[1] == 2:
-        base_unfair = unfairness(base.argmax(1), y, groups, criterion)
+        base_unfair = criterion_gap(base.argmax(1), y, groups, G, criterion)
         target = ratio * base_unfair
         k, thr, acc, unf, summary = worst_cell_point(
             [(i, lp[:, 1] - lp[:, 0]) for i, lp in logps], y, groups, G, criterion, target,
