@@ -166,28 +166,15 @@ def audit_in_dataset_rows(audit: dict[str, Any], fit_idx: np.ndarray) -> dict[st
 
 def _evaluate(spec: ModelSpec, patch: Any, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
               cancelled: threading.Event, seed: int) -> dict[str, Any]:
-    """Headline metrics on the held-out rows before and after the patch, through an unbudgeted oracle. The
-    patch runs as the gateway runs it: input transform, then its replacement model (a weight patch) or the
-    upstream, then the output transform, with randomized decisions drawn reproducibly from `seed`."""
-    from patcher.apply import PatchRunner
-    from patcher.metrics import headline
-    from patcher.scores import to_log_probs
+    """Headline metrics on the held-out rows before and after the patch (patcher.pipeline.score: the patch runs
+    as the gateway runs it, randomized decisions drawn reproducibly from `seed`), through an unbudgeted oracle."""
+    from patcher.pipeline import score
     from service.http_oracle import HttpOracle
 
     with _cancellable(HttpOracle(spec), cancelled) as oracle:
-        runner = PatchRunner(patch)
-        logp = oracle.log_probs(X)
-        before = logp.argmax(1)
-        X_after = runner.transform_inputs(X)
-        if runner.replaces_model:
-            logp_after = to_log_probs(runner.model_logits(X_after), "logits")
-        else:
-            logp_after = logp if X_after is X else oracle.log_probs(X_after)  # a trigger changes what it sees
-        after = runner.predict(X_after, logp_after, groups if runner.needs_group else None,
-                               request_id=f"evaluation-{seed}")
-        return {"before": headline(y, before, groups), "after": headline(y, after, groups),
-                "eval_queries": oracle.queries_used, "group_at_inference": runner.needs_group,
-                "served_by": "patch" if runner.replaces_model else "upstream"}
+        s = score(patch, oracle.log_probs, X, y, groups, seed=seed)
+        return {"before": s.before, "after": s.after, "eval_queries": oracle.queries_used,
+                "group_at_inference": s.group_at_inference, "served_by": s.served_by}
 
 
 async def _model_artifact(ctx: dict[str, Any], spec: ModelSpec) -> Any:
