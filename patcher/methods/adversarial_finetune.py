@@ -99,7 +99,8 @@ def measure_weights(y: np.ndarray, groups: np.ndarray, n_groups: int, measure: s
 
 def soft_bias(soft, y: np.ndarray, groups: np.ndarray, n_groups: int, measure: str):
     """The batch's bias of per-row soft decisions in [0, 1], computed as `bias` computes it from hard ones
-    (a differentiable torch scalar; 0 when fewer than two groups have the rows a rate needs)."""
+    (patcher.metrics.rate_gap, signed, kept in torch so it stays differentiable; 0 when fewer than two groups
+    have the rows a rate needs)."""
     import torch
 
     rates = []
