@@ -1,9 +1,10 @@
-"""Group-fairness and utility metrics for binary classifiers (ALGORITHMS.md section 1).
+"""Group-fairness and utility metrics for binary classifiers.
 
-One module used everywhere (jobs, reports, live monitoring, benchmarks), so it is pure numpy and
-cheap: every metric is derived from four sufficient statistics per group, computed with a single
-``np.unique`` and four ``np.bincount`` calls. The same derivation runs on bootstrap replicates,
-so point estimates and confidence intervals can never disagree on a definition.
+One module used everywhere (jobs, reports, live monitoring, benchmarks, and the methods' own
+selection: ``rate_gap``, ``criterion_gap``, ``sweep``), so it is pure numpy and cheap: every report
+metric is derived from four sufficient statistics per group, computed with a single ``np.unique``
+and four ``np.bincount`` calls. The same derivation runs on bootstrap replicates, so point
+estimates and confidence intervals can never disagree on a definition.
 
 Inputs (all 1-D, same length N > 0):
 
