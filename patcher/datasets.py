@@ -81,7 +81,7 @@ SPECS: dict[str, DatasetSpec] = {
                  "number_of_credits", "people_liable"),
         sensitive={
             "age": SensitiveSpec("age", ("<=25", ">25"), ">25", ("age",), lambda c: np.where(c > 25, ">25", "<=25")),
-            "sex": SensitiveSpec("sex", ("female", "male"), "male", ("status_sex",),
+            "sex": SensitiveSpec("status_sex", ("female", "male"), "male", ("status_sex",),
                                  lambda c: np.where(c.str.startswith("female"), "female", "male")),
         },
         default_sensitive="age",
