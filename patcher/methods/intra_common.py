@@ -131,19 +131,15 @@ def _cut_curves(sw: Sweep, measure: BiasMeasure):
     pos, tot = sw.positive, sw.total  # weighted positives per (group, label): [B, n + 1, G, 2], [B, G, 2]
     P, N = tot[:, :, 1].sum(1)[:, None], tot[:, :, 0].sum(1)[:, None]
     tp, fp = pos[:, :, :, 1].sum(2), pos[:, :, :, 0].sum(2)
+    r = sw.rates()
+    rates, n_pos, n_neg = measure_rates(r, measure), tot[:, None, :, 1], tot[:, None, :, 0]
     with np.errstate(invalid="ignore", divide="ignore"):
         ba = np.nan_to_num(0.5 * (tp / P + 1 - fp / N))
         acc = (tp + N - fp) / (P + N)
-        if measure == "spd":
-            rates = pos.sum(3) / tot.sum(2)[:, None]
-            var = rates * (1 - rates) / tot.sum(2)[:, None]
-        elif measure == "eod":
-            rates = pos[..., 1] / tot[:, None, :, 1]
-            var = rates * (1 - rates) / tot[:, None, :, 1]
+        if measure == "aod":
+            var = 0.25 * (r["tpr"] * (1 - r["tpr"]) / n_pos + r["fpr"] * (1 - r["fpr"]) / n_neg)
         else:
-            tpr, fpr = pos[..., 1] / tot[:, None, :, 1], pos[..., 0] / tot[:, None, :, 0]
-            rates = 0.5 * (tpr + fpr)
-            var = 0.25 * (tpr * (1 - tpr) / tot[:, None, :, 1] + fpr * (1 - fpr) / tot[:, None, :, 0])
+            var = rates * (1 - rates) / (tot.sum(2)[:, None] if measure == "spd" else n_pos)
     gap = np.nan_to_num(rate_gap(rates, signed=True))
     return ba, acc, gap, _gap_se(rates, var)
 
