@@ -49,7 +49,7 @@ def run(datasets: list[str], criteria: list[str], model_seeds: list[int], split_
     from patcher.methods.intra_common import CRITERION_MEASURE, balanced_accuracy, bias
     from patcher.oracle import OnnxOracle
     from patcher.reference_models import reference_model
-    from patcher.tuning import TuningData, stratified_holdout
+    from patcher.tuning import TuningData, stratified_split
 
     rows = []
     for dataset in datasets:
@@ -59,7 +59,7 @@ def run(datasets: list[str], criteria: list[str], model_seeds: list[int], split_
             model = reference_model(dataset, data.sensitive, seed=model_seed, data=data)
             base_oracle = OnnxOracle(model.onnx_bytes)
             for split_seed in split_seeds:
-                held = stratified_holdout(tune.y, tune.groups, share, np.random.default_rng(10_000 + split_seed))
+                held = stratified_split(tune.y, tune.groups, share, 10_000 + split_seed)[0]
                 pseudo_tune = tune.subset(np.setdiff1d(np.arange(len(tune)), held))
                 pseudo_test = tune.subset(held)
                 y, g, G = pseudo_test.y, pseudo_test.groups, pseudo_test.n_groups

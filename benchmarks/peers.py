@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from patcher.bench import headline
 from patcher.datasets import load_dataset
+from patcher.metrics import headline
 from patcher.oracle import OnnxOracle
 from patcher.reference_models import reference_model
 

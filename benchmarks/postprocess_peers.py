@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from patcher.bench import headline
 from patcher.benches.postprocess import run_method
 from patcher.datasets import load_dataset
+from patcher.metrics import headline
 from patcher.oracle import OnnxOracle
 from patcher.reference_models import reference_model
 

@@ -19,6 +19,8 @@ from importlib import resources
 import numpy as np
 import pandas as pd
 
+from patcher.tuning import stratified_split
+
 DATASETS = ("adult", "compas", "german")
 
 
@@ -79,7 +81,7 @@ SPECS: dict[str, DatasetSpec] = {
                  "number_of_credits", "people_liable"),
         sensitive={
             "age": SensitiveSpec("age", ("<=25", ">25"), ">25", ("age",), lambda c: np.where(c > 25, ">25", "<=25")),
-            "sex": SensitiveSpec("sex", ("female", "male"), "male", ("status_sex",),
+            "sex": SensitiveSpec("status_sex", ("female", "male"), "male", ("status_sex",),
                                  lambda c: np.where(c.str.startswith("female"), "female", "male")),
         },
         default_sensitive="age",
@@ -181,6 +183,16 @@ class TabularEncoder:
         return cls(d["categories"], d["means"], d["stds"])
 
 
+def feature_columns(feature_names: list[str], columns: list[str]) -> list[int]:
+    """Encoded feature indices of raw columns (a numeric column, or every one-hot `col=value`)."""
+    idx = [i for i, n in enumerate(feature_names) if n in columns or n.split("=", 1)[0] in columns]
+    missing = [c for c in columns if not any(n == c or n.startswith(c + "=") for n in feature_names)]
+    if missing:
+        raise ValueError(f"no such column(s) {missing}; the model's inputs come from "
+                         f"{sorted({n.split('=', 1)[0] for n in feature_names})}")
+    return idx
+
+
 @dataclass(frozen=True)
 class Split:
     X: np.ndarray  # encoded features, float32 [N, d]: the reference model's input
@@ -213,18 +225,6 @@ class Dataset:
         return self.train.X.shape[1]
 
 
-def _stratified_split(strata: np.ndarray, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
-    """Split row indices into parts with the given fractions, within every stratum."""
-    rng = np.random.default_rng(seed)
-    parts: list[list[np.ndarray]] = [[] for _ in fractions]
-    for s in np.unique(strata):
-        idx = rng.permutation(np.flatnonzero(strata == s))
-        cuts = np.round(np.cumsum(fractions)[:-1] * len(idx)).astype(int)
-        for i, chunk in enumerate(np.split(idx, cuts)):
-            parts[i].append(chunk)
-    return [np.sort(np.concatenate(p)) for p in parts]
-
-
 SPLIT_SEED = 0  # the splits never move with a method's seed: every run is scored on the same rows
 
 
@@ -239,13 +239,12 @@ def load_dataset(name: str, sensitive: str | None = None, drop_sensitive: bool =
                          f"{', '.join(spec.sensitive)}")
     sens = spec.sensitive[sensitive]
     full, test_file = load_frames(name)
-    groups_full = group_codes(full, sens)
-    strata = groups_full * 2 + full[spec.label].to_numpy()
+    groups_full, y_full = group_codes(full, sens), full[spec.label].to_numpy()
     if test_file is not None:
-        train_idx, tune_idx = _stratified_split(strata, (0.7, 0.3), SPLIT_SEED)
+        train_idx, tune_idx = stratified_split(y_full, groups_full, (0.7, 0.3), SPLIT_SEED)
         frames = full.iloc[train_idx], full.iloc[tune_idx], test_file
     else:
-        train_idx, tune_idx, test_idx = _stratified_split(strata, (0.6, 0.2, 0.2), SPLIT_SEED)
+        train_idx, tune_idx, test_idx = stratified_split(y_full, groups_full, (0.6, 0.2, 0.2), SPLIT_SEED)
         frames = full.iloc[train_idx], full.iloc[tune_idx], full.iloc[test_idx]
     dropped = set(sens.encoded_columns) if drop_sensitive else set()
     categorical = [c for c in spec.categorical if c not in dropped]

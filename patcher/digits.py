@@ -30,6 +30,7 @@ import pandas as pd
 
 from patcher.datasets import Dataset, Split, TabularEncoder
 from patcher.reference_models import ReferenceModel, cache_dir, fit_minibatches
+from patcher.tuning import stratified_split
 
 DIGIT_DATASETS = ("colored-digits", "noisy-digits")
 SIZE = 16  # 8x8 upsampled twice
@@ -56,16 +57,6 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
     d = load_digits()
     return (d.images / 16.0).astype(np.float32), d.target.astype(np.int64)
-
-
-def _split_indices(digits: np.ndarray, seed: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    parts: list[list[np.ndarray]] = [[], [], []]
-    for k in np.unique(digits):
-        idx = rng.permutation(np.flatnonzero(digits == k))
-        for i, chunk in enumerate(np.split(idx, np.round(np.array([0.6, 0.8]) * len(idx)).astype(int))):
-            parts[i].append(chunk)
-    return [np.sort(np.concatenate(p)) for p in parts]
 
 
 def _render(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -103,7 +94,7 @@ def load_digits_dataset(name: str, seed: int = 0) -> Dataset:
     if name not in DIGIT_DATASETS:
         raise ValueError(f"unknown image dataset {name!r}; choose one of {', '.join(DIGIT_DATASETS)}")
     images, digits = _digits()
-    idx = _split_indices(digits, seed)
+    idx = stratified_split(digits, np.zeros_like(digits), (0.6, 0.2, 0.2), seed)  # strata: the digit
     rng = np.random.default_rng([seed, 1])
     splits = [_split(name, part, images[i], digits[i], rng) for part, i in zip(AGREE, idx, strict=True)]
     if name == "colored-digits":

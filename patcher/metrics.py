@@ -1,9 +1,10 @@
-"""Group-fairness and utility metrics for binary classifiers (ALGORITHMS.md section 1).
+"""Group-fairness and utility metrics for binary classifiers.
 
-One module used everywhere (jobs, reports, live monitoring, benchmarks), so it is pure numpy and
-cheap: every metric is derived from four sufficient statistics per group, computed with a single
-``np.unique`` and four ``np.bincount`` calls. The same derivation runs on bootstrap replicates,
-so point estimates and confidence intervals can never disagree on a definition.
+One module used everywhere (jobs, reports, live monitoring, benchmarks, and the methods' own
+selection: ``rate_gap``, ``criterion_gap``, ``sweep``), so it is pure numpy and cheap: every report
+metric is derived from four sufficient statistics per group, computed with a single ``np.unique``
+and four ``np.bincount`` calls. The same derivation runs on bootstrap replicates, so point
+estimates and confidence intervals can never disagree on a definition.
 
 Inputs (all 1-D, same length N > 0):
 
@@ -46,10 +47,15 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 __all__ = [
     "RATE_NAMES",
+    "CRITERION_RATES",
+    "HEADLINE",
     "FairnessReport",
+    "Sweep",
     "accuracy",
     "average_odds_difference",
     "balanced_accuracy",
+    "criterion_gap",
+    "decision_rates",
     "demographic_parity_difference",
     "demographic_parity_ed",
     "demographic_parity_ratio",
@@ -60,9 +66,12 @@ __all__ = [
     "equalized_odds_ratio",
     "fairness_report",
     "group_rates",
+    "headline",
     "max_false_negative_rate",
     "signed_equal_opportunity_difference",
+    "rate_gap",
     "statistical_parity_difference",
+    "sweep",
     "true_positive_rate_difference",
     "worst_group_accuracy",
 ]
@@ -225,8 +234,15 @@ def _rates(s: np.ndarray, zero_division: float) -> dict[str, np.ndarray]:
     }
 
 
-def _gap(x: np.ndarray) -> np.ndarray:
-    # fmax/fmin skip NaN (pandas' skipna) and stay NaN, without warnings, if all are NaN.
+def rate_gap(rates: npt.ArrayLike, *, signed: bool = False) -> np.ndarray:
+    """The fairness gap of per-group rates (last axis, any number of groups): max - min over the groups
+    whose rate is defined (NaN skipped, as pandas' max/min do; NaN when none is). Every criterion gap in
+    the package is this one. ``signed`` with two groups: rate[0] - rate[1] (AIF360's unprivileged minus
+    privileged when group 0 is the unprivileged one); with more groups there is no sign, max - min."""
+    x = np.asarray(rates, np.float64)
+    if signed and x.shape[-1] == 2:
+        return x[..., 0] - x[..., 1]
+    # fmax/fmin skip NaN and stay NaN, without warnings, if all are NaN.
     return np.fmax.reduce(x, axis=-1) - np.fmin.reduce(x, axis=-1)
 
 
@@ -257,12 +273,12 @@ def _summary(
         "accuracy": o["accuracy"],
         "balanced_accuracy": o["balanced_accuracy"],
         "worst_group_accuracy": np.fmin.reduce(cells, axis=-1),
-        "dp_diff": _gap(g["selection_rate"]),
+        "dp_diff": rate_gap(g["selection_rate"]),
         "dp_ratio": _ratio(g["selection_rate"]),
-        "eo_diff": np.fmax(_gap(g["tpr"]), _gap(g["fpr"])),
+        "eo_diff": np.fmax(rate_gap(g["tpr"]), rate_gap(g["fpr"])),
         "eo_ratio": np.fmin(_ratio(g["tpr"]), _ratio(g["fpr"])),
-        "eopp_diff": _gap(g["tpr"]),
-        "tprd": _gap(g["tpr"]),
+        "eopp_diff": rate_gap(g["tpr"]),
+        "tprd": rate_gap(g["tpr"]),
         "max_fnr": np.fmax.reduce(g["fnr"], axis=-1),
         "dp_ed": _ed(g["selection_rate"], o["selection_rate"]),
         "eo_ed": 0.5 * (_ed(g["fpr"], o["fpr"]) + _ed(g["fnr"], o["fnr"])),
@@ -467,6 +483,101 @@ def signed_equal_opportunity_difference(
     return _metric("eod", y_true, y_pred, groups, soft, zero_division, privileged)
 
 
+# --------------------------------------------------------------------------- headline metrics
+HEADLINE = ("accuracy", "balanced_accuracy", "dp_diff", "eo_diff", "worst_group_accuracy")
+
+
+def headline(y: np.ndarray, pred: np.ndarray, groups: np.ndarray, privileged: Any = None) -> dict[str, float]:
+    """The metrics every bench, job and peer comparison reports (AIF360's signed ones with ``privileged``)."""
+    summary = fairness_report(y, pred, groups, privileged=privileged).summary
+    keys = (*HEADLINE, "tprd", "max_fnr", "eopp_diff") + (("spd", "aod", "eod") if privileged is not None else ())
+    return {k: float(summary[k]) for k in keys if summary.get(k) is not None}
+
+
+# --------------------------------------------------------------------------- what methods select on
+# Methods rank thousands of candidate decisions on their tuning rows: the same gaps as above, from per-group
+# means over integer group ids 0..G-1, and every cut of a score at once.
+
+
+def decision_rates(decision: npt.ArrayLike, y: np.ndarray, groups: np.ndarray, n_groups: int) -> dict[str, np.ndarray]:
+    """Per-group selection rate ("sr"), TPR and FPR of hard 0/1 or soft [0, 1] decisions (a soft decision
+    counts as its probability), each [G], NaN where a group has no such rows."""
+    d = np.asarray(decision, np.float64)
+    out = {k: np.zeros(n_groups) for k in ("sr", "tpr", "fpr")}
+    for g in range(n_groups):
+        m = groups == g
+        pos, neg = m & (y == 1), m & (y == 0)
+        out["sr"][g] = d[m].mean() if m.any() else np.nan
+        out["tpr"][g] = d[pos].mean() if pos.any() else np.nan
+        out["fpr"][g] = d[neg].mean() if neg.any() else np.nan
+    return out
+
+
+CRITERION_RATES: dict[str, tuple[str, ...]] = {"dp": ("sr",), "eopp": ("tpr",), "eo": ("tpr", "fpr")}
+
+
+def criterion_gap(decision: npt.ArrayLike, y: np.ndarray, groups: np.ndarray, n_groups: int, criterion: str) -> float:
+    """The criterion's gap (Fairlearn's definitions) of hard or soft decisions: dp = selection-rate gap,
+    eopp = TPR gap, eo = max(TPR gap, FPR gap); 0 when no two groups have the rate."""
+    r = decision_rates(decision, y, groups, n_groups)
+    return max(float(np.nan_to_num(rate_gap(r[k]))) for k in CRITERION_RATES[criterion])
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Decisions ``score > cut`` at many cuts at once: weighted counts of the rows decided positive per
+    group and label, ``positive`` [..., K, G, 2] (label 0, label 1), and the totals ``total`` [..., G, 2]."""
+
+    cuts: np.ndarray  # [K]
+    positive: np.ndarray
+    total: np.ndarray
+    weight: np.ndarray  # [...] the summed row weights
+    ordered: np.ndarray | None = None  # every-cut sweeps: the scores, descending (cut k = top k rows positive)
+
+    def rates(self) -> dict[str, np.ndarray]:
+        """Per cut and group: "sr", "tpr", "fpr", "tnr" [..., K, G]; NaN where a group has no such rows."""
+        pos, tot = self.positive, self.total[..., None, :, :]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return {"sr": pos.sum(-1) / tot.sum(-1), "tpr": pos[..., 1] / tot[..., 1],
+                    "fpr": pos[..., 0] / tot[..., 0], "tnr": (tot[..., 0] - pos[..., 0]) / tot[..., 0]}
+
+    def accuracy(self) -> np.ndarray:
+        tp, fp = self.positive[..., 1].sum(-1), self.positive[..., 0].sum(-1)
+        return (tp + (self.total[..., 0].sum(-1)[..., None] - fp)) / self.weight[..., None]
+
+    def gap(self, criterion: str) -> np.ndarray:
+        """The criterion's gap at every cut (0 where no two groups have the rate), [..., K]."""
+        r = self.rates()
+        return np.max([np.nan_to_num(rate_gap(r[k])) for k in CRITERION_RATES[criterion]], axis=0)
+
+
+def sweep(score: np.ndarray, y: np.ndarray, groups: np.ndarray, n_groups: int, *, cuts: np.ndarray | None = None,
+          weights: np.ndarray | None = None) -> Sweep:
+    """The threshold sweep. Without ``cuts``: every cut, "top k rows positive" for k = 0..n (rows sorted by
+    descending score, stable), one sort and cumulative counts; ``weights`` ([n] or resamples [B, n]) make
+    the counts weighted; the cuts are midpoints between neighbouring scores (ties give unrealisable cuts:
+    see ``ordered``). With ``cuts``: the decisions ``score > cut`` at each given cut (unweighted)."""
+    y, groups = np.asarray(y, np.int64), np.asarray(groups, np.int64)
+    if cuts is not None:
+        positive = np.zeros((len(cuts), n_groups, 2))
+        total = np.zeros((n_groups, 2))
+        for g in range(n_groups):
+            for label in (0, 1):
+                s = np.sort(score[(groups == g) & (y == label)])
+                positive[:, g, label] = len(s) - np.searchsorted(s, cuts, side="right")
+                total[g, label] = len(s)
+        return Sweep(np.asarray(cuts), positive, total, np.asarray(float(len(y))))
+    order = np.argsort(-score, kind="stable")
+    s, yy, gg = score[order], y[order], groups[order]
+    n = len(s)
+    w = np.ones(n) if weights is None else np.asarray(weights, np.float64)[..., order]
+    cells = np.zeros((*w.shape[:-1], n + 1, n_groups * 2))
+    cells[..., np.arange(1, n + 1), gg * 2 + yy] = w
+    positive = np.cumsum(cells, axis=-2).reshape(*w.shape[:-1], n + 1, n_groups, 2)
+    edges = np.concatenate([[s[0] + 1.0], (s[:-1] + s[1:]) / 2, [s[-1] - 1.0]]) if n else np.zeros(1)
+    return Sweep(edges, positive, positive[..., -1, :, :], w.sum(-1), s)
+
+
 # --------------------------------------------------------------------------- report
 def _json_float(v: Any) -> float | None:
     # JSON has no NaN/inf: undefined metrics travel as null.
@@ -587,7 +698,7 @@ def fairness_report(
         zero_division=zero_division,
         overall={k: float(v) for k, v in o.items()},
         by_group={key: {k: float(v[i]) for k, v in g.items()} for i, key in enumerate(keys)},
-        difference={k: float(_gap(g[k])) for k in RATE_NAMES},
+        difference={k: float(rate_gap(g[k])) for k in RATE_NAMES},
         ratio={k: float(_ratio(g[k])) for k in RATE_NAMES},
         summary={k: float(v) for k, v in summary.items()},
         ci=intervals,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,12 +45,31 @@ class TuningData:
         return TuningData(self.X[idx], self.y[idx], self.groups[idx], self.group_names, self.feature_names, bf)
 
 
-def stratified_holdout(y: np.ndarray, groups: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
-    """Sorted row indices holding out `share` of every (group, label) cell (rounded per cell): rows a method
-    selects on (lambda, threshold, epoch) that it did not fit."""
-    y, groups = np.asarray(y, np.int64), np.asarray(groups, np.int64)
-    cells = groups * (int(y.max()) + 1) + y
-    held = [rng.permutation(np.flatnonzero(cells == c))[: int(round(share * int((cells == c).sum())))]
-            for c in np.unique(cells)]
-    return np.sort(np.concatenate(held))
+SeedLike = int | Sequence[int] | np.random.Generator
 
+
+def stratified_split(y: np.ndarray, groups: np.ndarray, shares: float | Sequence[float], seed: SeedLike, *,
+                     hold_one: bool = False) -> list[np.ndarray]:
+    """Sorted row indices cut into parts within every (group, label) cell, so small cells keep their share.
+
+    `shares`: one fraction h gives two parts (h of every cell, then the rest); a sequence of fractions summing
+    to 1 gives one part each. Each cell, in (group, label) order, is shuffled with one permutation drawn from
+    `seed` (an int, a sequence of ints or a Generator) and cut at the rounded cumulative shares.
+    `hold_one` (two parts): the first part gets at least one row of every cell that has two or more, none of
+    a one-row cell, so an exemplar set sees every cell while the training part keeps every cell too.
+    """
+    y, groups = np.asarray(y, np.int64), np.asarray(groups, np.int64)
+    fractions = (shares, 1.0 - shares) if isinstance(shares, (int, float)) else tuple(shares)
+    if hold_one and len(fractions) != 2:
+        raise ValueError(f"hold_one needs two parts; got shares {fractions}")
+    rng = np.random.default_rng(seed)
+    cells = groups * (int(y.max()) + 1) + y
+    parts: list[list[np.ndarray]] = [[] for _ in fractions]
+    for c in np.unique(cells):
+        idx = rng.permutation(np.flatnonzero(cells == c))
+        cuts = np.round(np.cumsum(fractions)[:-1] * len(idx)).astype(int)
+        if hold_one:
+            cuts = np.array([max(1, int(cuts[0])) if len(idx) > 1 else 0])
+        for i, chunk in enumerate(np.split(idx, cuts)):
+            parts[i].append(chunk)
+    return [np.sort(np.concatenate(p)) for p in parts]

@@ -72,18 +72,6 @@ class JobFailed(Exception):
 # ---------------------------------------------------------------- the job
 
 
-def stratified_split(strata: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(fit rows, held-out rows): `holdout` of every stratum held out, shuffled with `seed`."""
-    rng = np.random.default_rng(seed)
-    fit, held = [], []
-    for s in np.unique(strata):
-        idx = rng.permutation(np.flatnonzero(strata == s))
-        k = int(round(holdout * len(idx)))
-        held.append(idx[:k])
-        fit.append(idx[k:])
-    return np.sort(np.concatenate(fit)), np.sort(np.concatenate(held))
-
-
 def _cancellable(oracle: Any, cancelled: threading.Event, sent: Callable[[int], None] | None = None) -> Any:
     """Check the cancel flag before every batch the oracle sends, and report the rows of each batch to `sent`."""
     def before_batch(rows: int) -> None:
@@ -153,28 +141,15 @@ class _Progress:
 
 def _evaluate(spec: ModelSpec, patch: Any, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
               cancelled: threading.Event, seed: int) -> dict[str, Any]:
-    """Headline metrics on the held-out rows before and after the patch, through an unbudgeted oracle. The
-    patch runs as the gateway runs it: input transform, then its replacement model (a weight patch) or the
-    upstream, then the output transform, with randomized decisions drawn reproducibly from `seed`."""
-    from patcher.apply import PatchRunner
-    from patcher.bench import headline
-    from patcher.scores import to_log_probs
+    """Headline metrics on the held-out rows before and after the patch (patcher.pipeline.score: the patch runs
+    as the gateway runs it, randomized decisions drawn reproducibly from `seed`), through an unbudgeted oracle."""
+    from patcher.pipeline import score
     from service.http_oracle import HttpOracle
 
     with _cancellable(HttpOracle(spec), cancelled) as oracle:
-        runner = PatchRunner(patch)
-        logp = oracle.log_probs(X)
-        before = logp.argmax(1)
-        X_after = runner.transform_inputs(X)
-        if runner.replaces_model:
-            logp_after = to_log_probs(runner.model_logits(X_after), "logits")
-        else:
-            logp_after = logp if X_after is X else oracle.log_probs(X_after)  # a trigger changes what it sees
-        after = runner.predict(X_after, logp_after, groups if runner.needs_group else None,
-                               request_id=f"evaluation-{seed}")
-        return {"before": headline(y, before, groups), "after": headline(y, after, groups),
-                "eval_queries": oracle.queries_used, "group_at_inference": runner.needs_group,
-                "served_by": "patch" if runner.replaces_model else "upstream"}
+        s = score(patch, oracle.log_probs, X, y, groups, seed=seed)
+        return {"before": s.before, "after": s.after, "eval_queries": oracle.queries_used,
+                "group_at_inference": s.group_at_inference, "served_by": s.served_by}
 
 
 async def _model_artifact(ctx: dict[str, Any], spec: ModelSpec) -> Any:
@@ -202,7 +177,7 @@ async def _exemplar(ctx: dict[str, Any], job: JobRecord, group_names: tuple[str,
 
 async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, stage: list[str]) -> dict[str, Any]:
     from patcher.methods import FitRequest, get_method
-    from patcher.tuning import TuningData
+    from patcher.tuning import TuningData, stratified_split
     from service.http_oracle import HttpOracle
 
     jobs: JobStore = ctx["jobs"]
@@ -211,7 +186,7 @@ async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, 
     if spec is None:
         raise JobFailed(f"model {job.model} version {job.version} is no longer registered")
     data = await ctx["datasets"].load(job.dataset, group_order=spec.groups)
-    fit_idx, held_idx = stratified_split(data.groups * 2 + data.y, job.holdout, job.seed)
+    held_idx, fit_idx = stratified_split(data.y, data.groups, job.holdout, job.seed)
     if len(fit_idx) == 0 or len(held_idx) == 0:
         raise JobFailed(f"holdout {job.holdout} of {len(data.y)} rows leaves one part empty; "
                         "upload more rows or change holdout")

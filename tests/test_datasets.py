@@ -57,3 +57,9 @@ def test_unknown_names_are_clear_errors():
         load_dataset("mnist")
     with pytest.raises(ValueError, match="no sensitive attribute 'height'"):
         load_dataset("adult", "height")
+
+
+def test_german_sex_is_read_from_the_status_sex_column():
+    d = load_dataset("german", "sex")
+    assert d.group_names == ("female", "male") and d.privileged == "male"
+    assert sum(int((s.groups == 0).sum()) for s in (d.train, d.tune, d.test)) == 310

@@ -125,7 +125,7 @@ def test_weighted_sweep_equals_replicated_rows():
 
 
 def test_proxy_rule_needs_no_group_and_uses_only_its_columns(adult, adult_model, tune):
-    from patcher.bench import feature_columns
+    from patcher.datasets import feature_columns
 
     cols = feature_columns(adult.feature_names, ["relationship", "marital_status"])
     assert all(adult.feature_names[i].startswith(("relationship=", "marital_status=")) for i in cols)

@@ -91,14 +91,6 @@ def test_bootstrap_objective_is_phi_averaged_over_the_resamples():
     assert op.objective <= plain.objective + 1e-12
 
 
-def test_holdout_split_is_stratified_and_disjoint(tune):
-    train, select = ic.holdout_split(tune, 0.3, seed=0)
-    assert len(np.intersect1d(train, select)) == 0 and len(train) + len(select) == len(tune)
-    for c in range(4):
-        cell = tune.groups * 2 + tune.y == c
-        assert cell[select].sum() == round(0.3 * cell.sum())
-
-
 def test_bias_measures_match_their_definitions():
     y = np.array([1, 1, 0, 0, 1, 1, 0, 0])
     g = np.array([0, 0, 0, 0, 1, 1, 1, 1])

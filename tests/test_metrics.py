@@ -554,3 +554,59 @@ def test_report_is_fast_enough_for_tuning_loops(adult_df: pd.DataFrame):
         M.fairness_report(y, p, g, privileged="Male")
     per_call = (time.perf_counter() - t0) / 20
     assert per_call < 0.05, per_call  # ~3 ms measured on 16k rows; generous bound for slow CI
+
+
+# --------------------------------------------------------------------------- gaps and sweeps methods select on
+def test_rate_gap_over_any_number_of_groups_skips_undefined_rates():
+    assert M.rate_gap([0.2, 0.5, 0.9, np.nan]) == pytest.approx(0.7)
+    assert M.rate_gap([0.3, np.nan]) == 0.0
+    assert np.isnan(M.rate_gap([np.nan, np.nan]))
+    assert M.rate_gap([0.2, 0.5], signed=True) == pytest.approx(-0.3)
+    assert M.rate_gap([0.2, 0.5, 0.4], signed=True) == pytest.approx(0.3)  # no sign beyond two groups
+    np.testing.assert_allclose(M.rate_gap(np.array([[0.1, 0.4, 0.2], [0.5, 0.5, 0.5]])), [0.3, 0.0])
+
+
+@pytest.mark.parametrize("criterion,key", [("dp", "dp_diff"), ("eo", "eo_diff"), ("eopp", "eopp_diff")])
+@pytest.mark.parametrize("soft", [False, True])
+def test_criterion_gap_is_the_reports_gap_on_hard_and_soft_decisions(criterion, key, soft):
+    rng = np.random.default_rng(5)
+    y, g = rng.integers(0, 2, 500), rng.integers(0, 4, 500)
+    pred = rng.random(500) if soft else rng.integers(0, 2, 500)
+    expected = M.fairness_report(y, pred, g, soft=soft).summary[key]
+    assert M.criterion_gap(pred, y, g, 4, criterion) == pytest.approx(expected, abs=1e-12)
+
+
+def test_sweep_every_cut_and_given_cuts_agree_with_the_decisions_themselves():
+    rng = np.random.default_rng(6)
+    y, g = rng.integers(0, 2, 300), rng.integers(0, 3, 300)
+    score = np.round(rng.normal(size=300), 1)  # ties: only cuts between distinct scores are realisable
+    every = M.sweep(score, y, g, 3)
+    s = every.ordered
+    realisable = np.flatnonzero(np.concatenate([[True], s[:-1] > s[1:], [True]]))
+    given = M.sweep(score, y, g, 3, cuts=every.cuts[realisable])
+    acc_every, acc_given = every.accuracy()[realisable], given.accuracy()
+    for criterion in ("dp", "eo", "eopp"):
+        gaps = every.gap(criterion)[realisable]
+        np.testing.assert_allclose(given.gap(criterion), gaps, atol=1e-12)
+        for k, cut in zip(realisable[::7], every.cuts[realisable][::7], strict=True):
+            pred = (score > cut).astype(int)
+            assert gaps[list(realisable).index(k)] == pytest.approx(M.criterion_gap(pred, y, g, 3, criterion))
+    np.testing.assert_allclose(acc_given, acc_every, atol=1e-12)
+    cut = every.cuts[realisable[5]]
+    assert acc_given[5] == pytest.approx(np.mean((score > cut) == y))
+
+
+def test_a_weighted_sweep_counts_each_row_by_its_weight():
+    rng = np.random.default_rng(7)
+    y, g, score = rng.integers(0, 2, 50), rng.integers(0, 2, 50), rng.normal(size=50)
+    w = rng.integers(0, 4, (3, 50)).astype(float)
+    sw = M.sweep(score, y, g, 2, weights=w)
+    assert sw.positive.shape == (3, 51, 2, 2)
+    order = np.argsort(-score, kind="stable")
+    for k in (0, 10, 33, 50):
+        top = order[:k]
+        for group in (0, 1):
+            for label in (0, 1):
+                rows = top[(g[top] == group) & (y[top] == label)]
+                np.testing.assert_allclose(sw.positive[:, k, group, label], w[:, rows].sum(1))
+    np.testing.assert_allclose(sw.weight, w.sum(1))

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from benchmarks.peers import OnnxScoreClassifier, threshold_optimizer
-from patcher.bench import HEADLINE
 from patcher.datasets import load_dataset
+from patcher.metrics import HEADLINE
 from patcher.oracle import OnnxOracle
 from patcher.reference_models import reference_model
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from patcher.apply import PatchRunner, UnknownGroupError, uniform_draws
-from patcher.bench import headline
 from patcher.methods import get_method
 from patcher.methods.postprocess_common import StepRule
+from patcher.metrics import headline
 from patcher.oracle import BudgetExceeded, OnnxOracle
 from patcher.patch import Patch
 from patcher.tuning import TuningData

@@ -11,11 +11,10 @@ import torch
 
 from patcher.access import ModelArtifact
 from patcher.apply import PatchRunner
-from patcher.bench import headline
 from patcher.methods import get_method, reprogram
 from patcher.methods.eraser import sweep_thresholds
-from patcher.methods.reprogram import crossfit_folds, holdout_split
-from patcher.methods.reprogram_fairness import cell_accuracy_curve, cell_weights, unfairness, worst_cell_point
+from patcher.methods.reprogram import crossfit_folds
+from patcher.methods.reprogram_fairness import cell_accuracy_curve, cell_weights, worst_cell_point
 from patcher.methods.reprogram_gradient import project
 from patcher.methods.reprogram_triggers import (
     BorderTrigger,
@@ -26,8 +25,9 @@ from patcher.methods.reprogram_triggers import (
     group_columns,
 )
 from patcher.methods.trigger import TriggerOptions
+from patcher.metrics import criterion_gap, headline
 from patcher.oracle import OnnxOracle
-from patcher.tuning import TuningData
+from patcher.tuning import TuningData, stratified_split
 from tests.conftest import fit
 
 
@@ -131,19 +131,6 @@ def test_cell_weights_make_every_group_label_cell_count_the_same() -> None:
     assert w.mean() == pytest.approx(1.0)
     sums = {(g, c): w[(groups == g) & (y == c)].sum() for g in (0, 1) for c in (0, 1)}
     assert all(v == pytest.approx(2.0) for v in sums.values()), sums
-
-
-def test_holdout_split_is_disjoint_and_stratified() -> None:
-    rng = np.random.default_rng(0)
-    y, groups = rng.integers(0, 2, 1000), (rng.random(1000) < 0.2).astype(np.int64)
-    fit_rows, sel = holdout_split(y, groups, 0.3, seed=0)
-    assert len(np.intersect1d(fit_rows, sel)) == 0 and len(fit_rows) + len(sel) == 1000
-    for g in (0, 1):
-        for c in (0, 1):
-            cell = (groups == g) & (y == c)
-            assert abs(cell[sel].sum() - 0.3 * cell.sum()) <= 1
-    everything, same = holdout_split(y, groups, 0.0, seed=0)
-    assert np.array_equal(everything, same) and len(same) == 1000
 
 
 def test_crossfit_folds_split_every_group_label_cell_evenly() -> None:
@@ -287,10 +274,10 @@ def test_worst_cell_point_is_the_best_worst_cell_under_the_unfairness_target() -
     rng = np.random.default_rng(1)
     y, g = rng.integers(0, 2, 400), rng.integers(0, 2, 400)
     margins = [(k, rng.normal(size=400) + (1.0 + k) * y - 0.8 * g) for k in range(3)]
-    base = unfairness((margins[0][1] > 0).astype(int), y, g, "eo")
+    base = criterion_gap((margins[0][1] > 0).astype(int), y, g, 2, "eo")
     key, thr, acc, unf, summary = worst_cell_point(margins, y, g, 2, "eo", 0.5 * base)
     pred = (dict(margins)[key] > thr).astype(int)
-    assert unf <= 0.5 * base and unfairness(pred, y, g, "eo") == pytest.approx(unf)
+    assert unf <= 0.5 * base and criterion_gap(pred, y, g, 2, "eo") == pytest.approx(unf)
     assert acc == pytest.approx(float((pred == y).mean()))
     worst = min(float((pred[(y == lab) & (g == a)] == lab).mean()) for lab in (0, 1) for a in (0, 1))
     assert worst == pytest.approx(summary[key]["worst_cell_accuracy"])
@@ -301,7 +288,7 @@ def test_worst_cell_point_is_the_best_worst_cell_under_the_unfairness_target() -
             p = (m > c).astype(int)
             assert w == pytest.approx(min(float((p[(y == lab) & (g == a)] == lab).mean())
                                           for lab in (0, 1) for a in (0, 1)))
-            if all(0 < p[g == a].mean() < 1 for a in (0, 1)) and unfairness(p, y, g, "eo") <= 0.5 * base:
+            if all(0 < p[g == a].mean() < 1 for a in (0, 1)) and criterion_gap(p, y, g, 2, "eo") <= 0.5 * base:
                 assert w <= worst + 1e-12
 
 
@@ -337,7 +324,7 @@ def test_worst_cell_selection_falls_back_on_the_least_unfair_point_and_says_so()
     least = min(float(sweep_thresholds(lp[:, 1] - lp[:, 0], y, g, 2, "eo")[2].min()) for _, lp in logps)
     assert unf == pytest.approx(least)
     pred = (dict(logps)[k][:, 1] - dict(logps)[k][:, 0] > thr).astype(int)
-    assert unfairness(pred, y, g, "eo") == pytest.approx(unf)
+    assert criterion_gap(pred, y, g, 2, "eo") == pytest.approx(unf)
     assert reprogram._select(*args, TriggerOptions()).selection == {"rule": "fairest"}
 
 
@@ -366,7 +353,7 @@ def test_zeroth_order_frame_starts_from_the_best_random_frame_and_scores_the_mod
 
     data, model = colored
     t = data.tune
-    fit_rows, sel = holdout_split(t.y, t.groups, 0.3, seed=0)
+    sel, fit_rows = stratified_split(t.y, t.groups, 0.3, [0, 7])  # the trigger's selection rows
     frame = FrameTrigger((3, 16, 16), width=2, block=4)
     oracle = OnnxOracle(model.onnx_bytes, budget=6000, cache=False)
     trainer = ZOTrainer(oracle, frame, t.X, t.y, t.groups, 2, "eo", 10.0, fairness="gap", q=2, mu=0.1, lr=0.05,
@@ -392,7 +379,7 @@ def test_zeroth_order_subspace_search_moves_the_frame_along_k_directions_within_
 
     data, model = colored
     t = data.tune
-    fit_rows, sel = holdout_split(t.y, t.groups, 0.3, seed=0)
+    sel, fit_rows = stratified_split(t.y, t.groups, 0.3, [0, 7])  # the trigger's selection rows
     frame = FrameTrigger((3, 16, 16), width=2, block=1)
     oracle = OnnxOracle(model.onnx_bytes, budget=5000, cache=False)
     trainer = ZOTrainer(oracle, frame, t.X, t.y, t.groups, 2, "eo", 20.0, fairness="gap", q=2, mu=0.3, lr=0.2,
@@ -486,13 +473,13 @@ def test_gradient_worst_cell_selection_picks_on_held_out_tune_rows_only(colored)
         feasible = [c for c in report.candidates if c["unfairness"] <= sel["unfairness_target"]]
         assert chosen["worst_cell_accuracy"] == max(c["worst_cell_accuracy"] for c in feasible)
     # the held-out selection rows recomputed: the chosen point's worst cell is what the report says
-    _, rows = holdout_split(t.y, t.groups, 0.3, 0)
+    rows = stratified_split(t.y, t.groups, 0.3, [0, 7])[0]
     runner, oracle = PatchRunner(patch), OnnxOracle(model.onnx_bytes, cache=False)
     pred = runner.predict(t.X[rows], oracle.log_probs(runner.transform_inputs(t.X[rows])))
     yy, gg = t.y[rows], t.groups[rows]
     worst = min(float((pred[(yy == lab) & (gg == a)] == lab).mean()) for lab in (0, 1) for a in (0, 1))
     assert worst == pytest.approx(chosen["worst_cell_accuracy"], abs=1e-6)
-    assert unfairness(pred, yy, gg, "eo") == pytest.approx(report.tune_after["eo"], abs=1e-6)
+    assert criterion_gap(pred, yy, gg, 2, "eo") == pytest.approx(report.tune_after["eo"], abs=1e-6)
     # the same trained triggers under the fairest rule: the choice differs only in the rule
     _, fairest = fit("trigger", ModelArtifact(model.onnx_bytes), tune, "eo", None, max_accuracy_drop=0.1, **opts)
     assert fairest.selection == {"rule": "fairest"} and "worst_cell_accuracy" not in fairest.candidates[0]

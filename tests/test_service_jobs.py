@@ -15,7 +15,6 @@ import uuid
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -25,7 +24,7 @@ from service.local_upstream import OnnxModel, create_upstream_app
 from service.redis_embedded import EmbeddedRedis
 from service.serve_thread import ServerThread
 from service.settings import Settings
-from service.worker import WorkerThread, embedded_redis_url, stratified_split
+from service.worker import WorkerThread, embedded_redis_url
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "jobs-admin-key"
@@ -114,18 +113,6 @@ def wait(client, job_id: str, until=lambda j: j["status"] in FINISHED, timeout: 
             return record
         assert time.monotonic() < deadline, f"job stuck: {record}"
         time.sleep(0.05)
-
-
-# --- the split ---------------------------------------------------------------------------------------------
-
-def test_stratified_split_is_seeded_and_keeps_every_cell():
-    strata = np.repeat(np.arange(4), [100, 40, 10, 3])
-    fit, held = stratified_split(strata, 0.3, seed=0)
-    assert len(np.intersect1d(fit, held)) == 0 and len(fit) + len(held) == len(strata)
-    assert [int((strata[held] == s).sum()) for s in range(4)] == [30, 12, 3, 1]
-    again = stratified_split(strata, 0.3, seed=0)
-    assert all(np.array_equal(a, b) for a, b in zip((fit, held), again, strict=True))
-    assert not np.array_equal(held, stratified_split(strata, 0.3, seed=1)[1])
 
 
 # --- jobs --------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ own that are not method options (the CLI adds --dataset, --sensitive, --criterio
 prints; the method's options arrive as keyword arguments. A method without a module here runs through
 `patcher.benches.generic`. Every result has
 `method, dataset, sensitive, criterion, seed, queries_used, fit_seconds, group_at_inference` and
-`before`/`after` headline metrics on the test split (see `patcher.bench.headline`), which the
+`before`/`after` headline metrics on the test split (see `patcher.metrics.headline`), which the
 method never saw. Modules import torch and friends inside `run`, so the CLI stays light.
 """
 

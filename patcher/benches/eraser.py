@@ -6,10 +6,9 @@ import argparse
 import time
 from typing import Any
 
-from patcher.apply import PatchRunner
-from patcher.bench import feature_columns, headline
-from patcher.datasets import load_dataset
+from patcher.datasets import feature_columns, load_dataset
 from patcher.oracle import OnnxOracle
+from patcher.pipeline import score
 from patcher.reference_models import reference_model
 from patcher.tuning import TuningData
 
@@ -50,18 +49,16 @@ def bench_eraser(dataset: str = "adult", sensitive: str | None = None, criterion
     patch, report = result.patch, result.report
 
     test = data.test
-    logp = OnnxOracle(model.onnx_bytes).log_probs(test.X)  # evaluation: not counted against the budget
-    runner = PatchRunner(patch)
-    before = logp.argmax(1)
-    after = runner.predict(test.X, logp, test.groups if runner.needs_group else None)
     priv = data.group_names.index(data.privileged)
+    # evaluation: a second session of the model, not counted against the budget
+    scored = score(patch, OnnxOracle(model.onnx_bytes).log_probs, test.X, test.y, test.groups, seed=seed,
+                   privileged=priv)
     return {
         "method": "eraser", "dataset": dataset, "sensitive": data.sensitive, "criterion": criterion,
         "seed": seed, "drop_sensitive": drop_sensitive, "query_budget": queries,
         "queries_used": report.queries_used, "fit_seconds": round(fit_seconds, 3),
-        "group_at_inference": runner.needs_group, "bias": report.bias,
+        "group_at_inference": scored.group_at_inference, "bias": report.bias,
         "alpha": report.alpha, "threshold": report.threshold,
         "n_tune": len(tune), "n_test": len(test), "model_sha256": model.sha256, "patch_id": patch.id,
-        "before": headline(test.y, before, test.groups, priv),
-        "after": headline(test.y, after, test.groups, priv),
+        "before": scored.before, "after": scored.after,
     }

@@ -84,6 +84,7 @@ def bench_forml_report(dataset: str = "adult", sensitive: str | None = None, cri
     from patcher.apply import PatchRunner
     from patcher.methods import FitRequest, get_method
     from patcher.methods.forml_audit import summary_metrics
+    from patcher.pipeline import patched_decisions
 
     data, priv = load(dataset, sensitive)
     train, exemplar, test = split_data(data, data.train), split_data(data, data.tune), data.test
@@ -101,7 +102,7 @@ def bench_forml_report(dataset: str = "adult", sensitive: str | None = None, cri
                                          {**options, "uniform": uniform})
         patch, report = result.patch, result.report
         seconds = time.perf_counter() - started
-        pred = PatchRunner(patch).model_logits(test.X).argmax(1)
+        pred = patched_decisions(PatchRunner(patch), None, test.X, test.groups, None)  # a weight patch
         return summary_metrics(test.y, pred, test.groups, n_classes, priv), patch, report, seconds
 
     before, _, base_report, base_seconds = arm(uniform=True)

@@ -17,13 +17,11 @@ DATASETS = ("adult", "compas", "german")
 def run(method: str, dataset: str = "adult", sensitive: str | None = None, criterion: str = "dp",
         queries: int | None = 1000, seed: int = 0, **options: Any) -> dict[str, Any]:
     from patcher.access import ModelArtifact
-    from patcher.apply import PatchRunner
-    from patcher.bench import headline
     from patcher.datasets import load_dataset
     from patcher.methods import FitRequest, get_method
     from patcher.oracle import OnnxOracle
+    from patcher.pipeline import score
     from patcher.reference_models import reference_model
-    from patcher.scores import to_log_probs
     from patcher.tuning import TuningData
 
     m = get_method(method)
@@ -42,20 +40,13 @@ def run(method: str, dataset: str = "adult", sensitive: str | None = None, crite
 
     test = data.test
     upstream = OnnxOracle(model.onnx_bytes, cache=False)  # evaluation: not counted against the budget
-    runner = PatchRunner(result.patch)
-    X_after = runner.transform_inputs(test.X)
-    if runner.replaces_model:
-        logp_after = to_log_probs(runner.model_logits(X_after), "logits")
-    else:
-        logp_after = upstream.log_probs(X_after)
-    after = runner.predict(X_after, logp_after, test.groups if runner.needs_group else None,
-                           request_id=f"bench-{seed}")
     priv = data.group_names.index(data.privileged)
+    scored = score(result.patch, upstream.log_probs, test.X, test.y, test.groups, seed=seed, privileged=priv,
+                   request_id=f"bench-{seed}")
     return {
         "method": method, "dataset": dataset, "sensitive": data.sensitive, "criterion": criterion, "seed": seed,
         "access": access, "query_budget": budget, "queries_used": getattr(src, "queries_used", 0),
-        "fit_seconds": round(fit_seconds, 3), "group_at_inference": runner.needs_group,
+        "fit_seconds": round(fit_seconds, 3), "group_at_inference": scored.group_at_inference,
         "n_tune": len(tune), "n_test": len(test), "model_sha256": model.sha256, "patch_id": result.patch.id,
-        "before": headline(test.y, upstream.log_probs(test.X).argmax(1), test.groups, priv),
-        "after": headline(test.y, after, test.groups, priv),
+        "before": scored.before, "after": scored.after,
     }

@@ -21,11 +21,10 @@ def run_intra(method: str, dataset: str = "adult", sensitive: str | None = None,
               seed: int = 0, queries: int | None = None, **options: Any) -> dict[str, Any]:
     """One bench run of an intra-processing method: the JSON `fairpatch bench <method> --json` prints."""
     from patcher.access import ModelArtifact
-    from patcher.apply import PatchRunner
-    from patcher.bench import headline
     from patcher.datasets import load_dataset
     from patcher.methods import FitRequest, get_method
     from patcher.oracle import OnnxOracle
+    from patcher.pipeline import score
     from patcher.reference_models import reference_model
     from patcher.tuning import TuningData
 
@@ -39,17 +38,16 @@ def run_intra(method: str, dataset: str = "adult", sensitive: str | None = None,
     patch, report = result.patch, result.report
 
     test = data.test
-    before = OnnxOracle(model.onnx_bytes).log_probs(test.X).argmax(1)
-    runner = PatchRunner(patch)
-    after = runner.model_logits(test.X).argmax(1)
     priv = data.group_names.index(data.privileged)
-    b, a = headline(test.y, before, test.groups, priv), headline(test.y, after, test.groups, priv)
+    scored = score(patch, OnnxOracle(model.onnx_bytes).log_probs, test.X, test.y, test.groups, seed=seed,
+                   privileged=priv)
+    b, a = scored.before, scored.after
     measure = report.bias_measure
     details = {k: v for k, v in report.details.items() if not isinstance(v, list)}
     return {
         "method": method, "dataset": dataset, "sensitive": data.sensitive, "criterion": criterion, "seed": seed,
         "access": "weights", "queries_used": 0, "fit_seconds": round(fit_seconds, 3),
-        "group_at_inference": runner.needs_group, "replaces_model": runner.replaces_model,
+        "group_at_inference": scored.group_at_inference, "replaces_model": scored.served_by == "patch",
         "bias_measure": measure, "epsilon": report.epsilon, "margin": report.margin, "threshold": report.threshold,
         "bias_before": b[measure], "bias_after": a[measure], "bias_under_epsilon": abs(a[measure]) < report.epsilon,
         "tune_base": report.tune_base, "tune_after": report.tune_after, "details": details,

@@ -13,9 +13,10 @@ from typing import Any
 import numpy as np
 
 from patcher.apply import PatchRunner
-from patcher.bench import headline
 from patcher.datasets import load_dataset
+from patcher.metrics import headline
 from patcher.oracle import OnnxOracle
+from patcher.pipeline import patched_decisions, score
 from patcher.reference_models import reference_model
 from patcher.tuning import TuningData
 
@@ -40,24 +41,25 @@ def run_method(method: str, dataset: str = "adult", sensitive: str | None = None
     patch, report = result.patch, result.report
 
     test = data.test
-    logp = OnnxOracle(model.onnx_bytes).log_probs(test.X)  # evaluation: not counted against the budget
+    model_log_probs = OnnxOracle(model.onnx_bytes).log_probs  # evaluation: not counted against the budget
     runner = PatchRunner(patch)
-    after = runner.predict(test.X, logp, test.groups, request_id=f"{REQUEST_ID}-{seed}")
     priv = data.group_names.index(data.privileged)
+    scored = score(runner, model_log_probs, test.X, test.y, test.groups, seed=seed, privileged=priv,
+                   request_id=f"{REQUEST_ID}-{seed}")
     extra: dict[str, Any] = {}
     if draws > 1:
-        runs = [headline(test.y, runner.predict(test.X, logp, test.groups, request_id=f"{REQUEST_ID}-{seed}-{i}"),
-                         test.groups, priv) for i in range(draws)]
+        runs = [headline(test.y, patched_decisions(runner, model_log_probs, test.X, test.groups,
+                                                   f"{REQUEST_ID}-{seed}-{i}"), test.groups, priv)
+                for i in range(draws)]
         extra["after_mean"] = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
     return {**extra,
         "method": method, "dataset": dataset, "sensitive": data.sensitive, "criterion": criterion,
         "seed": seed, "query_budget": queries, "queries_used": report.queries_used,
-        "fit_seconds": round(fit_seconds, 3), "group_at_inference": runner.needs_group,
+        "fit_seconds": round(fit_seconds, 3), "group_at_inference": scored.group_at_inference,
         "randomized": _randomized(patch.part("output_transform")), "params": patch.manifest["params"],
         "tune_before": report.tune_before, "tune_after": report.tune_after,
         "n_tune": len(tune), "n_test": len(test), "model_sha256": model.sha256, "patch_id": patch.id,
-        "before": headline(test.y, logp.argmax(1), test.groups, priv),
-        "after": headline(test.y, after, test.groups, priv),
+        "before": scored.before, "after": scored.after,
     }
 
 

@@ -69,13 +69,13 @@ def _scores(onnx_bytes: bytes, X: np.ndarray) -> np.ndarray:
     return OnnxOracle(onnx_bytes, cache=False).log_probs(X)  # evaluation: not counted against any budget
 
 
-def evaluate(patch, onnx_bytes: bytes, split, priv) -> dict[str, float]:
-    from patcher.apply import PatchRunner
-    from patcher.bench import headline
+def evaluate(patch, onnx_bytes: bytes, split, priv, seed: int):
+    """Test-split headline metrics without and with the patch (patcher.pipeline.score), budget-free."""
+    from patcher.oracle import OnnxOracle
+    from patcher.pipeline import score
 
-    runner = PatchRunner(patch)
-    logp = _scores(onnx_bytes, runner.transform_inputs(split.X))
-    return headline(split.y, runner.predict(split.X, logp), split.groups, priv)
+    return score(patch, OnnxOracle(onnx_bytes, cache=False).log_probs, split.X, split.y, split.groups, seed=seed,
+                 privileged=priv)
 
 
 def fit_trigger(data, model, criterion: str, access: str, queries: int | None, seed: int, **options):
@@ -100,12 +100,10 @@ def bench_trigger(dataset: str = "adult", sensitive: str | None = None, criterio
                   access: str = "gradient", queries: int | None = DEFAULT_QUERIES, seed: int = 0,
                   lam: float | None = None, transfer_seed: int | None = None, **options) -> dict[str, Any]:
     """One trigger run: the JSON `fairpatch bench trigger` prints."""
-    from patcher.bench import headline
-
     data, model = load(dataset, sensitive, seed)
     patch, report, fit_seconds = fit_trigger(data, model, criterion, access, queries, seed, lam=lam, **options)
     test, priv = data.test, data.group_names.index(data.privileged)
-    before = headline(test.y, _scores(model.onnx_bytes, test.X).argmax(1), test.groups, priv)
+    scored = evaluate(patch, model.onnx_bytes, test, priv, seed)
     out = {
         "method": "trigger", "dataset": dataset, "sensitive": data.sensitive, "criterion": criterion,
         "seed": seed, "access": access, "lam": report.lam, "query_budget": queries if access != "gradient" else None,
@@ -114,13 +112,13 @@ def bench_trigger(dataset: str = "adult", sensitive: str | None = None, criterio
         "candidates": report.candidates, "selection": report.selection,
         "tune_before": report.tune_before, "tune_after": report.tune_after,
         "n_tune": len(data.tune), "n_test": len(test), "model_sha256": model.sha256, "patch_id": patch.id,
-        "before": before, "after": evaluate(patch, model.onnx_bytes, test, priv),
+        "before": scored.before, "after": scored.after,
     }
     if transfer_seed is not None:
         _, other = load(dataset, sensitive, transfer_seed)
-        out["transfer"] = {"seed": transfer_seed, "model_sha256": other.sha256,
-                           "before": headline(test.y, _scores(other.onnx_bytes, test.X).argmax(1), test.groups, priv),
-                           "after": evaluate(patch, other.onnx_bytes, test, priv)}
+        moved = evaluate(patch, other.onnx_bytes, test, priv, seed)
+        out["transfer"] = {"seed": transfer_seed, "model_sha256": other.sha256, "before": moved.before,
+                           "after": moved.after}
     return out
 
 
@@ -129,7 +127,7 @@ def sweep_lam(dataset: str = "adult", sensitive: str | None = None, criterion: s
               lam: float | None = None, transfer_seed: int | None = None, lams: tuple[float, ...] = SWEEP_LAMS,
               **options) -> dict[str, Any]:
     """One trigger per lambda (each with its re-tuned threshold); test-split accuracy and fairness."""
-    from patcher.bench import headline
+    from patcher.metrics import headline
 
     data, model = load(dataset, sensitive, seed)
     test, priv = data.test, data.group_names.index(data.privileged)
@@ -137,7 +135,7 @@ def sweep_lam(dataset: str = "adult", sensitive: str | None = None, criterion: s
     curve = []
     for value in lams:
         patch, report, fit_seconds = fit_trigger(data, model, criterion, access, queries, seed, lam=value, **options)
-        after = evaluate(patch, model.onnx_bytes, test, priv)
+        after = evaluate(patch, model.onnx_bytes, test, priv, seed).after
         curve.append({"lam": value, "threshold": report.threshold, "queries_used": report.queries_used,
                       "fit_seconds": round(fit_seconds, 3), **{k: after[k] for k in
                                                                ("accuracy", "dp_diff", "eo_diff",

@@ -52,7 +52,6 @@ from patcher.methods.intra_common import (
     balanced_accuracy,
     bias,
     finish,
-    holdout_split,
     last_linear,
     logit_margin,
     prepare,
@@ -60,7 +59,7 @@ from patcher.methods.intra_common import (
     threshold_search,
 )
 from patcher.patch import Patch
-from patcher.tuning import TuningData
+from patcher.tuning import TuningData, stratified_split
 
 
 class AdversarialOptions(IntraOptions):
@@ -99,7 +98,8 @@ def measure_weights(y: np.ndarray, groups: np.ndarray, n_groups: int, measure: s
 
 def soft_bias(soft, y: np.ndarray, groups: np.ndarray, n_groups: int, measure: str):
     """The batch's bias of per-row soft decisions in [0, 1], computed as `bias` computes it from hard ones
-    (a differentiable torch scalar; 0 when fewer than two groups have the rows a rate needs)."""
+    (patcher.metrics.rate_gap, signed, kept in torch so it stays differentiable; 0 when fewer than two groups
+    have the rows a rate needs)."""
     import torch
 
     rates = []
@@ -156,10 +156,15 @@ def fit(access: ModelArtifact, data: TuningData, request: FitRequest, opts: Adve
     with single_thread():
         seed = request.seed
         torch.manual_seed(seed)
-        train_rows, select_rows = holdout_split(data, opts.holdout, seed)
-        select = data if select_rows is None else data.subset(select_rows)
+        train, select = data, data  # holdout 0: the epoch is chosen on the rows it trained on
+        if opts.holdout > 0:
+            select_rows, train_rows = stratified_split(data.y, data.groups, opts.holdout, seed)
+            if len(select_rows) < 20 or len(train_rows) < 20:
+                raise ValueError(f"holdout {opts.holdout} of {len(data)} tuning rows leaves too few rows to train on "
+                                 "or to select with; use more rows or holdout=0")
+            train, select = data.subset(train_rows), data.subset(select_rows)
         ctx = prepare(access, select, request, opts)
-        return _train(ctx, data if train_rows is None else data.subset(train_rows), seed)
+        return _train(ctx, train, seed)
 
 
 def _operating_tau(ctx: FitContext, margin: np.ndarray) -> float:

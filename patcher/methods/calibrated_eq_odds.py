@@ -25,8 +25,8 @@ from patcher.methods.postprocess_common import (
     logit,
     score_mix_graph,
     score_tune,
-    unfairness,
 )
+from patcher.metrics import criterion_gap
 from patcher.oracle import Oracle
 from patcher.patch import Patch
 from patcher.tuning import TuningData
@@ -94,9 +94,9 @@ def fit(access: Oracle, data: TuningData, request: FitRequest, opts: CalibratedE
         base_rates=dict(zip(names, base.tolist(), strict=True)), costs=dict(zip(names, cost.tolist(), strict=True)),
         trivial_costs=dict(zip(names, trivial.tolist(), strict=True)),
         mix_rates=dict(zip(names, mix.tolist(), strict=True)), unreachable=unreachable,
-        tune_before={"accuracy": float(np.mean(d0 == s.y)), criterion: unfairness(d0, s.y, s.groups, G, criterion)},
+        tune_before={"accuracy": float(np.mean(d0 == s.y)), criterion: criterion_gap(d0, s.y, s.groups, G, criterion)},
         tune_after={"accuracy": float(np.mean(np.where(s.y == 1, expected, 1 - expected))),
-                    criterion: unfairness(expected, s.y, s.groups, G, criterion)},
+                    criterion: criterion_gap(expected, s.y, s.groups, G, criterion)},
         fit_seconds=time.perf_counter() - started)
     # the base rate as a margin; ties at p = 0.5 decide positive, as p >= 0.5 does
     replacement = np.where(base >= 0.5, np.maximum(logit(base), 1e-6), logit(base))

@@ -22,11 +22,10 @@ from patcher.methods.postprocess_common import (
     Criterion,
     StepRule,
     check_criterion,
-    group_rates,
     score_tune,
     step_rule_graph,
-    unfairness,
 )
+from patcher.metrics import criterion_gap, decision_rates
 from patcher.oracle import Oracle
 from patcher.patch import Patch
 from patcher.tuning import TuningData
@@ -93,7 +92,7 @@ def fit(access: Oracle, data: TuningData, request: FitRequest, opts: EqOddsOptio
     G = s.n_groups
     cut = float(np.log(opts.threshold / (1 - opts.threshold)))
     d = (s.margin > cut).astype(np.float64)
-    rates = group_rates(d, s.y, s.groups, G)
+    rates = decision_rates(d, s.y, s.groups, G)
     weight = np.bincount(s.groups, minlength=G) / len(s.groups)
     base_rate = np.array([s.y[s.groups == g].mean() for g in range(G)])
     a, b, status = solve_mixing(rates, weight, base_rate, criterion, opts.objective)
@@ -105,9 +104,9 @@ def fit(access: Oracle, data: TuningData, request: FitRequest, opts: EqOddsOptio
         mixing={data.group_names[g]: {"p_keep_positive": float(a[g]), "p_flip_negative": float(b[g])}
                 for g in range(G)},
         lp_status=status,
-        tune_before={"accuracy": float(np.mean(d == s.y)), criterion: unfairness(d, s.y, s.groups, G, criterion)},
+        tune_before={"accuracy": float(np.mean(d == s.y)), criterion: criterion_gap(d, s.y, s.groups, G, criterion)},
         tune_after={"accuracy": float(np.mean(np.where(s.y == 1, expected, 1 - expected))),
-                    criterion: unfairness(expected, s.y, s.groups, G, criterion)},
+                    criterion: criterion_gap(expected, s.y, s.groups, G, criterion)},
         fit_seconds=time.perf_counter() - started)
     graph = step_rule_graph(rule, "eq_odds", doc=f"equalized-odds post-processing, criterion={criterion}, "
                                                  f"objective={opts.objective}")

@@ -28,6 +28,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from patcher.methods.contract import FitRequest, FitResult, Method
+from patcher.metrics import rate_gap, sweep
 from patcher.oracle import Oracle
 from patcher.patch import Patch
 from patcher.scores import log_softmax, to_log_probs
@@ -165,38 +166,15 @@ def surrogate_margins(X: np.ndarray, idx: np.ndarray, weights: np.ndarray, paid:
 
 def sweep_thresholds(score: np.ndarray, y: np.ndarray, groups: np.ndarray, n_groups: int, criterion: Criterion,
                      weights: np.ndarray | None = None):
-    """Accuracy and unfairness of `score > t` for every cut t between sorted scores, vectorised;
+    """Accuracy and unfairness of `score > t` for every cut t between sorted scores (patcher.metrics.sweep);
     `weights` (e.g. inverse sampling probabilities) make them population estimates.
     Returns (thresholds, accuracy, unfairness) arrays."""
-    order = np.argsort(-score, kind="stable")
-    s, yy, gg = score[order], y[order], groups[order]
-    w = np.ones(len(s)) if weights is None else np.asarray(weights, np.float64)[order]
-    n = len(s)
-    # (weighted) positive predictions for the first k rows (k = 0..n), per group and label
-    pos = np.zeros((n + 1, n_groups, 2))
-    np.add.at(pos[1:], (np.arange(n), gg, yy), w)
-    pos = np.cumsum(pos, axis=0)
-    tot = np.zeros((n_groups, 2))
-    np.add.at(tot, (gg, yy), w)
-    correct = pos[:, :, 1].sum(1) + (tot[:, 0].sum() - pos[:, :, 0].sum(1))
-    acc = correct / w.sum()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        present = tot.sum(1) > 0
-        sr = pos.sum(2)[:, present] / tot.sum(1)[present]
-        tpr = pos[:, :, 1] / tot[:, 1]
-        fpr = pos[:, :, 0] / tot[:, 0]
-
-    def gap(r: np.ndarray) -> np.ndarray:
-        r = r[:, ~np.isnan(r[0])]
-        return r.max(1) - r.min(1) if r.shape[1] > 1 else np.zeros(len(r))
-
-    unfair = {"dp": lambda: gap(sr), "eopp": lambda: gap(tpr),
-              "eo": lambda: np.maximum(gap(tpr), gap(fpr))}[criterion]()
+    sw = sweep(score, y, groups, n_groups, weights=weights)
+    sr = sw.rates()["sr"]
     # A cut that accepts or rejects a whole group is "fair" only trivially (German eo picked "accept
     # everyone"): never choose it.
-    unfair = np.where(((sr <= 0) | (sr >= 1)).any(1), np.inf, unfair)
-    cuts = np.concatenate([[s[0] + 1.0], (s[:-1] + s[1:]) / 2, [s[-1] - 1.0]])
-    return cuts, acc, unfair
+    unfair = np.where(((sr <= 0) | (sr >= 1)).any(1), np.inf, sw.gap(criterion))
+    return sw.cuts, sw.accuracy(), unfair
 
 
 def choose_operating_point(curve: list[tuple[float, np.ndarray, np.ndarray, np.ndarray]], base_acc: float,
@@ -369,7 +347,7 @@ def _tune_multiclass(log_probs, rule, y, groups, G, criterion, opts) -> Operatin
                 rates = [np.mean(pred[(groups == a) & (y == k)] == k) for a in range(G)
                          if ((groups == a) & (y == k)).any()]
             if len(rates) > 1:
-                gaps.append(max(rates) - min(rates))
+                gaps.append(float(rate_gap(rates)))
         return float(max(gaps, default=0.0))
 
     base_pred = log_probs.argmax(1)

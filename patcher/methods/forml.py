@@ -24,7 +24,7 @@ from patcher.access import ModelArtifact
 from patcher.methods.contract import FitRequest, FitResult, Method
 from patcher.methods.forml_audit import CondenseBy, SampleAudit, build_audit, normalised_weights, summary_metrics
 from patcher.patch import Patch
-from patcher.tuning import TuningData
+from patcher.tuning import TuningData, stratified_split
 
 MetaLoss = Literal["max_loss_d", "mean_loss_d", "cross_entropy"]
 Reverse = Literal["none", "model", "weights", "both"]
@@ -83,18 +83,6 @@ class FormlReport(BaseModel):
     audit: SampleAudit
 
 
-def stratified_holdout(groups: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows, exemplar rows): `fraction` of every (group, label) cell, at least one row, held out."""
-    rng = np.random.default_rng(seed)
-    cells = groups.astype(np.int64) * (int(y.max()) + 1) + y
-    held = []
-    for c in np.unique(cells):
-        rows = rng.permutation(np.flatnonzero(cells == c))
-        held.append(rows[:max(1, int(round(fraction * len(rows))))] if len(rows) > 1 else rows[:0])
-    ex = np.sort(np.concatenate(held))
-    return np.setdiff1d(np.arange(len(y)), ex), ex
-
-
 def build_model(X: np.ndarray, n_classes: int, seed: int):
     """The from-scratch architecture: the reference MLP (tabular) or the reference CNN recipe (images,
     patcher.digits.CNN_RECIPE: two conv blocks and a flatten head)."""
@@ -151,7 +139,7 @@ def fit(access: ModelArtifact | None, data: TuningData, request: FitRequest, opt
     X, y = np.array(data.X, np.float32), np.asarray(data.y, np.int64)
     groups = np.asarray(data.groups, np.int64)
     if exemplar is None:
-        train_rows, ex_rows = stratified_holdout(groups, y, opts.exemplar_fraction, seed)
+        ex_rows, train_rows = stratified_split(y, groups, opts.exemplar_fraction, seed, hold_one=True)
         Xv, yv, gv = X[ex_rows], y[ex_rows], groups[ex_rows]
     else:
         train_rows = np.arange(len(data))

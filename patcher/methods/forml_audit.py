@@ -85,16 +85,16 @@ def export_condensed(data: TuningData, audit: SampleAudit | dict) -> TuningData:
 
 def summary_metrics(y: np.ndarray, pred: np.ndarray, groups: np.ndarray, n_classes: int,
                     privileged: int | None = None) -> dict[str, float]:
-    """Headline metrics with TPRD and max FNR. Binary labels: per sensitive group (patcher.bench.headline).
+    """Headline metrics with TPRD and max FNR. Binary labels: per sensitive group (patcher.metrics.headline).
     More classes: per class, as the paper does for CIFAR and MNIST (TPRD = max - min recall over classes,
     max FNR = max over classes of 1 - recall), plus the worst (group, class) accuracy."""
-    if n_classes == 2:
-        from patcher.bench import headline
+    from patcher.metrics import headline, rate_gap
 
+    if n_classes == 2:
         return headline(y, pred, groups, privileged)
     recall = np.array([(pred[y == c] == c).mean() for c in range(n_classes) if (y == c).any()])
     cells = [(pred[m] == y[m]).mean() for g in np.unique(groups) for c in range(n_classes)
              if (m := (groups == g) & (y == c)).any()]
     return {"accuracy": float((pred == y).mean()), "balanced_accuracy": float(recall.mean()),
-            "worst_group_accuracy": float(min(cells)), "tprd": float(recall.max() - recall.min()),
+            "worst_group_accuracy": float(min(cells)), "tprd": float(rate_gap(recall)),
             "max_fnr": float(1.0 - recall.min())}

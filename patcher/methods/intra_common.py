@@ -24,7 +24,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from patcher.methods.contract import FitRequest, FitResult
-from patcher.tuning import TuningData, stratified_holdout
+from patcher.metrics import Sweep, decision_rates, rate_gap, sweep
+from patcher.tuning import TuningData
 
 if TYPE_CHECKING:
     import torch
@@ -70,35 +71,15 @@ def resolve_measure(criterion: str, bias_measure: BiasMeasure | None) -> BiasMea
 # ---------------------------------------------------------------- bias and the objective
 
 
-def group_rates(pred: np.ndarray, y: np.ndarray, groups: np.ndarray, n_groups: int, measure: BiasMeasure):
-    """The per-group rate a measure compares, from hard or soft predictions in [0, 1]. NaN where undefined."""
-    pred = np.asarray(pred, np.float64)
-    out = np.full(n_groups, np.nan)
-    for g in range(n_groups):
-        m = groups == g
-        pos, neg = m & (y == 1), m & (y == 0)
-        if measure == "spd":
-            out[g] = pred[m].mean() if m.any() else np.nan
-        elif measure == "eod":
-            out[g] = pred[pos].mean() if pos.any() else np.nan
-        else:
-            out[g] = 0.5 * (pred[pos].mean() + pred[neg].mean()) if pos.any() and neg.any() else np.nan
-    return out
-
-
-def rate_gap(rates: np.ndarray) -> np.ndarray:
-    """Signed gap of the last axis: r[0] - r[1] for two groups, max - min over present groups otherwise."""
-    rates = np.atleast_2d(rates)
-    if rates.shape[1] == 2:
-        gap = rates[:, 0] - rates[:, 1]
-    else:
-        with np.errstate(invalid="ignore"):
-            gap = np.nanmax(rates, axis=1) - np.nanmin(rates, axis=1)
-    return np.nan_to_num(gap, nan=0.0)
+def measure_rates(rates: dict[str, np.ndarray], measure: BiasMeasure) -> np.ndarray:
+    """The per-group rate a measure compares, from patcher.metrics' decision or sweep rates."""
+    return {"spd": rates["sr"], "eod": rates["tpr"], "aod": 0.5 * (rates["tpr"] + rates["fpr"])}[measure]
 
 
 def bias(pred: np.ndarray, y: np.ndarray, groups: np.ndarray, n_groups: int, measure: BiasMeasure) -> float:
-    return float(rate_gap(group_rates(pred, y, groups, n_groups, measure))[0])
+    """The measure's signed gap (patcher.metrics.rate_gap) of hard or soft predictions in [0, 1]; 0 if undefined."""
+    return float(np.nan_to_num(rate_gap(measure_rates(decision_rates(pred, y, groups, n_groups), measure),
+                                        signed=True)))
 
 
 def balanced_accuracy(pred: np.ndarray, y: np.ndarray) -> float:
@@ -126,30 +107,22 @@ class Operating:
                 "positive_rate": self.positive_rate}
 
 
-def _cut_curves(yy: np.ndarray, gg: np.ndarray, w: np.ndarray, n_groups: int, measure: BiasMeasure):
+def _cut_curves(sw: Sweep, measure: BiasMeasure):
     """Balanced accuracy, accuracy, signed bias and the bias estimate's standard error of every cut "top k rows
-    positive" (k = 0..n), for row weights `w` ([B, n], rows already sorted by score); each output is [B, n + 1]."""
-    B, n = w.shape
-    cells = np.zeros((B, n + 1, n_groups * 2))
-    cells[:, np.arange(1, n + 1), gg * 2 + yy] = w
-    pos = np.cumsum(cells, axis=1).reshape(B, n + 1, n_groups, 2)  # weighted positives per (group, label)
-    tot = pos[:, -1]  # [B, G, 2]
+    positive" (k = 0..n) of a sweep with row weights [B, n]; each output is [B, n + 1]."""
+    pos, tot = sw.positive, sw.total  # weighted positives per (group, label): [B, n + 1, G, 2], [B, G, 2]
     P, N = tot[:, :, 1].sum(1)[:, None], tot[:, :, 0].sum(1)[:, None]
     tp, fp = pos[:, :, :, 1].sum(2), pos[:, :, :, 0].sum(2)
+    r = sw.rates()
+    rates, n_pos, n_neg = measure_rates(r, measure), tot[:, None, :, 1], tot[:, None, :, 0]
     with np.errstate(invalid="ignore", divide="ignore"):
         ba = np.nan_to_num(0.5 * (tp / P + 1 - fp / N))
         acc = (tp + N - fp) / (P + N)
-        if measure == "spd":
-            rates = pos.sum(3) / tot.sum(2)[:, None]
-            var = rates * (1 - rates) / tot.sum(2)[:, None]
-        elif measure == "eod":
-            rates = pos[..., 1] / tot[:, None, :, 1]
-            var = rates * (1 - rates) / tot[:, None, :, 1]
+        if measure == "aod":
+            var = 0.25 * (r["tpr"] * (1 - r["tpr"]) / n_pos + r["fpr"] * (1 - r["fpr"]) / n_neg)
         else:
-            tpr, fpr = pos[..., 1] / tot[:, None, :, 1], pos[..., 0] / tot[:, None, :, 0]
-            rates = 0.5 * (tpr + fpr)
-            var = 0.25 * (tpr * (1 - tpr) / tot[:, None, :, 1] + fpr * (1 - fpr) / tot[:, None, :, 0])
-    gap = rate_gap(rates.reshape(-1, n_groups)).reshape(B, n + 1)
+            var = rates * (1 - rates) / (tot.sum(2)[:, None] if measure == "spd" else n_pos)
+    gap = np.nan_to_num(rate_gap(rates, signed=True))
     return ba, acc, gap, _gap_se(rates, var)
 
 
@@ -162,18 +135,6 @@ def _gap_se(rates: np.ndarray, var: np.ndarray) -> np.ndarray:
     lo = np.take_along_axis(var, np.argmin(filled, -1)[..., None], -1)[..., 0]
     hi = np.take_along_axis(var, np.argmax(np.nan_to_num(rates, nan=-np.inf), -1)[..., None], -1)[..., 0]
     return np.sqrt(lo + hi)
-
-
-def holdout_split(data: TuningData, share: float, seed: int) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(train rows, selection rows), `share` of every (group, label) cell held out; (None, None) when share is 0."""
-    if share <= 0:
-        return None, None
-    select = stratified_holdout(data.y, data.groups, share, np.random.default_rng(seed))
-    train = np.setdiff1d(np.arange(len(data)), select)
-    if len(select) < 20 or len(train) < 20:
-        raise ValueError(f"holdout {share} of {len(data)} tuning rows leaves too few rows to train on or to select "
-                         "with; use more rows or holdout=0")
-    return train, select
 
 
 def bootstrap_weights(n: int, count: int, seed: int) -> np.ndarray | None:
@@ -204,10 +165,9 @@ def threshold_search(margin: np.ndarray, y: np.ndarray, groups: np.ndarray, n_gr
     margin = np.asarray(margin, np.float64)
     y = np.asarray(y, np.int64)
     groups = np.asarray(groups, np.int64)
-    order = np.argsort(-margin, kind="stable")
-    s, yy, gg = margin[order], y[order], groups[order]
-    n = len(s)
-    ba, acc, gap, se = (a[0] for a in _cut_curves(yy, gg, np.ones((1, n)), n_groups, measure))
+    sw = sweep(margin, y, groups, n_groups, weights=np.ones((1, len(margin))))
+    s, n = sw.ordered, len(margin)
+    ba, acc, gap, se = (a[0] for a in _cut_curves(sw, measure))
     limit = np.full(n + 1, bound)
     if se_margin > 0:
         if epsilon is None:
@@ -216,14 +176,13 @@ def threshold_search(margin: np.ndarray, y: np.ndarray, groups: np.ndarray, n_gr
     ok = np.abs(gap) < limit
     phi = np.where(ok, ba, 0.0)
     if bootstrap is not None:
-        ba_b, _, gap_b, _ = _cut_curves(yy, gg, bootstrap[:, order], n_groups, measure)
+        ba_b, _, gap_b, _ = _cut_curves(sweep(margin, y, groups, n_groups, weights=bootstrap), measure)
         phi = np.where(ok, np.where(np.abs(gap_b) < limit, ba_b, 0.0).mean(0), 0.0)
     realisable = np.ones(n + 1, bool)
     realisable[1:n] = s[:-1] > s[1:]
     key = np.where(realisable, phi - 1e-9 * np.abs(gap), -np.inf)
     k = int(np.argmax(key))
-    cuts = np.concatenate([[s[0] + 1.0], (s[:-1] + s[1:]) / 2, [s[-1] - 1.0]]) if n else np.zeros(1)
-    return Operating(threshold=float(cuts[k]), objective=float(phi[k]), balanced_accuracy=float(ba[k]),
+    return Operating(threshold=float(sw.cuts[k]), objective=float(phi[k]), balanced_accuracy=float(ba[k]),
                      accuracy=float(acc[k]), bias=float(gap[k]), feasible=bool(ok[k]), positive_rate=k / max(n, 1))
 
 

@@ -82,35 +82,6 @@ def score_tune(access: Oracle, data: TuningData, budget: int | None, seed: int, 
     return Scored(idx, logp[:, 1] - logp[:, 0], y, groups, G, access.queries_used - used_before)
 
 
-def group_rates(decision: np.ndarray, y: np.ndarray, groups: np.ndarray, n_groups: int) -> dict[str, np.ndarray]:
-    """Per-group selection rate, TPR and FPR of (possibly fractional) decisions, each [G]."""
-    d = np.asarray(decision, np.float64)
-    out = {k: np.zeros(n_groups) for k in ("sr", "tpr", "fpr")}
-    for g in range(n_groups):
-        m = groups == g
-        pos, neg = m & (y == 1), m & (y == 0)
-        out["sr"][g] = d[m].mean() if m.any() else np.nan
-        out["tpr"][g] = d[pos].mean() if pos.any() else np.nan
-        out["fpr"][g] = d[neg].mean() if neg.any() else np.nan
-    return out
-
-
-def gap(values: np.ndarray) -> float:
-    v = np.asarray(values, np.float64)
-    v = v[~np.isnan(v)]
-    return float(v.max() - v.min()) if len(v) > 1 else 0.0
-
-
-def unfairness(decision: np.ndarray, y: np.ndarray, groups: np.ndarray, n_groups: int, criterion: Criterion) -> float:
-    """The criterion's gap (Fairlearn's definitions): dp = SR gap, eopp = TPR gap, eo = max(TPR, FPR gap)."""
-    r = group_rates(decision, y, groups, n_groups)
-    if criterion == "dp":
-        return gap(r["sr"])
-    if criterion == "eopp":
-        return gap(r["tpr"])
-    return max(gap(r["tpr"]), gap(r["fpr"]))
-
-
 def check_criterion(criterion: str, allowed: tuple[str, ...], method: str) -> None:
     if criterion not in allowed:
         raise ValueError(f"{method} supports criterion {', '.join(allowed)}; got {criterion!r}")

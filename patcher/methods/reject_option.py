@@ -28,8 +28,8 @@ from patcher.methods.postprocess_common import (
     logit,
     score_tune,
     step_rule_graph,
-    unfairness,
 )
+from patcher.metrics import Sweep, criterion_gap, decision_rates, rate_gap, sweep
 from patcher.oracle import Oracle
 from patcher.patch import Patch
 from patcher.tuning import TuningData
@@ -62,19 +62,15 @@ class RejectOptionReport(BaseModel):
     fit_seconds: float
 
 
-def _group_quantity(decision: np.ndarray, y: np.ndarray, groups: np.ndarray, G: int, criterion: str) -> np.ndarray:
-    q = np.zeros(G)
-    for g in range(G):
-        m = groups == g
-        sr, tpr, fpr = decision[m].mean(), decision[m & (y == 1)].mean(), decision[m & (y == 0)].mean()
-        q[g] = {"dp": sr, "eopp": tpr, "eo": 0.5 * (tpr + fpr)}[criterion]
-    return q
+def _quantity(rates: dict[str, np.ndarray], criterion: str) -> np.ndarray:
+    """The per-group quantity the band equalises, from decision or sweep rates."""
+    return {"dp": rates["sr"], "eopp": rates["tpr"], "eo": 0.5 * (rates["tpr"] + rates["fpr"])}[criterion]
 
 
 def grid_search(prob: np.ndarray, y: np.ndarray, groups: np.ndarray, G: int, favoured: np.ndarray,
                 criterion: str, opts: RejectOptionOptions):
-    """Bias and balanced accuracy at every (t, m) of the grid, vectorised with sorted scores per group.
-    Returns (t, m, bias, balanced_accuracy) arrays."""
+    """Bias and balanced accuracy at every (t, m) of the grid: a favoured group decides p > t - m, the others
+    p > t + m (patcher.metrics.sweep at both cuts). Returns (t, m, bias, balanced_accuracy) arrays."""
     ts, ms = [], []
     for t in np.linspace(opts.low, opts.high, opts.n_thresholds):
         for m in np.linspace(0.0, t if t <= 0.5 else 1.0 - t, opts.n_margins):
@@ -82,20 +78,10 @@ def grid_search(prob: np.ndarray, y: np.ndarray, groups: np.ndarray, G: int, fav
             ms.append(m)
     t, m = np.asarray(ts), np.asarray(ms)
     P, N = float((y == 1).sum()), float((y == 0).sum())
-    tp = np.zeros(len(t))
-    fp = np.zeros(len(t))
-    q = np.zeros((G, len(t)))
-    for g in range(G):
-        cut = t - m if favoured[g] else t + m  # the group's effective cut: p > cut
-        pos = np.sort(prob[(groups == g) & (y == 1)])
-        neg = np.sort(prob[(groups == g) & (y == 0)])
-        tp_g = len(pos) - np.searchsorted(pos, cut, side="right")
-        fp_g = len(neg) - np.searchsorted(neg, cut, side="right")
-        tp += tp_g
-        fp += fp_g
-        tpr, fpr, sr = tp_g / len(pos), fp_g / len(neg), (tp_g + fp_g) / (len(pos) + len(neg))
-        q[g] = {"dp": sr, "eopp": tpr, "eo": 0.5 * (tpr + fpr)}[criterion]
-    bias = q.max(0) - q.min(0)
+    low, high = sweep(prob, y, groups, G, cuts=t - m), sweep(prob, y, groups, G, cuts=t + m)
+    band = Sweep(t, np.where(np.asarray(favoured, bool)[:, None], low.positive, high.positive), low.total, low.weight)
+    tp, fp = band.positive[..., 1].sum(-1), band.positive[..., 0].sum(-1)
+    bias = rate_gap(_quantity(band.rates(), criterion))
     bal_acc = 0.5 * (tp / P + (N - fp) / N)
     return t, m, bias, bal_acc
 
@@ -116,7 +102,7 @@ def fit(access: Oracle, data: TuningData, request: FitRequest, opts: RejectOptio
             raise ValueError(f"favour names unknown groups {sorted(unknown)}; groups: {list(data.group_names)}")
         favoured = np.array([n in opts.favour for n in data.group_names])
     else:
-        q = _group_quantity(base, s.y, s.groups, G, criterion)
+        q = _quantity(decision_rates(base, s.y, s.groups, G), criterion)
         favoured = q < q.mean()
     t, m, bias, bal_acc = grid_search(prob, s.y, s.groups, G, favoured, criterion, opts)
     ok = bias <= opts.bound + 1e-12
@@ -131,9 +117,9 @@ def fit(access: Oracle, data: TuningData, request: FitRequest, opts: RejectOptio
         criterion=criterion, queries_used=s.queries_used, threshold=threshold, margin=margin,
         favoured=[n for n, f in zip(data.group_names, favoured, strict=True) if f], satisfied=bool(ok.any()),
         tune_before={"accuracy": float(np.mean(base == s.y)),
-                     criterion: unfairness(base, s.y, s.groups, G, criterion)},
+                     criterion: criterion_gap(base, s.y, s.groups, G, criterion)},
         tune_after={"accuracy": float(np.mean(after == s.y)), "balanced_accuracy": float(bal_acc[j]),
-                    "bias": float(bias[j]), criterion: unfairness(after, s.y, s.groups, G, criterion)},
+                    "bias": float(bias[j]), criterion: criterion_gap(after, s.y, s.groups, G, criterion)},
         fit_seconds=time.perf_counter() - started)
     graph = step_rule_graph(rule, "reject_option", doc=f"reject-option classification, t={threshold:.4g}, "
                                                         f"m={margin:.4g}, favoured={report.favoured}")

@@ -45,7 +45,6 @@ from patcher.methods.reprogram_fairness import (
     Criterion,
     cell_weights,
     operating_point,
-    unfairness,
     worst_cell_point,
 )
 from patcher.methods.reprogram_gradient import model_logits, train_trigger
@@ -60,11 +59,12 @@ from patcher.methods.reprogram_triggers import (
 )
 from patcher.methods.reprogram_zo import ZOTrainer
 from patcher.methods.trigger import TriggerOptions
+from patcher.metrics import criterion_gap
 from patcher.onnx_graphs import GraphBuilder, float_tensor
 from patcher.oracle import Oracle
 from patcher.patch import Patch
 from patcher.scores import log_softmax
-from patcher.tuning import TuningData, stratified_holdout
+from patcher.tuning import TuningData, stratified_split
 
 
 class FitReport(BaseModel):
@@ -150,7 +150,8 @@ def _choose(logps: list[tuple[int, np.ndarray]], base: np.ndarray, y: np.ndarray
     """The fairest candidate within the accuracy cap on tuning rows (accuracy cell-balanced with `opts.balance`)."""
     w = cell_weights(y, groups) if opts.balance else np.ones(len(y))
     base_pred = base.argmax(1)
-    base_acc, base_unfair = float(np.average(base_pred == y, weights=w)), unfairness(base_pred, y, groups, criterion)
+    base_acc = float(np.average(base_pred == y, weights=w))
+    base_unfair = criterion_gap(base_pred, y, groups, G, criterion)
     C = base.shape[1]
     if C == 2 and opts.threshold:
         key, thr, acc, unf, summary = operating_point(
@@ -160,7 +161,7 @@ def _choose(logps: list[tuple[int, np.ndarray]], base: np.ndarray, y: np.ndarray
     best, best_key, summary = None, None, []
     for k, lp in logps:
         pred = lp.argmax(1)
-        acc, unf = float(np.average(pred == y, weights=w)), unfairness(pred, y, groups, criterion)
+        acc, unf = float(np.average(pred == y, weights=w)), criterion_gap(pred, y, groups, G, criterion)
         summary.append({"key": k, "accuracy": acc, "unfairness": unf, "threshold": 0.0})
         within = opts.max_accuracy_drop is None or acc >= base_acc - opts.max_accuracy_drop
         rank = (not within, max(unf, opts.fairness_tolerance), -acc)
@@ -175,7 +176,7 @@ def _select(logps: list[tuple[int, np.ndarray]], base: np.ndarray, y: np.ndarray
     `holdout`), never the test split."""
     rule, ratio = opts.selection()
     if rule == "worst_cell" and opts.threshold and base.shape[1] == 2:
-        base_unfair = unfairness(base.argmax(1), y, groups, criterion)
+        base_unfair = criterion_gap(base.argmax(1), y, groups, G, criterion)
         target = ratio * base_unfair
         k, thr, acc, unf, summary = worst_cell_point(
             [(i, lp[:, 1] - lp[:, 0]) for i, lp in logps], y, groups, G, criterion, target,
@@ -239,16 +240,6 @@ def _accuracy(logp: np.ndarray, y: np.ndarray, groups: np.ndarray, opts: Trigger
     return float(np.average(logp.argmax(1) == y, weights=w))
 
 
-def holdout_split(y: np.ndarray, groups: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(training rows, selection rows): `share` of every (group, label) cell held out for selection, so
-    the choice of lambda and threshold is scored on rows the trigger did not fit. share 0: all rows both."""
-    everything = np.arange(len(y))
-    if share <= 0:
-        return everything, everything
-    sel = stratified_holdout(y, groups, share, np.random.default_rng([seed, 7]))
-    return np.setdiff1d(everything, sel), sel
-
-
 def crossfit_folds(y: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.ndarray:
     """Fold index (0..k-1) per row, every (group, label) cell dealt round-robin after a shuffle, so each fold
     holds about 1/k of every cell (the minority cells decide the selection)."""
@@ -283,7 +274,8 @@ def _fit_gradient(artifact: ModelArtifact, trigger: Trigger, X, y, groups, G, cr
         p.requires_grad_(False)
     if opts.select_folds >= 2:
         return _fit_gradient_crossfit(model, trigger, X, y, groups, G, criterion, opts, seed, report_progress)
-    fit_rows, sel = holdout_split(y, groups, opts.holdout, seed)
+    everything = np.arange(len(y))  # holdout 0: lambda and threshold are chosen on the rows the trigger fit
+    sel, fit_rows = stratified_split(y, groups, opts.holdout, [seed, 7]) if opts.holdout > 0 else (everything,) * 2
     Xs, ys, gs = X[sel], y[sel], groups[sel]
     X, y, groups = X[fit_rows], y[fit_rows], groups[fit_rows]
     base = log_softmax(model_logits(model, Xs))
@@ -344,7 +336,8 @@ def _fit_zo(oracle: Oracle, trigger: Trigger, X, y, groups, G, criterion, budget
     remaining = getattr(oracle, "remaining", None)
     limits = [b for b in (budget, remaining) if b is not None]
     limit = min(limits) if limits else 20_000
-    fit_rows, sel = holdout_split(y, groups, opts.holdout, seed)
+    everything = np.arange(len(y))  # holdout 0: lambda and threshold are chosen on the rows the trigger fit
+    sel, fit_rows = stratified_split(y, groups, opts.holdout, [seed, 7]) if opts.holdout > 0 else (everything,) * 2
     eval_size = min(opts.eval_size, len(sel), max(limit // (4 * (opts.evals + 1)), 50))
     C_guess = int(y.max()) + 1
     trainer = ZOTrainer(oracle, trigger, X, y, groups, G, criterion, opts.lam_zo if opts.lam is None else opts.lam,

@@ -3,9 +3,9 @@
 - `Discriminator` d_phi predicts the group from the model's (temperature-scaled) softmax s: for dp it
   sees s only; for eo it also sees s * onehot(y) (so it can only use s within a label); for eopp it
   is trained and evaluated on positive rows only. The trigger maximises its cross-entropy.
-- `gap_loss`: a differentiable stand-in for the criterion itself, the squared spread of the groups'
-  mean class-1 probability (dp), within each label (eo), or among positives (eopp). It needs no
-  second network, so the zeroth-order path uses it: every term is a plain function of scores.
+- `gap_loss`: a differentiable stand-in for the criterion itself, the squared gap (patcher.metrics'
+  definition) of the groups' mean class-1 probability (dp), within each label (eo), or among positives
+  (eopp). It needs no second network, so the zeroth-order path uses it: every term is a plain function of scores.
 - `operating_point`: a decision threshold re-tuned on the tuning rows after the trigger (binary
   tasks), chosen like Eraser's: least unfairness under an accuracy-drop cap, then most accuracy;
   `worst_cell_point` instead: the best worst (group, label) cell accuracy under an unfairness target.
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from patcher.methods.eraser import choose_operating_point, sweep_thresholds
+from patcher.metrics import sweep
 
 Criterion = Literal["dp", "eo", "eopp"]
 
@@ -51,7 +52,9 @@ class Discriminator(nn.Module):
 
 def gap_loss(logits: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, n_groups: int,
              criterion: Criterion) -> torch.Tensor:
-    """Squared spread (max - min) of the groups' mean P(class 1), within the criterion's cells."""
+    """Squared spread of the groups' mean P(class 1) within the criterion's cells: the square of
+    patcher.metrics.rate_gap (max - min over the groups with rows) of the soft rates, kept in torch so it
+    stays differentiable."""
     p = torch.softmax(logits, dim=1)[:, -1]
     cells = [torch.ones_like(y, dtype=torch.bool)] if criterion == "dp" else \
         [y == 1] if criterion == "eopp" else [y == 0, y == 1]
@@ -70,19 +73,6 @@ def cell_weights(y: np.ndarray, groups: np.ndarray) -> np.ndarray:
     cells = np.asarray(groups, np.int64) * (int(np.max(y)) + 1) + np.asarray(y, np.int64)
     _, inverse, counts = np.unique(cells, return_inverse=True, return_counts=True)
     return len(cells) / (len(counts) * counts[inverse].astype(np.float64))
-
-
-def unfairness(pred: np.ndarray, y: np.ndarray, groups: np.ndarray, criterion: Criterion) -> float:
-    """Gap of the groups' rates for hard decisions (selection rate, TPR and FPR, or TPR)."""
-    def gap(mask: np.ndarray) -> float:
-        rates = [pred[mask & (groups == a)].mean() for a in np.unique(groups) if (mask & (groups == a)).any()]
-        return float(max(rates) - min(rates)) if len(rates) > 1 else 0.0
-
-    if criterion == "dp":
-        return gap(np.ones(len(y), bool))
-    if criterion == "eopp":
-        return gap(y == 1)
-    return max(gap(y == 1), gap(y == 0))
 
 
 def operating_point(margins: list[tuple[float, np.ndarray]], y: np.ndarray, groups: np.ndarray, n_groups: int,
@@ -105,14 +95,8 @@ def operating_point(margins: list[tuple[float, np.ndarray]], y: np.ndarray, grou
 
 def cell_accuracy_curve(margin: np.ndarray, y: np.ndarray, groups: np.ndarray, cuts: np.ndarray) -> np.ndarray:
     """Per cut (decision margin > cut), the least accuracy over the (group, label) cells present."""
-    worst = np.full(len(cuts), np.inf)
-    for a in np.unique(groups):
-        for label in (0, 1):
-            m = np.sort(margin[(groups == a) & (y == label)])
-            if len(m):
-                above = len(m) - np.searchsorted(m, cuts, side="right")  # rows predicted 1
-                worst = np.minimum(worst, (above if label == 1 else len(m) - above) / len(m))
-    return worst
+    r = sweep(margin, y, groups, int(np.max(groups)) + 1, cuts=cuts).rates()
+    return np.fmin.reduce(np.concatenate([r["tpr"], r["tnr"]], axis=-1), axis=-1, initial=np.inf)
 
 
 def worst_cell_point(margins: list[tuple[float, np.ndarray]], y: np.ndarray, groups: np.ndarray, n_groups: int,

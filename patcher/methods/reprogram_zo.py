@@ -30,6 +30,7 @@ import torch
 from patcher.methods.reprogram_fairness import Criterion, Discriminator
 from patcher.methods.reprogram_gradient import project
 from patcher.methods.reprogram_triggers import Trigger
+from patcher.metrics import decision_rates, rate_gap
 from patcher.oracle import Oracle
 from patcher.scores import to_log_probs
 
@@ -50,19 +51,21 @@ def unit_directions(q: int, dim: int, rng: np.random.Generator) -> np.ndarray:
 
 def numpy_gap(p: np.ndarray, y: np.ndarray, groups: np.ndarray, n_groups: int, criterion: Criterion,
               unbiased: bool = False) -> float:
-    """Squared spread of the groups' mean P(class 1) per criterion cell. On a small batch the plain square
-    is biased upwards by var(p) / n per group, a term a trigger lowers by making its scores uniform within
-    a cell (towards one class for all): `unbiased` subtracts the estimated variances of the two means."""
-    cells = [np.ones(len(y), bool)] if criterion == "dp" else [y == 1] if criterion == "eopp" else [y == 0, y == 1]
+    """`gap_loss` in numpy: the squared rate gap (patcher.metrics) of the groups' mean P(class 1) per criterion
+    cell. On a small batch the plain square is biased upwards by var(p) / n per group, a term a trigger lowers
+    by making its scores uniform within a cell (towards one class for all): `unbiased` subtracts the
+    estimated variances of the two means."""
+    r = decision_rates(p, y, groups, n_groups)
+    cells = [("sr", np.ones(len(y), bool))] if criterion == "dp" else [("tpr", y == 1)] if criterion == "eopp" \
+        else [("fpr", y == 0), ("tpr", y == 1)]
     total = 0.0
-    for cell in cells:
-        parts = [p[cell & (groups == a)] for a in range(n_groups) if (cell & (groups == a)).any()]
-        if len(parts) > 1:
-            means = [float(v.mean()) for v in parts]
-            hi, lo = int(np.argmax(means)), int(np.argmin(means))
-            total += (means[hi] - means[lo]) ** 2
+    for key, cell in cells:
+        rates = r[key]
+        if np.count_nonzero(~np.isnan(rates)) > 1:
+            total += float(rate_gap(rates)) ** 2
             if unbiased:
-                total -= sum(float(v.var(ddof=1)) / len(v) for v in (parts[hi], parts[lo]) if len(v) > 1)
+                parts = (p[cell & (groups == int(np.nanargmax(rates)))], p[cell & (groups == int(np.nanargmin(rates)))])
+                total -= sum(float(v.var(ddof=1)) / len(v) for v in parts if len(v) > 1)
     return total
 
 

@@ -31,8 +31,8 @@ from patcher.methods.postprocess_common import (
     check_criterion,
     score_tune,
     step_rule_graph,
-    unfairness,
 )
+from patcher.metrics import criterion_gap, sweep
 from patcher.oracle import Oracle
 from patcher.patch import Patch
 from patcher.tuning import TuningData
@@ -82,13 +82,16 @@ class ThresholdReport(BaseModel):
 
 def cut_curve(margin: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
     """Every distinct cut `margin > c` of one group, from accepting nobody to everybody: the cuts and
-    the counts (selected, true positives, false positives) each gives."""
-    values, inverse = np.unique(-margin, return_inverse=True)  # descending margins
-    m = -values
-    tp = np.concatenate([[0], np.cumsum(np.bincount(inverse, weights=y, minlength=len(m)))])
-    sel = np.concatenate([[0], np.cumsum(np.bincount(inverse, minlength=len(m)))])
-    cuts = np.concatenate([[BIG], (m[:-1] + m[1:]) / 2, [-BIG]])
-    return {"cuts": cuts, "sel": sel.astype(np.float64), "tp": tp, "fp": sel - tp}
+    the counts (selected, true positives, false positives) each gives (the sweep's cuts between distinct
+    margins, the only ones a threshold can realise)."""
+    sw = sweep(margin, y, np.zeros(len(y), np.int64), 1)
+    s = sw.ordered
+    keep = np.concatenate([[True], s[:-1] > s[1:], [True]])
+    pos = sw.positive[keep, 0]
+    cuts = sw.cuts[keep]
+    cuts[0], cuts[-1] = BIG, -BIG
+    sel = pos.sum(-1)
+    return {"cuts": cuts, "sel": sel, "tp": pos[:, 1], "fp": sel - pos[:, 1]}
 
 
 def upper_hull(x: np.ndarray, z: np.ndarray) -> np.ndarray:
@@ -217,10 +220,10 @@ def fit(access: Oracle, data: TuningData, request: FitRequest, opts: ThresholdOp
     request.report(0.9, {"stage": "exporting the patch"})
     expected = rule.prob(s.margin, s.groups)
     base = (s.margin > 0).astype(np.float64)
-    tune_before = {"accuracy": float(np.mean(base == s.y)), criterion: unfairness(base, s.y, s.groups,
+    tune_before = {"accuracy": float(np.mean(base == s.y)), criterion: criterion_gap(base, s.y, s.groups,
                                                                                  s.n_groups, criterion)}
     tune_after = {"accuracy": float(np.mean(np.where(s.y == 1, expected, 1 - expected))),
-                  criterion: unfairness(expected, s.y, s.groups, s.n_groups, criterion)}
+                  criterion: criterion_gap(expected, s.y, s.groups, s.n_groups, criterion)}
     report = ThresholdReport(
         criterion=criterion, objective=opts.objective, tolerance=tolerance, queries_used=s.queries_used,
         randomized=rule.randomized,
