@@ -1,0 +1,399 @@
+"""The deployment files, checked against the code: the Dockerfile (parsed), compose.yaml (run as processes),
+the Kubernetes manifests (rendered by kustomize and validated against the Kubernetes schemas) and the
+KServe transformer mode (started with the arguments KServe passes)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKERFILE = REPO / "docker" / "Dockerfile"
+COMPOSE = REPO / "compose.yaml"
+FINAL_STAGES = ("serve", "worker", "worker-gpu")
+START_TIMEOUT_S = 180.0  # a bound for conditions, not a speed check: six Python processes on a loaded 2-core box
+
+
+# --- Dockerfile ------------------------------------------------------------------------------------------
+
+@dataclass
+class Stage:
+    name: str
+    base: str
+    instructions: list[tuple[str, str]] = field(default_factory=list)  # (INSTRUCTION, value)
+
+
+def dockerfile_stages() -> dict[str, Stage]:
+    from dockerfile_parse import DockerfileParser
+
+    parser = DockerfileParser(path=str(DOCKERFILE))
+    stages: dict[str, Stage] = {}
+    current: Stage | None = None
+    for ins in parser.structure:
+        if ins["instruction"] == "FROM":
+            base, _, name = ins["value"].partition(" AS ")
+            current = stages[name.strip()] = Stage(name.strip(), base.strip())
+        elif current is not None:
+            current.instructions.append((ins["instruction"], ins["value"]))
+    return stages
+
+
+def lineage(stages: dict[str, Stage], name: str) -> list[Stage]:
+    """The stage and the stages it is built FROM, nearest first."""
+    chain = [stages[name]]
+    while chain[-1].base in stages:
+        chain.append(stages[chain[-1].base])
+    return chain
+
+
+def stage_env(stages: dict[str, Stage], name: str) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for stage in reversed(lineage(stages, name)):
+        for ins, value in stage.instructions:
+            if ins == "ENV":
+                for item in shlex.split(value):
+                    key, _, val = item.partition("=")
+                    env[key] = val
+    return env
+
+
+def extra_pins(extra: str) -> dict[str, str]:
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"][extra]
+    return {re.split(r"[<>=\[ ]", d, maxsplit=1)[0]: d for d in deps}
+
+
+def test_final_stages_run_as_non_root_with_a_healthcheck_decision():
+    stages = dockerfile_stages()
+    for name in FINAL_STAGES:
+        chain = lineage(stages, name)
+        users = [v for s in reversed(chain) for i, v in s.instructions if i == "USER"]
+        assert users, f"{name}: no USER, so it runs as root"
+        assert users[-1].split(":")[0] not in ("root", "0"), f"{name} runs as {users[-1]}"
+        checks = [v for s in chain for i, v in s.instructions if i == "HEALTHCHECK"]
+        assert len(checks) == 1, f"{name}: HEALTHCHECK {checks}"
+    serve_check = next(v for i, v in stages["serve"].instructions if i == "HEALTHCHECK")
+    assert "/v2/health/live" in serve_check and "CMD" in serve_check
+
+
+def test_final_stages_hold_no_build_tools_or_dev_extras():
+    stages = dockerfile_stages()
+    for name in FINAL_STAGES:
+        for stage in lineage(stages, name):
+            for ins, value in stage.instructions:
+                # The runtime stages only copy a finished virtualenv: nothing is installed or compiled there.
+                assert not (ins == "RUN" and re.search(r"pip install|apt-get|apk add|gcc|build-essential", value)), \
+                    f"{name} (stage {stage.name}) installs in its final image: {value}"
+                if ins == "COPY":
+                    assert value.startswith("--from=build-") and value.endswith("/opt/venv /opt/venv"), value
+        assert lineage(stages, name)[-1].base.startswith("${PYTHON_IMAGE}")
+    installs = " ".join(v for s in stages.values() for i, v in s.instructions if i == "RUN")
+    assert "dev" not in re.findall(r"\.\[([a-z,]+)\]", installs) and ",dev" not in installs
+    assert re.search(r"PYTHON_IMAGE=python:3\.11-slim", DOCKERFILE.read_text())
+
+
+def test_image_pins_are_the_pyproject_pins():
+    text = DOCKERFILE.read_text()
+    torch = extra_pins("torch")
+    for pkg in ("torch", "torchvision"):
+        assert f'"{torch[pkg]}"' in text, f"the worker image must install {torch[pkg]} (pyproject's torch extra)"
+    assert "download.pytorch.org/whl/cpu" in text  # the CPU wheels for the CPU worker
+    assert f'"{extra_pins("gpu")["onnxruntime-gpu"]}"' in text
+
+
+def test_dockerignore_admits_what_the_build_copies():
+    patterns = [p.strip() for p in (REPO / ".dockerignore").read_text().splitlines()
+                if p.strip() and not p.startswith("#")]
+    assert patterns[0] == "*", "the context is an allowlist: everything else stays out of the image"
+    admitted = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
+    copied = {src for s in dockerfile_stages().values() for i, v in s.instructions
+              if i == "COPY" and not v.startswith("--from") for src in v.split()[:-1]}
+    assert copied and copied <= admitted, f"COPY sources the .dockerignore keeps out: {copied - admitted}"
+
+
+# --- compose.yaml ----------------------------------------------------------------------------------------
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def interpolate(value: str) -> str:
+    """Compose's ${VAR:-default} and ${VAR}, from this environment."""
+    def one(m: re.Match) -> str:
+        name, default = m.group(1), m.group(3) or ""
+        return os.environ.get(name) or default
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}", one, str(value))
+
+
+def test_compose_builds_the_dockerfile_targets_and_balances_the_gateways():
+    doc, stages = compose(), dockerfile_stages()
+    services = doc["services"]
+    for name, svc in services.items():
+        if "build" in svc:
+            assert svc["build"]["dockerfile"] == "docker/Dockerfile" and svc["build"]["target"] in stages, name
+            assert svc["image"] == f"fairpatch:{svc['build']['target']}", name
+    assert services["gateway"]["deploy"]["replicas"] == 2 and services["worker"]["deploy"]["replicas"] == 2
+    assert services["gateway"]["build"]["target"] == "serve" and services["worker"]["build"]["target"] == "worker"
+    # The balancer proxies to the gateway service on the port the gateways listen on, from one published port.
+    conf = (REPO / "docker" / "nginx.conf").read_text()
+    port = services["gateway"]["environment"]["FAIRPATCH_PORT"]
+    assert re.search(rf"server\s+gateway:{port};", conf)
+    listen = re.search(r"listen\s+(\d+);", conf).group(1)
+    assert services["balancer"]["ports"] == [f"8080:{listen}"]
+    assert "./docker/nginx.conf:/etc/nginx/nginx.conf:ro" in services["balancer"]["volumes"]
+
+
+def test_compose_environment_names_are_settings_fields():
+    from service.settings import Settings
+
+    known = settings_env_names(Settings)
+    for name, svc in compose()["services"].items():
+        for var in svc.get("environment") or {}:
+            if var.startswith("FAIRPATCH_"):
+                assert var in known, f"compose service {name} sets {var}, which no Settings field reads"
+    for var in stage_env(dockerfile_stages(), "serve"):
+        if var.startswith("FAIRPATCH_"):
+            assert var in known, f"the image sets {var}, which no Settings field reads"
+
+
+def settings_env_names(settings_cls: type) -> set[str]:
+    from pydantic import AliasChoices
+
+    prefix = settings_cls.model_config.get("env_prefix", "")
+    names: set[str] = set()
+    for fname, f in settings_cls.model_fields.items():
+        names.add(f"{prefix}{fname}".upper())
+        if isinstance(f.validation_alias, AliasChoices):
+            names.update(str(c).upper() for c in f.validation_alias.choices)
+        elif isinstance(f.validation_alias, str):
+            names.add(f.validation_alias.upper())
+    return names
+
+
+class Proc:
+    """One service process: output to a file, waited on by condition (a line in its log), stopped by SIGTERM."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], logdir: Path) -> None:
+        self.name = name
+        self.log = logdir / f"{name}.log"
+        self._fh = self.log.open("wb")
+        self.popen = subprocess.Popen(argv, env=env, stdout=self._fh, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, cwd=logdir)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float = START_TIMEOUT_S) -> re.Match:
+        return wait_until(lambda: re.search(pattern, self.text()), timeout,
+                          f"{self.name}: no {pattern!r} in its log", self)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(30)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._fh.close()
+
+
+def wait_until(cond: Callable[[], Any], timeout: float, what: str, proc: Proc | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        if proc is not None and proc.popen.poll() is not None:
+            raise AssertionError(f"{what}: it exited with {proc.popen.returncode}:\n{proc.text()[-3000:]}")
+        if time.monotonic() > deadline:
+            tail = proc.text()[-3000:] if proc is not None else ""
+            raise AssertionError(f"{what} within {timeout:.0f}s\n{tail}")
+        time.sleep(0.1)
+
+
+def fairpatch_argv(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "clients", *args]
+
+
+UVICORN_PORT = r"Uvicorn running on http://127\.0\.0\.1:(\d+)"
+
+
+@dataclass
+class Topology:
+    procs: dict[str, Proc]
+    urls: dict[str, str]  # service replica -> http URL
+    env: dict[str, dict[str, str]]  # service replica -> the environment it ran with
+    admin_key: str
+
+
+def rewrite_args(args: list[str], volumes: dict[str, Path]) -> list[str]:
+    """Loopback and port 0 for --host/--port, volume mount paths onto their local folders."""
+    out = list(args)
+    for i, a in enumerate(out[:-1]):
+        if a == "--host":
+            out[i + 1] = "127.0.0.1"
+        elif a == "--port":
+            out[i + 1] = "0"
+    for target, local in volumes.items():
+        out = [str(local) + a[len(target):] if a.startswith(target) else a for a in out]
+    return out
+
+
+def mounts(svc: dict[str, Any], tmp: Path) -> dict[str, Path]:
+    """Named-volume mount targets of a service -> a local folder per volume (shared, like the volume)."""
+    found = {}
+    for spec in svc.get("volumes") or []:
+        source, target = spec.split(":")[:2]
+        if not source.startswith("."):
+            (tmp / "volumes" / source).mkdir(parents=True, exist_ok=True)
+            found[target] = tmp / "volumes" / source
+    return found
+
+
+@pytest.fixture(scope="module")
+def topology(tmp_path_factory, adult_model) -> Iterator[Topology]:
+    """compose.yaml's services as local processes: its Redis command on a unix socket, its one-shot model
+    service, the upstream, every gateway and worker replica with its compose environment on top of its
+    image's ENV. Host names become loopback addresses; ports are bound by the processes (port 0)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    doc, stages = compose(), dockerfile_stages()
+    services = doc["services"]
+    tmp = tmp_path_factory.mktemp("compose")
+    sock = Path(tmp_path_factory.mktemp("r")) / "redis.sock"
+    procs: dict[str, Proc] = {}
+    urls: dict[str, str] = {}
+    envs: dict[str, dict[str, str]] = {}
+    try:
+        # redis: the compose command, on a unix socket (nothing to race for) in a scratch directory.
+        redis_cmd = services["redis"]["command"]
+        assert redis_cmd[0] == "redis-server"
+        procs["redis"] = Proc("redis", [*redis_cmd, "--port", "0", "--unixsocket", str(sock), "--dir", str(tmp)],
+                              dict(os.environ), tmp)
+        wait_until(lambda: redis_answers(sock), START_TIMEOUT_S, "redis did not answer PING", procs["redis"])
+        hosts = {"redis://redis:6379/0": f"unix://{sock}?db=0"}
+
+        def run_env(name: str, replica: int) -> dict[str, str]:
+            svc = services[name]
+            env = {k: v for k, v in stage_env(stages, svc["build"]["target"] if "build" in svc else
+                                              image_target(services, svc["image"])).items()
+                   if k.startswith("FAIRPATCH_")}
+            env.update({k: interpolate(v) for k, v in (svc.get("environment") or {}).items()})
+            for k, v in env.items():
+                for compose_url, local in hosts.items():
+                    v = v.replace(compose_url, local)
+                env[k] = v
+            if "FAIRPATCH_HOST" in env:
+                env["FAIRPATCH_HOST"], env["FAIRPATCH_PORT"] = "127.0.0.1", "0"
+            env["FAIRPATCH_DATA_DIR"] = str(tmp / f"{name}-{replica}")  # the image's /data, per container
+            return env
+
+        def start(name: str, replica: int = 0) -> Proc:
+            svc = services[name]
+            key = f"{name}-{replica}"
+            env = run_env(name, replica)
+            envs[key] = env
+            full = {**os.environ, **env, "PYTHONPATH": str(REPO)}
+            proc = Proc(key, fairpatch_argv(rewrite_args(svc["command"], mounts(svc, tmp))), full, tmp)
+            procs[key] = proc
+            return proc
+
+        # model (one-shot, must complete) -> upstream -> gateways and workers, as depends_on orders them.
+        assert services["upstream"]["depends_on"]["model"]["condition"] == "service_completed_successfully"
+        model = start("model")
+        wait_until(lambda: model.popen.poll() is not None, START_TIMEOUT_S, "the model service did not finish")
+        assert model.popen.returncode == 0, model.text()
+        up = start("upstream")
+        urls["upstream"] = f"http://127.0.0.1:{up.wait_for(UVICORN_PORT).group(1)}"
+        hosts["http://upstream:9000"] = urls["upstream"]
+        for name in ("gateway", "worker"):
+            assert {"redis", "upstream"} <= set(services[name]["depends_on"]), name
+            for i in range(services[name]["deploy"]["replicas"]):
+                start(name, i)
+        for key, proc in procs.items():
+            if key.startswith("gateway-"):
+                urls[key] = f"http://127.0.0.1:{proc.wait_for(UVICORN_PORT).group(1)}"
+            elif key.startswith("worker-"):
+                proc.wait_for(r"worker \d+ on unix://")
+        yield Topology(procs, urls, envs, envs["gateway-0"]["FAIRPATCH_ADMIN_KEY"])
+    finally:
+        for proc in reversed(list(procs.values())):
+            proc.stop()
+
+
+def redis_answers(sock: Path) -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(1.0)
+            s.connect(str(sock))
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def image_target(services: dict[str, Any], image: str) -> str:
+    return next(s["build"]["target"] for s in services.values() if s.get("image") == image and "build" in s)
+
+
+def test_compose_topology_serves_a_patched_prediction_trained_by_its_workers(topology, adult):
+    import numpy as np
+    import pandas as pd
+
+    from clients.sdk import Client, ModelSpec, UpstreamSpec
+
+    gw_a, gw_b = topology.urls["gateway-0"], topology.urls["gateway-1"]
+    spec = ModelSpec(name="adult", version="1", groups=list(adult.group_names),
+                     upstream=UpstreamSpec(url=topology.urls["upstream"], model_name="adult", input_name="input",
+                                           output_name="logits"))
+    rows = 3000
+    tune = pd.DataFrame(adult.tune.X[:rows], columns=adult.feature_names)
+    tune["income"] = adult.tune.y[:rows]
+    tune["sex"] = [adult.group_names[g] for g in adult.tune.groups[:rows]]
+    with Client(gw_a, topology.admin_key, timeout=60) as a, Client(gw_b, topology.admin_key, timeout=60) as b:
+        a.register_model(spec)
+        ds = a.upload_dataset(tune, label="income", group="sex", name="tune")
+        job = a.create_job("adult", ds.id, criterion="dp", query_budget=300, seed=0, options={"bias": "estimator"})
+        done = b.wait_job(job.id, timeout=START_TIMEOUT_S)
+        assert done.status == "succeeded", done.error
+        patch = done.result.patch_id
+        # The job ran on one of the compose workers: the gateways start none of their own with a shared Redis.
+        ran_on = [k for k, p in topology.procs.items() if k.startswith("worker-") and job.id in p.text()]
+        assert len(ran_on) == 1, "the job id appears in no worker's log (or in both)"
+        b.activate_patch("adult", patch)
+        x = np.asarray(adult.test.X[:64], dtype=np.float32)
+        # Gateway A learns of the activation through Redis (pub/sub, or its periodic re-read).
+        served = wait_until(lambda: (r := a.infer("adult", x, raw=True)).patch_id == patch and r,
+                            START_TIMEOUT_S, "gateway A never served the patch activated on gateway B")
+        assert served.scores.shape == (64, 2) and served.raw is not None
+        assert b.infer("adult", x).patch_id == patch
+
+
+def test_image_healthcheck_command_passes_against_a_running_gateway(topology):
+    """The serve image's HEALTHCHECK, run as written with the gateway's environment."""
+    stages = dockerfile_stages()
+    value = next(v for i, v in stages["serve"].instructions if i == "HEALTHCHECK")
+    argv = yaml.safe_load(value[value.index("CMD") + 3:].strip())  # the exec form is a JSON array
+    assert argv[0] == "python"
+    port = topology.urls["gateway-1"].rsplit(":", 1)[1]
+    ok = subprocess.run([sys.executable, *argv[1:]], env={**os.environ, "FAIRPATCH_PORT": port}, timeout=60)
+    assert ok.returncode == 0
+    bad = subprocess.run([sys.executable, *argv[1:]], env={**os.environ, "FAIRPATCH_PORT": "1"},
+                         capture_output=True, timeout=60)
+    assert bad.returncode != 0  # nothing listens on port 1: the check fails, so it can tell
