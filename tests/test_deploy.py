@@ -397,3 +397,119 @@ def test_image_healthcheck_command_passes_against_a_running_gateway(topology):
     bad = subprocess.run([sys.executable, *argv[1:]], env={**os.environ, "FAIRPATCH_PORT": "1"},
                          capture_output=True, timeout=60)
     assert bad.returncode != 0  # nothing listens on port 1: the check fails, so it can tell
+
+
+# --- Kubernetes manifests --------------------------------------------------------------------------------
+
+OVERLAYS = sorted(p.name for p in (REPO / "deploy" / "overlays").iterdir() if (p / "kustomization.yaml").exists())
+NON_SETTINGS_ENV: set[str] = set()  # every variable the manifests set is a Settings field
+
+
+def kustomize(path: Path) -> list[dict[str, Any]]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("kubectl is not installed: CI must render the manifests")
+        pytest.skip("kubectl is not installed here: the manifests were not rendered")
+    out = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def rendered(request) -> tuple[str, list[dict[str, Any]]]:
+    return request.param, kustomize(REPO / "deploy" / "overlays" / request.param)
+
+
+def by_kind(objs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {o["metadata"]["name"]: o for o in objs if o["kind"] == kind}
+
+
+def test_overlays_exist():
+    assert {"embedded-redis", "external-redis"} <= set(OVERLAYS)
+
+
+def test_every_rendered_object_validates_against_the_kubernetes_schemas(rendered):
+    import kubernetes_validate
+
+    name, objs = rendered
+    version = kubernetes_validate.utils.latest_version()
+    for obj in objs:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{name}: {obj['kind']}/{obj['metadata']['name']}: {e.message} at {list(e.path)}")
+
+
+def test_rendered_overlay_has_the_parts_and_their_security_settings(rendered):
+    name, objs = rendered
+    deployments = by_kind(objs, "Deployment")
+    assert {"fairpatch-gateway", "fairpatch-worker"} <= set(deployments)
+    gw = deployments["fairpatch-gateway"]
+    assert gw["spec"]["replicas"] >= 2
+    assert "fairpatch-gateway" in by_kind(objs, "Service")
+    hpa = by_kind(objs, "HorizontalPodAutoscaler")["fairpatch-gateway"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "fairpatch-gateway" and hpa["spec"]["minReplicas"] >= 2
+    assert by_kind(objs, "PodDisruptionBudget")["fairpatch-gateway"]["spec"]["minAvailable"] >= 1
+    container = gw["spec"]["template"]["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert container["args"] == ["serve"] and deployments["fairpatch-worker"]["spec"]["template"]["spec"][
+        "containers"][0]["args"] == ["worker"]
+    # Every pod: non-root, read-only root filesystem, resources, writable paths on emptyDir or a volume.
+    workloads = [*deployments.values(), *by_kind(objs, "StatefulSet").values()]
+    for w in workloads:
+        pod = w["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+        for c in pod["containers"]:
+            where = f"{name}: {w['metadata']['name']}/{c['name']}"
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False, where
+            assert sc["capabilities"]["drop"] == ["ALL"], where
+            assert {"cpu", "memory"} <= set(c["resources"]["requests"]) and "memory" in c["resources"]["limits"]
+            mounted = {m["mountPath"] for m in c.get("volumeMounts", [])}
+            assert "/data" in mounted, where
+    for d in deployments.values():
+        pod = d["spec"]["template"]["spec"]
+        assert {v["name"] for v in pod["volumes"] if "emptyDir" in v} >= {"data", "tmp"}
+    # The Redis URL comes from a Secret, the admin key too; the secret the pods name is in the overlay.
+    secrets = by_kind(objs, "Secret")
+    env = {e["name"]: e for e in container["env"]}
+    redis_secret = env["FAIRPATCH_REDIS_URL"]["valueFrom"]["secretKeyRef"]
+    assert redis_secret["name"] in secrets and redis_secret["key"] == "url"
+    secret_refs = [s["secretRef"]["name"] for s in container["envFrom"] if "secretRef" in s]
+    assert secret_refs and all(s in secrets for s in secret_refs)
+
+
+def test_only_fairpatch_pods_may_reach_the_upstream(rendered):
+    name, objs = rendered
+    policy = by_kind(objs, "NetworkPolicy")["fairpatch-upstream-ingress"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    (peer,) = rule["from"]
+    allowed = peer["podSelector"]["matchExpressions"][0]
+    assert allowed["operator"] == "In" and set(allowed["values"]) == {"fairpatch-gateway", "fairpatch-worker"}
+    pods = {d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]
+            for d in by_kind(objs, "Deployment").values()}
+    assert set(allowed["values"]) <= pods, "the policy names pods the manifests do not run"
+
+
+def test_manifest_environment_names_are_settings_fields(rendered):
+    """Every variable the manifests hand the pods (env, and the keys of the ConfigMaps and Secrets they load
+    with envFrom) is a Settings field, so a renamed setting cannot leave the manifests silently stale."""
+    from service.settings import Settings
+
+    name, objs = rendered
+    known = settings_env_names(Settings) | NON_SETTINGS_ENV
+    configs = {**by_kind(objs, "ConfigMap"), **by_kind(objs, "Secret")}
+    for d in by_kind(objs, "Deployment").values():
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            names = {e["name"] for e in c.get("env", [])}
+            for src in c.get("envFrom", []):
+                ref = (src.get("configMapRef") or src.get("secretRef"))["name"]
+                cfg = configs[ref]
+                names |= set(cfg.get("data") or {}) | set(cfg.get("stringData") or {})
+            assert names and names <= known, f"{name}: {d['metadata']['name']} sets {names - known}"
+    # And the settings parse: the ConfigMap's values are valid for Settings as written.
+    data = by_kind(objs, "ConfigMap")["fairpatch-settings"]["data"]
+    Settings(**{k.removeprefix("FAIRPATCH_").lower(): v for k, v in data.items()})
