@@ -513,3 +513,129 @@ def test_manifest_environment_names_are_settings_fields(rendered):
     # And the settings parse: the ConfigMap's values are valid for Settings as written.
     data = by_kind(objs, "ConfigMap")["fairpatch-settings"]["data"]
     Settings(**{k.removeprefix("FAIRPATCH_").lower(): v for k, v in data.items()})
+
+
+# --- KServe transformer ----------------------------------------------------------------------------------
+
+ISVC = REPO / "deploy" / "kserve" / "inferenceservice.yaml"
+KSERVE_ENV = {"PROTOCOL"}  # read by KServe's controller, not by fairpatch
+
+
+def kserve_transformer_argv(isvc: dict[str, Any], predictor_host: str, http_port: str) -> list[str]:
+    """The transformer container's command line as KServe's controller builds it for a custom transformer:
+    the manifest's args, then --model_name <InferenceService name>, --predictor_host and --http_port, each
+    unless the args already hold it."""
+    args = list(isvc["spec"]["transformer"]["containers"][0]["args"])
+    for flag, value in (("--model_name", isvc["metadata"]["name"]), ("--predictor_host", predictor_host),
+                        ("--http_port", http_port)):
+        if flag not in args:
+            args += [flag, value]
+    return args
+
+
+def test_inference_service_transformer_is_a_valid_pod_spec():
+    import kubernetes_validate
+
+    isvc = yaml.safe_load(ISVC.read_text())
+    assert (isvc["apiVersion"], isvc["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+    assert isvc["spec"]["predictor"]["model"]["protocolVersion"] == "v2"
+    transformer = isvc["spec"]["transformer"]
+    # A transformer is a pod spec inline (KServe's component fields aside, none used here).
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "transformer"}, "spec": transformer}
+    kubernetes_validate.validate(pod, kubernetes_validate.utils.latest_version(), strict=True)
+    (container,) = transformer["containers"]
+    assert container["name"] == "kserve-container" and container["image"] == "fairpatch:serve"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True and transformer["securityContext"][
+        "runAsNonRoot"] is True
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert {e["name"]: e.get("value") for e in container["env"]}["PROTOCOL"] == "v2"
+
+
+def test_inference_service_environment_names_are_settings_fields():
+    from service.settings import Settings
+
+    container = yaml.safe_load(ISVC.read_text())["spec"]["transformer"]["containers"][0]
+    names = {e["name"] for e in container["env"]}
+    assert names - KSERVE_ENV <= settings_env_names(Settings), names - KSERVE_ENV - settings_env_names(Settings)
+
+
+def test_serve_started_as_kserve_starts_it_patches_the_predictor(tmp_path, redis_url, adult_model, adult):
+    """`fairpatch serve` with exactly the arguments KServe passes its transformer, in front of a real
+    `fairpatch upstream` as the predictor: the model is registered at start-up and predictions go through."""
+    import httpx
+    import numpy as np
+
+    from clients.sdk import Client
+    from service.local_upstream import OnnxModel, create_upstream_app
+    from service.serve_thread import ServerThread
+
+    isvc = yaml.safe_load(ISVC.read_text())
+    name = isvc["metadata"]["name"]
+    secrets = {("fairpatch-redis", "url"): redis_url, ("fairpatch-admin", "FAIRPATCH_ADMIN_KEY"): "kserve-key"}
+    env: dict[str, str] = {}
+    for e in isvc["spec"]["transformer"]["containers"][0]["env"]:
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        else:
+            ref = e["valueFrom"]["secretKeyRef"]
+            env[e["name"]] = secrets[(ref["name"], ref["key"])]
+    env |= {"FAIRPATCH_HOST": "127.0.0.1", "FAIRPATCH_DATA_DIR": str(tmp_path / "data"),
+            "FAIRPATCH_JOB_QUEUE": f"kserve-{os.getpid()}", "PYTHONPATH": str(REPO)}
+    with ServerThread(create_upstream_app(OnnxModel(adult_model.onnx_bytes, name=name))) as predictor:
+        host = predictor.url.removeprefix("http://")  # KServe passes a host, no scheme
+        argv = kserve_transformer_argv(isvc, host, "0")
+        assert argv[:3] == ["serve", "--protocol", "v2"] and "--model_name" in argv
+        proc = Proc("transformer", fairpatch_argv(argv), {**os.environ, **env}, tmp_path)
+        try:
+            url = f"http://127.0.0.1:{proc.wait_for(UVICORN_PORT).group(1)}"
+            with Client(url, "kserve-key", timeout=60) as fp:
+                spec = fp.get_model(name)
+                assert (spec.upstream.url, spec.upstream.protocol, spec.upstream.model_name) == \
+                    (predictor.url, "v2", name)
+                x = np.asarray(adult.test.X[:32], dtype=np.float32)
+                out = fp.infer(name, x, raw=True)  # no registration call was made
+                assert out.patch_id is None and out.scores.shape == (32, 2)
+                np.testing.assert_allclose(out.scores, out.raw)
+                direct = httpx.post(f"{predictor.url}/v2/models/{name}/infer", timeout=60, json={"inputs": [
+                    {"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]})
+                expected = np.asarray(direct.json()["outputs"][0]["data"], dtype=np.float32).reshape(32, 2)
+                np.testing.assert_allclose(out.raw, expected, rtol=1e-5, atol=1e-6)
+        finally:
+            proc.stop()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model_name", "m"], "needs both --model_name and --predictor_host"),
+    (["--model_name", "m", "--predictor_host", "p", "--protocol", "grpc-v2"], "use --protocol v2"),
+    (["--model_name", "m", "--predictor_host", "p", "--predictor_request_timeout_seconds", "900"], "timeout_s"),
+])
+def test_serve_refuses_kserve_arguments_it_cannot_honour(argv, message):
+    out = subprocess.run(fairpatch_argv(["serve", *argv]), capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+def test_kserve_registration_keeps_an_earlier_registration_of_the_same_version(redis_url):
+    """A transformer restarts and its replicas share Redis: registering again keeps what the version holds."""
+    import asyncio
+
+    from redis.asyncio import Redis
+
+    from service.kserve_mode import register
+    from service.registry import ModelRegistry, ModelSpec, UpstreamSpec
+
+    async def scenario() -> tuple[ModelSpec, ModelSpec, ModelSpec]:
+        client = Redis.from_url(redis_url)
+        try:
+            registry = ModelRegistry(client, prefix=f"kserve-test-{os.getpid()}:")
+            first = ModelSpec(name="m", upstream=UpstreamSpec(url="http://p", protocol="v2"), groups=["a", "b"])
+            await registry.put(first)
+            same = await register(registry, ModelSpec(name="m", upstream=UpstreamSpec(url="http://p", protocol="v2")))
+            moved = await register(registry, ModelSpec(name="m", upstream=UpstreamSpec(url="http://q")))
+            return first, same, moved
+        finally:
+            await client.aclose()
+
+    first, same, moved = asyncio.run(scenario())
+    assert same == first  # the groups the earlier registration knew are kept
+    assert moved.upstream.url == "http://q" and moved.groups == ["a", "b"] and moved.created_at == first.created_at
