@@ -600,6 +600,10 @@ def test_serve_started_as_kserve_starts_it_patches_the_predictor(tmp_path, redis
                     {"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]})
                 expected = np.asarray(direct.json()["outputs"][0]["data"], dtype=np.float32).reshape(32, 2)
                 np.testing.assert_allclose(out.raw, expected, rtol=1e-5, atol=1e-6)
+                # KServe routes V1 callers (`:predict`) to the transformer as well.
+                v1 = httpx.post(f"{url}/v1/models/{name}:predict", json={"instances": x[:4].tolist()}, timeout=60)
+                assert v1.status_code == 200, v1.text
+                assert len(v1.json()["predictions"]) == 4
         finally:
             proc.stop()
 
@@ -639,3 +643,88 @@ def test_kserve_registration_keeps_an_earlier_registration_of_the_same_version(r
     first, same, moved = asyncio.run(scenario())
     assert same == first  # the groups the earlier registration knew are kept
     assert moved.upstream.url == "http://q" and moved.groups == ["a", "b"] and moved.created_at == first.created_at
+
+
+# --- docs/deploy.md: the settings table ------------------------------------------------------------------
+
+DEPLOY_DOC = REPO / "docs" / "deploy.md"
+TABLE_START, TABLE_END = "<!-- settings:start -->", "<!-- settings:end -->"
+
+
+def settings_table() -> str:
+    """Markdown table of every Settings field: variable, default, and the comment beside it in the source."""
+    import ast
+
+    from pydantic_core import PydanticUndefined
+
+    from service.settings import Settings
+
+    source = (REPO / "service" / "settings.py").read_text()
+    lines = source.splitlines()
+    cls = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef) and n.name == "Settings")
+    notes: dict[str, str] = {}
+    for node in cls.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            above, i = [], node.lineno - 2
+            while i >= 0 and lines[i].strip().startswith("#"):
+                above.insert(0, lines[i].strip().lstrip("#").strip())
+                i -= 1
+            inline = lines[node.end_lineno - 1].partition("  # ")[2].strip()
+            notes[node.target.id] = " ".join([*above, inline]).strip()
+    rows = ["| variable | default | what |", "|---|---|---|"]
+    prefix = Settings.model_config.get("env_prefix", "")
+    for name, f in Settings.model_fields.items():
+        if name == "data_dir":  # computed per user
+            default = "$XDG_DATA_HOME/fairpatch"
+        elif f.default_factory is not None:
+            default = repr(f.default_factory())
+        elif f.default is PydanticUndefined:
+            default = "required"
+        else:
+            default = "unset" if f.default is None else str(f.default)
+            if name.endswith("_bytes") and isinstance(f.default, int) and f.default % (1024 * 1024) == 0:
+                default = f"{f.default} ({f.default // (1024 * 1024)} MiB)"
+        names = sorted(settings_env_names_of(f, f"{prefix}{name}".upper()))
+        var = " or ".join(f"`{n}`" for n in names)
+        note = (notes.get(name) or UNCOMMENTED.get(name, "")).replace("|", "\\|")
+        rows.append(f"| {var} | `{default}` | {note} |")
+    return "\n".join(rows)
+
+
+# Fields the settings source leaves without a comment.
+UNCOMMENTED = {
+    "data_dir": "Where the embedded Redis keeps its files (without XDG_DATA_HOME: ~/.local/share/fairpatch); the "
+                "images set /data.",
+    "port": "The gateway's port (KServe's --http_port sets it too; 0 picks a free one).",
+    "log_level": "critical, error, warning, info or debug.",
+    "max_body_bytes": "Request bodies larger than this are refused with 413.",
+}
+
+
+def settings_env_names_of(f: Any, own: str) -> set[str]:
+    from pydantic import AliasChoices
+
+    if isinstance(f.validation_alias, AliasChoices):
+        return {str(c).upper() for c in f.validation_alias.choices}
+    return {own}
+
+
+def write_settings_table() -> None:
+    text = DEPLOY_DOC.read_text()
+    head, _, rest = text.partition(TABLE_START)
+    _, _, tail = rest.partition(TABLE_END)
+    DEPLOY_DOC.write_text(f"{head}{TABLE_START}\n{settings_table()}\n{TABLE_END}{tail}")
+
+
+def test_deploy_doc_settings_table_is_fresh():
+    text = DEPLOY_DOC.read_text()
+    block = text.partition(TABLE_START)[2].partition(TABLE_END)[0].strip()
+    assert block == settings_table(), \
+        "docs/deploy.md's settings table is stale: run `python tests/test_deploy.py --write-settings-table`"
+
+
+if __name__ == "__main__":  # python tests/test_deploy.py --write-settings-table
+    if sys.argv[1:] != ["--write-settings-table"]:
+        sys.exit("usage: python tests/test_deploy.py --write-settings-table")
+    sys.path.insert(0, str(REPO))
+    write_settings_table()
