@@ -730,3 +730,22 @@ if __name__ == "__main__":  # python tests/test_deploy.py --write-settings-table
         sys.exit("usage: python tests/test_deploy.py --write-settings-table")
     sys.path.insert(0, str(REPO))
     write_settings_table()
+
+
+def test_inference_service_loads_into_kserves_own_model(tmp_path):
+    """The manifest as the `kserve` package reads it (V1beta1InferenceService, unknown fields refused). kserve
+    pins clash with ours, so it runs in its own virtualenv, named by FAIRPATCH_KSERVE_PYTHON:
+    python3 -m venv /tmp/kserve-venv && /tmp/kserve-venv/bin/pip install kserve pyyaml"""
+    python = os.environ.get("FAIRPATCH_KSERVE_PYTHON")
+    if not python:
+        pytest.skip("FAIRPATCH_KSERVE_PYTHON is unset: the manifest was not loaded into kserve's models")
+    script = REPO / "tests" / "kserve_load.py"
+    ok = subprocess.run([python, str(script), str(ISVC)], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    bad = yaml.safe_load(ISVC.read_text())
+    bad["spec"]["transformer"]["containers"][0]["readinesProbe"] = bad["spec"]["transformer"]["containers"][0].pop(
+        "readinessProbe")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    refused = subprocess.run([python, str(script), str(tmp_path / "bad.yaml")], capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode == 1 and "readinesProbe" in refused.stderr  # it can tell a misspelt field
