@@ -154,6 +154,12 @@ def test_compose_builds_the_dockerfile_targets_and_balances_the_gateways():
     listen = re.search(r"listen\s+(\d+);", conf).group(1)
     assert services["balancer"]["ports"] == [f"8080:{listen}"]
     assert "./docker/nginx.conf:/etc/nginx/nginx.conf:ro" in services["balancer"]["volumes"]
+    # The serve image's HEALTHCHECK probes FAIRPATCH_PORT: every service on that image must listen there.
+    for name, svc in services.items():
+        if svc.get("image") == "fairpatch:serve":
+            cmd, port = svc["command"], (svc.get("environment") or {}).get("FAIRPATCH_PORT")
+            listens = cmd[cmd.index("--port") + 1] if "--port" in cmd else port
+            assert port is not None and listens == port, f"{name} listens on {listens}, its health check probes {port}"
 
 
 def test_compose_environment_names_are_settings_fields():
@@ -393,9 +399,10 @@ def test_image_healthcheck_command_passes_against_a_running_gateway(topology):
     value = next(v for i, v in stages["serve"].instructions if i == "HEALTHCHECK")
     argv = yaml.safe_load(value[value.index("CMD") + 3:].strip())  # the exec form is a JSON array
     assert argv[0] == "python"
-    port = topology.urls["gateway-1"].rsplit(":", 1)[1]
-    ok = subprocess.run([sys.executable, *argv[1:]], env={**os.environ, "FAIRPATCH_PORT": port}, timeout=60)
-    assert ok.returncode == 0
+    for service in ("gateway-1", "upstream"):  # both run the serve image
+        port = topology.urls[service].rsplit(":", 1)[1]
+        ok = subprocess.run([sys.executable, *argv[1:]], env={**os.environ, "FAIRPATCH_PORT": port}, timeout=60)
+        assert ok.returncode == 0, service
     bad = subprocess.run([sys.executable, *argv[1:]], env={**os.environ, "FAIRPATCH_PORT": "1"},
                          capture_output=True, timeout=60)
     assert bad.returncode != 0  # nothing listens on port 1: the check fails, so it can tell
