@@ -231,6 +231,13 @@ def wait_until(cond: Callable[[], Any], timeout: float, what: str, proc: Proc | 
         time.sleep(0.1)
 
 
+def clean_environ() -> dict[str, str]:
+    """This environment without fairpatch's settings, so a service runs with its own only (the reference-model
+    cache directory aside: the model service reuses the model the tests trained)."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith("FAIRPATCH_") and k != "REDIS_URL" or k == "FAIRPATCH_CACHE_DIR"}
+
+
 def fairpatch_argv(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "clients", *args]
 
@@ -315,7 +322,7 @@ def topology(tmp_path_factory, adult_model) -> Iterator[Topology]:
             key = f"{name}-{replica}"
             env = run_env(name, replica)
             envs[key] = env
-            full = {**os.environ, **env, "PYTHONPATH": str(REPO)}
+            full = {**clean_environ(), **env, "PYTHONPATH": str(REPO)}
             proc = Proc(key, fairpatch_argv(rewrite_args(svc["command"], mounts(svc, tmp))), full, tmp)
             procs[key] = proc
             return proc
@@ -594,7 +601,7 @@ def test_serve_started_as_kserve_starts_it_patches_the_predictor(tmp_path, redis
         host = predictor.url.removeprefix("http://")  # KServe passes a host, no scheme
         argv = kserve_transformer_argv(isvc, host, "0")
         assert argv[:3] == ["serve", "--protocol", "v2"] and "--model_name" in argv
-        proc = Proc("transformer", fairpatch_argv(argv), {**os.environ, **env}, tmp_path)
+        proc = Proc("transformer", fairpatch_argv(argv), {**clean_environ(), **env}, tmp_path)
         try:
             url = f"http://127.0.0.1:{proc.wait_for(UVICORN_PORT).group(1)}"
             with Client(url, "kserve-key", timeout=60) as fp:
