@@ -9,6 +9,8 @@ import argparse
 import logging
 import sys
 
+from service import kserve_mode
+
 
 def add_service_parsers(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser(
@@ -23,6 +25,7 @@ def add_service_parsers(sub: argparse._SubParsersAction) -> None:
                        help="log every request (off by default: a log line per request costs the hot path; "
                             "put access logs in the load balancer or proxy in front)")
     serve.set_defaults(run=run_serve)
+    kserve_mode.add_arguments(serve)
 
     work = sub.add_parser(
         "worker", help="run patch-training jobs (on FAIRPATCH_REDIS_URL, else the embedded Redis of `serve`)",
@@ -66,6 +69,12 @@ def run_serve(args: argparse.Namespace) -> int:
     from service.settings import Settings
 
     overrides = {k: v for k in ("host", "port") if (v := getattr(args, k, None)) is not None}
+    overrides = {**kserve_mode.settings_overrides(args), **overrides}
+    try:
+        kserve = kserve_mode.from_args(args)
+    except ValueError as e:
+        print(f"fairpatch serve: {e}", file=sys.stderr)
+        return 2
     try:
         settings = Settings(**overrides)
     except ValidationError as e:
@@ -77,7 +86,10 @@ def run_serve(args: argparse.Namespace) -> int:
         settings = settings.model_copy(update={"start_worker": True})
     _configure_logging(settings.log_level)
     # uvloop and httptools are picked when installed (uvicorn[standard]); both are on the hot path.
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+    app = create_app(settings)
+    if kserve is not None:
+        kserve.attach(app)
+    uvicorn.run(app, host=settings.host, port=settings.port,
                 log_level=settings.log_level.lower(), access_log=getattr(args, "access_log", False))
     return 0
 
