@@ -507,6 +507,8 @@ def _export_sources(args: argparse.Namespace, client: Client) -> tuple[Any, Mode
     from patcher.patch import Patch
 
     local = Path(args.patch).is_file()
+    if not local and (args.patch.endswith((".fpatch", ".zip")) or os.sep in args.patch):
+        raise OSError(f"no patch file {args.patch}; give a .fpatch file or a patch id on the gateway")
     patch = Patch.load(args.patch) if local else Patch.from_bytes(client.download_patch(args.patch), args.patch)
     bound = patch.manifest.get("model") or {}
     name = args.for_model or (None if local else bound.get("name"))
