@@ -426,6 +426,7 @@ def _add_patches(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     up.add_argument("file")
     up.add_argument("--version", default="1")
     up.set_defaults(run=_patches_upload)
+    _add_patches_export(cmds, common)
 
 
 @handles_errors
@@ -467,6 +468,116 @@ def _patches_download(args: argparse.Namespace, client: Client) -> int:
 def _patches_upload(args: argparse.Namespace, client: Client) -> int:
     pid = client.upload_patch(args.model, args.file, args.version)
     print(pid)
+    return 0
+
+
+def _add_patches_export(cmds: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    ex = cmds.add_parser("export", parents=[common],
+                         help="the patched model as one ONNX file (--out) or a Triton ensemble (--triton-repo), "
+                              "to serve without the gateway (docs/export.md)")
+    ex.add_argument("patch", help="a .fpatch file, or a patch id on the gateway")
+    where = ex.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", "-o", help="write one ONNX model: the model and the patch composed")
+    where.add_argument("--triton-repo", help="write a Triton model repository: the patch's models and an ensemble "
+                                            "around the model Triton serves")
+    ex.add_argument("--model", help="the model's ONNX file (default: the version's uploaded artifact on the gateway)")
+    ex.add_argument("--for", dest="for_model", metavar="MODEL",
+                    help="take names and output kind from this model's registration on the gateway (default: the "
+                         "model a patch id is bound to)")
+    ex.add_argument("--version", default=None, help="the registered version (default: the patch's, else 1)")
+    ex.add_argument("--output-kind", choices=["logits", "probabilities"],
+                    help="what the model's scores are (default: the registration's, else logits)")
+    ex.add_argument("--input-name", help="the model's feature input (default: the registration's, else the only one)")
+    ex.add_argument("--output-name", help="the model's scores output (default: the registration's, else the first)")
+    ex.add_argument("--group-input", help="name of the extra group input, INT64 ids (default: the registration's, "
+                                          "else group)")
+    ex.add_argument("--uniform-input", action="store_true",
+                    help="for randomized patches: an extra FP32 input fairpatch_uniform takes the draws")
+    ex.add_argument("--triton-model", help="the model's name in Triton (default: the registration's upstream "
+                                           "model_name)")
+    ex.add_argument("--triton-version", help="the model's version in Triton (default: the registration's upstream "
+                                             "model_version, else the latest)")
+    ex.add_argument("--ensemble-name", help="the ensemble's name (default: <triton model>_fairpatch)")
+    ex.set_defaults(run=_patches_export)
+
+
+def _export_sources(args: argparse.Namespace, client: Client) -> tuple[Any, ModelSpec | None, str | None]:
+    """(the patch, the registration to take defaults from or None, the version)."""
+    from pathlib import Path
+
+    from patcher.patch import Patch
+
+    local = Path(args.patch).is_file()
+    if not local and (args.patch.endswith((".fpatch", ".zip")) or os.sep in args.patch):
+        raise OSError(f"no patch file {args.patch}; give a .fpatch file or a patch id on the gateway")
+    patch = Patch.load(args.patch) if local else Patch.from_bytes(client.download_patch(args.patch), args.patch)
+    bound = patch.manifest.get("model") or {}
+    name = args.for_model or (None if local else bound.get("name"))
+    version = args.version or (str(bound["version"]) if bound.get("version") is not None else None)
+    spec = client.get_model(name, version or "1") if name else None
+    return patch, spec, version or "1"
+
+
+@handles_errors
+def _patches_export(args: argparse.Namespace, client: Client) -> int:
+    from pathlib import Path
+
+    from patcher.export import (
+        export_patched_model,
+        export_triton_repo,
+        graph_inputs,
+        graph_outputs,
+        v2_tensor_spec,
+    )
+
+    patch, spec, version = _export_sources(args, client)
+    up = spec.upstream if spec is not None else None
+    kind = args.output_kind or (up.output_kind if up else "logits")
+    input_name = args.input_name or (up.input_name if up else None)
+    output_name = args.output_name or (up.output_name if up else None)
+    group_input = args.group_input or (spec.group_input if spec else "group")
+    model = Path(args.model).read_bytes() if args.model else None
+    weight_patch = patch.part("replacement_model") is not None
+    if args.out:
+        if model is None and not weight_patch:
+            if spec is None:
+                return _fail("give the model's ONNX file (--model), or the model registered on the gateway (--for)")
+            model = client.download_artifact(spec.name, version)
+        data = export_patched_model(patch, model, output_kind=kind, input_name=input_name, output_name=output_name,
+                                    group_input=group_input, uniform_input=args.uniform_input)
+        Path(args.out).write_bytes(data)
+        print(f"wrote {args.out} ({len(data)} bytes): patch {patch.id[:12]} ({patch.method}) composed in")
+        return 0
+    if model is not None:
+        import onnx
+
+        m = onnx.load_from_string(model)
+        ins, outs = graph_inputs(m), graph_outputs(m)
+    elif spec is not None:  # the signature the gateway reads from the upstream, i.e. from Triton itself
+        meta = client.model_metadata(spec.name, version)
+        ins = [v2_tensor_spec(t) for t in meta.get("inputs", []) if t.get("name") != spec.group_input]
+        outs = [v2_tensor_spec(t) for t in meta.get("outputs", [])]
+    else:
+        return _fail("give the model's ONNX file (--model) or its registration on the gateway (--for) for its "
+                     "tensor names and shapes")
+    features = next((t for t in ins if t.name == input_name), None) if input_name else (ins[0] if len(ins) == 1
+                                                                                      else None)
+    scores = next((t for t in outs if t.name == output_name), None) if output_name else (outs[0] if outs else None)
+    if features is None or scores is None:
+        return _fail(f"cannot tell the model's feature input and scores output apart (inputs: "
+                     f"{', '.join(t.name for t in ins)}; outputs: {', '.join(t.name for t in outs)}); pass "
+                     "--input-name and --output-name")
+    triton_model = args.triton_model or (up.model_name or spec.name if spec else None)
+    if triton_model is None:
+        return _fail("name the model as Triton serves it (--triton-model)")
+    triton_version = args.triton_version or (up.model_version if up else None)
+    written = export_triton_repo(patch, args.triton_repo, model_name=triton_model, model_version=triton_version,
+                                 features=features, scores=scores, output_kind=kind, group_input=group_input,
+                                 ensemble_name=args.ensemble_name, uniform_input=args.uniform_input)
+    for path in written:
+        print(path)
+    print(f"Triton repository {args.triton_repo}: put {triton_model}'s own model directory beside these",
+          file=sys.stderr)
     return 0
 
 

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 from starlette.types import Receive, Scope, Send
 
-from service import health, infer, management
+from service import export_routes, health, infer, management
 from service.body_limit import BodySizeLimit
 from service.errors import install_error_handlers
 from service.fast_path import FastPath
@@ -86,4 +86,5 @@ def create_app(settings: Settings | None = None) -> Gateway:
     app.include_router(infer.router)
     app.router.routes[:0] = infer.hot_routes()  # the inference POSTs are matched first (see hot_routes)
     app.include_router(management.router)
+    app.include_router(export_routes.router)
     return app
