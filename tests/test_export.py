@@ -31,6 +31,7 @@ from patcher.tuning import TuningData
 from service import patch_serving
 from service.infer import apply_patch
 from service.registry import ModelSpec, UpstreamSpec
+from tests.conftest import fit
 
 TOL = 1e-5
 D = 103  # Adult's one-hot feature count
@@ -73,9 +74,8 @@ def exported_answer(exported: bytes, X: np.ndarray, groups: np.ndarray | None, u
 @pytest.fixture(scope="module")
 def data(adult, adult_model):
     tune = TuningData(adult.tune.X, adult.tune.y, adult.tune.groups, adult.group_names)
-    group_patch, _ = eraser.fit(OnnxOracle(adult_model.onnx_bytes, budget=300), tune, "dp", 300, bias="group", seed=0)
-    free_patch, _ = eraser.fit(OnnxOracle(adult_model.onnx_bytes, budget=300), tune, "dp", 300, bias="estimator",
-                               seed=0)
+    group_patch, _ = fit("eraser", OnnxOracle(adult_model.onnx_bytes, budget=300), tune, "dp", 300, bias="group")
+    free_patch, _ = fit("eraser", OnnxOracle(adult_model.onnx_bytes, budget=300), tune, "dp", 300, bias="estimator")
     assert group_patch.group_at_inference and not free_patch.group_at_inference
     return {"X": adult.test.X.astype(np.float32), "groups": adult.test.groups.astype(np.int64),
             "model": adult_model.onnx_bytes, "eraser_group": group_patch, "eraser_free": free_patch,
