@@ -95,7 +95,7 @@ def test_v2_scores_pick_the_named_output_or_the_first():
         decode_scores(spec(output_name="probs"), body, "u")
     with pytest.raises(UpstreamError, match="invalid V2 inference response"):
         decode_scores(spec(), b'{"outputs": 3}', "u")
-    with pytest.raises(UpstreamError, match="3 values for shape"):
+    with pytest.raises(UpstreamError, match=r"shape \[2, 2\] needs 4 values, got 3"):
         decode_scores(spec(), b'{"model_name": "m", "outputs": [{"name": "o", "shape": [2, 2], "datatype": "FP32",'
                               b' "data": [1, 2, 3]}]}', "u")
 

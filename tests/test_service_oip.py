@@ -61,7 +61,7 @@ def test_empty_batch_is_allowed():
     ("FP32", [{"a": 1}], [1], "not a valid FP32"),
     ("INT64", [1.5, 2], [2], "non-integer"),
     ("INT64", [True, False], [2], "must be integers"),
-    ("INT64", [2**70], [1], "must be integers"),
+    ("INT64", [2**70], [1], "outside the INT64 range"),
     ("INT8", [1, 300], [2], "outside the INT8 range"),
     ("UINT8", [-1], [1], "outside the UINT8 range"),
     ("BOOL", [1, 0], [2], "true/false"),
