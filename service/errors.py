@@ -76,20 +76,21 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     if exc.status_code == 405:
         allowed = allowed_methods(request)
         if allowed:  # the router names the first route that matched the path; list every route's methods
-            headers = {**(headers or {}), "allow": ", ".join(allowed)}
+            headers = {**{k: v for k, v in (headers or {}).items() if k.lower() != "allow"},
+                       "allow": ", ".join(allowed)}
         if message == "Method Not Allowed":
             message = f"{request.method} is not allowed on {request.url.path}; allowed: {', '.join(allowed)}"
     return error_response(exc.status_code, message, headers)
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
 def allowed_methods(request: Request) -> list[str]:
-    """Every method some route of the app serves on the request's path."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches({**request.scope, "method": "\x00"})  # no route serves this method
-        if match is not Match.NONE:
-            methods |= set(getattr(route, "methods", None) or ())
-    return sorted(methods)
+    """Every method some route of the app fully matches on the request's path (asked of each route, included
+    routers too, through the routes' own `matches`)."""
+    routes = request.app.router.routes
+    return [m for m in _METHODS if any(r.matches({**request.scope, "method": m})[0] is Match.FULL for r in routes)]
 
 
 async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

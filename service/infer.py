@@ -241,7 +241,7 @@ class Call:
     instances, named and typed as the model's feature input once that is known) plus a group input."""
 
     protocol: str  # "v2" or "v1": how the request came, and how it is answered
-    request: InferRequest  # V1: the feature input named "" until `_v1_inputs` names it
+    request: InferRequest  # V1: the instances as an input named "instances" until `_v1_inputs` names it
     body: bytes  # the caller's bytes, forwarded as they are when nothing in them changes
     binary: str | None = None  # the caller's Inference-Header-Content-Length
     inputs: list[RequestInput] = field(default_factory=list)  # the feature inputs (the group input stripped)
@@ -260,8 +260,8 @@ def parse_call(protocol: str, spec: ModelSpec, body: bytes, binary: str | None) 
         if not body:
             raise InvalidRequest('empty request body; expected {"instances": [[...], ...]}')
         v1 = validate_json(V1Request, body, "V1 request")
-        inputs = [construct(RequestInput, {"name": "", "shape": [], "datatype": "FP32", "parameters": None,
-                                           "data": v1.instances})]
+        inputs = [construct(RequestInput, {"name": "instances", "shape": [], "datatype": "FP32",
+                                           "parameters": None, "data": v1.instances})]
         if v1.groups is not None:
             inputs.append(_v1_groups(spec, v1.groups))
         req = construct(InferRequest, {"id": None, "parameters": None, "inputs": inputs, "outputs": None})
@@ -274,7 +274,7 @@ def parse_call(protocol: str, spec: ModelSpec, body: bytes, binary: str | None) 
     if not call.inputs:
         raise InvalidRequest(f"no feature input: the request has only the group input '{spec.group_input}'")
     if protocol == "v1":
-        refuse_bools(body, [call.group] if call.group is not None else [])
+        refuse_bools(body, req.inputs)
     return call
 
 

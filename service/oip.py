@@ -128,40 +128,13 @@ class InferResponse(_Wire):
 # --- building wire objects without validation -----------------------------------------------------
 
 M = TypeVar("M", bound=BaseModel)
-_setattr = object.__setattr__
 
 
-def _construct_direct(cls: type[M], values: dict[str, Any]) -> M:
-    # What `model_construct` ends with, without its per-field alias and default handling (a few microseconds
-    # per object, several objects per request): `values` must hold every field.
-    m = cls.__new__(cls)
-    _setattr(m, "__dict__", values)
-    _setattr(m, "__pydantic_fields_set__", set(values))
-    _setattr(m, "__pydantic_extra__", None)
-    _setattr(m, "__pydantic_private__", None)
-    return m
-
-
-def _construct_pydantic(cls: type[M], values: dict[str, Any]) -> M:
+def construct(cls: type[M], values: dict[str, Any]) -> M:
+    """`cls` from `values` without validation (pydantic's `model_construct`): for wire objects the gateway
+    builds from data it has checked itself, where validating `data` element by element would cost more
+    than the rest of the request."""
     return cls.model_construct(**values)
-
-
-def _pick_construct() -> Any:
-    """The direct construction when it builds what `model_construct` builds with this pydantic (checked
-    once, at import), else `model_construct` itself."""
-    probe = {"name": "x", "shape": [1], "datatype": "FP32", "parameters": None, "data": [0.0]}
-    try:
-        direct = _construct_direct(ResponseOutput, dict(probe))
-        same = direct == ResponseOutput.model_construct(**probe) and direct.model_fields_set == set(probe) \
-            and direct.model_dump_json() == ResponseOutput.model_validate(probe).model_dump_json()
-    except Exception:  # noqa: BLE001 - any difference means: use pydantic's own
-        same = False
-    return _construct_direct if same else _construct_pydantic
-
-
-# construct(cls, values): `cls.model_construct(**values)` (no validation) for a wire model whose every field
-# is in `values`; for objects the gateway builds from data it has checked itself.
-construct = _pick_construct()
 
 
 # --- parsing ---------------------------------------------------------------------------------------
