@@ -148,7 +148,7 @@ def parse_request(body: bytes, binary_header_length: str | None) -> InferRequest
     doc, blob = split(body, binary_header_length)
     attach(doc.get("inputs") if isinstance(doc, dict) else None, blob, "input")
     request = infer_request_from_doc(doc) or _validated(doc)
-    refuse_bools(body, request.inputs)
+    refuse_bools(body[:header_length(binary_header_length, len(body))], request.inputs)  # the JSON header's
     return request
 
 

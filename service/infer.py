@@ -1,11 +1,13 @@
 """The data plane: OIP V2 and KServe V1 inference in front of the registered upstream, patched.
 
-Per request (docs/api.md, "Inference"): resolve the model version from an in-process cache (the
-registry in Redis is re-read at most every `SPEC_TTL_S` per model), take the active patch's runner
-from the patch store's memory (no Redis round trip), validate and convert the request, strip the
-group input, run the patch's input transform, call the upstream over the pooled client, turn its
-scores into log-probabilities, run the output transform, and answer in the caller's protocol with
-the scores in the model's own kind and shape. Every other upstream output passes through unchanged.
+One template, `serve`, for both protocols (docs/api.md, "Inference"): resolve the model version from
+an in-process cache (the registry in Redis is re-read at most every `SPEC_TTL_S` per model), parse
+and validate the request (a V1 request becomes one V2 input, so both are held to service.oip's tensor
+rule), take the active patch's runner from the patch store's memory (no Redis round trip), strip the
+group input, run the patch's input transform, call the upstream over the pooled client (or, for a
+weight patch, its own model: service.patch_serving), turn the scores into log-probabilities, run the
+output transform, and answer in the caller's protocol with the scores in the model's own kind and
+shape. Every other upstream output passes through, checked by the same rule (service.upstream).
 
 Patch graphs are tiny (a few table lookups and adds over [N, C]), so they run inline on the event
 loop: a thread hop would cost more than the work. The upstream's V2 metadata is fetched once per
@@ -18,9 +20,8 @@ JSON header's length comes in `Inference-Header-Content-Length` and tensors with
 Answers are JSON, or binary for the outputs the caller asks so for. An upstream registered with
 `binary_data` is sent tensors, and asked for its outputs, as binary data.
 
-`infer_answer` and `predict_answer` are the whole of it, whichever front door a request comes in by:
-the ASGI fast path (service.fast_path, the default) or the FastAPI routes below; both send their
-`Answer` (body and headers) and render errors alike.
+The inference POSTs come in by one door, service.fast_path's endpoint, which reads the body, renders
+errors and sends the `Answer`; the routes here serve model metadata and readiness.
 """
 
 from __future__ import annotations
