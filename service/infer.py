@@ -94,14 +94,15 @@ class TtlCache(Generic[K, V]):
     """Values that expire, loaded once however many requests ask at the same moment. When a reload
     fails, the last value is served a while longer rather than failing requests (Redis blips)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self._values: dict[K, tuple[float, V]] = {}
         self._loading: dict[K, asyncio.Future[V]] = {}
 
     async def get(self, key: K, load: Callable[[], Awaitable[V]], ttl: Callable[[V], float],
                   valid: Callable[[V], bool] | None = None) -> V:
         hit = self._values.get(key)
-        if hit is not None and hit[0] > time.monotonic() and (valid is None or valid(hit[1])):
+        if hit is not None and hit[0] > self._clock() and (valid is None or valid(hit[1])):
             return hit[1]
         future = self._loading.get(key)
         if future is None:
@@ -114,7 +115,7 @@ class TtlCache(Generic[K, V]):
         """The cached value for `key` while it has not expired, else None: the hot path's lookup, with no
         coroutine to run."""
         hit = self._values.get(key)
-        return hit[1] if hit is not None and hit[0] > time.monotonic() else None
+        return hit[1] if hit is not None and hit[0] > self._clock() else None
 
     async def _load(self, key: K, load: Callable[[], Awaitable[V]], ttl: Callable[[V], float],
                     stale: V | None) -> V:
@@ -128,11 +129,11 @@ class TtlCache(Generic[K, V]):
         finally:
             self._loading.pop(key, None)
         if len(self._values) >= MAX_CACHED:
-            now = time.monotonic()
+            now = self._clock()
             self._values = {k: v for k, v in self._values.items() if v[0] > now}
             if len(self._values) >= MAX_CACHED:
                 self._values.clear()
-        self._values[key] = (time.monotonic() + ttl(value), value)
+        self._values[key] = (self._clock() + ttl(value), value)
         return value
 
     def forget(self, match: Callable[[K], bool]) -> None:

@@ -116,8 +116,11 @@ def request(*inputs: RequestInput, outputs=None) -> InferRequest:
 
 
 def test_signature_check_accepts_any_batch_size():
-    check_signature(META, request(tensor([0.0] * 9, [3, 3])))
-    check_signature(META, request(tensor([0.0] * 3, [1, 3]), outputs=[{"name": "y"}]))
+    for rows in (0, 1, 3, 1000):  # check_signature returns None for a fitting request and raises otherwise
+        assert check_signature(META, request(tensor([0.0] * 3 * rows, [rows, 3]))) is None
+    assert check_signature(META, request(tensor([0.0] * 3, [1, 3]), outputs=[{"name": "y"}])) is None
+    with pytest.raises(InvalidRequest, match="shape"):
+        check_signature(META, request(tensor([0.0] * 4, [1, 4])))
 
 
 @pytest.mark.parametrize(("req", "message"), [
