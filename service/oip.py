@@ -276,7 +276,9 @@ def to_numpy(tensor: RequestInput | ResponseOutput, what: str = "input") -> np.n
     tensor's kind in messages ('input', 'output')."""
     arr = convert(tensor.data, tensor.datatype, tensor.name, what)
     expected = math.prod(tensor.shape)
-    if arr.size != expected or any(d < 0 for d in tensor.shape):
+    if arr.size != expected or min(tensor.shape, default=0) < 0:
+        if min(tensor.shape) < 0:
+            raise InvalidRequest(f"{what} '{tensor.name}': shape {tensor.shape} has a negative dimension")
         raise InvalidRequest(f"{what} '{tensor.name}': shape {tensor.shape} needs {expected} values, got {arr.size}")
     return arr.reshape(tensor.shape)
 
@@ -300,7 +302,9 @@ def convert(data: Any, datatype: str, name: str, what: str = "input") -> np.ndar
     """A tensor's values (flat or nested lists, or an array) as an array of `datatype`, shape as nested."""
     target = NUMPY_DTYPES[datatype]
     try:
-        if target.kind == "f":
+        if type(data) is np.ndarray and data.dtype == target:  # binary data, or rows converted already
+            arr = data
+        elif target.kind == "f":
             # Direct conversion is the fast path; None becomes NaN and overflow becomes inf, both
             # caught by the finite check below (so the overflow needs no warning).
             with np.errstate(over="ignore"):
@@ -338,6 +342,8 @@ def _mentions_bool(text: bytes) -> bool:
     """Whether `text` holds `true` or `false`. The numbers that make up most of a large body hold no t or f:
     the few there are (in keys and names) are found by `find` (memchr) and looked at one by one, several
     times faster than searching for the words themselves over the whole body."""
+    if len(text) < 4096:
+        return b"true" in text or b"false" in text
     for word in (b"true", b"false"):
         first, hits = word[:1], 0
         i = text.find(first)
