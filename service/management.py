@@ -161,6 +161,7 @@ async def register_model(request: Request) -> JSONResponse:
         raise ApiError(409, f"model {spec.name} version {spec.version} is already registered with a different "
                             "spec; DELETE it first or register a new version")
     await registry.put(spec)
+    infer.forget(request.app, spec.name)  # this replica's "latest" and remembered misses are re-read at once
     return _json(spec, 201, {"Location": f"/v1/models/{spec.name}/versions/{spec.version}"})
 
 

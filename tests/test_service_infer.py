@@ -834,13 +834,14 @@ def test_a_stored_registration_with_an_unusable_url_is_a_502(world):
     assert_serving(world)
 
 
-def test_a_deleted_version_is_gone_from_this_replica_at_once(world):
+def test_a_registered_or_deleted_version_is_seen_by_this_replica_at_once(world):
     m = f"deleted-{uuid.uuid4().hex[:6]}"
     spec = {"name": m, "version": "1", "upstream": {"url": world.upstream_url, "model_name": UPSTREAM_NAME,
                                                     "model_version": UPSTREAM_VERSION, "output_name": "logits"}}
-    assert world.client.post("/v1/models", json=spec).status_code == 201
     X, _, _ = batch(world, 2)
-    assert world.client.post(f"/v2/models/{m}/infer", json=body(X)).status_code == 200  # now cached
+    assert world.client.post(f"/v2/models/{m}/infer", json=body(X)).status_code == 404  # a miss, remembered
+    assert world.client.post("/v1/models", json=spec).status_code == 201
+    assert world.client.post(f"/v2/models/{m}/infer", json=body(X)).status_code == 200  # registered: seen at once
     assert world.client.delete(f"/v1/models/{m}/versions/1").status_code == 204
     r = world.client.post(f"/v2/models/{m}/infer", json=body(X))
     assert r.status_code == 404, r.text  # not served from the registration cache for a few seconds more
