@@ -70,7 +70,7 @@ from service.oip import (
 from service.openapi import Operation
 from service.patch_serving import SERVED_BY_HEADER, SERVED_BY_PATCH, SERVED_BY_UPSTREAM
 from service.registry import ModelRegistry, ModelSpec
-from service.upstream import UpstreamClient, UpstreamError, scores_array, scores_index
+from service.upstream import UpstreamClient, UpstreamError, output_array, scores_array, scores_index
 
 log = logging.getLogger("fairpatch.service")
 
@@ -412,19 +412,20 @@ def _answer(payload: BaseModel | dict, pid: str | None, served_by: str = SERVED_
     return Answer(body, pid, served_by)
 
 
-def _infer_answer(response: InferResponse, req: InferRequest, pid: str | None,
+def _infer_answer(response: dict[str, Any], outputs: list[ResponseOutput], req: InferRequest, pid: str | None,
                   served_by: str = SERVED_BY_UPSTREAM) -> Answer:
-    """A V2 infer answer: JSON, or with the outputs the caller asked for as binary data (Triton's rules:
-    `parameters.binary_data` on a requested output, else the request's `binary_data_output`)."""
+    """A V2 infer answer (`response`: its fields but the outputs, None for absent): JSON, or with the outputs
+    the caller asked for as binary data (Triton's rules: `parameters.binary_data` on a requested output, else
+    the request's `binary_data_output`). Serialized from a plain dict: an InferResponse object built only to
+    be written out would cost more than the writing."""
+    header = {k: v for k, v in response.items() if v is not None}
     asked = {o.name: o.parameters for o in req.outputs or ()}
-    binary = [binary_tensors.wants_binary(asked.get(o.name), req.parameters) for o in response.outputs]
+    binary = [binary_tensors.wants_binary(asked.get(o.name), req.parameters) for o in outputs]
     if not any(binary):
-        return _answer(response, pid, served_by)
-    outputs = [(o.name, o.data if o.datatype == "BYTES" else np.asarray(o.data, dtype=NUMPY_DTYPES[o.datatype]),
-                o.datatype, o.shape, o.parameters) for o in response.outputs]
-    header = {"model_name": response.model_name, "model_version": response.model_version, "id": response.id,
-              "parameters": response.parameters}
-    body, n = binary_tensors.encode_response(header, outputs, binary)
+        return Answer(pydantic_core.to_json({**header, "outputs": outputs}, exclude_none=True), pid, served_by)
+    tensors = [(o.name, o.data if o.datatype == "BYTES" else np.asarray(o.data, dtype=NUMPY_DTYPES[o.datatype]),
+                o.datatype, o.shape, o.parameters) for o in outputs]
+    body, n = binary_tensors.encode_response(header, tensors, binary)
     return Answer(body, pid, served_by, n)
 
 
@@ -433,9 +434,9 @@ def _reply(call: Call, spec: ModelSpec, runner: PatchRunner | None, outputs: lis
     """The answer in the caller's protocol: V2 outputs, or V1 predictions (the patched scores)."""
     if call.protocol == "v1":
         return _answer({"predictions": scores.tolist()}, patch_id(runner), served_by)
-    response = construct(InferResponse, {"model_name": spec.name, "model_version": spec.version,
-                                         "id": call.request.id, "parameters": parameters, "outputs": outputs})
-    return _infer_answer(response, call.request, patch_id(runner), served_by)
+    response = {"model_name": spec.name, "model_version": spec.version, "id": call.request.id,
+                "parameters": parameters}
+    return _infer_answer(response, outputs, call.request, patch_id(runner), served_by)
 
 
 # --- the template ------------------------------------------------------------------------------------
@@ -488,14 +489,16 @@ async def serve(state: State, protocol: str, model_name: str, model_version: str
     forward_parameters = _forward_parameters(req.parameters)
     if call.protocol == "v2" and binary is None and call.group is None and sent is X and wanted is None \
             and not spec.upstream.binary_data and forward_parameters == req.parameters:
-        result = await upstream.forward_v2(spec, call.body)  # nothing to change: the caller's bytes go upstream
+        result = await upstream.forward_v2(spec, call.body, arrays=False)  # nothing to change: the caller's bytes
     else:
-        result = await upstream.infer_v2(spec, inputs, forward_outputs, forward_parameters)
+        result = await upstream.infer_v2(spec, inputs, forward_outputs, forward_parameters, arrays=False)
     url = spec.upstream.url
     i = scores_index(result, scores_name, url)
     raw = result.outputs[i]
     outputs = list(result.outputs)
-    scores = scores_array(raw, url)
+    # every output by the tensor rule (service.upstream.check_outputs), each converted once
+    arrays = [scores_array(o, url) if j == i else output_array(o, url) for j, o in enumerate(outputs)]
+    scores = arrays[i]
     if runner is not None:
         scores = apply_patch(runner, spec, sent, scores, groups, req.id)
         outputs[i] = from_numpy(raw.name, scores, raw.parameters)

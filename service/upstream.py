@@ -230,9 +230,10 @@ def encode_request(spec: ModelSpec, X: np.ndarray, *, input_name: str | None = N
 
 # --- responses ---------------------------------------------------------------------------------------
 
-def decode_v2(body: bytes, url: str, header_length: str | None = None) -> InferResponse:
-    """A V2 infer answer; `header_length` (the answer's Inference-Header-Content-Length) when it carries
-    binary tensor data."""
+def decode_v2(body: bytes, url: str, header_length: str | None = None, *, arrays: bool = True) -> InferResponse:
+    """A V2 infer answer, every output checked (`check_outputs`); `header_length` (the answer's
+    Inference-Header-Content-Length) when it carries binary tensor data. `arrays=False` leaves converting
+    the outputs, and so their check against the tensor rule, to a caller that converts them anyway."""
     if header_length is not None:
         response = _response_from_doc(_binary_answer_doc(body, url, header_length), url)
     else:
@@ -245,11 +246,11 @@ def decode_v2(body: bytes, url: str, header_length: str | None = None) -> InferR
                 raise _invalid_response(url, e) from None
         else:
             response = _response_from_doc(doc, url)
-    check_outputs(response, body, url)
+    check_outputs(response, body, url, arrays=arrays)
     return response
 
 
-def check_outputs(response: InferResponse, body: bytes, url: str) -> None:
+def check_outputs(response: InferResponse, body: bytes, url: str, *, arrays: bool = True) -> None:
     """Every output of an upstream's answer by the rule requests are held to (service.oip.to_numpy: values
     that fit the datatype and the shape, finite numbers, no true/false for numbers): a 502 otherwise, so
     nothing the gateway passes on is malformed or non-standard JSON."""
@@ -257,7 +258,7 @@ def check_outputs(response: InferResponse, body: bytes, url: str) -> None:
         refuse_bools(body, response.outputs, "output")
     except InvalidRequest as e:
         raise UpstreamError(f"upstream {url} sent an invalid output: {e}", url=url) from None
-    for out in response.outputs:
+    for out in response.outputs if arrays else ():
         output_array(out, url)
 
 
@@ -524,19 +525,19 @@ class UpstreamClient:
 
     async def infer_v2(self, spec: ModelSpec, inputs: Sequence[RequestInput],
                        outputs: Sequence[RequestOutput] | None = None,
-                       parameters: Parameters | None = None) -> InferResponse:
+                       parameters: Parameters | None = None, *, arrays: bool = True) -> InferResponse:
         """Forward V2 tensors as they are, JSON or binary as registered; the whole V2 answer comes back
-        (every output)."""
+        (every output; `arrays`: as in `decode_v2`)."""
         url = infer_url(spec)
         reply = await self.call("POST", url, encode_infer(spec, inputs, outputs, parameters), spec.upstream.timeout_s)
-        return decode_v2(reply.body, url, reply.header_length)
+        return decode_v2(reply.body, url, reply.header_length, arrays=arrays)
 
-    async def forward_v2(self, spec: ModelSpec, body: bytes) -> InferResponse:
+    async def forward_v2(self, spec: ModelSpec, body: bytes, *, arrays: bool = True) -> InferResponse:
         """A caller's V2 request body sent as it came: for a request the gateway checked and would
         re-encode unchanged (re-encoding a large tensor costs more than the rest of the gateway's work)."""
         url = infer_url(spec)
         reply = await self.call("POST", url, Payload(body), spec.upstream.timeout_s)
-        return decode_v2(reply.body, url, reply.header_length)
+        return decode_v2(reply.body, url, reply.header_length, arrays=arrays)
 
     async def scores(self, spec: ModelSpec, X: np.ndarray, *, input_name: str | None = None,
                      datatype: str = "FP32") -> np.ndarray:
