@@ -1,9 +1,8 @@
 """The gateway application: `create_app(settings)` wires settings, Redis, error handling and routers.
 
-Kept thin on purpose: each concern is a router or a module of its own, added here when it exists.
-Seams for what comes next: the model registry and V2 infer proxy (routers using `app.state.redis`
-and a pooled upstream client opened in `lifespan`), the patch store and jobs (arq on the same Redis
-URL, kept in `app.state.redis_url`).
+Kept thin on purpose: each concern is a router or a module of its own. The inference POSTs have one
+endpoint (service.fast_path), taken ahead of FastAPI's stack; the other routers share `app.state`
+(Redis, the registry, the patch store, the pooled upstream client opened in `lifespan`).
 """
 
 from __future__ import annotations
@@ -20,7 +19,8 @@ from starlette.types import Receive, Scope, Send
 from service import export_routes, health, infer, management
 from service.body_limit import BodySizeLimit
 from service.errors import install_error_handlers
-from service.fast_path import FastPath
+from service.fast_path import InferenceEndpoint
+from service.openapi import document
 from service.patch_store import PatchStore
 from service.redis_embedded import redis_url_for
 from service.registry import ModelRegistry
@@ -35,15 +35,16 @@ def _redacted(url: str) -> str:
 
 
 class Gateway(FastAPI):
-    """The FastAPI app, with the inference POSTs served by `fast_path` before FastAPI's own stack when set
-    (service.fast_path); everything else, and every request when it is None, goes through FastAPI."""
+    """The FastAPI app, with the inference POSTs handed to `fast_path` (service.fast_path's endpoint) before
+    FastAPI's own stack when set; everything else, and every request when it is None, goes through FastAPI,
+    whose route list holds the same endpoint for the same paths."""
 
-    fast_path: FastPath | None = None
+    fast_path: InferenceEndpoint | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         fast = self.fast_path
-        if fast is not None and not self.root_path and (route := fast.match(scope)) is not None:
-            await fast(route, scope, receive, send)
+        if fast is not None and not self.root_path and (target := fast.match(scope)) is not None:
+            await fast(target, scope, receive, send)
             return
         await super().__call__(scope, receive, send)
 
@@ -78,13 +79,15 @@ def create_app(settings: Settings | None = None) -> Gateway:
     app = Gateway(title="fairpatch gateway", version=__version__, lifespan=lifespan,
                   description="Fairness-patched predictions over the Open Inference Protocol (KServe V2).")
     app.state.settings = settings
+    endpoint = InferenceEndpoint(app.state, settings.max_body_bytes)
     if settings.fast_path:
-        app.fast_path = FastPath(app.state, settings.max_body_bytes)
+        app.fast_path = endpoint
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.router.routes.extend(endpoint.routes())  # ahead of the routers below, so matched first
     app.include_router(health.router)
     app.include_router(infer.router)
-    app.router.routes[:0] = infer.hot_routes()  # the inference POSTs are matched first (see hot_routes)
     app.include_router(management.router)
     app.include_router(export_routes.router)
+    document(app, schemas=infer.SCHEMAS, operations=infer.OPERATIONS)
     return app

@@ -35,6 +35,7 @@ from service.oip import (
     infer_request_from_doc,
     loads,
     parse_infer_request,
+    refuse_bools,
 )
 
 HEADER = "inference-header-content-length"
@@ -146,9 +147,12 @@ def parse_request(body: bytes, binary_header_length: str | None) -> InferRequest
         return parse_infer_request(body)
     doc, blob = split(body, binary_header_length)
     attach(doc.get("inputs") if isinstance(doc, dict) else None, blob, "input")
-    request = infer_request_from_doc(doc)
-    if request is not None:
-        return request
+    request = infer_request_from_doc(doc) or _validated(doc)
+    refuse_bools(body[:header_length(binary_header_length, len(body))], request.inputs)  # the JSON header's
+    return request
+
+
+def _validated(doc: Any) -> InferRequest:
     for t in doc.get("inputs") or () if isinstance(doc, dict) else ():  # pydantic reads lists, not arrays
         if isinstance(t, dict) and isinstance(t.get("data"), np.ndarray):
             t["data"] = t["data"].tolist()

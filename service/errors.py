@@ -12,6 +12,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.types import Send
 
 from service.oip import InvalidRequest, describe_validation_errors
 
@@ -31,10 +33,18 @@ def error_response(status_code: int, message: str, headers: dict[str, str] | Non
     return JSONResponse({"error": message}, status_code=status_code, headers=headers)
 
 
+async def send_error(send: Send, status_code: int, message: str) -> None:
+    """`error_response` sent on a bare ASGI `send`: for answers given before any route runs (the body
+    limit's 413, a bad Content-Length)."""
+    response = error_response(status_code, message)
+    await send({"type": "http.response.start", "status": status_code, "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body})
+
+
 def client_error_response(exc: Exception) -> JSONResponse | None:
     """The answer for an error the client is told about (ApiError, InvalidRequest, an HTTPException such
-    as the body limit's 413); None for anything else. The handlers below and the ASGI fast path
-    (service.fast_path) both answer with it, so either front door says the same."""
+    as the body limit's 413); None for anything else. The app's handlers below and the inference endpoint
+    (service.fast_path) both answer with it, so every route says the same."""
     if isinstance(exc, ApiError):
         return error_response(exc.status_code, exc.message)
     if isinstance(exc, InvalidRequest):
@@ -62,9 +72,25 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     message = str(exc.detail)
     if exc.status_code == 404 and message == "Not Found":
         message = f"no such endpoint: {request.method} {request.url.path}"
-    elif exc.status_code == 405 and message == "Method Not Allowed":
-        message = f"{request.method} is not allowed on {request.url.path}"
-    return error_response(exc.status_code, message, getattr(exc, "headers", None))
+    headers = getattr(exc, "headers", None)
+    if exc.status_code == 405:
+        allowed = allowed_methods(request)
+        if allowed:  # the router names the first route that matched the path; list every route's methods
+            headers = {**{k: v for k, v in (headers or {}).items() if k.lower() != "allow"},
+                       "allow": ", ".join(allowed)}
+        if message == "Method Not Allowed":
+            message = f"{request.method} is not allowed on {request.url.path}; allowed: {', '.join(allowed)}"
+    return error_response(exc.status_code, message, headers)
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app fully matches on the request's path (asked of each route, included
+    routers too, through the routes' own `matches`)."""
+    routes = request.app.router.routes
+    return [m for m in _METHODS if any(r.matches({**request.scope, "method": m})[0] is Match.FULL for r in routes)]
 
 
 async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,56 +1,52 @@
-"""The inference POSTs as a lean ASGI path, taken before the FastAPI application sees the request.
+"""The one front door for inference: `POST /v2/models/{m}[/versions/{v}]/infer` and
+`POST /v1/models/{m}:predict`, as a lean ASGI app.
 
 Through FastAPI a proxied inference request passes about a dozen ASGI layers (error, telemetry and
 body-limit middlewares, exception handling, the router, a Request and a Response object) that cost
-about as much CPU as the gateway's own work for a small batch. Here the three inference routes
-(`POST /v2/models/{m}/infer`, `.../versions/{v}/infer`, `/v1/models/{m}:predict`) are matched with the
-router's own patterns and served by the same functions the FastAPI routes call (`infer_answer`,
-`predict_answer`), with what the layers they skip did for them done here:
+about as much CPU as the gateway's own work for a small batch (docs/gateway_overhead.md). So the
+gateway (service.app) hands these requests to `InferenceEndpoint` before its FastAPI stack; the
+same endpoint also sits in the app's route list, which answers the paths' other methods (405) and
+serves the POSTs when the gateway is told to route them through its stack (`Settings.fast_path`
+off: ASGI middleware of the operator's own then sees them) or runs under a root path.
 
-- the body limit (service.body_limit): a declared Content-Length over it is a 413 before anything
-  else, an unparseable one a 400; a body that streams past it is a 413 when read;
-- errors: the same `{"error"}` answers as the app's handlers (`client_error_response`), a 500 for a
-  bug (logged, then re-raised to the server as Starlette's error middleware does);
-- the answer's headers (`fairpatch-patch`, `fairpatch-served-by`, content type and length).
-
-Everything else (other methods and paths, a mounted root path, lifespan) goes to FastAPI, whose routes
-for the same paths stay in the OpenAPI document and behave the same. Authentication is not involved:
-the admin key guards the management API only.
+What the skipped layers did is done here, with their own code: the body limit
+(service.body_limit), the `{"error"}` answers (service.errors: a 4xx for the client's mistakes, a
+500 for a bug, logged and re-raised to the server as Starlette's error middleware does) and the
+content type (JSON, or the binary tensor extension's octet stream: anything else is a 415). The
+request itself is served by `service.infer.serve`, the one template for both protocols.
+Authentication is not involved: the admin key guards the management API only.
 """
 
 from __future__ import annotations
 
 from starlette.datastructures import State
-from starlette.routing import compile_path
+from starlette.routing import Route, compile_path
 from starlette.types import Message, Receive, Scope, Send
 
 from service.binary_tensors import CONTENT_TYPE
-from service.body_limit import BodyTooLarge, content_length, send_error
-from service.errors import client_error_response, unexpected_error_response
-from service.infer import (
-    BINARY_HEADER,
-    PATCH_HEADER,
-    V1_PREDICT_PATH,
-    V2_INFER_PATHS,
-    Answer,
-    infer_answer,
-    predict_answer,
-)
+from service.body_limit import limited, refuse_declared
+from service.errors import ApiError, client_error_response, unexpected_error_response
+from service.infer import BINARY_HEADER, PATCH_HEADER, V1_PREDICT_PATH, V2_INFER_PATHS, Answer, serve
 from service.patch_serving import SERVED_BY_HEADER
 
-_V2 = [compile_path(p)[0] for p in V2_INFER_PATHS]  # the same patterns the router matches
+_V2 = [compile_path(p)[0] for p in V2_INFER_PATHS]  # the same patterns the routes match
 _V1 = compile_path(V1_PREDICT_PATH)[0]
 _BINARY = BINARY_HEADER.encode("latin-1")
 _JSON = b"application/json"
 _OCTETS = CONTENT_TYPE.encode("latin-1")
 _PATCH, _SERVED_BY = PATCH_HEADER.encode("latin-1"), SERVED_BY_HEADER.encode("latin-1")
+# Bodies inference reads: JSON (the protocols' own), the binary tensor extension's octet stream, and no
+# declared type at all (Triton's client sends none with binary data).
+_ACCEPTED = frozenset({b"", b"application/json", _OCTETS})
+
+Target = tuple[str, str, str | None]  # ("v2" or "v1", model, version)
 
 
 class _Disconnected(Exception):
     """The client went away before its body arrived: there is nobody to answer."""
 
 
-class FastPath:
+class InferenceEndpoint:
     """Serves the inference POSTs of one gateway (`state`: the app's state, filled in at startup)."""
 
     def __init__(self, state: State, max_body_bytes: int) -> None:
@@ -58,8 +54,8 @@ class FastPath:
         self.max_body_bytes = max_body_bytes
 
     @staticmethod
-    def match(scope: Scope) -> tuple[str, str, str | None] | None:
-        """("v2" or "v1", model, version) when the request is one of the inference POSTs, else None."""
+    def match(scope: Scope) -> Target | None:
+        """The target when the request is one of the inference POSTs, else None."""
         if scope["type"] != "http" or scope["method"] != "POST" or scope.get("root_path"):
             return None
         path = scope["path"]
@@ -74,40 +70,15 @@ class FastPath:
                 return "v1", m["model_name"], None
         return None
 
-    async def __call__(self, route: tuple[str, str, str | None], scope: Scope, receive: Receive,
-                       send: Send) -> None:
-        limit = self.max_body_bytes
-        declared = content_length(scope)
-        if declared is not None and declared > limit:
-            await send_error(send, 413, BodyTooLarge(limit).detail)
-            return
-        if declared == -1:
-            await send_error(send, 400, "invalid Content-Length header")
-            return
+    def routes(self) -> list[Route]:
+        """This endpoint as the app's routes for the same paths (POST only, kept out of the generated
+        OpenAPI: service.infer documents them)."""
+        return [*(Route(p, _Routed(self, "v2"), methods=["POST"], include_in_schema=False) for p in V2_INFER_PATHS),
+                Route(V1_PREDICT_PATH, _Routed(self, "v1"), methods=["POST"], include_in_schema=False)]
 
-        async def read_body() -> bytes:
-            message = await receive()
-            body = _chunk(message)
-            if len(body) > limit:
-                raise BodyTooLarge(limit)
-            if not message.get("more_body", False):
-                return body
-            chunks, size = [body], len(body)
-            while message.get("more_body", False):
-                message = await receive()
-                chunk = _chunk(message)
-                size += len(chunk)
-                if size > limit:
-                    raise BodyTooLarge(limit)
-                chunks.append(chunk)
-            return b"".join(chunks)
-
-        kind, model, version = route
+    async def __call__(self, target: Target, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            if kind == "v2":
-                answer = await infer_answer(self.state, model, version, read_body, _header(scope, _BINARY))
-            else:
-                answer = await predict_answer(self.state, model, read_body)
+            answer = await self._answer(target, scope, receive)
         except _Disconnected:
             return
         except Exception as exc:  # noqa: BLE001 - answered as the app's exception handlers would
@@ -119,6 +90,43 @@ class FastPath:
             raise
         await _send_answer(send, answer)
 
+    async def _answer(self, target: Target, scope: Scope, receive: Receive) -> Answer:
+        refused = refuse_declared(scope, self.max_body_bytes)
+        if refused is not None:
+            raise ApiError(*refused)
+        kind = _media_type(_header(scope, b"content-type"))
+        if kind not in _ACCEPTED and not kind.endswith(b"+json"):
+            raise ApiError(415, f"unsupported content type {kind.decode('latin-1')!r}: send the request as "
+                                "application/json (or application/octet-stream with the binary tensor extension)")
+        body_receive = limited(receive, self.max_body_bytes)
+
+        async def read_body() -> bytes:
+            message = await body_receive()
+            body = _chunk(message)
+            if not message.get("more_body", False):
+                return body
+            chunks = [body]
+            while message.get("more_body", False):
+                message = await body_receive()
+                chunks.append(_chunk(message))
+            return b"".join(chunks)
+
+        protocol, model, version = target
+        binary = _header(scope, _BINARY)
+        return await serve(self.state, protocol, model, version, read_body,
+                           None if binary is None else binary.decode("latin-1"))
+
+
+class _Routed:
+    """The endpoint as an ASGI app behind the app's router: the route's path parameters name the target."""
+
+    def __init__(self, endpoint: InferenceEndpoint, protocol: str) -> None:
+        self.endpoint, self.protocol = endpoint, protocol
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        params = scope["path_params"]
+        await self.endpoint((self.protocol, params["model_name"], params.get("model_version")), scope, receive, send)
+
 
 def _chunk(message: Message) -> bytes:
     if message["type"] == "http.disconnect":
@@ -126,11 +134,15 @@ def _chunk(message: Message) -> bytes:
     return message.get("body", b"")
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
+def _header(scope: Scope, name: bytes) -> bytes | None:
     for key, value in scope["headers"]:
         if key == name:
-            return value.decode("latin-1")
+            return value
     return None
+
+
+def _media_type(value: bytes | None) -> bytes:
+    return b"" if value is None else value.split(b";", 1)[0].strip().lower()
 
 
 async def _send_answer(send: Send, answer: Answer) -> None:
@@ -142,3 +154,4 @@ async def _send_answer(send: Send, answer: Answer) -> None:
         headers.append((_BINARY, str(answer.binary_header).encode()))
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+

@@ -1,11 +1,13 @@
 """The data plane: OIP V2 and KServe V1 inference in front of the registered upstream, patched.
 
-Per request (docs/api.md, "Inference"): resolve the model version from an in-process cache (the
-registry in Redis is re-read at most every `SPEC_TTL_S` per model), take the active patch's runner
-from the patch store's memory (no Redis round trip), validate and convert the request, strip the
-group input, run the patch's input transform, call the upstream over the pooled client, turn its
-scores into log-probabilities, run the output transform, and answer in the caller's protocol with
-the scores in the model's own kind and shape. Every other upstream output passes through unchanged.
+One template, `serve`, for both protocols (docs/api.md, "Inference"): resolve the model version from
+an in-process cache (the registry in Redis is re-read at most every `SPEC_TTL_S` per model), parse
+and validate the request (a V1 request becomes one V2 input, so both are held to service.oip's tensor
+rule), take the active patch's runner from the patch store's memory (no Redis round trip), strip the
+group input, run the patch's input transform, call the upstream over the pooled client (or, for a
+weight patch, its own model: service.patch_serving), turn the scores into log-probabilities, run the
+output transform, and answer in the caller's protocol with the scores in the model's own kind and
+shape. Every other upstream output passes through, checked by the same rule (service.upstream).
 
 Patch graphs are tiny (a few table lookups and adds over [N, C]), so they run inline on the event
 loop: a thread hop would cost more than the work. The upstream's V2 metadata is fetched once per
@@ -18,9 +20,8 @@ JSON header's length comes in `Inference-Header-Content-Length` and tensors with
 Answers are JSON, or binary for the outputs the caller asks so for. An upstream registered with
 `binary_data` is sent tensors, and asked for its outputs, as binary data.
 
-`infer_answer` and `predict_answer` are the whole of it, whichever front door a request comes in by:
-the ASGI fast path (service.fast_path, the default) or the FastAPI routes below; both send their
-`Answer` (body and headers) and render errors alike.
+The inference POSTs come in by one door, service.fast_path's endpoint, which reads the body, renders
+errors and sends the `Answer`; the routes here serve model metadata and readiness.
 """
 
 from __future__ import annotations
@@ -30,22 +31,21 @@ import logging
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Generic, TypeVar
 
 import numpy as np
 import pydantic_core
 from fastapi import APIRouter, FastAPI, Request, Response
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 from starlette.datastructures import State
-from starlette.routing import Route
 
 from patcher.apply import PatchRunner, UnknownGroupError
 from patcher.patch import PatchError
 from patcher.scores import from_log_probs, to_log_probs
 from service import binary_tensors, patch_serving
-from service.binary_tensors import parse_request
+from service.binary_tensors import CONTENT_TYPE, parse_request
 from service.errors import ApiError
 from service.oip import (
     NUMPY_DTYPES,
@@ -61,15 +61,16 @@ from service.oip import (
     ResponseOutput,
     check_tensors,
     construct,
-    describe_validation_errors,
     from_numpy,
-    shape_matches,
+    refuse_bools,
+    rows_to_numpy,
     to_numpy,
+    validate_json,
 )
-from service.openapi import json_body
+from service.openapi import Operation
 from service.patch_serving import SERVED_BY_HEADER, SERVED_BY_PATCH, SERVED_BY_UPSTREAM
 from service.registry import ModelRegistry, ModelSpec
-from service.upstream import UpstreamClient, UpstreamError, output_array, scores_index, v2_tensor
+from service.upstream import UpstreamClient, UpstreamError, output_array, scores_array, scores_index
 
 log = logging.getLogger("fairpatch.service")
 
@@ -93,14 +94,15 @@ class TtlCache(Generic[K, V]):
     """Values that expire, loaded once however many requests ask at the same moment. When a reload
     fails, the last value is served a while longer rather than failing requests (Redis blips)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self._values: dict[K, tuple[float, V]] = {}
         self._loading: dict[K, asyncio.Future[V]] = {}
 
     async def get(self, key: K, load: Callable[[], Awaitable[V]], ttl: Callable[[V], float],
                   valid: Callable[[V], bool] | None = None) -> V:
         hit = self._values.get(key)
-        if hit is not None and hit[0] > time.monotonic() and (valid is None or valid(hit[1])):
+        if hit is not None and hit[0] > self._clock() and (valid is None or valid(hit[1])):
             return hit[1]
         future = self._loading.get(key)
         if future is None:
@@ -113,7 +115,7 @@ class TtlCache(Generic[K, V]):
         """The cached value for `key` while it has not expired, else None: the hot path's lookup, with no
         coroutine to run."""
         hit = self._values.get(key)
-        return hit[1] if hit is not None and hit[0] > time.monotonic() else None
+        return hit[1] if hit is not None and hit[0] > self._clock() else None
 
     async def _load(self, key: K, load: Callable[[], Awaitable[V]], ttl: Callable[[V], float],
                     stale: V | None) -> V:
@@ -127,11 +129,11 @@ class TtlCache(Generic[K, V]):
         finally:
             self._loading.pop(key, None)
         if len(self._values) >= MAX_CACHED:
-            now = time.monotonic()
+            now = self._clock()
             self._values = {k: v for k, v in self._values.items() if v[0] > now}
             if len(self._values) >= MAX_CACHED:
                 self._values.clear()
-        self._values[key] = (time.monotonic() + ttl(value), value)
+        self._values[key] = (self._clock() + ttl(value), value)
         return value
 
     def forget(self, match: Callable[[K], bool]) -> None:
@@ -220,16 +222,89 @@ def patch_id(runner: PatchRunner | None) -> str | None:
     return pid
 
 
-# --- request parsing ---------------------------------------------------------------------------------
+# --- wire shapes of the KServe V1 protocol -----------------------------------------------------------
 
 class V1Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    instances: list[Any]
-    groups: list[Any] | None = None
+    instances: list[Any] = Field(description="rows of numbers, [N, ...]")
+    groups: list[Annotated[str, Field(strict=True)] | Annotated[int, Field(strict=True)]] | None = Field(
+        None, description="each row's group: all names or all ids")
 
 
 class V1Response(BaseModel):
-    predictions: list[Any]
+    predictions: list[Any] = Field(description="the patched scores, one row per instance")
+
+
+# --- one call, whichever protocol ---------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Call:
+    """An inference request, parsed: where the protocols' differences end. A V1 request is one V2 input (its
+    instances, named and typed as the model's feature input once that is known) plus a group input."""
+
+    protocol: str  # "v2" or "v1": how the request came, and how it is answered
+    request: InferRequest  # V1: the instances as an input named "instances" until `_v1_inputs` names it
+    body: bytes  # the caller's bytes, forwarded as they are when nothing in them changes
+    binary: str | None = None  # the caller's Inference-Header-Content-Length
+    inputs: list[RequestInput] = field(default_factory=list)  # the feature inputs (the group input stripped)
+    group: RequestInput | None = None
+
+    @property
+    def raw_wanted(self) -> bool:
+        return bool((self.request.parameters or {}).get(RAW_PARAMETER))
+
+
+def parse_call(protocol: str, spec: ModelSpec, body: bytes, binary: str | None) -> Call:
+    """The request in either protocol, by the same tensor rules (service.oip), its group input set apart."""
+    if protocol == "v2":
+        req = parse_request(body, binary)
+    else:
+        if not body:
+            raise InvalidRequest('empty request body; expected {"instances": [[...], ...]}')
+        v1 = validate_json(V1Request, body, "V1 request")
+        inputs = [construct(RequestInput, {"name": "instances", "shape": [], "datatype": "FP32",
+                                           "parameters": None, "data": v1.instances})]
+        if v1.groups is not None:
+            inputs.append(_v1_groups(spec, v1.groups))
+        req = construct(InferRequest, {"id": None, "parameters": None, "inputs": inputs, "outputs": None})
+    call = Call(protocol, req, body, binary)
+    for t in req.inputs:
+        if t.name == spec.group_input:
+            call.group = t
+        else:
+            call.inputs.append(t)
+    if not call.inputs:
+        raise InvalidRequest(f"no feature input: the request has only the group input '{spec.group_input}'")
+    if protocol == "v1":
+        refuse_bools(body, req.inputs)
+    return call
+
+
+def _v1_groups(spec: ModelSpec, groups: list[str | int]) -> RequestInput:
+    """V1 `groups` as the V2 group input: BYTES names or INT64 ids."""
+    if all(type(g) is str for g in groups):
+        datatype = "BYTES"
+    elif all(type(g) is int for g in groups):
+        datatype = "INT64"
+    else:
+        raise InvalidRequest("groups must be all group names (strings) or all group ids (integers)")
+    return construct(RequestInput, {"name": spec.group_input, "shape": [len(groups)], "datatype": datatype,
+                                    "parameters": None, "data": groups})
+
+
+def _v1_inputs(call: Call, spec: ModelSpec, meta: ModelMetadata | None) -> None:
+    """Name and type a V1 request's instances as the model's one floating-point input."""
+    datatype, name = "FP32", spec.upstream.input_name or "input"
+    if meta is not None:
+        named = [t for t in meta.inputs if t.name == spec.upstream.input_name] if spec.upstream.input_name \
+            else meta.inputs
+        if len(named) != 1 or NUMPY_DTYPES[named[0].datatype].kind != "f":
+            raise InvalidRequest(f"model '{spec.name}' does not take one floating-point input; use the V2 "
+                                 f"endpoint /v2/models/{spec.name}/infer")
+        datatype, name = named[0].datatype, named[0].name
+    X = rows_to_numpy(call.inputs[0].data, datatype, "instances")
+    call.inputs = [construct(RequestInput, {"name": name, "shape": list(X.shape), "datatype": datatype,
+                                            "parameters": None, "data": X.ravel()})]
 
 
 # --- the patch, applied ------------------------------------------------------------------------------
@@ -260,18 +335,32 @@ def group_ids(runner: PatchRunner | None, spec: ModelSpec, groups: np.ndarray | 
     return None
 
 
+def transform_inputs(runner: PatchRunner | None, X: np.ndarray) -> np.ndarray:
+    """The rows the model sees: the patch's input transform applied (an empty batch passes as it is)."""
+    if runner is None or not len(X):
+        return X
+    try:
+        return runner.transform_inputs(X)
+    except PatchError as e:
+        raise InvalidRequest(str(e)) from None
+
+
 def apply_patch(runner: PatchRunner, spec: ModelSpec, features: np.ndarray, scores: np.ndarray,
-                groups: np.ndarray | None, request_id: str | None = None) -> np.ndarray:
+                groups: np.ndarray | None, request_id: str | None = None, scores_kind: str | None = None) -> np.ndarray:
     """The patched scores in the model's own kind, shape and dtype. `features` are the rows the model saw
-    (after the patch's input transform, as the job worker evaluates a patch); randomized decisions are drawn
-    from `request_id` (the same id, the same decisions)."""
+    (after the patch's input transform, as the job worker evaluates a patch); `scores_kind` what `scores` are
+    (default: the registered output kind); randomized decisions are drawn from `request_id` (the same id, the
+    same decisions)."""
     n = len(features)
     if scores.ndim not in (1, 2) or len(scores) != n:
         raise UpstreamError(f"upstream {spec.upstream.url}: scores have shape {list(scores.shape)}; expected "
                             f"[{n}], [{n}, 1] or [{n}, C]", url=spec.upstream.url)
     kind = spec.upstream.output_kind
+    dtype = scores.dtype if scores.dtype.kind == "f" and scores_kind is None else np.float32
+    if n == 0:  # nothing to transform: the empty batch in the answer's shape
+        return np.zeros(scores.shape, dtype=dtype)
     try:
-        patched = runner.transform_outputs(features, to_log_probs(scores, kind), groups, request_id)
+        patched = runner.transform_outputs(features, to_log_probs(scores, scores_kind or kind), groups, request_id)
     except (UnknownGroupError, PatchError) as e:
         raise InvalidRequest(str(e)) from None
     except Exception as e:  # noqa: BLE001 - onnxruntime: the patch does not fit this model's outputs
@@ -279,7 +368,7 @@ def apply_patch(runner: PatchRunner, spec: ModelSpec, features: np.ndarray, scor
                             f"'{spec.name}' version '{spec.version}' ({type(e).__name__}: {e}); deactivate it "
                             "or fix the registration") from None
     out = from_log_probs(patched, kind, 1 if scores.ndim == 1 else scores.shape[1])
-    return out.reshape(scores.shape).astype(scores.dtype if scores.dtype.kind == "f" else np.float32, copy=False)
+    return out.reshape(scores.shape).astype(dtype, copy=False)
 
 
 def _features(t: RequestInput) -> np.ndarray:
@@ -297,38 +386,24 @@ def _forward_parameters(parameters: dict[str, Any] | None) -> dict[str, Any] | N
     return kept or None
 
 
-# --- routes ------------------------------------------------------------------------------------------
-
-router = APIRouter(tags=["inference"], responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
-                                                  502: {"model": ErrorResponse}, 504: {"model": ErrorResponse}})
-
-
-def _cache(request: Request) -> ModelCache:
-    return request.app.state.model_cache
-
+# --- answers -----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """A 200 answer: the JSON body, the active patch's id (None: unpatched) and what served it. The
-    FastAPI routes wrap it in a Response; the ASGI fast path (service.fast_path) sends it as it is."""
+    """A 200 answer: the body, the active patch's id (None: unpatched) and what served it. The inference
+    endpoint (service.fast_path) sends it; the metadata route wraps it in a Response."""
 
     body: bytes
     patch: str | None
     served_by: str = SERVED_BY_UPSTREAM
     binary_header: int | None = None  # set: binary tensor data follows a JSON header of this length
 
-    @property
-    def media_type(self) -> str:
-        return "application/json" if self.binary_header is None else binary_tensors.CONTENT_TYPE
-
-    def headers(self) -> dict[str, str]:
+    def response(self) -> Response:
+        media_type = "application/json" if self.binary_header is None else binary_tensors.CONTENT_TYPE
         headers = {PATCH_HEADER: self.patch or "none", SERVED_BY_HEADER: self.served_by}
         if self.binary_header is not None:
             headers[BINARY_HEADER] = str(self.binary_header)
-        return headers
-
-    def response(self) -> Response:
-        return Response(self.body, media_type=self.media_type, headers=self.headers())
+        return Response(self.body, media_type=media_type, headers=headers)
 
 
 def _answer(payload: BaseModel | dict, pid: str | None, served_by: str = SERVED_BY_UPSTREAM) -> Answer:
@@ -337,24 +412,164 @@ def _answer(payload: BaseModel | dict, pid: str | None, served_by: str = SERVED_
     return Answer(body, pid, served_by)
 
 
-def _infer_answer(response: InferResponse, req: InferRequest, pid: str | None,
+def _infer_answer(response: dict[str, Any], outputs: list[ResponseOutput], req: InferRequest, pid: str | None,
                   served_by: str = SERVED_BY_UPSTREAM) -> Answer:
-    """A V2 infer answer: JSON, or with the outputs the caller asked for as binary data (Triton's rules:
-    `parameters.binary_data` on a requested output, else the request's `binary_data_output`)."""
+    """A V2 infer answer (`response`: its fields but the outputs, None for absent): JSON, or with the outputs
+    the caller asked for as binary data (Triton's rules: `parameters.binary_data` on a requested output, else
+    the request's `binary_data_output`). Serialized from a plain dict: an InferResponse object built only to
+    be written out would cost more than the writing."""
+    header = {k: v for k, v in response.items() if v is not None}
     asked = {o.name: o.parameters for o in req.outputs or ()}
-    binary = [binary_tensors.wants_binary(asked.get(o.name), req.parameters) for o in response.outputs]
+    binary = [binary_tensors.wants_binary(asked.get(o.name), req.parameters) for o in outputs]
     if not any(binary):
-        return _answer(response, pid, served_by)
-    outputs = [(o.name, o.data if o.datatype == "BYTES" else np.asarray(o.data, dtype=NUMPY_DTYPES[o.datatype]),
-                o.datatype, o.shape, o.parameters) for o in response.outputs]
-    header = {"model_name": response.model_name, "model_version": response.model_version, "id": response.id,
-              "parameters": response.parameters}
-    body, n = binary_tensors.encode_response(header, outputs, binary)
+        return Answer(pydantic_core.to_json({**header, "outputs": outputs}, exclude_none=True), pid, served_by)
+    tensors = [(o.name, o.data if o.datatype == "BYTES" else np.asarray(o.data, dtype=NUMPY_DTYPES[o.datatype]),
+                o.datatype, o.shape, o.parameters) for o in outputs]
+    body, n = binary_tensors.encode_response(header, tensors, binary)
     return Answer(body, pid, served_by, n)
 
 
-def _json(payload: BaseModel | dict, pid: str | None, served_by: str = SERVED_BY_UPSTREAM) -> Response:
-    return _answer(payload, pid, served_by).response()
+def _reply(call: Call, spec: ModelSpec, runner: PatchRunner | None, outputs: list[ResponseOutput],
+           scores: np.ndarray, served_by: str, parameters: dict[str, Any] | None = None) -> Answer:
+    """The answer in the caller's protocol: V2 outputs, or V1 predictions (the patched scores)."""
+    if call.protocol == "v1":
+        return _answer({"predictions": scores.tolist()}, patch_id(runner), served_by)
+    response = {"model_name": spec.name, "model_version": spec.version, "id": call.request.id,
+                "parameters": parameters}
+    return _infer_answer(response, outputs, call.request, patch_id(runner), served_by)
+
+
+# --- the template ------------------------------------------------------------------------------------
+
+async def serve(state: State, protocol: str, model_name: str, model_version: str | None, read_body: BodyReader,
+                binary: str | None = None) -> Answer:
+    """One inference request, V2 or V1: parse and validate -> strip the group -> input transform -> the
+    upstream, or the active weight patch's own model -> output transform -> the answer in the caller's
+    protocol. The body is read only once the model is known (an unknown model is a 404 whatever was sent);
+    `binary` is the Inference-Header-Content-Length."""
+    cache: ModelCache = state.model_cache
+    spec = cache.fresh_spec(model_name, model_version) or await cache.spec(model_name, model_version)
+    call = parse_call(protocol, spec, await read_body(), binary)
+    known, runner = state.patches.runner_now(spec.name, spec.version)  # no coroutine when it is in memory
+    if not known:
+        runner = await state.patches.runner(spec.name, spec.version)
+    if runner is not None and runner.replaces_model:
+        return _serve_weight_patch(call, spec, runner)
+    meta = (cache.fresh_metadata(spec) or await cache.metadata(spec)) if spec.upstream.protocol == "v2" else None
+    if call.protocol == "v1":
+        _v1_inputs(call, spec, meta)
+    features = _feature_input(call, spec, meta)
+    X = _features(features)
+    groups = group_ids(runner, spec, None if call.group is None else to_numpy(call.group), len(X))
+    sent = transform_inputs(runner, X)
+    upstream: UpstreamClient = state.upstream
+
+    if meta is None:  # V1 / MLflow upstream: one matrix in, one scores matrix out
+        scores = await upstream.scores(spec, sent)
+        out = scores if runner is None else apply_patch(runner, spec, sent, scores, groups, call.request.id)
+        outputs = [from_numpy(spec.upstream.output_name or "predictions", out.astype(np.float32, copy=False))]
+        if call.raw_wanted:  # the name as in upstream.synthesized_metadata
+            outputs.append(from_numpy(RAW_OUTPUT, scores.astype(np.float32, copy=False)))
+        return _reply(call, spec, runner, outputs, out, SERVED_BY_UPSTREAM)
+
+    req = call.request
+    inputs = call.inputs
+    # Rows the input transform changed go in the request's datatype; a binary leg takes the converted rows as
+    # they are rather than converting the request's list a second time.
+    if sent is not X or (spec.upstream.binary_data and not isinstance(features.data, np.ndarray)):
+        features_sent = construct(RequestInput, {
+            "name": features.name, "shape": list(sent.shape), "datatype": features.datatype,
+            "parameters": features.parameters, "data": np.asarray(sent, dtype=NUMPY_DTYPES[features.datatype]).ravel()})
+        inputs = [features_sent if t is features else t for t in inputs]
+    scores_name = spec.upstream.output_name or meta.outputs[0].name
+    wanted = [o.name for o in req.outputs] if req.outputs else None
+    forward_outputs = None
+    if wanted is not None:  # only names go upstream (binary_data etc. are answered here)
+        forward_outputs = [RequestOutput(name=n) for n in dict.fromkeys([*wanted, scores_name])]
+    forward_parameters = _forward_parameters(req.parameters)
+    if call.protocol == "v2" and binary is None and call.group is None and sent is X and wanted is None \
+            and not spec.upstream.binary_data and forward_parameters == req.parameters:
+        result = await upstream.forward_v2(spec, call.body, arrays=False)  # nothing to change: the caller's bytes
+    else:
+        result = await upstream.infer_v2(spec, inputs, forward_outputs, forward_parameters, arrays=False)
+    url = spec.upstream.url
+    i = scores_index(result, scores_name, url)
+    raw = result.outputs[i]
+    outputs = list(result.outputs)
+    # every output by the tensor rule (service.upstream.check_outputs), each converted once
+    arrays = [scores_array(o, url) if j == i else output_array(o, url) for j, o in enumerate(outputs)]
+    scores = arrays[i]
+    if runner is not None:
+        scores = apply_patch(runner, spec, sent, scores, groups, req.id)
+        outputs[i] = from_numpy(raw.name, scores, raw.parameters)
+    if wanted is not None:
+        outputs = [o for o in outputs if o.name in wanted]
+    if call.raw_wanted:
+        outputs.append(construct(ResponseOutput, {"name": RAW_OUTPUT, "shape": raw.shape, "datatype": raw.datatype,
+                                                  "parameters": None, "data": raw.data}))
+    return _reply(call, spec, runner, outputs, scores, SERVED_BY_UPSTREAM, result.parameters)
+
+
+def _feature_input(call: Call, spec: ModelSpec, meta: ModelMetadata | None) -> RequestInput:
+    """The input that carries the rows, the request checked against the upstream's signature when known."""
+    if meta is not None:
+        check_tensors(meta, call.inputs, call.request.outputs)
+        name = spec.upstream.input_name or meta.inputs[0].name
+        found = next((t for t in call.inputs if t.name == name), None)
+        if found is None:  # check_tensors passed, so the registration names an input the model lacks
+            raise UpstreamError(f"model '{spec.name}' is registered with input_name '{name}', which upstream "
+                                f"{spec.upstream.url} does not declare (its inputs: "
+                                f"{', '.join(t.name for t in meta.inputs)}); fix the registration",
+                                url=spec.upstream.url)
+        return found
+    if len(call.inputs) == 1:
+        return call.inputs[0]
+    raise InvalidRequest(f"model '{spec.name}' takes one feature input (plus '{spec.group_input}'); "
+                         f"got {', '.join(t.name for t in call.inputs)}")
+
+
+def _serve_weight_patch(call: Call, spec: ModelSpec, runner: PatchRunner) -> Answer:
+    """The template with the active weight patch's own model in the upstream's place (service.patch_serving)."""
+    if call.protocol == "v1":
+        _v1_inputs(call, spec, None)
+        call.inputs = [call.inputs[0].model_copy(update={"name": patch_serving.input_name(spec, runner)})]
+    name = patch_serving.output_name(spec, runner)
+    unknown = [o.name for o in call.request.outputs or [] if o.name != name]
+    if unknown:
+        raise InvalidRequest(f"model '{spec.name}' is served by its active weight patch, which has one output, "
+                             f"'{name}'; no {', '.join(repr(n) for n in unknown)}")
+    X = patch_serving.features(spec, runner, call.inputs)
+    groups = group_ids(runner, spec, None if call.group is None else to_numpy(call.group), len(X))
+    sent = transform_inputs(runner, X)
+    logits = patch_serving.logits(runner, spec, sent)
+    out = apply_patch(runner, spec, sent, logits, groups, call.request.id, scores_kind="logits")
+    outputs = [from_numpy(name, out)]
+    if call.raw_wanted:  # the replacement model's logits, before any output transform
+        outputs.append(from_numpy(RAW_OUTPUT, logits))
+    return _reply(call, spec, runner, outputs, out, SERVED_BY_PATCH)
+
+
+# --- routes: inference is served by service.fast_path's endpoint; model metadata and readiness here ------
+
+V2_INFER_PATHS = ("/v2/models/{model_name}/infer", "/v2/models/{model_name}/versions/{model_version}/infer")
+V1_PREDICT_PATH = "/v1/models/{model_name}:predict"
+_ERRORS = {code: ErrorResponse for code in (400, 404, 409, 413, 415, 502, 503, 504)}
+_BINARY_BODY = {CONTENT_TYPE: {"schema": {"type": "string", "format": "binary", "description":
+                "the binary tensor extension: a JSON InferRequest of Inference-Header-Content-Length bytes, "
+                "then the tensors' bytes"}}}
+OPERATIONS = [
+    *(Operation("POST", p, "OIP inference, patched", InferRequest, InferResponse, _ERRORS, ["inference"],
+                _BINARY_BODY) for p in V2_INFER_PATHS),
+    Operation("POST", V1_PREDICT_PATH, "KServe V1 predict, patched", V1Request, V1Response, _ERRORS, ["inference"]),
+]
+SCHEMAS = [ErrorResponse]
+
+router = APIRouter(tags=["inference"], responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
+                                                  502: {"model": ErrorResponse}, 504: {"model": ErrorResponse}})
+
+
+def _cache(request: Request) -> ModelCache:
+    return request.app.state.model_cache
 
 
 @router.get("/v2/models/{model_name}", response_model=ModelMetadata)
@@ -376,7 +591,7 @@ async def model_metadata(request: Request, model_name: str, model_version: str |
     served_by = SERVED_BY_PATCH if runner is not None and runner.replaces_model else SERVED_BY_UPSTREAM
     body["parameters"] = {**(meta.parameters or {}), "fairpatch_patch": patch_id(runner),
                           "fairpatch_served_by": served_by}
-    return _json(body, patch_id(runner), served_by)
+    return _answer(body, patch_id(runner), served_by).response()
 
 
 @router.get("/v2/models/{model_name}/ready", response_model=ModelReadyResponse)
@@ -384,244 +599,6 @@ async def model_metadata(request: Request, model_name: str, model_version: str |
 async def model_ready(request: Request, model_name: str, model_version: str | None = None) -> ModelReadyResponse:
     await _cache(request).spec(model_name, model_version)
     return ModelReadyResponse(name=model_name, ready=True)
-
-
-async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
-    answer = await infer_answer(request.app.state, model_name, model_version, request.body,
-                                request.headers.get(BINARY_HEADER))
-    return answer.response()
-
-
-async def infer_answer(state: State, model_name: str, model_version: str | None, read_body: BodyReader,
-                       binary: str | None) -> Answer:
-    """V2 inference, whichever front door the request came in by. The body is read only once the model is
-    known (an unknown model is a 404 whatever was sent); `binary` is the Inference-Header-Content-Length."""
-    cache: ModelCache = state.model_cache
-    spec = cache.fresh_spec(model_name, model_version) or await cache.spec(model_name, model_version)
-    body = await read_body()
-    req = parse_request(body, binary)
-    known, runner = state.patches.runner_now(spec.name, spec.version)  # no coroutine when it is in memory
-    if not known:
-        runner = await state.patches.runner(spec.name, spec.version)
-    upstream: UpstreamClient = state.upstream
-    v2 = spec.upstream.protocol == "v2"
-
-    group_tensor, inputs = None, []
-    for t in req.inputs:
-        if t.name == spec.group_input:
-            group_tensor = t
-        else:
-            inputs.append(t)
-    if not inputs:
-        raise InvalidRequest(f"no feature input: the request has only the group input '{spec.group_input}'")
-    if runner is not None and runner.replaces_model:
-        return _infer_weight_patch(spec, req, runner, inputs, group_tensor)
-    meta = (cache.fresh_metadata(spec) or await cache.metadata(spec)) if v2 else None
-    if meta is not None:
-        check_tensors(meta, inputs, req.outputs)
-        feature_name = spec.upstream.input_name or meta.inputs[0].name
-        features = next((t for t in inputs if t.name == feature_name), None)
-        if features is None:  # check_tensors passed, so the registration names an input the model lacks
-            raise UpstreamError(f"model '{spec.name}' is registered with input_name '{feature_name}', which upstream "
-                                f"{spec.upstream.url} does not declare (its inputs: "
-                                f"{', '.join(t.name for t in meta.inputs)}); fix the registration",
-                                url=spec.upstream.url)
-    elif len(inputs) == 1:
-        features = inputs[0]
-    else:
-        raise InvalidRequest(f"model '{spec.name}' takes one feature input (plus '{spec.group_input}'); "
-                             f"got {', '.join(t.name for t in inputs)}")
-    X = _features(features)
-    groups = group_ids(runner, spec, None if group_tensor is None else to_numpy(group_tensor), len(X))
-    sent = runner.transform_inputs(X) if runner is not None else X
-    raw_wanted = bool((req.parameters or {}).get(RAW_PARAMETER))
-
-    if meta is None:  # V1 / MLflow upstream: one matrix in, one scores matrix out
-        scores = await upstream.scores(spec, sent)
-        name = spec.upstream.output_name or "predictions"  # as in upstream.synthesized_metadata
-        out = scores if runner is None else apply_patch(runner, spec, sent, scores, groups, req.id)
-        outputs = [from_numpy(name, out.astype(np.float32, copy=False))]
-        if raw_wanted:
-            outputs.append(from_numpy(RAW_OUTPUT, scores.astype(np.float32, copy=False)))
-        response = InferResponse.model_construct(model_name=spec.name, model_version=spec.version, id=req.id,
-                                                 outputs=outputs)
-        return _infer_answer(response, req, patch_id(runner))
-
-    # Rows the input transform changed go in the request's datatype; a binary leg takes the converted rows as
-    # they are rather than converting the request's list a second time.
-    if sent is not X or (spec.upstream.binary_data and not isinstance(features.data, np.ndarray)):
-        features_sent = RequestInput.model_construct(
-            name=features.name, shape=list(sent.shape), datatype=features.datatype, parameters=features.parameters,
-            data=np.asarray(sent, dtype=NUMPY_DTYPES[features.datatype]).ravel())
-        inputs = [features_sent if t is features else t for t in inputs]
-    scores_name = spec.upstream.output_name or meta.outputs[0].name
-    wanted = [o.name for o in req.outputs] if req.outputs else None
-    forward_outputs = None
-    if wanted is not None:  # only names go upstream (binary_data etc. are answered here)
-        forward_outputs = [RequestOutput(name=n) for n in dict.fromkeys([*wanted, scores_name])]
-    forward_parameters = _forward_parameters(req.parameters)
-    if binary is None and group_tensor is None and sent is X and wanted is None and not spec.upstream.binary_data \
-            and forward_parameters == req.parameters:  # nothing to change: the caller's bytes go upstream
-        result = await upstream.forward_v2(spec, body)
-    else:
-        result = await upstream.infer_v2(spec, inputs, forward_outputs, forward_parameters)
-    url = spec.upstream.url
-    i = scores_index(result, scores_name, url)
-    raw = result.outputs[i]
-    outputs = list(result.outputs)
-    if runner is not None:
-        scores = output_array(raw, url)
-        outputs[i] = from_numpy(raw.name, apply_patch(runner, spec, sent, scores, groups, req.id), raw.parameters)
-    if wanted is not None:
-        outputs = [o for o in outputs if o.name in wanted]
-    if raw_wanted:
-        outputs.append(ResponseOutput.model_construct(name=RAW_OUTPUT, shape=raw.shape, datatype=raw.datatype,
-                                                      parameters=None, data=raw.data))
-    response = construct(InferResponse, {"model_name": spec.name, "model_version": spec.version, "id": req.id,
-                                         "parameters": result.parameters, "outputs": outputs})
-    return _infer_answer(response, req, patch_id(runner))
-
-
-def _infer_weight_patch(spec: ModelSpec, req: InferRequest, runner: PatchRunner, inputs: list[RequestInput],
-                        group_tensor: RequestInput | None) -> Answer:
-    """V2 infer answered by the active weight patch's own model (service.patch_serving)."""
-    X = patch_serving.features(spec, runner, inputs)
-    groups = group_ids(runner, spec, None if group_tensor is None else to_numpy(group_tensor), len(X))
-    out, logits = patch_serving.scores(runner, spec, X, groups, req.id)
-    name = patch_serving.output_name(spec, runner)
-    unknown = [o.name for o in req.outputs or [] if o.name != name]
-    if unknown:
-        raise InvalidRequest(f"model '{spec.name}' is served by its active weight patch, which has one output, "
-                             f"'{name}'; no {', '.join(repr(n) for n in unknown)}")
-    outputs = [from_numpy(name, out)]
-    if (req.parameters or {}).get(RAW_PARAMETER):  # the replacement model's logits, before any output transform
-        outputs.append(from_numpy(RAW_OUTPUT, logits))
-    response = InferResponse.model_construct(model_name=spec.name, model_version=spec.version, id=req.id,
-                                             outputs=outputs)
-    return _infer_answer(response, req, patch_id(runner), SERVED_BY_PATCH)
-
-
-async def predict_v1(request: Request, model_name: str) -> Response:
-    return (await predict_answer(request.app.state, model_name, request.body)).response()
-
-
-async def predict_answer(state: State, model_name: str, read_body: BodyReader) -> Answer:
-    """KServe V1 predict, whichever front door the request came in by."""
-    cache: ModelCache = state.model_cache
-    spec = cache.fresh_spec(model_name) or await cache.spec(model_name)
-    body = await read_body()
-    if not body:
-        raise InvalidRequest('empty request body; expected {"instances": [[...], ...]}')
-    try:
-        req = V1Request.model_validate_json(body)
-    except ValidationError as e:
-        errors = e.errors(include_url=False)
-        if errors and errors[0]["type"] == "json_invalid":
-            raise InvalidRequest(f"malformed JSON: {errors[0].get('ctx', {}).get('error', errors[0]['msg'])}") \
-                from None
-        raise InvalidRequest(f"invalid V1 request: {describe_validation_errors(errors)}") from None
-    known, runner = state.patches.runner_now(spec.name, spec.version)
-    if not known:
-        runner = await state.patches.runner(spec.name, spec.version)
-    upstream: UpstreamClient = state.upstream
-    if runner is not None and runner.replaces_model:  # a weight patch answers itself
-        X = _instances(req.instances, "FP32")
-        patch_serving.check_shape(spec, runner, X)
-        gids = group_ids(runner, spec, None if req.groups is None else _group_values(req.groups), len(X))
-        out, _ = patch_serving.scores(runner, spec, X, gids, None)
-        return _answer({"predictions": out.tolist()}, patch_id(runner), SERVED_BY_PATCH)
-
-    meta = (cache.fresh_metadata(spec) or await cache.metadata(spec)) if spec.upstream.protocol == "v2" else None
-    datatype, name = "FP32", None
-    if meta is not None:
-        named = [t for t in meta.inputs if t.name == spec.upstream.input_name] if spec.upstream.input_name \
-            else meta.inputs
-        if len(named) != 1 or NUMPY_DTYPES[named[0].datatype].kind != "f":
-            raise InvalidRequest(f"model '{spec.name}' does not take one floating-point input; use the V2 "
-                                 f"endpoint /v2/models/{spec.name}/infer")
-        datatype, name = named[0].datatype, named[0].name
-    X = _instances(req.instances, datatype)
-    if meta is not None and not shape_matches(named[0].shape, list(X.shape)):
-        raise InvalidRequest(f"instances have shape {list(X.shape)}; model expects {named[0].shape} (-1 = any size)")
-    groups = None if req.groups is None else _group_values(req.groups)
-    gids = group_ids(runner, spec, groups, len(X))
-    sent = runner.transform_inputs(X) if runner is not None else X
-
-    if meta is None:
-        scores = await upstream.scores(spec, sent)
-    else:
-        result = await upstream.infer_v2(spec, [v2_tensor(name, sent, datatype)])
-        scores_name = spec.upstream.output_name or meta.outputs[0].name
-        scores = output_array(result.outputs[scores_index(result, scores_name, spec.upstream.url)],
-                              spec.upstream.url)
-    out = scores if runner is None else apply_patch(runner, spec, sent, scores, gids)
-    return _answer({"predictions": out.tolist()}, patch_id(runner))
-
-
-def _instances(instances: list[Any], datatype: str) -> np.ndarray:
-    if not instances:
-        raise InvalidRequest("instances is empty; send at least one row")
-    try:
-        X = np.asarray(instances, dtype=np.float64)
-    except (ValueError, TypeError) as e:
-        raise InvalidRequest(f"instances must be rows of numbers of equal length ({e})") from None
-    if X.ndim < 2:
-        raise InvalidRequest("each instance must be a row (a list of numbers)")
-    with np.errstate(over="ignore"):
-        X = X.astype(NUMPY_DTYPES[datatype], copy=False)
-    if not np.isfinite(X).all():
-        raise InvalidRequest(f"instances hold NaN, infinite or null values (or values outside the {datatype} "
-                             "range); send finite numbers")
-    return X
-
-
-def _group_values(groups: list[Any]) -> np.ndarray:
-    if all(isinstance(g, str) for g in groups):
-        return np.asarray(groups, dtype=object)
-    if all(isinstance(g, int) and not isinstance(g, bool) for g in groups):
-        return np.asarray(groups, dtype=np.int64)
-    raise InvalidRequest("groups must be all group names (strings) or all group ids (integers)")
-
-
-# The inference POSTs are the hot path. By default they never reach these routes: service.fast_path
-# serves them ahead of FastAPI's stack, through `infer_answer` / `predict_answer` like the routes below.
-# With the fast path off (Settings.fast_path) the routes serve them: plain Starlette routes, because
-# FastAPI's per-request dependency solving and parameter validation cost as much as the rest of the
-# gateway's own work (about 0.25 ms a request on a small machine), and these handlers read and validate
-# the body themselves. FastAPI routes with the same paths, registered after them (so never matched
-# first), document them in OpenAPI and behave the same if ever reached.
-V2_INFER_PATHS = ("/v2/models/{model_name}/infer", "/v2/models/{model_name}/versions/{model_version}/infer")
-V1_PREDICT_PATH = "/v1/models/{model_name}:predict"
-
-
-async def _infer_route(request: Request) -> Response:
-    params = request.path_params
-    return await infer(request, params["model_name"], params.get("model_version"))
-
-
-async def _predict_route(request: Request) -> Response:
-    return await predict_v1(request, request.path_params["model_name"])
-
-
-def hot_routes() -> list[Route]:
-    """The same two POST routes, for the top of the app's own route list (`create_app`): FastAPI
-    matches a request against an included router's routes twice, and against every route listed
-    before them, which costs about 0.1 ms a request; a top-level route listed first is matched in
-    microseconds."""
-    return [*(Route(p, _infer_route, methods=["POST"], include_in_schema=False) for p in V2_INFER_PATHS),
-            Route(V1_PREDICT_PATH, _predict_route, methods=["POST"], include_in_schema=False)]
-
-
-for _path in V2_INFER_PATHS:
-    router.add_route(_path, _infer_route, methods=["POST"], include_in_schema=False)
-router.add_route(V1_PREDICT_PATH, _predict_route, methods=["POST"], include_in_schema=False)
-_infer_doc = {"response_model": InferResponse, "openapi_extra": json_body(InferRequest),
-              "responses": {413: {"model": ErrorResponse}}, "summary": "OIP inference, patched"}
-for _path in V2_INFER_PATHS:
-    router.add_api_route(_path, infer, methods=["POST"], **_infer_doc)
-router.add_api_route(V1_PREDICT_PATH, predict_v1, methods=["POST"], response_model=V1Response,
-                     openapi_extra=json_body(V1Request), responses={413: {"model": ErrorResponse}},
-                     summary="KServe V1 predict, patched")
 
 
 # --- lifecycle ---------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 
 from patcher.methods import ACCESS_ORDER, Method, OptionsError, get_method, methods
 from patcher.patch import Patch, PatchError
-from service import worker
+from service import infer, worker
 from service.artifacts import ONNX_TYPES, ArtifactError, inspect_onnx, upstream_conflict, verified
 from service.auth import check_upstream_allowed, require_admin
 from service.datasets_store import (
@@ -156,6 +156,7 @@ async def register_model(request: Request) -> JSONResponse:
         raise ApiError(409, f"model {spec.name} version {spec.version} is already registered with a different "
                             "spec; DELETE it first or register a new version")
     await registry.put(spec)
+    infer.forget(request.app, spec.name)  # this replica's "latest" and remembered misses are re-read at once
     return _json(spec, 201, {"Location": f"/v1/models/{spec.name}/versions/{spec.version}"})
 
 
@@ -177,6 +178,9 @@ async def delete_model(request: Request, model: str, version: str) -> Response:
     if await _patches(request).active_id(model, version) is not None:
         await _patches(request).deactivate(model, version)
     await _registry(request).delete(model, version)
+    # This replica forgets the version at once (others within the registration cache's few seconds).
+    infer.forget(request.app, model, version)
+    _patches(request).forget(model, version)
     return Response(status_code=204)
 
 
@@ -514,14 +518,13 @@ async def deactivate_patch(request: Request, model: str, version: str) -> JSONRe
 @router.get("/patches/{patch_id}", summary="download a patch (zip bytes)",
             responses={200: {"content": {"application/zip": {}}}})
 async def download_patch(request: Request, patch_id: str) -> Response:
-    store = _patches(request)
-    raw = await store.redis.get(f"{store.prefix}patch:{patch_id}")
+    raw = await _patches(request).raw(patch_id)
     if raw is None:
         raise ApiError(404, f"unknown patch {patch_id!r}")
     try:
         await run_in_threadpool(Patch.from_bytes, raw, patch_id)  # never hand out bytes that fail their hash
     except PatchError as e:
-        raise ApiError(500, f"the stored patch {patch_id} fails verification: {e}") from None
+        raise ApiError(409, f"the stored patch {patch_id} fails verification ({e}); upload it again") from None
     return Response(raw, media_type="application/zip", headers={
         "fairpatch-patch": patch_id, "fairpatch-patch-sha256": hashlib.sha256(raw).hexdigest(),
         "content-disposition": f'attachment; filename="{patch_id}.zip"'})

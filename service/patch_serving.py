@@ -11,7 +11,8 @@ is [N, C] (C = the replacement's logits). Responses say `fairpatch-served-by: pa
 say `upstream`). Deactivating the patch sends requests back to the upstream.
 
 The replacement models are small MLPs: one call is tens of microseconds per batch, so it runs inline
-on the event loop like the other patch graphs.
+on the event loop like the other patch graphs. The transforms around it are service.infer's template,
+the same as for an upstream.
 """
 
 from __future__ import annotations
@@ -22,9 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from patcher.apply import PatchRunner, UnknownGroupError
-from patcher.patch import PatchError
-from patcher.scores import from_log_probs, to_log_probs
+from patcher.apply import PatchRunner
 from service.errors import ApiError
 from service.oip import InvalidRequest, RequestInput, to_numpy
 from service.registry import ModelSpec
@@ -111,22 +110,16 @@ def check_shape(spec: ModelSpec, runner: PatchRunner, X: np.ndarray) -> None:
         shown = [-1 if isinstance(w, str) else w for w in want]
         raise InvalidRequest(f"input has shape {list(X.shape)}; model '{spec.name}' expects {shown} (-1 = any "
                              "size)")
-    if X.dtype.kind == "f" and not np.isfinite(X).all():
-        raise InvalidRequest("the input holds NaN or infinite values; send finite numbers")
 
 
-def scores(runner: PatchRunner, spec: ModelSpec, X: np.ndarray, groups: np.ndarray | None,
-           request_id: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """(patched scores in the model's output kind [N, C], the replacement model's raw logits [N, C])."""
+def logits(runner: PatchRunner, spec: ModelSpec, X: np.ndarray) -> np.ndarray:
+    """The replacement model's logits [N, C] for rows that went through the patch's input transform."""
+    if not len(X):  # onnxruntime is not asked about an empty batch
+        classes = signature(runner).n_classes
+        return np.zeros((0, classes if isinstance(classes, int) else 0), dtype=np.float32)
     try:
-        seen = runner.transform_inputs(X)
-        logits = runner.model_logits(seen)
-        patched = runner.transform_outputs(seen, to_log_probs(logits, "logits"), groups, request_id)
-    except (UnknownGroupError, PatchError) as e:
-        raise InvalidRequest(str(e)) from None
+        return np.asarray(runner.model_logits(X), dtype=np.float32)
     except Exception as e:  # noqa: BLE001 - onnxruntime: the input does not fit the replacement model
         raise ApiError(500, f"the active weight patch {runner.patch.id[:12]} cannot run for model '{spec.name}' "
                             f"version '{spec.version}' ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
                             "deactivate it") from None
-    out = from_log_probs(patched, spec.upstream.output_kind, logits.shape[1])
-    return out.astype(np.float32, copy=False), np.asarray(logits, dtype=np.float32)

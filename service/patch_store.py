@@ -8,8 +8,10 @@ Layout (prefix `fp:`):
 
 Every gateway replica keeps the active pointers it has seen and a `PatchRunner` per patch id. A
 pub/sub listener refreshes a pointer when told, and a periodic re-check catches messages that
-pub/sub dropped. Patches are verified against their id when fetched; a patch bound to another
-model version is refused at activation.
+pub/sub dropped. Patches are verified against their id (their content hash) whenever they are
+fetched, and a patch is served only for the model version it is bound to: activation refuses
+another version's patch, and so does serving, whatever the pointer in Redis says
+(`PatchUnservable`: the request is refused, the patch is never applied).
 """
 
 from __future__ import annotations
@@ -20,15 +22,28 @@ import logging
 import time
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from patcher.apply import PatchRunner
 from patcher.patch import Patch, PatchError
+from service.errors import ApiError
 
 log = logging.getLogger("fairpatch.service")
 
 
 class PatchNotFound(LookupError):
     pass
+
+
+class PatchUnservable(ApiError):
+    """The active pointer names a patch that may not be served for this model version: bound to another
+    version, unbound, unreadable, or bytes that fail their hash. Requests are refused (409) until an
+    operator activates a good patch or deactivates this one."""
+
+    def __init__(self, model: str, version: str, patch_id: str, reason: str) -> None:
+        super().__init__(409, f"model '{model}' version '{version}': the active patch {patch_id[:12]} cannot be "
+                              f"served ({reason}); activate a patch made for version '{version}' or deactivate "
+                              f"this one (POST /v1/models/{model}/versions/{version}/patches/deactivate)")
 
 
 class PatchStore:
@@ -38,6 +53,9 @@ class PatchStore:
         self.recheck_s = recheck_s
         self._active: dict[tuple[str, str], str | None] = {}  # (model, version) -> patch id
         self._runners: dict[str, PatchRunner] = {}
+        # (model, version, patch id) -> why that pointer cannot be served; dropped when the pointer moves
+        self._refused: dict[tuple[str, str, str], PatchUnservable] = {}
+        self._serving: dict[tuple[str, str], tuple[str, PatchRunner]] = {}  # checked: (model, version) -> runner
         self._tasks: list[asyncio.Task] = []
 
     # ------------------------------------------------------------------ writes
@@ -79,6 +97,10 @@ class PatchStore:
             raise PatchNotFound(f"no patch {patch_id}")
         return Patch.from_bytes(raw, expected_id=patch_id)  # verified against the address it came from
 
+    async def raw(self, patch_id: str) -> bytes | None:
+        """The stored bytes of a patch as they are (None when there is none); callers verify them."""
+        return await self.redis.get(f"{self.prefix}patch:{patch_id}")
+
     async def list(self, model: str, version: str) -> list[tuple[str, float]]:
         rows = await self.redis.zrange(f"{self.prefix}patches:{model}:{version}", 0, -1, withscores=True)
         return [(pid.decode() if isinstance(pid, bytes) else pid, score) for pid, score in rows]
@@ -90,24 +112,62 @@ class PatchStore:
     def runner_now(self, model: str, version: str) -> tuple[bool, PatchRunner | None]:
         """(True, the active patch's runner or None) when this replica has both in memory already, else
         (False, None) and `runner` must be awaited: the hot path's lookup, with no coroutine to run."""
-        pid = self._active.get((model, version), "")
+        key = (model, version)
+        pid = self._active.get(key, "")
         if pid is None:
             return True, None
-        runner = self._runners.get(pid) if pid else None
-        return (True, runner) if runner is not None else (False, None)
+        serving = self._serving.get(key)
+        if serving is None or serving[0] != pid:
+            return False, None  # `runner` loads the patch and checks its binding
+        return True, serving[1]
 
     async def runner(self, model: str, version: str) -> PatchRunner | None:
         """The active patch's runner: from memory; Redis only the first time a version is seen."""
         key = (model, version)
+        try:
+            return await self._runner(key, model, version)
+        except (RedisError, OSError) as e:
+            raise ApiError(503, f"the patch store (Redis) is unavailable ({e}); retry shortly") from None
+
+    async def _runner(self, key: tuple[str, str], model: str, version: str) -> PatchRunner | None:
         if key not in self._active:
             self._active[key] = await self.active_id(model, version)
         pid = self._active[key]
         if pid is None:
             return None
+        refused = self._refused.get((model, version, pid))
+        if refused is not None:
+            raise refused
         runner = self._runners.get(pid)
+        try:
+            patch = runner.patch if runner is not None else await self.get(pid)
+            bound = patch.manifest.get("model") or {}
+            if not bound:
+                raise PatchError("it is bound to no model version")
+            patch.check_model(model, version)  # never serve a patch made for another model version
+        except (PatchError, PatchNotFound) as e:
+            refused = self._refused[(model, version, pid)] = PatchUnservable(model, version, pid, str(e))
+            log.error("%s", refused.message)
+            raise refused from None
         if runner is None:
-            runner = self._runners[pid] = PatchRunner(await self.get(pid))
+            runner = self._runners[pid] = PatchRunner(patch)
+        self._serving[key] = (pid, runner)
         return runner
+
+    def forget(self, model: str, version: str) -> None:
+        """Drop what this replica keeps for a model version (it was unregistered)."""
+        self._active.pop((model, version), None)
+        self._serving.pop((model, version), None)
+        self._prune()
+
+    def _prune(self) -> None:
+        live = set(self._active.values())
+        for pid in [p for p in self._runners if p not in live]:
+            del self._runners[pid]  # inactive patches are not kept in memory
+        for key in [k for k in self._refused if self._active.get(k[:2]) != k[2]]:
+            del self._refused[key]
+        for key in [k for k, (pid, _) in self._serving.items() if self._active.get(k) != pid]:
+            del self._serving[key]
 
     # ------------------------------------------------------------------ keeping replicas in step
     async def refresh(self) -> None:
@@ -118,9 +178,7 @@ class PatchStore:
         raws = await self.redis.mget([f"{self.prefix}active:{m}:{v}" for m, v in keys])
         for key, raw in zip(keys, raws, strict=True):
             self._active[key] = None if raw is None else raw.decode() if isinstance(raw, bytes) else raw
-        live = set(self._active.values())
-        for pid in [p for p in self._runners if p not in live]:
-            del self._runners[pid]  # inactive patches are not kept in memory
+        self._prune()
 
     async def _listen(self) -> None:
         while True:

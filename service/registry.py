@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import time
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
+STORED = {"stored": True}  # validation context for specs read back from Redis
 
 
 class UpstreamSpec(BaseModel):
-    url: str = Field(description="base URL of the model server, e.g. http://triton:8000")
+    url: str = Field(pattern=r"^https?://[^/?#\s]+", max_length=2048,
+                     description="base URL of the model server, e.g. http://triton:8000")
     protocol: Literal["v2", "v1", "mlflow"] = "v2"
     model_name: str | None = Field(None, description="the upstream's name for the model (default: the registered name)")
     model_version: str | None = Field(None, description="the upstream's version, if it wants one in the path")
@@ -39,9 +42,18 @@ class UpstreamSpec(BaseModel):
 
     @field_validator("url")
     @classmethod
-    def _http(cls, v: str) -> str:
+    def _http(cls, v: str, info: ValidationInfo) -> str:
         if not v.startswith(("http://", "https://")):
             raise ValueError("upstream url must start with http:// or https://")
+        if info.context == STORED:  # a stored registration is read as it is; calls to a bad URL are 502s
+            return v.rstrip("/")
+        try:
+            parts = urlsplit(v)
+            _ = parts.port  # raises for a port outside 0-65535
+        except ValueError as e:
+            raise ValueError(f"upstream url {v!r} is not a usable URL ({e})") from None
+        if not parts.hostname:
+            raise ValueError(f"upstream url {v!r} names no host")
         return v.rstrip("/")
 
 
@@ -90,7 +102,7 @@ class ModelRegistry:
 
     async def get(self, name: str, version: str) -> ModelSpec | None:
         raw = await self.redis.get(self._key(name, version))
-        return None if raw is None else ModelSpec.model_validate_json(raw)
+        return None if raw is None else ModelSpec.model_validate_json(raw, context=STORED)
 
     async def versions(self, name: str) -> list[str]:
         members = await self.redis.smembers(f"{self.prefix}models")
@@ -107,7 +119,7 @@ class ModelRegistry:
         if not keys:
             return []
         raws = await self.redis.mget([self._key(*k.split("\x00", 1)) for k in keys])
-        return [ModelSpec.model_validate_json(r) for r in raws if r is not None]
+        return [ModelSpec.model_validate_json(r, context=STORED) for r in raws if r is not None]
 
     async def delete(self, name: str, version: str) -> bool:
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -133,7 +145,7 @@ class ModelRegistry:
                     if raw is None:
                         await pipe.unwatch()
                         return None
-                    spec = ModelSpec.model_validate_json(raw).model_copy(update={"artifact": info})
+                    spec = ModelSpec.model_validate_json(raw, context=STORED).model_copy(update={"artifact": info})
                     pipe.multi()
                     pipe.set(key, spec.model_dump_json())
                     if info is None:

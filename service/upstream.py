@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import math
 import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -48,8 +47,11 @@ from service.oip import (
     RequestOutput,
     ResponseOutput,
     describe_validation_errors,
+    holds_bool,
     infer_response_from_doc,
     loads,
+    refuse_bools,
+    to_numpy,
 )
 from service.registry import ModelSpec
 from service.version import __version__
@@ -228,19 +230,36 @@ def encode_request(spec: ModelSpec, X: np.ndarray, *, input_name: str | None = N
 
 # --- responses ---------------------------------------------------------------------------------------
 
-def decode_v2(body: bytes, url: str, header_length: str | None = None) -> InferResponse:
-    """A V2 infer answer; `header_length` (the answer's Inference-Header-Content-Length) when it carries
-    binary tensor data."""
+def decode_v2(body: bytes, url: str, header_length: str | None = None, *, arrays: bool = True) -> InferResponse:
+    """A V2 infer answer, every output checked (`check_outputs`); `header_length` (the answer's
+    Inference-Header-Content-Length) when it carries binary tensor data. `arrays=False` leaves converting
+    the outputs, and so their check against the tensor rule, to a caller that converts them anyway."""
     if header_length is not None:
-        return _response_from_doc(_binary_answer_doc(body, url, header_length), url)
-    try:
-        doc = loads(body)
-    except ValueError:  # not JSON orjson reads (NaN literals, say): pydantic decides, and words the error
+        response = _response_from_doc(_binary_answer_doc(body, url, header_length), url)
+    else:
         try:
-            return InferResponse.model_validate_json(body)
-        except ValidationError as e:
-            raise _invalid_response(url, e) from None
-    return _response_from_doc(doc, url)
+            doc = loads(body)
+        except ValueError:  # not JSON orjson reads (NaN literals, say): pydantic decides, and words the error
+            try:
+                response = InferResponse.model_validate_json(body)
+            except ValidationError as e:
+                raise _invalid_response(url, e) from None
+        else:
+            response = _response_from_doc(doc, url)
+    check_outputs(response, body, url, arrays=arrays)
+    return response
+
+
+def check_outputs(response: InferResponse, body: bytes, url: str, *, arrays: bool = True) -> None:
+    """Every output of an upstream's answer by the rule requests are held to (service.oip.to_numpy: values
+    that fit the datatype and the shape, finite numbers, no true/false for numbers): a 502 otherwise, so
+    nothing the gateway passes on is malformed or non-standard JSON."""
+    try:
+        refuse_bools(body, response.outputs, "output")
+    except InvalidRequest as e:
+        raise UpstreamError(f"upstream {url} sent an invalid output: {e}", url=url) from None
+    for out in response.outputs if arrays else ():
+        output_array(out, url)
 
 
 def _response_from_doc(doc: Any, url: str) -> InferResponse:
@@ -288,18 +307,19 @@ def scores_index(response: InferResponse, output_name: str | None, url: str) -> 
 
 
 def output_array(out: ResponseOutput, url: str) -> np.ndarray:
-    """A numeric response tensor as an array of its datatype and shape."""
+    """A response tensor as an array of its datatype and shape (service.oip.to_numpy's rules); 502 when
+    it breaks them."""
+    try:
+        return to_numpy(out, "output")
+    except InvalidRequest as e:
+        raise UpstreamError(f"upstream {url} sent an invalid output: {e}", url=url) from None
+
+
+def scores_array(out: ResponseOutput, url: str) -> np.ndarray:
+    """The scores output as an array: numeric (`output_array`)."""
     if out.datatype == "BYTES":
         raise UpstreamError(f"upstream {url}: output '{out.name}' is BYTES, not numeric scores", url=url)
-    try:
-        arr = np.asarray(out.data, dtype=NUMPY_DTYPES[out.datatype])
-    except (ValueError, TypeError, OverflowError) as e:
-        raise UpstreamError(f"upstream {url}: output '{out.name}' is not a valid {out.datatype} tensor ({e})",
-                            url=url) from None
-    if arr.size != math.prod(out.shape) or any(d < 0 for d in out.shape):
-        raise UpstreamError(f"upstream {url}: output '{out.name}' has {arr.size} values for shape {out.shape}",
-                            url=url)
-    return arr.reshape(out.shape)
+    return output_array(out, url)
 
 
 def _predictions_array(predictions: Any, url: str) -> np.ndarray:
@@ -307,6 +327,8 @@ def _predictions_array(predictions: Any, url: str) -> np.ndarray:
     if isinstance(predictions, list) and predictions and all(isinstance(p, dict) for p in predictions):
         columns = list(predictions[0])
         predictions = [[row.get(c) for c in columns] for row in predictions]
+    if holds_bool(predictions):
+        raise UpstreamError(f"upstream {url}: predictions hold true/false, not numbers", url=url)
     try:
         arr = np.asarray(predictions, dtype=np.float64)
     except (ValueError, TypeError) as e:
@@ -323,7 +345,7 @@ def decode_scores(spec: ModelSpec, body: bytes, url: str, header_length: str | N
     """The scores array from an upstream answer, whatever its protocol."""
     if spec.upstream.protocol == "v2":
         response = decode_v2(body, url, header_length)
-        return output_array(response.outputs[scores_index(response, spec.upstream.output_name, url)], url)
+        return scores_array(response.outputs[scores_index(response, spec.upstream.output_name, url)], url)
     try:
         doc = pydantic_core.from_json(body)
     except ValueError as e:
@@ -464,7 +486,11 @@ class UpstreamClient:
     async def call(self, method: str, url: str, payload: Payload | None, timeout_s: float) -> Reply:
         """`request` for a payload that may carry binary tensor data; the answer with its binary header."""
         session = self._session or self._open()
-        target = self._url(url)
+        try:
+            target = self._url(url)
+        except ValueError as e:  # registered before URLs were checked, say: the registration must change
+            raise UpstreamError(f"upstream URL {url} is unusable ({e}); fix the model registration", url=url) \
+                from None
         body, headers = (None, None) if payload is None else (payload.body, payload.headers())
         deadline = time.monotonic() + timeout_s
         attempt = 0
@@ -481,6 +507,9 @@ class UpstreamClient:
                     binary = response.headers.get(binary_tensors.HEADER)
             except (aiohttp.ClientError, TimeoutError) as e:  # OSError from a socket is a ClientOSError
                 status, error = None, e
+            except ValueError as e:  # a URL aiohttp cannot connect to (a port out of range, say)
+                raise UpstreamError(f"upstream URL {url} is unusable ({e}); fix the model registration",
+                                    url=url) from None
             step = self._policy.step(url, timeout_s, attempt, deadline, status, content, error)
             if isinstance(step, bytes):
                 return Reply(step, binary)
@@ -496,19 +525,19 @@ class UpstreamClient:
 
     async def infer_v2(self, spec: ModelSpec, inputs: Sequence[RequestInput],
                        outputs: Sequence[RequestOutput] | None = None,
-                       parameters: Parameters | None = None) -> InferResponse:
+                       parameters: Parameters | None = None, *, arrays: bool = True) -> InferResponse:
         """Forward V2 tensors as they are, JSON or binary as registered; the whole V2 answer comes back
-        (every output)."""
+        (every output; `arrays`: as in `decode_v2`)."""
         url = infer_url(spec)
         reply = await self.call("POST", url, encode_infer(spec, inputs, outputs, parameters), spec.upstream.timeout_s)
-        return decode_v2(reply.body, url, reply.header_length)
+        return decode_v2(reply.body, url, reply.header_length, arrays=arrays)
 
-    async def forward_v2(self, spec: ModelSpec, body: bytes) -> InferResponse:
+    async def forward_v2(self, spec: ModelSpec, body: bytes, *, arrays: bool = True) -> InferResponse:
         """A caller's V2 request body sent as it came: for a request the gateway checked and would
         re-encode unchanged (re-encoding a large tensor costs more than the rest of the gateway's work)."""
         url = infer_url(spec)
         reply = await self.call("POST", url, Payload(body), spec.upstream.timeout_s)
-        return decode_v2(reply.body, url, reply.header_length)
+        return decode_v2(reply.body, url, reply.header_length, arrays=arrays)
 
     async def scores(self, spec: ModelSpec, X: np.ndarray, *, input_name: str | None = None,
                      datatype: str = "FP32") -> np.ndarray:
@@ -555,6 +584,9 @@ class SyncUpstreamClient:
                 binary = response.headers.get(binary_tensors.HEADER)
             except httpx.HTTPError as e:
                 error = e
+            except (httpx.InvalidURL, ValueError) as e:  # a URL httpx cannot connect to (a port out of range)
+                raise UpstreamError(f"upstream URL {url} is unusable ({e}); fix the model registration",
+                                    url=url) from None
             step = self._policy.step(url, timeout_s, attempt, deadline, status, content, error)
             if isinstance(step, bytes):
                 return Reply(step, binary)

@@ -1,6 +1,6 @@
 """Zero-hop export: the exported model answers what the gateway answers, on the Adult test split, in onnxruntime.
 
-The gateway's side is its own code run offline (service.infer.apply_patch and service.patch_serving.scores over
+The gateway's side is its own code run offline (service.infer.apply_patch and service.patch_serving.logits over
 PatchRunner, on the model's raw scores) and, once, a real gateway in front of `fairpatch upstream` over HTTP.
 The Triton repository's configs are parsed with Triton's own model_config proto (shipped, as generated code,
 in tritonclient, which the dev extra installs) and its patch models run in onnxruntime, step by step as the
@@ -50,11 +50,12 @@ def spec(kind: str = "logits") -> ModelSpec:
 def gateway_answer(patch: Patch, model: bytes | None, X: np.ndarray, groups: np.ndarray | None, kind: str = "logits",
                    request_id: str | None = None) -> np.ndarray:
     """What the gateway answers, by its own functions: input transform, the upstream's raw scores, apply_patch
-    (or, for a weight patch, patch_serving.scores)."""
+    (for a weight patch, its replacement model's logits from patch_serving)."""
     runner = PatchRunner(patch)
-    if runner.replaces_model:
-        return patch_serving.scores(runner, spec(kind), X, groups, request_id)[0]
     sent = runner.transform_inputs(X)
+    if runner.replaces_model:
+        logits = patch_serving.logits(runner, spec(kind), sent)
+        return apply_patch(runner, spec(kind), sent, logits, groups, request_id, scores_kind="logits")
     raw = session(model).run(None, {"input": sent})[0]
     return apply_patch(runner, spec(kind), sent, raw, groups, request_id)
 

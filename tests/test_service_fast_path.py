@@ -1,9 +1,10 @@
-"""The inference POSTs' lean ASGI path (service.fast_path) answers exactly as FastAPI's routes do.
+"""The inference endpoint (service.fast_path) answers the same ahead of FastAPI's stack as behind it.
 
 Two real gateways on loopback share one real Redis and one real upstream (the local ONNX server): one
-with the fast path (the default), one with `fast_path=False`, where FastAPI's own stack serves every
-request. The same requests, good and bad, must get the same status, the same body bytes and the same
-headers from both; and the fast gateway must really have served them on the fast path.
+with the fast path (the default: the endpoint is handed the inference POSTs before FastAPI's stack),
+one with `fast_path=False`, where FastAPI's router and middleware pass them to the same endpoint. The
+same requests, good and bad, must get the same status, the same body bytes and the same headers from
+both; and the fast gateway must really have served them ahead of the stack.
 """
 
 from __future__ import annotations
@@ -86,15 +87,17 @@ def gateways(tmp_path_factory, redis_url):
 
 @pytest.fixture
 def served_fast(monkeypatch):
-    """How many requests the fast path served."""
+    """The paths the endpoint served ahead of FastAPI's stack (the router gives the requests it routes their
+    path parameters)."""
     count = []
-    serve = fast_path.FastPath.__call__
+    serve = fast_path.InferenceEndpoint.__call__
 
-    async def counting(self, route, scope, receive, send):
-        count.append(scope["path"])
-        await serve(self, route, scope, receive, send)
+    async def counting(self, target, scope, receive, send):
+        if "path_params" not in scope:
+            count.append(scope["path"])
+        await serve(self, target, scope, receive, send)
 
-    monkeypatch.setattr(fast_path.FastPath, "__call__", counting)
+    monkeypatch.setattr(fast_path.InferenceEndpoint, "__call__", counting)
     return count
 
 

@@ -7,6 +7,7 @@ are also tested explicitly (the machine's Redis at 127.0.0.1:6379 only when it a
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -76,6 +77,48 @@ def test_docs_and_openapi(client):
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
     assert {"/v2", "/v2/health/live", "/v2/health/ready"} <= set(spec["paths"])
+
+
+def _refs(node) -> list[str]:
+    if isinstance(node, dict):
+        return ([node["$ref"]] if "$ref" in node else []) + [r for v in node.values() for r in _refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return []
+
+
+def test_every_ref_in_the_openapi_document_resolves(client):
+    spec = client.get("/openapi.json").json()
+    refs = set(_refs(spec))
+    assert "#/components/schemas/InferRequest" in refs and "#/components/schemas/V1Request" in refs
+    for ref in refs:
+        node = spec
+        for part in ref.removeprefix("#/").split("/"):
+            assert part in node, f"dangling $ref {ref}"
+            node = node[part]
+    paths = spec["paths"]
+    for path, request, response in [("/v2/models/{model_name}/infer", "InferRequest", "InferResponse"),
+                                    ("/v2/models/{model_name}/versions/{model_version}/infer", "InferRequest",
+                                     "InferResponse"),
+                                    ("/v1/models/{model_name}:predict", "V1Request", "V1Response")]:
+        op = paths[path]["post"]
+        assert op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(f"/{request}")
+        assert op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(f"/{response}")
+        assert {p["name"] for p in op["parameters"]} == set(re.findall(r"{(\w+)}", path))
+        assert {"400", "404", "413", "415", "502", "504"} <= set(op["responses"])
+    schemas = spec["components"]["schemas"]
+    assert set(schemas["InferRequest"]["required"]) == {"inputs"}
+    assert schemas["UpstreamSpec"]["properties"]["url"]["pattern"].startswith("^https?://")  # "" is no URL
+
+
+def test_a_405_lists_every_allowed_method(client):
+    r = client.request("OPTIONS", "/v1/models")
+    assert r.status_code == 405, r.text
+    allowed = {m.strip() for m in r.headers["allow"].split(",")}
+    assert {"GET", "POST"} <= allowed
+    assert "GET" in r.json()["error"] and "POST" in r.json()["error"]
+    r = client.get("/v2/models/m/infer")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
 
 
 @pytest.mark.parametrize(("method", "path", "status", "message"), [

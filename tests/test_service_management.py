@@ -168,6 +168,9 @@ def test_register_get_list_delete(client):
     (b'{"name": "x", "upstream": {"url": "http://127.0.0.1:1", "timeout_s": -1}}', "timeout_s"),
     (b'{"name": "x", "upstream": {"url": "http://127.0.0.1:1", "protocol": "v1", "binary_data": true}}',
      "binary_data needs protocol v2"),
+    (b'{"name": "x", "upstream": {"url": "http://127.0.0.1:99999"}}', "Port out of range"),
+    (b'{"name": "x", "upstream": {"url": ""}}', "upstream.url"),
+    (b'{"name": "x", "upstream": {"url": "http://:8000"}}', "names no host"),
 ])
 def test_bad_model_specs_are_400(client, body, message):
     r = client.post("/v1/models", content=body, headers={"content-type": "application/json"})

@@ -1,6 +1,7 @@
 """Model registry and patch store against a real Redis (REDIS_URL when set, else the embedded one)."""
 
 import asyncio
+import time
 import uuid
 
 import numpy as np
@@ -103,6 +104,23 @@ def test_corrupted_blob_in_redis_is_refused(redis_url):
     run(redis_url, body)
 
 
+async def until(condition, what: str, bound_s: float = 60.0) -> None:
+    """Wait for an async condition, polling; fail after a generous bound."""
+    deadline = time.monotonic() + bound_s
+    while not await condition():
+        assert time.monotonic() < deadline, f"waited {bound_s:g} s for: {what}"
+        await asyncio.sleep(0.02)
+
+
+async def _subscribers(redis, channel: str) -> bool:
+    return dict(await redis.pubsub_numsub(channel)).get(channel.encode(), 0) > 0
+
+
+async def _active(store: PatchStore, pid: str | None) -> bool:
+    runner = await store.runner("adult", "1")
+    return (runner.patch.id if runner is not None else None) == pid
+
+
 def test_a_second_replica_follows_pubsub(redis_url):
     async def body(redis, prefix):
         writer, reader = PatchStore(redis, prefix), PatchStore(Redis.from_url(redis_url), prefix, recheck_s=60)
@@ -110,19 +128,12 @@ def test_a_second_replica_follows_pubsub(redis_url):
         assert await reader.runner("adult", "1") is None  # the reader has seen this version
         reader.start()
         try:
-            await asyncio.sleep(0.2)  # let it subscribe
-            await writer.activate("adult", "1", pid)
-            for _ in range(50):
-                if await reader.runner("adult", "1") is not None:
-                    break
-                await asyncio.sleep(0.05)
-            assert (await reader.runner("adult", "1")).patch.id == pid
+            channel = f"{prefix}patch-events"
+            await until(lambda: _subscribers(redis, channel), "the reader subscribes")
+            await writer.activate("adult", "1", pid)  # the reader re-checks only every 60 s: pub/sub tells it
+            await until(lambda: _active(reader, pid), "the reader serves the patch")
             await writer.deactivate("adult", "1")
-            for _ in range(50):
-                if await reader.runner("adult", "1") is None:
-                    break
-                await asyncio.sleep(0.05)
-            assert await reader.runner("adult", "1") is None
+            await until(lambda: _active(reader, None), "the reader serves unpatched")
         finally:
             await reader.stop()
             await reader.redis.aclose()

@@ -243,7 +243,7 @@ def test_openapi_docs_describe_the_infer_request(client):
     assert body["content"]["application/json"]["schema"]["$ref"].endswith("/InferRequest")
 
 
-def test_non_tensor_inputs_are_refused_at_load():
+def test_string_tensors_are_declared_as_bytes():
     b = GraphBuilder()
     b.op("Identity", ["s"], "o")
     model = b.model([tensor("s", TensorProto.STRING, ["N"])], [tensor("o", TensorProto.STRING, ["N"])], "strings")

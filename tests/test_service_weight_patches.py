@@ -196,6 +196,10 @@ def test_a_weight_patch_serves_while_the_upstream_is_down(world):
     assert r.status_code == 200 and r.headers["fairpatch-served-by"] == "patch"
     np.testing.assert_allclose(scores(r), log_softmax(run_onnx(world.replacement, X).astype(np.float64)),
                                rtol=1e-5, atol=1e-5)
+    v1 = world.client.post(f"/v1/models/{m}:predict", json={"instances": X.tolist()})  # the same template
+    assert v1.status_code == 200 and v1.headers["fairpatch-served-by"] == "patch", v1.text
+    np.testing.assert_allclose(v1.json()["predictions"], scores(r), rtol=1e-6)
+    assert scores(infer(world, m, v2(np.zeros((0, D), dtype=np.float32)))).shape == (0, 2)  # an empty batch
     deactivate(world, m)
     assert infer(world, m, v2(X)).status_code == 502
 
