@@ -1,0 +1,284 @@
+"""Faults, caused for real: a `fairpatch worker` process SIGKILLed mid-job, Redis killed and restarted under a
+worker, a password in the Redis URL. Real processes on loopback: the gateway (uvicorn in a thread, or
+`fairpatch serve`), `fairpatch worker` subprocesses, the local ONNX upstream, redis-server.
+
+"Mid-job" is made deterministic with a gated upstream: it holds every infer request until the test opens
+the gate, so the test knows the fit is waiting on the upstream when it kills the worker. Every wait is on a
+condition with a generous timeout; nothing asserts a duration."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.app import create_app
+from service.local_upstream import OnnxModel, create_upstream_app
+from service.redis_embedded import redis_server_binary
+from service.serve_thread import ServerThread
+from service.settings import Settings
+from tests.test_service_jobs import CLI, adult_csv, register, submit, wait
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "faults-admin-key-0f3c"
+RUN = uuid.uuid4().hex[:6]
+
+
+class Gate:
+    """An upstream wrapper that holds infer requests while closed, and counts the ones that arrived."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.opened = threading.Event()
+        self._lock = threading.Lock()
+        self.arrived = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].endswith("/infer"):
+            with self._lock:
+                self.arrived += 1
+            while not self.opened.is_set():
+                await asyncio.sleep(0.01)
+        await self.app(scope, receive, send)
+
+
+def until(condition, what: str, timeout: float = 120.0, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(every)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "FAIRPATCH_REDIS_URL")
+           and not k.startswith("FAIRPATCH_")}
+    env.update(PYTHONPATH=str(REPO), **extra)
+    return env
+
+
+class WorkerProcess:
+    """A `fairpatch worker` subprocess; its log goes to a file the test reads."""
+
+    def __init__(self, log_path: Path, **env: str) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen([sys.executable, "-c", CLI, "worker"], cwd=REPO, env=clean_env(**env),
+                                        stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+
+
+@contextlib.contextmanager
+def worker_process(log_path: Path, **env: str) -> Iterator[WorkerProcess]:
+    w = WorkerProcess(log_path, **env)
+    try:
+        yield w
+    finally:
+        w.stop()
+
+
+# ---------------------------------------------------------------- a worker killed mid-job
+
+
+@pytest.fixture(scope="module")
+def gated(adult_model):
+    gate = Gate(create_upstream_app(OnnxModel(adult_model.onnx_bytes, name="adult")))
+    with ServerThread(gate) as server:
+        gate.url = server.url
+        yield gate
+        gate.opened.set()  # let held requests finish so the server can stop
+
+
+@pytest.fixture(scope="module")
+def settings(redis_url, tmp_path_factory) -> Settings:
+    return Settings(data_dir=tmp_path_factory.mktemp("gw"), redis_url=redis_url, admin_key=KEY,
+                    job_queue=f"test-faults:{RUN}")
+
+
+@pytest.fixture(scope="module")
+def client(settings):
+    with ServerThread(create_app(settings)) as server, \
+            httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def dataset(client, adult) -> str:
+    r = client.post("/v1/datasets", params={"label": "income", "group": "sex"}, content=adult_csv(adult, slice(2000)),
+                    headers={"content-type": "text/csv"})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def worker_env(settings: Settings, heartbeat_s: float) -> dict[str, str]:
+    return {"FAIRPATCH_REDIS_URL": settings.redis_url, "FAIRPATCH_JOB_QUEUE": settings.job_queue,
+            "FAIRPATCH_JOB_HEARTBEAT_TIMEOUT_S": str(heartbeat_s), "FAIRPATCH_DATA_DIR": str(settings.data_dir)}
+
+
+def kill_mid_fit(client, gate: Gate, job_id: str, log_path: Path, env: dict[str, str]) -> None:
+    """Run the job on a fresh worker process and SIGKILL it while its fit waits on the (closed) gate."""
+    seen = gate.arrived
+    with worker_process(log_path, **env) as w:
+        until(lambda: gate.arrived > seen, "the fit's first upstream request")
+        assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
+        w.kill()
+
+
+def test_a_job_whose_worker_is_killed_goes_back_to_the_queue_and_succeeds_on_the_next(client, settings, gated,
+                                                                                    dataset, tmp_path):
+    model = f"gated-{RUN}"
+    register(client, model, gated.url)
+    gated.opened.clear()
+    job = submit(client, model, dataset, budget=300)
+    kill_mid_fit(client, gated, job["id"], tmp_path / "w1.log", worker_env(settings, 2.0))
+
+    # No worker is alive: reading the job is what notices its worker is gone.
+    requeued = wait(client, job["id"], until=lambda j: j["status"] != "running")
+    assert requeued["status"] == "queued", requeued
+    assert requeued["progress"]["stage"].startswith("the worker running it stopped answering at ")
+    assert requeued["result"] is None and requeued["error"] is None
+    assert client.get(f"/v1/models/{model}/versions/1/patches").json()["patches"] == []  # nothing partial
+
+    gated.opened.set()
+    with worker_process(tmp_path / "w2.log", **worker_env(settings, 30.0)) as w2:
+        done = wait(client, job["id"])
+        assert done["status"] == "succeeded", (done, w2.log())
+    assert done["result"]["queries_used"] <= 300
+    patches = client.get(f"/v1/models/{model}/versions/1/patches").json()["patches"]
+    assert [p["id"] for p in patches] == [done["result"]["patch_id"]]
+
+
+def test_a_job_whose_worker_is_lost_twice_fails_with_the_reason(client, settings, gated, dataset, tmp_path):
+    model = f"gated-twice-{RUN}"
+    register(client, model, gated.url)
+    gated.opened.clear()
+    job = submit(client, model, dataset, budget=300)
+    env = worker_env(settings, 2.0)
+    kill_mid_fit(client, gated, job["id"], tmp_path / "w1.log", env)
+    # the next worker's sweeper puts the job back in the queue, then takes it: killed mid-fit again
+    kill_mid_fit(client, gated, job["id"], tmp_path / "w2.log", env)
+
+    failed = wait(client, job["id"])
+    assert failed["status"] == "failed", failed
+    assert failed["error"].startswith("the worker running it stopped answering at ")
+    assert "re-queued once already" in failed["error"] and failed["result"] is None
+    assert failed["finished_at"] is not None
+    assert client.get(f"/v1/models/{model}/versions/1/patches").json()["patches"] == []
+    gated.opened.set()
+
+
+# ---------------------------------------------------------------- Redis killed and restarted under a worker
+
+
+class RedisProcess:
+    """redis-server on a unix socket in a short temp dir, with a password, an append-only file (written on every
+    command, so a SIGKILL loses nothing) and no TCP port."""
+
+    PASSWORD = "s3cret-redis-pw-7d41"
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="fp-redis-"))
+        self.socket = self.dir / "redis.sock"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"unix://:{self.PASSWORD}@{self.socket}"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [redis_server_binary(), "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
+             "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+             "--requirepass", self.PASSWORD], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        until(self.socket.exists, "redis-server's socket", timeout=30, every=0.01)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+        self.socket.unlink(missing_ok=True)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(30)
+        for f in sorted(self.dir.rglob("*"), reverse=True):
+            f.unlink() if f.is_file() or f.is_socket() else f.rmdir()
+        self.dir.rmdir()
+
+
+@pytest.fixture()
+def own_redis() -> Iterator[RedisProcess]:
+    r = RedisProcess()
+    r.start()
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+@pytest.fixture(scope="module")
+def fast_upstream(adult_model):
+    with ServerThread(create_upstream_app(OnnxModel(adult_model.onnx_bytes, name="adult"))) as server:
+        yield server.url
+
+
+def test_a_worker_survives_redis_going_away_and_runs_jobs_queued_after_it_is_back(own_redis, fast_upstream,
+                                                                                  adult, tmp_path, caplog):
+    caplog.set_level("INFO")
+    settings = Settings(data_dir=tmp_path / "gw", redis_url=own_redis.url, admin_key=KEY,
+                        job_queue=f"test-redis-restart:{RUN}")
+    with ServerThread(create_app(settings)) as server, \
+            httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c, \
+            worker_process(tmp_path / "worker.log", **worker_env(settings, 30.0)) as w:
+        register(c, "adult", fast_upstream)
+        r = c.post("/v1/datasets", params={"label": "income", "group": "sex"}, content=adult_csv(adult, slice(2000)),
+                   headers={"content-type": "text/csv"})
+        assert r.status_code == 201, r.text
+        dataset = r.json()["id"]
+        until(lambda: "worker ready" in w.log(), "the worker to start")
+
+        own_redis.kill()
+        until(lambda: "lost Redis at" in w.log(), "the worker to notice Redis is gone")
+        assert w.process.poll() is None, w.log()
+        assert c.get("/v2/health/ready").status_code == 503
+
+        own_redis.start()  # the same socket and data: registrations and the dataset come back
+        until(lambda: c.get("/v2/health/ready").status_code == 200, "the gateway to reach Redis again")
+        done = wait(c, submit(c, "adult", dataset, budget=300)["id"])
+        assert done["status"] == "succeeded", (done, w.log())
+        assert w.process.poll() is None
+        log = w.log()
+    assert log.count("lost Redis at") == 1 and log.count("answers again") == 1, log  # once per outage
+    assert RedisProcess.PASSWORD not in log and "unix://:***@" in log
+    assert RedisProcess.PASSWORD not in caplog.text and "unix://:***@" in caplog.text
