@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     # file can hold far more than its size): rows, columns, and bytes of CSV text or Parquet column data.
     max_dataset_rows: int = Field(default=2_000_000, gt=0)
     max_dataset_columns: int = Field(default=10_000, gt=0)
-    max_dataset_decoded_bytes: int = Field(default=512 * MiB, gt=0)
+    max_dataset_decoded_bytes: int = Field(default=256 * MiB, gt=0)
     # Uploaded model artifacts (ONNX) larger than this are refused with 413 (max_body_bytes caps it too).
     max_artifact_bytes: int = Field(default=64 * MiB, gt=0)
     # The arq queue patch-training jobs go to; gateways and workers on one Redis must agree on it.
