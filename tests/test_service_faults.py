@@ -282,3 +282,53 @@ def test_a_worker_survives_redis_going_away_and_runs_jobs_queued_after_it_is_bac
     assert log.count("lost Redis at") == 1 and log.count("answers again") == 1, log  # once per outage
     assert RedisProcess.PASSWORD not in log and "unix://:***@" in log
     assert RedisProcess.PASSWORD not in caplog.text and "unix://:***@" in caplog.text
+
+
+# ---------------------------------------------------------------- secrets in logs
+
+
+def test_no_password_or_admin_key_in_the_logs_of_the_gateway_and_the_worker(own_redis, tmp_path):
+    env = clean_env(FAIRPATCH_REDIS_URL=own_redis.url, FAIRPATCH_ADMIN_KEY=KEY, FAIRPATCH_LOG_LEVEL="debug",
+                    FAIRPATCH_DATA_DIR=str(tmp_path), FAIRPATCH_JOB_QUEUE=f"test-secrets:{RUN}")
+    # a worker that finds no Redis says where it looked, without the password
+    missing = own_redis.url.replace("redis.sock", "nothing-here.sock")
+    p = subprocess.run([sys.executable, "-c", CLI, "worker", "--wait", "0.2"], cwd=REPO,
+                       env={**env, "FAIRPATCH_REDIS_URL": missing}, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "no Redis answers at unix://:***@" in p.stderr, p.stderr
+    logs = p.stdout + p.stderr
+
+    with socket_port() as port, open(tmp_path / "serve.log", "wb") as out, \
+            worker_process(tmp_path / "worker.log", **{k: v for k, v in env.items() if k.startswith("FAIRPATCH")}) as w:
+        serve = subprocess.Popen([sys.executable, "-c", CLI, "serve", "--port", str(port), "--access-log"], cwd=REPO,
+                                 env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            until(lambda: _ready(base), "the gateway to serve", timeout=120)
+            assert httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+            assert httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 403
+            until(lambda: "worker ready" in w.log(), "the worker to start")
+        finally:
+            serve.send_signal(signal.SIGTERM)
+            serve.wait(60)
+        served, worked = (tmp_path / "serve.log").read_text(errors="replace"), w.log()
+    # the lines that name Redis are there, masked: the gateway's "Redis at", the worker's start-up line
+    assert "Redis at unix://:***@" in served and "on unix://:***@" in worked, (served, worked)
+    for text in (logs, served, worked):
+        assert RedisProcess.PASSWORD not in text and KEY not in text
+
+
+@contextlib.contextmanager
+def socket_port() -> Iterator[int]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    yield port
+
+
+def _ready(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
