@@ -1,11 +1,13 @@
 """Patch-training jobs: the request, the record clients poll, and the arq queue they travel on.
 
 A job record is a Redis hash (prefix `fp:`): `job:{id}` -> {request: JSON, status, created_at,
-started_at, finished_at, progress: JSON, result: JSON, error}, and `jobs` is a sorted set of ids
-scored by creation time. Fields are written one by one, so the worker's progress writes never
-overwrite a status that the API changed meanwhile; every status change goes through one Lua script
-that only moves from an allowed status (a job cancelled while it finishes ends cancelled, and a
-finished job is never cancelled).
+started_at, finished_at, progress: JSON, result: JSON, error, and while a worker runs it: run (the
+run's token), heartbeat_at (Redis clock), stale_after_s, stale_requeues}; `jobs` is a sorted set of
+ids scored by creation time, `jobs:running` one of running ids scored by their last heartbeat.
+Fields are written one by one, so the worker's progress writes never overwrite a status that the API
+changed meanwhile; every status change goes through one Lua script that only moves from an allowed
+status (a job cancelled while it finishes ends cancelled, and a finished job is never cancelled), and
+a worker's writes only land while its run token is the record's (a run taken as lost writes nothing).
 
 The queue is arq's, with JSON instead of pickle for job payloads: a job carries only its id, and
 nothing a worker reads from Redis can run code.

@@ -12,7 +12,12 @@ Every error ends the job as `failed` with a message saying what went wrong while
 worker itself carries on. An abort (DELETE /v1/jobs/{id}) cancels the job's task through arq and
 sets a flag the fit thread checks before every upstream batch and progress report. A worker shut
 down mid-job puts the job back to `queued`, and arq runs it again on the next worker (at most
-`MAX_TRIES` times).
+`MAX_TRIES` times). A worker that dies without a word (SIGKILL, out of memory) is noticed by its
+heartbeat: every running job beats (progress writes count, and a task on the event loop beats while
+the fit thread runs); a job whose heartbeat is older than `job_heartbeat_timeout_s` is re-queued
+once, then failed (`JobStore.expire_if_stale`, applied by every reader and by each worker's sweeper).
+A Redis outage does not end the worker (`ResilientWorker`): it reconnects with backoff and takes jobs
+again once Redis is back.
 
 Processes: `fairpatch worker` (`main`) runs arq's `Worker` on the configured Redis or, with none
 configured, on the embedded Redis that `fairpatch serve` runs under the same data directory;
@@ -37,7 +42,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 from arq.connections import ArqRedis
-from arq.worker import Worker, func
+from arq.worker import Retry, Worker, func
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -323,10 +328,16 @@ async def train_patch(ctx: dict[str, Any], job_id: str) -> str:
     task = asyncio.ensure_future(_run(ctx, job, cancelled, stage))
     beat = asyncio.ensure_future(_heartbeat(jobs, job_id, settings.job_heartbeat_timeout_s / 3, cancelled))
     try:
-        return await _outcome(jobs, job_id, task, cancelled, stage, settings)
+        outcome = await _outcome(jobs, job_id, task, cancelled, stage, settings)
     finally:
         beat.cancel()
         jobs.forget(job_id)
+    if await jobs.status(job_id) == "queued":
+        # Taken from this worker as lost (it stalled past the heartbeat bound) and put back in the queue, so this
+        # run's end was not written: leave the job in arq's queue too, or arq would drop it while the record
+        # waits for a run.
+        raise Retry()
+    return outcome
 
 
 async def _outcome(jobs: JobStore, job_id: str, task: asyncio.Future, cancelled: threading.Event,
@@ -365,7 +376,7 @@ async def _outcome(jobs: JobStore, job_id: str, task: asyncio.Future, cancelled:
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
-async def _persist(write: Callable[[], Awaitable[_T]], max_wait_s: float = 10.0) -> _T:
+async def _persist(write: Callable[[], Awaitable[_T]], max_wait_s: float = 300.0) -> _T:
     """A job's final write, retried with backoff while Redis does not answer (the heartbeat goes on meanwhile,
     so the job is not taken as lost); re-raises once Redis has been gone `max_wait_s`."""
     deadline = time.monotonic() + max_wait_s
@@ -382,13 +393,16 @@ async def _persist(write: Callable[[], Awaitable[_T]], max_wait_s: float = 10.0)
 
 async def _heartbeat(jobs: JobStore, job_id: str, every_s: float, cancelled: threading.Event) -> None:
     """Beat for the job while it runs; stop its fit when the record is no longer this run's (re-queued after
-    this worker was taken as lost, or cancelled). A beat Redis does not take is retried at the next one."""
+    this worker was taken as lost, or cancelled). A beat Redis does not take is retried soon."""
+    wait_s = every_s
     while True:
-        await asyncio.sleep(every_s)
+        await asyncio.sleep(wait_s)
         try:
             ours = await jobs.beat(job_id)
-        except REDIS_DOWN:
+        except REDIS_DOWN:  # beat again soon: the first beat after Redis is back must not wait a full period
+            wait_s = min(every_s, RECONNECT_FIRST_S)
             continue
+        wait_s = every_s
         if not ours and not cancelled.is_set():
             log.info("job %s is no longer this worker's (cancelled or re-queued); stopping it", job_id)
             cancelled.set()
@@ -502,6 +516,9 @@ class ResilientWorker(Worker):
             self.outage.back()
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
+        # A job re-queued while its run here is still winding down (taken as lost after a stall) is left to
+        # another worker, or to this one once that run has ended: arq would start it twice in one process.
+        job_ids = [j for j in job_ids if j.decode() not in self.tasks]
         try:
             await super().start_jobs(job_ids)
         except REDIS_DOWN:
@@ -649,6 +666,7 @@ def spawn(redis_url: str, settings: Settings) -> subprocess.Popen:
     env["FAIRPATCH_REDIS_URL"] = redis_url
     env["FAIRPATCH_JOB_QUEUE"] = settings.job_queue
     env["FAIRPATCH_DATA_DIR"] = str(settings.data_dir)
+    env["FAIRPATCH_JOB_HEARTBEAT_TIMEOUT_S"] = repr(settings.job_heartbeat_timeout_s)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     linux = sys.platform.startswith("linux")

@@ -29,6 +29,7 @@ from service.local_upstream import OnnxModel, create_upstream_app
 from service.redis_embedded import redis_server_binary
 from service.serve_thread import ServerThread
 from service.settings import Settings
+from service.worker import WorkerThread
 from tests.test_service_jobs import CLI, adult_csv, register, submit, wait
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,6 +195,34 @@ def test_a_job_whose_worker_is_lost_twice_fails_with_the_reason(client, settings
     assert failed["finished_at"] is not None
     assert client.get(f"/v1/models/{model}/versions/1/patches").json()["patches"] == []
     gated.opened.set()
+
+
+def test_a_worker_taken_as_lost_while_alive_gives_the_job_back(client, settings, gated, dataset, caplog):
+    """A worker that stalled past the bound (caused here by backdating its heartbeat: a stalled event loop cannot
+    be made on demand) stops its run when it sees the record re-queued, and leaves the job in arq's queue: it
+    runs again and succeeds, with one patch."""
+    from redis import Redis
+
+    caplog.set_level("INFO", logger="fairpatch.worker")
+    model = f"gated-stalled-{RUN}"
+    register(client, model, gated.url)
+    gated.opened.clear()
+    seen = gated.arrived
+    other = settings.model_copy(update={"job_queue": f"{settings.job_queue}:stalled", "job_heartbeat_timeout_s": 6.0})
+    with ServerThread(create_app(other)) as server, \
+            httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c, \
+            WorkerThread(other, other.redis_url), Redis.from_url(other.redis_url) as redis:
+        job = submit(c, model, dataset, budget=300)
+        until(lambda: gated.arrived > seen, "the fit's first upstream request")
+        redis.hset(f"fp:job:{job['id']}", "heartbeat_at", "1000000000.0")  # as if it had stalled since 2001
+        requeued = c.get(f"/v1/jobs/{job['id']}").json()
+        assert requeued["status"] == "queued" and "stopped answering at 2001-09-09" in requeued["progress"]["stage"]
+        until(lambda: "no longer this worker's" in caplog.text, "the worker to notice")
+        gated.opened.set()
+        done = wait(c, job["id"])
+    assert done["status"] == "succeeded", done
+    patches = client.get(f"/v1/models/{model}/versions/1/patches").json()["patches"]
+    assert [p["id"] for p in patches] == [done["result"]["patch_id"]]
 
 
 # ---------------------------------------------------------------- Redis killed and restarted under a worker
