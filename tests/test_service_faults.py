@@ -361,3 +361,52 @@ def _ready(base: str) -> bool:
         return httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200
     except httpx.TransportError:
         return False
+
+
+# ---------------------------------------------------------------- predictions through a Redis outage
+
+
+def test_predictions_are_served_and_patched_while_redis_is_killed_and_restarted(own_redis, fast_upstream, adult,
+                                                                                adult_model, tmp_path):
+    """A bounded load of predictions before, during and after an outage: every one answered 200 with the active
+    patch. The outage outlasts the gateway's registration cache and its patch re-check, so both are served
+    from memory while Redis is gone."""
+    from patcher.methods import eraser
+    from patcher.oracle import OnnxOracle
+    from patcher.tuning import TuningData
+    from service.infer import SPEC_TTL_S
+
+    tune = TuningData(adult.tune.X, adult.tune.y, adult.tune.groups, adult.group_names)
+    patch, _ = eraser.fit(OnnxOracle(adult_model.onnx_bytes, budget=300), tune, "dp", 300, bias="estimator", seed=0)
+    settings = Settings(data_dir=tmp_path / "gw", redis_url=own_redis.url, admin_key=KEY, patch_recheck_s=1.0)
+    X = adult.test.X[:8].astype("float32")
+    request = {"inputs": [{"name": "input", "shape": list(X.shape), "datatype": "FP32", "data": X.ravel().tolist()}]}
+    with ServerThread(create_app(settings)) as server, \
+            httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+        register(c, "adult", fast_upstream)
+        r = c.post("/v1/models/adult/versions/1/patches", content=patch.for_model("adult", "1").to_bytes(),
+                   headers={"content-type": "application/zip"})
+        assert r.status_code == 201, r.text
+        pid = r.json()["id"]
+        assert c.post(f"/v1/models/adult/versions/1/patches/{pid}/activate").status_code == 200
+
+        answers: list[tuple[int, str | None]] = []
+
+        def predict(n: int) -> None:
+            for _ in range(n):
+                r = c.post("/v2/models/adult/versions/1/infer", json=request)
+                answers.append((r.status_code, r.headers.get("fairpatch-patch")))
+
+        predict(50)
+        own_redis.kill()
+        outage_until = time.monotonic() + 3 * max(SPEC_TTL_S, settings.patch_recheck_s)
+        during = 0
+        while during < 100 or time.monotonic() < outage_until:  # a load, not a measurement
+            predict(10)
+            during += 10
+        assert c.get("/v2/health/ready").status_code == 503  # Redis was really gone all along
+        own_redis.start()
+        until(lambda: c.get("/v2/health/ready").status_code == 200, "the gateway to reach Redis again")
+        predict(50)
+    failed = [a for a in answers if a != (200, pid)]
+    assert not failed and len(answers) == 100 + during, failed[:5]
