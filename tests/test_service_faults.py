@@ -313,6 +313,35 @@ def test_a_worker_survives_redis_going_away_and_runs_jobs_queued_after_it_is_bac
     assert RedisProcess.PASSWORD not in caplog.text and "unix://:***@" in caplog.text
 
 
+def test_a_job_running_through_a_redis_outage_finishes_once_redis_is_back(own_redis, gated, adult, tmp_path):
+    settings = Settings(data_dir=tmp_path / "gw", redis_url=own_redis.url, admin_key=KEY,
+                        job_queue=f"test-redis-midjob:{RUN}")
+    spec = {"name": "adult", "version": "1", "groups": ["Female", "Male"],
+            "upstream": {"url": gated.url, "model_name": "adult", "input_name": "input", "output_name": "logits",
+                         "output_kind": "logits", "timeout_s": 300}}  # the gate holds requests through the outage
+    gated.opened.clear()
+    seen = gated.arrived
+    with ServerThread(create_app(settings)) as server, \
+            httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c, \
+            worker_process(tmp_path / "worker.log", **worker_env(settings, 300.0)) as w:
+        assert c.post("/v1/models", json=spec).status_code == 201
+        r = c.post("/v1/datasets", params={"label": "income", "group": "sex"}, content=adult_csv(adult, slice(2000)),
+                   headers={"content-type": "text/csv"})
+        job = submit(c, "adult", r.json()["id"], budget=300)
+        until(lambda: gated.arrived > seen, "the fit's first upstream request")
+
+        own_redis.kill()
+        until(lambda: "lost Redis at" in w.log(), "the worker to notice Redis is gone")
+        own_redis.start()
+        until(lambda: c.get("/v2/health/ready").status_code == 200, "the gateway to reach Redis again")
+        gated.opened.set()
+        done = wait(c, job["id"])
+        assert done["status"] == "succeeded", (done, w.log())
+        assert done["result"]["queries_used"] <= 300 and w.process.poll() is None
+        patches = c.get("/v1/models/adult/versions/1/patches").json()["patches"]
+        assert [p["id"] for p in patches] == [done["result"]["patch_id"]]
+
+
 # ---------------------------------------------------------------- secrets in logs
 
 
