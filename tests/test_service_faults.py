@@ -26,11 +26,20 @@ import pytest
 
 from service.app import create_app
 from service.local_upstream import OnnxModel, create_upstream_app
-from service.redis_embedded import redis_server_binary
+from service.redis_embedded import EmbeddedRedis, redis_server_binary
 from service.serve_thread import ServerThread
 from service.settings import Settings
 from service.worker import WorkerThread
-from tests.test_service_jobs import CLI, adult_csv, register, submit, wait
+from tests.test_service_jobs import (
+    CLI,
+    adult_csv,
+    alive,
+    children,
+    register,
+    submit,
+    wait,
+    worker_children,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "faults-admin-key-0f3c"
@@ -390,6 +399,52 @@ def _ready(base: str) -> bool:
         return httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_the_embedded_redis_is_started_again_when_it_dies(tmp_path):
+    from redis import Redis
+
+    embedded = EmbeddedRedis(tmp_path, watch_s=0.05)
+    with embedded as url:
+        first = embedded.process.pid
+        os.kill(first, signal.SIGKILL)
+        until(lambda: embedded.process is not None and embedded.process.pid != first, "a new redis-server")
+        with Redis.from_url(url) as r:
+            assert until(r.ping, "the new redis-server to answer")
+        second = embedded.process.pid
+    assert not alive(first) and not alive(second) and not Path(embedded.socket_path).exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads child processes from /proc")
+def test_serve_in_embedded_mode_rides_out_its_redis_dying(tmp_path, fast_upstream, adult):
+    """`fairpatch serve` with no Redis configured: its redis-server is SIGKILLed; the gateway starts it again,
+    its worker (the same code as `fairpatch worker`) reconnects, and a job submitted afterwards runs."""
+    with socket_port() as port:
+        pass
+    env = clean_env(FAIRPATCH_DATA_DIR=str(tmp_path / "data"), FAIRPATCH_ADMIN_KEY=KEY)
+    with open(tmp_path / "serve.log", "wb") as out:
+        serve = subprocess.Popen([sys.executable, "-c", CLI, "serve", "--port", str(port)], cwd=REPO, env=env,
+                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    log = lambda: (tmp_path / "serve.log").read_text(errors="replace")  # noqa: E731
+    try:
+        until(lambda: _ready(base) and "worker ready" in log(), "the gateway and its worker", timeout=120)
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+            register(c, "adult", fast_upstream)
+            r = c.post("/v1/datasets", params={"label": "income", "group": "sex"},
+                       content=adult_csv(adult, slice(2000)), headers={"content-type": "text/csv"})
+            assert r.status_code == 201, r.text
+            (redis_pid,) = [p for p in children(serve.pid) if "redis-server" in Path(f"/proc/{p}/cmdline").read_text()]
+            (worker_pid,) = worker_children(serve.pid)
+            os.kill(redis_pid, signal.SIGKILL)
+            until(lambda: "starting it again" in log(), "the gateway to start its Redis again")
+            until(lambda: _ready(base), "the gateway to reach its Redis again")
+            done = wait(c, submit(c, "adult", r.json()["id"], budget=300)["id"])
+            assert done["status"] == "succeeded", (done, log())
+        assert worker_children(serve.pid) == [worker_pid], log()  # the same worker: it did not exit
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(60)
 
 
 # ---------------------------------------------------------------- predictions through a Redis outage
