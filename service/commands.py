@@ -28,7 +28,9 @@ def add_service_parsers(sub: argparse._SubParsersAction) -> None:
         "worker", help="run patch-training jobs (on FAIRPATCH_REDIS_URL, else the embedded Redis of `serve`)",
         description="Run a job worker: it takes patch-training jobs from the queue on FAIRPATCH_REDIS_URL, or "
                     "with none set from the embedded Redis that `fairpatch serve` runs under the same "
-                    "FAIRPATCH_DATA_DIR. Stops on SIGTERM / Ctrl-C; a job it was running goes back to the queue.")
+                    "FAIRPATCH_DATA_DIR. Stops on SIGTERM / Ctrl-C; a job it was running goes back to the queue. "
+                    "Keeps running when Redis goes away (reconnecting with backoff) and takes jobs again once it "
+                    "is back.")
     work.add_argument("--burst", action="store_true", help="exit once the queue is empty")
     work.add_argument("--max-jobs", type=int, default=None,
                       help="jobs run at once (default: FAIRPATCH_WORKER_MAX_JOBS or 2)")

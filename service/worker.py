@@ -480,10 +480,12 @@ class _Outage:
         self.where = where
         self.since: float | None = None
         self.delay = RECONNECT_FIRST_S
+        self.new = False  # the last failure started an outage
 
     def lost(self, exc: BaseException) -> float:
         """Seconds to wait before the next try (doubling up to RECONNECT_MAX_S)."""
-        if self.since is None:
+        self.new = self.since is None
+        if self.new:
             self.since = time.monotonic()
             log.warning("lost Redis at %s (%s); reconnecting with backoff (up to %gs between tries); jobs "
                         "already running go on", self.where, redact(str(exc) or type(exc).__name__),
@@ -511,7 +513,11 @@ class ResilientWorker(Worker):
         try:
             await super()._poll_iteration()
         except REDIS_DOWN as e:
-            await asyncio.sleep(self.outage.lost(e))
+            delay = self.outage.lost(e)
+            if self.outage.new:  # drop every pooled connection now, or each would fail once more after Redis is back
+                with contextlib.suppress(Exception):
+                    await self.pool.connection_pool.disconnect()
+            await asyncio.sleep(delay)
         else:
             self.outage.back()
 

@@ -150,6 +150,8 @@ def dataset(client, adult) -> str:
 
 
 def worker_env(settings: Settings, heartbeat_s: float) -> dict[str, str]:
+    """A worker's environment. The heartbeat bound of a worker the test kills is a few seconds: short enough to
+    wait for, long enough that a live worker on a loaded machine is never taken as lost."""
     return {"FAIRPATCH_REDIS_URL": settings.redis_url, "FAIRPATCH_JOB_QUEUE": settings.job_queue,
             "FAIRPATCH_JOB_HEARTBEAT_TIMEOUT_S": str(heartbeat_s), "FAIRPATCH_DATA_DIR": str(settings.data_dir)}
 
@@ -169,7 +171,7 @@ def test_a_job_whose_worker_is_killed_goes_back_to_the_queue_and_succeeds_on_the
     register(client, model, gated.url)
     gated.opened.clear()
     job = submit(client, model, dataset, budget=300)
-    kill_mid_fit(client, gated, job["id"], tmp_path / "w1.log", worker_env(settings, 2.0))
+    kill_mid_fit(client, gated, job["id"], tmp_path / "w1.log", worker_env(settings, 5.0))
 
     # No worker is alive: reading the job is what notices its worker is gone.
     requeued = wait(client, job["id"], until=lambda j: j["status"] != "running")
@@ -192,7 +194,7 @@ def test_a_job_whose_worker_is_lost_twice_fails_with_the_reason(client, settings
     register(client, model, gated.url)
     gated.opened.clear()
     job = submit(client, model, dataset, budget=300)
-    env = worker_env(settings, 2.0)
+    env = worker_env(settings, 5.0)
     kill_mid_fit(client, gated, job["id"], tmp_path / "w1.log", env)
     # the next worker's sweeper puts the job back in the queue, then takes it: killed mid-fit again
     kill_mid_fit(client, gated, job["id"], tmp_path / "w2.log", env)
