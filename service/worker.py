@@ -364,7 +364,7 @@ async def _outcome(jobs: JobStore, job_id: str, task: asyncio.Future, cancelled:
         return "cancelled"
     except Exception as e:  # noqa: BLE001 - a failed job, not a failed worker
         log.info("job %s failed while %s: %r", job_id, stage[0], e)
-        error = f"{stage[0]}: {_describe(e)}"
+        error = redact(f"{stage[0]}: {_describe(e)}")  # the record is read back by clients: no credentials in it
         await _persist(lambda: jobs.finish(job_id, "failed", finished_at=time.time(), error=error))
         return "failed"
     changed, now = await _persist(lambda: jobs.finish(
