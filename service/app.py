@@ -8,7 +8,6 @@ endpoint (service.fast_path), taken ahead of FastAPI's stack; the other routers 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -22,16 +21,13 @@ from service.errors import install_error_handlers
 from service.fast_path import InferenceEndpoint
 from service.openapi import document
 from service.patch_store import PatchStore
+from service.redact import redact_url as _redacted
 from service.redis_embedded import redis_url_for
 from service.registry import ModelRegistry
 from service.settings import Settings
 from service.version import __version__
 
 log = logging.getLogger("fairpatch.service")
-
-
-def _redacted(url: str) -> str:
-    return re.sub(r"://[^@/]*@", "://***@", url)
 
 
 class Gateway(FastAPI):

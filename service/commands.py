@@ -31,7 +31,9 @@ def add_service_parsers(sub: argparse._SubParsersAction) -> None:
         "worker", help="run patch-training jobs (on FAIRPATCH_REDIS_URL, else the embedded Redis of `serve`)",
         description="Run a job worker: it takes patch-training jobs from the queue on FAIRPATCH_REDIS_URL, or "
                     "with none set from the embedded Redis that `fairpatch serve` runs under the same "
-                    "FAIRPATCH_DATA_DIR. Stops on SIGTERM / Ctrl-C; a job it was running goes back to the queue.")
+                    "FAIRPATCH_DATA_DIR. Stops on SIGTERM / Ctrl-C; a job it was running goes back to the queue. "
+                    "Keeps running when Redis goes away (reconnecting with backoff) and takes jobs again once it "
+                    "is back.")
     work.add_argument("--burst", action="store_true", help="exit once the queue is empty")
     work.add_argument("--max-jobs", type=int, default=None,
                       help="jobs run at once (default: FAIRPATCH_WORKER_MAX_JOBS or 2)")
@@ -56,9 +58,17 @@ def add_service_parsers(sub: argparse._SubParsersAction) -> None:
     up.set_defaults(run=run_upstream)
 
 
-def _configure_logging(level: str) -> None:
+def _configure_logging(level: str, secrets: list[str | None] | None = None) -> None:
     # uvicorn configures only its own loggers; this makes ours (fairpatch.*) visible beside them.
     logging.basicConfig(level=level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    from service.redact import install
+
+    install(secrets or [])  # no password or key in any line, ours or a library's
+
+
+def _secrets(settings: object) -> list[str | None]:
+    key = getattr(settings, "admin_key", None)
+    return [key.get_secret_value() if key is not None else None]
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -78,13 +88,13 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings(**overrides)
     except ValidationError as e:
-        print(f"fairpatch serve: invalid settings: {e}", file=sys.stderr)
+        print(f"fairpatch serve: invalid settings: {_redact(str(e))}", file=sys.stderr)
         return 2
     if settings.redis_url is None and not getattr(args, "no_worker", False):
         # Embedded mode: one machine, so the gateway runs its own worker (stopped with it). With a shared
         # Redis, workers are deployed on their own (`fairpatch worker`) and scaled apart from gateways.
         settings = settings.model_copy(update={"start_worker": True})
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, _secrets(settings))
     # uvloop and httptools are picked when installed (uvicorn[standard]); both are on the hot path.
     app = create_app(settings)
     if kserve is not None:
@@ -103,10 +113,16 @@ def run_worker(args: argparse.Namespace) -> int:
     try:
         settings = Settings(**({"worker_max_jobs": args.max_jobs} if args.max_jobs is not None else {}))
     except ValidationError as e:
-        print(f"fairpatch worker: invalid settings: {e}", file=sys.stderr)
+        print(f"fairpatch worker: invalid settings: {_redact(str(e))}", file=sys.stderr)
         return 2
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, _secrets(settings))
     return main(settings, burst=args.burst, wait_s=args.wait)
+
+
+def _redact(text: str) -> str:
+    from service.redact import redact
+
+    return redact(text)
 
 
 def run_upstream(args: argparse.Namespace) -> int:

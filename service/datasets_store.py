@@ -18,6 +18,7 @@ import io
 import time
 import uuid
 import warnings
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,14 @@ _SHOW = 8  # how many column names / values an error message lists
 
 class DatasetError(ValueError):
     """A dataset that cannot be used as uploaded; the message is for the client."""
+
+    status = 400
+
+
+class DatasetTooLarge(DatasetError):
+    """An upload that decodes to more rows, columns or bytes than the gateway accepts."""
+
+    status = 413
 
 
 class DatasetSummary(BaseModel):
@@ -74,20 +83,88 @@ def media_type(content_type: str | None) -> str:
 
 # ---------------------------------------------------------------- reading the upload
 
+GZIP_MAGIC = b"\x1f\x8b"
+_GZIP_CHUNK = 1 << 20  # bytes of decompressed text produced per step, so the cap is checked as it grows
 
-def read_table(data: bytes, content_type: str | None) -> tuple[pd.DataFrame, str]:
-    """The uploaded bytes as a frame, and the format name; DatasetError when they are not a readable table."""
+
+@dataclass(frozen=True)
+class DatasetLimits:
+    """What an upload may decode to (the settings `max_dataset_*`), checked while it is read: a small gzip CSV or
+    zstd Parquet file can hold far more rows than its size suggests."""
+
+    rows: int = 2_000_000
+    columns: int = 10_000
+    decoded_bytes: int = 256 * 1024 * 1024
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> DatasetLimits:
+        return cls(rows=settings.max_dataset_rows, columns=settings.max_dataset_columns,
+                   decoded_bytes=settings.max_dataset_decoded_bytes)
+
+    @staticmethod
+    def _refuse(found: str, limit: int, setting: str) -> DatasetTooLarge:
+        return DatasetTooLarge(f"the dataset {found}, over the gateway's limit of {limit:,} (FAIRPATCH_{setting}); "
+                               "upload a sample of it, or raise that setting")
+
+    def check_rows(self, n: int, exact: bool = True) -> None:
+        if n > self.rows:
+            raise self._refuse(f"has {n:,} rows" if exact else f"has more than {self.rows:,} rows", self.rows,
+                               "MAX_DATASET_ROWS")
+
+    def check_columns(self, n: int) -> None:
+        if n > self.columns:
+            raise self._refuse(f"has {n:,} columns", self.columns, "MAX_DATASET_COLUMNS")
+
+    def check_bytes(self, n: int, what: str) -> None:
+        if n > self.decoded_bytes:
+            raise self._refuse(f"decodes to more than {self.decoded_bytes:,} bytes of {what}", self.decoded_bytes,
+                               "MAX_DATASET_DECODED_BYTES")
+
+
+def read_table(data: bytes, content_type: str | None, limits: DatasetLimits | None = None) -> tuple[pd.DataFrame, str]:
+    """The uploaded bytes as a frame, and the format name; DatasetError when they are not a readable table,
+    DatasetTooLarge as soon as reading them passes one of `limits`."""
+    limits = limits or DatasetLimits()
     kind = media_type(content_type)
     if not data:
         raise DatasetError("the uploaded file is empty")
     if kind in PARQUET_TYPES:
-        return _read_parquet(data), "parquet"
+        return _read_parquet(data, limits), "parquet"
     if kind in CSV_TYPES:
-        return _read_csv(data), "csv"
+        if data.startswith(GZIP_MAGIC):  # tune.csv.gz sent as text/csv
+            return _read_csv(_gunzip(data, limits), limits), "csv.gz"
+        limits.check_bytes(len(data), "CSV text")
+        return _read_csv(data, limits), "csv"
     raise DatasetError(f"unsupported content type {kind or '(none)'!r}")  # the endpoint checks this first
 
 
-def _read_csv(data: bytes) -> pd.DataFrame:
+def _gunzip(data: bytes, limits: DatasetLimits) -> bytes:
+    """The gzip body decompressed, refused as soon as it passes `limits.decoded_bytes` (members concatenated,
+    as gzip itself does)."""
+    out: list[bytes] = []
+    size = 0
+    rest = data
+    while rest:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        chunk = rest
+        while True:
+            try:
+                piece = d.decompress(chunk, _GZIP_CHUNK)
+            except zlib.error as e:
+                raise DatasetError(f"the body starts like gzip but does not decompress: {e}") from None
+            size += len(piece)
+            limits.check_bytes(size, "CSV text")
+            out.append(piece)
+            chunk = d.unconsumed_tail
+            if d.eof or not (chunk or piece):
+                break
+        if not d.eof:
+            raise DatasetError("the gzip body is cut short; upload the whole file")
+        rest = d.unused_data.lstrip(b"\0")  # trailing padding some tools leave
+    return b"".join(out)
+
+
+def _read_csv(data: bytes, limits: DatasetLimits) -> pd.DataFrame:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -95,31 +172,54 @@ def _read_csv(data: bytes) -> pd.DataFrame:
                            "save it as UTF-8 and upload it again") from None
     if not text.strip():
         raise DatasetError("the uploaded CSV is empty")
-    header = next(csv.reader(io.StringIO(text.split("\n", 1)[0])), [])
+    try:  # newline="": the csv module sees \n, \r\n and a lone \r (old Mac files) as line ends alike
+        header = next(csv.reader(io.StringIO(text, newline="")), [])
+    except csv.Error as e:
+        raise DatasetError(f"the CSV header cannot be read: {e}") from None
+    limits.check_columns(len(header))
     dupes = sorted({c for c in header if header.count(c) > 1})
     if dupes:
         raise DatasetError(f"the CSV header repeats column(s) {_listed(dupes)}; column names must be unique")
-    try:
-        frame = pd.read_csv(io.StringIO(text), low_memory=False)
+    try:  # one row past the cap is enough to refuse: pandas stops reading there
+        frame = pd.read_csv(io.StringIO(text, newline=""), low_memory=False, nrows=limits.rows + 1)
     except pd.errors.EmptyDataError:
         raise DatasetError("the uploaded CSV has no columns") from None
-    except (pd.errors.ParserError, ValueError) as e:
+    except (pd.errors.ParserError, ValueError, csv.Error) as e:
         raise DatasetError(f"the CSV is malformed: {str(e).strip()}") from None
+    limits.check_rows(len(frame), exact=False)
     return frame
 
 
-def _read_parquet(data: bytes) -> pd.DataFrame:
+def _read_parquet(data: bytes, limits: DatasetLimits) -> pd.DataFrame:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        pf = pq.ParquetFile(pa.BufferReader(data))
+        meta, schema = pf.metadata, pf.schema_arrow
     except (pa.ArrowException, OSError, ValueError) as e:
         raise DatasetError(f"the body is not a readable Parquet file: {e}") from None
-    names = table.column_names
+    names = schema.names
+    limits.check_columns(len(names))  # what the footer declares, before a row is decoded
+    limits.check_rows(meta.num_rows)
+    declared = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    limits.check_bytes(declared, "column data")
     dupes = sorted({c for c in names if names.count(c) > 1})
     if dupes:
         raise DatasetError(f"the Parquet file repeats column(s) {_listed(dupes)}; column names must be unique")
+    batches, rows, size = [], 0, 0
+    try:  # and what the pages really hold, batch by batch: a footer can understate them
+        for batch in pf.iter_batches(batch_size=65_536):
+            rows += batch.num_rows
+            size += batch.nbytes
+            limits.check_rows(rows, exact=False)
+            limits.check_bytes(size, "column data")
+            batches.append(batch)
+        table = pa.Table.from_batches(batches, schema=schema)
+    except DatasetError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise DatasetError(f"the body is not a readable Parquet file: {e}") from None
     try:
         return table.to_pandas()
     except (pa.ArrowException, ValueError, TypeError) as e:
@@ -198,9 +298,9 @@ def _features(frame: pd.DataFrame, names: list[str]) -> np.ndarray:
 
 
 def parse_dataset(data: bytes, content_type: str | None, label: str, group: str, *,
-                  name: str | None = None) -> tuple[bytes, DatasetSummary]:
+                  name: str | None = None, limits: DatasetLimits | None = None) -> tuple[bytes, DatasetSummary]:
     """Validate an upload; returns the Parquet bytes to store and the summary (its id filled in)."""
-    frame, fmt = read_table(data, content_type)
+    frame, fmt = read_table(data, content_type, limits)
     columns = [str(c) for c in frame.columns]
     frame.columns = columns
     for role, col in (("label", label), ("group", group)):

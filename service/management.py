@@ -34,6 +34,7 @@ from service.datasets_store import (
     CSV_TYPES,
     PARQUET_TYPES,
     DatasetError,
+    DatasetLimits,
     DatasetNotFound,
     DatasetStore,
     DatasetSummary,
@@ -283,9 +284,10 @@ async def upload_dataset(
     limit = request.app.state.settings.max_dataset_bytes
     data = await _read_limited(request, limit, "dataset")
     try:
-        stored, summary = await run_in_threadpool(parse_dataset, data, kind, label, group, name=name)
-    except DatasetError as e:
-        raise ApiError(400, str(e)) from None
+        stored, summary = await run_in_threadpool(parse_dataset, data, kind, label, group, name=name,
+                                                  limits=DatasetLimits.from_settings(request.app.state.settings))
+    except DatasetError as e:  # 400, or 413 past a cap on what the upload decodes to
+        raise ApiError(e.status, str(e)) from None
     await _datasets(request).put(stored, summary)
     return _json(summary, 201, {"Location": f"/v1/datasets/{summary.id}"})
 

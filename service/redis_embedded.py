@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,15 +83,21 @@ class EmbeddedRedis:
     """One redis-server on a unix socket under `data_dir/redis`. `start()` returns its URL.
 
     If a Redis already answers on that socket (another gateway or a worker on the same data
-    directory) it is reused and left running on `stop()`.
+    directory) it is reused and left running on `stop()`. With `watch_s`, a server this object started
+    is watched and started again (same socket, same append-only data) when it exits; clients
+    reconnect on their own, so `fairpatch serve` in embedded mode outlives a crashed or killed Redis.
     """
 
-    def __init__(self, data_dir: str | Path, *, start_timeout: float = 10.0) -> None:
+    def __init__(self, data_dir: str | Path, *, start_timeout: float = 10.0, watch_s: float | None = None) -> None:
         self.dir = Path(data_dir).expanduser().resolve() / "redis"
         self.start_timeout = start_timeout
+        self.watch_s = watch_s
         self.process: subprocess.Popen | None = None
         self._socket_tmpdir: str | None = None
         self.socket_path = str(self.dir / "redis.sock")
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -125,7 +132,16 @@ class EmbeddedRedis:
             "appendfsync everysec",
             'save ""',
         ]) + "\n")
-        logfile = self.dir / "redis.log"
+        self._spawn()
+        if self.watch_s is not None:
+            self._stopping.clear()
+            self._watcher = threading.Thread(target=self._watch, name="fairpatch-redis-watch", daemon=True)
+            self._watcher.start()
+        return self.url
+
+    def _spawn(self) -> None:
+        """Start redis-server on the written config and wait until it answers (the caller holds no server)."""
+        conf, logfile = self.dir / "redis.conf", self.dir / "redis.log"
         with open(logfile, "ab") as out:
             self.process = subprocess.Popen(
                 [redis_server_binary(), str(conf)], stdin=subprocess.DEVNULL, stdout=out, stderr=out,
@@ -139,18 +155,44 @@ class EmbeddedRedis:
                                          + " | ".join(tail))
             time.sleep(0.01)
         log.info("embedded Redis (pid %d) on %s, data in %s", self.process.pid, self.socket_path, self.dir)
-        return self.url
+
+    def _watch(self) -> None:
+        """Start the server again when it exits, waiting longer after each failed start. Runs in the thread that
+        spawns the restarted server, which lives until `stop()`: the kernel's parent-death signal is tied to it."""
+        assert self.watch_s is not None
+        backoff = self.watch_s
+        while not self._stopping.wait(backoff):
+            with self._lock:
+                if self._stopping.is_set() or self.process is None or self.process.poll() is None:
+                    backoff = self.watch_s
+                    continue
+                log.warning("embedded Redis (pid %d) exited with code %s; starting it again on %s",
+                            self.process.pid, self.process.returncode, self.socket_path)
+                self.process = None
+                with contextlib.suppress(OSError):
+                    os.unlink(self.socket_path)
+                try:
+                    self._spawn()
+                    backoff = self.watch_s
+                except (EmbeddedRedisError, OSError) as e:
+                    log.error("%s; trying again", e)
+                    backoff = min(backoff * 2, 30.0)
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (Redis flushes its append-only file and removes its socket), SIGKILL if it hangs."""
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("embedded Redis did not stop within %.0fs; killing it", timeout)
-                self._kill()
-            self.process = None
+        self._stopping.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout)
+            self._watcher = None
+        with self._lock:
+            if self.process is not None:
+                self.process.terminate()
+                try:
+                    self.process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    log.warning("embedded Redis did not stop within %.0fs; killing it", timeout)
+                    self._kill()
+                self.process = None
         if self._socket_tmpdir:
             with contextlib.suppress(OSError):
                 os.unlink(self.socket_path)
@@ -171,11 +213,15 @@ class EmbeddedRedis:
         self.stop()
 
 
+WATCH_S = 0.5  # how often `fairpatch serve` checks that its embedded Redis still runs
+
+
 @contextlib.contextmanager
 def redis_url_for(redis_url: str | None, data_dir: str | Path) -> Iterator[str]:
-    """The Redis to use: the configured URL as is, else an embedded one started now and stopped on exit."""
+    """The Redis to use: the configured URL as is, else an embedded one started now (and again whenever it
+    exits) and stopped on exit."""
     if redis_url:
         yield redis_url
         return
-    with EmbeddedRedis(data_dir) as url:
+    with EmbeddedRedis(data_dir, watch_s=WATCH_S) as url:
         yield url

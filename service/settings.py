@@ -43,12 +43,21 @@ class Settings(BaseSettings):
     upstream_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Uploaded datasets (raw CSV / Parquet bodies) larger than this are refused with 413.
     max_dataset_bytes: int = Field(default=64 * MiB, gt=0)
+    # Caps on what an uploaded dataset decodes to, checked while it is read (a small gzip CSV or zstd Parquet
+    # file can hold far more than its size): rows, columns, and bytes of CSV text or Parquet column data.
+    max_dataset_rows: int = Field(default=2_000_000, gt=0)
+    max_dataset_columns: int = Field(default=10_000, gt=0)
+    max_dataset_decoded_bytes: int = Field(default=256 * MiB, gt=0)
     # Uploaded model artifacts (ONNX) larger than this are refused with 413 (max_body_bytes caps it too).
     max_artifact_bytes: int = Field(default=64 * MiB, gt=0)
     # The arq queue patch-training jobs go to; gateways and workers on one Redis must agree on it.
     job_queue: str = Field(default="fairpatch:jobs", min_length=1)
     # A training job (fit + evaluation) that runs longer than this fails.
     job_timeout_s: float = Field(default=3600.0, gt=0)
+    # A running job whose worker has not written a heartbeat for this long is taken as lost: re-queued once,
+    # failed the second time. Workers beat every third of it; the value each worker runs with is recorded
+    # in the job, so gateways and readers need not agree on it.
+    job_heartbeat_timeout_s: float = Field(default=30.0, gt=0)
     # Jobs one worker process runs at once (each fit runs in a thread of its own).
     worker_max_jobs: int = Field(default=2, ge=1)
     # Start one `fairpatch worker` subprocess beside the gateway (what `fairpatch serve` does in

@@ -12,7 +12,12 @@ Every error ends the job as `failed` with a message saying what went wrong while
 worker itself carries on. An abort (DELETE /v1/jobs/{id}) cancels the job's task through arq and
 sets a flag the fit thread checks before every upstream batch and progress report. A worker shut
 down mid-job puts the job back to `queued`, and arq runs it again on the next worker (at most
-`MAX_TRIES` times).
+`MAX_TRIES` times). A worker that dies without a word (SIGKILL, out of memory) is noticed by its
+heartbeat: every running job beats (progress writes count, and a task on the event loop beats while
+the fit thread runs); a job whose heartbeat is older than `job_heartbeat_timeout_s` is re-queued
+once, then failed (`JobStore.expire_if_stale`, applied by every reader and by each worker's sweeper).
+A Redis outage does not end the worker (`ResilientWorker`): it reconnects with backoff and takes jobs
+again once Redis is back.
 
 Processes: `fairpatch worker` (`main`) runs arq's `Worker` on the configured Redis or, with none
 configured, on the embedded Redis that `fairpatch serve` runs under the same data directory;
@@ -31,13 +36,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from arq.connections import ArqRedis
-from arq.worker import Worker, func
+from arq.worker import Retry, Worker, func
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.datasets_store import DatasetStore
 from service.jobs import (
@@ -51,10 +58,13 @@ from service.jobs import (
     plain,
 )
 from service.patch_store import PatchStore
+from service.redact import install as install_redaction
+from service.redact import redact, redact_url
 from service.registry import ModelRegistry, ModelSpec
 from service.settings import Settings
 
 log = logging.getLogger("fairpatch.worker")
+_T = TypeVar("_T")
 
 MAX_TRIES = 3  # runs of one job that a worker shutdown may interrupt before it fails for good
 PROGRESS_EVERY_S = 0.25  # the fit's progress reaches the record at most this often
@@ -257,14 +267,31 @@ async def train_patch(ctx: dict[str, Any], job_id: str) -> str:
         await jobs.transition(job_id, "failed", ACTIVE, finished_at=time.time(),
                               error=f"the job was interrupted {MAX_TRIES} times (worker restarts); giving up")
         return "failed"
-    started, before = await jobs.transition(job_id, "running", ACTIVE, started_at=time.time(),
-                                            progress={"fraction": 0.0, "stage": "starting", "queries_used": 0})
+    started, before = await jobs.start(job_id, settings.job_heartbeat_timeout_s, started_at=time.time(),
+                                       progress={"fraction": 0.0, "stage": "starting", "queries_used": 0})
     if not started:
         return f"skipped ({before})"  # cancelled before a worker got to it
 
     cancelled = threading.Event()
     stage = ["starting"]
     task = asyncio.ensure_future(_run(ctx, job, cancelled, stage))
+    beat = asyncio.ensure_future(_heartbeat(jobs, job_id, settings.job_heartbeat_timeout_s / 3, cancelled))
+    try:
+        outcome = await _outcome(jobs, job_id, task, cancelled, stage, settings)
+    finally:
+        beat.cancel()
+        jobs.forget(job_id)
+    if await jobs.status(job_id) == "queued":
+        # Taken from this worker as lost (it stalled past the heartbeat bound) and put back in the queue, so this
+        # run's end was not written: leave the job in arq's queue too, or arq would drop it while the record
+        # waits for a run.
+        raise Retry()
+    return outcome
+
+
+async def _outcome(jobs: JobStore, job_id: str, task: asyncio.Future, cancelled: threading.Event,
+                   stage: list[str], settings: Settings) -> str:
+    """Wait for the run and write how it ended (retrying through a Redis outage: see `_persist`)."""
     try:
         done, _ = await asyncio.wait({task}, timeout=settings.job_timeout_s)
     except asyncio.CancelledError:  # an abort, or the worker is shutting down
@@ -277,26 +304,62 @@ async def train_patch(ctx: dict[str, Any], job_id: str) -> str:
         cancelled.set()
         task.cancel()
         error = f"the job ran past its time limit of {settings.job_timeout_s:g}s while {stage[0]}"
-        await jobs.transition(job_id, "failed", {"running"}, finished_at=time.time(), error=error)
+        await _persist(lambda: jobs.finish(job_id, "failed", finished_at=time.time(), error=error))
         return "failed"
     try:
         result = task.result()
-    except JobCancelled:  # only raised once the flag is set, so the record says cancelled already
-        await jobs.transition(job_id, "cancelled", {"running"}, finished_at=time.time())
+    except JobCancelled:  # the record says cancelled already, or another run holds it now
+        await _persist(lambda: jobs.finish(job_id, "cancelled", finished_at=time.time()))
         return "cancelled"
     except Exception as e:  # noqa: BLE001 - a failed job, not a failed worker
         log.info("job %s failed while %s: %r", job_id, stage[0], e)
-        error = f"{stage[0]}: {_describe(e)}"
-        await jobs.transition(job_id, "failed", {"running"}, finished_at=time.time(), error=error)
+        error = redact(f"{stage[0]}: {_describe(e)}")  # the record is read back by clients: no credentials in it
+        await _persist(lambda: jobs.finish(job_id, "failed", finished_at=time.time(), error=error))
         return "failed"
-    changed, now = await jobs.transition(
-        job_id, "succeeded", {"running"}, finished_at=time.time(), result=result,
-        progress={"fraction": 1.0, "stage": "done", "queries_used": result["queries_used"]})
+    changed, now = await _persist(lambda: jobs.finish(
+        job_id, "succeeded", finished_at=time.time(), result=result,
+        progress={"fraction": 1.0, "stage": "done", "queries_used": result["queries_used"]}))
     return "succeeded" if changed else str(now)
 
 
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+async def _persist(write: Callable[[], Awaitable[_T]], max_wait_s: float = 300.0) -> _T:
+    """A job's final write, retried with backoff while Redis does not answer (the heartbeat goes on meanwhile,
+    so the job is not taken as lost); re-raises once Redis has been gone `max_wait_s`."""
+    deadline = time.monotonic() + max_wait_s
+    delay = 0.1
+    while True:
+        try:
+            return await write()
+        except REDIS_DOWN:
+            if time.monotonic() + delay > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+async def _heartbeat(jobs: JobStore, job_id: str, every_s: float, cancelled: threading.Event) -> None:
+    """Beat for the job while it runs; stop its fit when the record is no longer this run's (re-queued after
+    this worker was taken as lost, or cancelled). A beat Redis does not take is retried soon."""
+    wait_s = every_s
+    while True:
+        await asyncio.sleep(wait_s)
+        try:
+            ours = await jobs.beat(job_id)
+        except REDIS_DOWN:  # beat again soon: the first beat after Redis is back must not wait a full period
+            wait_s = min(every_s, RECONNECT_FIRST_S)
+            continue
+        wait_s = every_s
+        if not ours and not cancelled.is_set():
+            log.info("job %s is no longer this worker's (cancelled or re-queued); stopping it", job_id)
+            cancelled.set()
+            return
+
+
 async def _requeue_unless_cancelled(jobs: JobStore, job_id: str) -> None:
-    changed, _ = await jobs.transition(job_id, "queued", {"running"}, progress={
+    changed, _ = await jobs.finish(job_id, "queued", progress={
         "fraction": 0.0, "stage": "interrupted by a worker shutdown; waiting to run again", "queries_used": 0})
     if changed:
         log.info("job %s interrupted; it goes back to the queue", job_id)
@@ -317,24 +380,115 @@ def worker_settings(settings: Settings, redis_url: str, **overrides: Any) -> dic
 
     async def startup(ctx: dict[str, Any]) -> None:
         redis = ctx["redis"]
-        ctx.update(settings=settings, jobs=JobStore(redis), registry=ModelRegistry(redis),
+        jobs = JobStore(redis)
+        ctx.update(settings=settings, jobs=jobs, registry=ModelRegistry(redis),
                    datasets=DatasetStore(redis), patches=PatchStore(redis))
+        ctx["sweeper"] = asyncio.ensure_future(_sweep(jobs, settings.job_heartbeat_timeout_s))
         log.info("worker ready on queue %r", settings.job_queue)
+
+    async def shutdown(ctx: dict[str, Any]) -> None:
+        sweeper = ctx.pop("sweeper", None)
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
 
     return {
         "functions": [func(train_patch, name=TASK_NAME, timeout=settings.job_timeout_s + 60,
                            max_tries=MAX_TRIES + 1)],
         "queue_name": settings.job_queue, "redis_pool": arq_redis(redis_url, settings.job_queue),
-        "on_startup": startup, "max_jobs": settings.worker_max_jobs, "allow_abort_jobs": True, "retry_jobs": True,
+        "on_startup": startup, "on_shutdown": shutdown, "max_jobs": settings.worker_max_jobs,
+        "allow_abort_jobs": True, "retry_jobs": True,
         "job_serializer": job_serializer, "job_deserializer": job_deserializer, "keep_result": 3600,
         "log_results": False, **overrides}
+
+
+async def _sweep(jobs: JobStore, bound_s: float) -> None:
+    """Every worker looks for running jobs whose worker stopped beating (re-queued once, then failed), so a
+    lost job moves on even when no one reads its record."""
+    while True:
+        await asyncio.sleep(min(bound_s / 2, 10.0))
+        try:
+            for job_id in await jobs.stale_candidates(bound_s):
+                status = await jobs.expire_if_stale(job_id)
+                if status is not None:
+                    log.warning("job %s: the worker running it stopped answering; the job is %s now", job_id,
+                                status)
+        except REDIS_DOWN:
+            continue  # the poll loop logs the outage
+
+
+RECONNECT_FIRST_S = 0.2
+RECONNECT_MAX_S = 5.0
+
+
+class _Outage:
+    """One Redis outage as the worker sees it: logged when it starts and when it ends, not on every retry."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.since: float | None = None
+        self.delay = RECONNECT_FIRST_S
+        self.new = False  # the last failure started an outage
+
+    def lost(self, exc: BaseException) -> float:
+        """Seconds to wait before the next try (doubling up to RECONNECT_MAX_S)."""
+        self.new = self.since is None
+        if self.new:
+            self.since = time.monotonic()
+            log.warning("lost Redis at %s (%s); reconnecting with backoff (up to %gs between tries); jobs "
+                        "already running go on", self.where, redact(str(exc) or type(exc).__name__),
+                        RECONNECT_MAX_S)
+        delay, self.delay = self.delay, min(self.delay * 2, RECONNECT_MAX_S)
+        return delay
+
+    def back(self) -> None:
+        if self.since is not None:
+            log.warning("Redis at %s answers again after %.1fs; taking jobs again", self.where,
+                        time.monotonic() - self.since)
+            self.since, self.delay = None, RECONNECT_FIRST_S
+
+
+class ResilientWorker(Worker):
+    """arq's Worker, kept running through a Redis outage: arq's poll loop raises on the first connection
+    error, which ends the worker; here that error waits (backoff) and the loop polls again once Redis is
+    back. Jobs already running go on (their progress writes are best effort, their final write retries)."""
+
+    def __init__(self, *args: Any, redis_label: str = "Redis", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.outage = _Outage(redis_label)
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except REDIS_DOWN as e:
+            delay = self.outage.lost(e)
+            if self.outage.new:  # drop every pooled connection now, or each would fail once more after Redis is back
+                with contextlib.suppress(Exception):
+                    await self.pool.connection_pool.disconnect()
+            await asyncio.sleep(delay)
+        else:
+            self.outage.back()
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        # A job re-queued while its run here is still winding down (taken as lost after a stall) is left to
+        # another worker, or to this one once that run has ended: arq would start it twice in one process.
+        job_ids = [j for j in job_ids if j.decode() not in self.tasks]
+        try:
+            await super().start_jobs(job_ids)
+        except REDIS_DOWN:
+            # arq had counted the job it was taking and held a slot for it when Redis went: give both back,
+            # or each outage would leave the worker one job fewer to run at once.
+            self.job_counter -= 1
+            self.sem.release()
+            raise
 
 
 def create_worker(settings: Settings, redis_url: str, *, burst: bool = False, handle_signals: bool = True,
                   poll_delay: float = 0.5) -> Worker:
     """arq's Worker for the jobs queue. Build it on the event loop (thread) that will run it."""
-    return Worker(**worker_settings(settings, redis_url, burst=burst, handle_signals=handle_signals,
-                                    poll_delay=poll_delay))
+    return ResilientWorker(**worker_settings(settings, redis_url, burst=burst, handle_signals=handle_signals,
+                                             poll_delay=poll_delay), redis_label=redact_url(redis_url))
 
 
 class WorkerThread:
@@ -443,11 +597,11 @@ def main(settings: Settings, *, burst: bool = False, wait_s: float = 30.0) -> in
     if not loop.run_until_complete(_wait_for_redis(url, wait_s)):
         where = "FAIRPATCH_REDIS_URL" if settings.redis_url else \
             f"the embedded Redis of {settings.data_dir} (start `fairpatch serve` first, or set FAIRPATCH_REDIS_URL)"
-        print(f"fairpatch worker: no Redis answers at {url}: {where}", file=sys.stderr)
+        print(f"fairpatch worker: no Redis answers at {redact_url(url)}: {where}", file=sys.stderr)
         loop.close()
         return 2
     worker = create_worker(settings, url, burst=burst)
-    log.info("worker %d on %s, queue %r", os.getpid(), url, settings.job_queue)
+    log.info("worker %d on %s, queue %r", os.getpid(), redact_url(url), settings.job_queue)
     worker.run()  # handles SIGTERM / SIGINT: running jobs are cancelled and go back to the queue
     loop.run_until_complete(loop.shutdown_default_executor())
     loop.close()
@@ -467,6 +621,7 @@ def spawn(redis_url: str, settings: Settings) -> subprocess.Popen:
     env["FAIRPATCH_REDIS_URL"] = redis_url
     env["FAIRPATCH_JOB_QUEUE"] = settings.job_queue
     env["FAIRPATCH_DATA_DIR"] = str(settings.data_dir)
+    env["FAIRPATCH_JOB_HEARTBEAT_TIMEOUT_S"] = repr(settings.job_heartbeat_timeout_s)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     linux = sys.platform.startswith("linux")
@@ -490,4 +645,5 @@ def stop(process: subprocess.Popen, timeout: float = 15.0) -> None:
 if __name__ == "__main__":  # what `spawn` runs
     _settings = Settings()
     logging.basicConfig(level=_settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    install_redaction([_settings.admin_key.get_secret_value() if _settings.admin_key else None])
     sys.exit(main(_settings))

@@ -1,0 +1,507 @@
+"""Faults, caused for real: a `fairpatch worker` process SIGKILLed mid-job, Redis killed and restarted under a
+worker, a password in the Redis URL. Real processes on loopback: the gateway (uvicorn in a thread, or
+`fairpatch serve`), `fairpatch worker` subprocesses, the local ONNX upstream, redis-server.
+
+"Mid-job" is made deterministic with a gated upstream: it holds every infer request until the test opens
+the gate, so the test knows the fit is waiting on the upstream when it kills the worker. Every wait is on a
+condition with a generous timeout; nothing asserts a duration."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.app import create_app
+from service.local_upstream import OnnxModel, create_upstream_app
+from service.redis_embedded import EmbeddedRedis, redis_server_binary
+from service.serve_thread import ServerThread
+from service.settings import Settings
+from service.worker import WorkerThread
+from tests.test_service_jobs import (
+    CLI,
+    adult_csv,
+    alive,
+    children,
+    register,
+    submit,
+    wait,
+    worker_children,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "faults-admin-key-0f3c"
+RUN = uuid.uuid4().hex[:6]
+
+
+class Gate:
+    """An upstream wrapper that holds infer requests while closed, and counts the ones that arrived."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.opened = threading.Event()
+        self._lock = threading.Lock()
+        self.arrived = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].endswith("/infer"):
+            with self._lock:
+                self.arrived += 1
+            while not self.opened.is_set():
+                await asyncio.sleep(0.01)
+        await self.app(scope, receive, send)
+
+
+def until(condition, what: str, timeout: float = 120.0, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(every)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "FAIRPATCH_REDIS_URL")
+           and not k.startswith("FAIRPATCH_")}
+    env.update(PYTHONPATH=str(REPO), **extra)
+    return env
+
+
+class WorkerProcess:
+    """A `fairpatch worker` subprocess; its log goes to a file the test reads."""
+
+    def __init__(self, log_path: Path, **env: str) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen([sys.executable, "-c", CLI, "worker"], cwd=REPO, env=clean_env(**env),
+                                        stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+
+
+@contextlib.contextmanager
+def worker_process(log_path: Path, **env: str) -> Iterator[WorkerProcess]:
+    w = WorkerProcess(log_path, **env)
+    try:
+        yield w
+    finally:
+        w.stop()
+
+
+# ---------------------------------------------------------------- a worker killed mid-job
+
+
+@pytest.fixture(scope="module")
+def gated(adult_model):
+    gate = Gate(create_upstream_app(OnnxModel(adult_model.onnx_bytes, name="adult")))
+    with ServerThread(gate) as server:
+        gate.url = server.url
+        yield gate
+        gate.opened.set()  # let held requests finish so the server can stop
+
+
+@pytest.fixture(scope="module")
+def settings(redis_url, tmp_path_factory) -> Settings:
+    return Settings(data_dir=tmp_path_factory.mktemp("gw"), redis_url=redis_url, admin_key=KEY,
+                    job_queue=f"test-faults:{RUN}")
+
+
+@pytest.fixture(scope="module")
+def client(settings):
+    with ServerThread(create_app(settings)) as server, \
+            httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def dataset(client, adult) -> str:
+    r = client.post("/v1/datasets", params={"label": "income", "group": "sex"}, content=adult_csv(adult, slice(2000)),
+                    headers={"content-type": "text/csv"})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def worker_env(settings: Settings, heartbeat_s: float) -> dict[str, str]:
+    """A worker's environment. The heartbeat bound of a worker the test kills is a few seconds: short enough to
+    wait for, long enough that a live worker on a loaded machine is never taken as lost."""
+    return {"FAIRPATCH_REDIS_URL": settings.redis_url, "FAIRPATCH_JOB_QUEUE": settings.job_queue,
+            "FAIRPATCH_JOB_HEARTBEAT_TIMEOUT_S": str(heartbeat_s), "FAIRPATCH_DATA_DIR": str(settings.data_dir)}
+
+
+def kill_mid_fit(client, gate: Gate, job_id: str, log_path: Path, env: dict[str, str]) -> None:
+    """Run the job on a fresh worker process and SIGKILL it while its fit waits on the (closed) gate."""
+    seen = gate.arrived
+    with worker_process(log_path, **env) as w:
+        until(lambda: gate.arrived > seen, "the fit's first upstream request")
+        assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
+        w.kill()
+
+
+def test_a_job_whose_worker_is_killed_goes_back_to_the_queue_and_succeeds_on_the_next(client, settings, gated,
+                                                                                    dataset, tmp_path):
+    model = f"gated-{RUN}"
+    register(client, model, gated.url)
+    gated.opened.clear()
+    job = submit(client, model, dataset, budget=300)
+    kill_mid_fit(client, gated, job["id"], tmp_path / "w1.log", worker_env(settings, 5.0))
+
+    # No worker is alive: reading the job is what notices its worker is gone.
+    requeued = wait(client, job["id"], until=lambda j: j["status"] != "running")
+    assert requeued["status"] == "queued", requeued
+    assert requeued["progress"]["stage"].startswith("the worker running it stopped answering at ")
+    assert requeued["result"] is None and requeued["error"] is None
+    assert client.get(f"/v1/models/{model}/versions/1/patches").json()["patches"] == []  # nothing partial
+
+    gated.opened.set()
+    with worker_process(tmp_path / "w2.log", **worker_env(settings, 30.0)) as w2:
+        done = wait(client, job["id"])
+        assert done["status"] == "succeeded", (done, w2.log())
+    assert done["result"]["queries_used"] <= 300
+    patches = client.get(f"/v1/models/{model}/versions/1/patches").json()["patches"]
+    assert [p["id"] for p in patches] == [done["result"]["patch_id"]]
+
+
+def test_a_job_whose_worker_is_lost_twice_fails_with_the_reason(client, settings, gated, dataset, tmp_path):
+    model = f"gated-twice-{RUN}"
+    register(client, model, gated.url)
+    gated.opened.clear()
+    job = submit(client, model, dataset, budget=300)
+    env = worker_env(settings, 5.0)
+    kill_mid_fit(client, gated, job["id"], tmp_path / "w1.log", env)
+    # the next worker's sweeper puts the job back in the queue, then takes it: killed mid-fit again
+    kill_mid_fit(client, gated, job["id"], tmp_path / "w2.log", env)
+
+    failed = wait(client, job["id"])
+    assert failed["status"] == "failed", failed
+    assert failed["error"].startswith("the worker running it stopped answering at ")
+    assert "re-queued once already" in failed["error"] and failed["result"] is None
+    assert failed["finished_at"] is not None
+    assert client.get(f"/v1/models/{model}/versions/1/patches").json()["patches"] == []
+    gated.opened.set()
+
+
+def test_a_worker_taken_as_lost_while_alive_gives_the_job_back(client, settings, gated, dataset, caplog):
+    """A worker that stalled past the bound (caused here by backdating its heartbeat: a stalled event loop cannot
+    be made on demand) stops its run when it sees the record re-queued, and leaves the job in arq's queue: it
+    runs again and succeeds, with one patch."""
+    from redis import Redis
+
+    caplog.set_level("INFO", logger="fairpatch.worker")
+    model = f"gated-stalled-{RUN}"
+    register(client, model, gated.url)
+    gated.opened.clear()
+    seen = gated.arrived
+    other = settings.model_copy(update={"job_queue": f"{settings.job_queue}:stalled", "job_heartbeat_timeout_s": 6.0})
+    with ServerThread(create_app(other)) as server, \
+            httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c, \
+            WorkerThread(other, other.redis_url), Redis.from_url(other.redis_url) as redis:
+        job = submit(c, model, dataset, budget=300)
+        until(lambda: gated.arrived > seen, "the fit's first upstream request")
+        redis.hset(f"fp:job:{job['id']}", "heartbeat_at", "1000000000.0")  # as if it had stalled since 2001
+        requeued = c.get(f"/v1/jobs/{job['id']}").json()
+        assert requeued["status"] == "queued" and "stopped answering at 2001-09-09" in requeued["progress"]["stage"]
+        until(lambda: "no longer this worker's" in caplog.text, "the worker to notice")
+        gated.opened.set()
+        done = wait(c, job["id"])
+    assert done["status"] == "succeeded", done
+    patches = client.get(f"/v1/models/{model}/versions/1/patches").json()["patches"]
+    assert [p["id"] for p in patches] == [done["result"]["patch_id"]]
+
+
+# ---------------------------------------------------------------- Redis killed and restarted under a worker
+
+
+class RedisProcess:
+    """redis-server on a unix socket in a short temp dir, with a password, an append-only file (written on every
+    command, so a SIGKILL loses nothing) and no TCP port."""
+
+    PASSWORD = "s3cret-redis-pw-7d41"
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="fp-redis-"))
+        self.socket = self.dir / "redis.sock"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"unix://:{self.PASSWORD}@{self.socket}"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [redis_server_binary(), "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
+             "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+             "--requirepass", self.PASSWORD], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        until(self.socket.exists, "redis-server's socket", timeout=30, every=0.01)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+        self.socket.unlink(missing_ok=True)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(30)
+        for f in sorted(self.dir.rglob("*"), reverse=True):
+            f.unlink() if f.is_file() or f.is_socket() else f.rmdir()
+        self.dir.rmdir()
+
+
+@pytest.fixture()
+def own_redis() -> Iterator[RedisProcess]:
+    r = RedisProcess()
+    r.start()
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+@pytest.fixture(scope="module")
+def fast_upstream(adult_model):
+    with ServerThread(create_upstream_app(OnnxModel(adult_model.onnx_bytes, name="adult"))) as server:
+        yield server.url
+
+
+def test_a_worker_survives_redis_going_away_and_runs_jobs_queued_after_it_is_back(own_redis, fast_upstream,
+                                                                                  adult, tmp_path, caplog):
+    caplog.set_level("INFO")
+    settings = Settings(data_dir=tmp_path / "gw", redis_url=own_redis.url, admin_key=KEY,
+                        job_queue=f"test-redis-restart:{RUN}")
+    with ServerThread(create_app(settings)) as server, \
+            httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c, \
+            worker_process(tmp_path / "worker.log", **worker_env(settings, 30.0)) as w:
+        register(c, "adult", fast_upstream)
+        r = c.post("/v1/datasets", params={"label": "income", "group": "sex"}, content=adult_csv(adult, slice(2000)),
+                   headers={"content-type": "text/csv"})
+        assert r.status_code == 201, r.text
+        dataset = r.json()["id"]
+        until(lambda: "worker ready" in w.log(), "the worker to start")
+
+        own_redis.kill()
+        until(lambda: "lost Redis at" in w.log(), "the worker to notice Redis is gone")
+        assert w.process.poll() is None, w.log()
+        assert c.get("/v2/health/ready").status_code == 503
+
+        own_redis.start()  # the same socket and data: registrations and the dataset come back
+        until(lambda: c.get("/v2/health/ready").status_code == 200, "the gateway to reach Redis again")
+        done = wait(c, submit(c, "adult", dataset, budget=300)["id"])
+        assert done["status"] == "succeeded", (done, w.log())
+        assert w.process.poll() is None
+        log = w.log()
+    assert log.count("lost Redis at") == 1 and log.count("answers again") == 1, log  # once per outage
+    assert RedisProcess.PASSWORD not in log and "unix://:***@" in log
+    assert RedisProcess.PASSWORD not in caplog.text and "unix://:***@" in caplog.text
+
+
+def test_a_job_running_through_a_redis_outage_finishes_once_redis_is_back(own_redis, gated, adult, tmp_path):
+    settings = Settings(data_dir=tmp_path / "gw", redis_url=own_redis.url, admin_key=KEY,
+                        job_queue=f"test-redis-midjob:{RUN}")
+    spec = {"name": "adult", "version": "1", "groups": ["Female", "Male"],
+            "upstream": {"url": gated.url, "model_name": "adult", "input_name": "input", "output_name": "logits",
+                         "output_kind": "logits", "timeout_s": 300}}  # the gate holds requests through the outage
+    gated.opened.clear()
+    seen = gated.arrived
+    with ServerThread(create_app(settings)) as server, \
+            httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c, \
+            worker_process(tmp_path / "worker.log", **worker_env(settings, 300.0)) as w:
+        assert c.post("/v1/models", json=spec).status_code == 201
+        r = c.post("/v1/datasets", params={"label": "income", "group": "sex"}, content=adult_csv(adult, slice(2000)),
+                   headers={"content-type": "text/csv"})
+        job = submit(c, "adult", r.json()["id"], budget=300)
+        until(lambda: gated.arrived > seen, "the fit's first upstream request")
+
+        own_redis.kill()
+        until(lambda: "lost Redis at" in w.log(), "the worker to notice Redis is gone")
+        own_redis.start()
+        until(lambda: c.get("/v2/health/ready").status_code == 200, "the gateway to reach Redis again")
+        gated.opened.set()
+        done = wait(c, job["id"])
+        assert done["status"] == "succeeded", (done, w.log())
+        assert done["result"]["queries_used"] <= 300 and w.process.poll() is None
+        patches = c.get("/v1/models/adult/versions/1/patches").json()["patches"]
+        assert [p["id"] for p in patches] == [done["result"]["patch_id"]]
+
+
+# ---------------------------------------------------------------- secrets in logs
+
+
+def test_no_password_or_admin_key_in_the_logs_of_the_gateway_and_the_worker(own_redis, tmp_path):
+    env = clean_env(FAIRPATCH_REDIS_URL=own_redis.url, FAIRPATCH_ADMIN_KEY=KEY, FAIRPATCH_LOG_LEVEL="debug",
+                    FAIRPATCH_DATA_DIR=str(tmp_path), FAIRPATCH_JOB_QUEUE=f"test-secrets:{RUN}")
+    # a worker that finds no Redis says where it looked, without the password
+    missing = own_redis.url.replace("redis.sock", "nothing-here.sock")
+    p = subprocess.run([sys.executable, "-c", CLI, "worker", "--wait", "0.2"], cwd=REPO,
+                       env={**env, "FAIRPATCH_REDIS_URL": missing}, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "no Redis answers at unix://:***@" in p.stderr, p.stderr
+    logs = p.stdout + p.stderr
+
+    with socket_port() as port, open(tmp_path / "serve.log", "wb") as out, \
+            worker_process(tmp_path / "worker.log", **{k: v for k, v in env.items() if k.startswith("FAIRPATCH")}) as w:
+        serve = subprocess.Popen([sys.executable, "-c", CLI, "serve", "--port", str(port), "--access-log"], cwd=REPO,
+                                 env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            until(lambda: _ready(base), "the gateway to serve", timeout=120)
+            assert httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+            assert httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 403
+            until(lambda: "worker ready" in w.log(), "the worker to start")
+        finally:
+            serve.send_signal(signal.SIGTERM)
+            serve.wait(60)
+        served, worked = (tmp_path / "serve.log").read_text(errors="replace"), w.log()
+    # the lines that name Redis are there, masked: the gateway's "Redis at", the worker's start-up line
+    assert "Redis at unix://:***@" in served and "on unix://:***@" in worked, (served, worked)
+    for text in (logs, served, worked):
+        assert RedisProcess.PASSWORD not in text and KEY not in text
+
+
+@contextlib.contextmanager
+def socket_port() -> Iterator[int]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    yield port
+
+
+def _ready(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def answers(redis) -> bool:
+    from redis.exceptions import RedisError
+
+    try:
+        return bool(redis.ping())
+    except RedisError:  # not listening yet, or still loading its data
+        return False
+
+
+def test_the_embedded_redis_is_started_again_when_it_dies(tmp_path):
+    from redis import Redis
+
+    embedded = EmbeddedRedis(tmp_path, watch_s=0.05)
+    with embedded as url:
+        first = embedded.process.pid
+        os.kill(first, signal.SIGKILL)
+        until(lambda: embedded.process is not None and embedded.process.pid != first, "a new redis-server")
+        with Redis.from_url(url) as r:
+            assert until(lambda: answers(r), "the new redis-server to answer")
+        second = embedded.process.pid
+    assert not alive(first) and not alive(second) and not Path(embedded.socket_path).exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads child processes from /proc")
+def test_serve_in_embedded_mode_rides_out_its_redis_dying(tmp_path, fast_upstream, adult):
+    """`fairpatch serve` with no Redis configured: its redis-server is SIGKILLed; the gateway starts it again,
+    its worker (the same code as `fairpatch worker`) reconnects, and a job submitted afterwards runs."""
+    with socket_port() as port:
+        pass
+    env = clean_env(FAIRPATCH_DATA_DIR=str(tmp_path / "data"), FAIRPATCH_ADMIN_KEY=KEY)
+    with open(tmp_path / "serve.log", "wb") as out:
+        serve = subprocess.Popen([sys.executable, "-c", CLI, "serve", "--port", str(port)], cwd=REPO, env=env,
+                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    log = lambda: (tmp_path / "serve.log").read_text(errors="replace")  # noqa: E731
+    try:
+        until(lambda: _ready(base) and "worker ready" in log(), "the gateway and its worker", timeout=120)
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+            register(c, "adult", fast_upstream)
+            r = c.post("/v1/datasets", params={"label": "income", "group": "sex"},
+                       content=adult_csv(adult, slice(2000)), headers={"content-type": "text/csv"})
+            assert r.status_code == 201, r.text
+            (redis_pid,) = [p for p in children(serve.pid) if "redis-server" in Path(f"/proc/{p}/cmdline").read_text()]
+            (worker_pid,) = worker_children(serve.pid)
+            os.kill(redis_pid, signal.SIGKILL)
+            until(lambda: "starting it again" in log(), "the gateway to start its Redis again")
+            until(lambda: _ready(base), "the gateway to reach its Redis again")
+            done = wait(c, submit(c, "adult", r.json()["id"], budget=300)["id"])
+            assert done["status"] == "succeeded", (done, log())
+        assert worker_children(serve.pid) == [worker_pid], log()  # the same worker: it did not exit
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(60)
+
+
+# ---------------------------------------------------------------- predictions through a Redis outage
+
+
+def test_predictions_are_served_and_patched_while_redis_is_killed_and_restarted(own_redis, fast_upstream, adult,
+                                                                                adult_model, tmp_path):
+    """A bounded load of predictions before, during and after an outage: every one answered 200 with the active
+    patch. The outage outlasts the gateway's registration cache and its patch re-check, so both are served
+    from memory while Redis is gone."""
+    from patcher.methods import eraser
+    from patcher.oracle import OnnxOracle
+    from patcher.tuning import TuningData
+    from service.infer import SPEC_TTL_S
+
+    tune = TuningData(adult.tune.X, adult.tune.y, adult.tune.groups, adult.group_names)
+    patch, _ = eraser.fit(OnnxOracle(adult_model.onnx_bytes, budget=300), tune, "dp", 300, bias="estimator", seed=0)
+    settings = Settings(data_dir=tmp_path / "gw", redis_url=own_redis.url, admin_key=KEY, patch_recheck_s=1.0)
+    X = adult.test.X[:8].astype("float32")
+    request = {"inputs": [{"name": "input", "shape": list(X.shape), "datatype": "FP32", "data": X.ravel().tolist()}]}
+    with ServerThread(create_app(settings)) as server, \
+            httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+        register(c, "adult", fast_upstream)
+        r = c.post("/v1/models/adult/versions/1/patches", content=patch.for_model("adult", "1").to_bytes(),
+                   headers={"content-type": "application/zip"})
+        assert r.status_code == 201, r.text
+        pid = r.json()["id"]
+        assert c.post(f"/v1/models/adult/versions/1/patches/{pid}/activate").status_code == 200
+
+        answers: list[tuple[int, str | None]] = []
+
+        def predict(n: int) -> None:
+            for _ in range(n):
+                r = c.post("/v2/models/adult/versions/1/infer", json=request)
+                answers.append((r.status_code, r.headers.get("fairpatch-patch")))
+
+        predict(50)
+        own_redis.kill()
+        outage_until = time.monotonic() + 3 * max(SPEC_TTL_S, settings.patch_recheck_s)
+        during = 0
+        while during < 100 or time.monotonic() < outage_until:  # a load, not a measurement
+            predict(10)
+            during += 10
+        assert c.get("/v2/health/ready").status_code == 503  # Redis was really gone all along
+        own_redis.start()
+        until(lambda: c.get("/v2/health/ready").status_code == 200, "the gateway to reach Redis again")
+        predict(50)
+    failed = [a for a in answers if a != (200, pid)]
+    assert not failed and len(answers) == 100 + during, failed[:5]
