@@ -466,13 +466,13 @@ def test_predictions_are_served_and_patched_while_redis_is_killed_and_restarted(
     """A bounded load of predictions before, during and after an outage: every one answered 200 with the active
     patch. The outage outlasts the gateway's registration cache and its patch re-check, so both are served
     from memory while Redis is gone."""
-    from patcher.methods import eraser
     from patcher.oracle import OnnxOracle
     from patcher.tuning import TuningData
     from service.infer import SPEC_TTL_S
+    from tests.conftest import fit
 
     tune = TuningData(adult.tune.X, adult.tune.y, adult.tune.groups, adult.group_names)
-    patch, _ = eraser.fit(OnnxOracle(adult_model.onnx_bytes, budget=300), tune, "dp", 300, bias="estimator", seed=0)
+    patch, _ = fit("eraser", OnnxOracle(adult_model.onnx_bytes, budget=300), tune, "dp", 300, bias="estimator")
     settings = Settings(data_dir=tmp_path / "gw", redis_url=own_redis.url, admin_key=KEY, patch_recheck_s=1.0)
     X = adult.test.X[:8].astype("float32")
     request = {"inputs": [{"name": "input", "shape": list(X.shape), "datatype": "FP32", "data": X.ravel().tolist()}]}
