@@ -222,3 +222,14 @@ def test_bench_json_lists_the_groups():
     assert all(g["selection_rate_after_ci"][0] <= g["selection_rate_after"] <= g["selection_rate_after_ci"][1]
                for g in r["groups"])
     assert r["merged_cells"] == []
+
+
+def test_eraser_estimator_over_four_groups(sex_race_setup):
+    """No group at inference: the attribute estimator predicts the four cells, each erased with its own strength."""
+    data, model, tune, logp = sex_race_setup
+    patch, report = fit_method("eraser", OnnxOracle(model, budget=1000), tune, "dp", 1000, bias="estimator")
+    assert not PatchRunner(patch).needs_group and len(report.strengths) == 4
+    assert report.tune_after["dp"] < report.tune_before["dp"] / 2
+    pred = PatchRunner(patch).predict(data.test.X, logp)
+    assert headline(data.test.y, pred, data.test.groups)["dp_diff"] < headline(data.test.y, logp.argmax(1),
+                                                                               data.test.groups)["dp_diff"]
