@@ -365,10 +365,11 @@ def tune_group_strengths(margin: np.ndarray, Q: np.ndarray, d: np.ndarray, y: np
         return choose_operating_point([(0.0, cuts, acc, unfair)], start.base_accuracy, opts.fairness_tolerance,
                                       opts.max_accuracy_drop)
 
-    def key(point) -> float:
+    def key(point) -> tuple[bool, float, float]:
+        # lexicographic: within the accuracy budget, then unfairness above the tolerance, then accuracy
         _, _, acc, unfair = point
         within = opts.max_accuracy_drop is None or acc >= start.base_accuracy - opts.max_accuracy_drop - 1e-12
-        return (0.0 if within else 1.0) * 1e6 + max(unfair, opts.fairness_tolerance) - 1e-9 * acc
+        return (not within, round(max(unfair, opts.fairness_tolerance), 9), round(-acc, 9))
 
     current = best(s)
     for _ in range(passes):
@@ -378,7 +379,7 @@ def tune_group_strengths(margin: np.ndarray, Q: np.ndarray, d: np.ndarray, y: np
                 trial = s.copy()
                 trial[a] = v
                 cand = best(trial)
-                if key(cand) < key(current) - 1e-12:
+                if key(cand) < key(current):
                     s, current, improved = trial, cand, True
         if not improved:
             break
