@@ -164,7 +164,7 @@ def test_thresholds_reach_threshold_optimizer_on_sex_x_race(sex_race_setup, peer
 def test_eraser_on_sex_x_race_with_group_strengths(sex_race_setup, peer):
     """Eraser with 1000 queries and one strength per group: near parity on the tune rows with the model's real
     scores, and on test at least a fourfold cut of the dp gap, within 1.5 points of ThresholdOptimizer's accuracy.
-    (Seed 0 measures test dp 0.047 against ThresholdOptimizer's 0.026: the 925-row Female & Non-white group moves
+    (Seed 0 measures test dp 0.048 against ThresholdOptimizer's 0.026: the 925-row Female & Non-white group moves
     by 0.02 between tune and test; docs/groups.md.)"""
     data, model, tune, logp = sex_race_setup
     patch, report = fit_method("eraser", OnnxOracle(model, budget=1000), tune, "dp", 1000)
