@@ -78,7 +78,7 @@ def threshold_optimizer(dataset: str = "adult", sensitive: str | None = None, cr
     before = OnnxOracle(model.onnx_bytes).log_probs(test.X).argmax(1)
     after = np.asarray(opt.predict(test.X, sensitive_features=test.groups, random_state=seed)).astype(np.int64)
     priv = data.group_names.index(data.privileged)
-    return {
+    return {**metric_frame_groups(test.y, before, after, test.groups, data.group_names),
         "method": "threshold_optimizer", "dataset": dataset, "sensitive": data.sensitive, "criterion": criterion,
         "seed": seed, "drop_sensitive": drop_sensitive, "query_budget": None,
         "queries_used": queries_used, "fit_seconds": round(fit_seconds, 3),
@@ -89,10 +89,35 @@ def threshold_optimizer(dataset: str = "adult", sensitive: str | None = None, cr
     }
 
 
+def metric_frame_groups(y: np.ndarray, before: np.ndarray, after: np.ndarray, groups: np.ndarray,
+                        names: tuple[str, ...]) -> dict[str, Any]:
+    """The per-group table from Fairlearn's MetricFrame (count, selection rate before/after, with Wilson
+    intervals), shaped like the benches' `groups`, and its max - min / min / max over all groups."""
+    from fairlearn.metrics import MetricFrame, count, selection_rate
+
+    from patcher.metrics import wilson_interval
+
+    labels = np.asarray(names, dtype=object)[groups]
+    frames = {k: MetricFrame(metrics={"count": count, "selection_rate": selection_rate}, y_true=y, y_pred=d,
+                             sensitive_features=labels) for k, d in (("before", before), ("after", after))}
+    rows = []
+    for name in names:
+        row: dict[str, Any] = {"name": name, "n_test": int(frames["before"].by_group.loc[name, "count"])}
+        for k, mf in frames.items():
+            sr = float(mf.by_group.loc[name, "selection_rate"])
+            lo, hi = wilson_interval(sr * row["n_test"], row["n_test"])
+            row[f"selection_rate_{k}"], row[f"selection_rate_{k}_ci"] = sr, [float(lo), float(hi)]
+        rows.append(row)
+    return {"groups": rows, "metric_frame": {k: {"dp_diff": float(mf.difference()["selection_rate"]),
+                                                 "dp_ratio": float(mf.ratio()["selection_rate"])}
+                                             for k, mf in frames.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="adult")
-    ap.add_argument("--sensitive", default=None)
+    ap.add_argument("--sensitive", default=None,
+                    help="as `fairpatch bench`: sex, race:all (every category), sex,race (intersection), ...")
     ap.add_argument("--criterion", default="dp", choices=sorted(CONSTRAINTS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--drop-sensitive", action="store_true")

@@ -29,7 +29,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         module, method = get_bench(name), get_method(name)
         p = methods.add_parser(name, help=method.summary)
         p.add_argument("--dataset", default="adult", choices=getattr(module, "DATASETS", ALL_DATASETS))
-        p.add_argument("--sensitive", default=None, help="sensitive attribute (default: the dataset's usual one)")
+        p.add_argument("--sensitive", default=None,
+                       help="sensitive attribute (default: the dataset's usual one, binary as in the literature): "
+                            "NAME, NAME:all for every category (race:all), or several joined by commas for "
+                            "their intersection (sex,race); cells too small on the tune split are pooled")
         p.add_argument("--criterion", default="dp", choices=getattr(module, "CRITERIA", ("dp", "eo", "eopp")))
         p.add_argument("--queries", type=int, default=getattr(module, "DEFAULT_QUERIES", 1000),
                        help="query budget (rows sent to the model)")

@@ -33,6 +33,8 @@ class SensitiveSpec:
     privileged: str
     encoded_columns: tuple[str, ...]  # raw columns that carry the attribute (dropped with --drop-sensitive)
     to_group: Callable[[pd.Series], np.ndarray] = lambda col: col.to_numpy()  # raw value -> group name
+    # the privileged raw category when every category is a group (`attr:all`); None: no such form
+    privileged_value: str | None = None
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,9 @@ SPECS: dict[str, DatasetSpec] = {
                      "sex", "native_country"),
         numeric=("age", "education_num", "capital_gain", "capital_loss", "hours_per_week"),
         sensitive={
-            "sex": SensitiveSpec("sex", ("Female", "Male"), "Male", ("sex",)),
+            "sex": SensitiveSpec("sex", ("Female", "Male"), "Male", ("sex",), privileged_value="Male"),
             "race": SensitiveSpec("race", ("Non-white", "White"), "White", ("race",),
-                                  lambda c: np.where(c == "White", "White", "Non-white")),
+                                  lambda c: np.where(c == "White", "White", "Non-white"), "White"),
         },
         default_sensitive="sex",
     ),
@@ -66,8 +68,9 @@ SPECS: dict[str, DatasetSpec] = {
         numeric=("age", "juv_fel_count", "juv_misd_count", "juv_other_count", "priors_count"),
         sensitive={
             "race": SensitiveSpec("race", ("African-American", "Other"), "Other", ("race",),
-                                  lambda c: np.where(c == "African-American", "African-American", "Other")),
-            "sex": SensitiveSpec("sex", ("Male", "Female"), "Female", ("sex",)),
+                                  lambda c: np.where(c == "African-American", "African-American", "Other"),
+                                  "Caucasian"),
+            "sex": SensitiveSpec("sex", ("Male", "Female"), "Female", ("sex",), privileged_value="Female"),
         },
         default_sensitive="race",
     ),
@@ -193,6 +196,111 @@ def feature_columns(feature_names: list[str], columns: list[str]) -> list[int]:
     return idx
 
 
+# ---------------------------------------------------------------- many-valued and intersectional groups
+# `--sensitive` spelling: one attribute as in SPECS (binary, as every figure so far), `attr:all` for every
+# category of the attribute, and several of either joined by commas for their product (`sex,race:all`).
+ALL = ":all"
+CELL_JOIN = " & "  # "Female & White": one group of an intersectional spec
+# A cell is measurable when its tune rows can carry a selection rate and both error rates: at least
+# MIN_CELL_ROWS rows and MIN_CELL_LABEL of each label. Cells below that are pooled into one "other (...)"
+# group; while the pool is still too small, the smallest measurable cell joins it.
+MIN_CELL_ROWS = 50
+MIN_CELL_LABEL = 5
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """A parsed sensitive spec: (attribute, its SensitiveSpec, every category?) per part; groups = product."""
+
+    dataset: str
+    parts: tuple[tuple[str, SensitiveSpec, bool], ...]
+
+    @property
+    def name(self) -> str:
+        return ",".join(attr + (ALL if every else "") for attr, _, every in self.parts)
+
+    @property
+    def encoded_columns(self) -> tuple[str, ...]:
+        return tuple(c for _, sens, _ in self.parts for c in sens.encoded_columns)
+
+    def part_values(self, frame: pd.DataFrame) -> list[np.ndarray]:
+        return [frame[sens.column].astype(str).to_numpy() if every else np.asarray(sens.to_group(frame[sens.column]))
+                for _, sens, every in self.parts]
+
+    def cells(self, frame: pd.DataFrame) -> np.ndarray:
+        """The raw cell of every row, e.g. "Female & White"."""
+        values = self.part_values(frame)
+        out = values[0].astype(object)
+        for v in values[1:]:
+            out = out + CELL_JOIN + v.astype(object)
+        return out
+
+    def cell_order(self, frame: pd.DataFrame) -> list[str]:
+        """The cells present in `frame`, in product order (each part's categories sorted, binary parts as in
+        SPECS)."""
+        present = set(self.cells(frame).tolist())
+        order = [""]
+        for (_, sens, every), values in zip(self.parts, self.part_values(frame), strict=True):
+            cats = sorted(set(values.tolist())) if every else list(sens.group_names)
+            order = [f"{o}{CELL_JOIN if o else ''}{c}" for o in order for c in cats]
+        return [c for c in order if c in present]
+
+    @property
+    def privileged_cell(self) -> str:
+        return CELL_JOIN.join((sens.privileged_value or sens.privileged) if every else sens.privileged
+                              for _, sens, every in self.parts)
+
+
+def parse_sensitive(dataset: str, text: str) -> GroupSpec:
+    """`sex`, `race:all`, `sex,race`, `sex,race:all` -> GroupSpec; unknown attributes are errors that list the
+    choices."""
+    spec = SPECS[dataset]
+    parts = []
+    for raw in text.split(","):
+        attr = raw.strip()
+        every = attr.endswith(ALL)
+        attr = attr[: -len(ALL)] if every else attr
+        if attr not in spec.sensitive:
+            raise ValueError(f"{dataset} has no sensitive attribute {attr!r}; choose from "
+                             f"{', '.join(spec.sensitive)} (each may be `NAME{ALL}` for every category, and "
+                             "several joined by commas for their intersection, e.g. sex,race)")
+        sens = spec.sensitive[attr]
+        if every and (sens.privileged_value is None or sens.column not in spec.categorical):
+            raise ValueError(f"{dataset}'s {attr!r} has no many-valued form (its column {sens.column!r} is not "
+                             f"a plain category); use {attr!r}")
+        if any(a == attr for a, _, _ in parts):
+            raise ValueError(f"sensitive attribute {attr!r} given twice in {text!r}")
+        parts.append((attr, sens, every))
+    if not parts:
+        raise ValueError("empty sensitive spec")
+    return GroupSpec(dataset, tuple(parts))
+
+
+def merge_small_cells(counts: dict[str, tuple[int, int]], order: list[str]) -> tuple[list[str], list[str]]:
+    """(kept cells, pooled cells) from each cell's (negatives, positives) on the tune rows (rule above)."""
+    def measurable(neg: int, pos: int) -> bool:
+        return neg + pos >= MIN_CELL_ROWS and min(neg, pos) >= MIN_CELL_LABEL
+
+    kept = [c for c in order if measurable(*counts.get(c, (0, 0)))]
+    pooled = [c for c in order if c not in kept]
+    while pooled and kept:
+        neg = sum(counts.get(c, (0, 0))[0] for c in pooled)
+        pos = sum(counts.get(c, (0, 0))[1] for c in pooled)
+        if measurable(neg, pos):
+            break
+        smallest = min(kept, key=lambda c: sum(counts[c]))
+        kept.remove(smallest)
+        pooled = [c for c in order if c in pooled or c == smallest]
+    if len(kept) + bool(pooled) < 2:
+        raise ValueError(f"fewer than two measurable groups among {order} (each needs {MIN_CELL_ROWS} tune rows "
+                         f"and {MIN_CELL_LABEL} of each label); use a coarser sensitive spec")
+    return kept, pooled
+
+
+def pooled_name(pooled: list[str]) -> str:
+    return f"other ({' | '.join(pooled)})"
+
+
 @dataclass(frozen=True)
 class Split:
     X: np.ndarray  # encoded features, float32 [N, d]: the reference model's input
@@ -215,6 +323,7 @@ class Dataset:
     train: Split
     tune: Split
     test: Split
+    merged: tuple[str, ...] = ()  # many-valued specs: the raw cells pooled into the "other (...)" group
 
     @property
     def feature_names(self) -> list[str]:
@@ -235,8 +344,7 @@ def load_dataset(name: str, sensitive: str | None = None, drop_sensitive: bool =
     spec = SPECS[name]
     sensitive = sensitive or spec.default_sensitive
     if sensitive not in spec.sensitive:
-        raise ValueError(f"{name} has no sensitive attribute {sensitive!r}; choose one of "
-                         f"{', '.join(spec.sensitive)}")
+        return _load_groups(parse_sensitive(name, sensitive), drop_sensitive)
     sens = spec.sensitive[sensitive]
     full, test_file = load_frames(name)
     groups_full, y_full = group_codes(full, sens), full[spec.label].to_numpy()
@@ -256,3 +364,42 @@ def load_dataset(name: str, sensitive: str | None = None, drop_sensitive: bool =
         for f in frames
     ]
     return Dataset(name, sensitive, sens.group_names, sens.privileged, drop_sensitive, encoder, *splits)
+
+
+def _load_groups(gs: GroupSpec, drop_sensitive: bool) -> Dataset:
+    """A many-valued or intersectional spec: split stratified by (raw cell, label), then cells too small on the
+    tune split pooled (merge_small_cells), then encoded like load_dataset."""
+    spec = SPECS[gs.dataset]
+    full, test_file = load_frames(gs.dataset)
+    order = gs.cell_order(full)
+    lookup = {c: i for i, c in enumerate(order)}
+    raw_full, y_full = np.array([lookup[c] for c in gs.cells(full)], np.int64), full[spec.label].to_numpy()
+    if test_file is not None:
+        train_idx, tune_idx = stratified_split(y_full, raw_full, (0.7, 0.3), SPLIT_SEED)
+        frames = full.iloc[train_idx], full.iloc[tune_idx], test_file
+    else:
+        train_idx, tune_idx, test_idx = stratified_split(y_full, raw_full, (0.6, 0.2, 0.2), SPLIT_SEED)
+        frames = full.iloc[train_idx], full.iloc[tune_idx], full.iloc[test_idx]
+    tune_cells, tune_y = gs.cells(frames[1]), frames[1][spec.label].to_numpy()
+    counts = {c: (int(np.sum((tune_cells == c) & (tune_y == 0))), int(np.sum((tune_cells == c) & (tune_y == 1))))
+              for c in order}
+    kept, pooled = merge_small_cells(counts, order)
+    names = tuple(kept) + ((pooled_name(pooled),) if pooled else ())
+    to_name = {c: c for c in kept} | {c: pooled_name(pooled) for c in pooled}
+    index = {n: i for i, n in enumerate(names)}
+
+    def codes(frame: pd.DataFrame) -> np.ndarray:
+        cells = gs.cells(frame)
+        unknown = sorted(set(cells.tolist()) - set(to_name))
+        if unknown:
+            raise ValueError(f"rows in cells {unknown} that the {gs.name!r} groups do not cover")
+        return np.array([index[to_name[c]] for c in cells], np.int64)
+
+    dropped = set(gs.encoded_columns) if drop_sensitive else set()
+    categorical = [c for c in spec.categorical if c not in dropped]
+    numeric = [c for c in spec.numeric if c not in dropped]
+    encoder = TabularEncoder.fit(frames[0], categorical, numeric)
+    splits = [Split(encoder.transform(f), f[spec.label].to_numpy(np.int64), codes(f), f.reset_index(drop=True))
+              for f in frames]
+    privileged = to_name.get(gs.privileged_cell, names[-1])
+    return Dataset(gs.dataset, gs.name, names, privileged, drop_sensitive, encoder, *splits, merged=tuple(pooled))

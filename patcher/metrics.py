@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -66,6 +66,9 @@ __all__ = [
     "equalized_odds_ratio",
     "fairness_report",
     "group_rates",
+    "gap_intervals",
+    "group_table",
+    "wilson_interval",
     "headline",
     "max_false_negative_rate",
     "signed_equal_opportunity_difference",
@@ -706,3 +709,56 @@ def fairness_report(
         ci_level=ci,
         seed=seed,
     )
+
+
+# --------------------------------------------------------------------------- per-group table with intervals
+def wilson_interval(successes: npt.ArrayLike, n: npt.ArrayLike, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval of a binomial proportion (elementwise); NaN where n = 0. Unlike the normal
+    interval it stays inside [0, 1] and is honest for the small groups of a many-valued attribute."""
+    from statistics import NormalDist
+
+    k, m = np.asarray(successes, np.float64), np.asarray(n, np.float64)
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = k / m
+        centre = (p + z * z / (2 * m)) / (1 + z * z / m)
+        half = z / (1 + z * z / m) * np.sqrt(p * (1 - p) / m + z * z / (4 * m * m))
+    lo, hi = np.clip(centre - half, 0.0, 1.0), np.clip(centre + half, 0.0, 1.0)
+    return np.where(m > 0, lo, NAN), np.where(m > 0, hi, NAN)
+
+
+def _rounded(x: float) -> float | None:
+    return round(float(x), 6) if math.isfinite(float(x)) else None
+
+
+def group_table(y: np.ndarray, decisions: dict[str, np.ndarray], groups: np.ndarray, names: Sequence[str],
+                level: float = 0.95) -> list[dict[str, Any]]:
+    """One row per group (ids 0..G-1 named by `names`): its size and base rate, and for each hard 0/1 decision
+    in `decisions` (e.g. {"before": ..., "after": ...}) its selection rate, TPR and FPR with Wilson intervals
+    (`selection_rate_before`, `selection_rate_before_ci`, ...). Undefined rates are null."""
+    y, groups = np.asarray(y, np.int64), np.asarray(groups, np.int64)
+    rows = []
+    for g, name in enumerate(names):
+        m = groups == g
+        pos, neg = m & (y == 1), m & (y == 0)
+        row: dict[str, Any] = {"name": str(name), "n": int(m.sum()), "n_pos": int(pos.sum()),
+                               "base_rate": _rounded(y[m].mean()) if m.any() else None}
+        for key, d in decisions.items():
+            d = np.asarray(d)
+            for rate, mask in (("selection_rate", m), ("tpr", pos), ("fpr", neg)):
+                k, n = float(d[mask].sum()), float(mask.sum())
+                lo, hi = wilson_interval(k, n, level)
+                row[f"{rate}_{key}"] = _rounded(k / n) if n else None
+                row[f"{rate}_{key}_ci"] = [_rounded(lo), _rounded(hi)] if n else None
+        rows.append(row)
+    return rows
+
+
+def gap_intervals(y: np.ndarray, pred: np.ndarray, groups: np.ndarray, *, n_boot: int = 1000, seed: int = 0,
+                  level: float = 0.95) -> dict[str, Any]:
+    """Gaps and ratios over all groups with percentile-bootstrap intervals (rows resampled within each group):
+    dp_diff, dp_ratio, eo_diff, eo_ratio, each {"value", "ci"}."""
+    rep = fairness_report(y, pred, groups, n_boot=n_boot, seed=seed, ci=level)
+    return {k: {"value": _rounded(rep.summary[k]) if rep.summary[k] is not None else None,
+                "ci": [None if v is None else _rounded(v) for v in rep.ci[k]]}
+            for k in ("dp_diff", "dp_ratio", "eo_diff", "eo_ratio")}

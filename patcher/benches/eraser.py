@@ -6,6 +6,7 @@ import argparse
 import time
 from typing import Any
 
+from patcher.benches.groups import groups_block
 from patcher.datasets import feature_columns, load_dataset
 from patcher.oracle import OnnxOracle
 from patcher.pipeline import score
@@ -51,8 +52,9 @@ def bench_eraser(dataset: str = "adult", sensitive: str | None = None, criterion
     test = data.test
     priv = data.group_names.index(data.privileged)
     # evaluation: a second session of the model, not counted against the budget
-    scored = score(patch, OnnxOracle(model.onnx_bytes).log_probs, test.X, test.y, test.groups, seed=seed,
-                   privileged=priv)
+    model_log_probs = OnnxOracle(model.onnx_bytes).log_probs
+    scored = score(patch, model_log_probs, test.X, test.y, test.groups, seed=seed, privileged=priv)
+    per_group = groups_block(data, model_log_probs(test.X).argmax(1), scored.after_decisions, seed)
     return {
         "method": "eraser", "dataset": dataset, "sensitive": data.sensitive, "criterion": criterion,
         "seed": seed, "drop_sensitive": drop_sensitive, "query_budget": queries,
@@ -60,5 +62,5 @@ def bench_eraser(dataset: str = "adult", sensitive: str | None = None, criterion
         "group_at_inference": scored.group_at_inference, "bias": report.bias,
         "alpha": report.alpha, "threshold": report.threshold,
         "n_tune": len(tune), "n_test": len(test), "model_sha256": model.sha256, "patch_id": patch.id,
-        "before": scored.before, "after": scored.after,
+        "before": scored.before, "after": scored.after, **per_group,
     }

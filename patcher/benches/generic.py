@@ -17,6 +17,7 @@ DATASETS = ("adult", "compas", "german")
 def run(method: str, dataset: str = "adult", sensitive: str | None = None, criterion: str = "dp",
         queries: int | None = 1000, seed: int = 0, **options: Any) -> dict[str, Any]:
     from patcher.access import ModelArtifact
+    from patcher.benches.groups import groups_block
     from patcher.datasets import load_dataset
     from patcher.methods import FitRequest, get_method
     from patcher.oracle import OnnxOracle
@@ -43,10 +44,11 @@ def run(method: str, dataset: str = "adult", sensitive: str | None = None, crite
     priv = data.group_names.index(data.privileged)
     scored = score(result.patch, upstream.log_probs, test.X, test.y, test.groups, seed=seed, privileged=priv,
                    request_id=f"bench-{seed}")
+    per_group = groups_block(data, upstream.log_probs(test.X).argmax(1), scored.after_decisions, seed)
     return {
         "method": method, "dataset": dataset, "sensitive": data.sensitive, "criterion": criterion, "seed": seed,
         "access": access, "query_budget": budget, "queries_used": getattr(src, "queries_used", 0),
         "fit_seconds": round(fit_seconds, 3), "group_at_inference": scored.group_at_inference,
         "n_tune": len(tune), "n_test": len(test), "model_sha256": model.sha256, "patch_id": result.patch.id,
-        "before": scored.before, "after": scored.after,
+        "before": scored.before, "after": scored.after, **per_group,
     }

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from patcher.apply import PatchRunner
+from patcher.benches.groups import groups_block
 from patcher.datasets import load_dataset
 from patcher.metrics import headline
 from patcher.oracle import OnnxOracle
@@ -47,6 +48,7 @@ def run_method(method: str, dataset: str = "adult", sensitive: str | None = None
     scored = score(runner, model_log_probs, test.X, test.y, test.groups, seed=seed, privileged=priv,
                    request_id=f"{REQUEST_ID}-{seed}")
     extra: dict[str, Any] = {}
+    per_group = groups_block(data, model_log_probs(test.X).argmax(1), scored.after_decisions, seed)
     if draws > 1:
         runs = [headline(test.y, patched_decisions(runner, model_log_probs, test.X, test.groups,
                                                    f"{REQUEST_ID}-{seed}-{i}"), test.groups, priv)
@@ -59,7 +61,7 @@ def run_method(method: str, dataset: str = "adult", sensitive: str | None = None
         "randomized": _randomized(patch.part("output_transform")), "params": patch.manifest["params"],
         "tune_before": report.tune_before, "tune_after": report.tune_after,
         "n_tune": len(tune), "n_test": len(test), "model_sha256": model.sha256, "patch_id": patch.id,
-        "before": scored.before, "after": scored.after,
+        "before": scored.before, "after": scored.after, **per_group,
     }
 
 

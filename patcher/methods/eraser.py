@@ -20,6 +20,7 @@ test-set dp spread across seeds from about 0.03 to 0.01. The patch is one ONNX g
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -53,6 +54,9 @@ class EraserOptions(BaseModel):
     max_accuracy_drop: float | None = Field(0.03, ge=0, description="never trade more accuracy than this")
     surrogate: bool | None = Field(None, description="impute unpaid tuning rows' scores with a ridge surrogate "
                                    "(default: for dp only; eo and eopp tune on the paid rows, reweighted)")
+    group_strengths: bool | None = Field(None, description="one erasing strength per group, searched coordinate "
+                                         "by coordinate from the common one (bias group or estimator, two "
+                                         "classes; default: with more than two groups)")
 
 
 class FitReport(BaseModel):
@@ -67,6 +71,7 @@ class FitReport(BaseModel):
     tune_before: dict[str, float]
     tune_after: dict[str, float]
     curve: list[dict[str, float]]  # per alpha: best threshold, accuracy, unfairness (tuning data)
+    strengths: list[float] | None = None  # group_strengths: group a's rule is erased with strength strengths[a]
     fit_seconds: float
 
 
@@ -272,7 +277,8 @@ def fit(access: Oracle, data: TuningData, request: FitRequest, opts: EraserOptio
     report_progress(0.6, {"stage": "distilling the biased rule", "queries_used": access.queries_used - used_before})
 
     table = group_rule(log_probs, groups[idx], weights, G)
-    W = b = columns = None
+    W = b = columns = Xe = None
+    strengths = graph_table = None
     if opts.bias == "proxies":
         B = X[:, opts.proxy_columns] if opts.proxy_columns else np.asarray(data.bias_features)
         columns = opts.proxy_columns
@@ -312,25 +318,74 @@ def fit(access: Oracle, data: TuningData, request: FitRequest, opts: EraserOptio
             summary.append({"alpha": a, "threshold": float(cuts[j]), "accuracy": float(acc[j]),
                             "unfairness": float(unfair[j])})
         point = OperatingPoint(alpha, threshold, base_acc, base_unfair, acc_after, unfair_after, summary)
+        per_group = (G > 2 if opts.group_strengths is None else opts.group_strengths) and opts.bias != "proxies"
+        if per_group:
+            # rows' weights over the groups whose rule they get: the group itself, or q(a | x)
+            Q = np.eye(G)[groups] if opts.bias == "group" else np.exp(log_softmax(Xe @ W + b))
+            strengths, point = tune_group_strengths(
+                margin, Q[rows], table[:, 1] - table[:, 0], yy, gg, G, criterion, w, point, opts)
+            # the graph subtracts alpha * its table: the table's rows carry strength / alpha
+            graph_table = table * (strengths / alpha if alpha > 0 else strengths)[:, None]
+            point = dataclasses.replace(point, alpha=alpha if alpha > 0 else 1.0)
     else:
         point = _tune_multiclass(log_probs, rule_all[idx], y[idx], groups[idx], G, criterion, opts)
     alpha, threshold = point.alpha, point.threshold
 
     report_progress(0.95, {"stage": "exporting the patch", "alpha": alpha, "threshold": threshold})
-    graph = build_output_graph(X.shape[1], C, alpha, threshold, opts.bias, table, columns, W, b)
+    graph = build_output_graph(X.shape[1], C, alpha, threshold, opts.bias,
+                               table if graph_table is None else graph_table, columns, W, b)
     report = FitReport(
         criterion=criterion, bias=opts.bias, queries_used=access.queries_used - used_before, alpha=alpha,
         threshold=threshold, group_at_inference=opts.bias == "group", rule=table.tolist(),
         tune_before={"accuracy": point.base_accuracy, criterion: point.base_unfairness},
         tune_after={"accuracy": point.accuracy, criterion: point.unfairness}, curve=point.curve,
-        fit_seconds=time.perf_counter() - started)
+        strengths=None if strengths is None else strengths.tolist(), fit_seconds=time.perf_counter() - started)
     patch = Patch.build(
         method="eraser", n_classes=C, groups=list(data.group_names), group_at_inference=opts.bias == "group",
         output_transform=graph,
         params={"alpha": alpha, "threshold": threshold, "bias": opts.bias, "criterion": criterion,
-                "rule": table.tolist()},
-        report=report.model_dump(exclude={"curve", "fit_seconds"}))
+                "rule": table.tolist(), **({} if strengths is None else {"strengths": strengths.tolist()})},
+        report=report.model_dump(exclude={"curve", "fit_seconds"} | ({"strengths"} if strengths is None else set())))
     return FitResult(patch, report)
+
+
+def tune_group_strengths(margin: np.ndarray, Q: np.ndarray, d: np.ndarray, y: np.ndarray, groups: np.ndarray,
+                         G: int, criterion: Criterion, weights: np.ndarray | None, start: OperatingPoint,
+                         opts: EraserOptions, passes: int = 3) -> tuple[np.ndarray, OperatingPoint]:
+    """One strength per group: the decision is margin - Q @ (s * d) > t, with d_a = the rule's margin of group a
+    and Q the rows' group weights. One common strength and a threshold have two degrees of freedom, enough to
+    equalise two groups' rates but not G > 2; starting from the common strength, each group's is searched on a
+    grid in turn (a few passes), the threshold re-swept each time, with choose_operating_point's criterion
+    (least unfairness above the tolerance, then accuracy, within the accuracy budget)."""
+    grid = np.linspace(0.0, 2 * opts.alpha_max, 2 * opts.alpha_steps - 1)
+    s = np.full(G, start.alpha)
+
+    def best(strengths: np.ndarray):
+        cuts, acc, unfair = sweep_thresholds(margin - Q @ (strengths * d), y, groups, G, criterion, weights)
+        return choose_operating_point([(0.0, cuts, acc, unfair)], start.base_accuracy, opts.fairness_tolerance,
+                                      opts.max_accuracy_drop)
+
+    def key(point) -> tuple[bool, float, float]:
+        # lexicographic: within the accuracy budget, then unfairness above the tolerance, then accuracy
+        _, _, acc, unfair = point
+        within = opts.max_accuracy_drop is None or acc >= start.base_accuracy - opts.max_accuracy_drop - 1e-12
+        return (not within, round(max(unfair, opts.fairness_tolerance), 9), round(-acc, 9))
+
+    current = best(s)
+    for _ in range(passes):
+        improved = False
+        for a in range(G):
+            for v in grid:
+                trial = s.copy()
+                trial[a] = v
+                cand = best(trial)
+                if key(cand) < key(current):
+                    s, current, improved = trial, cand, True
+        if not improved:
+            break
+    _, threshold, acc, unfair = current
+    return s, OperatingPoint(start.alpha, threshold, start.base_accuracy, start.base_unfairness, acc, unfair,
+                             start.curve)
 
 
 def _tune_multiclass(log_probs, rule, y, groups, G, criterion, opts) -> OperatingPoint:
