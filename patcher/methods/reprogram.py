@@ -331,6 +331,20 @@ def _fit_gradient_crossfit(model, trigger: Trigger, X, y, groups, G, criterion, 
     return TriggerFit(theta, float(lams[c.key]), c.threshold, opts.steps * units, 0, tune, c.summary, c.selection)
 
 
+def warm_start(trigger: Trigger, X: np.ndarray, opts: TriggerOptions) -> np.ndarray | None:
+    """Zeroth order, tabular with `zo_impute` t > 0: each trigger column starts at x * (1 - t) + t * mean(x) (tuning
+    rows; no queries). At t = 1 the columns most correlated with the group are replaced by their means, so the
+    model cannot read the group from them; the search then restores what the label needs."""
+    t = opts.zo_impute
+    if t <= 0 or not isinstance(trigger, TabularTrigger):
+        return None
+    mean = X[:, trigger.columns].astype(np.float64).mean(0)
+    if trigger.mask_kind == "scale":
+        return np.concatenate([np.full(trigger.k, 1.0 - t), t * mean])
+    # binary mask: a column is kept (logit 3) or replaced (logit -3), t >= 0.5 replaces
+    return np.concatenate([np.full(trigger.k, 3.0 if t < 0.5 else -3.0), (mean if t >= 0.5 else 0.0 * mean)])
+
+
 def _fit_zo(oracle: Oracle, trigger: Trigger, X, y, groups, G, criterion, budget, opts, seed: int,
             report_progress) -> TriggerFit:
     remaining = getattr(oracle, "remaining", None)
@@ -346,8 +360,8 @@ def _fit_zo(oracle: Oracle, trigger: Trigger, X, y, groups, G, criterion, budget
                         seed=seed, n_classes=max(C_guess, 2),
                         holdout=(fit_rows, sel) if opts.holdout > 0 else None, restarts=opts.zo_restarts,
                         restart_rows=opts.zo_restart_rows, unbiased_gap=opts.zo_unbiased_gap,
-                        subspace=opts.zo_subspace)
-    evaluations = 2 if trigger.identity_start else 3  # a start that is not the model: the model scored too
+                        subspace=opts.zo_subspace, start=warm_start(trigger, X[fit_rows], opts))
+    evaluations = 2 if trainer.starts_at_model() else 3  # a start that is not the model: the model scored too
     need = eval_size * evaluations + trainer.step_cost() + trainer.restarts * trainer.restart_rows()
     if limit < need:
         raise ValueError(f"a budget of {limit} queries is too small for a zeroth-order trigger: it needs at least "
@@ -359,7 +373,7 @@ def _fit_zo(oracle: Oracle, trigger: Trigger, X, y, groups, G, criterion, budget
     logps = [(i, lp) for i, (_, _, lp) in enumerate(result.candidates)]
     c = _select(logps, result.base_log_probs, y[rows], groups[rows], G, criterion, opts)
     for s, hist in zip(c.summary, result.history, strict=True):
-        s.update(step=hist["step"], queries=hist["queries"])
+        s.update(hist)
         s.pop("key")
     base = result.base_log_probs
     tune = {"n_classes": base.shape[1], "base_acc": _accuracy(base, y[rows], groups[rows], opts),

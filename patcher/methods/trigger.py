@@ -45,6 +45,10 @@ class TriggerOptions(BaseModel):
                                   "of the squared rate spread (it rewards scores uniform within a cell)")
     zo_subspace: int = Field(0, ge=0, description="zeroth order: search k fixed random directions around the start "
                              "instead of every trigger parameter (0: all; the estimate's variance grows like k / q)")
+    zo_impute: float = Field(0.0, ge=0, le=1, description="zeroth order, tabular: the search starts with each "
+                             "trigger column blended by this share toward its tuning-row mean (1: replaced by it, "
+                             "so the group-correlated columns no longer show the group; 0: the model itself); the "
+                             "model stays a candidate")
     select: Literal["fairest", "worst_cell"] | None = Field(
         None, description="binary with threshold: choose the trigger (lambda or evaluated candidate) and threshold "
         "on the selection rows as the fairest within the accuracy cap (default), or as the best worst (group, "
