@@ -535,3 +535,13 @@ def test_zeroth_order_warm_start_keeps_the_model_as_a_candidate_within_budget(ad
     patch, report = fit("trigger", oracle, tune, "dp", 6000, zo_impute=1.0, zo_columns=4, eval_size=300, evals=1)
     assert report.queries_used == oracle.queries_used <= 6000
     assert report.candidates[0]["start"] == "model" and len(report.candidates) == 3
+
+
+def test_zeroth_order_step_settings_default_per_trigger_family_and_options_override_them() -> None:
+    opts = TriggerOptions()
+    assert opts.zo_search(tabular=True) == {"zo_batch": 64, "zo_lr": 0.1}  # chosen on Adult tune rows
+    assert opts.zo_search(tabular=False) == {"zo_batch": 128, "zo_lr": 0.05}  # image forms: as they were
+    assert TriggerOptions(zo_batch=32).zo_search(tabular=True) == {"zo_batch": 32, "zo_lr": 0.1}
+    assert TriggerOptions(zo_lr=0.2).zo_search(tabular=False) == {"zo_batch": 128, "zo_lr": 0.2}
+    preset = TriggerOptions(**get_method("trigger").presets["colored-digits"])
+    assert preset.zo_search(tabular=False) == {"zo_batch": 64, "zo_lr": 0.1}  # the preset sets both

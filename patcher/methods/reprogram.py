@@ -352,11 +352,12 @@ def _fit_zo(oracle: Oracle, trigger: Trigger, X, y, groups, G, criterion, budget
     limit = min(limits) if limits else 20_000
     everything = np.arange(len(y))  # holdout 0: lambda and threshold are chosen on the rows the trigger fit
     sel, fit_rows = stratified_split(y, groups, opts.holdout, [seed, 7]) if opts.holdout > 0 else (everything,) * 2
+    search = opts.zo_search(isinstance(trigger, TabularTrigger))
     eval_size = min(opts.eval_size, len(sel), max(limit // (4 * (opts.evals + 1)), 50))
     C_guess = int(y.max()) + 1
     trainer = ZOTrainer(oracle, trigger, X, y, groups, G, criterion, opts.lam_zo if opts.lam is None else opts.lam,
-                        fairness=opts.fairness, q=opts.q, mu=opts.mu, lr=opts.zo_lr,
-                        batch_size=min(opts.zo_batch, len(X)), eval_size=eval_size, evals=opts.evals,
+                        fairness=opts.fairness, q=opts.q, mu=opts.mu, lr=search["zo_lr"],
+                        batch_size=min(search["zo_batch"], len(X)), eval_size=eval_size, evals=opts.evals,
                         seed=seed, n_classes=max(C_guess, 2),
                         holdout=(fit_rows, sel) if opts.holdout > 0 else None, restarts=opts.zo_restarts,
                         restart_rows=opts.zo_restart_rows, unbiased_gap=opts.zo_unbiased_gap,
