@@ -503,6 +503,7 @@ def test_warm_start_blends_the_trigger_columns_toward_their_means() -> None:
     np.testing.assert_allclose(trig.apply(torch.tensor(X), torch.tensor(half)).numpy()[:, 1], 0.5 * X[:, 1] + 4.25)
     binary = warm_start(TabularTrigger(5, [1, 3], mask="binary"), X, TriggerOptions(zo_impute=1.0))
     np.testing.assert_allclose(binary, [-3.0, -3.0, 8.5, 10.5])  # the hard mask drops the columns
+    assert warm_start(TabularTrigger(5, [1, 3], mask="binary"), X, TriggerOptions(zo_impute=0.4)) is None
     with pytest.raises(ValueError):
         TriggerOptions(zo_impute=1.5)
 

@@ -341,8 +341,8 @@ def warm_start(trigger: Trigger, X: np.ndarray, opts: TriggerOptions) -> np.ndar
     mean = X[:, trigger.columns].astype(np.float64).mean(0)
     if trigger.mask_kind == "scale":
         return np.concatenate([np.full(trigger.k, 1.0 - t), t * mean])
-    # binary mask: a column is kept (logit 3) or replaced (logit -3), t >= 0.5 replaces
-    return np.concatenate([np.full(trigger.k, 3.0 if t < 0.5 else -3.0), (mean if t >= 0.5 else 0.0 * mean)])
+    # a binary mask cannot blend: t >= 0.5 replaces the columns by their means (mask logit -3), less keeps them
+    return np.concatenate([np.full(trigger.k, -3.0), mean]) if t >= 0.5 else None
 
 
 def _fit_zo(oracle: Oracle, trigger: Trigger, X, y, groups, G, criterion, budget, opts, seed: int,

@@ -47,8 +47,8 @@ class TriggerOptions(BaseModel):
                              "instead of every trigger parameter (0: all; the estimate's variance grows like k / q)")
     zo_impute: float = Field(0.0, ge=0, le=1, description="zeroth order, tabular: the search starts with each "
                              "trigger column blended by this share toward its tuning-row mean (1: replaced by it, "
-                             "so the group-correlated columns no longer show the group; 0: the model itself); the "
-                             "model stays a candidate")
+                             "so the group-correlated columns no longer show the group; 0: the model itself; a binary "
+                             "mask replaces at >= 0.5); the model stays a candidate")
     select: Literal["fairest", "worst_cell"] | None = Field(
         None, description="binary with threshold: choose the trigger (lambda or evaluated candidate) and threshold "
         "on the selection rows as the fairest within the accuracy cap (default), or as the best worst (group, "
