@@ -485,3 +485,64 @@ def test_gradient_worst_cell_selection_picks_on_held_out_tune_rows_only(colored)
     assert fairest.selection == {"rule": "fairest"} and "worst_cell_accuracy" not in fairest.candidates[0]
     for a, b in zip(report.candidates, fairest.candidates, strict=True):
         assert (a["accuracy_at_0"], a["unfairness_at_0"]) == (b["accuracy_at_0"], b["unfairness_at_0"])
+
+
+def test_warm_start_blends_the_trigger_columns_toward_their_means() -> None:
+    from patcher.methods.reprogram import warm_start
+
+    X = np.arange(20, dtype=np.float32).reshape(4, 5)
+    trig = TabularTrigger(5, [1, 3])
+    assert warm_start(trig, X, TriggerOptions()) is None  # zo_impute 0: the model itself
+    assert warm_start(ColorTrigger((3, 4, 4)), X, TriggerOptions(zo_impute=1.0)) is None  # tabular only
+    full = warm_start(trig, X, TriggerOptions(zo_impute=1.0))
+    np.testing.assert_allclose(full, [0.0, 0.0, 8.5, 10.5])  # mask 0, delta = the column means
+    moved = trig.apply(torch.tensor(X), torch.tensor(full)).numpy()
+    np.testing.assert_allclose(moved[:, [1, 3]], [[8.5, 10.5]] * 4)
+    np.testing.assert_array_equal(moved[:, [0, 2, 4]], X[:, [0, 2, 4]])  # the other columns untouched
+    half = warm_start(trig, X, TriggerOptions(zo_impute=0.5))
+    np.testing.assert_allclose(trig.apply(torch.tensor(X), torch.tensor(half)).numpy()[:, 1], 0.5 * X[:, 1] + 4.25)
+    binary = warm_start(TabularTrigger(5, [1, 3], mask="binary"), X, TriggerOptions(zo_impute=1.0))
+    np.testing.assert_allclose(binary, [-3.0, -3.0, 8.5, 10.5])  # the hard mask drops the columns
+    assert warm_start(TabularTrigger(5, [1, 3], mask="binary"), X, TriggerOptions(zo_impute=0.4)) is None
+    with pytest.raises(ValueError):
+        TriggerOptions(zo_impute=1.5)
+
+
+def test_zeroth_order_warm_start_keeps_the_model_as_a_candidate_within_budget(adult, adult_model, tune) -> None:
+    from patcher.methods.reprogram import warm_start
+    from patcher.methods.reprogram_zo import ZOTrainer
+
+    t = adult.tune
+    trig = TabularTrigger(t.X.shape[1], group_columns(t.X, t.groups, 4))
+    start = warm_start(trig, t.X, TriggerOptions(zo_impute=1.0))
+    oracle = OnnxOracle(adult_model.onnx_bytes, budget=3000)
+    trainer = ZOTrainer(oracle, trig, t.X, t.y, t.groups, 2, "dp", 10.0, fairness="gap", q=2, mu=0.05, lr=0.1,
+                        batch_size=64, eval_size=200, evals=1, seed=0, n_classes=2, start=start)
+    assert not trainer.starts_at_model()
+    result = trainer.run(3000)
+    assert oracle.queries_used <= 3000 and result.steps > 0
+    model = OnnxOracle(adult_model.onnx_bytes, cache=False)
+    rows = result.eval_rows
+    np.testing.assert_allclose(result.base_log_probs, model.log_probs(t.X[rows]), atol=1e-5)
+    (_, identity, lp_model), (_, first, lp_start) = result.candidates[:2]
+    np.testing.assert_array_equal(identity, trig.init().numpy())  # the model itself is the first candidate
+    np.testing.assert_array_equal(lp_model, result.base_log_probs)
+    np.testing.assert_array_equal(first, start)
+    imputed = t.X[rows].copy()
+    imputed[:, trig.columns] = t.X[:, trig.columns].mean(0)
+    np.testing.assert_allclose(lp_start, model.log_probs(imputed), atol=1e-4)
+    assert result.history[0]["start"] == "model" and len(result.history) == len(result.candidates) == 3
+    oracle = OnnxOracle(adult_model.onnx_bytes, budget=6000)
+    patch, report = fit("trigger", oracle, tune, "dp", 6000, zo_impute=1.0, zo_columns=4, eval_size=300, evals=1)
+    assert report.queries_used == oracle.queries_used <= 6000
+    assert report.candidates[0]["start"] == "model" and len(report.candidates) == 3
+
+
+def test_zeroth_order_step_settings_default_per_trigger_family_and_options_override_them() -> None:
+    opts = TriggerOptions()
+    assert opts.zo_search(tabular=True) == {"zo_batch": 64, "zo_lr": 0.1}  # chosen on Adult tune rows
+    assert opts.zo_search(tabular=False) == {"zo_batch": 128, "zo_lr": 0.05}  # image forms: as they were
+    assert TriggerOptions(zo_batch=32).zo_search(tabular=True) == {"zo_batch": 32, "zo_lr": 0.1}
+    assert TriggerOptions(zo_lr=0.2).zo_search(tabular=False) == {"zo_batch": 128, "zo_lr": 0.2}
+    preset = TriggerOptions(**get_method("trigger").presets["colored-digits"])
+    assert preset.zo_search(tabular=False) == {"zo_batch": 64, "zo_lr": 0.1}  # the preset sets both

@@ -331,6 +331,20 @@ def _fit_gradient_crossfit(model, trigger: Trigger, X, y, groups, G, criterion, 
     return TriggerFit(theta, float(lams[c.key]), c.threshold, opts.steps * units, 0, tune, c.summary, c.selection)
 
 
+def warm_start(trigger: Trigger, X: np.ndarray, opts: TriggerOptions) -> np.ndarray | None:
+    """Zeroth order, tabular with `zo_impute` t > 0: each trigger column starts at x * (1 - t) + t * mean(x) (tuning
+    rows; no queries). At t = 1 the columns most correlated with the group are replaced by their means, so the
+    model cannot read the group from them; the search then restores what the label needs."""
+    t = opts.zo_impute
+    if t <= 0 or not isinstance(trigger, TabularTrigger):
+        return None
+    mean = X[:, trigger.columns].astype(np.float64).mean(0)
+    if trigger.mask_kind == "scale":
+        return np.concatenate([np.full(trigger.k, 1.0 - t), t * mean])
+    # a binary mask cannot blend: t >= 0.5 replaces the columns by their means (mask logit -3), less keeps them
+    return np.concatenate([np.full(trigger.k, -3.0), mean]) if t >= 0.5 else None
+
+
 def _fit_zo(oracle: Oracle, trigger: Trigger, X, y, groups, G, criterion, budget, opts, seed: int,
             report_progress) -> TriggerFit:
     remaining = getattr(oracle, "remaining", None)
@@ -338,16 +352,17 @@ def _fit_zo(oracle: Oracle, trigger: Trigger, X, y, groups, G, criterion, budget
     limit = min(limits) if limits else 20_000
     everything = np.arange(len(y))  # holdout 0: lambda and threshold are chosen on the rows the trigger fit
     sel, fit_rows = stratified_split(y, groups, opts.holdout, [seed, 7]) if opts.holdout > 0 else (everything,) * 2
+    search = opts.zo_search(isinstance(trigger, TabularTrigger))
     eval_size = min(opts.eval_size, len(sel), max(limit // (4 * (opts.evals + 1)), 50))
     C_guess = int(y.max()) + 1
     trainer = ZOTrainer(oracle, trigger, X, y, groups, G, criterion, opts.lam_zo if opts.lam is None else opts.lam,
-                        fairness=opts.fairness, q=opts.q, mu=opts.mu, lr=opts.zo_lr,
-                        batch_size=min(opts.zo_batch, len(X)), eval_size=eval_size, evals=opts.evals,
+                        fairness=opts.fairness, q=opts.q, mu=opts.mu, lr=search["zo_lr"],
+                        batch_size=min(search["zo_batch"], len(X)), eval_size=eval_size, evals=opts.evals,
                         seed=seed, n_classes=max(C_guess, 2),
                         holdout=(fit_rows, sel) if opts.holdout > 0 else None, restarts=opts.zo_restarts,
                         restart_rows=opts.zo_restart_rows, unbiased_gap=opts.zo_unbiased_gap,
-                        subspace=opts.zo_subspace)
-    evaluations = 2 if trigger.identity_start else 3  # a start that is not the model: the model scored too
+                        subspace=opts.zo_subspace, start=warm_start(trigger, X[fit_rows], opts))
+    evaluations = 2 if trainer.starts_at_model() else 3  # a start that is not the model: the model scored too
     need = eval_size * evaluations + trainer.step_cost() + trainer.restarts * trainer.restart_rows()
     if limit < need:
         raise ValueError(f"a budget of {limit} queries is too small for a zeroth-order trigger: it needs at least "
@@ -359,7 +374,7 @@ def _fit_zo(oracle: Oracle, trigger: Trigger, X, y, groups, G, criterion, budget
     logps = [(i, lp) for i, (_, _, lp) in enumerate(result.candidates)]
     c = _select(logps, result.base_log_probs, y[rows], groups[rows], G, criterion, opts)
     for s, hist in zip(c.summary, result.history, strict=True):
-        s.update(step=hist["step"], queries=hist["queries"])
+        s.update(hist)
         s.pop("key")
     base = result.base_log_probs
     tune = {"n_classes": base.shape[1], "base_acc": _accuracy(base, y[rows], groups[rows], opts),

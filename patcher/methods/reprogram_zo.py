@@ -17,6 +17,11 @@ Forms that start at random (an image frame) can begin with a random search: `res
 on one stratified batch of training rows (the same rows for all), the run descends from the best.
 Their start is not the model itself, so the untouched model is scored on the evaluation rows too
 (the accuracy cap refers to it).
+
+A warm start (`start`, e.g. a tabular trigger that blends its columns toward their means, so the
+group-correlated columns stop carrying the group before any query is spent) is a start that is not the
+model either: the model is scored and kept as a candidate too (at the identity), so the selection can
+always fall back on it.
 """
 
 from __future__ import annotations
@@ -82,8 +87,10 @@ class ZOTrainer:
                  n_groups: int, criterion: Criterion, lam: float, *, fairness: str, q: int, mu: float, lr: float,
                  batch_size: int, eval_size: int, evals: int, seed: int, n_classes: int,
                  holdout: tuple[np.ndarray, np.ndarray] | None = None, restarts: int = 0,
-                 restart_rows: int = 512, unbiased_gap: bool = False, subspace: int = 0) -> None:
-        """`holdout`: (training rows, selection rows): minibatches from the first, evaluations from the second."""
+                 restart_rows: int = 512, unbiased_gap: bool = False, subspace: int = 0,
+                 start: np.ndarray | None = None) -> None:
+        """`holdout`: (training rows, selection rows): minibatches from the first, evaluations from the second.
+        `start`: the parameters the search starts from instead of `trigger.init()`."""
         self.oracle, self.trigger = oracle, trigger
         self.X, self.y, self.groups = X, y, groups
         self.n_groups, self.criterion, self.lam, self.fairness = n_groups, criterion, lam, fairness
@@ -92,6 +99,7 @@ class ZOTrainer:
         self._restart_rows = restart_rows
         self.unbiased_gap = unbiased_gap
         self.subspace = min(subspace, trigger.dim)
+        self.start = None if start is None else np.asarray(start, np.float64)
         self.rng = np.random.default_rng(seed)
         self.evals = evals  # evaluations of the trigger on the evaluation rows during the run
         train, pool = holdout if holdout is not None else (np.arange(len(X)), np.arange(len(X)))
@@ -124,6 +132,10 @@ class ZOTrainer:
             self.disc.loss(torch.tensor(logp, dtype=torch.float32), y, g).backward()
             self.disc_opt.step()
 
+    def starts_at_model(self) -> bool:
+        """The search starts at the untouched model (its start's scores are the model's own)."""
+        return self.start is None and self.trigger.identity_start
+
     def step_cost(self) -> int:
         return 2 * self.q * self.batch_size
 
@@ -153,18 +165,22 @@ class ZOTrainer:
         start = o.queries_used
         spent = lambda: o.queries_used - start  # noqa: E731
         n_eval = len(self.eval_rows)
-        theta = self.trigger.init().numpy().astype(np.float64)
+        identity = self.trigger.init().numpy().astype(np.float64)
+        theta = identity if self.start is None else self.start.copy()
         if self.restarts > 1:
             theta, _ = self.best_start(theta, self.train_rows[stratified_batch(self.cells, self.restart_rows(),
                                                                                 self.rng)])
         start_lp = self.log_probs(theta, self.eval_rows)
-        base = start_lp if self.trigger.identity_start else \
+        base = start_lp if self.starts_at_model() else \
             to_log_probs(o.scores(self.X[self.eval_rows]), o.output_kind)  # the model's own scores
         candidates = [(0, theta.copy(), start_lp)]
+        history = [{"step": 0, "queries": spent()}]
+        if self.start is not None and self.trigger.identity_start:  # warm start: the model is a candidate too
+            candidates.insert(0, (0, identity, base))
+            history.insert(0, {"step": 0, "queries": spent(), "start": "model"})
         origin, basis = theta.copy(), self.subspace_basis(len(theta))
         z = np.zeros(basis.shape[1])  # the search runs on theta = origin + basis @ z
         theta_of = lambda z: origin + basis @ z  # noqa: E731
-        history = [{"step": 0, "queries": spent()}]
         train_budget = budget - spent() - n_eval * self.evals
         steps_total = max(train_budget // self.step_cost(), 0)
         eval_at = set(np.linspace(0, steps_total, self.evals + 1).astype(int)[1:].tolist())

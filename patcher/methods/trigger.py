@@ -45,6 +45,10 @@ class TriggerOptions(BaseModel):
                                   "of the squared rate spread (it rewards scores uniform within a cell)")
     zo_subspace: int = Field(0, ge=0, description="zeroth order: search k fixed random directions around the start "
                              "instead of every trigger parameter (0: all; the estimate's variance grows like k / q)")
+    zo_impute: float = Field(0.0, ge=0, le=1, description="zeroth order, tabular: the search starts with each "
+                             "trigger column blended by this share toward its tuning-row mean (1: replaced by it, "
+                             "so the group-correlated columns no longer show the group; 0: the model itself; a binary "
+                             "mask replaces at >= 0.5); the model stays a candidate")
     select: Literal["fairest", "worst_cell"] | None = Field(
         None, description="binary with threshold: choose the trigger (lambda or evaluated candidate) and threshold "
         "on the selection rows as the fairest within the accuracy cap (default), or as the best worst (group, "
@@ -53,8 +57,9 @@ class TriggerOptions(BaseModel):
     unfairness_ratio: float | None = Field(None, gt=0, description="worst_cell: the unfairness target as a share "
                                                                    "of the model's on the selection rows (0.5)")
     mu: float = Field(0.05, gt=0, description="zeroth order: smoothing radius")
-    zo_lr: float = Field(0.05, gt=0, description="zeroth order: step size")
-    zo_batch: int = Field(128, ge=8, description="zeroth order: rows per step (shared by all its probes)")
+    zo_lr: float | None = Field(None, gt=0, description="zeroth order: step size (unset: 0.1 tabular, 0.05 images)")
+    zo_batch: int | None = Field(None, ge=8, description="zeroth order: rows per step, shared by all its probes "
+                                 "(unset: 64 tabular, 128 images)")
     eval_size: int = Field(3000, ge=50, description="zeroth order: tuning rows that score candidate triggers")
     evals: int = Field(3, ge=1, description="zeroth order: evaluations during the run (plus the start)")
     balance: bool = Field(False, description="every (group, label) cell weighs the same in the utility loss and "
@@ -81,10 +86,21 @@ class TriggerOptions(BaseModel):
             raise ValueError("select_folds: 0 (off) or at least 2 folds")
         return self
 
+    def zo_search(self, tabular: bool) -> dict[str, Any]:
+        """zo_batch and zo_lr: the options' values, or where unset the trigger family's (`ZO_SEARCH`)."""
+        family = ZO_SEARCH["tabular" if tabular else "image"]
+        return {k: v if getattr(self, k) is None else getattr(self, k) for k, v in family.items()}
+
     def selection(self) -> tuple[str, float]:
         """(rule, unfairness ratio) that choose the trigger and threshold."""
         return self.select or "fairest", self.unfairness_ratio or 0.5
 
+
+# Zeroth-order step settings where the options leave them unset, per trigger family. Tabular (chosen on held-out
+# tune rows of Adult at 10,000 and 50,000 queries, docs/triggers_zo_dev.md): batches of 64 rows at step 0.1, twice
+# the steps of 128-row batches and each step twice as long (at 10,000 queries 128-row batches made 14 steps).
+ZO_SEARCH: dict[str, dict[str, Any]] = {"tabular": {"zo_batch": 64, "zo_lr": 0.1},
+                                        "image": {"zo_batch": 128, "zo_lr": 0.05}}
 
 # Colored digits: the tune split rewards the color shortcut (it agrees with the label 90% of the time), so the
 # utility loss and the selection accuracy weigh the four (color, label) cells equally (`balance`) and the accuracy
