@@ -281,5 +281,6 @@ def test_serve_command_with_embedded_redis_stops_cleanly_on_sigterm(data_dir):
         assert r.json() == {"ready": True} and sock.exists()
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
+        stopped = proc.wait(timeout=15)  # asserted after: a failure above is reported first
+    assert stopped in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
     assert not sock.exists() and not answers(f"unix://{sock}")

@@ -446,6 +446,7 @@ def test_serve_in_embedded_mode_runs_its_own_worker_and_stops_it(tmp_path, upstr
         assert len(replacement) == 1
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        stopped = proc.wait(timeout=30)  # asserted after: a failure above is reported first
+    assert stopped in (0, -signal.SIGTERM)
     assert not alive(worker_pids[0]) and not alive(replacement[0])
     assert not (data_dir / "redis" / "redis.sock").exists()
