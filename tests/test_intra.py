@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from patcher.access import ModelArtifact
 from patcher.apply import PatchRunner
@@ -13,8 +14,6 @@ from patcher.oracle import OnnxOracle
 from patcher.patch import Patch
 from patcher.tuning import TuningData
 from tests.conftest import fit
-
-torch = pytest.importorskip("torch")
 
 FAST = {
     "random_perturbation": {"trials": 8},

@@ -5,11 +5,14 @@ and an arq worker (in a thread here; as `fairpatch serve`'s own subprocess in th
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -24,7 +27,7 @@ from service.local_upstream import OnnxModel, create_upstream_app
 from service.redis_embedded import EmbeddedRedis
 from service.serve_thread import ServerThread
 from service.settings import Settings
-from service.worker import WorkerThread, embedded_redis_url
+from service.worker import MAX_TRIES, WorkerThread, embedded_redis_url
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "jobs-admin-key"
@@ -41,6 +44,68 @@ def slowed(app, delay_s: float):
         await app(scope, receive, send)
 
     return wrapped
+
+
+class CountingUpstream:
+    """An ASGI wrapper around the upstream that counts the rows of every infer request it receives (read from
+    the request's V2 header, as sent: an independent count, not the oracle's) and, while `gate` is clear,
+    holds each request until the test sets it."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.gate = threading.Event()
+        self.gate.set()
+        self.rows = self.requests = self.held = 0
+        self.server: ServerThread | None = None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].endswith("/infer"):
+            return await self.app(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        headers = dict(scope["headers"])
+        length = headers.get(b"inference-header-content-length")
+        header = json.loads(body[:int(length)] if length is not None else body)
+        self.rows += int(header["inputs"][0]["shape"][0])
+        self.requests += 1
+        self.held += 1
+        while not self.gate.is_set():  # the server's own loop polls the test's gate
+            await asyncio.sleep(0.01)
+        self.held -= 1
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    def connections(self) -> int:
+        """Open client connections to this upstream (a closed oracle leaves none)."""
+        return len(self.server._server.server_state.connections)
+
+
+def until(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def counting(adult_model):
+    """A fresh counting upstream per test, on its own port."""
+    upstream = CountingUpstream(create_upstream_app(OnnxModel(adult_model.onnx_bytes, name="adult")))
+    with ServerThread(upstream) as server:
+        upstream.server = server
+        yield upstream
+        upstream.gate.set()  # nothing stays held past the test
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +129,10 @@ def client(settings, upstreams):
         yield c
 
 
-def register(client, name: str, url: str) -> None:
+def register(client, name: str, url: str, timeout_s: float = 10) -> None:
     spec = {"name": name, "version": "1", "groups": ["Female", "Male"],
             "upstream": {"url": url, "model_name": "adult", "input_name": "input", "output_name": "logits",
-                         "output_kind": "logits", "timeout_s": 10}}
+                         "output_kind": "logits", "timeout_s": timeout_s}}
     r = client.post("/v1/models", json=spec)
     assert r.status_code == 201, r.text
 
@@ -167,20 +232,86 @@ def test_a_method_error_fails_the_job_and_the_worker_carries_on(client, model, d
     assert done["status"] == "failed" and "fitting eraser: index 500 is out of bounds" in done["error"]
 
 
-def test_cancel_a_running_job(client, upstreams, dataset):
-    model = f"slow-{RUN}"
-    register(client, model, upstreams["slow"])
-    record = submit(client, model, dataset, budget=500)
-    running = wait(client, record["id"], until=lambda j: j["status"] != "queued", timeout=30)
-    assert running["status"] == "running" and running["started_at"] is not None
-    r = client.delete(f"/v1/jobs/{record['id']}")
-    assert r.status_code == 202 and r.json()["status"] == "cancelled" and r.json()["finished_at"] is not None
-    time.sleep(2.0)  # the slow upstream answers; the fit notices the cancel and stops
-    after = client.get(f"/v1/jobs/{record['id']}").json()
-    assert after["status"] == "cancelled" and after["result"] is None and after["error"] is None
-    assert client.get(f"/v1/models/{model}/versions/1/patches").json()["patches"] == []
-    r = client.delete(f"/v1/jobs/{record['id']}")
-    assert r.status_code == 409 and "already been cancelled" in r.json()["error"]
+@contextlib.contextmanager
+def own_queue(settings: Settings, suffix: str, **overrides):
+    """A gateway and a worker on a queue of their own (settings changed by `overrides`): (client, worker)."""
+    other = settings.model_copy(update={"job_queue": f"{settings.job_queue}:{suffix}", **overrides})
+    with ServerThread(create_app(other)) as server, WorkerThread(other, other.redis_url) as worker, \
+            httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+        yield c, worker
+
+
+def held_running(c, counting: CountingUpstream, model: str, dataset: str, budget: int = 500) -> dict:
+    """A job submitted with the upstream's gate closed, once its first upstream request is held there."""
+    counting.gate.clear()
+    register(c, model, counting.server.url, timeout_s=120)  # the held request must not time out meanwhile
+    record = submit(c, model, dataset, budget=budget)
+    until(lambda: counting.held == 1, "the job's first upstream request")
+    return record
+
+
+def test_cancel_a_running_job_stops_its_upstream_calls(client, settings, counting, dataset):
+    # a heartbeat far off: the cancel reaches the run through the abort alone
+    with own_queue(settings, "cancel", job_heartbeat_timeout_s=600) as (c, worker):
+        model = f"held-{RUN}"
+        record = held_running(c, counting, model, dataset)
+        running = c.get(f"/v1/jobs/{record['id']}").json()
+        assert running["status"] == "running" and running["started_at"] is not None
+        r = c.delete(f"/v1/jobs/{record['id']}")
+        assert r.status_code == 202 and r.json()["status"] == "cancelled" and r.json()["finished_at"] is not None
+        until(lambda: record["id"] not in worker.worker.job_tasks, "the worker to end the job's task")
+        rows_at_cancel, requests_at_cancel = counting.rows, counting.requests
+        assert requests_at_cancel == 1 and rows_at_cancel > 0
+        counting.gate.set()  # the held request is answered; the fit must send nothing more and close its client
+        until(lambda: counting.connections() == 0, "the fit to close its upstream client")
+        assert (counting.rows, counting.requests) == (rows_at_cancel, requests_at_cancel)
+        after = c.get(f"/v1/jobs/{record['id']}").json()
+        assert after["status"] == "cancelled" and after["result"] is None and after["error"] is None
+        assert c.get(f"/v1/models/{model}/versions/1/patches").json()["patches"] == []
+        r = c.delete(f"/v1/jobs/{record['id']}")
+        assert r.status_code == 409 and "already been cancelled" in r.json()["error"]
+
+
+def test_a_job_past_its_time_limit_fails_with_the_reason(client, settings, counting, dataset):
+    with own_queue(settings, "limit", job_timeout_s=3.0) as (c, _):
+        model = f"limit-{RUN}"
+        counting.gate.clear()  # every upstream request is held: the job cannot end in time
+        register(c, model, counting.server.url, timeout_s=120)
+        done = wait(c, submit(c, model, dataset, budget=500)["id"])
+        assert done["status"] == "failed" and done["result"] is None
+        # the stage it was in: fitting, unless a loaded machine kept it loading for the whole limit
+        assert done["error"].startswith("the job ran past its time limit of 3s while "), done["error"]
+        requests = counting.requests
+        counting.gate.set()
+        until(lambda: counting.connections() == 0, "the fit to close its upstream client")
+        assert counting.requests == requests  # the fit stopped with the job
+        assert c.get(f"/v1/models/{model}/versions/1/patches").json()["patches"] == []
+
+
+def test_a_job_interrupted_max_tries_times_gives_up(client, settings, counting, dataset):
+    other = settings.model_copy(update={"job_queue": f"{settings.job_queue}:tries"})
+    model = f"tries-{RUN}"
+    with ServerThread(create_app(other)) as server, \
+            httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+        counting.gate.clear()
+        register(c, model, counting.server.url, timeout_s=120)
+        record = submit(c, model, dataset, budget=500)
+        for run in range(1, MAX_TRIES + 1):
+            worker = WorkerThread(other, other.redis_url).start()
+            until(lambda: counting.held == 1, f"run {run}'s first upstream request")
+            stopping = threading.Thread(target=worker.stop)
+            stopping.start()  # the shutdown puts the job back in the queue, then waits for the fit thread
+            wait(c, record["id"], until=lambda j: j["status"] == "queued", timeout=60)
+            counting.gate.set()
+            stopping.join(60)
+            assert not stopping.is_alive()
+            counting.gate.clear()
+        assert counting.requests == MAX_TRIES  # each run stopped after the request it had in flight
+        with WorkerThread(other, other.redis_url):
+            done = wait(c, record["id"])
+        assert done["status"] == "failed" and done["result"] is None
+        assert done["error"] == f"the job was interrupted {MAX_TRIES} times (worker restarts); giving up"
+        assert counting.requests == MAX_TRIES  # the last try sent nothing
 
 
 def test_a_queued_job_cancelled_never_runs(client, settings, model, dataset, adult):
@@ -193,15 +324,15 @@ def test_a_queued_job_cancelled_never_runs(client, settings, model, dataset, adu
             httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
         cancelled = submit(c, model, dataset)
         orphaned = submit(c, model, doomed_dataset)
-        time.sleep(0.3)
         assert c.get(f"/v1/jobs/{cancelled['id']}").json()["status"] == "queued"
         r = c.delete(f"/v1/jobs/{cancelled['id']}")
         assert r.status_code == 202 and r.json()["status"] == "cancelled"
         assert c.delete(f"/v1/datasets/{doomed_dataset}").status_code == 204
-        with WorkerThread(other, other.redis_url):
+        with WorkerThread(other, other.redis_url) as w:
             failed = wait(c, orphaned["id"])
             assert failed["status"] == "failed" and "no longer exists" in failed["error"]
-            time.sleep(0.3)
+            # both jobs left arq's queue: the cancelled one was taken and dropped, not run
+            until(lambda: w.worker.jobs_complete + w.worker.jobs_failed >= 2, "the worker to take both jobs")
             assert c.get(f"/v1/jobs/{cancelled['id']}").json()["status"] == "cancelled"
             assert c.get(f"/v1/jobs/{cancelled['id']}").json()["started_at"] is None
 
@@ -315,6 +446,7 @@ def test_serve_in_embedded_mode_runs_its_own_worker_and_stops_it(tmp_path, upstr
         assert len(replacement) == 1
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        stopped = proc.wait(timeout=30)  # asserted after: a failure above is reported first
+    assert stopped in (0, -signal.SIGTERM)
     assert not alive(worker_pids[0]) and not alive(replacement[0])
     assert not (data_dir / "redis" / "redis.sock").exists()

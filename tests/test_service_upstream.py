@@ -318,4 +318,5 @@ def test_upstream_command_serves_and_stops_on_sigterm(mlp_path, offline):
     finally:
         proc.send_signal(signal.SIGTERM)
         # uvicorn shuts down gracefully, then re-raises the signal it caught: -15 is a clean stop.
-        assert proc.wait(timeout=15) in (0, -signal.SIGTERM)
+        stopped = proc.wait(timeout=15)  # asserted after: a failure above is reported first
+    assert stopped in (0, -signal.SIGTERM)
