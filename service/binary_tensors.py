@@ -31,11 +31,12 @@ from service.oip import (
     NUMPY_DTYPES,
     InferRequest,
     InvalidRequest,
+    PlainRequest,
     describe_validation_errors,
-    infer_request_from_doc,
     loads,
-    parse_infer_request,
+    read_infer_request,
     refuse_bools,
+    request_from_doc,
 )
 
 HEADER = "inference-header-content-length"
@@ -143,11 +144,16 @@ def wants_binary(output_parameters: dict[str, Any] | None, request_parameters: d
 
 def parse_request(body: bytes, binary_header_length: str | None) -> InferRequest:
     """A V2 infer request: JSON, or a JSON header plus binary tensor data."""
+    return read_request(body, binary_header_length).wire()
+
+
+def read_request(body: bytes, binary_header_length: str | None) -> PlainRequest:
+    """`parse_request` as the request path's plain object (service.oip.PlainRequest)."""
     if binary_header_length is None:
-        return parse_infer_request(body)
+        return read_infer_request(body)
     doc, blob = split(body, binary_header_length)
     attach(doc.get("inputs") if isinstance(doc, dict) else None, blob, "input")
-    request = infer_request_from_doc(doc) or _validated(doc)
+    request = request_from_doc(doc) or PlainRequest.of(_validated(doc))
     refuse_bools(body[:header_length(binary_header_length, len(body))], request.inputs)  # the JSON header's
     return request
 

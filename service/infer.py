@@ -31,7 +31,7 @@ import logging
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Generic, TypeVar
 
 import numpy as np
@@ -45,7 +45,7 @@ from patcher.apply import PatchRunner, UnknownGroupError
 from patcher.patch import PatchError
 from patcher.scores import from_log_probs, to_log_probs
 from service import binary_tensors, patch_serving
-from service.binary_tensors import CONTENT_TYPE, parse_request
+from service.binary_tensors import CONTENT_TYPE, read_request
 from service.errors import ApiError
 from service.oip import (
     NUMPY_DTYPES,
@@ -56,14 +56,13 @@ from service.oip import (
     MetadataTensor,
     ModelMetadata,
     ModelReadyResponse,
-    RequestInput,
+    PlainRequest,
     RequestOutput,
-    ResponseOutput,
+    Tensor,
     check_tensors,
-    construct,
-    from_numpy,
     refuse_bools,
     rows_to_numpy,
+    tensor_of,
     to_numpy,
     validate_json,
 )
@@ -243,11 +242,11 @@ class Call:
     instances, named and typed as the model's feature input once that is known) plus a group input."""
 
     protocol: str  # "v2" or "v1": how the request came, and how it is answered
-    request: InferRequest  # V1: the instances as an input named "instances" until `_v1_inputs` names it
+    request: PlainRequest  # V1: the instances as an input named "instances" until `_v1_inputs` names it
     body: bytes  # the caller's bytes, forwarded as they are when nothing in them changes
     binary: str | None = None  # the caller's Inference-Header-Content-Length
-    inputs: list[RequestInput] = field(default_factory=list)  # the feature inputs (the group input stripped)
-    group: RequestInput | None = None
+    inputs: list[Tensor] = field(default_factory=list)  # the feature inputs (the group input stripped)
+    group: Tensor | None = None
 
     @property
     def raw_wanted(self) -> bool:
@@ -257,16 +256,15 @@ class Call:
 def parse_call(protocol: str, spec: ModelSpec, body: bytes, binary: str | None) -> Call:
     """The request in either protocol, by the same tensor rules (service.oip), its group input set apart."""
     if protocol == "v2":
-        req = parse_request(body, binary)
+        req = read_request(body, binary)
     else:
         if not body:
             raise InvalidRequest('empty request body; expected {"instances": [[...], ...]}')
         v1 = validate_json(V1Request, body, "V1 request")
-        inputs = [construct(RequestInput, {"name": "instances", "shape": [], "datatype": "FP32",
-                                           "parameters": None, "data": v1.instances})]
+        inputs = [Tensor("instances", [], "FP32", None, v1.instances)]
         if v1.groups is not None:
             inputs.append(_v1_groups(spec, v1.groups))
-        req = construct(InferRequest, {"id": None, "parameters": None, "inputs": inputs, "outputs": None})
+        req = PlainRequest(None, None, inputs, None)
     call = Call(protocol, req, body, binary)
     for t in req.inputs:
         if t.name == spec.group_input:
@@ -280,7 +278,7 @@ def parse_call(protocol: str, spec: ModelSpec, body: bytes, binary: str | None) 
     return call
 
 
-def _v1_groups(spec: ModelSpec, groups: list[str | int]) -> RequestInput:
+def _v1_groups(spec: ModelSpec, groups: list[str | int]) -> Tensor:
     """V1 `groups` as the V2 group input: BYTES names or INT64 ids."""
     if all(type(g) is str for g in groups):
         datatype = "BYTES"
@@ -288,8 +286,7 @@ def _v1_groups(spec: ModelSpec, groups: list[str | int]) -> RequestInput:
         datatype = "INT64"
     else:
         raise InvalidRequest("groups must be all group names (strings) or all group ids (integers)")
-    return construct(RequestInput, {"name": spec.group_input, "shape": [len(groups)], "datatype": datatype,
-                                    "parameters": None, "data": groups})
+    return Tensor(spec.group_input, [len(groups)], datatype, None, groups)
 
 
 def _v1_inputs(call: Call, spec: ModelSpec, meta: ModelMetadata | None) -> None:
@@ -303,8 +300,7 @@ def _v1_inputs(call: Call, spec: ModelSpec, meta: ModelMetadata | None) -> None:
                                  f"endpoint /v2/models/{spec.name}/infer")
         datatype, name = named[0].datatype, named[0].name
     X = rows_to_numpy(call.inputs[0].data, datatype, "instances")
-    call.inputs = [construct(RequestInput, {"name": name, "shape": list(X.shape), "datatype": datatype,
-                                            "parameters": None, "data": X.ravel()})]
+    call.inputs = [Tensor(name, list(X.shape), datatype, None, X.ravel())]
 
 
 # --- the patch, applied ------------------------------------------------------------------------------
@@ -371,7 +367,7 @@ def apply_patch(runner: PatchRunner, spec: ModelSpec, features: np.ndarray, scor
     return out.reshape(scores.shape).astype(dtype, copy=False)
 
 
-def _features(t: RequestInput) -> np.ndarray:
+def _features(t: Tensor) -> np.ndarray:
     X = to_numpy(t)
     if X.dtype.kind not in "fiub" or X.ndim == 0:
         raise InvalidRequest(f"input '{t.name}' must be a numeric tensor of rows, [N, ...]")
@@ -412,7 +408,7 @@ def _answer(payload: BaseModel | dict, pid: str | None, served_by: str = SERVED_
     return Answer(body, pid, served_by)
 
 
-def _infer_answer(response: dict[str, Any], outputs: list[ResponseOutput], req: InferRequest, pid: str | None,
+def _infer_answer(response: dict[str, Any], outputs: list[Tensor], req: PlainRequest, pid: str | None,
                   served_by: str = SERVED_BY_UPSTREAM) -> Answer:
     """A V2 infer answer (`response`: its fields but the outputs, None for absent): JSON, or with the outputs
     the caller asked for as binary data (Triton's rules: `parameters.binary_data` on a requested output, else
@@ -422,14 +418,14 @@ def _infer_answer(response: dict[str, Any], outputs: list[ResponseOutput], req: 
     asked = {o.name: o.parameters for o in req.outputs or ()}
     binary = [binary_tensors.wants_binary(asked.get(o.name), req.parameters) for o in outputs]
     if not any(binary):
-        return Answer(pydantic_core.to_json({**header, "outputs": outputs}, exclude_none=True), pid, served_by)
+        return Answer(pydantic_core.to_json({**header, "outputs": [o.json() for o in outputs]}), pid, served_by)
     tensors = [(o.name, o.data if o.datatype == "BYTES" else np.asarray(o.data, dtype=NUMPY_DTYPES[o.datatype]),
                 o.datatype, o.shape, o.parameters) for o in outputs]
     body, n = binary_tensors.encode_response(header, tensors, binary)
     return Answer(body, pid, served_by, n)
 
 
-def _reply(call: Call, spec: ModelSpec, runner: PatchRunner | None, outputs: list[ResponseOutput],
+def _reply(call: Call, spec: ModelSpec, runner: PatchRunner | None, outputs: list[Tensor],
            scores: np.ndarray, served_by: str, parameters: dict[str, Any] | None = None) -> Answer:
     """The answer in the caller's protocol: V2 outputs, or V1 predictions (the patched scores)."""
     if call.protocol == "v1":
@@ -467,9 +463,9 @@ async def serve(state: State, protocol: str, model_name: str, model_version: str
     if meta is None:  # V1 / MLflow upstream: one matrix in, one scores matrix out
         scores = await upstream.scores(spec, sent)
         out = scores if runner is None else apply_patch(runner, spec, sent, scores, groups, call.request.id)
-        outputs = [from_numpy(spec.upstream.output_name or "predictions", out.astype(np.float32, copy=False))]
+        outputs = [tensor_of(spec.upstream.output_name or "predictions", out.astype(np.float32, copy=False))]
         if call.raw_wanted:  # the name as in upstream.synthesized_metadata
-            outputs.append(from_numpy(RAW_OUTPUT, scores.astype(np.float32, copy=False)))
+            outputs.append(tensor_of(RAW_OUTPUT, scores.astype(np.float32, copy=False)))
         return _reply(call, spec, runner, outputs, out, SERVED_BY_UPSTREAM)
 
     req = call.request
@@ -477,9 +473,8 @@ async def serve(state: State, protocol: str, model_name: str, model_version: str
     # Rows the input transform changed go in the request's datatype; a binary leg takes the converted rows as
     # they are rather than converting the request's list a second time.
     if sent is not X or (spec.upstream.binary_data and not isinstance(features.data, np.ndarray)):
-        features_sent = construct(RequestInput, {
-            "name": features.name, "shape": list(sent.shape), "datatype": features.datatype,
-            "parameters": features.parameters, "data": np.asarray(sent, dtype=NUMPY_DTYPES[features.datatype]).ravel()})
+        features_sent = Tensor(features.name, list(sent.shape), features.datatype, features.parameters,
+                               np.asarray(sent, dtype=NUMPY_DTYPES[features.datatype]).ravel())
         inputs = [features_sent if t is features else t for t in inputs]
     scores_name = spec.upstream.output_name or meta.outputs[0].name
     wanted = [o.name for o in req.outputs] if req.outputs else None
@@ -489,9 +484,9 @@ async def serve(state: State, protocol: str, model_name: str, model_version: str
     forward_parameters = _forward_parameters(req.parameters)
     if call.protocol == "v2" and binary is None and call.group is None and sent is X and wanted is None \
             and not spec.upstream.binary_data and forward_parameters == req.parameters:
-        result = await upstream.forward_v2(spec, call.body, arrays=False)  # nothing to change: the caller's bytes
+        result = await upstream.read_forward_v2(spec, call.body)  # nothing to change: the caller's bytes
     else:
-        result = await upstream.infer_v2(spec, inputs, forward_outputs, forward_parameters, arrays=False)
+        result = await upstream.read_infer_v2(spec, inputs, forward_outputs, forward_parameters)
     url = spec.upstream.url
     i = scores_index(result, scores_name, url)
     raw = result.outputs[i]
@@ -501,16 +496,15 @@ async def serve(state: State, protocol: str, model_name: str, model_version: str
     scores = arrays[i]
     if runner is not None:
         scores = apply_patch(runner, spec, sent, scores, groups, req.id)
-        outputs[i] = from_numpy(raw.name, scores, raw.parameters)
+        outputs[i] = tensor_of(raw.name, scores, raw.parameters)
     if wanted is not None:
         outputs = [o for o in outputs if o.name in wanted]
     if call.raw_wanted:
-        outputs.append(construct(ResponseOutput, {"name": RAW_OUTPUT, "shape": raw.shape, "datatype": raw.datatype,
-                                                  "parameters": None, "data": raw.data}))
+        outputs.append(Tensor(RAW_OUTPUT, raw.shape, raw.datatype, None, raw.data))
     return _reply(call, spec, runner, outputs, scores, SERVED_BY_UPSTREAM, result.parameters)
 
 
-def _feature_input(call: Call, spec: ModelSpec, meta: ModelMetadata | None) -> RequestInput:
+def _feature_input(call: Call, spec: ModelSpec, meta: ModelMetadata | None) -> Tensor:
     """The input that carries the rows, the request checked against the upstream's signature when known."""
     if meta is not None:
         check_tensors(meta, call.inputs, call.request.outputs)
@@ -532,7 +526,7 @@ def _serve_weight_patch(call: Call, spec: ModelSpec, runner: PatchRunner) -> Ans
     """The template with the active weight patch's own model in the upstream's place (service.patch_serving)."""
     if call.protocol == "v1":
         _v1_inputs(call, spec, None)
-        call.inputs = [call.inputs[0].model_copy(update={"name": patch_serving.input_name(spec, runner)})]
+        call.inputs = [replace(call.inputs[0], name=patch_serving.input_name(spec, runner))]
     name = patch_serving.output_name(spec, runner)
     unknown = [o.name for o in call.request.outputs or [] if o.name != name]
     if unknown:
@@ -543,9 +537,9 @@ def _serve_weight_patch(call: Call, spec: ModelSpec, runner: PatchRunner) -> Ans
     sent = transform_inputs(runner, X)
     logits = patch_serving.logits(runner, spec, sent)
     out = apply_patch(runner, spec, sent, logits, groups, call.request.id, scores_kind="logits")
-    outputs = [from_numpy(name, out)]
+    outputs = [tensor_of(name, out)]
     if call.raw_wanted:  # the replacement model's logits, before any output transform
-        outputs.append(from_numpy(RAW_OUTPUT, logits))
+        outputs.append(tensor_of(RAW_OUTPUT, logits))
     return _reply(call, spec, runner, outputs, out, SERVED_BY_PATCH)
 
 

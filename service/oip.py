@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
@@ -141,11 +142,92 @@ def construct(cls: type[M], values: dict[str, Any]) -> M:
     """`cls` from `values` without validation, for wire objects the gateway builds from data it has checked
     itself (validating `data` element by element would cost more than the rest of the request). `values`
     must hold every field. A copy of one prototype per class with `values` put in (pydantic's `model_copy`)
-    costs a third of what `model_construct` does, and the request path builds several objects."""
+    costs a third of what `model_construct` does."""
     proto = _prototypes.get(cls)
     if proto is None:
         proto = _prototypes[cls] = cls.model_construct(**values)
     return proto.model_copy(update=values)  # type: ignore[return-value]
+
+
+# --- the request path's plain objects -----------------------------------------------------------------
+# The inference template (service.infer) carries requests and upstream answers in these slotted dataclasses,
+# not in the pydantic models above: building a pydantic object, even unvalidated, costs several times more,
+# and a request builds several. They hold the same fields, checked by the same rules; the pydantic models
+# stay the wire shapes (OpenAPI, and the validation that words the errors of anything not in plain form).
+
+@dataclass(slots=True)
+class Tensor:
+    """A request input or a response output."""
+
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: Parameters | None
+    data: Any  # a list (flat or nested), or a flat numpy array
+
+    def json(self) -> dict[str, Any]:
+        """The tensor as the wire model writes it (no `parameters` when None)."""
+        if self.parameters is None:
+            return {"name": self.name, "shape": self.shape, "datatype": self.datatype, "data": self.data}
+        return {"name": self.name, "shape": self.shape, "datatype": self.datatype, "parameters": self.parameters,
+                "data": self.data}
+
+    def wire(self, cls: type[RequestInput] | type[ResponseOutput]) -> Any:
+        return construct(cls, {"name": self.name, "shape": self.shape, "datatype": self.datatype,
+                               "parameters": self.parameters, "data": self.data})
+
+    @classmethod
+    def of(cls, t: RequestInput | ResponseOutput) -> Tensor:
+        return cls(t.name, t.shape, t.datatype, t.parameters, t.data)
+
+
+@dataclass(slots=True)
+class Wanted:
+    """A requested output."""
+
+    name: str
+    parameters: Parameters | None
+
+
+@dataclass(slots=True)
+class PlainRequest:
+    """An inference request."""
+
+    id: str | None
+    parameters: Parameters | None
+    inputs: list[Tensor]
+    outputs: list[Wanted] | None
+
+    def wire(self) -> InferRequest:
+        outputs = None if self.outputs is None else \
+            [construct(RequestOutput, {"name": o.name, "parameters": o.parameters}) for o in self.outputs]
+        return construct(InferRequest, {"id": self.id, "parameters": self.parameters,
+                                        "inputs": [t.wire(RequestInput) for t in self.inputs], "outputs": outputs})
+
+    @classmethod
+    def of(cls, r: InferRequest) -> PlainRequest:
+        outputs = None if r.outputs is None else [Wanted(o.name, o.parameters) for o in r.outputs]
+        return cls(r.id, r.parameters, [Tensor.of(t) for t in r.inputs], outputs)
+
+
+@dataclass(slots=True)
+class PlainResponse:
+    """An inference answer (an upstream's)."""
+
+    model_name: str
+    model_version: str | None
+    id: str | None
+    parameters: Parameters | None
+    outputs: list[Tensor]
+
+    def wire(self) -> InferResponse:
+        return construct(InferResponse, {"model_name": self.model_name, "model_version": self.model_version,
+                                         "id": self.id, "parameters": self.parameters,
+                                         "outputs": [t.wire(ResponseOutput) for t in self.outputs]})
+
+    @classmethod
+    def of(cls, r: InferResponse) -> PlainResponse:
+        return cls(r.model_name, r.model_version, r.id, r.parameters, [Tensor.of(t) for t in r.outputs])
 
 
 # --- parsing ---------------------------------------------------------------------------------------
@@ -165,8 +247,8 @@ def _params(v: Any) -> bool:
     return v is None or type(v) is dict
 
 
-def _plain_tensor(t: Any, cls: type[RequestInput] | type[ResponseOutput], negative_dims: bool) -> Any:
-    """A tensor object of `cls` when every field already has its declared type, else None (pydantic decides).
+def _plain_tensor(t: Any, negative_dims: bool) -> Tensor | None:
+    """The tensor when every field already has its declared type, else None (pydantic decides).
     Requests must have sizes >= 0; responses are read as upstreams send them (their shapes are checked later)."""
     if type(t) is not dict:
         return None
@@ -179,17 +261,18 @@ def _plain_tensor(t: Any, cls: type[RequestInput] | type[ResponseOutput], negati
     for d in shape:
         if type(d) is not int or (d < 0 and not negative_dims):
             return None
-    return construct(cls, {"name": name, "shape": shape, "datatype": datatype, "parameters": parameters,
-                           "data": data})
-
-
-def _request_input(t: Any) -> RequestInput | None:
-    return _plain_tensor(t, RequestInput, negative_dims=False)
+    return Tensor(name, shape, datatype, parameters, data)
 
 
 def infer_request_from_doc(doc: Any) -> InferRequest | None:
     """The request a parsed JSON document holds when every field already has the type `InferRequest`
     declares (what pydantic would accept unchanged); None when pydantic must decide."""
+    request = request_from_doc(doc)
+    return None if request is None else request.wire()
+
+
+def request_from_doc(doc: Any) -> PlainRequest | None:
+    """`infer_request_from_doc` as the request path's plain object."""
     if type(doc) is not dict:
         return None
     inputs, rid, parameters, outputs = doc.get("inputs"), doc.get("id"), doc.get("parameters"), doc.get("outputs")
@@ -197,7 +280,7 @@ def infer_request_from_doc(doc: Any) -> InferRequest | None:
         return None
     tensors = []
     for t in inputs:
-        tensor = _request_input(t)
+        tensor = _plain_tensor(t, negative_dims=False)
         if tensor is None:
             return None
         tensors.append(tensor)
@@ -209,16 +292,18 @@ def infer_request_from_doc(doc: Any) -> InferRequest | None:
         for o in outputs:
             if type(o) is not dict or type(o.get("name")) is not str or not _params(o.get("parameters")):
                 return None
-            wanted.append(construct(RequestOutput, {"name": o["name"], "parameters": o.get("parameters")}))
-    return construct(InferRequest, {"id": rid, "parameters": parameters, "inputs": tensors, "outputs": wanted})
-
-
-def _response_output(t: Any) -> ResponseOutput | None:
-    return _plain_tensor(t, ResponseOutput, negative_dims=True)
+            wanted.append(Wanted(o["name"], o.get("parameters")))
+    return PlainRequest(rid, parameters, tensors, wanted)
 
 
 def infer_response_from_doc(doc: Any) -> InferResponse | None:
     """`infer_request_from_doc` for an inference response (what an upstream answers)."""
+    response = response_from_doc(doc)
+    return None if response is None else response.wire()
+
+
+def response_from_doc(doc: Any) -> PlainResponse | None:
+    """`infer_response_from_doc` as the request path's plain object."""
     if type(doc) is not dict:
         return None
     name, version, rid, parameters, outputs = (doc.get("model_name"), doc.get("model_version"), doc.get("id"),
@@ -228,12 +313,11 @@ def infer_response_from_doc(doc: Any) -> InferResponse | None:
         return None
     tensors = []
     for t in outputs:
-        tensor = _response_output(t)
+        tensor = _plain_tensor(t, negative_dims=True)
         if tensor is None:
             return None
         tensors.append(tensor)
-    return construct(InferResponse, {"model_name": name, "model_version": version, "id": rid,
-                                     "parameters": parameters, "outputs": tensors})
+    return PlainResponse(name, version, rid, parameters, tensors)
 
 
 def loads(body: bytes | str) -> Any:
@@ -244,14 +328,19 @@ def loads(body: bytes | str) -> Any:
 def parse_infer_request(body: bytes) -> InferRequest:
     """Parse and validate an inference request body: orjson and the checks above for a request in plain
     form, else pydantic's own validation (which words the error)."""
+    return read_infer_request(body).wire()
+
+
+def read_infer_request(body: bytes) -> PlainRequest:
+    """`parse_infer_request` as the request path's plain object."""
     if not body:
         raise InvalidRequest("empty request body; expected an inference request JSON object")
     try:
-        request = infer_request_from_doc(orjson.loads(body))
+        request = request_from_doc(orjson.loads(body))
     except orjson.JSONDecodeError:
         request = None
     if request is None:
-        request = validate_json(InferRequest, body, "inference request")
+        request = PlainRequest.of(validate_json(InferRequest, body, "inference request"))
     refuse_bools(body, request.inputs)
     return request
 
@@ -270,7 +359,7 @@ def validate_json(model: type[M], body: bytes, what: str) -> M:
 
 # --- tensor -> numpy: one rule for every tensor, in requests (V2 and V1) and in upstream answers ------
 
-def to_numpy(tensor: RequestInput | ResponseOutput, what: str = "input") -> np.ndarray:
+def to_numpy(tensor: RequestInput | ResponseOutput | Tensor, what: str = "input") -> np.ndarray:
     """The tensor as an array of its declared datatype and shape; rejects what would mislead the model
     (wrong element count, non-finite floats, fractional or out-of-range integers). `what` names the
     tensor's kind in messages ('input', 'output')."""
@@ -412,13 +501,17 @@ def datatype_of(dtype: np.dtype) -> str:
 
 def from_numpy(name: str, array: np.ndarray, parameters: Parameters | None = None) -> ResponseOutput:
     """A response tensor: flat row-major data (`tolist` runs in C) plus the array's shape."""
+    return tensor_of(name, array, parameters).wire(ResponseOutput)
+
+
+def tensor_of(name: str, array: np.ndarray, parameters: Parameters | None = None) -> Tensor:
+    """`from_numpy` as the request path's plain object."""
     array = np.asarray(array)
     datatype = datatype_of(array.dtype)
     data = array.ravel().tolist()
     if datatype == "BYTES":
         data = [x.decode("utf-8", errors="replace") if isinstance(x, bytes) else str(x) for x in data]
-    return construct(ResponseOutput, {"name": name, "shape": list(array.shape), "datatype": datatype,
-                                      "parameters": parameters, "data": data})
+    return Tensor(name, list(array.shape), datatype, parameters, data)
 
 
 # --- request vs model signature --------------------------------------------------------------------
@@ -436,7 +529,8 @@ def check_signature(metadata: ModelMetadata, request: InferRequest) -> None:
     check_tensors(metadata, request.inputs, request.outputs)
 
 
-def check_tensors(metadata: ModelMetadata, inputs: list[RequestInput], outputs: list[RequestOutput] | None) -> None:
+def check_tensors(metadata: ModelMetadata, inputs: list[RequestInput] | list[Tensor],
+                  outputs: list[RequestOutput] | list[Wanted] | None) -> None:
     """`check_signature` for inputs and requested outputs given apart (the gateway checks the request less
     its group input)."""
     declared = {t.name: t for t in metadata.inputs}

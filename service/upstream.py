@@ -43,14 +43,16 @@ from service.oip import (
     MetadataTensor,
     ModelMetadata,
     Parameters,
+    PlainResponse,
     RequestInput,
     RequestOutput,
     ResponseOutput,
+    Tensor,
     describe_validation_errors,
     holds_bool,
-    infer_response_from_doc,
     loads,
     refuse_bools,
+    response_from_doc,
     to_numpy,
 )
 from service.registry import ModelSpec
@@ -175,13 +177,15 @@ def v2_tensor(name: str, array: np.ndarray, datatype: str = "FP32") -> RequestIn
                                         data=array.ravel())
 
 
-def _listed(t: RequestInput) -> RequestInput:
+def _listed(t: RequestInput | Tensor) -> RequestInput:
+    if isinstance(t, Tensor):
+        t = t.wire(RequestInput)
     if isinstance(t.data, np.ndarray):  # pydantic writes lists, not arrays
         return t.model_copy(update={"data": t.data.tolist()})
     return t
 
 
-def encode_v2(inputs: Sequence[RequestInput], outputs: Sequence[RequestOutput] | None = None,
+def encode_v2(inputs: Sequence[RequestInput] | Sequence[Tensor], outputs: Sequence[RequestOutput] | None = None,
               parameters: Parameters | None = None, request_id: str | None = None) -> bytes:
     """A V2 infer request body as JSON (pydantic-core serialises it; tensors are not re-validated)."""
     request = InferRequest.model_construct(id=request_id, parameters=parameters or None,
@@ -190,7 +194,7 @@ def encode_v2(inputs: Sequence[RequestInput], outputs: Sequence[RequestOutput] |
     return request.model_dump_json(exclude_none=True).encode()
 
 
-def encode_v2_binary(inputs: Sequence[RequestInput], outputs: Sequence[RequestOutput] | None = None,
+def encode_v2_binary(inputs: Sequence[RequestInput] | Sequence[Tensor], outputs: Sequence[RequestOutput] | None = None,
                      parameters: Parameters | None = None, request_id: str | None = None) -> Payload:
     """The same request with every tensor as binary data, asking for binary outputs."""
     header: dict[str, Any] = {}
@@ -210,8 +214,8 @@ def encode_v2_binary(inputs: Sequence[RequestInput], outputs: Sequence[RequestOu
     return Payload(body, n)
 
 
-def encode_infer(spec: ModelSpec, inputs: Sequence[RequestInput], outputs: Sequence[RequestOutput] | None = None,
-                 parameters: Parameters | None = None) -> Payload:
+def encode_infer(spec: ModelSpec, inputs: Sequence[RequestInput] | Sequence[Tensor],
+                 outputs: Sequence[RequestOutput] | None = None, parameters: Parameters | None = None) -> Payload:
     """A V2 infer request in the encoding the registration asks for."""
     if spec.upstream.binary_data:
         return encode_v2_binary(inputs, outputs, parameters)
@@ -234,6 +238,15 @@ def decode_v2(body: bytes, url: str, header_length: str | None = None, *, arrays
     """A V2 infer answer, every output checked (`check_outputs`); `header_length` (the answer's
     Inference-Header-Content-Length) when it carries binary tensor data. `arrays=False` leaves converting
     the outputs, and so their check against the tensor rule, to a caller that converts them anyway."""
+    response = read_v2(body, url, header_length)
+    for out in response.outputs if arrays else ():
+        output_array(out, url)
+    return response.wire()
+
+
+def read_v2(body: bytes, url: str, header_length: str | None = None) -> PlainResponse:
+    """`decode_v2` with `arrays=False`, as the request path's plain object (service.oip.PlainResponse): the caller
+    converts the outputs (`output_array`, `scores_array`), and so checks them."""
     if header_length is not None:
         response = _response_from_doc(_binary_answer_doc(body, url, header_length), url)
     else:
@@ -241,16 +254,16 @@ def decode_v2(body: bytes, url: str, header_length: str | None = None, *, arrays
             doc = loads(body)
         except ValueError:  # not JSON orjson reads (NaN literals, say): pydantic decides, and words the error
             try:
-                response = InferResponse.model_validate_json(body)
+                response = PlainResponse.of(InferResponse.model_validate_json(body))
             except ValidationError as e:
                 raise _invalid_response(url, e) from None
         else:
             response = _response_from_doc(doc, url)
-    check_outputs(response, body, url, arrays=arrays)
+    check_outputs(response, body, url, arrays=False)
     return response
 
 
-def check_outputs(response: InferResponse, body: bytes, url: str, *, arrays: bool = True) -> None:
+def check_outputs(response: InferResponse | PlainResponse, body: bytes, url: str, *, arrays: bool = True) -> None:
     """Every output of an upstream's answer by the rule requests are held to (service.oip.to_numpy: values
     that fit the datatype and the shape, finite numbers, no true/false for numbers): a 502 otherwise, so
     nothing the gateway passes on is malformed or non-standard JSON."""
@@ -262,12 +275,12 @@ def check_outputs(response: InferResponse, body: bytes, url: str, *, arrays: boo
         output_array(out, url)
 
 
-def _response_from_doc(doc: Any, url: str) -> InferResponse:
-    response = infer_response_from_doc(doc)
+def _response_from_doc(doc: Any, url: str) -> PlainResponse:
+    response = response_from_doc(doc)
     if response is not None:
         return response
     try:  # not in plain form: pydantic decides, and words the error
-        return InferResponse.model_validate(doc)
+        return PlainResponse.of(InferResponse.model_validate(doc))
     except ValidationError as e:
         raise _invalid_response(url, e) from None
 
@@ -292,7 +305,7 @@ def _binary_answer_doc(body: bytes, url: str, header_length: str) -> Any:
     return doc
 
 
-def scores_index(response: InferResponse, output_name: str | None, url: str) -> int:
+def scores_index(response: InferResponse | PlainResponse, output_name: str | None, url: str) -> int:
     """Position of the scores output: the one named `output_name`, else the first."""
     if not response.outputs:
         raise UpstreamError(f"upstream {url} returned no outputs", url=url)
@@ -306,7 +319,7 @@ def scores_index(response: InferResponse, output_name: str | None, url: str) -> 
                         "fix the model registration's output_name", url=url)
 
 
-def output_array(out: ResponseOutput, url: str) -> np.ndarray:
+def output_array(out: ResponseOutput | Tensor, url: str) -> np.ndarray:
     """A response tensor as an array of its datatype and shape (service.oip.to_numpy's rules); 502 when
     it breaks them."""
     try:
@@ -315,7 +328,7 @@ def output_array(out: ResponseOutput, url: str) -> np.ndarray:
         raise UpstreamError(f"upstream {url} sent an invalid output: {e}", url=url) from None
 
 
-def scores_array(out: ResponseOutput, url: str) -> np.ndarray:
+def scores_array(out: ResponseOutput | Tensor, url: str) -> np.ndarray:
     """The scores output as an array: numeric (`output_array`)."""
     if out.datatype == "BYTES":
         raise UpstreamError(f"upstream {url}: output '{out.name}' is BYTES, not numeric scores", url=url)
@@ -523,21 +536,35 @@ class UpstreamClient:
         url = v2_model_url(spec)
         return decode_metadata(await self.request("GET", url, None, spec.upstream.timeout_s), url)
 
-    async def infer_v2(self, spec: ModelSpec, inputs: Sequence[RequestInput],
+    async def infer_v2(self, spec: ModelSpec, inputs: Sequence[RequestInput] | Sequence[Tensor],
                        outputs: Sequence[RequestOutput] | None = None,
-                       parameters: Parameters | None = None, *, arrays: bool = True) -> InferResponse:
+                       parameters: Parameters | None = None) -> InferResponse:
         """Forward V2 tensors as they are, JSON or binary as registered; the whole V2 answer comes back
-        (every output; `arrays`: as in `decode_v2`)."""
+        (every output, checked: `decode_v2`)."""
         url = infer_url(spec)
         reply = await self.call("POST", url, encode_infer(spec, inputs, outputs, parameters), spec.upstream.timeout_s)
-        return decode_v2(reply.body, url, reply.header_length, arrays=arrays)
+        return decode_v2(reply.body, url, reply.header_length)
 
-    async def forward_v2(self, spec: ModelSpec, body: bytes, *, arrays: bool = True) -> InferResponse:
+    async def read_infer_v2(self, spec: ModelSpec, inputs: Sequence[RequestInput] | Sequence[Tensor],
+                            outputs: Sequence[RequestOutput] | None = None,
+                            parameters: Parameters | None = None) -> PlainResponse:
+        """`infer_v2` for the request path: the answer as `read_v2` reads it (the caller converts the outputs)."""
+        url = infer_url(spec)
+        reply = await self.call("POST", url, encode_infer(spec, inputs, outputs, parameters), spec.upstream.timeout_s)
+        return read_v2(reply.body, url, reply.header_length)
+
+    async def forward_v2(self, spec: ModelSpec, body: bytes) -> InferResponse:
         """A caller's V2 request body sent as it came: for a request the gateway checked and would
         re-encode unchanged (re-encoding a large tensor costs more than the rest of the gateway's work)."""
         url = infer_url(spec)
         reply = await self.call("POST", url, Payload(body), spec.upstream.timeout_s)
-        return decode_v2(reply.body, url, reply.header_length, arrays=arrays)
+        return decode_v2(reply.body, url, reply.header_length)
+
+    async def read_forward_v2(self, spec: ModelSpec, body: bytes) -> PlainResponse:
+        """`forward_v2` for the request path: the answer as `read_v2` reads it (the caller converts the outputs)."""
+        url = infer_url(spec)
+        reply = await self.call("POST", url, Payload(body), spec.upstream.timeout_s)
+        return read_v2(reply.body, url, reply.header_length)
 
     async def scores(self, spec: ModelSpec, X: np.ndarray, *, input_name: str | None = None,
                      datatype: str = "FP32") -> np.ndarray:
