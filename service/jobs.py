@@ -38,6 +38,9 @@ ACTIVE: frozenset[str] = frozenset({"queued", "running"})
 FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 TASK_NAME = "train_patch"
 ARTIFACT_ACCESS = frozenset({"gradient", "weights"})  # these need the version's uploaded ONNX artifact
+# What a query-access job left without a budget may send the upstream: the SDK's and CLI's default, so a
+# null or missing budget is never refused (the schema allows both).
+DEFAULT_QUERY_BUDGET = 1000
 
 
 class JobRequest(BaseModel):
@@ -49,8 +52,9 @@ class JobRequest(BaseModel):
     dataset: str = Field(min_length=1, max_length=128, description="id of an uploaded dataset")
     criterion: Literal["dp", "eo", "eopp"] = "dp"
     query_budget: int | None = Field(None, gt=0, le=100_000_000,
-                                     description="rows the fit may send to the upstream (required for access "
-                                                 "queries and zeroth_order; gradient and weights send none)")
+                                     description="rows the fit may send to the upstream; null or missing: "
+                                                 f"{DEFAULT_QUERY_BUDGET} for access queries and zeroth_order "
+                                                 "(gradient and weights send none)")
     holdout: float = Field(0.3, gt=0, lt=1, description="fraction held out to score the patch on")
     seed: int = Field(0, ge=0, le=2**32 - 1)
     preset: str | None = Field(None, description="a named preset of the method's options (GET /v1/methods/{name} "

@@ -47,6 +47,7 @@ from service.errors import ApiError
 from service.jobs import (
     ACTIVE,
     ARTIFACT_ACCESS,
+    DEFAULT_QUERY_BUDGET,
     JobNotFound,
     JobRecord,
     JobRequest,
@@ -345,10 +346,10 @@ def _resolve_access(req: JobRequest, method: Method) -> JobRequest:
     if access not in supported:
         listed = ", ".join(k for k in ACCESS_ORDER if k in supported)
         raise ApiError(400, f"method {req.method} does not support access {access!r}; it supports: {listed}")
+    update: dict[str, object] = {"access": access}
     if access not in ARTIFACT_ACCESS and req.query_budget is None:
-        raise ApiError(400, f"invalid request: query_budget: required for access {access!r} (the rows the fit may "
-                            "send to the upstream)")
-    return req.model_copy(update={"access": access})
+        update["query_budget"] = DEFAULT_QUERY_BUDGET
+    return req.model_copy(update=update)
 
 
 async def _check_dataset(request: Request, dataset_id: str, spec: ModelSpec, what: str) -> None:

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from patcher.onnx_graphs import GraphBuilder, float_tensor, mlp_model
 from service.app import create_app
+from service.jobs import DEFAULT_QUERY_BUDGET
 from service.serve_thread import ServerThread
 from service.settings import Settings
 
@@ -237,7 +238,6 @@ def job(dataset_id: str, **extra) -> dict:
     ({"exemplar_dataset": "0" * 32}, 400, "method eraser takes no exemplar dataset"),
     ({"options": {"access_kind": "gradient"}}, 400, "unknown option(s) access_kind for eraser; valid options: bias"),
     ({"options": {"exemplar": "x"}}, 400, "unknown option(s) exemplar for eraser"),
-    ({"query_budget": None}, 400, "query_budget: required for access 'queries'"),
 ])
 def test_jobs_whose_access_does_not_fit_the_method_are_refused(client, dataset_id, extra, status, message):
     register(client)
@@ -251,4 +251,15 @@ def test_a_job_records_its_access_kind(client, dataset_id):
     r = client.post("/v1/jobs", json=job(dataset_id))  # no worker serves this queue: it stays queued
     assert r.status_code == 202, r.text
     assert r.json()["access"] == "queries" and r.json()["exemplar_dataset"] is None
+    assert client.delete(f"/v1/jobs/{r.json()['id']}").status_code == 202
+
+
+@pytest.mark.parametrize("budget", [{"query_budget": None}, {}])
+def test_a_query_job_without_a_budget_gets_the_documented_default(client, dataset_id, budget):
+    """The schema allows a null or missing budget, so the server must not refuse one."""
+    register(client)
+    body = {k: v for k, v in job(dataset_id).items() if k != "query_budget"}
+    r = client.post("/v1/jobs", json={**body, **budget})
+    assert r.status_code == 202, r.text
+    assert r.json()["query_budget"] == DEFAULT_QUERY_BUDGET and r.json()["access"] == "queries"
     assert client.delete(f"/v1/jobs/{r.json()['id']}").status_code == 202
