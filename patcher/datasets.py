@@ -11,7 +11,7 @@ reference model's expected input can be rebuilt anywhere without pickles.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -347,23 +347,33 @@ def load_dataset(name: str, sensitive: str | None = None, drop_sensitive: bool =
         return _load_groups(parse_sensitive(name, sensitive), drop_sensitive)
     sens = spec.sensitive[sensitive]
     full, test_file = load_frames(name)
-    groups_full, y_full = group_codes(full, sens), full[spec.label].to_numpy()
+    frames = _split_frames(spec, full, test_file, group_codes(full, sens))
+    encoder, splits = _encode(spec, frames, sens.encoded_columns if drop_sensitive else (),
+                              lambda f: group_codes(f, sens))
+    return Dataset(name, sensitive, sens.group_names, sens.privileged, drop_sensitive, encoder, *splits)
+
+
+def _split_frames(spec: DatasetSpec, full: pd.DataFrame, test_file: pd.DataFrame | None,
+                  strata: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(train, tune, test) frames, stratified by (strata, label) with the fixed split seed; a dataset that ships
+    its own test file keeps it and splits the rest 70/30."""
+    y = full[spec.label].to_numpy()
     if test_file is not None:
-        train_idx, tune_idx = stratified_split(y_full, groups_full, (0.7, 0.3), SPLIT_SEED)
-        frames = full.iloc[train_idx], full.iloc[tune_idx], test_file
-    else:
-        train_idx, tune_idx, test_idx = stratified_split(y_full, groups_full, (0.6, 0.2, 0.2), SPLIT_SEED)
-        frames = full.iloc[train_idx], full.iloc[tune_idx], full.iloc[test_idx]
-    dropped = set(sens.encoded_columns) if drop_sensitive else set()
+        train_idx, tune_idx = stratified_split(y, strata, (0.7, 0.3), SPLIT_SEED)
+        return full.iloc[train_idx], full.iloc[tune_idx], test_file
+    train_idx, tune_idx, test_idx = stratified_split(y, strata, (0.6, 0.2, 0.2), SPLIT_SEED)
+    return full.iloc[train_idx], full.iloc[tune_idx], full.iloc[test_idx]
+
+
+def _encode(spec: DatasetSpec, frames: tuple[pd.DataFrame, ...], dropped: Iterable[str],
+            codes: Callable[[pd.DataFrame], np.ndarray]) -> tuple[TabularEncoder, list[Split]]:
+    """The encoder fitted on the training frame (without the `dropped` columns) and every frame as a Split."""
+    dropped = set(dropped)
     categorical = [c for c in spec.categorical if c not in dropped]
     numeric = [c for c in spec.numeric if c not in dropped]
     encoder = TabularEncoder.fit(frames[0], categorical, numeric)
-    splits = [
-        Split(encoder.transform(f), f[spec.label].to_numpy(np.int64), group_codes(f, sens),
-              f.reset_index(drop=True))
-        for f in frames
-    ]
-    return Dataset(name, sensitive, sens.group_names, sens.privileged, drop_sensitive, encoder, *splits)
+    return encoder, [Split(encoder.transform(f), f[spec.label].to_numpy(np.int64), codes(f), f.reset_index(drop=True))
+                     for f in frames]
 
 
 def _load_groups(gs: GroupSpec, drop_sensitive: bool) -> Dataset:
@@ -373,13 +383,7 @@ def _load_groups(gs: GroupSpec, drop_sensitive: bool) -> Dataset:
     full, test_file = load_frames(gs.dataset)
     order = gs.cell_order(full)
     lookup = {c: i for i, c in enumerate(order)}
-    raw_full, y_full = np.array([lookup[c] for c in gs.cells(full)], np.int64), full[spec.label].to_numpy()
-    if test_file is not None:
-        train_idx, tune_idx = stratified_split(y_full, raw_full, (0.7, 0.3), SPLIT_SEED)
-        frames = full.iloc[train_idx], full.iloc[tune_idx], test_file
-    else:
-        train_idx, tune_idx, test_idx = stratified_split(y_full, raw_full, (0.6, 0.2, 0.2), SPLIT_SEED)
-        frames = full.iloc[train_idx], full.iloc[tune_idx], full.iloc[test_idx]
+    frames = _split_frames(spec, full, test_file, np.array([lookup[c] for c in gs.cells(full)], np.int64))
     tune_cells, tune_y = gs.cells(frames[1]), frames[1][spec.label].to_numpy()
     counts = {c: (int(np.sum((tune_cells == c) & (tune_y == 0))), int(np.sum((tune_cells == c) & (tune_y == 1))))
               for c in order}
@@ -395,11 +399,6 @@ def _load_groups(gs: GroupSpec, drop_sensitive: bool) -> Dataset:
             raise ValueError(f"rows in cells {unknown} that the {gs.name!r} groups do not cover")
         return np.array([index[to_name[c]] for c in cells], np.int64)
 
-    dropped = set(gs.encoded_columns) if drop_sensitive else set()
-    categorical = [c for c in spec.categorical if c not in dropped]
-    numeric = [c for c in spec.numeric if c not in dropped]
-    encoder = TabularEncoder.fit(frames[0], categorical, numeric)
-    splits = [Split(encoder.transform(f), f[spec.label].to_numpy(np.int64), codes(f), f.reset_index(drop=True))
-              for f in frames]
+    encoder, splits = _encode(spec, frames, gs.encoded_columns if drop_sensitive else (), codes)
     privileged = to_name.get(gs.privileged_cell, names[-1])
     return Dataset(gs.dataset, gs.name, names, privileged, drop_sensitive, encoder, *splits, merged=tuple(pooled))
