@@ -54,7 +54,7 @@ class PatchStore:
         self._active: dict[tuple[str, str], str | None] = {}  # (model, version) -> patch id
         self._runners: dict[str, PatchRunner] = {}
         # (model, version, patch id) -> why that pointer cannot be served; dropped when the pointer moves
-        self._refused: dict[tuple[str, str, str], PatchUnservable] = {}
+        self._refused: dict[tuple[str, str, str], str] = {}
         self._serving: dict[tuple[str, str], tuple[str, PatchRunner]] = {}  # checked: (model, version) -> runner
         self._tasks: list[asyncio.Task] = []
 
@@ -135,9 +135,9 @@ class PatchStore:
         pid = self._active[key]
         if pid is None:
             return None
-        refused = self._refused.get((model, version, pid))
-        if refused is not None:
-            raise refused
+        reason = self._refused.get((model, version, pid))
+        if reason is not None:  # a new exception each time: a re-raised one would keep every request's frames
+            raise PatchUnservable(model, version, pid, reason)
         runner = self._runners.get(pid)
         try:
             patch = runner.patch if runner is not None else await self.get(pid)
@@ -146,7 +146,8 @@ class PatchStore:
                 raise PatchError("it is bound to no model version")
             patch.check_model(model, version)  # never serve a patch made for another model version
         except (PatchError, PatchNotFound) as e:
-            refused = self._refused[(model, version, pid)] = PatchUnservable(model, version, pid, str(e))
+            self._refused[(model, version, pid)] = str(e)
+            refused = PatchUnservable(model, version, pid, str(e))
             log.error("%s", refused.message)
             raise refused from None
         if runner is None:

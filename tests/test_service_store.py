@@ -2,6 +2,7 @@
 
 import asyncio
 import time
+import traceback
 import uuid
 
 import numpy as np
@@ -10,7 +11,7 @@ from redis.asyncio import Redis
 
 from patcher.methods.eraser import build_output_graph
 from patcher.patch import Patch, PatchError
-from service.patch_store import PatchNotFound, PatchStore
+from service.patch_store import PatchNotFound, PatchStore, PatchUnservable
 from service.registry import ModelRegistry, ModelSpec, UpstreamSpec
 
 
@@ -137,5 +138,24 @@ def test_a_second_replica_follows_pubsub(redis_url):
         finally:
             await reader.stop()
             await reader.redis.aclose()
+
+    run(redis_url, body)
+
+
+def test_a_refused_pointer_raises_a_fresh_error_each_request(redis_url):
+    """A refusal remembered for a pointer is raised anew per request: one exception re-raised would grow its
+    traceback (and keep each request's frames, bodies included) on every call."""
+    async def body(redis, prefix):
+        store = PatchStore(redis, prefix)
+        pid = await store.put(_patch(1.0).for_model("adult", "1"))
+        await redis.set(f"{prefix}active:adult:2", pid)  # version 2's pointer, behind the API's back
+        seen = []
+        for _ in range(3):
+            with pytest.raises(PatchUnservable, match="not adult version 2") as e:
+                await store.runner("adult", "2")
+            seen.append(e.value)
+        assert len({id(x) for x in seen}) == 3
+        depth = [len(traceback.extract_tb(x.__traceback__)) for x in seen]
+        assert depth[1] == depth[2], depth  # the remembered refusal does not grow
 
     run(redis_url, body)
