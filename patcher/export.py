@@ -35,10 +35,9 @@ from onnx import TensorProto, helper
 
 from patcher.onnx_graphs import OPSET, GraphBuilder, tensor
 from patcher.patch import Patch, PatchError
-from patcher.scores import OutputKind
+from patcher.scores import EPS, OutputKind
 
 UNIFORM_INPUT = "fairpatch_uniform"
-_EPS = 1e-12  # as patcher.scores
 _DOUBLE, _FLOAT = TensorProto.DOUBLE, TensorProto.FLOAT
 Dims = list[int | str]
 
@@ -166,10 +165,7 @@ def _to_log_probs_graph(scores: TensorSpec, kind: OutputKind) -> tuple[onnx.Mode
     if len(scores.shape) not in (1, 2):
         raise ExportError(f"the model's scores '{scores.name}' have shape {scores.shape}; a patch applies to [N], "
                           "[N, 1] or [N, C] scores")
-    c = 1 if len(scores.shape) == 1 else scores.shape[1]
-    if not isinstance(c, int) or c < 1:
-        raise ExportError(f"the model's scores '{scores.name}' have no fixed number of columns (shape "
-                          f"{scores.shape}); re-export the model with a fixed class dimension")
+    c = fixed_columns(scores)
     g = GraphBuilder()
     s = g.op("Cast", ["scores"], to=_DOUBLE)
     if len(scores.shape) == 1:
@@ -177,7 +173,7 @@ def _to_log_probs_graph(scores: TensorSpec, kind: OutputKind) -> tuple[onnx.Mode
     if c == 1:
         one = g.const(np.float64(1.0), "one")
         if kind == "probabilities":
-            low, high = g.const(np.float64(_EPS), "eps"), g.const(np.float64(1 - _EPS), "one_minus_eps")
+            low, high = g.const(np.float64(EPS), "eps"), g.const(np.float64(1 - EPS), "one_minus_eps")
             p = g.op("Min", [g.op("Max", [s, low]), high])
             s = g.op("Log", [g.op("Div", [p, g.op("Sub", [one, p])])])
 
@@ -189,7 +185,7 @@ def _to_log_probs_graph(scores: TensorSpec, kind: OutputKind) -> tuple[onnx.Mode
         width = 2
     elif kind == "probabilities":
         total = g.op("ReduceSum", [s, g.const(np.array([1], np.int64), "axis")], keepdims=1)
-        lp = g.op("Log", [g.op("Max", [g.op("Div", [s, total]), g.const(np.float64(_EPS), "eps")])])
+        lp = g.op("Log", [g.op("Max", [g.op("Div", [s, total]), g.const(np.float64(EPS), "eps")])])
         width = c
     else:
         lp = g.op("LogSoftmax", [s], axis=1)
@@ -200,13 +196,12 @@ def _to_log_probs_graph(scores: TensorSpec, kind: OutputKind) -> tuple[onnx.Mode
     return g.model([scores.value_info("scores")], out, "to_log_probs"), width
 
 
-def _from_log_probs_graph(width: int, input_elem: int, kind: OutputKind, n_outputs: int, out: TensorSpec
-                          ) -> onnx.ModelProto:
+def _from_log_probs_graph(width: int, input_elem: int, kind: OutputKind, out: TensorSpec) -> onnx.ModelProto:
     """`patched` [N, width] log-scores -> `scores` in the model's kind, shape and dtype (from_log_probs in
     float64, then the model's float dtype, float32 for anything else)."""
     g = GraphBuilder()
     lp = g.op("Cast", ["patched"], to=_DOUBLE)
-    if n_outputs == 1:
+    if out_columns(out) == 1:
         margin = g.op("Sub", [g.op("Gather", [lp, g.const(np.int64(1), "one")], axis=1),
                               g.op("Gather", [lp, g.const(np.int64(0), "zero")], axis=1)])
         if kind == "probabilities":
@@ -216,12 +211,21 @@ def _from_log_probs_graph(width: int, input_elem: int, kind: OutputKind, n_outpu
         res = lp if kind == "logits" else g.op("Softmax", [lp], axis=1)
     elem = out.elem_type if out.elem_type in (_FLOAT, _DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16) else _FLOAT
     g.op("Cast", [res], "scores", to=elem)
-    shape = out.shape if n_outputs == out_columns(out) else ["N", n_outputs]
-    return g.model([tensor("patched", input_elem, ["N", width])], [tensor("scores", elem, shape)], "from_log_probs")
+    return g.model([tensor("patched", input_elem, ["N", width])], [tensor("scores", elem, out.shape)],
+                   "from_log_probs")
 
 
 def out_columns(spec: TensorSpec) -> int | str:
     return 1 if len(spec.shape) == 1 else spec.shape[-1]
+
+
+def fixed_columns(scores: TensorSpec) -> int:
+    """The number of score columns, which a patch needs fixed."""
+    c = out_columns(scores)
+    if not isinstance(c, int) or c < 1:
+        raise ExportError(f"the model's scores '{scores.name}' have no fixed number of columns (shape "
+                          f"{scores.shape}); re-export the model with a fixed class dimension")
+    return c
 
 
 def _cast_graph(src: TensorSpec, elem: int, flatten: bool = False) -> onnx.ModelProto:
@@ -288,8 +292,8 @@ def _metadata(patch: Patch, parts: _Parts, group_input: str, kind: OutputKind) -
 
 
 def _post_steps(parts: _Parts, scores_tensor: str, scores: TensorSpec, features_tensor: str | None,
-                features: TensorSpec | None, kind_in: OutputKind, kind_out: OutputKind, n_outputs: int,
-                out_spec: TensorSpec, result: str, group_input: str) -> list[_Step]:
+                features: TensorSpec | None, kind_in: OutputKind, kind_out: OutputKind, out_spec: TensorSpec,
+                result: str, group_input: str) -> list[_Step]:
     """Scores -> log-probs -> output transform -> scores in the model's kind (service.infer.apply_patch)."""
     to_lp, width = _to_log_probs_graph(scores, kind_in)
     steps = [_Step(to_lp, {"scores": scores_tensor}, {"log_probs": "fp/log_probs", "log_probs64": "fp/log_probs64"},
@@ -312,7 +316,7 @@ def _post_steps(parts: _Parts, scores_tensor: str, scores: TensorSpec, features_
         patched, patched_elem = "fp/patched", _spec(out.graph.output[0]).elem_type
         last = _spec(out.graph.output[0]).shape
         patched_width = last[-1] if last and isinstance(last[-1], int) else width
-    steps.append(_Step(_from_log_probs_graph(patched_width, patched_elem, kind_out, n_outputs, out_spec),
+    steps.append(_Step(_from_log_probs_graph(patched_width, patched_elem, kind_out, out_spec),
                        {"patched": patched}, {"scores": result}, "score conversion"))
     return steps
 
@@ -343,10 +347,7 @@ def export_patched_model(patch: Patch, model_onnx: bytes | None, *, output_kind:
                           "(input_name, as in the registration)")
     scores = _pick(outs, output_name, "output")
     extra = _extra_inputs(parts, group_input, {i.name for i in ins})
-    n_outputs = out_columns(scores)
-    if not isinstance(n_outputs, int):
-        raise ExportError(f"the model's scores '{scores.name}' have no fixed number of columns (shape "
-                          f"{scores.shape}); re-export the model with a fixed class dimension")
+    fixed_columns(scores)  # before anything is built
     steps: list[_Step] = []
     sent = feat.name
     if parts.input_transform is not None:  # as the gateway: float32 through the trigger, then the input's dtype
@@ -361,7 +362,7 @@ def export_patched_model(patch: Patch, model_onnx: bytes | None, *, output_kind:
     model_out = {o.name: (f"fp/model/{o.name}" if o.name == scores.name else o.name) for o in outs}
     steps.append(_Step(model, {i.name: (sent if i.name == feat.name else i.name) for i in ins}, model_out, "model"))
     steps += _post_steps(parts, f"fp/model/{scores.name}", scores, sent,
-                         TensorSpec(sent, feat.elem_type, feat.shape), output_kind, output_kind, n_outputs, scores,
+                         TensorSpec(sent, feat.elem_type, feat.shape), output_kind, output_kind, scores,
                          scores.name, group_input)
     inputs = [i.value_info() for i in ins] + [e.value_info() for e in extra]
     outputs = [o.value_info() for o in outs]
@@ -393,12 +394,10 @@ def _export_weight_patch(patch: Patch, parts: _Parts, model_onnx: bytes | None, 
                            "patch's input transform"))
         seen = "fp/triggered"
     steps.append(_Step(rep, {rin.name: seen}, {rout.name: "fp/logits"}, "patch's replacement model"))
-    width = out_columns(rout)
-    if not isinstance(width, int):
-        raise ExportError("the patch's replacement model has no fixed number of output columns")
+    width = fixed_columns(rout)
     out_spec = TensorSpec(out_name, _FLOAT, ["N", width])
     steps += _post_steps(parts, "fp/logits", TensorSpec("logits", rout.elem_type, rout.shape), seen,
-                         TensorSpec(seen, _FLOAT, rin.shape), "logits", output_kind, width, out_spec, out_name,
+                         TensorSpec(seen, _FLOAT, rin.shape), "logits", output_kind, out_spec, out_name,
                          group_input)
     inputs = [feat.value_info()] + [e.value_info() for e in extra]
     doc = f"fairpatch weight patch {patch.id} ({patch.method}); answers as the fairpatch gateway does"
@@ -468,9 +467,7 @@ def export_triton_repo(patch: Patch, repo: str | Path, *, model_name: str, model
                           "(--out) and serve it in Triton as an onnxruntime model")
     if model_version is not None and not str(model_version).isdigit():
         raise ExportError(f"Triton model versions are integers; the model's version is {model_version!r}")
-    n_outputs = out_columns(scores)
-    if not isinstance(n_outputs, int):
-        raise ExportError(f"the model's scores '{scores.name}' have no fixed number of columns (shape {scores.shape})")
+    fixed_columns(scores)  # before any file is written
     ens = ensemble_name or f"{model_name}_fairpatch"
     version = int(model_version) if model_version is not None else -1
     extra = _extra_inputs(parts, group_input, {features.name})
@@ -506,8 +503,8 @@ def export_triton_repo(patch: Patch, repo: str | Path, *, model_name: str, model
 
     out_name = f"{ens}_output"
     raw = TensorSpec(scores.name, scores.elem_type, scores.shape)
-    post = _post_steps(parts, scores.name, raw, features.name, features, output_kind, output_kind, n_outputs,
-                       scores, scores.name + "_patched", group_input)
+    post = _post_steps(parts, scores.name, raw, features.name, features, output_kind, output_kind, scores,
+                       scores.name + "_patched", group_input)
     used = {i for s in post for i in s.inputs.values()}
     post_inputs = [raw] + ([features] if features.name in used else []) + [e for e in extra if e.name in used]
     patched = TensorSpec(scores.name + "_patched", scores.elem_type, scores.shape)

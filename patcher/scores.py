@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 
 OutputKind = Literal["logits", "probabilities"]
-_EPS = 1e-12
+EPS = 1e-12  # the floor under probabilities before a log (also in exported graphs)
 
 
 def log_softmax(z: np.ndarray) -> np.ndarray:
@@ -33,11 +33,11 @@ def to_log_probs(scores: np.ndarray, kind: OutputKind = "logits") -> np.ndarray:
         raise ValueError(f"model outputs must be (N,), (N, 1) or (N, C); got shape {s.shape}")
     if s.shape[1] == 1:  # one binary output: the logit or the probability of class 1
         if kind == "probabilities":
-            p = np.clip(s, _EPS, 1 - _EPS)
+            p = np.clip(s, EPS, 1 - EPS)
             s = np.log(p / (1 - p))
         return np.hstack([-np.logaddexp(0.0, s), -np.logaddexp(0.0, -s)])  # log sigmoid(-z), log sigmoid(z)
     if kind == "probabilities":
-        return np.log(np.clip(s / s.sum(axis=1, keepdims=True), _EPS, None))
+        return np.log(np.clip(s / s.sum(axis=1, keepdims=True), EPS, None))
     return log_softmax(s)
 
 

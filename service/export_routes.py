@@ -17,6 +17,7 @@ from patcher.patch import Patch, PatchError
 from service.artifacts import verified
 from service.auth import require_admin
 from service.errors import ApiError
+from service.infer import PATCH_HEADER
 from service.oip import ErrorResponse
 from service.patch_store import PatchNotFound, PatchStore
 from service.registry import ModelRegistry, ModelSpec
@@ -74,5 +75,5 @@ async def export_patch(request: Request, model: str, version: str, patch_id: str
         raise ApiError(400, f"cannot export patch {patch_id[:12]} for model {model} version {version}: {e}") \
             from None
     return Response(data, media_type="application/octet-stream", headers={
-        "fairpatch-patch": patch.id,
+        PATCH_HEADER: patch.id,
         "content-disposition": f'attachment; filename="{model}-{version}-patched.onnx"'})

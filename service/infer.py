@@ -484,14 +484,14 @@ async def serve(state: State, protocol: str, model_name: str, model_version: str
     forward_parameters = _forward_parameters(req.parameters)
     if call.protocol == "v2" and binary is None and call.group is None and sent is X and wanted is None \
             and not spec.upstream.binary_data and forward_parameters == req.parameters:
-        result = await upstream.read_forward_v2(spec, call.body)  # nothing to change: the caller's bytes
+        result = await upstream.forward_v2(spec, call.body)  # nothing to change: the caller's bytes
     else:
-        result = await upstream.read_infer_v2(spec, inputs, forward_outputs, forward_parameters)
+        result = await upstream.infer_v2(spec, inputs, forward_outputs, forward_parameters)
     url = spec.upstream.url
     i = scores_index(result, scores_name, url)
     raw = result.outputs[i]
     outputs = list(result.outputs)
-    # every output by the tensor rule (service.upstream.check_outputs), each converted once
+    # every output by the tensor rule (service.upstream.read_v2 and output_array), each converted once
     arrays = [scores_array(o, url) if j == i else output_array(o, url) for j, o in enumerate(outputs)]
     scores = arrays[i]
     if runner is not None:

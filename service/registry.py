@@ -43,8 +43,6 @@ class UpstreamSpec(BaseModel):
     @field_validator("url")
     @classmethod
     def _http(cls, v: str, info: ValidationInfo) -> str:
-        if not v.startswith(("http://", "https://")):
-            raise ValueError("upstream url must start with http:// or https://")
         if info.context == STORED:  # a stored registration is read as it is; calls to a bad URL are 502s
             return v.rstrip("/")
         try:

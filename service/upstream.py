@@ -234,19 +234,18 @@ def encode_request(spec: ModelSpec, X: np.ndarray, *, input_name: str | None = N
 
 # --- responses ---------------------------------------------------------------------------------------
 
-def decode_v2(body: bytes, url: str, header_length: str | None = None, *, arrays: bool = True) -> InferResponse:
-    """A V2 infer answer, every output checked (`check_outputs`); `header_length` (the answer's
-    Inference-Header-Content-Length) when it carries binary tensor data. `arrays=False` leaves converting
-    the outputs, and so their check against the tensor rule, to a caller that converts them anyway."""
+def decode_v2(body: bytes, url: str, header_length: str | None = None) -> InferResponse:
+    """A V2 infer answer with every output checked against the tensor rule; `header_length` (the answer's
+    Inference-Header-Content-Length) when it carries binary tensor data."""
     response = read_v2(body, url, header_length)
-    for out in response.outputs if arrays else ():
+    for out in response.outputs:
         output_array(out, url)
     return response.wire()
 
 
 def read_v2(body: bytes, url: str, header_length: str | None = None) -> PlainResponse:
-    """`decode_v2` with `arrays=False`, as the request path's plain object (service.oip.PlainResponse): the caller
-    converts the outputs (`output_array`, `scores_array`), and so checks them."""
+    """A V2 infer answer as the request path's plain object (service.oip.PlainResponse), its outputs not yet
+    converted: the caller converts each one once (`output_array`, `scores_array`), and that checks it."""
     if header_length is not None:
         response = _response_from_doc(_binary_answer_doc(body, url, header_length), url)
     else:
@@ -259,20 +258,11 @@ def read_v2(body: bytes, url: str, header_length: str | None = None) -> PlainRes
                 raise _invalid_response(url, e) from None
         else:
             response = _response_from_doc(doc, url)
-    check_outputs(response, body, url, arrays=False)
-    return response
-
-
-def check_outputs(response: InferResponse | PlainResponse, body: bytes, url: str, *, arrays: bool = True) -> None:
-    """Every output of an upstream's answer by the rule requests are held to (service.oip.to_numpy: values
-    that fit the datatype and the shape, finite numbers, no true/false for numbers): a 502 otherwise, so
-    nothing the gateway passes on is malformed or non-standard JSON."""
-    try:
+    try:  # true/false for numbers: the one part of the tensor rule that needs the body (oip.refuse_bools)
         refuse_bools(body, response.outputs, "output")
     except InvalidRequest as e:
         raise UpstreamError(f"upstream {url} sent an invalid output: {e}", url=url) from None
-    for out in response.outputs if arrays else ():
-        output_array(out, url)
+    return response
 
 
 def _response_from_doc(doc: Any, url: str) -> PlainResponse:
@@ -357,8 +347,12 @@ def _predictions_array(predictions: Any, url: str) -> np.ndarray:
 def decode_scores(spec: ModelSpec, body: bytes, url: str, header_length: str | None = None) -> np.ndarray:
     """The scores array from an upstream answer, whatever its protocol."""
     if spec.upstream.protocol == "v2":
-        response = decode_v2(body, url, header_length)
-        return scores_array(response.outputs[scores_index(response, spec.upstream.output_name, url)], url)
+        response = read_v2(body, url, header_length)
+        i = scores_index(response, spec.upstream.output_name, url)
+        for j, out in enumerate(response.outputs):  # every output checked, each converted once
+            if j != i:
+                output_array(out, url)
+        return scores_array(response.outputs[i], url)
     try:
         doc = pydantic_core.from_json(body)
     except ValueError as e:
@@ -538,30 +532,17 @@ class UpstreamClient:
 
     async def infer_v2(self, spec: ModelSpec, inputs: Sequence[RequestInput] | Sequence[Tensor],
                        outputs: Sequence[RequestOutput] | None = None,
-                       parameters: Parameters | None = None) -> InferResponse:
-        """Forward V2 tensors as they are, JSON or binary as registered; the whole V2 answer comes back
-        (every output, checked: `decode_v2`)."""
-        url = infer_url(spec)
-        reply = await self.call("POST", url, encode_infer(spec, inputs, outputs, parameters), spec.upstream.timeout_s)
-        return decode_v2(reply.body, url, reply.header_length)
-
-    async def read_infer_v2(self, spec: ModelSpec, inputs: Sequence[RequestInput] | Sequence[Tensor],
-                            outputs: Sequence[RequestOutput] | None = None,
-                            parameters: Parameters | None = None) -> PlainResponse:
-        """`infer_v2` for the request path: the answer as `read_v2` reads it (the caller converts the outputs)."""
+                       parameters: Parameters | None = None) -> PlainResponse:
+        """Forward V2 tensors, JSON or binary as registered; the whole V2 answer comes back as `read_v2` reads
+        it (the caller converts the outputs, and so checks them)."""
         url = infer_url(spec)
         reply = await self.call("POST", url, encode_infer(spec, inputs, outputs, parameters), spec.upstream.timeout_s)
         return read_v2(reply.body, url, reply.header_length)
 
-    async def forward_v2(self, spec: ModelSpec, body: bytes) -> InferResponse:
-        """A caller's V2 request body sent as it came: for a request the gateway checked and would
-        re-encode unchanged (re-encoding a large tensor costs more than the rest of the gateway's work)."""
-        url = infer_url(spec)
-        reply = await self.call("POST", url, Payload(body), spec.upstream.timeout_s)
-        return decode_v2(reply.body, url, reply.header_length)
-
-    async def read_forward_v2(self, spec: ModelSpec, body: bytes) -> PlainResponse:
-        """`forward_v2` for the request path: the answer as `read_v2` reads it (the caller converts the outputs)."""
+    async def forward_v2(self, spec: ModelSpec, body: bytes) -> PlainResponse:
+        """A caller's V2 request body sent as it came: for a request the gateway checked and would re-encode
+        unchanged (re-encoding a large tensor costs more than the rest of the gateway's work). The answer as
+        `infer_v2` gives it."""
         url = infer_url(spec)
         reply = await self.call("POST", url, Payload(body), spec.upstream.timeout_s)
         return read_v2(reply.body, url, reply.header_length)
