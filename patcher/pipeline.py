@@ -47,6 +47,7 @@ class Score:
     after: dict[str, float]
     group_at_inference: bool
     served_by: str  # "patch" (a weight patch's replacement model) or "upstream"
+    before_log_probs: np.ndarray  # the model's answer on the rows: callers need not ask it again
     after_decisions: np.ndarray
 
 
@@ -61,4 +62,4 @@ def score(patch: Patch | PatchRunner, model_log_probs: LogProbs, X: np.ndarray, 
     after = patched_decisions(runner, model_log_probs, X, groups, rid, base_log_probs=logp)
     return Score(before=headline(y, logp.argmax(1), groups, privileged), after=headline(y, after, groups, privileged),
                  group_at_inference=runner.needs_group, served_by="patch" if runner.replaces_model else "upstream",
-                 after_decisions=after)
+                 before_log_probs=logp, after_decisions=after)

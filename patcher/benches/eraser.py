@@ -54,7 +54,7 @@ def bench_eraser(dataset: str = "adult", sensitive: str | None = None, criterion
     # evaluation: a second session of the model, not counted against the budget
     model_log_probs = OnnxOracle(model.onnx_bytes).log_probs
     scored = score(patch, model_log_probs, test.X, test.y, test.groups, seed=seed, privileged=priv)
-    per_group = groups_block(data, model_log_probs(test.X).argmax(1), scored.after_decisions, seed)
+    per_group = groups_block(data, scored.before_log_probs.argmax(1), scored.after_decisions, seed)
     return {
         "method": "eraser", "dataset": dataset, "sensitive": data.sensitive, "criterion": criterion,
         "seed": seed, "drop_sensitive": drop_sensitive, "query_budget": queries,

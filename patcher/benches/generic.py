@@ -44,7 +44,7 @@ def run(method: str, dataset: str = "adult", sensitive: str | None = None, crite
     priv = data.group_names.index(data.privileged)
     scored = score(result.patch, upstream.log_probs, test.X, test.y, test.groups, seed=seed, privileged=priv,
                    request_id=f"bench-{seed}")
-    per_group = groups_block(data, upstream.log_probs(test.X).argmax(1), scored.after_decisions, seed)
+    per_group = groups_block(data, scored.before_log_probs.argmax(1), scored.after_decisions, seed)
     return {
         "method": method, "dataset": dataset, "sensitive": data.sensitive, "criterion": criterion, "seed": seed,
         "access": access, "query_budget": budget, "queries_used": getattr(src, "queries_used", 0),

@@ -48,10 +48,11 @@ def run_method(method: str, dataset: str = "adult", sensitive: str | None = None
     scored = score(runner, model_log_probs, test.X, test.y, test.groups, seed=seed, privileged=priv,
                    request_id=f"{REQUEST_ID}-{seed}")
     extra: dict[str, Any] = {}
-    per_group = groups_block(data, model_log_probs(test.X).argmax(1), scored.after_decisions, seed)
+    per_group = groups_block(data, scored.before_log_probs.argmax(1), scored.after_decisions, seed)
     if draws > 1:
         runs = [headline(test.y, patched_decisions(runner, model_log_probs, test.X, test.groups,
-                                                   f"{REQUEST_ID}-{seed}-{i}"), test.groups, priv)
+                                                   f"{REQUEST_ID}-{seed}-{i}", scored.before_log_probs),
+                            test.groups, priv)
                 for i in range(draws)]
         extra["after_mean"] = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
     return {**extra,
