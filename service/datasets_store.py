@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import gzip
 import io
 import time
 import uuid
 import warnings
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,7 +86,6 @@ def media_type(content_type: str | None) -> str:
 # ---------------------------------------------------------------- reading the upload
 
 GZIP_MAGIC = b"\x1f\x8b"
-_GZIP_CHUNK = 1 << 20  # bytes of decompressed text produced per step, so the cap is checked as it grows
 
 
 @dataclass(frozen=True)
@@ -139,29 +140,17 @@ def read_table(data: bytes, content_type: str | None, limits: DatasetLimits | No
 
 
 def _gunzip(data: bytes, limits: DatasetLimits) -> bytes:
-    """The gzip body decompressed, refused as soon as it passes `limits.decoded_bytes` (members concatenated,
-    as gzip itself does)."""
-    out: list[bytes] = []
-    size = 0
-    rest = data
-    while rest:
-        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        chunk = rest
-        while True:
-            try:
-                piece = d.decompress(chunk, _GZIP_CHUNK)
-            except zlib.error as e:
-                raise DatasetError(f"the body starts like gzip but does not decompress: {e}") from None
-            size += len(piece)
-            limits.check_bytes(size, "CSV text")
-            out.append(piece)
-            chunk = d.unconsumed_tail
-            if d.eof or not (chunk or piece):
-                break
-        if not d.eof:
-            raise DatasetError("the gzip body is cut short; upload the whole file")
-        rest = d.unused_data.lstrip(b"\0")  # trailing padding some tools leave
-    return b"".join(out)
+    """The gzip body decompressed (members concatenated, trailing padding allowed, as gzip itself does), refused
+    once it passes `limits.decoded_bytes`: reading stops one byte past the cap."""
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
+            out = f.read(limits.decoded_bytes + 1)
+    except EOFError:
+        raise DatasetError("the gzip body is cut short; upload the whole file") from None
+    except (OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise DatasetError(f"the body starts like gzip but does not decompress: {e}") from None
+    limits.check_bytes(len(out), "CSV text")
+    return out
 
 
 def _read_csv(data: bytes, limits: DatasetLimits) -> pd.DataFrame:
@@ -177,7 +166,7 @@ def _read_csv(data: bytes, limits: DatasetLimits) -> pd.DataFrame:
     except csv.Error as e:
         raise DatasetError(f"the CSV header cannot be read: {e}") from None
     limits.check_columns(len(header))
-    dupes = sorted({c for c in header if header.count(c) > 1})
+    dupes = sorted(c for c, n in Counter(header).items() if n > 1)
     if dupes:
         raise DatasetError(f"the CSV header repeats column(s) {_listed(dupes)}; column names must be unique")
     try:  # one row past the cap is enough to refuse: pandas stops reading there
@@ -204,7 +193,7 @@ def _read_parquet(data: bytes, limits: DatasetLimits) -> pd.DataFrame:
     limits.check_rows(meta.num_rows)
     declared = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
     limits.check_bytes(declared, "column data")
-    dupes = sorted({c for c in names if names.count(c) > 1})
+    dupes = sorted(c for c, n in Counter(names).items() if n > 1)
     if dupes:
         raise DatasetError(f"the Parquet file repeats column(s) {_listed(dupes)}; column names must be unique")
     batches, rows, size = [], 0, 0

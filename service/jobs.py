@@ -24,6 +24,7 @@ import uuid
 from typing import Any, Literal
 
 from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix, job_key_prefix
 from arq.jobs import Job, SerializationError
 from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
@@ -234,8 +235,9 @@ return {1, 'failed'}
 """
 
 STALE_REQUEUES = 1  # times a job whose worker stopped answering goes back to the queue before it fails
-ARQ_IN_PROGRESS = "arq:in-progress:"  # arq.constants: the mark of a job a worker has taken
-ARQ_JOB = "arq:job:"  # arq.constants: the queued job's payload (gone once arq has finished the job)
+ARQ_IN_PROGRESS = in_progress_key_prefix  # the mark of a job a worker has taken
+ARQ_JOB = job_key_prefix  # the queued job's payload (gone once arq has finished the job)
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)  # what an outage raises
 
 
 class JobNotFound(LookupError):
@@ -363,7 +365,7 @@ class JobStore:
         Best effort: False, not an error, when Redis does not answer (the worker logs the outage)."""
         try:
             return await self.beat(job_id, progress=progress)
-        except (RedisConnectionError, RedisTimeoutError, OSError):
+        except REDIS_DOWN:
             return False
 
     async def status(self, job_id: str) -> str | None:

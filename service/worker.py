@@ -43,13 +43,12 @@ from typing import Any, TypeVar
 import numpy as np
 from arq.connections import ArqRedis
 from arq.worker import Retry, Worker, func
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.datasets_store import DatasetStore
 from service.jobs import (
     ACTIVE,
     ARTIFACT_ACCESS,
+    REDIS_DOWN,
     TASK_NAME,
     JobRecord,
     JobStore,
@@ -322,7 +321,6 @@ async def _outcome(jobs: JobStore, job_id: str, task: asyncio.Future, cancelled:
     return "succeeded" if changed else str(now)
 
 
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 async def _persist(write: Callable[[], Awaitable[_T]], max_wait_s: float = 300.0) -> _T:

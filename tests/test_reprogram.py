@@ -27,7 +27,7 @@ from patcher.methods.reprogram_triggers import (
 from patcher.methods.trigger import TriggerOptions
 from patcher.metrics import criterion_gap, headline
 from patcher.oracle import OnnxOracle
-from patcher.tuning import TuningData, stratified_split
+from patcher.tuning import TuningData
 from tests.conftest import fit
 
 
@@ -353,7 +353,7 @@ def test_zeroth_order_frame_starts_from_the_best_random_frame_and_scores_the_mod
 
     data, model = colored
     t = data.tune
-    sel, fit_rows = stratified_split(t.y, t.groups, 0.3, [0, 7])  # the trigger's selection rows
+    sel, fit_rows = reprogram.selection_split(t.y, t.groups, 0.3, 0)  # the trigger's selection rows
     frame = FrameTrigger((3, 16, 16), width=2, block=4)
     oracle = OnnxOracle(model.onnx_bytes, budget=6000, cache=False)
     trainer = ZOTrainer(oracle, frame, t.X, t.y, t.groups, 2, "eo", 10.0, fairness="gap", q=2, mu=0.1, lr=0.05,
@@ -379,7 +379,7 @@ def test_zeroth_order_subspace_search_moves_the_frame_along_k_directions_within_
 
     data, model = colored
     t = data.tune
-    sel, fit_rows = stratified_split(t.y, t.groups, 0.3, [0, 7])  # the trigger's selection rows
+    sel, fit_rows = reprogram.selection_split(t.y, t.groups, 0.3, 0)  # the trigger's selection rows
     frame = FrameTrigger((3, 16, 16), width=2, block=1)
     oracle = OnnxOracle(model.onnx_bytes, budget=5000, cache=False)
     trainer = ZOTrainer(oracle, frame, t.X, t.y, t.groups, 2, "eo", 20.0, fairness="gap", q=2, mu=0.3, lr=0.2,
@@ -473,7 +473,7 @@ def test_gradient_worst_cell_selection_picks_on_held_out_tune_rows_only(colored)
         feasible = [c for c in report.candidates if c["unfairness"] <= sel["unfairness_target"]]
         assert chosen["worst_cell_accuracy"] == max(c["worst_cell_accuracy"] for c in feasible)
     # the held-out selection rows recomputed: the chosen point's worst cell is what the report says
-    rows = stratified_split(t.y, t.groups, 0.3, [0, 7])[0]
+    rows = reprogram.selection_split(t.y, t.groups, 0.3, 0)[0]
     runner, oracle = PatchRunner(patch), OnnxOracle(model.onnx_bytes, cache=False)
     pred = runner.predict(t.X[rows], oracle.log_probs(runner.transform_inputs(t.X[rows])))
     yy, gg = t.y[rows], t.groups[rows]

@@ -48,7 +48,6 @@ from patcher.methods.contract import FitRequest, FitResult, Method
 from patcher.methods.intra_common import (
     FitContext,
     IntraOptions,
-    IntraReport,
     balanced_accuracy,
     bias,
     finish,
@@ -58,7 +57,6 @@ from patcher.methods.intra_common import (
     single_thread,
     threshold_search,
 )
-from patcher.patch import Patch
 from patcher.tuning import TuningData, stratified_split
 
 
@@ -172,7 +170,7 @@ def _operating_tau(ctx: FitContext, margin: np.ndarray) -> float:
     return threshold_search(margin, ctx.data.y, ctx.data.groups, ctx.data.n_groups, ctx.measure, np.inf).threshold
 
 
-def _train(ctx: FitContext, train: TuningData, seed: int) -> tuple[Patch, IntraReport]:
+def _train(ctx: FitContext, train: TuningData, seed: int) -> FitResult:
     import torch
     import torch.nn.functional as F
 

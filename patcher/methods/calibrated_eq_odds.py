@@ -74,7 +74,7 @@ def fit(access: Oracle, data: TuningData, request: FitRequest, opts: CalibratedE
     check_criterion(criterion, CRITERIA, "calibrated_eq_odds (it has no demographic-parity form)")
     constraint: CostConstraint = opts.cost_constraint or ("fnr" if criterion == "eopp" else "weighted")
     started = time.perf_counter()
-    s = score_tune(access, data, request.budget, request.seed, request.progress, need_labels=True)
+    s = score_tune(access, data, request)
     G, prob = s.n_groups, s.prob
     base = np.array([s.y[s.groups == g].mean() for g in range(G)])
     cost = np.array([group_cost(prob[s.groups == g], s.y[s.groups == g], base[g], constraint) for g in range(G)])

@@ -88,7 +88,7 @@ def fit(access: Oracle, data: TuningData, request: FitRequest, opts: EqOddsOptio
     criterion = request.criterion
     check_criterion(criterion, CRITERIA, "eq_odds")
     started = time.perf_counter()
-    s = score_tune(access, data, request.budget, request.seed, request.progress, need_labels=True)
+    s = score_tune(access, data, request)
     G = s.n_groups
     cut = float(np.log(opts.threshold / (1 - opts.threshold)))
     d = (s.margin > cut).astype(np.float64)

@@ -16,14 +16,13 @@ is baked into the logits (argmax = decision), exported to ONNX with the original
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from patcher.methods.contract import FitRequest, FitResult
+from patcher.methods.contract import FitRequest, FitResult, Progress
 from patcher.metrics import Sweep, decision_rates, rate_gap, sweep
 from patcher.tuning import TuningData
 
@@ -35,7 +34,6 @@ if TYPE_CHECKING:
 BiasMeasure = Literal["spd", "eod", "aod"]
 OutputKind = Literal["logits", "probs"]
 CRITERION_MEASURE: dict[str, BiasMeasure] = {"dp": "spd", "eo": "eod", "eopp": "eod"}
-Progress = Callable[[float, dict], None]
 
 
 class IntraOptions(BaseModel):
@@ -354,10 +352,6 @@ def build_patch(method: str, access: ModelArtifact, data: TuningData, module: to
                        report=report.model_dump(exclude={"details", "fit_seconds"}))
 
 
-def noop_progress(_fraction: float, _info: dict) -> None:
-    return None
-
-
 # ---------------------------------------------------------------- the shared fit skeleton
 
 
@@ -406,7 +400,7 @@ def prepare(access: ModelArtifact, data: TuningData, request: FitRequest, opts: 
     return FitContext(access, data, criterion, opts, measure, bound, module, scorer,
                       default_operating(margin, y, g, G, measure, bound),
                       threshold_search(margin, y, g, G, measure, bound, resamples, epsilon=opts.epsilon,
-                                       se_margin=opts.se_margin), request.progress or noop_progress,
+                                       se_margin=opts.se_margin), request.report,
                       started, resamples, output_kind)
 
 

@@ -14,18 +14,17 @@ mixes "keep" and "flip" of the model's own decision. One graph builder serves th
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
+from patcher.methods.contract import FitRequest
 from patcher.oracle import Oracle
 from patcher.scores import to_log_probs
 from patcher.tuning import TuningData
 
 Criterion = Literal["dp", "eo", "eopp"]
-Progress = Callable[[float, dict], None] | None
 BIG = 1e30  # a cut no margin passes (+BIG) or every margin passes (-BIG); float32 holds it
 FLIP_MARGIN = 0.01  # |margin| given to a row whose decision the patch flips (probability ~0.5025)
 
@@ -47,19 +46,17 @@ class Scored:
         return 1.0 / (1.0 + np.exp(-self.margin))
 
 
-def score_tune(access: Oracle, data: TuningData, budget: int | None, seed: int, progress: Progress = None,
-               need_labels: bool = True) -> Scored:
+def score_tune(access: Oracle, data: TuningData, request: FitRequest) -> Scored:
     """Score the tune rows through the oracle: all of them when the budget allows, else a uniform random
     subset of `budget` rows (uniform, so rates estimated on it need no reweighting)."""
-    report = progress or (lambda _f, _i: None)
-    remaining = getattr(access, "remaining", None)
+    report = request.report
     n = len(data)
-    limit = min(x for x in (budget, remaining, n) if x is not None)
+    limit = request.query_limit(access, n)
     G = data.n_groups
     if limit < 4 * G:
         raise ValueError(f"a budget of {limit} queries is too small: post-processing needs at least {4 * G} "
                          f"scored rows ({G} groups) and does well from about 1000")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(request.seed)
     idx = np.arange(n) if limit >= n else np.sort(rng.choice(n, size=limit, replace=False))
     X = np.asarray(data.X)[idx]
     used_before = access.queries_used
@@ -75,7 +72,7 @@ def score_tune(access: Oracle, data: TuningData, budget: int | None, seed: int, 
         cell = groups == g
         if not cell.any():
             raise ValueError(f"group {data.group_names[g]!r} has no scored tune rows; raise the budget or drop it")
-        if need_labels and len(np.unique(y[cell])) < 2:
+        if len(np.unique(y[cell])) < 2:
             raise ValueError(f"group {data.group_names[g]!r} has only one label among its scored tune rows; "
                              "its error rates are undefined (raise the budget)")
     report(0.5, {"stage": "fitting", "queries_used": access.queries_used - used_before})

@@ -93,7 +93,7 @@ def fit(access: Oracle, data: TuningData, request: FitRequest, opts: RejectOptio
     if opts.low >= opts.high:
         raise ValueError("low must be below high")
     started = time.perf_counter()
-    s = score_tune(access, data, request.budget, request.seed, request.progress, need_labels=True)
+    s = score_tune(access, data, request)
     G, prob = s.n_groups, s.prob
     base = (prob > 0.5).astype(np.float64)
     if opts.favour is not None:

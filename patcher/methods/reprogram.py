@@ -267,6 +267,15 @@ def _train(model, trigger: Trigger, X, y, groups, G, criterion, lam: float, C: i
                          weights=cell_weights(y, groups) if opts.balance else None)
 
 
+def selection_split(y: np.ndarray, groups: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(selection rows, training rows): `holdout` of every (group, label) cell kept out of trigger training to
+    choose lambda, the evaluated trigger and the threshold on; holdout 0: every row is both."""
+    if holdout <= 0:
+        everything = np.arange(len(y))
+        return everything, everything
+    return stratified_split(y, groups, holdout, [seed, 7])
+
+
 def _fit_gradient(artifact: ModelArtifact, trigger: Trigger, X, y, groups, G, criterion, opts, seed: int,
                   report_progress) -> TriggerFit:
     model = artifact.torch_module()
@@ -274,8 +283,7 @@ def _fit_gradient(artifact: ModelArtifact, trigger: Trigger, X, y, groups, G, cr
         p.requires_grad_(False)
     if opts.select_folds >= 2:
         return _fit_gradient_crossfit(model, trigger, X, y, groups, G, criterion, opts, seed, report_progress)
-    everything = np.arange(len(y))  # holdout 0: lambda and threshold are chosen on the rows the trigger fit
-    sel, fit_rows = stratified_split(y, groups, opts.holdout, [seed, 7]) if opts.holdout > 0 else (everything,) * 2
+    sel, fit_rows = selection_split(y, groups, opts.holdout, seed)
     Xs, ys, gs = X[sel], y[sel], groups[sel]
     X, y, groups = X[fit_rows], y[fit_rows], groups[fit_rows]
     base = log_softmax(model_logits(model, Xs))
@@ -350,8 +358,7 @@ def _fit_zo(oracle: Oracle, trigger: Trigger, X, y, groups, G, criterion, budget
     remaining = getattr(oracle, "remaining", None)
     limits = [b for b in (budget, remaining) if b is not None]
     limit = min(limits) if limits else 20_000
-    everything = np.arange(len(y))  # holdout 0: lambda and threshold are chosen on the rows the trigger fit
-    sel, fit_rows = stratified_split(y, groups, opts.holdout, [seed, 7]) if opts.holdout > 0 else (everything,) * 2
+    sel, fit_rows = selection_split(y, groups, opts.holdout, seed)
     search = opts.zo_search(isinstance(trigger, TabularTrigger))
     eval_size = min(opts.eval_size, len(sel), max(limit // (4 * (opts.evals + 1)), 50))
     C_guess = int(y.max()) + 1

@@ -209,7 +209,7 @@ def fit(access: Oracle, data: TuningData, request: FitRequest, opts: ThresholdOp
         raise ValueError("tolerance relaxes dp and eopp only (as in Fairlearn); use tolerance=0 with eo")
     tolerance = 0.0 if criterion == "eo" else DEFAULT_TOLERANCE if opts.tolerance is None else opts.tolerance
     started = time.perf_counter()
-    s = score_tune(access, data, request.budget, request.seed, request.progress, need_labels=True)
+    s = score_tune(access, data, request)
     curves = _group_curves(s, opts.objective)
     if criterion == "eo":
         rules, points = _fit_eo(curves, opts.grid_size, opts.objective == "balanced_accuracy")
