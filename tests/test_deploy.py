@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
+from service.redis_embedded import _ping
+
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 COMPOSE = REPO / "compose.yaml"
@@ -351,16 +353,7 @@ def topology(tmp_path_factory, adult_model) -> Iterator[Topology]:
 
 
 def redis_answers(sock: Path) -> bool:
-    import socket
-
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(1.0)
-            s.connect(str(sock))
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
+    return _ping(str(sock), timeout=1.0)
 
 
 def image_target(services: dict[str, Any], image: str) -> str:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from patcher.datasets import SPECS, group_codes, load_frames
+from patcher.datasets import SPECS, _split_frames, group_codes, load_frames
 from patcher.tuning import stratified_split
 
 Y = np.array([0, 1, 1, 0, 1, 0, 0, 1, 1, 0, 0, 1])
@@ -20,16 +20,17 @@ def test_pinned_indices_for_a_share_fractions_and_hold_one():
 
 
 def test_the_dataset_splits_stay_where_the_figures_were_measured():
-    full = load_frames("adult")[0]
-    g, y = group_codes(full, SPECS["adult"].sensitive["sex"]), full["income"].to_numpy()
-    train, tune = stratified_split(y, g, (0.7, 0.3), 0)
+    """Through the loader's own split (its seed and shares), not a restatement of them."""
+    spec = SPECS["adult"]
+    full, test_file = load_frames("adult")
+    train, tune, _ = _split_frames(spec, full, test_file, group_codes(full, spec.sensitive["sex"]))
     assert (len(train), len(tune)) == (21113, 9049)
-    assert tune[:6].tolist() == [0, 3, 7, 11, 12, 14] and int(tune.sum()) == 136511766
-    full = load_frames("compas")[0]
-    g, y = group_codes(full, SPECS["compas"].sensitive["race"]), full["two_year_recid"].to_numpy()
-    parts = stratified_split(y, g, (0.6, 0.2, 0.2), 0)
+    assert tune.index[:6].tolist() == [0, 3, 7, 11, 12, 14] and int(tune.index.to_numpy().sum()) == 136511766
+    spec = SPECS["compas"]
+    full, test_file = load_frames("compas")
+    parts = _split_frames(spec, full, test_file, group_codes(full, spec.sensitive["race"]))
     assert [len(p) for p in parts] == [3703, 1234, 1235]
-    assert parts[2][:6].tolist() == [3, 5, 14, 20, 21, 23] and int(parts[2].sum()) == 3812454
+    assert parts[2].index[:6].tolist() == [3, 5, 14, 20, 21, 23] and int(parts[2].index.to_numpy().sum()) == 3812454
 
 
 def test_every_cell_keeps_its_share_and_the_seed_decides():
