@@ -72,8 +72,8 @@ def run_show(args: argparse.Namespace) -> int:
 
     console = Console()
     console.print(f"[bold]{m.name}[/bold]: {escape(m.summary)}")
-    console.print(f"access: {', '.join(m.access)} (default {m.default_access}); group at inference: "
-                  f"{GROUP_AT_INFERENCE[m.group_at_inference]}")
+    console.print(f"access: {', '.join(m.access)} (default {m.default_access}); criteria: {', '.join(m.criteria)}; "
+                  f"group at inference: {GROUP_AT_INFERENCE[m.group_at_inference]}")
     table = Table(title=f"{m.name} options (-o key=value in `fairpatch bench`, `options` in a job)")
     table.add_column("option", no_wrap=True)
     for col in ("type", "default", "description"):
@@ -109,7 +109,8 @@ def markdown() -> str:
               f"{GROUP_AT_INFERENCE[m.group_at_inference]} | {cell(m.summary)} |" for m in ms]
     for m in ms:
         lines += ["", f"## {m.name}", "", cell(m.summary) + ".", "",
-                  f"Access: {', '.join(m.access)} (default {m.default_access}). Group at inference: "
+                  f"Access: {', '.join(m.access)} (default {m.default_access}). Criteria: {', '.join(m.criteria)}. "
+                  "Group at inference: "
                   f"{GROUP_AT_INFERENCE[m.group_at_inference]}."
                   + (" Takes an exemplar dataset." if m.takes_exemplar else ""), "",
                   "| option | type | default | description |", "|---|---|---|---|"]

@@ -110,6 +110,7 @@ class MethodInfo(BaseModel):
     summary: str
     access: list[Access] = Field(description="access kinds it works with, least privileged first")
     default_access: Access
+    criteria: list[Literal["dp", "eo", "eopp"]] = Field(description="the fairness criteria it can fit for")
     group_at_inference: Literal["required", "none", "optional"] = Field(
         description="whether its patches need the group with every request (optional: depends on the options)")
     takes_exemplar: bool = Field(description="whether a job may give it an exemplar_dataset")

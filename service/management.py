@@ -371,6 +371,7 @@ async def create_job(request: Request) -> JSONResponse:
     # Options are checked before the job is queued, so a typo is a 400 now rather than a failed job later.
     try:
         method = get_method(req.method)
+        method.check_criterion(req.criterion)
         method.parse_options(req.options, req.preset)
     except OptionsError as e:
         raise ApiError(400, str(e)) from None

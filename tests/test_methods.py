@@ -220,6 +220,7 @@ def test_a_new_method_runs_through_the_job_api(gateway):
     ({"options": {"rows": 0}}, "invalid options for toy: rows"),
     ({"preset": "nope"}, "method toy has no preset 'nope'; its presets: accept-more"),
     ({"method": "nope"}, "unknown method 'nope'; available: "),
+    ({"method": "calibrated_eq_odds", "criterion": "dp"}, "method calibrated_eq_odds fits for criterion eo, eopp"),
 ])
 def test_the_job_api_refuses_unknown_options_and_presets(gateway, extra, message):
     c, model, dataset = gateway

@@ -114,4 +114,5 @@ METHOD = Method(
     name="calibrated_eq_odds",
     summary=("calibrated equalized odds (Pleiss et al. 2017): mix a group's scores with its base rate, like "
              "AIF360's"),
-    access=("queries",), options=CalibratedEqOddsOptions, fit=fit, group_at_inference="required")
+    access=("queries",), options=CalibratedEqOddsOptions, fit=fit, group_at_inference="required",
+    criteria=CRITERIA)

@@ -86,11 +86,17 @@ class Method:
     fit: Callable[[Any, TuningData, FitRequest, Any], FitResult]
     group_at_inference: GroupAtInference  # optional: depends on the options (see the summary)
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    criteria: tuple[Criterion, ...] = ("dp", "eo", "eopp")  # the fairness criteria it can fit for
     takes_exemplar: bool = False  # whether FitRequest.exemplar means anything to it
 
     @property
     def default_access(self) -> Access:
         return next(kind for kind in ACCESS_ORDER if kind in self.access)
+
+    def check_criterion(self, criterion: str) -> None:
+        """Raises OptionsError for a criterion this method cannot fit for (the job API refuses it at submission)."""
+        if criterion not in self.criteria:
+            raise OptionsError(f"method {self.name} fits for criterion {', '.join(self.criteria)}; got {criterion!r}")
 
     def parse_options(self, options: Mapping[str, Any] | None = None, preset: str | None = None) -> Any:
         """The options model from a preset (if named) overridden by `options`. Raises OptionsError."""
@@ -114,13 +120,16 @@ class Method:
 
     def run(self, access: Any, data: TuningData, request: FitRequest | None = None,
             options: Mapping[str, Any] | None = None, preset: str | None = None) -> FitResult:
-        """Parse the options and fit: the one way callers run a method."""
-        return self.fit(access, data, request or FitRequest(), self.parse_options(options, preset))
+        """Check the criterion, parse the options and fit: the one way callers run a method."""
+        request = request or FitRequest()
+        self.check_criterion(request.criterion)
+        return self.fit(access, data, request, self.parse_options(options, preset))
 
     def describe(self) -> dict[str, Any]:
         """The method as JSON: what `GET /v1/methods/{name}` and `fairpatch methods show` give."""
         return {"name": self.name, "summary": self.summary, "access": list(self.access),
-                "default_access": self.default_access, "group_at_inference": self.group_at_inference,
+                "default_access": self.default_access, "criteria": list(self.criteria),
+                "group_at_inference": self.group_at_inference,
                 "takes_exemplar": self.takes_exemplar, "presets": {k: dict(v) for k, v in self.presets.items()},
                 "options": option_rows(self.options), "options_schema": self.options.model_json_schema()}
 
