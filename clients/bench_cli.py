@@ -70,10 +70,9 @@ def method_options(method: str, flags: list[str], preset: str | None) -> dict[st
     from patcher.methods import get_method
 
     m = get_method(method)
-    values = {**(m.presets[preset] if preset is not None and preset in m.presets else {}),
-              **parse_option_flags(flags)}
-    m.parse_options(values, preset)  # raises OptionsError naming the bad option and the valid ones
-    return values
+    options = parse_option_flags(flags)
+    m.parse_options(options, preset)  # raises OptionsError naming the bad option or preset and the valid ones
+    return {**m.presets[preset], **options} if preset is not None else options
 
 
 def run_bench(args: argparse.Namespace) -> int:
