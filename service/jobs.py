@@ -337,7 +337,9 @@ class JobStore:
     async def finish(self, job_id: str, to: str, **fields: Any) -> tuple[bool, str | None]:
         """This process's run of the job ends (`to`: succeeded, failed, cancelled, or queued again); refused
         when the record no longer belongs to the run."""
-        token = self._runs.get(job_id, "")
+        token = self._runs.get(job_id)
+        if token is None:  # no run of this process: an empty token would let it end another worker's run
+            return False, await self.status(job_id)
         changed, before = await self.transition(job_id, to, {"running"}, run_token=token, **fields)
         if changed or before != "running":
             self._runs.pop(job_id, None)
