@@ -400,5 +400,7 @@ def _load_groups(gs: GroupSpec, drop_sensitive: bool) -> Dataset:
         return np.array([index[to_name[c]] for c in cells], np.int64)
 
     encoder, splits = _encode(spec, frames, gs.encoded_columns if drop_sensitive else (), codes)
-    privileged = to_name.get(gs.privileged_cell, names[-1])
+    if gs.privileged_cell not in to_name:  # the signed (AIF360) metrics compare against it: never guess
+        raise ValueError(f"the privileged cell {gs.privileged_cell!r} of {gs.name!r} is not among its groups {names}")
+    privileged = to_name[gs.privileged_cell]
     return Dataset(gs.dataset, gs.name, names, privileged, drop_sensitive, encoder, *splits, merged=tuple(pooled))
