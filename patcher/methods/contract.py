@@ -95,6 +95,8 @@ class Method:
 
     def check_criterion(self, criterion: str) -> None:
         """Raises OptionsError for a criterion this method cannot fit for (the job API refuses it at submission)."""
+        if criterion not in ("dp", "eo", "eopp"):
+            raise OptionsError(f"unknown criterion {criterion!r}; choose dp, eo or eopp")
         if criterion not in self.criteria:
             raise OptionsError(f"method {self.name} fits for criterion {', '.join(self.criteria)}; got {criterion!r}")
 
