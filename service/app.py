@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 from starlette.types import Receive, Scope, Send
 
-from service import export_routes, health, infer, management
+from service import export_routes, health, infer, live_routes, management
 from service.body_limit import BodySizeLimit
 from service.errors import install_error_handlers
 from service.fast_path import InferenceEndpoint
@@ -64,9 +64,11 @@ def create_app(settings: Settings | None = None) -> Gateway:
             # Each component opens what it needs (pooled upstream client, job queue) and closes it.
             await infer.startup(app)
             await management.startup(app)
+            live_routes.startup(app)
             try:
                 yield
             finally:
+                await live_routes.shutdown(app)
                 await management.shutdown(app)
                 await infer.shutdown(app)
                 await app.state.patches.stop()
@@ -75,6 +77,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
     app = Gateway(title="fairpatch gateway", version=__version__, lifespan=lifespan,
                   description="Fairness-patched predictions over the Open Inference Protocol (KServe V2).")
     app.state.settings = settings
+    app.state.live = None  # service.live_routes.startup sets the recorder when live fairness is on
     endpoint = InferenceEndpoint(app.state, settings.max_body_bytes)
     if settings.fast_path:
         app.fast_path = endpoint
@@ -85,5 +88,6 @@ def create_app(settings: Settings | None = None) -> Gateway:
     app.include_router(infer.router)
     app.include_router(management.router)
     app.include_router(export_routes.router)
+    app.include_router(live_routes.router)
     document(app, schemas=infer.SCHEMAS, operations=infer.OPERATIONS)
     return app

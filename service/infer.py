@@ -44,7 +44,7 @@ from starlette.datastructures import State
 from patcher.apply import PatchRunner, UnknownGroupError
 from patcher.patch import PatchError
 from patcher.scores import from_log_probs, to_log_probs
-from service import binary_tensors, patch_serving
+from service import binary_tensors, live_observe, patch_serving
 from service.binary_tensors import CONTENT_TYPE, read_request
 from service.errors import ApiError
 from service.oip import (
@@ -449,8 +449,59 @@ async def serve(state: State, protocol: str, model_name: str, model_version: str
     known, runner = state.patches.runner_now(spec.name, spec.version)  # no coroutine when it is in memory
     if not known:
         runner = await state.patches.runner(spec.name, spec.version)
+    live = state.live
+    stage = state.patches.stage_now(spec.name, spec.version) if runner is not None else None
+    if stage is None and (live is None or call.group is None):  # nothing to record, no rollout: the template
+        return await _serve(state, call, spec, runner, binary, None)
+    # The rollout arm (service.rollout) picks what serves; live fairness records it (service.live_observe).
+    arm, served, shadow = live_observe.arm_of(stage, runner, call.request.id)
+    trace = Trace() if live is not None and call.group is not None else None
+    answer = await _serve(state, call, spec, served, binary, trace)
+    if trace is not None and trace.raw is not None:
+        patched = None
+        if shadow is not None:
+            patched = await _shadow_scores(state, call, spec, shadow, trace)
+        live_observe.record(live, spec, call, patch_id(runner), arm, trace, patched)
+    return answer
+
+
+@dataclass(slots=True)
+class Trace:
+    """What live fairness needs of one served request: the scores before and after the patch (in `raw_kind`
+    and the model's kind) and the feature rows as the caller sent them."""
+
+    raw: np.ndarray | None = None
+    served: np.ndarray | None = None
+    raw_kind: str | None = None
+    features: np.ndarray | None = None
+    feature_input: Tensor | None = None
+
+
+async def _shadow_scores(state: State, call: Call, spec: ModelSpec, runner: PatchRunner,
+                         trace: Trace) -> np.ndarray | None:
+    """The patch's answer for a request the raw model served (shadow): the served scores through the patch, or
+    for a trigger a second upstream call, or the weight patch's own model. Never fails the request."""
+    try:
+        X = trace.features
+        groups = group_ids(runner, spec, None if call.group is None else to_numpy(call.group), len(X))
+        sent = transform_inputs(runner, X)
+        if runner.replaces_model:
+            logits = patch_serving.logits(runner, spec, sent)
+            return apply_patch(runner, spec, sent, logits, groups, call.request.id, scores_kind="logits")
+        scores = trace.raw if sent is X else await state.upstream.scores(
+            spec, sent, input_name=trace.feature_input.name, datatype=trace.feature_input.datatype)
+        return apply_patch(runner, spec, sent, scores, groups, call.request.id)
+    except Exception as e:  # noqa: BLE001 - the shadow is observed, never served
+        live_observe.shadow_failed(spec, runner, e)
+        return None
+
+
+async def _serve(state: State, call: Call, spec: ModelSpec, runner: PatchRunner | None, binary: str | None,
+                 trace: Trace | None) -> Answer:
+    """The template proper, with `runner` serving (None: unpatched); `trace`, when given, is filled in."""
+    cache: ModelCache = state.model_cache
     if runner is not None and runner.replaces_model:
-        return _serve_weight_patch(call, spec, runner)
+        return _serve_weight_patch(call, spec, runner, trace)
     meta = (cache.fresh_metadata(spec) or await cache.metadata(spec)) if spec.upstream.protocol == "v2" else None
     if call.protocol == "v1":
         _v1_inputs(call, spec, meta)
@@ -459,10 +510,14 @@ async def serve(state: State, protocol: str, model_name: str, model_version: str
     groups = group_ids(runner, spec, None if call.group is None else to_numpy(call.group), len(X))
     sent = transform_inputs(runner, X)
     upstream: UpstreamClient = state.upstream
+    if trace is not None:
+        trace.features, trace.feature_input, trace.raw_kind = X, features, spec.upstream.output_kind
 
     if meta is None:  # V1 / MLflow upstream: one matrix in, one scores matrix out
         scores = await upstream.scores(spec, sent)
         out = scores if runner is None else apply_patch(runner, spec, sent, scores, groups, call.request.id)
+        if trace is not None:
+            trace.raw, trace.served = scores, out
         outputs = [tensor_of(spec.upstream.output_name or "predictions", out.astype(np.float32, copy=False))]
         if call.raw_wanted:  # the name as in upstream.synthesized_metadata
             outputs.append(tensor_of(RAW_OUTPUT, scores.astype(np.float32, copy=False)))
@@ -494,9 +549,13 @@ async def serve(state: State, protocol: str, model_name: str, model_version: str
     # every output by the tensor rule (service.upstream.read_v2 and output_array), each converted once
     arrays = [scores_array(o, url) if j == i else output_array(o, url) for j, o in enumerate(outputs)]
     scores = arrays[i]
+    if trace is not None:
+        trace.raw = scores
     if runner is not None:
         scores = apply_patch(runner, spec, sent, scores, groups, req.id)
         outputs[i] = tensor_of(raw.name, scores, raw.parameters)
+    if trace is not None:
+        trace.served = scores
     if wanted is not None:
         outputs = [o for o in outputs if o.name in wanted]
     if call.raw_wanted:
@@ -522,7 +581,7 @@ def _feature_input(call: Call, spec: ModelSpec, meta: ModelMetadata | None) -> T
                          f"got {', '.join(t.name for t in call.inputs)}")
 
 
-def _serve_weight_patch(call: Call, spec: ModelSpec, runner: PatchRunner) -> Answer:
+def _serve_weight_patch(call: Call, spec: ModelSpec, runner: PatchRunner, trace: Trace | None = None) -> Answer:
     """The template with the active weight patch's own model in the upstream's place (service.patch_serving)."""
     if call.protocol == "v1":
         _v1_inputs(call, spec, None)
@@ -537,6 +596,8 @@ def _serve_weight_patch(call: Call, spec: ModelSpec, runner: PatchRunner) -> Ans
     sent = transform_inputs(runner, X)
     logits = patch_serving.logits(runner, spec, sent)
     out = apply_patch(runner, spec, sent, logits, groups, call.request.id, scores_kind="logits")
+    if trace is not None:
+        trace.raw, trace.served, trace.raw_kind, trace.features = logits, out, "logits", X
     outputs = [tensor_of(name, out)]
     if call.raw_wanted:  # the replacement model's logits, before any output transform
         outputs.append(tensor_of(RAW_OUTPUT, logits))

@@ -61,6 +61,7 @@ from service.oip import ErrorResponse, describe_validation_errors
 from service.openapi import include_schemas, json_body
 from service.patch_store import PatchNotFound, PatchStore
 from service.registry import ArtifactInfo, ModelRegistry, ModelSpec
+from service.rollout import ActivateRequest, check_guard
 
 log = logging.getLogger("fairpatch.service")
 
@@ -497,12 +498,19 @@ async def list_patches(request: Request, model: str, version: str) -> JSONRespon
             rows.append(_patch_summary(await store.get(pid), created_at))
         except (PatchNotFound, PatchError) as e:  # listed but unreadable: say so rather than hide it
             rows.append({"id": pid, "created_at": created_at, "error": str(e)})
-    return JSONResponse({"active": await store.active_id(model, version), "patches": rows})
+    rollout = await store.rollout(model, version)
+    return JSONResponse({"active": None if rollout is None else rollout.patch, "patches": rows,
+                         "rollout": None if rollout is None else rollout.model_dump(mode="json")})
 
 
-@router.post("/models/{model}/versions/{version}/patches/{patch_id}/activate", summary="serve a patch")
+@router.post("/models/{model}/versions/{version}/patches/{patch_id}/activate", summary="serve a patch",
+             openapi_extra={"requestBody": {"required": False, "content": {"application/json": {"schema": {
+                 "$ref": "#/components/schemas/ActivateRequest"}}}}})
 async def activate_patch(request: Request, model: str, version: str, patch_id: str) -> JSONResponse:
     await _spec(request, model, version)
+    # The activation guard (service.rollout): a patch its job found not to improve its criterion needs force.
+    force = (await _parse(request, ActivateRequest)).force if (await request.body()).strip() else False
+    await check_guard(_patches(request), patch_id, force, "activating")
     try:
         patch = await _patches(request).activate(model, version, patch_id)
     except PatchNotFound:
@@ -576,7 +584,7 @@ async def startup(app: FastAPI) -> None:
     app.state.arq = arq_client(redis, settings.job_queue)
     app.state.worker_process = None
     app.state.worker_watch = None
-    include_schemas(app, ModelSpec, JobRequest, MethodInfo, *(m.options for m in methods()))
+    include_schemas(app, ModelSpec, JobRequest, MethodInfo, ActivateRequest, *(m.options for m in methods()))
     if settings.admin_key is None and settings.host not in LOOPBACK_HOSTS:
         log.warning("FAIRPATCH_ADMIN_KEY is not set and the gateway listens on %s: anyone who can reach it can "
                     "register models and run jobs", settings.host)

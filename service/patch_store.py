@@ -4,6 +4,9 @@ Layout (prefix `fp:`):
 - `patch:{id}` -> the patch bytes, written with SET NX (content-addressed: a write never changes it)
 - `patches:{model}:{version}` -> sorted set of patch ids made for that version, scored by time
 - `active:{model}:{version}` -> the id of the active patch (absent = serve unpatched)
+- `rollout:{model}:{version}` -> its rollout stage, JSON (service.rollout.Rollout; absent = `active`),
+  written with the pointer in one transaction
+- `verdict:{id}` -> the held-out verdict of the job that made the patch (the activation guard reads it)
 - channel `patch-events` -> `{model}\\x00{version}` whenever an active pointer changes
 
 Every gateway replica keeps the active pointers it has seen and a `PatchRunner` per patch id. A
@@ -27,6 +30,7 @@ from redis.exceptions import RedisError
 from patcher.apply import PatchRunner
 from patcher.patch import Patch, PatchError
 from service.errors import ApiError
+from service.rollout import Rollout
 
 log = logging.getLogger("fairpatch.service")
 
@@ -52,6 +56,7 @@ class PatchStore:
         self.prefix = prefix
         self.recheck_s = recheck_s
         self._active: dict[tuple[str, str], str | None] = {}  # (model, version) -> patch id
+        self._stage: dict[tuple[str, str], Rollout] = {}  # (model, version) -> its stage, when not plain active
         self._runners: dict[str, PatchRunner] = {}
         # (model, version, patch id) -> why that pointer cannot be served; dropped when the pointer moves
         self._refused: dict[tuple[str, str, str], str] = {}
@@ -72,16 +77,63 @@ class PatchStore:
             await pipe.execute()
         return pid
 
-    async def activate(self, model: str, version: str, patch_id: str) -> Patch:
+    async def activate(self, model: str, version: str, patch_id: str, rollout: Rollout | None = None) -> Patch:
+        """Point the version at a patch, in a rollout stage (None: plainly active)."""
         patch = await self.get(patch_id)
         patch.check_model(model, version)  # never apply a patch to another model version
-        await self.redis.set(f"{self.prefix}active:{model}:{version}", patch_id)
+        staged = rollout is not None and rollout.stage != "active"
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(f"{self.prefix}active:{model}:{version}", patch_id)
+            if staged:
+                pipe.set(f"{self.prefix}rollout:{model}:{version}", rollout.model_dump_json())
+            else:
+                pipe.delete(f"{self.prefix}rollout:{model}:{version}")
+            await pipe.execute()
+        self._set_stage((model, version), rollout if staged else None)
         await self._announce(model, version, patch_id)
         return patch
 
     async def deactivate(self, model: str, version: str) -> None:
-        await self.redis.delete(f"{self.prefix}active:{model}:{version}")
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(f"{self.prefix}active:{model}:{version}")
+            pipe.delete(f"{self.prefix}rollout:{model}:{version}")
+            await pipe.execute()
+        self._set_stage((model, version), None)
         await self._announce(model, version, None)
+
+    def _set_stage(self, key: tuple[str, str], rollout: Rollout | None) -> None:
+        if rollout is None:
+            self._stage.pop(key, None)
+        else:
+            self._stage[key] = rollout
+
+    def stage_now(self, model: str, version: str) -> Rollout | None:
+        """The version's rollout stage as this replica last read it; None = plainly active (the hot path's
+        lookup: a dict read)."""
+        return self._stage.get((model, version))
+
+    async def rollout(self, model: str, version: str) -> Rollout | None:
+        """The stage in Redis: None when no patch is active; stage `active` when it is plainly active."""
+        pid, stage = await self._pointer(model, version)
+        if pid is None:
+            return None
+        return stage or Rollout(patch=pid)
+
+    async def _pointer(self, model: str, version: str) -> tuple[str | None, Rollout | None]:
+        raw_pid, raw_stage = await self.redis.mget([f"{self.prefix}active:{model}:{version}",
+                                                    f"{self.prefix}rollout:{model}:{version}"])
+        return _decode(raw_pid), _stage_of(raw_stage, _decode(raw_pid))
+
+    async def set_verdict(self, patch_id: str, verdict: dict) -> None:
+        import json
+
+        await self.redis.set(f"{self.prefix}verdict:{patch_id}", json.dumps(verdict))
+
+    async def verdict(self, patch_id: str) -> dict | None:
+        import json
+
+        raw = await self.redis.get(f"{self.prefix}verdict:{patch_id}")
+        return None if raw is None else json.loads(raw)
 
     async def _announce(self, model: str, version: str, patch_id: str | None) -> None:
         self._active[(model, version)] = patch_id
@@ -131,7 +183,8 @@ class PatchStore:
 
     async def _runner(self, key: tuple[str, str], model: str, version: str) -> PatchRunner | None:
         if key not in self._active:
-            self._active[key] = await self.active_id(model, version)
+            self._active[key], stage = await self._pointer(model, version)
+            self._set_stage(key, stage)
         pid = self._active[key]
         if pid is None:
             return None
@@ -158,6 +211,7 @@ class PatchStore:
     def forget(self, model: str, version: str) -> None:
         """Drop what this replica keeps for a model version (it was unregistered)."""
         self._active.pop((model, version), None)
+        self._stage.pop((model, version), None)
         self._serving.pop((model, version), None)
         self._prune()
 
@@ -176,9 +230,11 @@ class PatchStore:
         keys = list(self._active)
         if not keys:
             return
-        raws = await self.redis.mget([f"{self.prefix}active:{m}:{v}" for m, v in keys])
-        for key, raw in zip(keys, raws, strict=True):
-            self._active[key] = None if raw is None else raw.decode() if isinstance(raw, bytes) else raw
+        raws = await self.redis.mget([f"{self.prefix}{kind}:{m}:{v}" for m, v in keys
+                                      for kind in ("active", "rollout")])
+        for i, key in enumerate(keys):
+            self._active[key] = pid = _decode(raws[2 * i])
+            self._set_stage(key, _stage_of(raws[2 * i + 1], pid))
         self._prune()
 
     async def _listen(self) -> None:
@@ -195,7 +251,9 @@ class PatchStore:
                     data = msg["data"].decode() if isinstance(msg["data"], bytes) else msg["data"]
                     model, _, version = data.partition("\x00")
                     if (model, version) in self._active:
-                        self._active[(model, version)] = await self.active_id(model, version)
+                        pid, stage = await self._pointer(model, version)
+                        self._active[(model, version)] = pid
+                        self._set_stage((model, version), stage)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - Redis went away: the periodic re-check covers us
@@ -223,3 +281,19 @@ class PatchStore:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._tasks = []
+
+
+def _decode(raw: bytes | str | None) -> str | None:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def _stage_of(raw: bytes | str | None, pid: str | None) -> Rollout | None:
+    """The stored stage when it is for the pointed-at patch (a stale one is ignored: plainly active)."""
+    if raw is None or pid is None:
+        return None
+    try:
+        stage = Rollout.model_validate_json(raw)
+    except ValueError:
+        log.error("unreadable rollout stage %r; serving the patch as active", raw)
+        return None
+    return stage if stage.patch == pid and stage.stage != "active" else None

@@ -66,6 +66,19 @@ class Settings(BaseSettings):
     # Serve the inference POSTs on a lean ASGI path ahead of FastAPI (service.fast_path); off: FastAPI
     # serves them too, with the same answers, at about twice the gateway's CPU per request.
     fast_path: bool = True
+    # Live fairness of served traffic (service.live_observe): requests that carry their group are counted in
+    # process and flushed to Redis every live_flush_s into buckets of live_bucket_s, read over live_window_s.
+    live_fairness: bool = True
+    live_flush_s: float = Field(default=1.0, gt=0)
+    live_bucket_s: int = Field(default=60, gt=0)
+    live_window_s: float = Field(default=3600.0, gt=0)
+    # A version is drifting when the dp gap it serves is above this with 95% confidence (checked every
+    # live_check_s: a log line, the API's `drifting`, the drift listeners).
+    live_alert_gap: float = Field(default=0.1, ge=0, le=1)
+    live_check_s: float = Field(default=10.0, gt=0)
+    # Served requests are remembered by id this long (and at most this many per replica) for feedback labels.
+    feedback_ttl_s: float = Field(default=3600.0, gt=0)
+    feedback_max_requests: int = Field(default=100_000, gt=0)
 
     @field_validator("redis_url", mode="before")
     @classmethod

@@ -149,7 +149,7 @@ class _Progress:
 
 
 def _evaluate(spec: ModelSpec, patch: Any, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
-              cancelled: threading.Event, seed: int) -> dict[str, Any]:
+              cancelled: threading.Event, seed: int, criterion: str | None = None) -> dict[str, Any]:
     """Headline metrics on the held-out rows before and after the patch (patcher.pipeline.score: the patch runs
     as the gateway runs it, randomized decisions drawn reproducibly from `seed`), through an unbudgeted oracle."""
     from patcher.pipeline import score
@@ -157,8 +157,21 @@ def _evaluate(spec: ModelSpec, patch: Any, X: np.ndarray, y: np.ndarray, groups:
 
     with _cancellable(HttpOracle(spec), cancelled) as oracle:
         s = score(patch, oracle.log_probs, X, y, groups, seed=seed)
-        return {"before": s.before, "after": s.after, "eval_queries": oracle.queries_used,
-                "group_at_inference": s.group_at_inference, "served_by": s.served_by}
+        scores = {"before": s.before, "after": s.after, "eval_queries": oracle.queries_used,
+                  "group_at_inference": s.group_at_inference, "served_by": s.served_by}
+    scores["held_out"] = _held_out(y, s.before_log_probs.argmax(1), s.after_decisions, groups, criterion, seed)
+    return scores
+
+
+def _held_out(y: np.ndarray, before: np.ndarray, after: np.ndarray, groups: np.ndarray, criterion: str | None,
+              seed: int) -> dict[str, Any] | None:
+    """The activation guard's verdict (patcher.verdict) on the rows `_evaluate` scored; None without them."""
+    from patcher.verdict import held_out_verdict
+
+    if criterion is None or not len(y):
+        return None
+    n_groups = int(np.max(groups)) + 1
+    return held_out_verdict(y, before, after, groups, n_groups, criterion, seed=seed)
 
 
 async def _model_artifact(ctx: dict[str, Any], spec: ModelSpec) -> Any:
@@ -236,7 +249,7 @@ async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, 
     stage[0] = "scoring the held-out rows"
     await jobs.running_progress(job.id, {"fraction": FIT_SHARE, "stage": stage[0], "queries_used": queries_used})
     scores = await asyncio.to_thread(_evaluate, spec, patch, data.X[held_idx], data.y[held_idx],
-                                     data.groups[held_idx], cancelled, job.seed)
+                                     data.groups[held_idx], cancelled, job.seed, job.criterion)
 
     stage[0] = "storing the patch"
     if cancelled.is_set():
@@ -244,12 +257,19 @@ async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, 
     bound = patch.for_model(spec.name, spec.version)
     patch_id = await ctx["patches"].put(bound)
     report_dict = report.model_dump(mode="json") if hasattr(report, "model_dump") else dict(report)
+    held_out = scores.get("held_out")
+    if held_out is not None:  # the activation guard reads it (service.rollout); the report says it in words
+        from patcher.verdict import warning
+
+        await ctx["patches"].set_verdict(patch_id, held_out)
+        if (said := warning(held_out)) is not None:
+            report_dict["warning"] = said
     return plain({"patch_id": patch_id, "queries_used": queries_used, "eval_queries": scores["eval_queries"],
                   "fit_rows": int(len(fit_idx)), "holdout_rows": int(len(held_idx)),
                   "groups": list(data.group_names), "group_at_inference": scores["group_at_inference"],
                   "access": job.access, "served_by": scores["served_by"],
                   "artifact_sha256": None if oracle is not None else access.sha256,
-                  "before": scores["before"], "after": scores["after"], "report": report_dict,
+                  "before": scores["before"], "after": scores["after"], "held_out": held_out, "report": report_dict,
                   "drop_rows": {name: [int(i) for i in rows] for name, rows in result.drop_rows.items()}})
 
 

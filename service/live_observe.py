@@ -1,0 +1,266 @@
+"""Recording live fairness: the hot path's hook, the periodic flush to Redis, feedback joins, reads.
+
+No Redis round trip per request: `observe` adds the request's counts (service.live_fairness) to an
+in-process dict, and remembers the request's decisions by id in a bounded map (for feedback). A task
+flushes both every `live_flush_s`: the counts as HINCRBYs on the current time bucket's hash, the
+request decisions as keys with a TTL, in one pipeline. Every replica flushes into the same hashes, so
+a read merges all of them: the last `live_window_s` of buckets, HGETALL in one pipeline.
+
+Layout (prefix `fp:`): `live:{model}:{version}:{bucket}` (a hash of counts, bucket = unix time //
+`live_bucket_s`, expiring after the window) and `live-req:{request id}` (JSON decisions, expiring
+after `feedback_ttl_s`).
+
+A drift check runs every `live_check_s`: a version whose served dp gap is above the alert threshold
+(service.live_fairness.figures) is logged when it starts and stops drifting, and each listener added
+with `on_drift` is called with the version's figures (the hook metrics use for gauges).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from redis.asyncio import Redis
+
+from service import live_fairness as lf
+from service.rollout import Rollout, patched_arm
+
+log = logging.getLogger("fairpatch.service")
+
+DriftListener = Callable[[str, str, list[lf.ArmFigures]], None]
+
+
+def arm_of(stage: Rollout | None, runner: Any, request_id: str | None) -> tuple[str, Any, Any]:
+    """(arm, the runner that serves, the runner to shadow) for a request, by the patch's rollout stage."""
+    if stage is None:
+        return "active", runner, None
+    if stage.stage == "shadow":
+        return "shadow", None, runner
+    if patched_arm(request_id, stage.percent or 0.0):
+        return "canary", runner, None
+    return "control", None, None
+
+
+def group_names(group: np.ndarray, spec: Any, runner: Any) -> list[str]:
+    """Each row's group name (ids are named by the patch's groups, else the registration's)."""
+    g = np.asarray(group).reshape(-1)
+    if g.dtype.kind in "iu":
+        names = list(runner.patch.groups) if runner is not None and runner.patch.groups else list(spec.groups or [])
+        return [names[i] if 0 <= i < len(names) else str(i) for i in g.tolist()]
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in g.tolist()]
+
+
+def record(live: LiveRecorder, spec: Any, call: Any, pid: str | None, arm: str, trace: Any,
+           patched: np.ndarray | None) -> None:
+    """The hot path's hook: one served request's decisions into the in-process counts."""
+    from service.oip import to_numpy
+
+    kind = spec.upstream.output_kind
+    raw = lf.decisions(trace.raw, trace.raw_kind or kind)
+    served = lf.decisions(trace.served, kind)
+    if arm == "shadow":
+        if patched is None:
+            return  # the shadow failed (logged): its row would be half a record
+        out = lf.decisions(patched, kind)
+        raw = served  # what was served is the raw model's answer
+    else:
+        out = served
+    groups = group_names(to_numpy(call.group), spec, None)
+    if len(groups) != len(raw):
+        return
+    live.observe(spec.name, spec.version, pid, arm, groups, raw, out, call.request.id)
+
+
+_shadow_logged: set[str] = set()
+
+
+def shadow_failed(spec: Any, runner: Any, error: Exception) -> None:
+    """A shadow patch that cannot run is logged once per patch, not once per request."""
+    pid = runner.patch.id
+    if pid not in _shadow_logged:
+        _shadow_logged.add(pid)
+        log.warning("the shadow patch %s of model %s version %s cannot run (%s: %s); its figures are not recorded",
+                    pid[:12], spec.name, spec.version, type(error).__name__, error)
+
+
+class LiveRecorder:
+    def __init__(self, redis: Redis, *, prefix: str = "fp:", bucket_s: int = 60, window_s: float = 3600.0,
+                 flush_s: float = 1.0, check_s: float = 10.0, alert_gap: float = 0.1,
+                 feedback_ttl_s: float = 3600.0, max_requests: int = 100_000) -> None:
+        self.redis, self.prefix = redis, prefix
+        self.bucket_s, self.window_s, self.flush_s, self.check_s = bucket_s, window_s, flush_s, check_s
+        self.alert_gap, self.feedback_ttl_s, self.max_requests = alert_gap, feedback_ttl_s, max_requests
+        self._counts: dict[tuple[str, str], dict[str, int]] = {}
+        self._requests: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()  # recent, by id
+        self._unflushed: dict[str, dict[str, Any]] = {}  # ids still to write to Redis
+        self._seen: set[tuple[str, str]] = set()
+        self._drifting: set[tuple[str, str]] = set()
+        self._listeners: list[DriftListener] = []
+        self._tasks: list[asyncio.Task] = []
+
+    # ------------------------------------------------------------------ the hot path
+    def observe(self, model: str, version: str, patch: str | None, arm: str, groups: list[str],
+                raw: np.ndarray, out: np.ndarray, request_id: str | None) -> None:
+        """One served request: its rows' groups, raw decisions and the patch's decisions (the raw ones where
+        the patch did not run). In-process only."""
+        pid = patch or "none"
+        counts = self._counts.get((model, version))
+        if counts is None:
+            counts = self._counts[(model, version)] = defaultdict(int)
+        for k, v in lf.request_counts(pid, arm, "given", groups, raw, out).items():
+            counts[k] += v
+        if request_id is not None:
+            entry = {"m": model, "v": version, "p": pid, "a": arm, "g": groups, "r": raw.tolist(), "o": out.tolist()}
+            self._requests[request_id] = (time.monotonic(), entry)
+            self._requests.move_to_end(request_id)
+            self._unflushed[request_id] = entry
+            while len(self._requests) > self.max_requests:
+                self._requests.popitem(last=False)
+            while len(self._unflushed) > self.max_requests:
+                self._unflushed.pop(next(iter(self._unflushed)))
+
+    # ------------------------------------------------------------------ flushing
+    def _key(self, model: str, version: str, bucket: int) -> str:
+        return f"{self.prefix}live:{model}:{version}:{bucket}"
+
+    async def flush(self) -> None:
+        counts, self._counts = self._counts, {}
+        requests, self._unflushed = self._unflushed, {}
+        if not counts and not requests:
+            return
+        bucket = int(time.time() // self.bucket_s)
+        ttl = int(self.window_s + 2 * self.bucket_s)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for (model, version), fields in counts.items():
+                    key = self._key(model, version, bucket)
+                    for name, value in fields.items():
+                        pipe.hincrby(key, name, value)
+                    pipe.expire(key, ttl)
+                for rid, entry in requests.items():
+                    pipe.set(f"{self.prefix}live-req:{rid}", json.dumps(entry), ex=max(1, int(self.feedback_ttl_s)))
+                await pipe.execute()
+        except Exception as e:  # noqa: BLE001 - Redis away: keep the counts for the next flush, drop the ids
+            log.warning("flushing live fairness counts failed (%s); retrying at the next flush", e)
+            for key, fields in counts.items():
+                mine = self._counts.setdefault(key, defaultdict(int))
+                for name, value in fields.items():
+                    mine[name] += value
+            return
+        self._seen.update(counts)
+
+    # ------------------------------------------------------------------ reads
+    async def merged(self, model: str, version: str, window_s: float | None = None) -> dict[str, int]:
+        """The counts every replica flushed for the version over the window (default: the configured one)."""
+        window = self.window_s if window_s is None else window_s
+        now = int(time.time() // self.bucket_s)
+        first = int((time.time() - window) // self.bucket_s)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for b in range(first, now + 1):
+                pipe.hgetall(self._key(model, version, b))
+            hashes = await pipe.execute()
+        return lf.merge(hashes)
+
+    async def figures(self, model: str, version: str, window_s: float | None = None) -> list[lf.ArmFigures]:
+        return lf.figures(await self.merged(model, version, window_s), self.alert_gap)
+
+    # ------------------------------------------------------------------ feedback
+    async def feedback(self, items: list[tuple[str, list[int]]]) -> tuple[int, list[str], list[str]]:
+        """Join labels to recorded requests by id; (rows labelled, ids unknown or expired, ids whose label count
+        does not match their rows). Each request is labelled once: its record is taken when joined."""
+        now = time.monotonic()
+        entries: dict[str, dict[str, Any] | None] = {}
+        for rid, _ in items:
+            local = self._requests.pop(rid, None)
+            self._unflushed.pop(rid, None)
+            entries[rid] = local[1] if local is not None and now - local[0] <= self.feedback_ttl_s else None
+        ids = list(entries)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for rid in ids:
+                pipe.get(f"{self.prefix}live-req:{rid}")
+                pipe.delete(f"{self.prefix}live-req:{rid}")
+            stored = (await pipe.execute())[::2]
+        for rid, raw in zip(ids, stored, strict=True):
+            if entries[rid] is None and raw is not None:
+                entries[rid] = json.loads(raw)
+        unknown, mismatched, rows = [], [], 0
+        counts: dict[tuple[str, str], dict[str, int]] = {}
+        for rid, labels in items:
+            entry = entries.get(rid)
+            if entry is None:
+                unknown.append(rid)
+                continue
+            if len(labels) != len(entry["g"]):
+                mismatched.append(rid)
+                continue
+            entries[rid] = None  # a second label for the same id in one batch counts once
+            fields = counts.setdefault((entry["m"], entry["v"]), defaultdict(int))
+            for k, v in lf.label_counts(entry["p"], entry["a"], "given", entry["g"], entry["r"], entry["o"],
+                                        labels).items():
+                fields[k] += v
+            rows += len(labels)
+        if counts:
+            bucket = int(time.time() // self.bucket_s)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for (model, version), fields in counts.items():
+                    key = self._key(model, version, bucket)
+                    for name, value in fields.items():
+                        pipe.hincrby(key, name, value)
+                    pipe.expire(key, int(self.window_s + 2 * self.bucket_s))
+                await pipe.execute()
+        return rows, unknown, mismatched
+
+    # ------------------------------------------------------------------ drift
+    def on_drift(self, listener: DriftListener) -> None:
+        """Call `listener(model, version, figures)` at every drift check of a version this replica serves."""
+        self._listeners.append(listener)
+
+    async def check(self) -> None:
+        for model, version in list(self._seen):
+            arms = await self.figures(model, version)
+            key = (model, version)
+            drifting = any(a.drifting for a in arms)
+            if drifting and key not in self._drifting:
+                worst = max((a for a in arms if a.drifting), key=lambda a: a.outputs["served"].dp_gap or 0)
+                log.warning("model %s version %s is drifting: live dp gap %s (95%% CI %s) of arm %s above the alert "
+                            "threshold %s", model, version, worst.outputs["served"].dp_gap,
+                            worst.outputs["served"].dp_gap_ci, worst.arm, self.alert_gap)
+                self._drifting.add(key)
+            elif not drifting and key in self._drifting:
+                log.info("model %s version %s is no longer drifting", model, version)
+                self._drifting.discard(key)
+            for listener in self._listeners:
+                try:
+                    listener(model, version, arms)
+                except Exception as e:  # noqa: BLE001 - a listener's bug must not stop the checks
+                    log.warning("live fairness listener failed: %s", e)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def _loop(self, every: float, step: Callable[[], Any], what: str) -> None:
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await step()
+            except Exception as e:  # noqa: BLE001
+                log.warning("%s failed: %s", what, e)
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._loop(self.flush_s, self.flush, "live fairness flush")),
+                       asyncio.create_task(self._loop(self.check_s, self.check, "live fairness drift check"))]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks = []
+        with contextlib.suppress(Exception):
+            await self.flush()  # what this replica counted since the last flush
