@@ -98,8 +98,9 @@ class LiveRecorder:
         self.bucket_s, self.window_s, self.flush_s, self.check_s = bucket_s, window_s, flush_s, check_s
         self.alert_gap, self.feedback_ttl_s, self.max_requests = alert_gap, feedback_ttl_s, max_requests
         self._counts: dict[tuple[str, str], dict[str, int]] = {}
-        self._requests: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()  # recent, by id
-        self._unflushed: dict[str, dict[str, Any]] = {}  # ids still to write to Redis
+        # Requests by id not yet written to Redis (bounded); once written, Redis (with its TTL) is the one copy,
+        # so every replica sees a request labelled once.
+        self._unflushed: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._seen: set[tuple[str, str]] = set()
         self._drifting: set[tuple[str, str]] = set()
         self._listeners: list[DriftListener] = []
@@ -118,13 +119,10 @@ class LiveRecorder:
             counts[k] += v
         if request_id is not None:
             entry = {"m": model, "v": version, "p": pid, "a": arm, "g": groups, "r": raw.tolist(), "o": out.tolist()}
-            self._requests[request_id] = (time.monotonic(), entry)
-            self._requests.move_to_end(request_id)
             self._unflushed[request_id] = entry
-            while len(self._requests) > self.max_requests:
-                self._requests.popitem(last=False)
-            while len(self._unflushed) > self.max_requests:
-                self._unflushed.pop(next(iter(self._unflushed)))
+            self._unflushed.move_to_end(request_id)
+            if len(self._unflushed) > self.max_requests:
+                self._unflushed.popitem(last=False)
 
     # ------------------------------------------------------------------ flushing
     def _key(self, model: str, version: str, bucket: int) -> str:
@@ -132,7 +130,7 @@ class LiveRecorder:
 
     async def flush(self) -> None:
         counts, self._counts = self._counts, {}
-        requests, self._unflushed = self._unflushed, {}
+        requests, self._unflushed = self._unflushed, OrderedDict()
         if not counts and not requests:
             return
         bucket = int(time.time() // self.bucket_s)
@@ -175,12 +173,7 @@ class LiveRecorder:
     async def feedback(self, items: list[tuple[str, list[int]]]) -> tuple[int, list[str], list[str]]:
         """Join labels to recorded requests by id; (rows labelled, ids unknown or expired, ids whose label count
         does not match their rows). Each request is labelled once: its record is taken when joined."""
-        now = time.monotonic()
-        entries: dict[str, dict[str, Any] | None] = {}
-        for rid, _ in items:
-            local = self._requests.pop(rid, None)
-            self._unflushed.pop(rid, None)
-            entries[rid] = local[1] if local is not None and now - local[0] <= self.feedback_ttl_s else None
+        entries: dict[str, dict[str, Any] | None] = {rid: self._unflushed.pop(rid, None) for rid, _ in items}
         ids = list(entries)
         async with self.redis.pipeline(transaction=True) as pipe:
             for rid in ids:
