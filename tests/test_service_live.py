@@ -227,8 +227,8 @@ def test_canary_splits_10000_requests_by_the_hash_rule_and_records_both_arms(gat
         async def worker() -> None:
             while queue:
                 i, rid = queue.pop()
-                r = await clients[i % 2].post(f"/v2/models/{model}/infer",
-                                              json=body(np.array([[1.0 if i % 3 else -1.0, 0.0]]), [GROUPS[i % 2]], rid))
+                row = np.array([[1.0 if i % 3 else -1.0, 0.0]])
+                r = await clients[i % 2].post(f"/v2/models/{model}/infer", json=body(row, [GROUPS[i % 2]], rid))
                 assert r.status_code == 200, r.text
                 key = r.headers["fairpatch-patch"]
                 headers[key] = headers.get(key, 0) + 1
