@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from clients.live_cli import add_rollout_commands
 from clients.sdk import DEFAULT_URL, Client, FairpatchError, Job, ModelSpec, UpstreamSpec
 
 Runner = Callable[[argparse.Namespace], int | None]
@@ -344,6 +345,14 @@ def _job_summary(job: Job) -> int:
         _table("held-out report", ["metric", "before", "after", "change"], rows)
     if result.served_by == "patch":
         print("a weight patch: while it is active the gateway serves its model itself, without the upstream")
+    held = getattr(result, "held_out", None)
+    if held:
+        lo, hi = held["change_ci"]
+        print(f"held-out verdict: {held['verdict']} ({held['criterion']} gap {held['gap_before']:.3f} -> "
+              f"{held['gap_after']:.3f}, change {held['change']:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}])")
+    warning = (getattr(result, "report", None) or {}).get("warning")
+    if warning:
+        print(f"warning: {warning}")
     print(f"activate it: fairpatch patches activate {job.model} {result.patch_id} --version {job.version}")
     return 0
 
@@ -412,6 +421,8 @@ def _add_patches(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     act.add_argument("model")
     act.add_argument("patch_id")
     act.add_argument("--version", default="1")
+    act.add_argument("--force", action="store_true",
+                     help="activate a patch that did not improve its criterion on its held-out rows")
     act.set_defaults(run=_patches_activate)
     de = cmds.add_parser("deactivate", help="serve a model version unpatched", parents=[common])
     de.add_argument("model")
@@ -427,6 +438,7 @@ def _add_patches(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     up.add_argument("--version", default="1")
     up.set_defaults(run=_patches_upload)
     _add_patches_export(cmds, common)
+    add_rollout_commands(cmds, common)
 
 
 @handles_errors
@@ -444,7 +456,7 @@ def _patches_list(args: argparse.Namespace, client: Client) -> int:
 
 @handles_errors
 def _patches_activate(args: argparse.Namespace, client: Client) -> int:
-    client.activate_patch(args.model, args.patch_id, args.version)
+    client.activate_patch(args.model, args.patch_id, args.version, force=args.force)
     print(f"{args.model} version {args.version} now serves patch {args.patch_id}")
     return 0
 

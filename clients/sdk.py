@@ -458,8 +458,26 @@ class _Calls:
         return _Call("GET", f"{_models_path(model, version)}/patches", _shape(PatchList))
 
     @staticmethod
-    def activate_patch(model: str, version: str, patch_id: str) -> _Call[None]:
-        return _Call("POST", f"{_models_path(model, version)}/patches/{_seg(patch_id)}/activate", _nothing)
+    def activate_patch(model: str, version: str, patch_id: str, force: bool = False) -> _Call[None]:
+        return _Call("POST", f"{_models_path(model, version)}/patches/{_seg(patch_id)}/activate", _nothing,
+                     json={"force": True} if force else None)
+
+    @staticmethod
+    def promote_patch(model: str, version: str, patch_id: str, stage: str | None, percent: float | None,
+                      force: bool) -> _Call[dict[str, Any]]:
+        body = {k: v for k, v in (("stage", stage), ("percent", percent), ("force", force or None)) if v is not None}
+        return _Call("POST", f"{_models_path(model, version)}/patches/{_seg(patch_id)}/promote", _json,
+                     json=body or None)
+
+    @staticmethod
+    def fairness(model: str, version: str, window_s: float | None) -> _Call[dict[str, Any]]:
+        return _Call("GET", f"{_models_path(model, version)}/fairness", _json,
+                     params=None if window_s is None else {"window_s": window_s})
+
+    @staticmethod
+    def feedback(labels: dict[str, int | list[int]]) -> _Call[dict[str, Any]]:
+        items = [{"request_id": rid, "label": label} for rid, label in labels.items()]
+        return _Call("POST", "/v1/feedback", _json, json={"feedback": items})
 
     @staticmethod
     def deactivate_patch(model: str, version: str) -> _Call[None]:
@@ -661,8 +679,22 @@ class Client(_Base):
     def list_patches(self, model: str, version: str = "1") -> PatchList:
         return self._do(_Calls.list_patches(model, version))
 
-    def activate_patch(self, model: str, patch_id: str, version: str = "1") -> None:
-        self._do(_Calls.activate_patch(model, version, patch_id))
+    def activate_patch(self, model: str, patch_id: str, version: str = "1", force: bool = False) -> None:
+        """Serve a patch; a patch its job found not to improve its criterion needs `force` (else 409)."""
+        self._do(_Calls.activate_patch(model, version, patch_id, force))
+
+    def promote_patch(self, model: str, patch_id: str, version: str = "1", stage: str | None = None,
+                      percent: float | None = None, force: bool = False) -> dict[str, Any]:
+        """Move a patch along shadow -> canary (percent) -> active; returns its rollout stage."""
+        return self._do(_Calls.promote_patch(model, version, patch_id, stage, percent, force))
+
+    def fairness(self, model: str, version: str = "1", window_s: float | None = None) -> dict[str, Any]:
+        """The version's live fairness figures, per patch and rollout arm (docs/rollout.md)."""
+        return self._do(_Calls.fairness(model, version, window_s))
+
+    def feedback(self, labels: dict[str, int | list[int]]) -> dict[str, Any]:
+        """Ground-truth labels by request id (one per row of the request)."""
+        return self._do(_Calls.feedback(labels))
 
     def deactivate_patch(self, model: str, version: str = "1") -> None:
         self._do(_Calls.deactivate_patch(model, version))
@@ -825,8 +857,18 @@ class AsyncClient(_Base):
     async def list_patches(self, model: str, version: str = "1") -> PatchList:
         return await self._do(_Calls.list_patches(model, version))
 
-    async def activate_patch(self, model: str, patch_id: str, version: str = "1") -> None:
-        await self._do(_Calls.activate_patch(model, version, patch_id))
+    async def activate_patch(self, model: str, patch_id: str, version: str = "1", force: bool = False) -> None:
+        await self._do(_Calls.activate_patch(model, version, patch_id, force))
+
+    async def promote_patch(self, model: str, patch_id: str, version: str = "1", stage: str | None = None,
+                            percent: float | None = None, force: bool = False) -> dict[str, Any]:
+        return await self._do(_Calls.promote_patch(model, version, patch_id, stage, percent, force))
+
+    async def fairness(self, model: str, version: str = "1", window_s: float | None = None) -> dict[str, Any]:
+        return await self._do(_Calls.fairness(model, version, window_s))
+
+    async def feedback(self, labels: dict[str, int | list[int]]) -> dict[str, Any]:
+        return await self._do(_Calls.feedback(labels))
 
     async def deactivate_patch(self, model: str, version: str = "1") -> None:
         await self._do(_Calls.deactivate_patch(model, version))

@@ -268,3 +268,33 @@ def test_the_canary_rule_is_within_two_points_at_10000_ids():
     for percent in (5, 10, 25, 50, 90):
         share = sum(rollout.patched_arm(f"req-{i}", percent) for i in range(10_000)) / 10_000
         assert abs(share - percent / 100) <= 0.02
+
+
+def cli(capsys, *argv: str) -> tuple[int, str]:
+    from clients.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(list(argv))
+    out = capsys.readouterr()
+    return int(done.value.code or 0), out.out + out.err
+
+
+def test_the_cli_promotes_and_shows_the_arms_side_by_side(gateways, upstream, capsys):
+    c1, _ = gateways
+    model = register(c1, upstream, f"live-cli-{RUN}")
+    url = str(c1.base_url).rstrip("/")
+    pid = c1.post(f"/v1/models/{model}/versions/1/patches", content=group_patch().to_bytes(),
+                  headers={"content-type": "application/zip"}).json()["id"]
+    code, out = cli(capsys, "--url", url, "patches", "promote", model, pid, "--stage", "canary", "--percent", "50")
+    assert code == 0 and "is now canary (50% of requests)" in out
+    X, g = stream(40, {"a": 0.5, "b": 0.5}, seed=7)
+    for i in range(len(X)):
+        r = c1.post(f"/v2/models/{model}/infer", json=body(X[i:i + 1], [GROUPS[g[i]]], f"cli-{RUN}-{i}"))
+        assert r.status_code == 200
+    expected = sum(rollout.bucket(f"cli-{RUN}-{i}") < 5000 for i in range(len(X)))
+    until(lambda: rows_seen(c1, model, "canary", expected) and rows_seen(c1, model, "control", len(X) - expected),
+          "both arms")
+    code, out = cli(capsys, "--url", url, "patches", "fairness", model)
+    assert code == 0
+    assert "canary served" in out and "control served" in out and "dp gap 95% CI" in out
+    assert "selection rate a" in out and "selection rate b" in out
