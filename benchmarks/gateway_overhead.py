@@ -30,6 +30,11 @@ tensor extension Triton speaks): the gateway still reads the caller's JSON, but 
 parses it. `--legs` picks. The upstream's CPU per request is recorded in every round, so the table
 shows what each leg costs the upstream as well as the gateway.
 
+`--live-off` also starts a second gateway with live fairness off (`FAIRPATCH_LIVE_FAIRNESS=false`) and measures
+it in the same rounds: every request then carries its group and a fresh request id (so the gateway with live
+fairness on counts it by group and remembers it for feedback), and a table sets the two gateways' CPU per request
+side by side. Target: live fairness costs at most 10% more gateway CPU per request.
+
 `--baseline DIR` also starts the gateway of another checkout (an earlier commit, say) in front of the same
 upstream, with the same patch, and measures it in the same alternating rounds as a third target: a
 before/after comparison under the same load, which separate runs on a shared machine cannot give.
@@ -172,11 +177,29 @@ def cpu_seconds(pid: int | None) -> float:
 
 KEEPALIVE_S = 3.0  # the load's idle connections are closed before uvicorn's 5 s keep-alive timeout closes them
 
-def v2_body(X: np.ndarray, groups: list[str] | None) -> bytes:
+def v2_body(X: np.ndarray, groups: list[str] | None, with_id: bool = False) -> bytes:
     inputs = [{"name": "input", "shape": list(X.shape), "datatype": "FP32", "data": X.ravel().tolist()}]
     if groups is not None:
         inputs.append({"name": "group", "shape": [len(groups)], "datatype": "BYTES", "data": groups})
-    return pydantic_core.to_json({"inputs": inputs})
+    body = pydantic_core.to_json({"inputs": inputs})
+    return b"{" + ID_SLOT + b"," + body[1:] if with_id else body
+
+
+ID_SLOT = b'"id":"r0000000000"'  # a body holding it gets a fresh request id per request (--live-off)
+
+
+class Bodies:
+    """The request body, with a fresh id in ID_SLOT per request when it has one (the same length every time)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.parts = body.split(ID_SLOT, 1) if ID_SLOT in body else None
+        self.body, self.n = body, 0
+
+    def next(self) -> bytes:
+        if self.parts is None:
+            return self.body
+        self.n += 1
+        return b'%s"id":"r%010d"%s' % (self.parts[0], self.n, self.parts[1])
 
 
 class HttpxLoad:
@@ -186,11 +209,11 @@ class HttpxLoad:
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency,
                               keepalive_expiry=KEEPALIVE_S)
         self.client = httpx.AsyncClient(base_url=url, limits=limits, timeout=30)
-        self.path, self.body, self.headers = path, body, {"content-type": "application/json"}
+        self.path, self.body, self.headers = path, Bodies(body), {"content-type": "application/json"}
 
     async def __call__(self) -> bool:
         try:
-            r = await self.client.post(self.path, content=self.body, headers=self.headers)
+            r = await self.client.post(self.path, content=self.body.next(), headers=self.headers)
         except httpx.HTTPError:  # counted as an error, like a non-200 answer
             return False
         return r.status_code == 200
@@ -210,11 +233,11 @@ class AiohttpLoad:
         # their turn a connection can sit idle that long, and reusing one the server is closing fails.
         connector = aiohttp.TCPConnector(limit=concurrency, keepalive_timeout=KEEPALIVE_S)
         self.session = aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=30))
-        self.path, self.body, self.headers = path, body, {"content-type": "application/json"}
+        self.path, self.body, self.headers = path, Bodies(body), {"content-type": "application/json"}
 
     async def __call__(self) -> bool:
         try:
-            async with self.session.post(self.path, data=self.body, headers=self.headers) as r:
+            async with self.session.post(self.path, data=self.body.next(), headers=self.headers) as r:
                 await r.read()
                 return r.status == 200
         except self._errors:  # counted as an error, like a non-200 answer
@@ -353,6 +376,24 @@ def floor_rows(cells: list[Cell]) -> list[list[str]]:
     return sorted(out, key=lambda r: (int(r[0]), int(r[1])))
 
 
+LIVE_HEAD = ["batch", "conc.", "p50 live off ms", "p50 live on ms", "req/s live off", "req/s live on",
+             "CPU ms/req live off", "CPU ms/req live on", "CPU on/off", "errors (off/on)"]
+
+
+def live_rows(cells: list[Cell]) -> list[list[str]]:
+    """The gateway (live fairness on) against the same gateway with it off (`--live-off`), cell by cell."""
+    by = {(c.target, c.concurrency, c.batch): c for c in cells}
+    out = []
+    for (target, conc, batch), off in by.items():
+        on = by.get(("gateway", conc, batch))
+        if target != "live-off" or on is None:
+            continue
+        out.append([str(batch), str(conc), f"{off.p50:.2f}", f"{on.p50:.2f}", f"{off.rps:,.0f}", f"{on.rps:,.0f}",
+                    f"{off.cpu_ms:.3f}", f"{on.cpu_ms:.3f}", f"{on.cpu_ms / off.cpu_ms:.1%}",
+                    f"{off.errors}/{on.errors}"])
+    return sorted(out, key=lambda r: (int(r[0]), int(r[1])))
+
+
 def _table(head: list[str], body: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "|".join("---:" for _ in head) + "|",
             *("| " + " | ".join(r) + " |" for r in body)]
@@ -364,6 +405,10 @@ def markdown(cells: list[Cell], setup: str, baseline: str | None = None) -> str:
     if baseline:
         lines += ["", f"Against the baseline gateway ({baseline}), same rounds:", "",
                   *_table(BASE_HEAD, baseline_rows(cells))]
+    if any(c.target == "live-off" for c in cells):
+        lines += ["", "Live fairness on (the gateway above: every request with its group and a fresh id) against "
+                  "the same gateway with it off (`FAIRPATCH_LIVE_FAIRNESS=false`), same rounds (target: at most 10% "
+                  "more CPU per request):", "", *_table(LIVE_HEAD, live_rows(cells))]
     if any(c.target == "floor" for c in cells):
         lines += ["", "The floor: a pass-through proxy on the same stack (benchmarks/bare_proxy.py: uvicorn + aiohttp, "
                   "no parsing, no patch), same rounds:", "", *_table(FLOOR_HEAD, floor_rows(cells))]
@@ -400,6 +445,13 @@ def print_table(cells: list[Cell], title: str) -> None:
         for r in floor_rows(cells):
             floor.add_row(*r)
         console.print(floor)
+    if any(c.target == "live-off" for c in cells):
+        live = Table(title="live fairness on (gateway) against off (live-off): target at most 10% more CPU per request")
+        for h in LIVE_HEAD:
+            live.add_column(h, justify="right")
+        for r in live_rows(cells):
+            live.add_row(*r)
+        console.print(live)
     if any(c.target == "baseline" for c in cells):
         base = Table(title="the gateway against the baseline gateway")
         for h in BASE_HEAD:
@@ -441,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also measure a pass-through proxy on the gateway's stack (benchmarks/bare_proxy.py: "
                          "uvicorn + aiohttp, no parsing, no patch) in the same rounds: what any proxy built from "
                          "these parts adds on this machine")
+    ap.add_argument("--live-off", action="store_true",
+                    help="also measure the gateway with live fairness off, in the same rounds; requests then carry "
+                         "their group and a fresh id each (what live fairness records)")
     ap.add_argument("--baseline-label", default=None, help="how the report names the baseline (default: DIR)")
     args = ap.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -482,6 +537,13 @@ def main(argv: list[str] | None = None) -> int:
                                          cwd=args.baseline.resolve())
             stack.callback(stop, gateways["baseline"])
             urls["baseline"] = f"http://127.0.0.1:{base_port}"
+        if args.live_off:  # the same code, live fairness off, its own embedded Redis
+            off_port = free_port()
+            gateways["live-off"] = start([*exe, "serve", "--port", str(off_port)],
+                                         {**env, "FAIRPATCH_DATA_DIR": str(tmp / "off-data"),
+                                          "FAIRPATCH_LIVE_FAIRNESS": "false"}, tmp / "live-off.log")
+            stack.callback(stop, gateways["live-off"])
+            urls["live-off"] = f"http://127.0.0.1:{off_port}"
         if args.floor:
             floor_port = free_port()
             gateways["floor"] = start([sys.executable, str(REPO / "benchmarks" / "bare_proxy.py"), "--upstream",
@@ -500,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
         # The gateway serves one model per leg; the baseline (older code) the JSON leg only.
-        served = {"gateway": [LEGS[t] for t in legs], "baseline": [LEGS["gateway"]]}
+        served = {"gateway": [LEGS[t] for t in legs], "baseline": [LEGS["gateway"]], "live-off": [LEGS["gateway"]]}
         for target in served:
             if target not in gateways:
                 continue
@@ -519,12 +581,12 @@ def main(argv: list[str] | None = None) -> int:
                               file=sys.stderr)
                         return 1
         targets = {"direct": urls["direct"], **{t: urls["gateway"] for t in legs}}
-        for extra in ("baseline", "floor"):
+        for extra in ("baseline", "floor", "live-off"):
             if extra in urls:
                 targets[extra] = urls[extra]
         paths = {t: f"/v2/models/{LEGS[t][1] if t in LEGS else MODEL}/infer" for t in targets}
         answering = {"direct": upstream.pid, **{t: gateways["gateway"].pid for t in legs}}
-        for extra in ("baseline", "floor"):
+        for extra in ("baseline", "floor", "live-off"):
             if extra in gateways:
                 answering[extra] = gateways[extra].pid
 
@@ -538,7 +600,8 @@ def main(argv: list[str] | None = None) -> int:
         for batch in batches:
             X = data.test.X[:batch]
             names = [data.group_names[g] for g in data.test.groups[:batch]]
-            through = v2_body(X, names if patch.group_at_inference else None)
+            # With --live-off every gateway request carries its group (what live fairness counts) and a fresh id.
+            through = v2_body(X, names if patch.group_at_inference or args.live_off else None, args.live_off)
             # The floor forwards bytes untouched, so it gets what the upstream gets.
             bodies = {"direct": v2_body(X, None), **{target: through for target in targets if target != "direct"}}
             if "floor" in targets:
@@ -561,7 +624,8 @@ def main(argv: list[str] | None = None) -> int:
              f"load from {loader}, at most {args.requests} requests or {args.seconds:g} s per cell in {args.rounds} "
              f"rounds, direct and gateway (upstream legs: {', '.join(LEGS[t][0] for t in legs)})"
              f"{' (and the baseline gateway)' if args.baseline else ''}"
-             f"{' (and a pass-through proxy, the floor)' if args.floor else ''} alternating. "
+             f"{' (and a pass-through proxy, the floor)' if args.floor else ''}"
+             f"{' (and the gateway with live fairness off)' if args.live_off else ''} alternating. "
              f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}. Latencies in ms as the client "
              "sees them; the client, upstream and gateway share the machine's cores. CPU ms/req: the answering "
              "server process's own CPU time (user + system, from /proc) per request: the upstream's in the direct "

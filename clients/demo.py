@@ -10,7 +10,9 @@ Everything runs on this machine with embedded defaults and loopback ports:
 3. register the model, upload the Adult tune split (feature columns + income + sex), run an Eraser
    job with a query budget (progress bar), and activate the patch it produced;
 4. send the Adult *test* split (rows no step above has seen) through `/v2/models/adult/infer` and
-   compare the model's own decisions (the `fairpatch_raw` output) with the patched ones, per group.
+   compare the model's own decisions (the `fairpatch_raw` output) with the patched ones, per group;
+5. send the test labels as feedback (`POST /v1/feedback`, by request id) and end with the gateway's own
+   live fairness figures of that traffic (`GET /v1/models/adult/versions/1/fairness`).
 
 Heavy imports (torch for a first training, the service) happen inside `run`, so importing the CLI
 stays light.
@@ -42,7 +44,8 @@ def _worker(app: Any) -> str:
 
 
 def _test_predictions(client: Any, X: Any, group_names: list[str] | None, progress: Any) -> tuple[Any, Any, set]:
-    """(raw decisions, patched decisions, patch ids seen) for every test row, in batches."""
+    """(raw decisions, patched decisions, patch ids seen) for every test row, in batches (request ids
+    `demo-{first row}`, which the feedback step labels)."""
     import numpy as np
 
     raw, patched, seen = [], [], set()
@@ -50,7 +53,7 @@ def _test_predictions(client: Any, X: Any, group_names: list[str] | None, progre
     for start in range(0, len(X), BATCH):
         stop = start + BATCH
         out = client.infer(MODEL, X[start:stop], None if group_names is None else group_names[start:stop],
-                           raw=True)
+                           raw=True, request_id=f"demo-{start}")
         if out.raw is None:
             raise RuntimeError("the gateway did not return the fairpatch_raw output")
         raw.append(out.raw.argmax(axis=1))
@@ -81,6 +84,24 @@ def _table(console: Any, y: Any, before: Any, after: Any, groups: Any, group_nam
     for g in group_names:
         row(f"accuracy ({g})", reports[0].by_group[g]["accuracy"], reports[1].by_group[g]["accuracy"])
     console.print(table)
+
+
+def _live_figures(console: Any, client: Any, y: Any, n: int, timeout_s: float = 30.0) -> None:
+    """Label the traffic just sent (feedback by request id) and print the gateway's live figures of it."""
+    from clients.live_cli import print_figures
+
+    labels = {f"demo-{start}": [int(v) for v in y[start:start + BATCH]] for start in range(0, n, BATCH)}
+    deadline = time.monotonic() + timeout_s
+    while True:  # the gateway flushes its counts to Redis every second: wait until all of them are there
+        figures = client.fairness(MODEL, "1")
+        if sum(a["rows"] for a in figures["arms"]) >= n or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    joined = client.feedback(labels)
+    figures = client.fairness(MODEL, "1")
+    console.print(f"5. labelled {joined['labelled_rows']:,} served rows by request id (POST /v1/feedback); "
+                  "the gateway's own live figures of that traffic (raw = the model, served = patched):")
+    print_figures(figures)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -170,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
                           f"{'sent with every row' if needs_group else 'not needed at inference'}")
 
             test = data.test
-            names = np.asarray([group_names[g] for g in test.groups]) if needs_group else None
+            # Every row carries its group, needed or not: live fairness counts the traffic by group.
+            names = np.asarray([group_names[g] for g in test.groups])
             with Progress(TextColumn("4. {task.description}"), BarColumn(), TaskProgressColumn(),
                           TimeElapsedColumn(), console=console) as progress:
                 before, after, seen = _test_predictions(client, test.X, names, progress)
@@ -184,6 +206,11 @@ def run(args: argparse.Namespace) -> int:
                f"Adult test split ({len(test.y):,} rows never seen by the job) through {gateway.url}")
         console.print("Same deployed model, same rows: 'before' is the model's own answer (fairpatch_raw), "
                       "'after' what the gateway served with the patch active.")
+        try:
+            _live_figures(console, client, test.y, len(test.y))
+        except FairpatchError as e:
+            console.print(f"[red]live fairness[/]: {e.message} (HTTP {e.status})")
+            return 1
         console.print(f"[dim]shutting down (the demo took {time.perf_counter() - started:.1f}s)[/]")
     return 0
 
