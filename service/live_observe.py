@@ -59,7 +59,21 @@ def group_names(group: np.ndarray, spec: Any, runner: Any) -> list[str]:
 
 def record(live: LiveRecorder, spec: Any, call: Any, pid: str | None, arm: str, trace: Any,
            patched: np.ndarray | None) -> None:
-    """The hot path's hook: one served request's decisions into the in-process counts."""
+    """The hot path's hook: one served request's decisions into the in-process counts. Never fails the request
+    it observes (a scores shape it cannot read is logged once)."""
+    try:
+        _record(live, spec, call, pid, arm, trace, patched)
+    except Exception as e:  # noqa: BLE001
+        if spec.name not in _unreadable:
+            _unreadable.add(spec.name)
+            log.warning("live fairness cannot count model %s's answers (%s: %s)", spec.name, type(e).__name__, e)
+
+
+_unreadable: set[str] = set()
+
+
+def _record(live: LiveRecorder, spec: Any, call: Any, pid: str | None, arm: str, trace: Any,
+            patched: np.ndarray | None) -> None:
     from service.oip import to_numpy
 
     kind = spec.upstream.output_kind

@@ -20,7 +20,7 @@ from service.errors import ApiError
 from service.live_fairness import ArmFigures
 from service.live_observe import LiveRecorder
 from service.management import _errors, _ManagementRoute, _parse, _patches, _spec
-from service.openapi import json_body
+from service.openapi import include_schemas, json_body, ref
 from service.patch_store import PatchNotFound
 from service.rollout import PromoteRequest, Rollout, check_guard, next_stage
 
@@ -93,7 +93,8 @@ async def feedback(request: Request) -> JSONResponse:
 
 
 @router.post("/models/{model}/versions/{version}/patches/{patch_id}/promote", response_model=Rollout,
-             openapi_extra=json_body(PromoteRequest), summary="move a patch along shadow -> canary -> active")
+             openapi_extra={"requestBody": {"required": False, "content": {"application/json": {
+                 "schema": ref(PromoteRequest)}}}}, summary="move a patch along shadow -> canary -> active")
 async def promote(request: Request, model: str, version: str, patch_id: str) -> JSONResponse:
     await _spec(request, model, version)
     req = await _parse(request, PromoteRequest) if (await request.body()).strip() else PromoteRequest()
@@ -115,6 +116,7 @@ async def promote(request: Request, model: str, version: str, patch_id: str) -> 
 
 def startup(app: FastAPI) -> None:
     settings = app.state.settings
+    include_schemas(app, PromoteRequest, FeedbackRequest)
     if not settings.live_fairness:
         return
     app.state.live = LiveRecorder(app.state.redis, bucket_s=settings.live_bucket_s, window_s=settings.live_window_s,
