@@ -36,7 +36,9 @@ COUNTS = ("n", "raw_pos", "out_pos", "lab_n", "lab_pos", "raw_tp", "raw_fp", "ou
 def decisions(scores: np.ndarray, kind: str) -> np.ndarray:
     """Each row's 0/1 decision (class 1 is the positive one) from scores in the model's own kind and shape."""
     s = np.asarray(scores)
-    if s.ndim == 2 and s.shape[1] > 1:
+    if s.ndim == 2 and s.shape[1] == 2:  # the binary case: argmax == 1 (ties go to class 0, as argmax's)
+        return (s[:, 1] > s[:, 0]).astype(np.int8)
+    if s.ndim == 2 and s.shape[1] > 2:
         return (s.argmax(axis=1) == 1).astype(np.int8)  # softmax/log keep the argmax: no conversion needed
     logp = to_log_probs(s.reshape(len(s), -1), kind)  # type: ignore[arg-type]
     return (logp[:, 1] > logp[:, 0]).astype(np.int8)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections import OrderedDict, defaultdict
@@ -48,9 +47,15 @@ def arm_of(stage: Rollout | None, runner: Any, request_id: str | None) -> tuple[
     return "control", None, None
 
 
-def group_names(group: np.ndarray, spec: Any, runner: Any) -> list[str]:
-    """Each row's group name (ids are named by the patch's groups, else the registration's)."""
-    g = np.asarray(group).reshape(-1)
+def group_names(group: Any, spec: Any, runner: Any) -> list[str]:
+    """Each row's group name from the group input (ids are named by the patch's groups, else the
+    registration's). The JSON case, a flat list of names, is taken as it is (the template validated it)."""
+    data = group.data
+    if isinstance(data, list) and data and all(type(v) is str for v in data):
+        return data
+    from service.oip import to_numpy
+
+    g = np.asarray(to_numpy(group)).reshape(-1)
     if g.dtype.kind in "iu":
         names = list(runner.patch.groups) if runner is not None and runner.patch.groups else list(spec.groups or [])
         return [names[i] if 0 <= i < len(names) else str(i) for i in g.tolist()]
@@ -74,8 +79,6 @@ _unreadable: set[str] = set()
 
 def _record(live: LiveRecorder, spec: Any, call: Any, pid: str | None, arm: str, trace: Any,
             patched: np.ndarray | None) -> None:
-    from service.oip import to_numpy
-
     kind = spec.upstream.output_kind
     raw = lf.decisions(trace.raw, trace.raw_kind or kind)
     served = lf.decisions(trace.served, kind)
@@ -86,10 +89,10 @@ def _record(live: LiveRecorder, spec: Any, call: Any, pid: str | None, arm: str,
         raw = served  # what was served is the raw model's answer
     else:
         out = served
-    groups = group_names(to_numpy(call.group), spec, None)
+    groups = group_names(call.group, spec, None)
     if len(groups) != len(raw):
         return
-    live.observe(spec.name, spec.version, pid, arm, groups, raw, out, call.request.id)
+    live.observe(spec.name, spec.version, pid, arm, groups, raw.tolist(), out.tolist(), call.request.id)
 
 
 _shadow_logged: set[str] = set()
@@ -104,6 +107,19 @@ def shadow_failed(spec: Any, runner: Any, error: Exception) -> None:
                     pid[:12], spec.name, spec.version, type(error).__name__, error)
 
 
+def _encode(entry: tuple) -> str:
+    """A recorded request as Redis keeps it: model, version, patch, arm, groups, raw and patched decisions
+    (separated by \x1f, groups by \x1e, decisions as a string of 0s and 1s): cheaper to write than JSON."""
+    model, version, pid, arm, groups, raw, out = entry
+    return "\x1f".join((model, version, pid, arm, "\x1e".join(groups), "".join(map(str, raw)), "".join(map(str, out))))
+
+
+def _decode(raw: bytes | str) -> tuple:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    model, version, pid, arm, groups, r, o = text.split("\x1f")
+    return model, version, pid, arm, groups.split("\x1e"), [int(c) for c in r], [int(c) for c in o]
+
+
 class LiveRecorder:
     def __init__(self, redis: Redis, *, prefix: str = "fp:", bucket_s: int = 60, window_s: float = 3600.0,
                  flush_s: float = 1.0, check_s: float = 10.0, alert_gap: float = 0.1,
@@ -114,7 +130,8 @@ class LiveRecorder:
         self._counts: dict[tuple[str, str], dict[str, int]] = {}
         # Requests by id not yet written to Redis (bounded); once written, Redis (with its TTL) is the one copy,
         # so every replica sees a request labelled once.
-        self._unflushed: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._unflushed: OrderedDict[str, tuple] = OrderedDict()
+        self._names: dict[tuple[str, str, str], tuple[str, str, str]] = {}  # (patch, arm, group) -> count fields
         self._seen: set[tuple[str, str]] = set()
         self._drifting: set[tuple[str, str]] = set()
         self._listeners: list[DriftListener] = []
@@ -122,25 +139,40 @@ class LiveRecorder:
 
     # ------------------------------------------------------------------ the hot path
     def observe(self, model: str, version: str, patch: str | None, arm: str, groups: list[str],
-                raw: np.ndarray, out: np.ndarray, request_id: str | None) -> None:
+                raw: list[int], out: list[int], request_id: str | None) -> None:
         """One served request: its rows' groups, raw decisions and the patch's decisions (the raw ones where
-        the patch did not run). In-process only."""
+        the patch did not run). In-process only: dict increments, field names built once per cell."""
         pid = patch or "none"
         counts = self._counts.get((model, version))
         if counts is None:
             counts = self._counts[(model, version)] = defaultdict(int)
-        for k, v in lf.request_counts(pid, arm, "given", groups, raw, out).items():
-            counts[k] += v
+        names = self._names
+        for g, r, o in zip(groups, raw, out, strict=True):
+            cell = names.get((pid, arm, g))
+            if cell is None:
+                cell = names[(pid, arm, g)] = tuple(lf.field(pid, arm, "given", g, n) for n in ("n", "raw_pos",
+                                                                                            "out_pos"))
+            counts[cell[0]] += 1
+            if r:
+                counts[cell[1]] += 1
+            if o:
+                counts[cell[2]] += 1
         if request_id is not None:
-            entry = {"m": model, "v": version, "p": pid, "a": arm, "g": groups, "r": raw.tolist(), "o": out.tolist()}
-            self._unflushed[request_id] = entry
-            self._unflushed.move_to_end(request_id)
+            self._unflushed[request_id] = (model, version, pid, arm, groups, raw, out)
             if len(self._unflushed) > self.max_requests:
                 self._unflushed.popitem(last=False)
 
     # ------------------------------------------------------------------ flushing
     def _key(self, model: str, version: str, bucket: int) -> str:
         return f"{self.prefix}live:{model}:{version}:{bucket}"
+
+    @property
+    def _req_bucket_s(self) -> float:
+        """Requests by id live in one hash per this many seconds (about 10 per TTL: few hashes to look in)."""
+        return max(1.0, self.feedback_ttl_s / 10)
+
+    def _req_key(self, bucket: int) -> str:
+        return f"{self.prefix}live-req:{bucket}"
 
     async def flush(self) -> None:
         counts, self._counts = self._counts, {}
@@ -156,8 +188,10 @@ class LiveRecorder:
                     for name, value in fields.items():
                         pipe.hincrby(key, name, value)
                     pipe.expire(key, ttl)
-                for rid, entry in requests.items():
-                    pipe.set(f"{self.prefix}live-req:{rid}", json.dumps(entry), ex=max(1, int(self.feedback_ttl_s)))
+                if requests:
+                    key = self._req_key(int(time.time() // self._req_bucket_s))
+                    pipe.hset(key, mapping={rid: _encode(e) for rid, e in requests.items()})
+                    pipe.expire(key, int(self.feedback_ttl_s + self._req_bucket_s) + 1)
                 await pipe.execute()
         except Exception as e:  # noqa: BLE001 - Redis away: keep the counts for the next flush, drop the ids
             log.warning("flushing live fairness counts failed (%s); retrying at the next flush", e)
@@ -187,16 +221,20 @@ class LiveRecorder:
     async def feedback(self, items: list[tuple[str, list[int]]]) -> tuple[int, list[str], list[str]]:
         """Join labels to recorded requests by id; (rows labelled, ids unknown or expired, ids whose label count
         does not match their rows). Each request is labelled once: its record is taken when joined."""
-        entries: dict[str, dict[str, Any] | None] = {rid: self._unflushed.pop(rid, None) for rid, _ in items}
+        entries: dict[str, tuple | None] = {rid: self._unflushed.pop(rid, None) for rid, _ in items}
         ids = list(entries)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for rid in ids:
-                pipe.get(f"{self.prefix}live-req:{rid}")
-                pipe.delete(f"{self.prefix}live-req:{rid}")
-            stored = (await pipe.execute())[::2]
-        for rid, raw in zip(ids, stored, strict=True):
-            if entries[rid] is None and raw is not None:
-                entries[rid] = json.loads(raw)
+        now = time.time()
+        newest = int(now // self._req_bucket_s)
+        keys = [self._req_key(b) for b in range(int((now - self.feedback_ttl_s) // self._req_bucket_s), newest + 1)]
+        async with self.redis.pipeline(transaction=True) as pipe:  # read and take at once: labelled once
+            for key in keys:
+                pipe.hmget(key, ids)
+                pipe.hdel(key, *ids)
+            found = (await pipe.execute())[::2]
+        for values in found:
+            for rid, raw in zip(ids, values, strict=True):
+                if entries[rid] is None and raw is not None:
+                    entries[rid] = _decode(raw)
         unknown, mismatched, rows = [], [], 0
         counts: dict[tuple[str, str], dict[str, int]] = {}
         for rid, labels in items:
@@ -204,13 +242,13 @@ class LiveRecorder:
             if entry is None:
                 unknown.append(rid)
                 continue
-            if len(labels) != len(entry["g"]):
+            model, version, pid, arm, groups, raw, out = entry
+            if len(labels) != len(groups):
                 mismatched.append(rid)
                 continue
             entries[rid] = None  # a second label for the same id in one batch counts once
-            fields = counts.setdefault((entry["m"], entry["v"]), defaultdict(int))
-            for k, v in lf.label_counts(entry["p"], entry["a"], "given", entry["g"], entry["r"], entry["o"],
-                                        labels).items():
+            fields = counts.setdefault((model, version), defaultdict(int))
+            for k, v in lf.label_counts(pid, arm, "given", groups, raw, out, labels).items():
                 fields[k] += v
             rows += len(labels)
         if counts:

@@ -66,9 +66,10 @@ def gateways(redis_url, upstream, tmp_path_factory):
         return Settings(data_dir=tmp_path_factory.mktemp("gw"), redis_url=redis_url, live_flush_s=0.05,
                         live_check_s=0.1, live_alert_gap=0.1)
 
-    with ServerThread(create_app(settings())) as one, ServerThread(create_app(settings())) as two, \
+    app = create_app(settings())
+    with ServerThread(app) as one, ServerThread(create_app(settings())) as two, \
             httpx.Client(base_url=one.url, timeout=30) as c1, httpx.Client(base_url=two.url, timeout=30) as c2:
-        yield c1, c2
+        yield c1, c2, app
 
 
 def register(client: httpx.Client, upstream: str, name: str) -> str:
@@ -115,8 +116,10 @@ def rows_seen(client: httpx.Client, model: str, name: str, n: int) -> dict | Non
 
 
 def test_live_dp_of_a_biased_stream_merges_both_replicas_within_its_ci(gateways, upstream, caplog):
-    c1, c2 = gateways
+    c1, c2, app = gateways
     model = register(c1, upstream, f"live-dp-{RUN}")
+    heard: list[tuple[str, bool]] = []
+    app.state.live.on_drift(lambda m, v, arms: heard.append((m, any(a.drifting for a in arms))))
     X, g = stream(1200, {"a": 0.6, "b": 0.3}, seed=1)
     names = [GROUPS[i] for i in g]
     order = np.random.default_rng(2).permutation(len(X))
@@ -137,10 +140,11 @@ def test_live_dp_of_a_biased_stream_merges_both_replicas_within_its_ci(gateways,
     assert figures["drifting"] and a["drifting"] and figures["alert_gap"] == 0.1
     until(lambda: any("is drifting" in r.getMessage() and model in r.getMessage() for r in caplog.records),
           "the drift log line")
+    until(lambda: (model, True) in heard, "the drift listener (the hook metrics use)")
 
 
 def test_feedback_labels_give_eo_tpr_fpr_and_accuracy(gateways, upstream):
-    c1, c2 = gateways
+    c1, c2, _ = gateways
     model = register(c1, upstream, f"live-eo-{RUN}")
     X, g = stream(400, {"a": 0.5, "b": 0.5}, seed=3)
     y = np.random.default_rng(4).integers(0, 2, len(X))
@@ -178,7 +182,7 @@ def offline(patch: Patch, X: np.ndarray, names: list[str], rid: str) -> np.ndarr
 
 
 def test_shadow_serves_raw_and_records_the_patch_beside_it(gateways, upstream):
-    c1, c2 = gateways
+    c1, c2, _ = gateways
     model = register(c1, upstream, f"live-shadow-{RUN}")
     patch = group_patch()
     r = c1.post(f"/v1/models/{model}/versions/1/patches", content=patch.to_bytes(),
@@ -207,7 +211,7 @@ def test_shadow_serves_raw_and_records_the_patch_beside_it(gateways, upstream):
 
 
 def test_canary_splits_10000_requests_by_the_hash_rule_and_records_both_arms(gateways, upstream):
-    c1, c2 = gateways
+    c1, c2, _ = gateways
     model = register(c1, upstream, f"live-canary-{RUN}")
     r = c1.post(f"/v1/models/{model}/versions/1/patches", content=group_patch().to_bytes(),
                 headers={"content-type": "application/zip"})
@@ -250,7 +254,7 @@ def test_canary_splits_10000_requests_by_the_hash_rule_and_records_both_arms(gat
 
 
 def test_promote_refuses_bad_input_and_moves_along(gateways, upstream):
-    c1, _ = gateways
+    c1, _, _ = gateways
     model = register(c1, upstream, f"live-promote-{RUN}")
     pid = c1.post(f"/v1/models/{model}/versions/1/patches", content=group_patch().to_bytes(),
                   headers={"content-type": "application/zip"}).json()["id"]
@@ -280,7 +284,7 @@ def cli(capsys, *argv: str) -> tuple[int, str]:
 
 
 def test_the_cli_promotes_and_shows_the_arms_side_by_side(gateways, upstream, capsys):
-    c1, _ = gateways
+    c1, _, _ = gateways
     model = register(c1, upstream, f"live-cli-{RUN}")
     url = str(c1.base_url).rstrip("/")
     pid = c1.post(f"/v1/models/{model}/versions/1/patches", content=group_patch().to_bytes(),
@@ -298,3 +302,32 @@ def test_the_cli_promotes_and_shows_the_arms_side_by_side(gateways, upstream, ca
     assert code == 0
     assert "canary served" in out and "control served" in out and "dp gap 95% CI" in out
     assert "selection rate a" in out and "selection rate b" in out
+
+
+def test_requests_are_counted_in_process_and_reach_redis_only_when_flushed(gateways, upstream, redis_url,
+                                                                           tmp_path):
+    from redis import Redis
+
+    c1, _, _ = gateways
+    model = register(c1, upstream, f"live-flush-{RUN}")
+    # a replica that never flushes while it runs: only its shutdown writes its counts
+    settings = Settings(data_dir=tmp_path, redis_url=redis_url, live_flush_s=3600, live_check_s=3600)
+    redis = Redis.from_url(redis_url)
+
+    def writes() -> int:
+        stats = redis.info("commandstats")
+        return sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("hincrby", "set"))
+
+    try:
+        with ServerThread(create_app(settings)) as quiet, httpx.Client(base_url=quiet.url, timeout=30) as c3:
+            before = writes()
+            X, g = stream(60, {"a": 0.5, "b": 0.5}, seed=8)
+            for i in range(len(X)):
+                r = c3.post(f"/v2/models/{model}/infer", json=body(X[i:i + 1], [GROUPS[g[i]]], f"q-{RUN}-{i}"))
+                assert r.status_code == 200
+            assert writes() == before  # sixty answers, not one count or request id written to Redis
+            assert arm(fairness(c1, model), "active") is None
+        figures = fairness(c1, model)  # the replica stopped: its last flush is there for every replica to read
+        assert arm(figures, "active")["rows"] == len(X)
+    finally:
+        redis.close()
