@@ -9,6 +9,7 @@ gap must lie in the interval the gateway reports.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 
@@ -116,6 +117,7 @@ def rows_seen(client: httpx.Client, model: str, name: str, n: int) -> dict | Non
 
 
 def test_live_dp_of_a_biased_stream_merges_both_replicas_within_its_ci(gateways, upstream, caplog):
+    caplog.set_level(logging.INFO, logger="fairpatch.service")  # whatever another module did to the root level
     c1, c2, app = gateways
     model = register(c1, upstream, f"live-dp-{RUN}")
     heard: list[tuple[str, bool]] = []
