@@ -327,7 +327,9 @@ def test_requests_are_counted_in_process_and_reach_redis_only_when_flushed(gatew
             for i in range(len(X)):
                 r = c3.post(f"/v2/models/{model}/infer", json=body(X[i:i + 1], [GROUPS[g[i]]], f"q-{RUN}-{i}"))
                 assert r.status_code == 200
-            assert writes() == before  # sixty answers, not one count or request id written to Redis
+            # sixty answers, and no count or request id written to Redis for them (a margin for anything else
+            # writing to a shared REDIS_URL meanwhile; a write per request would be 60 or more)
+            assert writes() - before < 10
             assert arm(fairness(c1, model), "active") is None
         figures = fairness(c1, model)  # the replica stopped: its last flush is there for every replica to read
         assert arm(figures, "active")["rows"] == len(X)
