@@ -60,7 +60,6 @@ def _missing() -> str | None:
 def can_netns() -> None:
     why = _missing()
     if why is not None:
-        print(f"test_scaleout skipped: {why}", file=sys.stderr)
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI runs as root on Linux and must run the scale-out test: {why}")
         pytest.skip(why)
@@ -360,7 +359,7 @@ def test_a_patch_activated_through_one_gateway_is_served_by_the_other(trained):
     with c.client("gateway-a") as a, c.client("gateway-b") as b:
         assert b.infer("adult", c.x).patch_id is None  # B has seen the version before the activations
         times = []
-        for i in range(10):
+        for i in range(20):
             want = c.patches[i % 2]
             t0 = time.monotonic()
             a.activate_patch("adult", want, version="1")
@@ -371,8 +370,9 @@ def test_a_patch_activated_through_one_gateway_is_served_by_the_other(trained):
         a.deactivate_patch("adult", version="1")
         wait_until(lambda: b.infer("adult", c.x).patch_id is None, "gateway B to serve unpatched again",
                    c.alive(), every=0.005)
-    print(f"scale-out: activation on A -> served by B: median {statistics.median(times) * 1000:.0f} ms, "
-          f"max {max(times) * 1000:.0f} ms over {len(times)} activations")
+    ms = [round(t * 1000) for t in times]  # the first two include B's first load of each patch from Redis
+    print(f"scale-out: activation on A -> served by B: median {statistics.median(ms):.0f} ms, max {max(ms)} ms "
+          f"over {len(ms)} activations (first load of each patch: {ms[0]}, {ms[1]} ms; then max {max(ms[2:])} ms)")
 
 
 def test_with_redis_cut_off_the_gateways_serve_the_active_patch_from_memory(trained):
@@ -416,8 +416,8 @@ def test_with_redis_cut_off_the_gateways_serve_the_active_patch_from_memory(trai
     for gw in gateways:
         wait_until(lambda g=gw: _ready(c.urls[g]), f"{gw} to reach Redis again", c.alive())
         assert _patch_served(c, gw) == patch
-    print(f"scale-out: Redis cut for {outage:.1f} s: {served} requests served patched, none refused; slowest "
-          f"{slowest * 1000:.0f} ms")
+    print(f"scale-out: Redis cut for {outage:.1f} s: {served} requests served patched, none refused, slowest "
+          f"{slowest * 1000:.0f} ms; both gateways answered readiness 503 meanwhile")
 
 
 def test_killing_a_worker_loses_no_job(trained):
@@ -430,17 +430,20 @@ def test_killing_a_worker_loses_no_job(trained):
                          "the job to start", c.alive())
         victim = c.worker_of(job)
         c.hosts[victim].kill()  # SIGKILL: no chance to hand the job back
+        killed_at = time.monotonic()
     finally:
         upstream.signal(signal.SIGCONT)
     done = wait_until(lambda: _finished(c, job_id), "the job to finish on the other worker", c.alive(),
                       timeout=WAIT_S + 3 * HEARTBEAT_S)
+    took = time.monotonic() - killed_at
     assert done.status == "succeeded", done.error
     survivor = c.worker_of(done)
     assert survivor != victim
     with c.client("gateway-b") as b:
         statuses = {j.id: j.status for j in b.list_jobs()}
     assert set(statuses.values()) == {"succeeded"}, statuses  # every job submitted in this module ended well
-    print(f"scale-out: job {job_id[:8]} started on {victim} (killed), finished on {survivor}")
+    print(f"scale-out: job {job_id[:8]} started on {victim} (killed), finished on {survivor} {took:.1f} s after "
+          f"the kill (heartbeat bound {HEARTBEAT_S:g} s)")
 
 
 def test_killing_a_gateway_loses_no_request_the_client_retried(trained):
