@@ -144,6 +144,13 @@ class Network:
         subprocess.run(["ip", "link", "del", self.client_link], capture_output=True)
 
 
+def _die_with_test() -> None:  # pragma: no cover - runs in the child between fork and exec
+    import ctypes
+
+    # A test process killed outright runs no finalizer: its hosts go with it (the flag survives the execs).
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class Host:
     """One process on one host: output to a file, stopped (or killed) by its pid."""
 
@@ -152,7 +159,7 @@ class Host:
         self.log = logdir / f"{name}.log"
         self._fh = self.log.open("wb")
         self.popen = subprocess.Popen(argv, env=env, stdout=self._fh, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, cwd=logdir)
+                                      stdin=subprocess.DEVNULL, cwd=logdir, preexec_fn=_die_with_test)
 
     @property
     def pid(self) -> int:  # `ip netns exec`, `unshare` and `sh -c exec` each exec the next: one pid throughout
