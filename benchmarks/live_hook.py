@@ -41,8 +41,9 @@ async def measure(url: str, n: int, batch: int) -> tuple[float, float]:
                                           [["Female", "Male"][j % 2] for j in range(i, i + batch)]),
                              request=SimpleNamespace(id=f"r{i:010d}")) for i in range(n)]
     t0 = time.process_time()
+    runner = SimpleNamespace(patch=SimpleNamespace(id="patch"))
     for i, call in enumerate(calls):
-        live_observe.record(live, spec, call, "patch", "active", traces[i % 64], None)
+        live_observe.record(live, spec, call, runner, "active", traces[i % 64], None)
     t1 = time.process_time()
     await live.flush()
     t2 = time.process_time()

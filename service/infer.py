@@ -461,17 +461,18 @@ async def serve(state: State, protocol: str, model_name: str, model_version: str
         runner = await state.patches.runner(spec.name, spec.version)
     live = state.live
     stage = state.patches.stage_now(spec.name, spec.version) if runner is not None else None
-    if stage is None and (live is None or call.group is None):  # nothing to record, no rollout: the template
+    counted = live_observe.counts_request(live, call, runner)  # the group given, or the patch estimates it
+    if stage is None and not counted:  # nothing to record, no rollout: the template
         return await _serve(state, call, spec, runner, binary, None)
     # The rollout arm (service.rollout) picks what serves; live fairness records it (service.live_observe).
     arm, served, shadow = live_observe.arm_of(stage, runner, call.request.id)
-    trace = Trace() if live is not None and call.group is not None else None
+    trace = Trace() if counted else None
     answer = await _serve(state, call, spec, served, binary, trace)
     if trace is not None and trace.raw is not None:
         patched = None
         if shadow is not None:
             patched = await _shadow_scores(state, call, spec, shadow, trace)
-        live_observe.record(live, spec, call, patch_id(runner), arm, trace, patched)
+        live_observe.record(live, spec, call, runner, arm, trace, patched)
     return answer
 
 

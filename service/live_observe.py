@@ -29,11 +29,17 @@ import numpy as np
 from redis.asyncio import Redis
 
 from service import live_fairness as lf
+from service.estimated_groups import estimator
 from service.rollout import Rollout, patched_arm
 
 log = logging.getLogger("fairpatch.service")
 
 DriftListener = Callable[[str, str, list[lf.ArmFigures]], None]
+
+
+def counts_request(live: LiveRecorder | None, call: Any, runner: Any) -> bool:
+    """Whether live fairness counts this request: it carries its group, or the patch estimates it."""
+    return live is not None and (call.group is not None or estimator(runner) is not None)
 
 
 def arm_of(stage: Rollout | None, runner: Any, request_id: str | None) -> tuple[str, Any, Any]:
@@ -62,12 +68,12 @@ def group_names(group: Any, spec: Any, runner: Any) -> list[str]:
     return [v.decode() if isinstance(v, bytes) else str(v) for v in g.tolist()]
 
 
-def record(live: LiveRecorder, spec: Any, call: Any, pid: str | None, arm: str, trace: Any,
+def record(live: LiveRecorder, spec: Any, call: Any, runner: Any, arm: str, trace: Any,
            patched: np.ndarray | None) -> None:
     """The hot path's hook: one served request's decisions into the in-process counts. Never fails the request
     it observes (a scores shape it cannot read is logged once)."""
     try:
-        _record(live, spec, call, pid, arm, trace, patched)
+        _record(live, spec, call, runner, arm, trace, patched)
     except Exception as e:  # noqa: BLE001
         if spec.name not in _unreadable:
             _unreadable.add(spec.name)
@@ -77,8 +83,9 @@ def record(live: LiveRecorder, spec: Any, call: Any, pid: str | None, arm: str, 
 _unreadable: set[str] = set()
 
 
-def _record(live: LiveRecorder, spec: Any, call: Any, pid: str | None, arm: str, trace: Any,
+def _record(live: LiveRecorder, spec: Any, call: Any, runner: Any, arm: str, trace: Any,
             patched: np.ndarray | None) -> None:
+    pid = None if runner is None else runner.patch.id
     kind = spec.upstream.output_kind
     raw = lf.decisions(trace.raw, trace.raw_kind or kind)
     served = lf.decisions(trace.served, kind)
@@ -89,10 +96,13 @@ def _record(live: LiveRecorder, spec: Any, call: Any, pid: str | None, arm: str,
         raw = served  # what was served is the raw model's answer
     else:
         out = served
-    groups = group_names(call.group, spec, None)
+    if call.group is not None:
+        groups, source = group_names(call.group, spec, None), "given"
+    else:  # only reached when the patch has an attribute estimator (service.infer.serve)
+        groups, source = estimator(runner).groups(trace.features), "estimated"
     if len(groups) != len(raw):
         return
-    live.observe(spec.name, spec.version, pid, arm, groups, raw.tolist(), out.tolist(), call.request.id)
+    live.observe(spec.name, spec.version, pid, arm, groups, raw.tolist(), out.tolist(), call.request.id, source)
 
 
 _shadow_logged: set[str] = set()
@@ -108,16 +118,17 @@ def shadow_failed(spec: Any, runner: Any, error: Exception) -> None:
 
 
 def _encode(entry: tuple) -> str:
-    """A recorded request as Redis keeps it: model, version, patch, arm, groups, raw and patched decisions
-    (separated by \x1f, groups by \x1e, decisions as a string of 0s and 1s): cheaper to write than JSON."""
-    model, version, pid, arm, groups, raw, out = entry
-    return "\x1f".join((model, version, pid, arm, "\x1e".join(groups), "".join(map(str, raw)), "".join(map(str, out))))
+    """A recorded request as Redis keeps it: model, version, patch, arm, group source, groups, raw and patched
+    decisions (separated by \x1f, groups by \x1e, decisions as a string of 0s and 1s): cheaper than JSON."""
+    model, version, pid, arm, source, groups, raw, out = entry
+    return "\x1f".join((model, version, pid, arm, source, "\x1e".join(groups), "".join(map(str, raw)),
+                        "".join(map(str, out))))
 
 
 def _decode(raw: bytes | str) -> tuple:
     text = raw.decode() if isinstance(raw, bytes) else raw
-    model, version, pid, arm, groups, r, o = text.split("\x1f")
-    return model, version, pid, arm, groups.split("\x1e"), [int(c) for c in r], [int(c) for c in o]
+    model, version, pid, arm, source, groups, r, o = text.split("\x1f")
+    return model, version, pid, arm, source, groups.split("\x1e"), [int(c) for c in r], [int(c) for c in o]
 
 
 class LiveRecorder:
@@ -131,15 +142,16 @@ class LiveRecorder:
         # Requests by id not yet written to Redis (bounded); once written, Redis (with its TTL) is the one copy,
         # so every replica sees a request labelled once.
         self._unflushed: OrderedDict[str, tuple] = OrderedDict()
-        self._names: dict[tuple[str, str, str], tuple[str, str, str]] = {}  # (patch, arm, group) -> count fields
+        self._names: dict[tuple[str, ...], tuple[str, ...]] = {}  # (patch, arm, source, group) -> count fields
         self._seen: set[tuple[str, str]] = set()
         self._drifting: set[tuple[str, str]] = set()
         self._listeners: list[DriftListener] = []
         self._tasks: list[asyncio.Task] = []
+        self._stopping = False
 
     # ------------------------------------------------------------------ the hot path
     def observe(self, model: str, version: str, patch: str | None, arm: str, groups: list[str],
-                raw: list[int], out: list[int], request_id: str | None) -> None:
+                raw: list[int], out: list[int], request_id: str | None, source: str = "given") -> None:
         """One served request: its rows' groups, raw decisions and the patch's decisions (the raw ones where
         the patch did not run). In-process only: dict increments, field names built once per cell."""
         pid = patch or "none"
@@ -148,17 +160,17 @@ class LiveRecorder:
             counts = self._counts[(model, version)] = defaultdict(int)
         names = self._names
         for g, r, o in zip(groups, raw, out, strict=True):
-            cell = names.get((pid, arm, g))
+            cell = names.get((pid, arm, source, g))
             if cell is None:
-                cell = names[(pid, arm, g)] = tuple(lf.field(pid, arm, "given", g, n) for n in ("n", "raw_pos",
-                                                                                            "out_pos"))
+                cell = names[(pid, arm, source, g)] = tuple(lf.field(pid, arm, source, g, n)
+                                                            for n in ("n", "raw_pos", "out_pos"))
             counts[cell[0]] += 1
             if r:
                 counts[cell[1]] += 1
             if o:
                 counts[cell[2]] += 1
         if request_id is not None:
-            self._unflushed[request_id] = (model, version, pid, arm, groups, raw, out)
+            self._unflushed[request_id] = (model, version, pid, arm, source, groups, raw, out)
             if len(self._unflushed) > self.max_requests:
                 self._unflushed.popitem(last=False)
 
@@ -242,13 +254,13 @@ class LiveRecorder:
             if entry is None:
                 unknown.append(rid)
                 continue
-            model, version, pid, arm, groups, raw, out = entry
+            model, version, pid, arm, source, groups, raw, out = entry
             if len(labels) != len(groups):
                 mismatched.append(rid)
                 continue
             entries[rid] = None  # a second label for the same id in one batch counts once
             fields = counts.setdefault((model, version), defaultdict(int))
-            for k, v in lf.label_counts(pid, arm, "given", groups, raw, out, labels).items():
+            for k, v in lf.label_counts(pid, arm, source, groups, raw, out, labels).items():
                 fields[k] += v
             rows += len(labels)
         if counts:
@@ -289,18 +301,20 @@ class LiveRecorder:
 
     # ------------------------------------------------------------------ lifecycle
     async def _loop(self, every: float, step: Callable[[], Any], what: str) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(every)
             try:
                 await step()
             except Exception as e:  # noqa: BLE001
-                log.warning("%s failed: %s", what, e)
+                if not self._stopping:  # a step cut short by shutdown is not worth a warning
+                    log.warning("%s failed: %s", what, e)
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._loop(self.flush_s, self.flush, "live fairness flush")),
                        asyncio.create_task(self._loop(self.check_s, self.check, "live fairness drift check"))]
 
     async def stop(self) -> None:
+        self._stopping = True
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:

@@ -335,3 +335,34 @@ def test_requests_are_counted_in_process_and_reach_redis_only_when_flushed(gatew
         assert arm(figures, "active")["rows"] == len(X)
     finally:
         redis.close()
+
+
+def estimator_patch() -> Patch:
+    """An Eraser patch with an attribute estimator: group a exactly when x1 > 0 (no group at inference)."""
+    table = np.log(np.array([[0.8, 0.2], [0.5, 0.5]]))
+    W, b = np.array([[0.0, 0.0], [5.0, -5.0]]), np.zeros(2)
+    graph = eraser.build_output_graph(2, 2, alpha=1.0, threshold=0.5, bias="estimator", table=table, W=W, b=b)
+    return Patch.build(method="eraser", n_classes=2, groups=GROUPS, group_at_inference=False, output_transform=graph,
+                       params={"bias": "estimator"})
+
+
+def test_requests_without_a_group_are_counted_by_the_patch_estimate_marked_estimated(gateways, upstream):
+    c1, c2, _ = gateways
+    model = register(c1, upstream, f"live-est-{RUN}")
+    base = f"/v1/models/{model}/versions/1/patches"
+    pid = c1.post(base, content=estimator_patch().to_bytes(), headers={"content-type": "application/zip"}).json()["id"]
+    assert c1.post(f"{base}/{pid}/activate").status_code == 200
+    rng = np.random.default_rng(9)
+    X = np.stack([np.where(rng.random(300) < 0.5, 1.0, -1.0), rng.normal(size=300)], axis=1).astype(np.float32)
+    for k, rows in enumerate(np.array_split(np.arange(len(X)), 30)):
+        b = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [len(rows), 2],
+                         "data": X[rows].ravel().tolist()}]}  # no group input
+        r = (c1, c2)[k % 2].post(f"/v2/models/{model}/infer", json=b)
+        assert r.status_code == 200 and r.headers["fairpatch-patch"] == pid
+    figures = until(lambda: rows_seen(c1, model, "active", len(X)), "the estimated counts")
+    a = arm(figures, "active")
+    assert a["group_source"] == "estimated" and a["patch"] == pid
+    estimated_a = int((X[:, 1] > 0).sum())
+    assert a["rows_by_group"] == {"a": estimated_a, "b": len(X) - estimated_a}
+    raw = a["outputs"]["raw"]["selection_rate"]
+    assert raw["a"] == pytest.approx(float((X[X[:, 1] > 0, 0] > 0).mean()), abs=1e-6)
