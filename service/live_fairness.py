@@ -6,7 +6,8 @@ Redis; service.live_routes reads them back and calls `figures`.
 A count is addressed by a field `patch|arm|source|group|name` (separator \\x1f). `arm` is how the
 request was served: `active` (the active patch, or no patch), `shadow` (served raw, the patch run
 beside it), `canary` (the canary's patched arm) or `control` (the canary's raw arm); `source` is
-`given` (the request carried its group). Names, per group:
+`given` (the request carried its group) or `estimated` (the patch's attribute estimator named it). Names,
+per group:
 - `n` rows; `raw_pos` rows the raw model decided positive; `out_pos` rows the patch decided positive
   (the raw decision where the patch did not run: control arms, unpatched versions);
 - from feedback: `lab_n` labelled rows, `lab_pos` of them with label 1, and `raw_tp`, `raw_fp`,
