@@ -49,19 +49,6 @@ def field(patch: str, arm: str, source: str, group: str, name: str) -> str:
     return f"{patch}{SEP}{arm}{SEP}{source}{SEP}{group}{SEP}{name}"
 
 
-def request_counts(patch: str, arm: str, source: str, groups: list[str], raw: np.ndarray,
-                   out: np.ndarray) -> dict[str, int]:
-    """The counts one request adds."""
-    counts: dict[str, int] = defaultdict(int)
-    for g, r, o in zip(groups, raw.tolist(), out.tolist(), strict=True):
-        counts[field(patch, arm, source, g, "n")] += 1
-        if r:
-            counts[field(patch, arm, source, g, "raw_pos")] += 1
-        if o:
-            counts[field(patch, arm, source, g, "out_pos")] += 1
-    return counts
-
-
 def label_counts(patch: str, arm: str, source: str, groups: list[str], raw: list[int], out: list[int],
                  labels: list[int]) -> dict[str, int]:
     """The counts feedback adds: labels joined to the decisions recorded for their request."""
