@@ -28,6 +28,7 @@ from service.redis_embedded import EmbeddedRedis
 from service.serve_thread import ServerThread
 from service.settings import Settings
 from service.worker import MAX_TRIES, WorkerThread, embedded_redis_url
+from tests.processes import ready, served, until
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "jobs-admin-key"
@@ -89,13 +90,6 @@ class CountingUpstream:
     def connections(self) -> int:
         """Open client connections to this upstream (a closed oracle leaves none)."""
         return len(self.server._server.server_state.connections)
-
-
-def until(condition, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -408,28 +402,16 @@ def test_embedded_redis_url_finds_a_socket_moved_to_a_temp_dir(tmp_path):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads child processes from /proc")
 def test_serve_in_embedded_mode_runs_its_own_worker_and_stops_it(tmp_path, upstreams, adult):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     data_dir = tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "FAIRPATCH_REDIS_URL")}
     env.update(FAIRPATCH_DATA_DIR=str(data_dir), FAIRPATCH_LOG_LEVEL="warning", FAIRPATCH_ADMIN_KEY=KEY,
                PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-c", CLI, "serve", "--port", str(port)], cwd=REPO, env=env,
-                            stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(400):
-            try:
-                if httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stderr.read()
-            time.sleep(0.05)
-        worker_pids = worker_children(proc.pid)
+    with served([sys.executable, "-c", CLI, "serve", "--port", "0"], env=env, cwd=REPO,
+                log_path=tmp_path / "serve.log", name="fairpatch serve", stop_timeout=30) as server:
+        until(lambda: ready(server.url), "the gateway to be ready")
+        worker_pids = worker_children(server.process.pid)
         assert len(worker_pids) == 1
-        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
             register(c, "adult", upstreams["fast"])
             r = c.post("/v1/datasets", params={"label": "income", "group": "sex"},
                        content=adult_csv(adult, slice(3000)), headers={"content-type": "text/csv"})
@@ -438,15 +420,9 @@ def test_serve_in_embedded_mode_runs_its_own_worker_and_stops_it(tmp_path, upstr
             assert done["status"] == "succeeded", done["error"]
             assert done["result"]["queries_used"] <= 300
         os.kill(worker_pids[0], signal.SIGKILL)  # a worker that dies is started again
-        for _ in range(300):
-            replacement = [p for p in worker_children(proc.pid) if p != worker_pids[0]]
-            if replacement:
-                break
-            time.sleep(0.05)
+        replacement = until(lambda: [p for p in worker_children(server.process.pid) if p != worker_pids[0]],
+                            "a new worker")
         assert len(replacement) == 1
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        stopped = proc.wait(timeout=30)  # asserted after: a failure above is reported first
-    assert stopped in (0, -signal.SIGTERM)
+    assert server.returncode in (0, -signal.SIGTERM), server.log()
     assert not alive(worker_pids[0]) and not alive(replacement[0])
     assert not (data_dir / "redis" / "redis.sock").exists()
