@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -28,6 +29,7 @@ from service.redis_embedded import EmbeddedRedis
 from service.serve_thread import ServerThread
 from service.settings import Settings
 from service.worker import MAX_TRIES, WorkerThread, embedded_redis_url
+from tests import expected
 from tests.processes import ready, served, until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,7 +178,36 @@ def wait(client, job_id: str, until=lambda j: j["status"] in FINISHED, timeout: 
 
 # --- jobs --------------------------------------------------------------------------------------------------
 
-def test_a_job_learns_a_patch_that_lowers_dp_within_its_budget(client, model, dataset):
+def assert_figures_are_fairlearns(result: dict, patch: Patch, adult, adult_model) -> None:
+    """The job's before/after figures equal Fairlearn's and scikit-learn's, recomputed here from predictions on
+    the same held-out rows: the model's ONNX file and the patch's own graph run directly (tests.expected)."""
+    import onnxruntime as ort
+    from fairlearn.metrics import MetricFrame, demographic_parity_difference, equalized_odds_difference
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+    from patcher.tuning import stratified_split
+
+    held, _ = stratified_split(adult.tune.y, adult.tune.groups, 0.3, 0)  # the job's split: holdout 0.3, seed 0
+    assert len(held) == result["holdout_rows"]
+    X, y, g = adult.tune.X[held].astype(np.float32), adult.tune.y[held], adult.tune.groups[held]
+    logits = ort.InferenceSession(adult_model.onnx_bytes, providers=["CPUExecutionProvider"]).run(
+        None, {"input": X})[0]
+    predictions = {"before": logits.argmax(1),
+                   "after": expected.patched_log_probs(patch, X, logits, g, request_id="evaluation-0").argmax(1)}
+    for when, pred in predictions.items():
+        figures = result[when]
+        want = {"accuracy": accuracy_score(y, pred), "balanced_accuracy": balanced_accuracy_score(y, pred),
+                "dp_diff": demographic_parity_difference(y, pred, sensitive_features=g),
+                "eo_diff": equalized_odds_difference(y, pred, sensitive_features=g),
+                # over the (group, label) cells, as the job defines it
+                "worst_group_accuracy": MetricFrame(metrics=accuracy_score, y_true=y, y_pred=pred,
+                                                    sensitive_features={"group": g, "label": y}).group_min()}
+        for name, value in want.items():
+            assert figures[name] == pytest.approx(value, abs=1e-9), (when, name, figures[name], value)
+
+def test_a_job_learns_a_patch_that_lowers_dp_within_its_budget(client, counting, dataset, adult, adult_model):
+    model = f"counted-{RUN}"
+    register(client, model, counting.server.url)
     record = submit(client, model, dataset, budget=800, version=None)  # version: the latest
     assert record["version"] == "1" and record["progress"]["stage"] == "queued"
     done = wait(client, record["id"])
@@ -192,6 +223,8 @@ def test_a_job_learns_a_patch_that_lowers_dp_within_its_budget(client, model, da
     assert done["progress"] == {"fraction": 1.0, "stage": "done", "queries_used": result["queries_used"]}
     assert done["created_at"] <= done["started_at"] <= done["finished_at"] and done["error"] is None
     assert done["id"] in [j["id"] for j in client.get("/v1/jobs").json()["jobs"]]
+    # the budget as the upstream counted it: every row it received was a fit query or an evaluation query
+    assert counting.rows == result["queries_used"] + result["eval_queries"], (counting.rows, result)
 
     # the patch is stored for that model version, and can be served
     pid = result["patch_id"]
@@ -200,6 +233,7 @@ def test_a_job_learns_a_patch_that_lowers_dp_within_its_budget(client, model, da
     assert client.post(f"/v1/models/{model}/versions/1/patches/{pid}/activate").status_code == 200
     patch = Patch.from_bytes(client.get(f"/v1/patches/{pid}").content, expected_id=pid)
     assert patch.manifest["model"] == {"name": model, "version": "1"} and patch.groups == ["Female", "Male"]
+    assert_figures_are_fairlearns(result, patch, adult, adult_model)
 
     r = client.delete(f"/v1/jobs/{record['id']}")
     assert r.status_code == 409 and "already succeeded" in r.json()["error"]
