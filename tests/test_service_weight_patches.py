@@ -31,6 +31,7 @@ from service.settings import Settings
 from service.worker import WorkerThread
 from tests import expected as expected_scores
 from tests.expected import log_softmax
+from tests.test_service_jobs import CountingUpstream
 
 KEY = "weights-admin-key"
 RUN = uuid.uuid4().hex[:6]
@@ -66,16 +67,18 @@ def group_shift() -> bytes:
     return b.model(inputs, [float_tensor("patched", ["N", 2])], "shift").SerializeToString()
 
 
-class Counting:
-    """The upstream app, counting the requests it gets."""
+class Counting(CountingUpstream):
+    """The upstream app, counting the requests it gets (`calls`) and the rows of its infer requests (`rows`, read
+    from the requests as sent: the upstream's own count, not the oracle's)."""
 
     def __init__(self, app) -> None:
-        self.app, self.calls = app, 0
+        super().__init__(app)
+        self.calls = 0
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
             self.calls += 1
-        await self.app(scope, receive, send)
+        await super().__call__(scope, receive, send)
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +311,7 @@ def test_gradient_access_needs_an_uploaded_artifact(world, adult_job_data):
 
 
 def test_a_gradient_trigger_job_fits_on_the_artifact_and_patches_the_gateway(world, adult_job_data, adult):
-    calls = world.adult_upstream.calls
+    calls, rows = world.adult_upstream.calls, world.adult_upstream.rows
     r = submit(world, adult_job_data, method="trigger", access="gradient", options={"steps": 40, "lams": [5.0]})
     assert r.status_code == 202, r.text
     assert r.json()["access"] == "gradient"
@@ -321,6 +324,7 @@ def test_a_gradient_trigger_job_fits_on_the_artifact_and_patches_the_gateway(wor
     # request per 1,024 rows, twice; a fit through the upstream would have sent its 1,400 rows too
     assert result["holdout_rows"] < result["eval_queries"] <= 2 * result["holdout_rows"]
     assert world.adult_upstream.calls - calls <= 1 + 2 * -(-result["holdout_rows"] // 1024)
+    assert world.adult_upstream.rows - rows == result["eval_queries"]  # as the upstream counted them
     assert result["after"]["dp_diff"] < result["before"]["dp_diff"] - 0.05, result
 
     m, pid = world.names.adult, result["patch_id"]
@@ -354,7 +358,7 @@ def upload_rows(world, adult, rows: slice, columns: int | None = None) -> str:
 
 def test_a_forml_job_produces_an_activatable_weight_patch(world, adult_job_data, adult):
     exemplars = upload_rows(world, adult, slice(2000, 2600))
-    calls = world.adult_upstream.calls
+    calls, rows = world.adult_upstream.calls, world.adult_upstream.rows
     r = submit(world, adult_job_data, method="forml", criterion="eopp", exemplar_dataset=exemplars,
                query_budget=None, options={"epochs": 2, "exemplar_batch": 128, "min_per_cell": 8})
     assert r.status_code == 202, r.text
@@ -367,6 +371,7 @@ def test_a_forml_job_produces_an_activatable_weight_patch(world, adult_job_data,
     assert {"tprd", "max_fnr"} <= set(result["report"]["exemplar_metrics"])
     assert result["after"]["accuracy"] > 0.75  # a working classifier, not noise
     assert world.adult_upstream.calls - calls <= 1 + -(-result["holdout_rows"] // 1024)  # only "before" asked it
+    assert world.adult_upstream.rows - rows == result["eval_queries"] <= result["holdout_rows"]
 
     # the sample audit names rows of the uploaded dataset, and exports the dataset without the lowest 10%
     audit, n_train = result["report"]["audit"], result["report"]["n_train"]
