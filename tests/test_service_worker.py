@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from service.app import create_app
-from service.jobs import TASK_NAME
+from service.jobs import ACTIVE, TASK_NAME, JobRequest, JobStore
 from service.serve_thread import ServerThread
 from service.settings import Settings
 from service.worker import WorkerThread, arq_redis, stop
@@ -81,6 +81,26 @@ def test_jobs_whose_model_or_rows_are_gone_by_the_time_they_run_fail_with_the_re
     assert f"model deregistered-{RUN} version 1 is no longer registered" in done["deregistered"]["error"]
     assert done["tiny"]["status"] == "failed", done
     assert "holdout 0.3 of 4 rows leaves one part empty" in done["tiny"]["error"]
+
+
+def test_a_job_cancelled_after_its_task_was_queued_is_skipped_by_the_worker(redis_url, tmp_path):
+    """The record says cancelled but the task is still in arq's queue (the cancel raced the worker taking it):
+    the worker does not run it."""
+    settings = settings_for(redis_url, tmp_path, "raced")
+
+    async def queue_cancel_and_wait() -> tuple[str, str]:
+        pool = arq_redis(redis_url, settings.job_queue)
+        jobs = JobStore(pool)
+        try:
+            record = await jobs.create(JobRequest(model="m", version="1", dataset="d" * 32))
+            await jobs.transition(record.id, "cancelled", ACTIVE)  # what DELETE /v1/jobs/{id} writes, minus arq's abort
+            job = await pool.enqueue_job(TASK_NAME, record.id, _job_id=record.id)
+            return await job.result(timeout=120, poll_delay=0.05), await jobs.status(record.id)
+        finally:
+            await pool.aclose()
+
+    with WorkerThread(settings, redis_url):
+        assert asyncio.run(queue_cancel_and_wait()) == ("skipped (cancelled)", "cancelled")
 
 
 def test_a_worker_that_cannot_start_says_why(tmp_path):
