@@ -43,7 +43,7 @@ async def measure(url: str, n: int, batch: int) -> tuple[float, float]:
     t0 = time.process_time()
     runner = SimpleNamespace(patch=SimpleNamespace(id="patch"))
     for i, call in enumerate(calls):
-        live_observe.record(live, spec, call, runner, "active", traces[i % 64], None)
+        live_observe.record(live, spec, call, runner, "patch", "active", traces[i % 64], None)
     t1 = time.process_time()
     await live.flush()
     t2 = time.process_time()

@@ -472,7 +472,7 @@ async def serve(state: State, protocol: str, model_name: str, model_version: str
         patched = None
         if shadow is not None:
             patched = await _shadow_scores(state, call, spec, shadow, trace)
-        live_observe.record(live, spec, call, runner, arm, trace, patched)
+        live_observe.record(live, spec, call, runner, patch_id(runner), arm, trace, patched)  # the id hashed once
     return answer
 
 

@@ -68,12 +68,12 @@ def group_names(group: Any, spec: Any, runner: Any) -> list[str]:
     return [v.decode() if isinstance(v, bytes) else str(v) for v in g.tolist()]
 
 
-def record(live: LiveRecorder, spec: Any, call: Any, runner: Any, arm: str, trace: Any,
+def record(live: LiveRecorder, spec: Any, call: Any, runner: Any, pid: str | None, arm: str, trace: Any,
            patched: np.ndarray | None) -> None:
     """The hot path's hook: one served request's decisions into the in-process counts. Never fails the request
     it observes (a scores shape it cannot read is logged once)."""
     try:
-        _record(live, spec, call, runner, arm, trace, patched)
+        _record(live, spec, call, runner, pid, arm, trace, patched)
     except Exception as e:  # noqa: BLE001
         if spec.name not in _unreadable:
             _unreadable.add(spec.name)
@@ -83,9 +83,8 @@ def record(live: LiveRecorder, spec: Any, call: Any, runner: Any, arm: str, trac
 _unreadable: set[str] = set()
 
 
-def _record(live: LiveRecorder, spec: Any, call: Any, runner: Any, arm: str, trace: Any,
+def _record(live: LiveRecorder, spec: Any, call: Any, runner: Any, pid: str | None, arm: str, trace: Any,
             patched: np.ndarray | None) -> None:
-    pid = None if runner is None else runner.patch.id
     kind = spec.upstream.output_kind
     raw = lf.decisions(trace.raw, trace.raw_kind or kind)
     served = lf.decisions(trace.served, kind)
