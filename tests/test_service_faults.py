@@ -505,3 +505,147 @@ def test_predictions_are_served_and_patched_while_redis_is_killed_and_restarted(
         predict(50)
     failed = [a for a in answers if a != (200, pid)]
     assert not failed and len(answers) == 100 + during, failed[:5]
+
+
+# ---------------------------------------------------------------- predictions through an upstream outage
+
+
+class UpstreamProcess:
+    """`fairpatch upstream` serving the Adult reference model on a fixed loopback port, so it can be SIGKILLed
+    and started again where the registration points."""
+
+    def __init__(self, onnx: Path, port: int, log_path: Path) -> None:
+        self.onnx, self.port, self.log_path = onnx, port, log_path
+        self.url = f"http://127.0.0.1:{port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen([sys.executable, "-c", CLI, "upstream", "--onnx", str(self.onnx),
+                                             "--name", "adult", "--port", str(self.port), "--threads", "1",
+                                             "--log-level", "warning"], cwd=REPO, env=clean_env(),
+                                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        until(lambda: _ready(self.url) or self.process.poll() is not None, "the upstream to serve", timeout=120)
+        assert self.process.poll() is None, self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.kill()
+
+
+class PredictionLoad:
+    """Callers in threads sending the same V2 request until stopped; every answer kept as (status, patch header,
+    error) in arrival order, and the answers of one phase (`mark`) told apart from the next."""
+
+    def __init__(self, url: str, model: str, request: dict, callers: int = 3) -> None:
+        self.url, self.model, self.request, self.callers = url, model, request, callers
+        self.answers: list[tuple[int, str | None, str | None]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._call, daemon=True) for _ in range(callers)]
+
+    def _call(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=60) as c:
+            while not self._stop.is_set():
+                r = c.post(f"/v2/models/{self.model}/versions/1/infer", json=self.request)
+                error = r.json().get("error") if r.status_code != 200 else None
+                with self._lock:
+                    self.answers.append((r.status_code, r.headers.get("fairpatch-patch"), error))
+
+    def count(self, answer, since: int = 0) -> int:
+        with self._lock:
+            return sum(1 for a in self.answers[since:] if answer(a))
+
+    def mark(self) -> int:
+        with self._lock:
+            return len(self.answers)
+
+    def since(self, mark: int) -> list[tuple[int, str | None, str | None]]:
+        with self._lock:
+            return self.answers[mark:]
+
+    def __enter__(self) -> PredictionLoad:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(120)
+
+
+def eraser_patch(adult, adult_model):
+    """A group-free Eraser patch (bias=estimator: requests need no group input)."""
+    from patcher.oracle import OnnxOracle
+    from patcher.tuning import TuningData
+    from tests.conftest import fit
+
+    tune = TuningData(adult.tune.X, adult.tune.y, adult.tune.groups, adult.group_names)
+    patch, _ = fit("eraser", OnnxOracle(adult_model.onnx_bytes, budget=300), tune, "dp", 300, bias="estimator")
+    return patch
+
+
+def activate(c: httpx.Client, patch, model: str = "adult") -> str:
+    r = c.post(f"/v1/models/{model}/versions/1/patches", content=patch.for_model(model, "1").to_bytes(),
+               headers={"content-type": "application/zip"})
+    assert r.status_code == 201, r.text
+    pid = r.json()["id"]
+    assert c.post(f"/v1/models/{model}/versions/1/patches/{pid}/activate").status_code == 200
+    return pid
+
+
+def test_an_upstream_killed_and_restarted_under_load_costs_502s_only_while_it_is_down(redis_url, adult, adult_model,
+                                                                                     tmp_path):
+    """Three callers send predictions while the upstream process is SIGKILLed and started again on its port.
+    While it is down every failed prediction is a 502 naming the upstream (never a 500, and no 504: nothing
+    timed out); once it is back, predictions are patched 200s again."""
+    (tmp_path / "adult.onnx").write_bytes(adult_model.onnx_bytes)
+    with socket_port() as port:
+        pass
+    upstream = UpstreamProcess(tmp_path / "adult.onnx", port, tmp_path / "upstream.log")
+    settings = Settings(data_dir=tmp_path / "gw", redis_url=redis_url, admin_key=KEY,
+                        job_queue=f"test-upstream-restart:{RUN}")
+    X = adult.test.X[:8].astype("float32")
+    request = {"inputs": [{"name": "input", "shape": list(X.shape), "datatype": "FP32", "data": X.ravel().tolist()}]}
+    upstream.start()
+    try:
+        with ServerThread(create_app(settings)) as server, \
+                httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+            model = f"up-{RUN}"
+            register(c, model, upstream.url)
+            pid = activate(c, eraser_patch(adult, adult_model), model)
+            good = lambda a: a == (200, pid, None)  # noqa: E731
+            with PredictionLoad(server.url, model, request) as load:
+                until(lambda: load.count(good) >= 30, "patched predictions before the outage")
+                before = load.mark()
+                upstream.kill()
+                killed_at = time.monotonic()
+                until(lambda: load.count(lambda a: a[0] == 502, before) >= 30, "predictions failing in the outage")
+                upstream.start()  # returns once the new process answers its health check
+                restarted = load.mark()
+                restarted_at = time.monotonic()
+                until(lambda: load.count(good, restarted) >= 1, "a patched prediction after the restart")
+                recovered_at = time.monotonic()
+                after = load.mark()
+                until(lambda: load.mark() >= after + 60, "predictions after the restart")
+                answers = load.since(0)
+    finally:
+        upstream.stop()
+    assert all(good(a) for a in answers[:before]), answers[:before]
+    outage = answers[before:after]
+    failed = [a for a in outage if not good(a)]
+    assert failed and all(a[0] == 502 for a in failed), sorted({a[:1] + a[2:] for a in failed})
+    assert all("upstream" in a[2] for a in failed), failed[:3]
+    # once one patched 200 came back, only the callers' requests still in flight from the outage may fail
+    late = [a for a in answers[after:] if not good(a)]
+    assert len(late) <= load.callers and all(a[0] == 502 for a in late), late
+    print(f"\nupstream outage: {len(failed)} of {len(outage)} predictions failed (all 502) and {len(late)} late, "
+          f"{len(answers[:before]) + len(answers[after:]) - len(late)} patched 200s around it; down "
+          f"{restarted_at - killed_at:.2f} s; patched again {recovered_at - restarted_at:.2f} s after the new "
+          f"upstream answered its health check")
