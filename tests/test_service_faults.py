@@ -649,3 +649,58 @@ def test_an_upstream_killed_and_restarted_under_load_costs_502s_only_while_it_is
           f"{len(answers[:before]) + len(answers[after:]) - len(late)} patched 200s around it; down "
           f"{restarted_at - killed_at:.2f} s; patched again {recovered_at - restarted_at:.2f} s after the new "
           f"upstream answered its health check")
+
+
+def test_redis_killed_and_restarted_under_load_keeps_predictions_patched_and_the_worker_runs_the_next_job(
+        own_redis, fast_upstream, adult, adult_model, tmp_path):
+    """Three callers send predictions while Redis is SIGKILLed and started again, with a standalone
+    `fairpatch worker` attached: every prediction, before, during and after the outage, is a patched 200 (the
+    outage outlasts the registration cache and the patch re-check, so both are served from memory); the worker
+    stays up, reconnects, and runs a job queued after Redis is back."""
+    from service.infer import SPEC_TTL_S
+
+    settings = Settings(data_dir=tmp_path / "gw", redis_url=own_redis.url, admin_key=KEY, patch_recheck_s=1.0,
+                        job_queue=f"test-redis-load:{RUN}")
+    X = adult.test.X[:8].astype("float32")
+    request = {"inputs": [{"name": "input", "shape": list(X.shape), "datatype": "FP32", "data": X.ravel().tolist()}]}
+    with ServerThread(create_app(settings)) as server, \
+            httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c, \
+            worker_process(tmp_path / "worker.log", **worker_env(settings, 30.0)) as w:
+        register(c, "adult", fast_upstream)
+        pid = activate(c, eraser_patch(adult, adult_model))
+        r = c.post("/v1/datasets", params={"label": "income", "group": "sex"}, content=adult_csv(adult, slice(2000)),
+                   headers={"content-type": "text/csv"})
+        assert r.status_code == 201, r.text
+        until(lambda: "worker ready" in w.log(), "the worker to start")
+        good = lambda a: a == (200, pid, None)  # noqa: E731
+        with PredictionLoad(server.url, "adult", request) as load:
+            until(lambda: load.count(good) >= 30, "patched predictions before the outage")
+            before = load.mark()
+            own_redis.kill()
+            killed_at = time.monotonic()
+            until(lambda: "lost Redis at" in w.log(), "the worker to notice Redis is gone")
+            outage_until = killed_at + 3 * max(SPEC_TTL_S, settings.patch_recheck_s)
+            until(lambda: time.monotonic() > outage_until and load.mark() >= before + 100, "a load in the outage",
+                  every=0.2)  # a load, not a measurement
+            assert c.get("/v2/health/ready").status_code == 503  # Redis was really gone all along
+            during = load.mark() - before
+            own_redis.start()
+            restarted_at = time.monotonic()
+            until(lambda: c.get("/v2/health/ready").status_code == 200, "the gateway to reach Redis again")
+            ready_at = time.monotonic()
+            until(lambda: "answers again" in w.log(), "the worker to reconnect")
+            worker_back_at = time.monotonic()
+            job = submit(c, "adult", r.json()["id"], budget=300)
+            done = wait(c, job["id"])
+            job_done_at = time.monotonic()
+            after = load.mark()
+            until(lambda: load.mark() >= after + 30, "predictions after the outage")
+            answers = load.since(0)
+        assert w.process.poll() is None, w.log()
+    failed = [a for a in answers if not good(a)]
+    assert not failed, failed[:5]
+    assert done["status"] == "succeeded", (done, w.log())
+    print(f"\nRedis outage under load: {len(failed)} of {len(answers)} predictions failed ({during} during the "
+          f"outage, {restarted_at - killed_at:.2f} s down); gateway ready {ready_at - restarted_at:.2f} s and "
+          f"worker reconnected {worker_back_at - restarted_at:.2f} s after the restart; the job queued then "
+          f"succeeded {job_done_at - worker_back_at:.2f} s later")
