@@ -156,13 +156,15 @@ def worker_env(settings: Settings, heartbeat_s: float) -> dict[str, str]:
             "FAIRPATCH_JOB_HEARTBEAT_TIMEOUT_S": str(heartbeat_s), "FAIRPATCH_DATA_DIR": str(settings.data_dir)}
 
 
-def kill_mid_fit(client, gate: Gate, job_id: str, log_path: Path, env: dict[str, str]) -> None:
-    """Run the job on a fresh worker process and SIGKILL it while its fit waits on the (closed) gate."""
+def kill_mid_fit(client, gate: Gate, job_id: str, log_path: Path, env: dict[str, str]) -> float:
+    """Run the job on a fresh worker process and SIGKILL it while its fit waits on the (closed) gate; the
+    time.monotonic() of the kill."""
     seen = gate.arrived
     with worker_process(log_path, **env) as w:
         until(lambda: gate.arrived > seen, "the fit's first upstream request")
         assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
         w.kill()
+        return time.monotonic()
 
 
 def test_a_job_whose_worker_is_killed_goes_back_to_the_queue_and_succeeds_on_the_next(client, settings, gated,
@@ -171,10 +173,12 @@ def test_a_job_whose_worker_is_killed_goes_back_to_the_queue_and_succeeds_on_the
     register(client, model, gated.url)
     gated.opened.clear()
     job = submit(client, model, dataset, budget=300)
-    kill_mid_fit(client, gated, job["id"], tmp_path / "w1.log", worker_env(settings, 5.0))
+    killed_at = kill_mid_fit(client, gated, job["id"], tmp_path / "w1.log", worker_env(settings, 5.0))
 
     # No worker is alive: reading the job is what notices its worker is gone.
     requeued = wait(client, job["id"], until=lambda j: j["status"] != "running")
+    print(f"\nworker SIGKILLed mid-job: the job read as {requeued['status']} {time.monotonic() - killed_at:.2f} s "
+          "after the kill (heartbeat bound 5 s)")
     assert requeued["status"] == "queued", requeued
     assert requeued["progress"]["stage"].startswith("the worker running it stopped answering at ")
     assert requeued["result"] is None and requeued["error"] is None
@@ -197,9 +201,11 @@ def test_a_job_whose_worker_is_lost_twice_fails_with_the_reason(client, settings
     env = worker_env(settings, 5.0)
     kill_mid_fit(client, gated, job["id"], tmp_path / "w1.log", env)
     # the next worker's sweeper puts the job back in the queue, then takes it: killed mid-fit again
-    kill_mid_fit(client, gated, job["id"], tmp_path / "w2.log", env)
+    killed_at = kill_mid_fit(client, gated, job["id"], tmp_path / "w2.log", env)
 
     failed = wait(client, job["id"])
+    print(f"\nworker SIGKILLed mid-job a second time: the job read as {failed['status']} "
+          f"{time.monotonic() - killed_at:.2f} s after the kill (heartbeat bound 5 s)")
     assert failed["status"] == "failed", failed
     assert failed["error"].startswith("the worker running it stopped answering at ")
     assert "re-queued once already" in failed["error"] and failed["result"] is None
