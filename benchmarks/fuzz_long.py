@@ -75,7 +75,9 @@ def main() -> int:
         assert_patched_prediction(world)
         operations = sum(len(methods) for methods in httpx.get(f"{world.url}/openapi.json").json()["paths"].values())
         started = time.monotonic()
-        openapi = fuzz(world, max(1, math.ceil(args.cases / operations)), seed_=args.seed)
+        openapi = fuzz(world, max(1, math.ceil(args.cases / operations)), seed_=args.seed,
+                       progress=lambda label, t: print(f"  {label}: {t.cases} cases so far, "
+                                                       f"{len(t.findings)} findings", flush=True))
         openapi_s = time.monotonic() - started
         print(f"OpenAPI: {openapi.summary()} in {openapi_s:.0f} s", flush=True)
         started = time.monotonic()

@@ -159,8 +159,9 @@ def strategies(operation, world: World):
 
 
 def fuzz(world: World, examples: int, *, seed_: int | None = None, tally: Tally | None = None,
-         timeout_s: float = 60.0) -> Tally:
-    """Up to `examples` cases per operation. seed_=None: derandomized (the same cases on every run)."""
+         timeout_s: float = 60.0, progress=None) -> Tally:
+    """Up to `examples` cases per operation. seed_=None: derandomized (the same cases on every run).
+    `progress(label, tally)` is called after each operation."""
     tally = tally or Tally()
     doc = httpx.get(f"{world.url}/openapi.json", timeout=60).json()
     schema = schemathesis.openapi.from_dict(doc)
@@ -175,6 +176,8 @@ def fuzz(world: World, examples: int, *, seed_: int | None = None, tally: Tally 
             if seed_ is not None:
                 run = seed(seed_)(run)
             run()
+            if progress is not None:
+                progress(operation.label, tally)
     return tally
 
 
