@@ -710,3 +710,52 @@ def test_redis_killed_and_restarted_under_load_keeps_predictions_patched_and_the
           f"outage, {restarted_at - killed_at:.2f} s down); gateway ready {ready_at - restarted_at:.2f} s and "
           f"worker reconnected {worker_back_at - restarted_at:.2f} s after the restart; the job queued then "
           f"succeeded {job_done_at - worker_back_at:.2f} s later")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads child processes from /proc")
+def test_serve_in_embedded_mode_runs_again_the_job_of_its_worker_killed_mid_job(tmp_path, gated, adult):
+    """`fairpatch serve` with its own worker: the worker is SIGKILLed while its fit waits on the (closed) gate.
+    The gateway starts a new worker, the job goes back to the queue within the heartbeat bound and runs on the
+    new worker (its fit reaches the upstream again), then succeeds with one patch: no frozen `running`."""
+    with socket_port() as port:
+        pass
+    env = clean_env(FAIRPATCH_DATA_DIR=str(tmp_path / "data"), FAIRPATCH_ADMIN_KEY=KEY,
+                    FAIRPATCH_JOB_HEARTBEAT_TIMEOUT_S="5")
+    with open(tmp_path / "serve.log", "wb") as out:
+        serve = subprocess.Popen([sys.executable, "-c", CLI, "serve", "--port", str(port)], cwd=REPO, env=env,
+                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    log = lambda: (tmp_path / "serve.log").read_text(errors="replace")  # noqa: E731
+    try:
+        until(lambda: _ready(base) and "worker ready" in log(), "the gateway and its worker", timeout=120)
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+            register(c, "adult", gated.url)
+            r = c.post("/v1/datasets", params={"label": "income", "group": "sex"},
+                       content=adult_csv(adult, slice(2000)), headers={"content-type": "text/csv"})
+            assert r.status_code == 201, r.text
+            gated.opened.clear()
+            seen = gated.arrived
+            job = submit(c, "adult", r.json()["id"], budget=300)
+            until(lambda: gated.arrived > seen, "the fit's first upstream request")
+            (worker_pid,) = worker_children(serve.pid)
+            assert c.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
+            os.kill(worker_pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            until(lambda: not alive(worker_pid), "the killed worker to be reaped")
+            at_kill = gated.arrived
+            until(lambda: [p for p in worker_children(serve.pid) if p != worker_pid], "a new worker")
+            until(lambda: gated.arrived > at_kill, "the job to run again on the new worker")
+            again_at = time.monotonic()
+            record = c.get(f"/v1/jobs/{job['id']}").json()
+            assert record["status"] == "running" and record["finished_at"] is None, record
+            gated.opened.set()
+            done = wait(c, job["id"])
+            assert done["status"] == "succeeded", (done, log())
+            patches = c.get("/v1/models/adult/versions/1/patches").json()["patches"]
+            assert [p["id"] for p in patches] == [done["result"]["patch_id"]]
+    finally:
+        gated.opened.set()
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(60)
+    print(f"\nembedded worker SIGKILLed mid-job: the job ran again on the new worker {again_at - killed_at:.2f} s "
+          "after the kill (heartbeat bound 5 s), then succeeded")
