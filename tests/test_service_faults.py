@@ -30,6 +30,7 @@ from service.redis_embedded import EmbeddedRedis, redis_server_binary
 from service.serve_thread import ServerThread
 from service.settings import Settings
 from service.worker import WorkerThread
+from tests.processes import listening_port, served
 from tests.test_service_jobs import (
     CLI,
     adult_csv,
@@ -372,34 +373,19 @@ def test_no_password_or_admin_key_in_the_logs_of_the_gateway_and_the_worker(own_
     assert p.returncode == 2 and "no Redis answers at unix://:***@" in p.stderr, p.stderr
     logs = p.stdout + p.stderr
 
-    with socket_port() as port, open(tmp_path / "serve.log", "wb") as out, \
-            worker_process(tmp_path / "worker.log", **{k: v for k, v in env.items() if k.startswith("FAIRPATCH")}) as w:
-        serve = subprocess.Popen([sys.executable, "-c", CLI, "serve", "--port", str(port), "--access-log"], cwd=REPO,
-                                 env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            base = f"http://127.0.0.1:{port}"
-            until(lambda: _ready(base), "the gateway to serve", timeout=120)
-            assert httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
-            assert httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 403
-            until(lambda: "worker ready" in w.log(), "the worker to start")
-        finally:
-            serve.send_signal(signal.SIGTERM)
-            serve.wait(60)
-        served, worked = (tmp_path / "serve.log").read_text(errors="replace"), w.log()
+    with worker_process(tmp_path / "worker.log", **{k: v for k, v in env.items() if k.startswith("FAIRPATCH")}) as w, \
+            served([sys.executable, "-c", CLI, "serve", "--port", "0", "--access-log"], env=env, cwd=REPO,
+                   log_path=tmp_path / "serve.log", name="fairpatch serve") as server:
+        base = server.url
+        until(lambda: _ready(base), "the gateway to serve", timeout=120)
+        assert httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        assert httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 403
+        until(lambda: "worker ready" in w.log(), "the worker to start")
+    served_log, worked = server.log(), w.log()
     # the lines that name Redis are there, masked: the gateway's "Redis at", the worker's start-up line
-    assert "Redis at unix://:***@" in served and "on unix://:***@" in worked, (served, worked)
-    for text in (logs, served, worked):
+    assert "Redis at unix://:***@" in served_log and "on unix://:***@" in worked, (served_log, worked)
+    for text in (logs, served_log, worked):
         assert RedisProcess.PASSWORD not in text and KEY not in text
-
-
-@contextlib.contextmanager
-def socket_port() -> Iterator[int]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    yield port
 
 
 def _ready(base: str) -> bool:
@@ -436,15 +422,10 @@ def test_the_embedded_redis_is_started_again_when_it_dies(tmp_path):
 def test_serve_in_embedded_mode_rides_out_its_redis_dying(tmp_path, fast_upstream, adult):
     """`fairpatch serve` with no Redis configured: its redis-server is SIGKILLed; the gateway starts it again,
     its worker (the same code as `fairpatch worker`) reconnects, and a job submitted afterwards runs."""
-    with socket_port() as port:
-        pass
     env = clean_env(FAIRPATCH_DATA_DIR=str(tmp_path / "data"), FAIRPATCH_ADMIN_KEY=KEY)
-    with open(tmp_path / "serve.log", "wb") as out:
-        serve = subprocess.Popen([sys.executable, "-c", CLI, "serve", "--port", str(port)], cwd=REPO, env=env,
-                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    log = lambda: (tmp_path / "serve.log").read_text(errors="replace")  # noqa: E731
-    try:
+    with served([sys.executable, "-c", CLI, "serve", "--port", "0"], env=env, cwd=REPO,
+                log_path=tmp_path / "serve.log", name="fairpatch serve") as server:
+        base, log, serve = server.url, server.log, server.process
         until(lambda: _ready(base) and "worker ready" in log(), "the gateway and its worker", timeout=120)
         with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
             register(c, "adult", fast_upstream)
@@ -459,9 +440,6 @@ def test_serve_in_embedded_mode_rides_out_its_redis_dying(tmp_path, fast_upstrea
             done = wait(c, submit(c, "adult", r.json()["id"], budget=300)["id"])
             assert done["status"] == "succeeded", (done, log())
         assert worker_children(serve.pid) == [worker_pid], log()  # the same worker: it did not exit
-    finally:
-        serve.send_signal(signal.SIGTERM)
-        serve.wait(60)
 
 
 # ---------------------------------------------------------------- predictions through a Redis outage
@@ -517,13 +495,18 @@ def test_predictions_are_served_and_patched_while_redis_is_killed_and_restarted(
 
 
 class UpstreamProcess:
-    """`fairpatch upstream` serving the Adult reference model on a fixed loopback port, so it can be SIGKILLed
-    and started again where the registration points."""
+    """`fairpatch upstream` serving the Adult reference model on loopback. It binds port 0 the first time (so
+    it cannot lose its port to another process) and, SIGKILLed, is started again on the port it had, where
+    the registration points."""
 
-    def __init__(self, onnx: Path, port: int, log_path: Path) -> None:
-        self.onnx, self.port, self.log_path = onnx, port, log_path
-        self.url = f"http://127.0.0.1:{port}"
+    def __init__(self, onnx: Path, log_path: Path) -> None:
+        self.onnx, self.log_path = onnx, log_path
+        self.port = 0
         self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
@@ -531,8 +514,13 @@ class UpstreamProcess:
                                              "--name", "adult", "--port", str(self.port), "--threads", "1",
                                              "--log-level", "warning"], cwd=REPO, env=clean_env(),
                                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        until(lambda: _ready(self.url) or self.process.poll() is not None, "the upstream to serve", timeout=120)
-        assert self.process.poll() is None, self.log_path.read_text(errors="replace")
+
+        def serving() -> bool:
+            assert self.process.poll() is None, self.log_path.read_text(errors="replace")
+            self.port = self.port or listening_port(self.process.pid) or 0
+            return bool(self.port) and _ready(self.url)
+
+        until(serving, "the upstream to serve", timeout=120)
 
     def kill(self) -> None:
         assert self.process is not None
@@ -612,9 +600,7 @@ def test_an_upstream_killed_and_restarted_under_load_costs_502s_only_while_it_is
     While it is down every failed prediction is a 502 naming the upstream (never a 500, and no 504: nothing
     timed out); once it is back, predictions are patched 200s again."""
     (tmp_path / "adult.onnx").write_bytes(adult_model.onnx_bytes)
-    with socket_port() as port:
-        pass
-    upstream = UpstreamProcess(tmp_path / "adult.onnx", port, tmp_path / "upstream.log")
+    upstream = UpstreamProcess(tmp_path / "adult.onnx", tmp_path / "upstream.log")
     settings = Settings(data_dir=tmp_path / "gw", redis_url=redis_url, admin_key=KEY,
                         job_queue=f"test-upstream-restart:{RUN}")
     X = adult.test.X[:8].astype("float32")
@@ -717,18 +703,14 @@ def test_serve_in_embedded_mode_runs_again_the_job_of_its_worker_killed_mid_job(
     """`fairpatch serve` with its own worker: the worker is SIGKILLed while its fit waits on the (closed) gate.
     The gateway starts a new worker, the job goes back to the queue within the heartbeat bound and runs on the
     new worker (its fit reaches the upstream again), then succeeds with one patch: no frozen `running`."""
-    with socket_port() as port:
-        pass
     env = clean_env(FAIRPATCH_DATA_DIR=str(tmp_path / "data"), FAIRPATCH_ADMIN_KEY=KEY,
                     FAIRPATCH_JOB_HEARTBEAT_TIMEOUT_S="5")
-    with open(tmp_path / "serve.log", "wb") as out:
-        serve = subprocess.Popen([sys.executable, "-c", CLI, "serve", "--port", str(port)], cwd=REPO, env=env,
-                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    log = lambda: (tmp_path / "serve.log").read_text(errors="replace")  # noqa: E731
     try:
-        until(lambda: _ready(base) and "worker ready" in log(), "the gateway and its worker", timeout=120)
-        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+        with served([sys.executable, "-c", CLI, "serve", "--port", "0"], env=env, cwd=REPO,
+                    log_path=tmp_path / "serve.log", name="fairpatch serve") as server, \
+                httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+            serve, log = server.process, server.log
+            until(lambda: _ready(server.url) and "worker ready" in log(), "the gateway and its worker", timeout=120)
             register(c, "adult", gated.url)
             r = c.post("/v1/datasets", params={"label": "income", "group": "sex"},
                        content=adult_csv(adult, slice(2000)), headers={"content-type": "text/csv"})
@@ -754,8 +736,6 @@ def test_serve_in_embedded_mode_runs_again_the_job_of_its_worker_killed_mid_job(
             patches = c.get("/v1/models/adult/versions/1/patches").json()["patches"]
             assert [p["id"] for p in patches] == [done["result"]["patch_id"]]
     finally:
-        gated.opened.set()
-        serve.send_signal(signal.SIGTERM)
-        serve.wait(60)
+        gated.opened.set()  # held requests finish, so the gate's server can stop
     print(f"\nembedded worker SIGKILLed mid-job: the job ran again on the new worker {again_at - killed_at:.2f} s "
           "after the kill (heartbeat bound 5 s), then succeeded")
