@@ -27,8 +27,8 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from patcher.apply import PatchRunner
 from patcher.oracle import OnnxOracle
+from patcher.patch import Patch
 from patcher.tuning import TuningData
 from service.app import create_app
 from service.local_upstream import OnnxModel, create_upstream_app
@@ -61,7 +61,7 @@ class World:
     dataset_id: str
     job_id: str
     adult: object
-    runner: PatchRunner
+    patch: Patch  # the active patch, bound to the model
 
     def real_ids(self) -> dict[str, str]:
         """Every path parameter name of the document, set to an id that exists."""
@@ -91,8 +91,7 @@ def fuzz_world(adult, adult_model, redis_url: str, data_dir: Path) -> Iterator[W
         assert r.status_code == 201, r.text
         dataset_id = r.json()["id"]
         job_id = submit(c, model, r.json()["id"], budget=300)["id"]
-        yield World(gw.url, up.url, model, patch_id, dataset_id, job_id, adult,
-                    PatchRunner(patch.for_model(model, "1")))
+        yield World(gw.url, up.url, model, patch_id, dataset_id, job_id, adult, patch.for_model(model, "1"))
 
 
 def assert_patched_prediction(world: World) -> None:
@@ -106,7 +105,7 @@ def assert_patched_prediction(world: World) -> None:
         assert r.headers.get("fairpatch-patch") == world.patch_id, r.headers
         raw = c.post(f"{world.upstream_url}/v2/models/adult/infer", json=body(X))
         assert raw.status_code == 200, raw.text
-    expected = offline(world.runner, X, output(raw, "logits"), np.asarray(ids))
+    expected = offline(world.patch, X, output(raw, "logits"), np.asarray(ids))
     np.testing.assert_allclose(output(r, "logits"), expected, rtol=1e-6, atol=1e-6)
 
 
