@@ -57,6 +57,7 @@ from service.jobs import (
     plain,
 )
 from service.patch_store import PatchStore
+from service.prometheus import JOB_QUERIES, JOBS
 from service.redact import install as install_redaction
 from service.redact import redact, redact_url
 from service.registry import ModelRegistry, ModelSpec
@@ -232,6 +233,7 @@ async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, 
     if not hasattr(patch, "for_model"):
         raise JobFailed(f"method {job.method} returned {type(patch).__name__}, not a Patch")
     queries_used = 0 if oracle is None else oracle.queries_used
+    JOB_QUERIES.labels(job.method).inc(queries_used)
 
     stage[0] = "scoring the held-out rows"
     await jobs.running_progress(job.id, {"fraction": FIT_SHARE, "stage": stage[0], "queries_used": queries_used})
@@ -270,6 +272,7 @@ async def train_patch(ctx: dict[str, Any], job_id: str) -> str:
                                        progress={"fraction": 0.0, "stage": "starting", "queries_used": 0})
     if not started:
         return f"skipped ({before})"  # cancelled before a worker got to it
+    JOBS.labels(job.method, "running").inc()
 
     cancelled = threading.Event()
     stage = ["starting"]
@@ -280,6 +283,8 @@ async def train_patch(ctx: dict[str, Any], job_id: str) -> str:
     finally:
         beat.cancel()
         jobs.forget(job_id)
+    if outcome in ("succeeded", "failed"):  # a cancel is counted where it is asked (service.management)
+        JOBS.labels(job.method, outcome).inc()
     if await jobs.status(job_id) == "queued":
         # Taken from this worker as lost (it stalled past the heartbeat bound) and put back in the queue, so this
         # run's end was not written: leave the job in arq's queue too, or arq would drop it while the record
