@@ -150,16 +150,20 @@ class _Progress:
 
 
 def _evaluate(spec: ModelSpec, patch: Any, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
-              cancelled: threading.Event, seed: int) -> dict[str, Any]:
+              cancelled: threading.Event, seed: int, group_names: tuple[str, ...] = ()) -> dict[str, Any]:
     """Headline metrics on the held-out rows before and after the patch (patcher.pipeline.score: the patch runs
     as the gateway runs it, randomized decisions drawn reproducibly from `seed`), through an unbudgeted oracle."""
+    from patcher.group_figures import by_group
     from patcher.pipeline import score
     from service.http_oracle import HttpOracle
 
     with _cancellable(HttpOracle(spec), cancelled) as oracle:
         s = score(patch, oracle.log_probs, X, y, groups, seed=seed)
         return {"before": s.before, "after": s.after, "eval_queries": oracle.queries_used,
-                "group_at_inference": s.group_at_inference, "served_by": s.served_by}
+                "group_at_inference": s.group_at_inference, "served_by": s.served_by,
+                # per group, with bootstrap intervals: what the HTML report plots
+                "by_group": by_group(y, s.before_log_probs.argmax(1), s.after_decisions, groups, list(group_names),
+                                     seed=seed)}
 
 
 async def _model_artifact(ctx: dict[str, Any], spec: ModelSpec) -> Any:
@@ -238,7 +242,7 @@ async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, 
     stage[0] = "scoring the held-out rows"
     await jobs.running_progress(job.id, {"fraction": FIT_SHARE, "stage": stage[0], "queries_used": queries_used})
     scores = await asyncio.to_thread(_evaluate, spec, patch, data.X[held_idx], data.y[held_idx],
-                                     data.groups[held_idx], cancelled, job.seed)
+                                     data.groups[held_idx], cancelled, job.seed, data.group_names)
 
     stage[0] = "storing the patch"
     if cancelled.is_set():
@@ -251,7 +255,8 @@ async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, 
                   "groups": list(data.group_names), "group_at_inference": scores["group_at_inference"],
                   "access": job.access, "served_by": scores["served_by"],
                   "artifact_sha256": None if oracle is not None else access.sha256,
-                  "before": scores["before"], "after": scores["after"], "report": report_dict,
+                  "before": scores["before"], "after": scores["after"], "by_group": scores["by_group"],
+                  "report": report_dict,
                   "drop_rows": {name: [int(i) for i in rows] for name, rows in result.drop_rows.items()}})
 
 
