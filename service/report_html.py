@@ -29,7 +29,8 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bott
 table{border-collapse:collapse;width:100%;font-variant-numeric:tabular-nums}
 th,td{padding:5px 8px;border-bottom:1px solid #eceef2;text-align:right}th:first-child,td:first-child{text-align:left}
 th{font-weight:600;color:#3b4252;background:#fafbfc}.better{color:#17803d}.worse{color:#b3261e}
-.ci{color:#7a8190;font-size:12px}code,pre{font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,monospace}
+.ci{color:#7a8190;font-size:12px;display:block;white-space:nowrap}
+code,pre{font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,monospace}
 pre{background:#f1f3f6;padding:10px;border-radius:6px;overflow:auto}
 .legend span{display:inline-block;width:12px;height:12px;border-radius:2px;margin:0 4px -2px 12px}
 svg text{font:11px system-ui,sans-serif;fill:#3b4252}
@@ -137,6 +138,8 @@ def _scatter(points: list[dict[str, float]], before: dict[str, Any], after: dict
     x0, x1 = min(xs), max(xs)
     y0, y1 = min(ys), max(ys)
     x1, y1 = (x1 if x1 > x0 else x0 + 1e-3), (y1 if y1 > y0 else y0 + 1e-3)
+    pad_x, pad_y = 0.06 * (x1 - x0), 0.06 * (y1 - y0)  # no point on the axes, no label off the plot
+    x0, x1, y0, y1 = x0 - pad_x, x1 + pad_x, y0 - pad_y, y1 + pad_y
     w, h, left, bottom, top, right = 640, 280, 56, 40, 12, 16
     sx = lambda v: left + (w - left - right) * (v - x0) / (x1 - x0)  # noqa: E731
     sy = lambda v: top + (h - top - bottom) * (1 - (v - y0) / (y1 - y0))  # noqa: E731
@@ -153,8 +156,10 @@ def _scatter(points: list[dict[str, float]], before: dict[str, Any], after: dict
     for ux, uy in marks:
         parts.append(f"<circle class='candidate' cx='{sx(ux):.1f}' cy='{sy(uy):.1f}' r='3' fill='#b7c6e4'/>")
     for label, ux, uy, color in special:
+        right_half = sx(ux) > (left + w - right) / 2
+        tx, anchor = (sx(ux) - 9, "end") if right_half else (sx(ux) + 9, "start")
         parts.append(f"<circle class='{label}' cx='{sx(ux):.1f}' cy='{sy(uy):.1f}' r='6' fill='{color}' "
-                     f"stroke='#fff'/><text x='{sx(ux) + 9:.1f}' y='{sy(uy) + 4:.1f}'>{label}</text>")
+                     f"stroke='#fff'/><text x='{tx:.1f}' y='{sy(uy) + 4:.1f}' text-anchor='{anchor}'>{label}</text>")
     parts.append("</svg>")
     return "".join(parts) + f"<p class='sub'>{len(marks)} candidates the fit scored; accuracy on the vertical axis.</p>"
 
