@@ -27,7 +27,7 @@ from service.report_routes import LIVE_PATH
 from service.serve_thread import ServerThread
 from service.settings import Settings
 from service.worker import WorkerThread
-from tests.test_service_jobs import adult_csv, register, submit, wait
+from tests.test_service_jobs import adult_csv, register, submit, until, wait
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "report-admin-key"
@@ -108,9 +108,30 @@ def job(gateway, adult) -> dict:
     r = gateway.post("/v1/datasets", params={"label": "income", "group": "sex"}, content=adult_csv(adult),
                      headers={"content-type": "text/csv"})
     assert r.status_code == 201, r.text
+    before = jobs_metrics(gateway)
     done = wait(gateway, submit(gateway, model, r.json()["id"], budget=800)["id"])
     assert done["status"] == "succeeded", done["error"]
+    # the job's states and queries in /metrics (the worker runs in this process: one registry)
+    until(lambda: jobs_metrics(gateway)[("fairpatch_jobs_total", "succeeded")] == before[("fairpatch_jobs_total",
+                                                                                          "succeeded")] + 1,
+          "the worker to count the job")
+    after = jobs_metrics(gateway)
+    assert {k: after[k] - before[k] for k in after} == {
+        ("fairpatch_jobs_total", "queued"): 1, ("fairpatch_jobs_total", "running"): 1,
+        ("fairpatch_jobs_total", "succeeded"): 1, ("fairpatch_jobs_total", "failed"): 0,
+        ("fairpatch_job_queries_total", ""): done["result"]["queries_used"]}
     return done
+
+
+def jobs_metrics(client: httpx.Client) -> dict[tuple[str, str], float]:
+    """Eraser jobs by state and their queries, from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = client.get("/metrics").text
+    samples = {(s.name, s.labels.get("state", "")): s.value for f in text_string_to_metric_families(text)
+               for s in f.samples if s.labels.get("method") == "eraser" and s.name.endswith("_total")}
+    keys = [("fairpatch_jobs_total", st) for st in ("queued", "running", "succeeded", "failed")]
+    return {k: samples.get(k, 0.0) for k in [*keys, ("fairpatch_job_queries_total", "")]}
 
 
 def test_job_results_carry_per_group_figures_with_intervals(job):
