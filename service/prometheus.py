@@ -66,12 +66,15 @@ def upstream_error_kind(exc: BaseException) -> str | None:
     return "unreachable" if str(exc).startswith("cannot reach") else "invalid"
 
 
+_Children = tuple[Counter, Histogram, Histogram, Histogram]  # requests, request, upstream and patch seconds
+
+
 class RequestMetrics:
     """The hot path's recorder: labelled children cached per (model, version, patch, route, status)."""
 
     def __init__(self) -> None:
-        self._children: dict[tuple[str, str, str, str, int], tuple] = {}
-        self._errors: dict[tuple[str, str, str], object] = {}
+        self._children: dict[tuple[str, str, str, str, int], _Children] = {}
+        self._errors: dict[tuple[str, str, str], Counter] = {}
 
     def observe(self, model: str, version: str, patch: str, route: str, status: int, total_s: float,
                 upstream_s: float | None, patch_s: float | None) -> None:
@@ -97,22 +100,28 @@ class RequestMetrics:
         child = self._errors.get(key)
         if child is None:
             child = self._errors[key] = UPSTREAM_ERRORS.labels(model, version, kind)
-        child.inc()  # type: ignore[attr-defined]
+        child.inc()
+
+
+class _JobGauges:
+    """A collector of two values read at scrape time (prometheus-client's collector protocol: `collect`)."""
+
+    def __init__(self, queued: int, running: int) -> None:
+        self.queued, self.running = queued, running
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        depth = GaugeMetricFamily("fairpatch_job_queue_depth", "training jobs queued and not started")
+        depth.add_metric([], self.queued)
+        run = GaugeMetricFamily("fairpatch_jobs_running", "training jobs a worker is running")
+        run.add_metric([], self.running)
+        return [depth, run]
 
 
 def job_gauges(queued: int, running: int) -> CollectorRegistry:
-    """The job queue as read from Redis at scrape time (shared by every replica, so not summed over processes)."""
+    """The job queue as read from Redis at scrape time: shared by every replica, so a gauge of the scrape, not a
+    value summed over processes."""
     registry = CollectorRegistry(auto_describe=False)
-
-    class _Jobs:
-        def collect(self):  # noqa: ANN202 - prometheus-client's collector protocol
-            depth = GaugeMetricFamily("fairpatch_job_queue_depth", "training jobs queued and not started")
-            depth.add_metric([], queued)
-            run = GaugeMetricFamily("fairpatch_jobs_running", "training jobs a worker is running")
-            run.add_metric([], running)
-            return [depth, run]
-
-    registry.register(_Jobs())
+    registry.register(_JobGauges(queued, running))
     return registry
 
 

@@ -241,6 +241,20 @@ def test_a_stuck_sink_drops_events_counted_and_never_delays_predictions(redis_ur
             assert len(stuck.received) == 5
 
 
+def test_requests_through_fastapis_stack_are_counted_too(redis_url, tmp_path, upstream):
+    settings = Settings(data_dir=tmp_path, redis_url=redis_url, fast_path=False)
+    with ServerThread(create_app(settings)) as server, httpx.Client(base_url=server.url, timeout=30) as c:
+        model = f"obs-slow-{RUN}"
+        register(c, model, upstream)
+        assert c.post(f"/v2/models/{model}/versions/1/infer", json=v2(1)).status_code == 200
+        assert c.post(f"/v2/models/{model}/versions/1/infer", content=b"{", headers={
+            "content-type": "application/json"}).status_code == 400
+        until(lambda: value(scrape(c), "fairpatch_requests_total", model=model, version="1", patch="",
+                            route="v2_infer", status="400") == 1, "the 400 in the metrics")
+        assert value(scrape(c), "fairpatch_requests_total", model=model, version="1", patch="", route="v2_infer",
+                     status="200") == 1
+
+
 def test_metrics_off_records_nothing_on_the_hot_path(redis_url, tmp_path, upstream):
     settings = Settings(data_dir=tmp_path, redis_url=redis_url, metrics=False)
     with ServerThread(create_app(settings)) as server, httpx.Client(base_url=server.url, timeout=30) as c:
