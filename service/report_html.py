@@ -139,7 +139,7 @@ def _scatter(points: list[dict[str, float]], before: dict[str, Any], after: dict
     y0, y1 = min(ys), max(ys)
     x1, y1 = (x1 if x1 > x0 else x0 + 1e-3), (y1 if y1 > y0 else y0 + 1e-3)
     pad_x, pad_y = 0.06 * (x1 - x0), 0.06 * (y1 - y0)  # no point on the axes, no label off the plot
-    x0, x1, y0, y1 = x0 - pad_x, x1 + pad_x, y0 - pad_y, y1 + pad_y
+    x0, x1, y0, y1 = (x0 - pad_x if x0 - pad_x >= 0 or x0 < 0 else 0.0), x1 + pad_x, y0 - pad_y, y1 + pad_y  # gaps >= 0
     w, h, left, bottom, top, right = 640, 280, 56, 40, 12, 16
     sx = lambda v: left + (w - left - right) * (v - x0) / (x1 - x0)  # noqa: E731
     sy = lambda v: top + (h - top - bottom) * (1 - (v - y0) / (y1 - y0))  # noqa: E731
@@ -179,7 +179,7 @@ def _queries(job: dict[str, Any], result: dict[str, Any]) -> str:
                      f"height='{row_h - 8}' fill='{color}'/>"
                      f"<text x='{left + bw + 6:.1f}' y='{i * row_h + 17}'>{n}</text>")
     if budget:
-        bx = left + (w - left - 120)
+        bx = left + (w - left - 120) * budget / scale
         parts.append(f"<line x1='{bx}' x2='{bx}' y1='0' y2='{row_h * 2}' stroke='#b3261e' stroke-dasharray='4 3'/>"
                      f"<text x='{bx + 4}' y='{row_h * 2 + 16}'>budget {budget}</text>")
     parts.append("</svg>")
