@@ -96,7 +96,8 @@ async def startup(app: FastAPI) -> None:
     settings = app.state.settings
     payload = None
     if settings.payload_log_url:
-        payload = PayloadLogger(settings.payload_log_url, settings.payload_log_source, settings.payload_log_queue)
+        payload = PayloadLogger(settings.payload_log_url, settings.payload_log_source, settings.payload_log_queue,
+                                settings.payload_log_timeout_s)
         await payload.start()
     metrics = RequestMetrics() if settings.metrics else None
     app.state.observer = Observer(metrics, payload) if metrics is not None or payload is not None else None

@@ -73,6 +73,7 @@ class Settings(BaseSettings):
     payload_log_url: str | None = None
     payload_log_queue: int = Field(default=1000, ge=1)  # events waiting to be sent; more are dropped and counted
     payload_log_source: str = "fairpatch"  # the events' `source` (KServe: the logger's own URL)
+    payload_log_timeout_s: float = Field(default=5.0, gt=0)  # one post to the sink; past it the event counts as failed
 
     @field_validator("redis_url", "payload_log_url", mode="before")
     @classmethod

@@ -217,8 +217,9 @@ def test_a_stuck_sink_drops_events_counted_and_never_delays_predictions(redis_ur
     stuck = Sink()
     stuck.gate.clear()
     with ServerThread(stuck) as sink_server:
+        # a post timeout far off: the held posts must stay held however slowly this machine runs the test
         settings = Settings(data_dir=tmp_path, redis_url=redis_url, payload_log_url=sink_server.url,
-                            payload_log_queue=1)
+                            payload_log_queue=1, payload_log_timeout_s=600)
         with ServerThread(create_app(settings)) as server, httpx.Client(base_url=server.url, timeout=30) as c:
             model = f"obs-drop-{RUN}"
             register(c, model, upstream)
@@ -285,7 +286,7 @@ def test_gateway_processes_share_metrics_in_multiprocess_mode(redis_url, tmp_pat
                 return False
 
         for c, proc in zip(clients, procs, strict=True):
-            until(lambda c=c, proc=proc: up(c) or proc.poll() is not None, "the gateway to start")
+            until(lambda c=c, proc=proc: up(c) or proc.poll() is not None, "the gateway to start", timeout=180)
             assert proc.poll() is None, proc.stderr.read().decode()
         model = f"obs-mp-{RUN}"
         register(clients[0], model, upstream)
