@@ -156,8 +156,12 @@ def test_metrics_count_known_traffic_exactly(gateway, upstream, sink):
         assert gateway.post(f"/v2/models/nope-{uuid.uuid4().hex}/infer", json=v2(1)).status_code == 404
     assert gateway.post(f"/v2/models/{broken}/versions/1/infer", json=v2(1)).status_code == 502
 
-    until(lambda: value(scrape(gateway), "fairpatch_requests_total", model=broken, version="1", patch="",
-                        route="v2_infer", status="502") == 1, "the last request in the metrics")
+    def recorded(s) -> bool:  # every request above is in (each is recorded as its answer goes out)
+        return (value(s, "fairpatch_request_seconds_count", model=model, version="1", route="v2_infer") == 8
+                and value(s, "fairpatch_request_seconds_count", model=model, version="1", route="v1_predict") == 2
+                and value(s, "fairpatch_request_seconds_count", model=broken, version="1", route="v2_infer") == 1)
+
+    until(lambda: recorded(scrape(gateway)), "the requests in the metrics")
     s = scrape(gateway)
 
     def requests(patch: str, route: str, status: str, m: str = model, version: str = "1") -> float:
@@ -250,10 +254,12 @@ def test_requests_through_fastapis_stack_are_counted_too(redis_url, tmp_path, up
         assert c.post(f"/v2/models/{model}/versions/1/infer", json=v2(1)).status_code == 200
         assert c.post(f"/v2/models/{model}/versions/1/infer", content=b"{", headers={
             "content-type": "application/json"}).status_code == 400
-        until(lambda: value(scrape(c), "fairpatch_requests_total", model=model, version="1", patch="",
-                            route="v2_infer", status="400") == 1, "the 400 in the metrics")
-        assert value(scrape(c), "fairpatch_requests_total", model=model, version="1", patch="", route="v2_infer",
-                     status="200") == 1
+        until(lambda: value(scrape(c), "fairpatch_request_seconds_count", model=model, version="1",
+                            route="v2_infer") == 2, "both requests in the metrics")
+        s = scrape(c)
+        for status in ("200", "400"):
+            assert value(s, "fairpatch_requests_total", model=model, version="1", patch="", route="v2_infer",
+                         status=status) == 1
 
 
 def test_metrics_off_records_nothing_on_the_hot_path(redis_url, tmp_path, upstream):
