@@ -27,7 +27,8 @@ from service.report_routes import LIVE_PATH
 from service.serve_thread import ServerThread
 from service.settings import Settings
 from service.worker import WorkerThread
-from tests.test_service_jobs import adult_csv, register, submit, until, wait
+from tests.processes import until
+from tests.test_service_jobs import adult_csv, register, submit, wait
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "report-admin-key"

@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import subprocess
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from service.local_upstream import OnnxModel, create_upstream_app
 from service.serve_thread import ServerThread
 from service.settings import Settings
 from tests.conftest import random_mlp
+from tests.processes import ready, served, until
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = uuid.uuid4().hex[:6]
@@ -60,13 +59,6 @@ class Sink:
         self.received.append(({k.decode(): v.decode() for k, v in scope["headers"]}, body))
         await send({"type": "http.response.start", "status": 202, "headers": []})
         await send({"type": "http.response.body", "body": b""})
-
-
-def until(condition, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def scrape(client: httpx.Client) -> dict[tuple[str, frozenset], float]:
@@ -279,21 +271,12 @@ def test_gateway_processes_share_metrics_in_multiprocess_mode(redis_url, tmp_pat
     multiproc.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO), "PROMETHEUS_MULTIPROC_DIR": str(multiproc),
            "FAIRPATCH_REDIS_URL": redis_url, "FAIRPATCH_DATA_DIR": str(tmp_path / "data")}
-    ports = [dead_port(), dead_port()]
-    procs = [subprocess.Popen([sys.executable, "-m", "clients", "serve", "--no-worker", "--port", str(p)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for p in ports]
-    try:
-        clients = [httpx.Client(base_url=f"http://127.0.0.1:{p}", timeout=30) for p in ports]
-
-        def up(c: httpx.Client) -> bool:
-            try:
-                return c.get("/v2/health/live").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        for c, proc in zip(clients, procs, strict=True):
-            until(lambda c=c, proc=proc: up(c) or proc.poll() is not None, "the gateway to start", timeout=180)
-            assert proc.poll() is None, proc.stderr.read().decode()
+    serve = [sys.executable, "-m", "clients", "serve", "--no-worker", "--port", "0"]  # each binds its own port
+    with served(serve, env=env, cwd=REPO, log_path=tmp_path / "a.log", name="gateway a") as a, \
+            served(serve, env=env, cwd=REPO, log_path=tmp_path / "b.log", name="gateway b") as b:
+        clients = [httpx.Client(base_url=g.url, timeout=30) for g in (a, b)]
+        for g in (a, b):
+            until(lambda g=g: ready(g.url), "the gateway to be ready")
         model = f"obs-mp-{RUN}"
         register(clients[0], model, upstream)
         for i, c in enumerate(clients):
@@ -302,9 +285,4 @@ def test_gateway_processes_share_metrics_in_multiprocess_mode(redis_url, tmp_pat
         for c in clients:
             until(lambda c=c: value(scrape(c), "fairpatch_requests_total", model=model, version="1", patch="",
                                     route="v2_infer", status="200") == 5, "both processes' requests")
-        for c in clients:
             c.close()
-    finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(timeout=30)
