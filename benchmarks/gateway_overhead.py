@@ -34,6 +34,10 @@ shows what each leg costs the upstream as well as the gateway.
 it in the same rounds: every request then carries its group and a fresh request id (so the gateway with live
 fairness on counts it by group and remembers it for feedback), and a table sets the two gateways' CPU per request
 side by side. Target: live fairness costs at most 10% more gateway CPU per request.
+`--observability` also starts a second gateway of this checkout with its observability off
+(`FAIRPATCH_METRICS=false`, and no live fairness where the gateway has it) in front of the same upstream, with the
+same patch, measured in the same alternating rounds as `unobserved`: the table beside the main one gives the
+gateway's CPU per request with metrics on against off, cell by cell (target: at most 110%).
 
 `--baseline DIR` also starts the gateway of another checkout (an earlier commit, say) in front of the same
 upstream, with the same patch, and measures it in the same alternating rounds as a third target: a
@@ -355,6 +359,39 @@ def baseline_rows(cells: list[Cell]) -> list[list[str]]:
     return out
 
 
+OBS_HEAD = ["batch", "conc.", "p50 off ms", "p50 on ms", "req/s off", "req/s on", "CPU ms/req off",
+            "CPU ms/req on", "CPU on/off", "errors (off/on)"]
+# What the unobserved gateway turns off: the metrics, and live fairness where the gateway has it (an unknown
+# setting is ignored by the gateway's settings, so naming it here is harmless before it lands).
+OBSERVABILITY_OFF = {"FAIRPATCH_METRICS": "false", "FAIRPATCH_LIVE_FAIRNESS": "false"}
+
+
+def observability_rows(cells: list[Cell]) -> list[list[str]]:
+    """The gateway (metrics on) against the same gateway with them off (`--observability`), cell by cell."""
+    by = {(c.target, c.concurrency, c.batch): c for c in cells}
+    out = []
+    for (target, conc, batch), off in by.items():
+        on = by.get(("gateway", conc, batch))
+        if target != "unobserved" or on is None:
+            continue
+        out.append([str(batch), str(conc), f"{off.p50:.2f}", f"{on.p50:.2f}", f"{off.rps:,.0f}", f"{on.rps:,.0f}",
+                    f"{off.cpu_ms:.3f}", f"{on.cpu_ms:.3f}", f"{on.cpu_ms / off.cpu_ms:.1%}",
+                    f"{off.errors}/{on.errors}"])
+    return sorted(out, key=lambda r: (int(r[0]), int(r[1])))
+
+
+def observability_verdict(cells: list[Cell]) -> str:
+    """All cells' CPU together: on/off of the summed CPU per request (each cell weighs alike)."""
+    by = {(c.target, c.concurrency, c.batch): c for c in cells}
+    pairs = [(by[("gateway", k[1], k[2])], c) for k, c in by.items() if k[0] == "unobserved" and
+             ("gateway", k[1], k[2]) in by]
+    ratio = sum(on.cpu_ms for on, _ in pairs) / sum(off.cpu_ms for _, off in pairs)
+    spread = [on.cpu_ms / off.cpu_ms for on, off in pairs]
+    return (f"metrics on: {ratio:.1%} of the gateway's CPU per request with them off, over {len(pairs)} cells "
+            f"(cells from {min(spread):.1%} to {max(spread):.1%}; target <= 110%): "
+            f"{'met' if ratio <= 1.10 else 'NOT met'}")
+
+
 FLOOR_HEAD = ["batch", "conc.", "p50 direct ms", "added p50 floor ms", "added p50 gateway ms (json / binary leg)",
               "floor/direct throughput", "gateway/direct throughput (json / binary leg)", "CPU ms/req floor",
               "CPU ms/req gateway (json / binary leg)", "errors floor"]
@@ -409,6 +446,10 @@ def markdown(cells: list[Cell], setup: str, baseline: str | None = None) -> str:
         lines += ["", "Live fairness on (the gateway above: every request with its group and a fresh id) against "
                   "the same gateway with it off (`FAIRPATCH_LIVE_FAIRNESS=false`), same rounds (target: at most 10% "
                   "more CPU per request):", "", *_table(LIVE_HEAD, live_rows(cells))]
+    if any(c.target == "unobserved" for c in cells):
+        lines += ["", "Observability's cost: the same gateway with metrics off (`FAIRPATCH_METRICS=false`), same "
+                  "rounds, JSON leg:", "", *_table(OBS_HEAD, observability_rows(cells)), "",
+                  f"- {observability_verdict(cells)}"]
     if any(c.target == "floor" for c in cells):
         lines += ["", "The floor: a pass-through proxy on the same stack (benchmarks/bare_proxy.py: uvicorn + aiohttp, "
                   "no parsing, no patch), same rounds:", "", *_table(FLOOR_HEAD, floor_rows(cells))]
@@ -452,6 +493,14 @@ def print_table(cells: list[Cell], title: str) -> None:
         for r in live_rows(cells):
             live.add_row(*r)
         console.print(live)
+    if any(c.target == "unobserved" for c in cells):
+        obs = Table(title="observability's cost: the gateway with metrics on against off")
+        for h in OBS_HEAD:
+            obs.add_column(h, justify="right")
+        for r in observability_rows(cells):
+            obs.add_row(*r)
+        console.print(obs)
+        console.print(observability_verdict(cells))
     if any(c.target == "baseline" for c in cells):
         base = Table(title="the gateway against the baseline gateway")
         for h in BASE_HEAD:
@@ -496,6 +545,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--live-off", action="store_true",
                     help="also measure the gateway with live fairness off, in the same rounds; requests then carry "
                          "their group and a fresh id each (what live fairness records)")
+    ap.add_argument("--observability", action="store_true",
+                    help="also measure this gateway with metrics (and live fairness) off, in the same rounds: "
+                         "the CPU observability costs per request")
     ap.add_argument("--baseline-label", default=None, help="how the report names the baseline (default: DIR)")
     args = ap.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -544,6 +596,12 @@ def main(argv: list[str] | None = None) -> int:
                                           "FAIRPATCH_LIVE_FAIRNESS": "false"}, tmp / "live-off.log")
             stack.callback(stop, gateways["live-off"])
             urls["live-off"] = f"http://127.0.0.1:{off_port}"
+        if args.observability:
+            off_env = {**env, "FAIRPATCH_DATA_DIR": str(tmp / "unobserved-data"), **OBSERVABILITY_OFF}
+            off_port = free_port()
+            gateways["unobserved"] = start([*exe, "serve", "--port", str(off_port)], off_env, tmp / "unobserved.log")
+            stack.callback(stop, gateways["unobserved"])
+            urls["unobserved"] = f"http://127.0.0.1:{off_port}"
         if args.floor:
             floor_port = free_port()
             gateways["floor"] = start([sys.executable, str(REPO / "benchmarks" / "bare_proxy.py"), "--upstream",
@@ -555,14 +613,15 @@ def main(argv: list[str] | None = None) -> int:
             for target, proc in gateways.items():
                 wait_ready(urls[target], proc)
         except RuntimeError as e:
-            for log in ("upstream.log", "gateway.log", "baseline.log", "floor.log"):
+            for log in ("upstream.log", "gateway.log", "baseline.log", "floor.log", "unobserved.log"):
                 if (tmp / log).exists():
                     print(f"--- {log}\n{(tmp / log).read_text()[-3000:]}", file=sys.stderr)
             print(f"error: {e}", file=sys.stderr)
             return 1
 
         # The gateway serves one model per leg; the baseline (older code) the JSON leg only.
-        served = {"gateway": [LEGS[t] for t in legs], "baseline": [LEGS["gateway"]], "live-off": [LEGS["gateway"]]}
+        served = {"gateway": [LEGS[t] for t in legs], "baseline": [LEGS["gateway"]], "live-off": [LEGS["gateway"]],
+                  "unobserved": [LEGS["gateway"]]}
         for target in served:
             if target not in gateways:
                 continue
@@ -581,12 +640,12 @@ def main(argv: list[str] | None = None) -> int:
                               file=sys.stderr)
                         return 1
         targets = {"direct": urls["direct"], **{t: urls["gateway"] for t in legs}}
-        for extra in ("baseline", "floor", "live-off"):
+        for extra in ("baseline", "floor", "live-off", "unobserved"):
             if extra in urls:
                 targets[extra] = urls[extra]
         paths = {t: f"/v2/models/{LEGS[t][1] if t in LEGS else MODEL}/infer" for t in targets}
         answering = {"direct": upstream.pid, **{t: gateways["gateway"].pid for t in legs}}
-        for extra in ("baseline", "floor", "live-off"):
+        for extra in ("baseline", "floor", "live-off", "unobserved"):
             if extra in gateways:
                 answering[extra] = gateways[extra].pid
 
@@ -625,7 +684,8 @@ def main(argv: list[str] | None = None) -> int:
              f"rounds, direct and gateway (upstream legs: {', '.join(LEGS[t][0] for t in legs)})"
              f"{' (and the baseline gateway)' if args.baseline else ''}"
              f"{' (and a pass-through proxy, the floor)' if args.floor else ''}"
-             f"{' (and the gateway with live fairness off)' if args.live_off else ''} alternating. "
+             f"{' (and the gateway with live fairness off)' if args.live_off else ''}"
+             f"{' (and the gateway with metrics off)' if args.observability else ''} alternating. "
              f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}. Latencies in ms as the client "
              "sees them; the client, upstream and gateway share the machine's cores. CPU ms/req: the answering "
              "server process's own CPU time (user + system, from /proc) per request: the upstream's in the direct "

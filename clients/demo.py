@@ -13,6 +13,7 @@ Everything runs on this machine with embedded defaults and loopback ports:
    compare the model's own decisions (the `fairpatch_raw` output) with the patched ones, per group;
 5. send the test labels as feedback (`POST /v1/feedback`, by request id) and end with the gateway's own
    live fairness figures of that traffic (`GET /v1/models/adult/versions/1/fairness`).
+6. write the job's HTML report (`GET /v1/jobs/{id}/report.html`) and end with its path.
 
 Heavy imports (torch for a first training, the service) happen inside `run`, so importing the CLI
 stays light.
@@ -33,6 +34,7 @@ from typing import Any
 
 MODEL = "adult"
 BATCH = 1024  # test rows per inference request
+REPORT = "fairpatch-demo-report.html"  # where the job's HTML report goes (the current directory)
 
 
 def _worker(app: Any) -> str:
@@ -211,7 +213,10 @@ def run(args: argparse.Namespace) -> int:
         except FairpatchError as e:
             console.print(f"[red]live fairness[/]: {e.message} (HTTP {e.status})")
             return 1
+        report = Path(getattr(args, "report", None) or REPORT).resolve()
+        client.job_report(job.id, report)  # written before the gateway (and its temporary Redis) goes
         console.print(f"[dim]shutting down (the demo took {time.perf_counter() - started:.1f}s)[/]")
+    console.print(f"the job's report (open it in a browser): {report}")
     return 0
 
 
@@ -220,6 +225,7 @@ def main() -> None:  # `python -m clients.demo`
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bias", default="estimator", choices=["estimator", "group"])
+    parser.add_argument("--report", default=REPORT, help=f"where to write the job's HTML report (default: {REPORT})")
     sys.exit(run(parser.parse_args()))
 
 

@@ -123,6 +123,10 @@ def startup(app: FastAPI) -> None:
                                   flush_s=settings.live_flush_s, check_s=settings.live_check_s,
                                   alert_gap=settings.live_alert_gap, feedback_ttl_s=settings.feedback_ttl_s,
                                   max_requests=settings.feedback_max_requests)
+    if settings.metrics:  # the drift checks' figures as Prometheus gauges
+        from service.prometheus import live_gauges
+
+        app.state.live.on_drift(live_gauges)
     app.state.live.start()
 
 

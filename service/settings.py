@@ -79,8 +79,16 @@ class Settings(BaseSettings):
     # Served requests are remembered by id this long (and at most this many per replica) for feedback labels.
     feedback_ttl_s: float = Field(default=3600.0, gt=0)
     feedback_max_requests: int = Field(default=100_000, gt=0)
+    # Prometheus metrics at GET /metrics (service.prometheus); off: the hot path records nothing.
+    metrics: bool = True
+    # KServe-style payload logging (service.payload_log): each inference request and its served answer posted
+    # as CloudEvents to this URL, off the hot path; None = off.
+    payload_log_url: str | None = None
+    payload_log_queue: int = Field(default=1000, ge=1)  # events waiting to be sent; more are dropped and counted
+    payload_log_source: str = "fairpatch"  # the events' `source` (KServe: the logger's own URL)
+    payload_log_timeout_s: float = Field(default=5.0, gt=0)  # one post to the sink; past it the event counts as failed
 
-    @field_validator("redis_url", mode="before")
+    @field_validator("redis_url", "payload_log_url", mode="before")
     @classmethod
     def _blank_is_none(cls, v: object) -> object:
         return None if isinstance(v, str) and not v.strip() else v

@@ -58,6 +58,7 @@ from service.jobs import (
     plain,
 )
 from service.patch_store import PatchStore
+from service.prometheus import JOB_QUERIES, JOBS
 from service.redact import install as install_redaction
 from service.redact import redact, redact_url
 from service.registry import ModelRegistry, ModelSpec
@@ -150,28 +151,34 @@ class _Progress:
 
 
 def _evaluate(spec: ModelSpec, patch: Any, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
-              cancelled: threading.Event, seed: int, criterion: str | None = None) -> dict[str, Any]:
+              cancelled: threading.Event, seed: int, group_names: tuple[str, ...] = (),
+              criterion: str | None = None) -> dict[str, Any]:
     """Headline metrics on the held-out rows before and after the patch (patcher.pipeline.score: the patch runs
     as the gateway runs it, randomized decisions drawn reproducibly from `seed`), through an unbudgeted oracle."""
+    from patcher.group_figures import by_group
     from patcher.pipeline import score
     from service.http_oracle import HttpOracle
 
     with _cancellable(HttpOracle(spec), cancelled) as oracle:
         s = score(patch, oracle.log_probs, X, y, groups, seed=seed)
         scores = {"before": s.before, "after": s.after, "eval_queries": oracle.queries_used,
-                  "group_at_inference": s.group_at_inference, "served_by": s.served_by}
-    scores["held_out"] = _held_out(y, s.before_log_probs.argmax(1), s.after_decisions, groups, criterion, seed)
+                  "group_at_inference": s.group_at_inference, "served_by": s.served_by,
+                  # per group, with bootstrap intervals: what the HTML report plots
+                  "by_group": by_group(y, s.before_log_probs.argmax(1), s.after_decisions, groups,
+                                       list(group_names), seed=seed)}
+    scores["held_out"] = _held_out(y, s.before_log_probs.argmax(1), s.after_decisions, groups, criterion, seed,
+                                   len(group_names) or None)
     return scores
 
 
 def _held_out(y: np.ndarray, before: np.ndarray, after: np.ndarray, groups: np.ndarray, criterion: str | None,
-              seed: int) -> dict[str, Any] | None:
+              seed: int, n_groups: int | None = None) -> dict[str, Any] | None:
     """The activation guard's verdict (patcher.verdict) on the rows `_evaluate` scored; None without them."""
     from patcher.verdict import held_out_verdict
 
     if criterion is None or not len(y):
         return None
-    n_groups = int(np.max(groups)) + 1
+    n_groups = n_groups or int(np.max(groups)) + 1
     return held_out_verdict(y, before, after, groups, n_groups, criterion, seed=seed)
 
 
@@ -246,11 +253,12 @@ async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, 
     if not hasattr(patch, "for_model"):
         raise JobFailed(f"method {job.method} returned {type(patch).__name__}, not a Patch")
     queries_used = 0 if oracle is None else oracle.queries_used
+    JOB_QUERIES.labels(job.method).inc(queries_used)
 
     stage[0] = "scoring the held-out rows"
     await jobs.running_progress(job.id, {"fraction": FIT_SHARE, "stage": stage[0], "queries_used": queries_used})
     scores = await asyncio.to_thread(_evaluate, spec, patch, data.X[held_idx], data.y[held_idx],
-                                     data.groups[held_idx], cancelled, job.seed, job.criterion)
+                                     data.groups[held_idx], cancelled, job.seed, data.group_names, job.criterion)
 
     stage[0] = "storing the patch"
     if cancelled.is_set():
@@ -270,7 +278,8 @@ async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, 
                   "groups": list(data.group_names), "group_at_inference": scores["group_at_inference"],
                   "access": job.access, "served_by": scores["served_by"],
                   "artifact_sha256": None if oracle is not None else access.sha256,
-                  "before": scores["before"], "after": scores["after"], "held_out": held_out, "report": report_dict,
+                  "before": scores["before"], "after": scores["after"], "by_group": scores["by_group"],
+                  "held_out": held_out, "report": report_dict,
                   "drop_rows": {name: [int(i) for i in rows] for name, rows in result.drop_rows.items()}})
 
 
@@ -297,6 +306,7 @@ async def train_patch(ctx: dict[str, Any], job_id: str) -> str:
                                        progress={"fraction": 0.0, "stage": "starting", "queries_used": 0})
     if not started:
         return f"skipped ({before})"  # cancelled before a worker got to it
+    JOBS.labels(job.method, "running").inc()
 
     cancelled = threading.Event()
     stage = ["starting"]
@@ -307,6 +317,8 @@ async def train_patch(ctx: dict[str, Any], job_id: str) -> str:
     finally:
         beat.cancel()
         jobs.forget(job_id)
+    if outcome in ("succeeded", "failed"):  # a cancel is counted where it is asked (service.management)
+        JOBS.labels(job.method, outcome).inc()
     if await jobs.status(job_id) == "queued":
         # Taken from this worker as lost (it stalled past the heartbeat bound) and put back in the queue, so this
         # run's end was not written: leave the job in arq's queue too, or arq would drop it while the record

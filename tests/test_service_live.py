@@ -143,6 +143,14 @@ def test_live_dp_of_a_biased_stream_merges_both_replicas_within_its_ci(gateways,
     until(lambda: any("is drifting" in r.getMessage() and model in r.getMessage() for r in caplog.records),
           "the drift log line")
     until(lambda: (model, True) in heard, "the drift listener (the hook metrics use)")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def drifting_gauge() -> float | None:
+        families = text_string_to_metric_families(c1.get("/metrics").text)
+        return next((s.value for f in families for s in f.samples
+                     if s.name == "fairpatch_live_drifting" and s.labels.get("model") == model), None)
+
+    until(lambda: drifting_gauge() == 1.0, "the drifting gauge at /metrics")
 
 
 def test_feedback_labels_give_eo_tpr_fpr_and_accuracy(gateways, upstream):
