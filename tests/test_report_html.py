@@ -213,6 +213,8 @@ def test_live_figures_appear_only_where_the_gateway_serves_them(redis_url, tmp_p
     async def live(model: str, version: str):
         return {"model": model, "version": version, "served": {"dp_gap": 0.031, "count": 1200}}
 
+    # ahead of the gateway's own live-fairness route (service.live_routes), which would answer first
+    app.router.routes.insert(0, app.router.routes.pop())
     with ServerThread(app) as server:
         r = httpx.get(f"{server.url}/v1/jobs/{job['id']}/report.html", headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 200 and "Live figures of this version" in r.text
