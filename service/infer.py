@@ -37,6 +37,7 @@ from typing import Annotated, Any, Generic, TypeVar
 import numpy as np
 import pydantic_core
 from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 from starlette.datastructures import State
@@ -600,9 +601,16 @@ async def model_metadata(request: Request, model_name: str, model_version: str |
 
 @router.get("/v2/models/{model_name}/ready", response_model=ModelReadyResponse)
 @router.get("/v2/models/{model_name}/versions/{model_version}/ready", response_model=ModelReadyResponse)
-async def model_ready(request: Request, model_name: str, model_version: str | None = None) -> ModelReadyResponse:
-    await _cache(request).spec(model_name, model_version)
-    return ModelReadyResponse(name=model_name, ready=True)
+async def model_ready(request: Request, model_name: str, model_version: str | None = None) -> Response:
+    spec = await _cache(request).spec(model_name, model_version)
+    readiness = getattr(request.app.state, "readiness", None)
+    if readiness is not None and request.app.state.settings.ready_checks_upstreams:
+        runner = await request.app.state.patches.runner(spec.name, spec.version)
+        if runner is None or not runner.replaces_model:  # a weight patch serves without the upstream
+            problem = await readiness.model_problem(spec)
+            if problem is not None:
+                return JSONResponse({"name": model_name, "ready": False, "error": problem}, status_code=503)
+    return JSONResponse(ModelReadyResponse(name=model_name, ready=True).model_dump(mode="json", exclude_none=True))
 
 
 # --- lifecycle ---------------------------------------------------------------------------------------
@@ -611,6 +619,9 @@ async def startup(app: FastAPI) -> None:
     """The pooled upstream client and the model cache, on app.state."""
     app.state.upstream = UpstreamClient()
     app.state.model_cache = ModelCache(app.state.registry, app.state.upstream)
+    from service.readiness import UpstreamReadiness  # it builds on this module's cache
+
+    app.state.readiness = UpstreamReadiness(app.state.upstream)
 
 
 async def shutdown(app: FastAPI) -> None:
