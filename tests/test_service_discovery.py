@@ -35,8 +35,9 @@ class SklearnLike:
     """An OIP server shaped like MLServer 1.7 serving a scikit-learn classifier with default settings: the
     Adult reference model's logits behind `predict_proba` (FP64 probabilities) and `predict` (INT64 labels)."""
 
-    def __init__(self, onnx: bytes) -> None:
+    def __init__(self, onnx: bytes, *, declared: bool = False) -> None:
         self.model = OnnxModel(onnx, name="adult")
+        self.declared = declared  # metadata as when model-settings.json lists the tensors
         self.down = threading.Event()
         self.rows = 0
         self.asked: list[list[str] | None] = []  # the outputs each infer request named (None: none)
@@ -55,7 +56,13 @@ class SklearnLike:
 
         @app.get("/v2/models/{name}")
         async def metadata(name: str) -> dict:
-            return {"name": name, "versions": [], "platform": "", "inputs": [], "outputs": []}
+            if not self.declared:
+                return {"name": name, "versions": [], "platform": "", "inputs": [], "outputs": []}
+            width = self.model.metadata.inputs[0].shape[1]
+            return {"name": name, "versions": [], "platform": "",
+                    "inputs": [{"name": "input-0", "datatype": "FP32", "shape": [-1, width]}],
+                    "outputs": [{"name": "predict", "datatype": "INT64", "shape": [-1]},
+                                {"name": "predict_proba", "datatype": "FP64", "shape": [-1, 2]}]}
 
         @app.get("/v2/models/{name}/ready")
         async def model_ready(name: str) -> JSONResponse:
@@ -87,6 +94,14 @@ class SklearnLike:
 @pytest.fixture(scope="module")
 def sklearn_like(adult_model):
     up = SklearnLike(adult_model.onnx_bytes)
+    with ServerThread(up.app) as server:
+        up.url = server.url
+        yield up
+
+
+@pytest.fixture(scope="module")
+def sklearn_declared(adult_model):
+    up = SklearnLike(adult_model.onnx_bytes, declared=True)
     with ServerThread(up.app) as server:
         up.url = server.url
         yield up
@@ -212,11 +227,24 @@ def test_probabilities_registered_as_logits_are_refused_with_the_fix(client, skl
     assert r.status_code == 200 and r.json()["output_kind_seen"] == "probabilities", r.text
 
 
-def test_a_declared_width_is_probed_at_registration(client, onnx_upstream):
+def test_models_check_probes_a_declared_width_and_registration_sends_no_inference(client, onnx_upstream):
     r = register(client, "probed", onnx_upstream, output_kind="probabilities")  # it answers logits
+    assert r.status_code == 201 and r.json()["discovery"]["output_kind_seen"] is None, r.text
+    r = client.post(f"/v1/models/probed-{RUN}/versions/1/check")  # one row of zeros: the width is declared
     assert r.status_code == 400 and "register upstream.output_kind logits" in error(r)
-    r = register(client, "probed", onnx_upstream)
-    assert r.status_code == 201 and r.json()["discovery"]["output_kind_seen"] == "logits", r.text
+    r = register(client, "probed-ok", onnx_upstream)
+    r = client.post(f"/v1/models/probed-ok-{RUN}/versions/1/check")
+    assert r.status_code == 200 and r.json()["output_kind_seen"] == "logits", r.text
+
+
+def test_an_output_declared_as_integers_is_refused_at_registration(client, sklearn_declared):
+    r = register(client, "declared", sklearn_declared.url, output_name="predict")
+    assert r.status_code == 400 and "hard labels" in error(r) and "as INT64" in error(r)
+    r = register(client, "declared", sklearn_declared.url, output_name="predict_proba", output_kind="probabilities")
+    assert r.status_code == 201, r.text
+    assert r.json()["discovery"]["declared_outputs"] == ["predict", "predict_proba"]
+    r = register(client, "declared-typo", sklearn_declared.url, output_name="predict_probs")
+    assert r.status_code == 400 and "does not declare" in error(r) and "predict_proba" in error(r)
 
 
 @pytest.mark.parametrize(("scores", "kind"), [
