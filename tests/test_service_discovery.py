@@ -355,3 +355,17 @@ def test_the_worker_counts_a_failed_job_as_failed(client, worker, sklearn_like, 
     done = run_job(client, "fails", dataset)
     assert done["status"] == "failed"
     wait_for(lambda: worker.worker.jobs_failed == failed + 1, "the worker to count the failed job")
+
+
+def test_the_cli_checks_a_model_against_a_datasets_rows(client, sklearn_like, dataset):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    assert register(client, "cli", sklearn_like.url, **SKLEARN).status_code == 201
+    env = {**os.environ, "FAIRPATCH_URL": str(client.base_url).rstrip("/"), "FAIRPATCH_ADMIN_KEY": KEY}
+    p = subprocess.run([sys.executable, "-m", "clients", "models", "check", f"cli-{RUN}", "--dataset", dataset],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 0, p.stderr
+    assert "output kind seen: probabilities" in p.stdout and "registered names are used" in p.stdout, p.stdout
