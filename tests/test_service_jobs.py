@@ -28,7 +28,7 @@ from service.local_upstream import OnnxModel, create_upstream_app
 from service.redis_embedded import EmbeddedRedis
 from service.serve_thread import ServerThread
 from service.settings import Settings
-from service.worker import MAX_TRIES, WorkerThread, embedded_redis_url
+from service.worker import MAX_TRIES, WorkerThread, embedded_redis_url, eval_sample
 from tests import expected
 from tests.processes import ready, served, until
 
@@ -188,6 +188,7 @@ def assert_figures_are_fairlearns(result: dict, patch: Patch, adult, adult_model
     from patcher.tuning import stratified_split
 
     held, _ = stratified_split(adult.tune.y, adult.tune.groups, 0.3, 0)  # the job's split: holdout 0.3, seed 0
+    held = held[eval_sample(adult.tune.y[held], adult.tune.groups[held], result["eval_budget"], 0)]  # its sample
     assert len(held) == result["holdout_rows"]
     X, y, g = adult.tune.X[held].astype(np.float32), adult.tune.y[held], adult.tune.groups[held]
     logits = ort.InferenceSession(adult_model.onnx_bytes, providers=["CPUExecutionProvider"]).run(
