@@ -30,6 +30,11 @@ tensor extension Triton speaks): the gateway still reads the caller's JSON, but 
 parses it. `--legs` picks. The upstream's CPU per request is recorded in every round, so the table
 shows what each leg costs the upstream as well as the gateway.
 
+`--observability` also starts a second gateway of this checkout with its observability off
+(`FAIRPATCH_METRICS=false`, and no live fairness where the gateway has it) in front of the same upstream, with the
+same patch, measured in the same alternating rounds as `unobserved`: the table beside the main one gives the
+gateway's CPU per request with metrics on against off, cell by cell (target: at most 110%).
+
 `--baseline DIR` also starts the gateway of another checkout (an earlier commit, say) in front of the same
 upstream, with the same patch, and measures it in the same alternating rounds as a third target: a
 before/after comparison under the same load, which separate runs on a shared machine cannot give.
@@ -332,6 +337,39 @@ def baseline_rows(cells: list[Cell]) -> list[list[str]]:
     return out
 
 
+OBS_HEAD = ["batch", "conc.", "p50 off ms", "p50 on ms", "req/s off", "req/s on", "CPU ms/req off",
+            "CPU ms/req on", "CPU on/off", "errors (off/on)"]
+# What the unobserved gateway turns off: the metrics, and live fairness where the gateway has it (an unknown
+# setting is ignored by the gateway's settings, so naming it here is harmless before it lands).
+OBSERVABILITY_OFF = {"FAIRPATCH_METRICS": "false", "FAIRPATCH_LIVE_FAIRNESS": "false"}
+
+
+def observability_rows(cells: list[Cell]) -> list[list[str]]:
+    """The gateway (metrics on) against the same gateway with them off (`--observability`), cell by cell."""
+    by = {(c.target, c.concurrency, c.batch): c for c in cells}
+    out = []
+    for (target, conc, batch), off in by.items():
+        on = by.get(("gateway", conc, batch))
+        if target != "unobserved" or on is None:
+            continue
+        out.append([str(batch), str(conc), f"{off.p50:.2f}", f"{on.p50:.2f}", f"{off.rps:,.0f}", f"{on.rps:,.0f}",
+                    f"{off.cpu_ms:.3f}", f"{on.cpu_ms:.3f}", f"{on.cpu_ms / off.cpu_ms:.1%}",
+                    f"{off.errors}/{on.errors}"])
+    return sorted(out, key=lambda r: (int(r[0]), int(r[1])))
+
+
+def observability_verdict(cells: list[Cell]) -> str:
+    """All cells' CPU together: on/off of the summed CPU per request (each cell weighs alike)."""
+    by = {(c.target, c.concurrency, c.batch): c for c in cells}
+    pairs = [(by[("gateway", k[1], k[2])], c) for k, c in by.items() if k[0] == "unobserved" and
+             ("gateway", k[1], k[2]) in by]
+    ratio = sum(on.cpu_ms for on, _ in pairs) / sum(off.cpu_ms for _, off in pairs)
+    spread = [on.cpu_ms / off.cpu_ms for on, off in pairs]
+    return (f"metrics on: {ratio:.1%} of the gateway's CPU per request with them off, over {len(pairs)} cells "
+            f"(cells from {min(spread):.1%} to {max(spread):.1%}; target <= 110%): "
+            f"{'met' if ratio <= 1.10 else 'NOT met'}")
+
+
 FLOOR_HEAD = ["batch", "conc.", "p50 direct ms", "added p50 floor ms", "added p50 gateway ms (json / binary leg)",
               "floor/direct throughput", "gateway/direct throughput (json / binary leg)", "CPU ms/req floor",
               "CPU ms/req gateway (json / binary leg)", "errors floor"]
@@ -364,6 +402,10 @@ def markdown(cells: list[Cell], setup: str, baseline: str | None = None) -> str:
     if baseline:
         lines += ["", f"Against the baseline gateway ({baseline}), same rounds:", "",
                   *_table(BASE_HEAD, baseline_rows(cells))]
+    if any(c.target == "unobserved" for c in cells):
+        lines += ["", "Observability's cost: the same gateway with metrics off (`FAIRPATCH_METRICS=false`), same "
+                  "rounds, JSON leg:", "", *_table(OBS_HEAD, observability_rows(cells)), "",
+                  f"- {observability_verdict(cells)}"]
     if any(c.target == "floor" for c in cells):
         lines += ["", "The floor: a pass-through proxy on the same stack (benchmarks/bare_proxy.py: uvicorn + aiohttp, "
                   "no parsing, no patch), same rounds:", "", *_table(FLOOR_HEAD, floor_rows(cells))]
@@ -400,6 +442,14 @@ def print_table(cells: list[Cell], title: str) -> None:
         for r in floor_rows(cells):
             floor.add_row(*r)
         console.print(floor)
+    if any(c.target == "unobserved" for c in cells):
+        obs = Table(title="observability's cost: the gateway with metrics on against off")
+        for h in OBS_HEAD:
+            obs.add_column(h, justify="right")
+        for r in observability_rows(cells):
+            obs.add_row(*r)
+        console.print(obs)
+        console.print(observability_verdict(cells))
     if any(c.target == "baseline" for c in cells):
         base = Table(title="the gateway against the baseline gateway")
         for h in BASE_HEAD:
@@ -441,6 +491,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also measure a pass-through proxy on the gateway's stack (benchmarks/bare_proxy.py: "
                          "uvicorn + aiohttp, no parsing, no patch) in the same rounds: what any proxy built from "
                          "these parts adds on this machine")
+    ap.add_argument("--observability", action="store_true",
+                    help="also measure this gateway with metrics (and live fairness) off, in the same rounds: "
+                         "the CPU observability costs per request")
     ap.add_argument("--baseline-label", default=None, help="how the report names the baseline (default: DIR)")
     args = ap.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -482,6 +535,12 @@ def main(argv: list[str] | None = None) -> int:
                                          cwd=args.baseline.resolve())
             stack.callback(stop, gateways["baseline"])
             urls["baseline"] = f"http://127.0.0.1:{base_port}"
+        if args.observability:
+            off_env = {**env, "FAIRPATCH_DATA_DIR": str(tmp / "unobserved-data"), **OBSERVABILITY_OFF}
+            off_port = free_port()
+            gateways["unobserved"] = start([*exe, "serve", "--port", str(off_port)], off_env, tmp / "unobserved.log")
+            stack.callback(stop, gateways["unobserved"])
+            urls["unobserved"] = f"http://127.0.0.1:{off_port}"
         if args.floor:
             floor_port = free_port()
             gateways["floor"] = start([sys.executable, str(REPO / "benchmarks" / "bare_proxy.py"), "--upstream",
@@ -493,14 +552,14 @@ def main(argv: list[str] | None = None) -> int:
             for target, proc in gateways.items():
                 wait_ready(urls[target], proc)
         except RuntimeError as e:
-            for log in ("upstream.log", "gateway.log", "baseline.log", "floor.log"):
+            for log in ("upstream.log", "gateway.log", "baseline.log", "floor.log", "unobserved.log"):
                 if (tmp / log).exists():
                     print(f"--- {log}\n{(tmp / log).read_text()[-3000:]}", file=sys.stderr)
             print(f"error: {e}", file=sys.stderr)
             return 1
 
         # The gateway serves one model per leg; the baseline (older code) the JSON leg only.
-        served = {"gateway": [LEGS[t] for t in legs], "baseline": [LEGS["gateway"]]}
+        served = {"gateway": [LEGS[t] for t in legs], "baseline": [LEGS["gateway"]], "unobserved": [LEGS["gateway"]]}
         for target in served:
             if target not in gateways:
                 continue
@@ -519,12 +578,12 @@ def main(argv: list[str] | None = None) -> int:
                               file=sys.stderr)
                         return 1
         targets = {"direct": urls["direct"], **{t: urls["gateway"] for t in legs}}
-        for extra in ("baseline", "floor"):
+        for extra in ("baseline", "floor", "unobserved"):
             if extra in urls:
                 targets[extra] = urls[extra]
         paths = {t: f"/v2/models/{LEGS[t][1] if t in LEGS else MODEL}/infer" for t in targets}
         answering = {"direct": upstream.pid, **{t: gateways["gateway"].pid for t in legs}}
-        for extra in ("baseline", "floor"):
+        for extra in ("baseline", "floor", "unobserved"):
             if extra in gateways:
                 answering[extra] = gateways[extra].pid
 
@@ -561,7 +620,8 @@ def main(argv: list[str] | None = None) -> int:
              f"load from {loader}, at most {args.requests} requests or {args.seconds:g} s per cell in {args.rounds} "
              f"rounds, direct and gateway (upstream legs: {', '.join(LEGS[t][0] for t in legs)})"
              f"{' (and the baseline gateway)' if args.baseline else ''}"
-             f"{' (and a pass-through proxy, the floor)' if args.floor else ''} alternating. "
+             f"{' (and a pass-through proxy, the floor)' if args.floor else ''}"
+             f"{' (and the gateway with metrics off)' if args.observability else ''} alternating. "
              f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}. Latencies in ms as the client "
              "sees them; the client, upstream and gateway share the machine's cores. CPU ms/req: the answering "
              "server process's own CPU time (user + system, from /proc) per request: the upstream's in the direct "

@@ -67,6 +67,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--bias", default="estimator", choices=["estimator", "group"],
                       help="Eraser's bias features: estimator (no group needed at inference) or group (sent per row)")
+    demo.add_argument("--report", default="fairpatch-demo-report.html",
+                      help="where to write the job's HTML report (default: fairpatch-demo-report.html)")
     demo.set_defaults(run=lambda a: __import__("clients.demo", fromlist=["run"]).run(a))
 
 

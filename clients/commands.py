@@ -677,5 +677,21 @@ def add_gateway_parsers(sub: argparse._SubParsersAction) -> None:
     """Register `models`, `datasets`, `jobs`, `patches` and `infer` on the `fairpatch` parser."""
     common = argparse.ArgumentParser(add_help=False)
     add_connection_options(common)
-    for add in (_add_models, _add_datasets, _add_jobs, _add_patches, _add_infer):
+    for add in (_add_models, _add_datasets, _add_jobs, _add_patches, _add_infer, _add_report):
         add(sub, common)
+
+
+def _add_report(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    report = sub.add_parser("report", help="a job's result as one self-contained HTML page (admin)", parents=[common])
+    report.add_argument("job_id")
+    report.add_argument("--out", default=None, help="where to write the page (default: report-<job>.html)")
+    report.set_defaults(run=handles_errors(_report))
+
+
+def _report(args: argparse.Namespace, client: Client) -> int:
+    from pathlib import Path
+
+    out = Path(args.out or f"report-{args.job_id}.html")
+    client.job_report(args.job_id, out)
+    print(f"wrote {out.resolve()}")
+    return 0

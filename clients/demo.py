@@ -10,7 +10,8 @@ Everything runs on this machine with embedded defaults and loopback ports:
 3. register the model, upload the Adult tune split (feature columns + income + sex), run an Eraser
    job with a query budget (progress bar), and activate the patch it produced;
 4. send the Adult *test* split (rows no step above has seen) through `/v2/models/adult/infer` and
-   compare the model's own decisions (the `fairpatch_raw` output) with the patched ones, per group.
+   compare the model's own decisions (the `fairpatch_raw` output) with the patched ones, per group;
+5. write the job's HTML report (`GET /v1/jobs/{id}/report.html`) and end with its path.
 
 Heavy imports (torch for a first training, the service) happen inside `run`, so importing the CLI
 stays light.
@@ -31,6 +32,7 @@ from typing import Any
 
 MODEL = "adult"
 BATCH = 1024  # test rows per inference request
+REPORT = "fairpatch-demo-report.html"  # where the job's HTML report goes (the current directory)
 
 
 def _worker(app: Any) -> str:
@@ -184,7 +186,10 @@ def run(args: argparse.Namespace) -> int:
                f"Adult test split ({len(test.y):,} rows never seen by the job) through {gateway.url}")
         console.print("Same deployed model, same rows: 'before' is the model's own answer (fairpatch_raw), "
                       "'after' what the gateway served with the patch active.")
+        report = Path(getattr(args, "report", None) or REPORT).resolve()
+        client.job_report(job.id, report)  # written before the gateway (and its temporary Redis) goes
         console.print(f"[dim]shutting down (the demo took {time.perf_counter() - started:.1f}s)[/]")
+    console.print(f"the job's report (open it in a browser): {report}")
     return 0
 
 
@@ -193,6 +198,7 @@ def main() -> None:  # `python -m clients.demo`
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bias", default="estimator", choices=["estimator", "group"])
+    parser.add_argument("--report", default=REPORT, help=f"where to write the job's HTML report (default: {REPORT})")
     sys.exit(run(parser.parse_args()))
 
 

@@ -480,6 +480,10 @@ class _Calls:
         return _Call("GET", f"/v1/methods/{_seg(name)}", _json)
 
     @staticmethod
+    def job_report(job_id: str) -> _Call[str]:
+        return _Call("GET", f"/v1/jobs/{_seg(job_id)}/report.html", lambda r: r.text, headers={"accept": "text/html"})
+
+    @staticmethod
     def condensed_dataset(job_id: str) -> _Call[DatasetInfo]:
         return _Call("POST", f"/v1/jobs/{_seg(job_id)}/datasets/condensed", _shape(DatasetInfo))
 
@@ -681,6 +685,13 @@ class Client(_Base):
     def list_jobs(self) -> list[Job]:
         return self._do(_Calls.list_jobs())
 
+    def job_report(self, job_id: str, path: str | os.PathLike | None = None) -> str:
+        """The job's result as one self-contained HTML page; written to `path` when given."""
+        html = self._do(_Calls.job_report(job_id))
+        if path is not None:
+            Path(path).write_text(html, encoding="utf-8")
+        return html
+
     def condensed_dataset(self, job_id: str) -> DatasetInfo:
         """A new dataset: the job's dataset without the training rows its sample audit drops (FORML jobs' row set
         "condensed")."""
@@ -853,6 +864,12 @@ class AsyncClient(_Base):
 
     async def list_jobs(self) -> list[Job]:
         return await self._do(_Calls.list_jobs())
+
+    async def job_report(self, job_id: str, path: str | os.PathLike | None = None) -> str:
+        html = await self._do(_Calls.job_report(job_id))
+        if path is not None:
+            Path(path).write_text(html, encoding="utf-8")
+        return html
 
     async def condensed_dataset(self, job_id: str) -> DatasetInfo:
         return await self._do(_Calls.condensed_dataset(job_id))

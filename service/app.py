@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 from starlette.types import Receive, Scope, Send
 
-from service import export_routes, health, infer, management
+from service import export_routes, health, infer, management, observability, report_routes
 from service.body_limit import BodySizeLimit
 from service.errors import install_error_handlers
 from service.fast_path import InferenceEndpoint
@@ -64,9 +64,11 @@ def create_app(settings: Settings | None = None) -> Gateway:
             # Each component opens what it needs (pooled upstream client, job queue) and closes it.
             await infer.startup(app)
             await management.startup(app)
+            await observability.startup(app)
             try:
                 yield
             finally:
+                await observability.shutdown(app)
                 await management.shutdown(app)
                 await infer.shutdown(app)
                 await app.state.patches.stop()
@@ -85,5 +87,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
     app.include_router(infer.router)
     app.include_router(management.router)
     app.include_router(export_routes.router)
+    app.include_router(observability.router)
+    app.include_router(report_routes.router)
     document(app, schemas=infer.SCHEMAS, operations=infer.OPERATIONS)
     return app

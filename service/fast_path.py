@@ -19,6 +19,8 @@ Authentication is not involved: the admin key guards the management API only.
 
 from __future__ import annotations
 
+from time import perf_counter
+
 from starlette.datastructures import State
 from starlette.routing import Route, compile_path
 from starlette.types import Message, Receive, Scope, Send
@@ -28,6 +30,7 @@ from service.body_limit import limited, refuse_declared
 from service.errors import ApiError, client_error_response, unexpected_error_response
 from service.infer import BINARY_HEADER, PATCH_HEADER, V1_PREDICT_PATH, V2_INFER_PATHS, Answer, serve
 from service.patch_serving import SERVED_BY_HEADER
+from service.probe import Probe
 
 _V2 = [compile_path(p)[0] for p in V2_INFER_PATHS]  # the same patterns the routes match
 _V1 = compile_path(V1_PREDICT_PATH)[0]
@@ -77,20 +80,29 @@ class InferenceEndpoint:
                 Route(V1_PREDICT_PATH, _Routed(self, "v1"), methods=["POST"], include_in_schema=False)]
 
     async def __call__(self, target: Target, scope: Scope, receive: Receive, send: Send) -> None:
+        # The observer (service.observability: metrics, payload log) is set at startup; None when both are off.
+        observer = getattr(self.state, "observer", None)
+        probe = None if observer is None else Probe(perf_counter())
         try:
-            answer = await self._answer(target, scope, receive)
+            answer = await self._answer(target, scope, receive, probe)
         except _Disconnected:
             return
         except Exception as exc:  # noqa: BLE001 - answered as the app's exception handlers would
             response = client_error_response(exc)
             if response is not None:
                 await response(scope, receive, send)
+                if probe is not None:
+                    observer.failed(target[0], probe, response.status_code, exc)
                 return
+            if probe is not None:
+                observer.failed(target[0], probe, 500, exc)
             await unexpected_error_response(scope["method"], scope["path"], exc)(scope, receive, send)
             raise
         await _send_answer(send, answer)
+        if probe is not None:  # after the answer is out: nothing here delays the caller
+            observer.served(target[0], probe, answer, scope)
 
-    async def _answer(self, target: Target, scope: Scope, receive: Receive) -> Answer:
+    async def _answer(self, target: Target, scope: Scope, receive: Receive, probe: Probe | None) -> Answer:
         refused = refuse_declared(scope, self.max_body_bytes)
         if refused is not None:
             raise ApiError(*refused)
@@ -103,18 +115,20 @@ class InferenceEndpoint:
         async def read_body() -> bytes:
             message = await body_receive()
             body = _chunk(message)
-            if not message.get("more_body", False):
-                return body
-            chunks = [body]
-            while message.get("more_body", False):
-                message = await body_receive()
-                chunks.append(_chunk(message))
-            return b"".join(chunks)
+            if message.get("more_body", False):
+                chunks = [body]
+                while message.get("more_body", False):
+                    message = await body_receive()
+                    chunks.append(_chunk(message))
+                body = b"".join(chunks)
+            if probe is not None:
+                probe.body = body
+            return body
 
         protocol, model, version = target
         binary = _header(scope, _BINARY)
         return await serve(self.state, protocol, model, version, read_body,
-                           None if binary is None else binary.decode("latin-1"))
+                           None if binary is None else binary.decode("latin-1"), probe)
 
 
 class _Routed:

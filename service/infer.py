@@ -32,6 +32,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field, replace
+from time import perf_counter
 from typing import Annotated, Any, Generic, TypeVar
 
 import numpy as np
@@ -69,6 +70,7 @@ from service.oip import (
 )
 from service.openapi import Operation
 from service.patch_serving import SERVED_BY_HEADER, SERVED_BY_PATCH, SERVED_BY_UPSTREAM
+from service.probe import Probe
 from service.registry import ModelRegistry, ModelSpec
 from service.upstream import UpstreamClient, UpstreamError, output_array, scores_array, scores_index
 
@@ -449,31 +451,49 @@ def _reply(call: Call, spec: ModelSpec, runner: PatchRunner | None, outputs: lis
 # --- the template ------------------------------------------------------------------------------------
 
 async def serve(state: State, protocol: str, model_name: str, model_version: str | None, read_body: BodyReader,
-                binary: str | None = None) -> Answer:
+                binary: str | None = None, probe: Probe | None = None) -> Answer:
     """One inference request, V2 or V1: parse and validate -> strip the group -> input transform -> the
     upstream, or the active weight patch's own model -> output transform -> the answer in the caller's
     protocol. The body is read only once the model is known (an unknown model is a 404 whatever was sent);
-    `binary` is the Inference-Header-Content-Length."""
+    `binary` is the Inference-Header-Content-Length; `probe`, when given, is told what the request met (the
+    model, the patch, the upstream's and the patch's time) for the metrics and the payload log."""
     cache: ModelCache = state.model_cache
     spec = cache.fresh_spec(model_name, model_version) or await cache.spec(model_name, model_version)
+    if probe is not None:
+        probe.spec = spec
     call = parse_call(protocol, spec, await read_body(), binary)
     known, runner = state.patches.runner_now(spec.name, spec.version)  # no coroutine when it is in memory
     if not known:
         runner = await state.patches.runner(spec.name, spec.version)
+    if probe is not None:
+        probe.patch, probe.request_id = patch_id(runner), call.request.id
     if runner is not None and runner.replaces_model:
-        return _serve_weight_patch(call, spec, runner)
+        t = perf_counter()
+        answer = _serve_weight_patch(call, spec, runner)
+        if probe is not None:
+            probe.add_patch_time(t)
+        return answer
     meta = (cache.fresh_metadata(spec) or await cache.metadata(spec)) if spec.upstream.protocol == "v2" else None
     if call.protocol == "v1":
         _v1_inputs(call, spec, meta)
     features = _feature_input(call, spec, meta)
     X = _features(features)
     groups = group_ids(runner, spec, None if call.group is None else to_numpy(call.group), len(X))
+    t = perf_counter()
     sent = transform_inputs(runner, X)
+    if probe is not None and runner is not None:
+        probe.add_patch_time(t)
     upstream: UpstreamClient = state.upstream
 
     if meta is None:  # V1 / MLflow upstream: one matrix in, one scores matrix out
+        t = perf_counter()
         scores = await upstream.scores(spec, sent)
+        if probe is not None:
+            probe.upstream_s = perf_counter() - t
+        t = perf_counter()
         out = scores if runner is None else apply_patch(runner, spec, sent, scores, groups, call.request.id)
+        if probe is not None and runner is not None:
+            probe.add_patch_time(t)
         outputs = [tensor_of(spec.upstream.output_name or "predictions", out.astype(np.float32, copy=False))]
         if call.raw_wanted:  # the name as in upstream.synthesized_metadata
             outputs.append(tensor_of(RAW_OUTPUT, scores.astype(np.float32, copy=False)))
@@ -494,12 +514,15 @@ async def serve(state: State, protocol: str, model_name: str, model_version: str
     asked = wanted if wanted is not None else [t.name for t in meta.outputs]
     forward_outputs = [RequestOutput(name=n) for n in dict.fromkeys([*asked, scores_name])]
     forward_parameters = _forward_parameters(req.parameters)
+    t = perf_counter()
     if call.protocol == "v2" and binary is None and call.group is None and sent is X and req.outputs is None \
             and not spec.upstream.uses_binary and forward_parameters == req.parameters:
         # nothing to change but the outputs asked for: the caller's bytes, with them put in
         result = await upstream.forward_v2(spec, asking_for(call.body, forward_outputs))
     else:
         result = await upstream.infer_v2(spec, inputs, forward_outputs, forward_parameters)
+    if probe is not None:
+        probe.upstream_s = perf_counter() - t
     url = spec.upstream.url
     i = scores_index(result, scores_name, url)
     raw = result.outputs[i]
@@ -508,8 +531,11 @@ async def serve(state: State, protocol: str, model_name: str, model_version: str
     arrays = [scores_array(o, url) if j == i else output_array(o, url) for j, o in enumerate(outputs)]
     scores = arrays[i]
     if runner is not None:
+        t = perf_counter()
         scores = apply_patch(runner, spec, sent, scores, groups, req.id)
         outputs[i] = tensor_of(raw.name, scores, raw.parameters)
+        if probe is not None:
+            probe.add_patch_time(t)
     if wanted is not None:
         outputs = [o for o in outputs if o.name in wanted]
     if call.raw_wanted:

@@ -280,6 +280,10 @@ class JobStore:
     def _running_key(self) -> str:
         return f"{self.prefix}jobs:running"
 
+    async def running_count(self) -> int:
+        """Jobs a worker is running now (for the metrics)."""
+        return int(await self.redis.zcard(self._running_key))
+
     async def create(self, request: JobRequest) -> JobRecord:
         """A new queued record for a request whose version is resolved (enqueue it next)."""
         job_id = uuid.uuid4().hex

@@ -60,6 +60,7 @@ from service.jobs import (
 from service.oip import ErrorResponse, describe_validation_errors
 from service.openapi import include_schemas, json_body
 from service.patch_store import PatchNotFound, PatchStore
+from service.prometheus import ACTIVATIONS, JOBS
 from service.registry import ArtifactInfo, Discovery, ModelRegistry, ModelSpec
 
 log = logging.getLogger("fairpatch.service")
@@ -429,6 +430,7 @@ async def create_job(request: Request) -> JSONResponse:
     except Exception as e:
         await jobs.transition(record.id, "failed", ACTIVE, error=f"could not be queued: {e}")
         raise
+    JOBS.labels(record.method, "queued").inc()
     return _json(record, 202, {"Location": f"/v1/jobs/{record.id}"})
 
 
@@ -456,6 +458,7 @@ async def cancel_job(request: Request, job_id: str) -> JSONResponse:
         raise ApiError(409, f"job {job_id} has already {'been ' if before == 'cancelled' else ''}{before}; "
                             "only a queued or running job can be cancelled")
     record = await jobs.get(job_id)
+    JOBS.labels(record.method, "cancelled").inc()  # here, not in the worker: a queued job never reaches one
     await jobs.set_progress(job_id, {**record.progress, "stage": "cancelled"})
     await abort(request.app.state.arq, job_id)
     return _json(await jobs.get(job_id), 202)
@@ -540,6 +543,7 @@ async def activate_patch(request: Request, model: str, version: str, patch_id: s
         raise ApiError(404, f"unknown patch {patch_id!r}") from None
     except PatchError as e:
         raise ApiError(409, str(e)) from None
+    ACTIVATIONS.labels(model, version, patch.id).inc()
     return JSONResponse({"model": model, "version": version, "active": patch.id})
 
 
@@ -547,6 +551,7 @@ async def activate_patch(request: Request, model: str, version: str, patch_id: s
 async def deactivate_patch(request: Request, model: str, version: str) -> JSONResponse:
     await _spec(request, model, version)
     await _patches(request).deactivate(model, version)
+    ACTIVATIONS.labels(model, version, "").inc()
     return JSONResponse({"model": model, "version": version, "active": None})
 
 

@@ -66,11 +66,19 @@ class Settings(BaseSettings):
     # Serve the inference POSTs on a lean ASGI path ahead of FastAPI (service.fast_path); off: FastAPI
     # serves them too, with the same answers, at about twice the gateway's CPU per request.
     fast_path: bool = True
+    # Prometheus metrics at GET /metrics (service.prometheus); off: the hot path records nothing.
+    metrics: bool = True
+    # KServe-style payload logging (service.payload_log): each inference request and its served answer posted
+    # as CloudEvents to this URL, off the hot path; None = off.
+    payload_log_url: str | None = None
+    payload_log_queue: int = Field(default=1000, ge=1)  # events waiting to be sent; more are dropped and counted
+    payload_log_source: str = "fairpatch"  # the events' `source` (KServe: the logger's own URL)
+    payload_log_timeout_s: float = Field(default=5.0, gt=0)  # one post to the sink; past it the event counts as failed
     # /v2/health/ready and /v2/models/{m}/ready ask the upstreams too (answers cached ~1.5 s), so a readiness
     # probe takes a gateway whose model servers are down out of rotation; off: they check Redis alone.
     ready_checks_upstreams: bool = True
 
-    @field_validator("redis_url", mode="before")
+    @field_validator("redis_url", "payload_log_url", mode="before")
     @classmethod
     def _blank_is_none(cls, v: object) -> object:
         return None if isinstance(v, str) and not v.strip() else v

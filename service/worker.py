@@ -58,6 +58,7 @@ from service.jobs import (
     plain,
 )
 from service.patch_store import PatchStore
+from service.prometheus import JOB_QUERIES, JOBS
 from service.redact import install as install_redaction
 from service.redact import redact, redact_url
 from service.registry import ModelRegistry, ModelSpec
@@ -162,16 +163,20 @@ def eval_sample(y: np.ndarray, groups: np.ndarray, budget: int, seed: int) -> np
 
 
 def _evaluate(spec: ModelSpec, patch: Any, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
-              cancelled: threading.Event, seed: int) -> dict[str, Any]:
+              cancelled: threading.Event, seed: int, group_names: tuple[str, ...] = ()) -> dict[str, Any]:
     """Headline metrics on the held-out rows before and after the patch (patcher.pipeline.score: the patch runs
     as the gateway runs it, randomized decisions drawn reproducibly from `seed`), through an unbudgeted oracle."""
+    from patcher.group_figures import by_group
     from patcher.pipeline import score
     from service.http_oracle import HttpOracle
 
     with _cancellable(HttpOracle(spec), cancelled) as oracle:
         s = score(patch, oracle.log_probs, X, y, groups, seed=seed)
         return {"before": s.before, "after": s.after, "eval_queries": oracle.queries_used,
-                "group_at_inference": s.group_at_inference, "served_by": s.served_by}
+                "group_at_inference": s.group_at_inference, "served_by": s.served_by,
+                # per group, with bootstrap intervals: what the HTML report plots
+                "by_group": by_group(y, s.before_log_probs.argmax(1), s.after_decisions, groups, list(group_names),
+                                     seed=seed)}
 
 
 async def _model_artifact(ctx: dict[str, Any], spec: ModelSpec) -> Any:
@@ -247,17 +252,19 @@ async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, 
     if not hasattr(patch, "for_model"):
         raise JobFailed(f"method {job.method} returned {type(patch).__name__}, not a Patch")
     queries_used = 0 if oracle is None else oracle.queries_used
+    JOB_QUERIES.labels(job.method).inc(queries_used)
 
     if len(held_idx):
         stage[0] = "scoring the held-out rows"
         await jobs.running_progress(job.id, {"fraction": FIT_SHARE, "stage": stage[0], "queries_used": queries_used})
         scores = await asyncio.to_thread(_evaluate, spec, patch, data.X[held_idx], data.y[held_idx],
-                                         data.groups[held_idx], cancelled, job.seed)
+                                         data.groups[held_idx], cancelled, job.seed, data.group_names)
     else:  # holdout 0 or eval_budget 0: nothing held out to score on, and the result says so
         from patcher.apply import PatchRunner
 
         runner = PatchRunner(patch)
-        scores = {"before": None, "after": None, "eval_queries": 0, "group_at_inference": runner.needs_group,
+        scores = {"before": None, "after": None, "by_group": None, "eval_queries": 0,
+                  "group_at_inference": runner.needs_group,
                   "served_by": "patch" if runner.replaces_model else "upstream",
                   "note": "no held-out report: holdout 0 or eval_budget 0 left no row to score the patch on"}
 
@@ -274,7 +281,8 @@ async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, 
                   "groups": list(data.group_names), "group_at_inference": scores["group_at_inference"],
                   "access": job.access, "served_by": scores["served_by"],
                   "artifact_sha256": None if oracle is not None else access.sha256,
-                  "before": scores["before"], "after": scores["after"], "report": report_dict,
+                  "before": scores["before"], "after": scores["after"], "by_group": scores["by_group"],
+                  "report": report_dict,
                   "drop_rows": {name: [int(i) for i in rows] for name, rows in result.drop_rows.items()}})
 
 
@@ -301,6 +309,7 @@ async def train_patch(ctx: dict[str, Any], job_id: str) -> str:
                                        progress={"fraction": 0.0, "stage": "starting", "queries_used": 0})
     if not started:
         return f"skipped ({before})"  # cancelled before a worker got to it
+    JOBS.labels(job.method, "running").inc()
 
     cancelled = threading.Event()
     stage = ["starting"]
@@ -311,6 +320,8 @@ async def train_patch(ctx: dict[str, Any], job_id: str) -> str:
     finally:
         beat.cancel()
         jobs.forget(job_id)
+    if outcome in ("succeeded", "failed"):  # a cancel is counted where it is asked (service.management)
+        JOBS.labels(job.method, outcome).inc()
     if outcome == "failed" and "failed_runs" in ctx:  # arq counts it as complete: ResilientWorker.run_job recounts
         ctx["failed_runs"].add(ctx.get("job_id", job_id))
     if await jobs.status(job_id) == "queued":

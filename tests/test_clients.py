@@ -332,9 +332,10 @@ def test_cli_errors_print_the_server_message_and_exit_nonzero(servers):
     assert p.returncode == 1 and "No such file" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_demo_runs_the_whole_loop_through_the_gateway():
-    p = subprocess.run([sys.executable, "-m", "clients", "demo", "--queries", "400"], capture_output=True, text=True,
-                       timeout=300, cwd=REPO, env={**os.environ, "COLUMNS": "160"})
+def test_demo_runs_the_whole_loop_through_the_gateway(tmp_path):
+    report = tmp_path / "demo.html"
+    p = subprocess.run([sys.executable, "-m", "clients", "demo", "--queries", "400", "--report", str(report)],
+                       capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "COLUMNS": "160"})
     assert p.returncode == 0, p.stdout + p.stderr
     out = p.stdout
     assert "Eraser job" in out and "activated it" in out and "not needed at inference" in out
@@ -343,6 +344,9 @@ def test_demo_runs_the_whole_loop_through_the_gateway():
     assert after < before / 2  # the patch served by the gateway removes most of the dp gap
     assert {"selection rate (Female)", "selection rate (Male)", "accuracy", "eo_diff"} <= set(rows)
     assert "Traceback" not in p.stderr
+    # it ends with the path of the job's report, written there
+    assert out.strip().splitlines()[-1] == f"the job's report (open it in a browser): {report}"
+    assert "<h2>By group</h2>" in report.read_text()
 
 
 # --- model artifacts and weight patches ----------------------------------------------------------------

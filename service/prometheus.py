@@ -1,0 +1,136 @@
+"""The gateway's and the worker's Prometheus metrics: one set of metric objects per process.
+
+With `PROMETHEUS_MULTIPROC_DIR` set (several gateway workers, or a worker process beside the gateway),
+prometheus-client keeps every process's values in files there and `exposition` merges them; the
+directory must exist and be emptied before the processes start (prometheus-client's rule).
+
+The hot path (service.fast_path) records one request through `RequestMetrics.observe`, which caches
+each label combination's children, so a request costs a dict lookup and a few increments rather than
+`labels()` calls. Label values are bounded: a request whose model did not resolve is labelled with
+model "" (a flood of unknown names must not mint a series each).
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily
+
+from service.upstream import UpstreamError, UpstreamRejected, UpstreamTimeout
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+# Upstream calls and whole requests: a few ms on loopback to the 30 s of a slow model.
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# A patch's graphs over a batch: tens of microseconds to a few ms.
+_PATCH_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
+
+REQUESTS = Counter("fairpatch_requests", "inference requests answered",
+                   ["model", "version", "patch", "route", "status"])
+REQUEST_SECONDS = Histogram("fairpatch_request_seconds", "whole inference request, body read to answer",
+                            ["model", "version", "route"], buckets=_BUCKETS)
+UPSTREAM_SECONDS = Histogram("fairpatch_upstream_seconds", "the upstream model's call",
+                             ["model", "version"], buckets=_BUCKETS)
+PATCH_SECONDS = Histogram("fairpatch_patch_seconds", "the patch's input and output transforms",
+                          ["model", "version"], buckets=_PATCH_BUCKETS)
+UPSTREAM_ERRORS = Counter("fairpatch_upstream_errors", "failed upstream calls by kind",
+                          ["model", "version", "kind"])
+JOBS = Counter("fairpatch_jobs", "training jobs reaching a state (queued at submission, then how they ended)",
+               ["method", "state"])
+JOB_QUERIES = Counter("fairpatch_job_queries", "rows training jobs sent the upstream while fitting", ["method"])
+ACTIVATIONS = Counter("fairpatch_patch_activations", "patches activated (patch '' = deactivated)",
+                      ["model", "version", "patch"])
+PAYLOAD_EVENTS = Counter("fairpatch_payload_events", "payload-log CloudEvents by outcome (sent, failed, dropped)",
+                         ["outcome"])
+
+
+def upstream_error_kind(exc: BaseException) -> str | None:
+    """What went wrong upstream, as a label: timeout, unreachable, rejected, status or invalid (an unreadable
+    answer); None when `exc` is not an upstream failure."""
+    if not isinstance(exc, UpstreamError):
+        return None
+    if isinstance(exc, UpstreamTimeout):
+        return "timeout"
+    if isinstance(exc, UpstreamRejected):
+        return "rejected"
+    if exc.upstream_status is not None:
+        return "status"
+    return "unreachable" if str(exc).startswith("cannot reach") else "invalid"
+
+
+_Children = tuple[Counter, Histogram, Histogram, Histogram]  # requests, request, upstream and patch seconds
+
+
+class RequestMetrics:
+    """The hot path's recorder: labelled children cached per (model, version, patch, route, status)."""
+
+    def __init__(self) -> None:
+        self._children: dict[tuple[str, str, str, str, int], _Children] = {}
+        self._errors: dict[tuple[str, str, str], Counter] = {}
+
+    def observe(self, model: str, version: str, patch: str, route: str, status: int, total_s: float,
+                upstream_s: float | None, patch_s: float | None) -> None:
+        key = (model, version, patch, route, status)
+        children = self._children.get(key)
+        if children is None:
+            if len(self._children) > 10_000:  # bounded labels make this unreachable; a guard all the same
+                self._children.clear()
+            children = self._children[key] = (REQUESTS.labels(model, version, patch, route, str(status)),
+                                               REQUEST_SECONDS.labels(model, version, route),
+                                               UPSTREAM_SECONDS.labels(model, version),
+                                               PATCH_SECONDS.labels(model, version))
+        requests, total, upstream, patched = children
+        requests.inc()
+        total.observe(total_s)
+        if upstream_s is not None:
+            upstream.observe(upstream_s)
+        if patch_s is not None:
+            patched.observe(patch_s)
+
+    def upstream_error(self, model: str, version: str, kind: str) -> None:
+        key = (model, version, kind)
+        child = self._errors.get(key)
+        if child is None:
+            child = self._errors[key] = UPSTREAM_ERRORS.labels(model, version, kind)
+        child.inc()
+
+
+class _JobGauges:
+    """A collector of two values read at scrape time (prometheus-client's collector protocol: `collect`)."""
+
+    def __init__(self, queued: int, running: int) -> None:
+        self.queued, self.running = queued, running
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        depth = GaugeMetricFamily("fairpatch_job_queue_depth", "training jobs queued and not started")
+        depth.add_metric([], self.queued)
+        run = GaugeMetricFamily("fairpatch_jobs_running", "training jobs a worker is running")
+        run.add_metric([], self.running)
+        return [depth, run]
+
+
+def job_gauges(queued: int, running: int) -> CollectorRegistry:
+    """The job queue as read from Redis at scrape time: shared by every replica, so a gauge of the scrape, not a
+    value summed over processes."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_JobGauges(queued, running))
+    return registry
+
+
+def exposition(extra: CollectorRegistry | None = None) -> bytes:
+    """The text format of every metric: this process's (or, in multiprocess mode, all processes'), plus `extra`."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        text = generate_latest(registry)
+    else:
+        text = generate_latest(REGISTRY)
+    return text + (generate_latest(extra) if extra is not None else b"")
