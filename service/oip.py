@@ -469,7 +469,10 @@ def _integers(data: Any, target: np.dtype, name: str, datatype: str, what: str) 
         raise InvalidRequest(f"{what} '{name}': {datatype} data must be integers")
     if arr.size:
         info = np.iinfo(target)
-        if arr.min() < info.min or arr.max() > info.max:
+        # Floats are checked against the exclusive bound max + 1 (a power of two, exact as a float): max itself
+        # rounds up as a float (2**63 - 1 to 2**63), so `> max` let 2**63 through and the cast wrapped it.
+        high = arr.max() >= float(int(info.max) + 1) if arr.dtype.kind == "f" else arr.max() > info.max
+        if arr.min() < info.min or high:
             raise InvalidRequest(f"{what} '{name}': values outside the {datatype} range "
                                  f"[{info.min}, {info.max}]")
     return arr.astype(target, copy=False)

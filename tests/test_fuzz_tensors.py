@@ -21,7 +21,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from patcher.apply import PatchRunner
 from patcher.oracle import OnnxOracle
 from patcher.tuning import TuningData
 from service.app import create_app
@@ -66,7 +65,7 @@ def gw(tmp_path_factory, adult, adult_model):
                     httpx.Client(base_url=server.url, timeout=30) as client, \
                     httpx.Client(base_url=up.url, timeout=30) as upstream:
                 yield SimpleNamespace(client=client, upstream=upstream, name=name, adult=adult,
-                                      runner=PatchRunner(patch))
+                                      patch=patch)
         finally:
             redis_call(redis_url, unregister)
 
@@ -80,7 +79,7 @@ def assert_patched_answer(gw) -> None:
     assert r.status_code == 200, r.text
     raw = gw.upstream.post("/v2/models/adult/infer", json=body(X))
     assert raw.status_code == 200, raw.text
-    expected = offline(gw.runner, X, output(raw, "logits"), np.asarray(ids))
+    expected = offline(gw.patch, X, output(raw, "logits"), np.asarray(ids))
     np.testing.assert_allclose(output(r, "logits"), expected, rtol=1e-6, atol=1e-6)
 
 

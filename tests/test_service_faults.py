@@ -30,7 +30,7 @@ from service.redis_embedded import EmbeddedRedis, redis_server_binary
 from service.serve_thread import ServerThread
 from service.settings import Settings
 from service.worker import WorkerThread
-from tests.processes import served
+from tests.processes import listening_port, served
 from tests.test_service_jobs import (
     CLI,
     adult_csv,
@@ -157,13 +157,15 @@ def worker_env(settings: Settings, heartbeat_s: float) -> dict[str, str]:
             "FAIRPATCH_JOB_HEARTBEAT_TIMEOUT_S": str(heartbeat_s), "FAIRPATCH_DATA_DIR": str(settings.data_dir)}
 
 
-def kill_mid_fit(client, gate: Gate, job_id: str, log_path: Path, env: dict[str, str]) -> None:
-    """Run the job on a fresh worker process and SIGKILL it while its fit waits on the (closed) gate."""
+def kill_mid_fit(client, gate: Gate, job_id: str, log_path: Path, env: dict[str, str]) -> float:
+    """Run the job on a fresh worker process and SIGKILL it while its fit waits on the (closed) gate; the
+    time.monotonic() of the kill."""
     seen = gate.arrived
     with worker_process(log_path, **env) as w:
         until(lambda: gate.arrived > seen, "the fit's first upstream request")
         assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
         w.kill()
+        return time.monotonic()
 
 
 def test_a_job_whose_worker_is_killed_goes_back_to_the_queue_and_succeeds_on_the_next(client, settings, gated,
@@ -172,10 +174,12 @@ def test_a_job_whose_worker_is_killed_goes_back_to_the_queue_and_succeeds_on_the
     register(client, model, gated.url)
     gated.opened.clear()
     job = submit(client, model, dataset, budget=300)
-    kill_mid_fit(client, gated, job["id"], tmp_path / "w1.log", worker_env(settings, 5.0))
+    killed_at = kill_mid_fit(client, gated, job["id"], tmp_path / "w1.log", worker_env(settings, 5.0))
 
     # No worker is alive: reading the job is what notices its worker is gone.
     requeued = wait(client, job["id"], until=lambda j: j["status"] != "running")
+    print(f"\nworker SIGKILLed mid-job: the job read as {requeued['status']} {time.monotonic() - killed_at:.2f} s "
+          "after the kill (heartbeat bound 5 s)")
     assert requeued["status"] == "queued", requeued
     assert requeued["progress"]["stage"].startswith("the worker running it stopped answering at ")
     assert requeued["result"] is None and requeued["error"] is None
@@ -198,9 +202,11 @@ def test_a_job_whose_worker_is_lost_twice_fails_with_the_reason(client, settings
     env = worker_env(settings, 5.0)
     kill_mid_fit(client, gated, job["id"], tmp_path / "w1.log", env)
     # the next worker's sweeper puts the job back in the queue, then takes it: killed mid-fit again
-    kill_mid_fit(client, gated, job["id"], tmp_path / "w2.log", env)
+    killed_at = kill_mid_fit(client, gated, job["id"], tmp_path / "w2.log", env)
 
     failed = wait(client, job["id"])
+    print(f"\nworker SIGKILLed mid-job a second time: the job read as {failed['status']} "
+          f"{time.monotonic() - killed_at:.2f} s after the kill (heartbeat bound 5 s)")
     assert failed["status"] == "failed", failed
     assert failed["error"].startswith("the worker running it stopped answering at ")
     assert "re-queued once already" in failed["error"] and failed["result"] is None
@@ -483,3 +489,253 @@ def test_predictions_are_served_and_patched_while_redis_is_killed_and_restarted(
         predict(50)
     failed = [a for a in answers if a != (200, pid)]
     assert not failed and len(answers) == 100 + during, failed[:5]
+
+
+# ---------------------------------------------------------------- predictions through an upstream outage
+
+
+class UpstreamProcess:
+    """`fairpatch upstream` serving the Adult reference model on loopback. It binds port 0 the first time (so
+    it cannot lose its port to another process) and, SIGKILLed, is started again on the port it had, where
+    the registration points."""
+
+    def __init__(self, onnx: Path, log_path: Path) -> None:
+        self.onnx, self.log_path = onnx, log_path
+        self.port = 0
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen([sys.executable, "-c", CLI, "upstream", "--onnx", str(self.onnx),
+                                             "--name", "adult", "--port", str(self.port), "--threads", "1",
+                                             "--log-level", "warning"], cwd=REPO, env=clean_env(),
+                                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+
+        def serving() -> bool:
+            assert self.process.poll() is None, self.log_path.read_text(errors="replace")
+            self.port = self.port or listening_port(self.process.pid) or 0
+            return bool(self.port) and _ready(self.url)
+
+        until(serving, "the upstream to serve", timeout=120)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.kill()
+
+
+class PredictionLoad:
+    """Callers in threads sending the same V2 request until stopped; every answer kept as (status, patch header,
+    error) in arrival order, and the answers of one phase (`mark`) told apart from the next."""
+
+    def __init__(self, url: str, model: str, request: dict, callers: int = 3) -> None:
+        self.url, self.model, self.request, self.callers = url, model, request, callers
+        self.answers: list[tuple[int, str | None, str | None]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._call, daemon=True) for _ in range(callers)]
+
+    def _call(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=60) as c:
+            while not self._stop.is_set():
+                r = c.post(f"/v2/models/{self.model}/versions/1/infer", json=self.request)
+                error = r.json().get("error") if r.status_code != 200 else None
+                with self._lock:
+                    self.answers.append((r.status_code, r.headers.get("fairpatch-patch"), error))
+
+    def count(self, answer, since: int = 0) -> int:
+        with self._lock:
+            return sum(1 for a in self.answers[since:] if answer(a))
+
+    def mark(self) -> int:
+        with self._lock:
+            return len(self.answers)
+
+    def since(self, mark: int) -> list[tuple[int, str | None, str | None]]:
+        with self._lock:
+            return self.answers[mark:]
+
+    def __enter__(self) -> PredictionLoad:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(120)
+
+
+def eraser_patch(adult, adult_model):
+    """A group-free Eraser patch (bias=estimator: requests need no group input)."""
+    from patcher.oracle import OnnxOracle
+    from patcher.tuning import TuningData
+    from tests.conftest import fit
+
+    tune = TuningData(adult.tune.X, adult.tune.y, adult.tune.groups, adult.group_names)
+    patch, _ = fit("eraser", OnnxOracle(adult_model.onnx_bytes, budget=300), tune, "dp", 300, bias="estimator")
+    return patch
+
+
+def activate(c: httpx.Client, patch, model: str = "adult") -> str:
+    r = c.post(f"/v1/models/{model}/versions/1/patches", content=patch.for_model(model, "1").to_bytes(),
+               headers={"content-type": "application/zip"})
+    assert r.status_code == 201, r.text
+    pid = r.json()["id"]
+    assert c.post(f"/v1/models/{model}/versions/1/patches/{pid}/activate").status_code == 200
+    return pid
+
+
+def test_an_upstream_killed_and_restarted_under_load_costs_502s_only_while_it_is_down(redis_url, adult, adult_model,
+                                                                                     tmp_path):
+    """Three callers send predictions while the upstream process is SIGKILLed and started again on its port.
+    While it is down every failed prediction is a 502 naming the upstream (never a 500, and no 504: nothing
+    timed out); once it is back, predictions are patched 200s again."""
+    (tmp_path / "adult.onnx").write_bytes(adult_model.onnx_bytes)
+    upstream = UpstreamProcess(tmp_path / "adult.onnx", tmp_path / "upstream.log")
+    settings = Settings(data_dir=tmp_path / "gw", redis_url=redis_url, admin_key=KEY,
+                        job_queue=f"test-upstream-restart:{RUN}")
+    X = adult.test.X[:8].astype("float32")
+    request = {"inputs": [{"name": "input", "shape": list(X.shape), "datatype": "FP32", "data": X.ravel().tolist()}]}
+    upstream.start()
+    try:
+        with ServerThread(create_app(settings)) as server, \
+                httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+            model = f"up-{RUN}"
+            register(c, model, upstream.url)
+            pid = activate(c, eraser_patch(adult, adult_model), model)
+            good = lambda a: a == (200, pid, None)  # noqa: E731
+            with PredictionLoad(server.url, model, request) as load:
+                until(lambda: load.count(good) >= 30, "patched predictions before the outage")
+                before = load.mark()
+                upstream.kill()
+                killed_at = time.monotonic()
+                until(lambda: load.count(lambda a: a[0] == 502, before) >= 30, "predictions failing in the outage")
+                upstream.start()  # returns once the new process answers its health check
+                restarted = load.mark()
+                restarted_at = time.monotonic()
+                until(lambda: load.count(good, restarted) >= 1, "a patched prediction after the restart")
+                recovered_at = time.monotonic()
+                after = load.mark()
+                until(lambda: load.mark() >= after + 60, "predictions after the restart")
+                answers = load.since(0)
+    finally:
+        upstream.stop()
+    assert all(good(a) for a in answers[:before]), answers[:before]
+    outage = answers[before:after]
+    failed = [a for a in outage if not good(a)]
+    assert failed and all(a[0] == 502 for a in failed), sorted({a[:1] + a[2:] for a in failed})
+    assert all("upstream" in a[2] for a in failed), failed[:3]
+    # once one patched 200 came back, only the callers' requests still in flight from the outage may fail
+    late = [a for a in answers[after:] if not good(a)]
+    assert len(late) <= load.callers and all(a[0] == 502 for a in late), late
+    print(f"\nupstream outage: {len(failed)} of {len(outage)} predictions failed (all 502) and {len(late)} late, "
+          f"{len(answers[:before]) + len(answers[after:]) - len(late)} patched 200s around it; down "
+          f"{restarted_at - killed_at:.2f} s; patched again {recovered_at - restarted_at:.2f} s after the new "
+          f"upstream answered its health check")
+
+
+def test_redis_killed_and_restarted_under_load_keeps_predictions_patched_and_the_worker_runs_the_next_job(
+        own_redis, fast_upstream, adult, adult_model, tmp_path):
+    """Three callers send predictions while Redis is SIGKILLed and started again, with a standalone
+    `fairpatch worker` attached: every prediction, before, during and after the outage, is a patched 200 (the
+    outage outlasts the registration cache and the patch re-check, so both are served from memory); the worker
+    stays up, reconnects, and runs a job queued after Redis is back."""
+    from service.infer import SPEC_TTL_S
+
+    settings = Settings(data_dir=tmp_path / "gw", redis_url=own_redis.url, admin_key=KEY, patch_recheck_s=1.0,
+                        job_queue=f"test-redis-load:{RUN}")
+    X = adult.test.X[:8].astype("float32")
+    request = {"inputs": [{"name": "input", "shape": list(X.shape), "datatype": "FP32", "data": X.ravel().tolist()}]}
+    with ServerThread(create_app(settings)) as server, \
+            httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c, \
+            worker_process(tmp_path / "worker.log", **worker_env(settings, 30.0)) as w:
+        register(c, "adult", fast_upstream)
+        pid = activate(c, eraser_patch(adult, adult_model))
+        r = c.post("/v1/datasets", params={"label": "income", "group": "sex"}, content=adult_csv(adult, slice(2000)),
+                   headers={"content-type": "text/csv"})
+        assert r.status_code == 201, r.text
+        until(lambda: "worker ready" in w.log(), "the worker to start")
+        good = lambda a: a == (200, pid, None)  # noqa: E731
+        with PredictionLoad(server.url, "adult", request) as load:
+            until(lambda: load.count(good) >= 30, "patched predictions before the outage")
+            before = load.mark()
+            own_redis.kill()
+            killed_at = time.monotonic()
+            until(lambda: "lost Redis at" in w.log(), "the worker to notice Redis is gone")
+            outage_until = killed_at + 3 * max(SPEC_TTL_S, settings.patch_recheck_s)
+            until(lambda: time.monotonic() > outage_until and load.mark() >= before + 100, "a load in the outage",
+                  every=0.2)  # a load, not a measurement
+            assert c.get("/v2/health/ready").status_code == 503  # Redis was really gone all along
+            during = load.mark() - before
+            own_redis.start()
+            restarted_at = time.monotonic()
+            until(lambda: c.get("/v2/health/ready").status_code == 200, "the gateway to reach Redis again")
+            ready_at = time.monotonic()
+            until(lambda: "answers again" in w.log(), "the worker to reconnect")
+            worker_back_at = time.monotonic()
+            job = submit(c, "adult", r.json()["id"], budget=300)
+            done = wait(c, job["id"])
+            job_done_at = time.monotonic()
+            after = load.mark()
+            until(lambda: load.mark() >= after + 30, "predictions after the outage")
+            answers = load.since(0)
+        assert w.process.poll() is None, w.log()
+    failed = [a for a in answers if not good(a)]
+    assert not failed, failed[:5]
+    assert done["status"] == "succeeded", (done, w.log())
+    print(f"\nRedis outage under load: {len(failed)} of {len(answers)} predictions failed ({during} during the "
+          f"outage, {restarted_at - killed_at:.2f} s down); gateway ready {ready_at - restarted_at:.2f} s and "
+          f"worker reconnected {worker_back_at - restarted_at:.2f} s after the restart; the job queued then "
+          f"succeeded {job_done_at - worker_back_at:.2f} s later")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads child processes from /proc")
+def test_serve_in_embedded_mode_runs_again_the_job_of_its_worker_killed_mid_job(tmp_path, gated, adult):
+    """`fairpatch serve` with its own worker: the worker is SIGKILLed while its fit waits on the (closed) gate.
+    The gateway starts a new worker, the job goes back to the queue within the heartbeat bound and runs on the
+    new worker (its fit reaches the upstream again), then succeeds with one patch: no frozen `running`."""
+    env = clean_env(FAIRPATCH_DATA_DIR=str(tmp_path / "data"), FAIRPATCH_ADMIN_KEY=KEY,
+                    FAIRPATCH_JOB_HEARTBEAT_TIMEOUT_S="5")
+    try:
+        with served([sys.executable, "-c", CLI, "serve", "--port", "0"], env=env, cwd=REPO,
+                    log_path=tmp_path / "serve.log", name="fairpatch serve") as server, \
+                httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+            serve, log = server.process, server.log
+            until(lambda: _ready(server.url) and "worker ready" in log(), "the gateway and its worker", timeout=120)
+            register(c, "adult", gated.url)
+            r = c.post("/v1/datasets", params={"label": "income", "group": "sex"},
+                       content=adult_csv(adult, slice(2000)), headers={"content-type": "text/csv"})
+            assert r.status_code == 201, r.text
+            gated.opened.clear()
+            seen = gated.arrived
+            job = submit(c, "adult", r.json()["id"], budget=300)
+            until(lambda: gated.arrived > seen, "the fit's first upstream request")
+            (worker_pid,) = worker_children(serve.pid)
+            assert c.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
+            os.kill(worker_pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            until(lambda: not alive(worker_pid), "the killed worker to be reaped")
+            at_kill = gated.arrived
+            until(lambda: [p for p in worker_children(serve.pid) if p != worker_pid], "a new worker")
+            until(lambda: gated.arrived > at_kill, "the job to run again on the new worker")
+            again_at = time.monotonic()
+            record = c.get(f"/v1/jobs/{job['id']}").json()
+            assert record["status"] == "running" and record["finished_at"] is None, record
+            gated.opened.set()
+            done = wait(c, job["id"])
+            assert done["status"] == "succeeded", (done, log())
+            patches = c.get("/v1/models/adult/versions/1/patches").json()["patches"]
+            assert [p["id"] for p in patches] == [done["result"]["patch_id"]]
+    finally:
+        gated.opened.set()  # held requests finish, so the gate's server can stop
+    print(f"\nembedded worker SIGKILLed mid-job: the job ran again on the new worker {again_at - killed_at:.2f} s "
+          "after the kill (heartbeat bound 5 s), then succeeded")
