@@ -26,11 +26,12 @@ from pathlib import Path
 
 # scikit-learn pinned alike in every peer: the model each server loads is trained by the peer's own
 # interpreter (tests/peer_models/train.py), so only the server's own pins matter for loading it.
+# mlflow 3.18.0 names an mlflow-tracing 3.18.0 that PyPI does not have, hence 3.17.2.
 SKLEARN = "scikit-learn==1.6.1"
 PEERS: dict[str, tuple[str, ...]] = {
     "mlserver": ("mlserver==1.7.1", "mlserver-sklearn==1.7.1", SKLEARN),
     "kserve": ("kserve==0.21.0", SKLEARN, "joblib", "PyYAML"),
-    "mlflow": ("mlflow==3.18.0", SKLEARN),
+    "mlflow": ("mlflow==3.17.2", SKLEARN),
 }
 BUILD_TIMEOUT_S = 1500.0  # pip on a loaded 2-core machine; a bound, not a speed check
 LOCK_TIMEOUT_S = BUILD_TIMEOUT_S + 60.0  # another test process building the same venv
