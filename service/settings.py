@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     # Serve the inference POSTs on a lean ASGI path ahead of FastAPI (service.fast_path); off: FastAPI
     # serves them too, with the same answers, at about twice the gateway's CPU per request.
     fast_path: bool = True
+    # /v2/health/ready and /v2/models/{m}/ready ask the upstreams too (answers cached ~1.5 s), so a readiness
+    # probe takes a gateway whose model servers are down out of rotation; off: they check Redis alone.
+    ready_checks_upstreams: bool = True
 
     @field_validator("redis_url", mode="before")
     @classmethod
