@@ -89,7 +89,8 @@ def _locked(path: Path) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise PeerEnvUnavailable(f"{path}: still locked by another build after {LOCK_TIMEOUT_S:.0f} s")
+                    raise PeerEnvUnavailable(
+                        f"{path}: still locked by another build after {LOCK_TIMEOUT_S:.0f} s") from None
                 time.sleep(0.5)  # polling a lock held by another process: there is no event to wait on
         try:
             yield

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,10 +66,8 @@ class PeerServer:
     def stop(self) -> None:
         if self.popen.poll() is None:
             # The process group: MLServer and KServe may fork workers of their own.
-            try:
+            with suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
             try:
                 self.popen.wait(30)
             except subprocess.TimeoutExpired:
@@ -268,7 +266,5 @@ if __name__ == "__main__":  # python tests/peer_servers.py KIND: serve the model
     work.mkdir(parents=True, exist_ok=True)
     with peer_server(kind, ensure(kind), data.tune.X, data.tune.y, work) as s:
         print(f"{kind} at {s.url} (log {s.log})", flush=True)
-        try:
+        with suppress(KeyboardInterrupt):
             signal.pause()
-        except KeyboardInterrupt:
-            pass

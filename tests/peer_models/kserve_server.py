@@ -13,10 +13,9 @@ import uuid
 from pathlib import Path
 
 import joblib
+import kserve
 import numpy as np
 import uvicorn
-
-import kserve
 from kserve import InferOutput, InferRequest, InferResponse
 
 
