@@ -133,11 +133,29 @@ def ensure(name: str) -> PeerEnv:
             _run([str(path / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                   *PEERS[name]], log, BUILD_TIMEOUT_S)
         except subprocess.TimeoutExpired as e:
+            shutil.rmtree(path, ignore_errors=True)  # half a venv is half a gigabyte; the log stays
             raise PeerEnvUnavailable(f"building the {name} venv timed out after {e.timeout:.0f} s (log: {log})") from e
-        except OSError as e:
+        except (OSError, PeerEnvUnavailable) as e:
+            shutil.rmtree(path, ignore_errors=True)
+            if isinstance(e, PeerEnvUnavailable):
+                raise
             raise PeerEnvUnavailable(f"building the {name} venv failed: {e}") from e
         stamp.write_text(json.dumps({"pins": PEERS[name], "build_s": round(time.monotonic() - started, 1)}))
     return PeerEnv(name, path)
+
+
+def require(name: str) -> PeerEnv:
+    """`ensure` for a test: where the venv cannot be built, the test fails with the reason under CI=true (a
+    fresh CI machine must run it) and skips with the reason elsewhere (a laptop without network)."""
+    import pytest
+
+    try:
+        return ensure(name)
+    except PeerEnvUnavailable as e:
+        reason = f"the {name} server's virtualenv could not be built: {e}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
 
 
 def size_mb(env: PeerEnv) -> float:

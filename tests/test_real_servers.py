@@ -35,7 +35,7 @@ from service.redis_embedded import redis_url_for
 from service.serve_thread import ServerThread
 from service.settings import Settings
 from service.worker import WorkerThread
-from tests.peer_envs import PeerEnv, PeerEnvUnavailable, ensure
+from tests.peer_envs import require
 from tests.peer_servers import MODEL_NAME, CountingProxy, PeerServer, peer_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,16 +48,6 @@ TUNE_ROWS = 4000  # uploaded: holdout 0.3 leaves 1,200 held-out rows, of which E
 CHECK_ROWS = 2000  # test rows sent through the gateway for the independent dp check
 
 pytestmark = pytest.mark.timeout(1800)  # a cold machine builds three venvs first (~1-2 min each)
-
-
-def peer_env(name: str) -> PeerEnv:
-    try:
-        return ensure(name)
-    except PeerEnvUnavailable as e:
-        reason = f"the {name} server's virtualenv could not be built: {e}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +79,7 @@ class Peer:
 
 
 def serve(kind: str, adult, tmp: Path) -> Iterator[Peer]:
-    env = peer_env(kind)
+    env = require(kind)
     with peer_server(kind, env, adult.tune.X, adult.tune.y, tmp) as server, CountingProxy(server.url) as proxy:
         yield Peer(kind, server, proxy)
 
