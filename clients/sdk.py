@@ -128,8 +128,9 @@ class JobResult(_Shape):
     group_at_inference: bool | None = None
     access: str | None = None
     served_by: str | None = None  # "patch": a weight patch, the gateway serves its model itself
-    before: dict[str, Any] = Field(default_factory=dict)
-    after: dict[str, Any] = Field(default_factory=dict)
+    # None: no held-out report (a job with holdout 0 or eval_budget 0)
+    before: dict[str, Any] | None = Field(default_factory=dict)
+    after: dict[str, Any] | None = Field(default_factory=dict)
     report: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -201,3 +201,48 @@ def test_the_whole_flow_in_front_of_a_real_server(case, request, gateway, datase
         after = demographic_parity_difference(y, out.predictions, g)
         print(f"{case.id}: test rows ({CHECK_ROWS}) dp {before:.3f} -> {after:.3f}")
         assert after < before
+
+
+def test_tritonclient_json_and_binary_through_the_gateway_in_front_of_mlserver(mlserver, gateway, dataset_id, adult):
+    """Triton's own HTTP client against the gateway, whose upstream is MLServer (which has no binary tensor
+    extension: the gateway takes binary tensors from the caller and sends MLServer JSON). The patch comes from a
+    job with holdout 0 (every row may fit; no held-out report, no held-out queries)."""
+    import tritonclient.http as triton
+
+    case = CASES[0]
+    name = f"triton-{RUN}"
+    register(gateway, case, name, mlserver.proxy.url)
+    body = {"model": name, "dataset": dataset_id, "query_budget": QUERY_BUDGET, "holdout": 0, "seed": 0,
+            "options": {"bias": "group"}}
+    r = httpx.post(f"{gateway}/v1/jobs", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code in (200, 201, 202), r.text
+    with Client(gateway, KEY, timeout=120) as fp:
+        job = fp.wait_job(r.json()["id"], timeout=900)
+        assert job.status == "succeeded" and job.result.eval_queries == 0, job.error
+        fp.activate_patch(name, job.result.patch_id)
+        runner = PatchRunner(Patch.from_bytes(fp.download_patch(job.result.patch_id)))
+    spec = httpx.get(f"{gateway}/v1/models/{name}/versions/1", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert spec["upstream"]["binary_data"] is False  # auto: MLServer's GET /v2 lists no binary tensor extension
+    X, g = adult.test.X[:64], adult.test.groups[:64]
+    offline = runner.transform_outputs(X, np.log(np.clip(direct_probabilities(case, mlserver.server.url, X), 1e-12,
+                                                         None)), g)
+    decided = np.abs(offline[:, 1] - offline[:, 0]) > 1e-4
+    client = triton.InferenceServerClient(url=gateway.removeprefix("http://"))
+    try:
+        assert client.is_server_ready() and client.is_model_ready(name)
+        meta = client.get_model_metadata(name)
+        assert [t["name"] for t in meta["inputs"]] == ["input", "group"]
+        assert [t["name"] for t in meta["outputs"]] == ["predict_proba"]
+        for binary in (False, True):  # JSON tensors, then the binary tensor extension (the client's default)
+            features = triton.InferInput("input", list(X.shape), "FP32")
+            features.set_data_from_numpy(X, binary_data=binary)
+            group = triton.InferInput("group", [len(g)], "BYTES")
+            group.set_data_from_numpy(np.array([GROUPS[i].encode() for i in g], dtype=np.object_),
+                                      binary_data=binary)
+            outputs = [triton.InferRequestedOutput("predict_proba", binary_data=binary)]
+            result = client.infer(name, [features, group], outputs=outputs)
+            scores = result.as_numpy("predict_proba")
+            assert scores.shape == (64, 2)
+            np.testing.assert_array_equal(scores.argmax(1)[decided], offline.argmax(1)[decided])
+    finally:
+        client.close()
