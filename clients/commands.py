@@ -337,11 +337,14 @@ def _job_summary(job: Job) -> int:
         return 0
     print(f"job {job.id} succeeded: patch {result.patch_id} ({result.queries_used} queries, "
           f"{result.eval_queries} for the evaluation)")
-    keys = [k for k in result.before if isinstance(result.before[k], (int, float))]
+    before, after = result.before or {}, result.after or {}  # None: holdout 0 or eval_budget 0, no report
+    keys = [k for k in before if isinstance(before[k], (int, float))]
     if keys:
-        rows = [[k, f"{result.before[k]:.4f}", f"{result.after.get(k, float('nan')):.4f}",
-                 f"{result.after.get(k, float('nan')) - result.before[k]:+.4f}"] for k in keys]
+        rows = [[k, f"{before[k]:.4f}", f"{after.get(k, float('nan')):.4f}",
+                 f"{after.get(k, float('nan')) - before[k]:+.4f}"] for k in keys]
         _table("held-out report", ["metric", "before", "after", "change"], rows)
+    elif result.before is None:
+        print("no held-out report (holdout 0 or eval_budget 0)")
     if result.served_by == "patch":
         print("a weight patch: while it is active the gateway serves its model itself, without the upstream")
     print(f"activate it: fairpatch patches activate {job.model} {result.patch_id} --version {job.version}")
