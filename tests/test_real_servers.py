@@ -61,7 +61,7 @@ def gateway(tmp_path_factory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def dataset_id(gateway, adult, tmp_path_factory) -> str:
-    """The Adult tune rows, uploaded as a gzipped CSV the way the docs say (`fairpatch datasets upload`)."""
+    """The first Adult tune rows, uploaded as a gzipped CSV file (what `fairpatch datasets upload` sends)."""
     frame = pd.DataFrame(adult.tune.X[:TUNE_ROWS], columns=adult.feature_names)
     frame["income"] = adult.tune.y[:TUNE_ROWS]
     frame["sex"] = [adult.group_names[g] for g in adult.tune.groups[:TUNE_ROWS]]
