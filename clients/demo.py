@@ -159,8 +159,8 @@ def run(args: argparse.Namespace) -> int:
             result = job.result
             console.print(f"   patch {result.patch_id[:16]} from {result.queries_used} of {args.queries} queries "
                           f"(+{result.eval_queries} to score it on the held-out rows); held-out dp_diff "
-                          f"{(result.before or {}).get('dp_diff', float('nan')):.3f} -> "
-                          f"{(result.after or {}).get('dp_diff', float('nan')):.3f}")
+                          f"{result.before.get('dp_diff', float('nan')):.3f} -> "
+                          f"{result.after.get('dp_diff', float('nan')):.3f}")
 
             client.activate_patch(MODEL, result.patch_id, version="1")
             listing = client.list_patches(MODEL, "1")

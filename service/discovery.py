@@ -4,10 +4,13 @@ Real model servers differ from the gateway's own upstream in ways that silently 
 (MLServer's sklearn runtime declares no tensors and answers hard labels unless asked for another
 output; not every server has the binary tensor extension). So registration reads the server's
 metadata (`GET /v2`: its extensions) and the model's (`GET /v2/models/{m}`), fills in what the model
-does not declare from the registration, resolves `binary_data: auto`, and probes one row where the
-feature width is known, to see the output kind. A registration that cannot work is refused (400) with
-the fix in the message; one the gateway cannot check (the upstream does not answer) is kept, with a
-note that says so. The output-kind rules are also applied to the first scores a job's oracle sees.
+does not declare from the registration, resolves `binary_data: auto`, and refuses an output the model
+declares as integers (hard labels). Registration sends no inference request (a production model's
+traffic, and tests that count it, see none); `models check` probes one row of zeros where the feature
+width is declared, or a dataset's first rows, to see the output kind. A registration that cannot work
+is refused (400) with the fix in the message; one the gateway cannot check (the upstream does not
+answer) is kept, with a note that says so. The output-kind rules are also applied to the first scores
+a job's oracle sees, so a job on hard labels or a mislabelled kind fails with the fix.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from service.upstream import (
 
 Kind = Literal["logits", "probabilities", "labels"]
 PROBE_TIMEOUT_S = 5.0  # registration waits at most this long for each of its few upstream calls
+INTEGER_TYPES = frozenset({"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64"})
 
 
 def output_kind_of(scores: np.ndarray) -> Kind:
@@ -46,15 +50,21 @@ def output_kind_of(scores: np.ndarray) -> Kind:
     return "logits"
 
 
+def labels_message(spec: ModelSpec) -> str:
+    up = spec.upstream
+    output = f"output '{up.output_name}'" if up.output_name else "its default output"
+    return (f"model '{spec.name}': upstream {up.url} answers hard labels (whole numbers) in {output}; a patch "
+            "cannot change a label. Register the model's probability or logit output as upstream.output_name "
+            "(MLServer / scikit-learn: predict_proba) and its upstream.output_kind")
+
+
 def kind_problem(spec: ModelSpec, seen: Kind, columns: int) -> str | None:
     """Why the registration's output kind does not fit what the upstream answered, with the fix; None when it
     does (a single column in [0, 1] may be a logit too, so it is never called wrong for a logits registration)."""
     up = spec.upstream
     output = f"output '{up.output_name}'" if up.output_name else "its default output"
     if seen == "labels":
-        return (f"model '{spec.name}': upstream {up.url} answers hard labels (whole numbers) in {output}; a patch "
-                "cannot change a label. Register the model's probability or logit output as upstream.output_name "
-                "(MLServer / scikit-learn: predict_proba) and its upstream.output_kind")
+        return labels_message(spec)
     if seen == "probabilities" and up.output_kind == "logits" and columns > 1:
         return (f"model '{spec.name}' is registered with output_kind logits, but {output} of upstream {up.url} "
                 "holds probabilities (rows in [0, 1] summing to 1); register upstream.output_kind probabilities")
@@ -93,9 +103,10 @@ def _refuse(message: str) -> ApiError:
     return ApiError(400, message)
 
 
-async def discover(client: UpstreamClient, spec: ModelSpec) -> ModelSpec:
+async def discover(client: UpstreamClient, spec: ModelSpec, *, probe: bool = False) -> ModelSpec:
     """The registration as it will be stored: `binary_data` resolved, `discovery` set. Raises ApiError 400 with
-    the fix when the upstream shows the registration cannot work."""
+    the fix when the upstream shows the registration cannot work. `probe`: send one row of zeros too, where
+    the feature width is declared, and check the output kind it shows."""
     up = spec.upstream
     if up.protocol != "v2":
         note = f"{up.protocol} upstreams publish no metadata; the output kind is checked on a job's first scores"
@@ -131,7 +142,10 @@ async def discover(client: UpstreamClient, spec: ModelSpec) -> ModelSpec:
             "inputs or outputs" if not declared.inputs and not declared.outputs
             else "inputs" if not declared.inputs else "outputs") + "; the registered names are used")
     spec = spec.model_copy(update={"upstream": up.model_copy(update={"binary_data": binary})})
-    seen = await _probe(client, spec, meta, notes)
+    scores = next(t for t in meta.outputs if t.name == (up.output_name or meta.outputs[0].name))
+    if scores.datatype in INTEGER_TYPES:
+        raise _refuse(labels_message(spec) + f" (it declares '{scores.name}' as {scores.datatype})")
+    seen = await _probe(client, spec, meta, notes) if probe else None
     return spec.model_copy(update={"discovery": Discovery(
         checked=True, extensions=extensions, declared_inputs=[t.name for t in declared.inputs],
         declared_outputs=[t.name for t in declared.outputs], output_kind_seen=seen, notes=notes)})
@@ -152,12 +166,13 @@ async def _probe(client: UpstreamClient, spec: ModelSpec, meta: ModelMetadata, n
     width = _feature_width(meta, spec.upstream.input_name)
     if width is None:
         notes.append("the feature width is not declared, so no probe row was sent; the output kind is checked on "
-                     "a job's first scores (or `fairpatch models check --dataset`)")
+                     "a job's first scores (or by `fairpatch models check --dataset`)")
         return None
     tensor = next(t for t in meta.inputs if t.name == (spec.upstream.input_name or meta.inputs[0].name))
     datatype = tensor.datatype if tensor.datatype in ("FP16", "FP32", "FP64") else "FP32"
     try:
-        scores = await client.scores(spec, np.zeros((1, width), np.float32), input_name=tensor.name,
+        quick = spec.model_copy(update={"upstream": spec.upstream.model_copy(update={"timeout_s": PROBE_TIMEOUT_S})})
+        scores = await client.scores(quick, np.zeros((1, width), np.float32), input_name=tensor.name,
                                      datatype=datatype, output_name=spec.upstream.output_name or meta.outputs[0].name)
     except UpstreamError as e:  # a model may refuse an all-zero row; that says nothing against the registration
         notes.append(f"the probe row was not answered ({e}); the output kind is checked on a job's first scores")

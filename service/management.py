@@ -180,7 +180,8 @@ class CheckRequest(BaseModel):
 async def check_model(request: Request, model: str, version: str) -> JSONResponse:
     spec = await _spec(request, model, version)
     check = await _parse(request, CheckRequest) if (await request.body()).strip() else CheckRequest()
-    found = (await discovery.discover(request.app.state.upstream, spec)).discovery or Discovery(checked=False)
+    found = (await discovery.discover(request.app.state.upstream, spec, probe=check.dataset is None)).discovery \
+        or Discovery(checked=False)
     if check.dataset is not None:
         try:
             data = await _datasets(request).load(check.dataset, group_order=spec.groups)
@@ -606,7 +607,7 @@ async def startup(app: FastAPI) -> None:
     app.state.arq = arq_client(redis, settings.job_queue)
     app.state.worker_process = None
     app.state.worker_watch = None
-    include_schemas(app, ModelSpec, JobRequest, MethodInfo, *(m.options for m in methods()))
+    include_schemas(app, ModelSpec, JobRequest, CheckRequest, MethodInfo, *(m.options for m in methods()))
     if settings.admin_key is None and settings.host not in LOOPBACK_HOSTS:
         log.warning("FAIRPATCH_ADMIN_KEY is not set and the gateway listens on %s: anyone who can reach it can "
                     "register models and run jobs", settings.host)

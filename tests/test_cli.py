@@ -62,7 +62,8 @@ def test_a_job_without_a_held_out_report_is_summarised(capsys):
     from clients.sdk import Job
 
     job = Job.model_validate({"id": "j1", "status": "succeeded", "model": "m", "version": "1", "result": {
-        "patch_id": "p1", "queries_used": 300, "eval_queries": 0, "before": None, "after": None}})
+        "patch_id": "p1", "queries_used": 300, "eval_queries": 0, "before": None, "after": None,
+        "note": "no held-out report: holdout 0 or eval_budget 0 left no row to score the patch on"}})
     assert _job_summary(job) == 0
     out = capsys.readouterr().out
     assert "no held-out report" in out and "fairpatch patches activate m p1" in out
