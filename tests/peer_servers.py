@@ -75,6 +75,16 @@ class PeerServer:
                 self.popen.wait()
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the test process dies, even by SIGKILL (Linux), so a killed test
+    run leaves no server behind holding its ports."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    with suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _wait_ready(server: PeerServer, ready_path: str, timeout: float = READY_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout
     with httpx.Client(timeout=5) as client:
@@ -102,7 +112,8 @@ def _start(name: str, build: Callable[[dict[str, int]], tuple[list[str], dict[st
         log = logdir / f"{name}.{attempt}.log"
         with open(log, "wb") as out:
             popen = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         server = PeerServer(name, f"http://127.0.0.1:{ports['http']}", popen, log, ports)
         try:
             _wait_ready(server, ready_path)

@@ -164,6 +164,10 @@ def test_the_whole_flow_in_front_of_a_real_server(case, request, gateway, datase
     peer: Peer = request.getfixturevalue(case.server)
     name = f"{case.id}-{RUN}"
     register(gateway, case, name, peer.proxy.url)
+    # the docs' next step: probe real rows; the output kind the server shows fits the registration
+    assert "probabilities" in cli(gateway, "models", "check", name, "--dataset", dataset_id)
+    # the gateway's model readiness asks the server's own (V2 model ready, V1 GET /v1/models/{m}, MLflow /ping)
+    assert httpx.get(f"{gateway}/v2/models/{name}/ready", timeout=60).status_code == 200
     X, g = adult.test.X[:CHECK_ROWS], adult.test.groups[:CHECK_ROWS]
     group_names = [GROUPS[i] for i in g]
     direct = direct_probabilities(case, peer.server.url, X)
