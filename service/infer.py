@@ -484,7 +484,7 @@ async def serve(state: State, protocol: str, model_name: str, model_version: str
     asked = wanted if wanted is not None else [t.name for t in meta.outputs]
     forward_outputs = [RequestOutput(name=n) for n in dict.fromkeys([*asked, scores_name])]
     forward_parameters = _forward_parameters(req.parameters)
-    if call.protocol == "v2" and binary is None and call.group is None and sent is X and wanted is None \
+    if call.protocol == "v2" and binary is None and call.group is None and sent is X and req.outputs is None \
             and not spec.upstream.uses_binary and forward_parameters == req.parameters:
         # nothing to change but the outputs asked for: the caller's bytes, with them put in
         result = await upstream.forward_v2(spec, asking_for(call.body, forward_outputs))
