@@ -250,3 +250,32 @@ def test_tritonclient_json_and_binary_through_the_gateway_in_front_of_mlserver(m
             np.testing.assert_array_equal(scores.argmax(1)[decided], offline.argmax(1)[decided])
     finally:
         client.close()
+
+
+def cli_refused(gateway: str, *args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "clients", "--url", gateway, "--admin-key", KEY, *args],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode != 0, f"fairpatch {' '.join(args)} was accepted: {out.stdout}"
+    return out.stderr + out.stdout
+
+
+def test_mlserver_registrations_that_cannot_work_are_refused_with_the_fix(mlserver, gateway, dataset_id):
+    """What a new user tries first in front of MLServer's sklearn runtime (issue 14's points 1-4), each refused
+    with a message that says what to register instead."""
+    base = ["models", "register", "--upstream-url", mlserver.proxy.url, "--upstream-model", MODEL_NAME,
+            "--groups", ",".join(GROUPS)]
+    # no names: the model's metadata declares none either
+    msg = cli_refused(gateway, *base[:2], f"nonames-{RUN}", *base[2:])
+    assert "declares no inputs" in msg and "upstream.input_name" in msg, msg
+    # binary data asked of a server that does not advertise the extension
+    msg = cli_refused(gateway, *base[:2], f"binary-{RUN}", *base[2:], "--input-name", "input", "--output-name",
+                      "predict_proba", "--output-kind", "probabilities", "--binary-data")
+    assert "binary tensor extension" in msg, msg
+    # the default output (hard labels): registered, then refused by the probe with the output to register
+    cli(gateway, *base[:2], f"labels-{RUN}", *base[2:], "--input-name", "input", "--output-name", "predict")
+    msg = cli_refused(gateway, "models", "check", f"labels-{RUN}", "--dataset", dataset_id)
+    assert "hard labels" in msg and "predict_proba" in msg, msg
+    # probabilities registered as logits (the default kind)
+    cli(gateway, *base[:2], f"kind-{RUN}", *base[2:], "--input-name", "input", "--output-name", "predict_proba")
+    msg = cli_refused(gateway, "models", "check", f"kind-{RUN}", "--dataset", dataset_id)
+    assert "output_kind probabilities" in msg, msg
