@@ -114,14 +114,20 @@ def _run(argv: list[str], log: Path, timeout: float) -> None:
         raise PeerEnvUnavailable(f"{' '.join(argv[:4])} ... exited {done.returncode}; the end of {log}:\n{tail}")
 
 
+def _usable(path: Path) -> bool:
+    """Built to the end (the stamp is written last) and its interpreter still there (the base Python it links to
+    may have gone with a Python upgrade)."""
+    return (path / ".ready").exists() and (path / "bin" / "python").exists()
+
+
 def ensure(name: str) -> PeerEnv:
     """The peer's venv, built first if it is not in the cache (a ready venv has a `.ready` stamp)."""
     path = venv_path(name)
     stamp = path / ".ready"
-    if stamp.exists():
+    if _usable(path):
         return PeerEnv(name, path)
     with _locked(path.with_name(path.name + ".lock")):
-        if stamp.exists():  # built by whoever held the lock
+        if _usable(path):  # built by whoever held the lock
             return PeerEnv(name, path)
         shutil.rmtree(path, ignore_errors=True)  # a half-built one from an interrupted run
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 MODELS = HERE / "peer_models"
 READY_TIMEOUT_S = 300.0  # a bound for a server that never comes up on a loaded 2-core box, not a speed check
 BIND_RETRIES = 3
-BIND_FAILED = ("address already in use", "errno 98", "eaddrinuse")
+BIND_FAILED = ("address already in use", "errno 98", "eaddrinuse", "failed to bind", "failed to add port")
 MODEL_NAME = "adult"
 
 
