@@ -174,6 +174,7 @@ class Job(_Shape):
     created_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    worker: str | None = None  # host:pid of the worker that runs the job (or ran it last)
     progress: JobProgress = Field(default_factory=JobProgress)
     result: JobResult | None = None
     error: str | None = None

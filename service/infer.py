@@ -76,6 +76,7 @@ log = logging.getLogger("fairpatch.service")
 
 SPEC_TTL_S = 2.0  # how stale a replica's view of a registration may get
 MISS_TTL_S = 0.5  # unknown models are remembered briefly, so a flood of them does not hammer Redis
+STALE_WAIT_S = 0.25  # how long a request waits for a reload before it is served the expired value
 METADATA_TTL_S = 300.0  # upstream signatures change only on redeploy; a registration change refetches at once
 MAX_CACHED = 10_000
 PATCH_HEADER = "fairpatch-patch"
@@ -104,12 +105,21 @@ class TtlCache(Generic[K, V]):
         hit = self._values.get(key)
         if hit is not None and hit[0] > self._clock() and (valid is None or valid(hit[1])):
             return hit[1]
+        stale = hit[1] if hit is not None and (valid is None or valid(hit[1])) else None
         future = self._loading.get(key)
         if future is None:
-            stale = hit[1] if hit is not None and (valid is None or valid(hit[1])) else None
             future = self._loading[key] = asyncio.ensure_future(self._load(key, load, ttl, stale))
             future.add_done_callback(_retrieve)  # a failure nobody waits for any more is not logged as lost
-        return await asyncio.shield(future)  # a caller that goes away does not cancel the load for others
+        elif stale is not None:
+            return stale  # a reload is under way already: its first caller waits for it, no one else
+        if stale is None:
+            return await asyncio.shield(future)  # a caller that goes away does not cancel the load for others
+        # A reload that Redis does not answer (a cut link waits out the client's socket timeout, seconds) must
+        # not stall requests: past STALE_WAIT_S the last value is served and the reload goes on behind.
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), STALE_WAIT_S)
+        except TimeoutError:
+            return stale
 
     def fresh(self, key: K) -> V | None:
         """The cached value for `key` while it has not expired, else None: the hot path's lookup, with no

@@ -2,7 +2,7 @@
 
 A job record is a Redis hash (prefix `fp:`): `job:{id}` -> {request: JSON, status, created_at,
 started_at, finished_at, progress: JSON, result: JSON, error, and while a worker runs it: run (the
-run's token), heartbeat_at (Redis clock), stale_after_s, stale_requeues}; `jobs` is a sorted set of
+run's token), worker (host:pid), heartbeat_at (Redis clock), stale_after_s, stale_requeues}; `jobs` is a sorted set of
 ids scored by creation time, `jobs:running` one of running ids scored by their last heartbeat.
 Fields are written one by one, so the worker's progress writes never overwrite a status that the API
 changed meanwhile; every status change goes through one Lua script that only moves from an allowed
@@ -97,6 +97,7 @@ class JobRecord(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     heartbeat_at: float | None = Field(None, description="the running worker's last sign of life (Redis clock)")
+    worker: str | None = Field(None, description="the worker that runs the job, or ran it last: host:pid")
     progress: dict[str, Any] = Field(default_factory=dict)
     result: dict[str, Any] | None = None
     error: str | None = None
@@ -435,7 +436,7 @@ def _record(job_id: str, h: dict[str, str]) -> JobRecord:
         holdout=req["holdout"], seed=req["seed"], preset=req.get("preset"), options=req.get("options") or {},
         access=req.get("access") or "queries", exemplar_dataset=req.get("exemplar_dataset"),
         created_at=num("created_at") or 0.0, started_at=num("started_at"), finished_at=num("finished_at"),
-        heartbeat_at=num("heartbeat_at"),
+        heartbeat_at=num("heartbeat_at"), worker=h.get("worker") or None,
         progress=json.loads(h["progress"]) if h.get("progress") else {},
         result=json.loads(h["result"]) if h.get("result") else None, error=h.get("error") or None)
 

@@ -32,6 +32,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -277,6 +278,11 @@ async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, 
                   "drop_rows": {name: [int(i) for i in rows] for name, rows in result.drop_rows.items()}})
 
 
+def worker_id() -> str:
+    """Who runs a job, as its record names it: the host (the pod, on Kubernetes) and the process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 async def train_patch(ctx: dict[str, Any], job_id: str) -> str:
     """The arq task. Never raises for a job's own failure: it is written into the record instead."""
     jobs: JobStore = ctx["jobs"]
@@ -291,6 +297,7 @@ async def train_patch(ctx: dict[str, Any], job_id: str) -> str:
                               error=f"the job was interrupted {MAX_TRIES} times (worker restarts); giving up")
         return "failed"
     started, before = await jobs.start(job_id, settings.job_heartbeat_timeout_s, started_at=time.time(),
+                                       worker=worker_id(),
                                        progress={"fraction": 0.0, "stage": "starting", "queries_used": 0})
     if not started:
         return f"skipped ({before})"  # cancelled before a worker got to it

@@ -723,6 +723,36 @@ def test_ttl_cache_loads_once_expires_and_serves_stale_values_when_a_reload_fail
     asyncio.run(main())
 
 
+def test_ttl_cache_serves_the_expired_value_while_a_reload_hangs():
+    """A reload Redis does not answer (a cut link: the client waits out its socket timeout) does not stall
+    requests: the first caller waits STALE_WAIT_S at most, the others not at all; the reload lands later."""
+    now = [0.0]
+
+    async def main():
+        cache = infer.TtlCache(clock=lambda: now[0])
+        answer = asyncio.Event()
+
+        async def one():
+            return 1
+
+        async def hanging():
+            await answer.wait()
+            return 2
+
+        assert await cache.get("k", one, lambda _v: 1.0) == 1
+        now[0] = 2.0  # expired
+        assert await cache.get("k", hanging, lambda _v: 1.0) == 1  # waited STALE_WAIT_S, then the old value
+        assert await asyncio.gather(*[cache.get("k", hanging, lambda _v: 1.0) for _ in range(5)]) == [1] * 5
+        answer.set()
+        for _ in range(100):  # the reload that went on behind lands (a few loop turns)
+            if cache.fresh("k") == 2:
+                break
+            await asyncio.sleep(0)
+        assert cache.fresh("k") == 2 and await cache.get("k", hanging, lambda _v: 1.0) == 2
+
+    asyncio.run(main())
+
+
 # --- the same rules both ways: content types, empty batches, what the upstream sends back -------------
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
