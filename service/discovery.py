@@ -53,6 +53,13 @@ def output_kind_of(scores: np.ndarray) -> Kind:
 def labels_message(spec: ModelSpec) -> str:
     up = spec.upstream
     output = f"output '{up.output_name}'" if up.output_name else "its default output"
+    if up.protocol != "v2":  # one output, chosen by the server: the fix is on its side
+        fix = {"mlflow": "serve the model's probabilities instead (a scikit-learn model logged with "
+                         "pyfunc_predict_fn='predict_proba')",
+               "v1": "serve the model's probabilities instead (a KServe predictor whose predict returns "
+                     "predict_proba)"}[up.protocol]
+        return (f"model '{spec.name}': upstream {up.url} answers hard labels (whole numbers); a patch cannot "
+                f"change a label: {fix}, and register its upstream.output_kind")
     return (f"model '{spec.name}': upstream {up.url} answers hard labels (whole numbers) in {output}; a patch "
             "cannot change a label. Register the model's probability or logit output as upstream.output_name "
             "(MLServer / scikit-learn: predict_proba) and its upstream.output_kind")

@@ -223,7 +223,8 @@ def test_probabilities_registered_as_logits_are_refused_with_the_fix(client, skl
     assert done["status"] == "failed" and "output_kind probabilities" in done["error"], done["error"]
     r = client.post(f"/v1/models/kind-{RUN}/versions/1/check", json={"dataset": dataset})
     assert r.status_code == 400 and "output_kind probabilities" in error(r)
-    r = client.post(f"/v1/models/named-{RUN}/versions/1/check", json={"dataset": dataset, "rows": 4})
+    assert register(client, "kind-ok", sklearn_like.url, **SKLEARN).status_code == 201
+    r = client.post(f"/v1/models/kind-ok-{RUN}/versions/1/check", json={"dataset": dataset, "rows": 4})
     assert r.status_code == 200 and r.json()["output_kind_seen"] == "probabilities", r.text
 
 
@@ -369,3 +370,20 @@ def test_the_cli_checks_a_model_against_a_datasets_rows(client, sklearn_like, da
                        capture_output=True, text=True, timeout=120, env=env, cwd=Path(__file__).resolve().parents[1])
     assert p.returncode == 0, p.stderr
     assert "output kind seen: probabilities" in p.stdout and "registered names are used" in p.stdout, p.stdout
+
+
+@pytest.mark.parametrize(("protocol", "kind", "scores", "words"), [
+    ("mlflow", "probabilities", [0, 1, 1], "pyfunc_predict_fn='predict_proba'"),
+    ("v1", "probabilities", [[1], [0]], "predict returns predict_proba"),
+    ("v2", "probabilities", [[2.5, -1.0]], "register upstream.output_kind logits"),
+    ("v2", "logits", [[0.25, 0.75]], "register upstream.output_kind probabilities")])
+def test_scores_that_cannot_fit_the_registration_are_refused_with_the_fix(protocol, kind, scores, words):
+    from service.discovery import check_scores
+    from service.registry import ModelSpec, UpstreamSpec
+    from service.upstream import UpstreamError
+
+    spec = ModelSpec(name="m", upstream=UpstreamSpec(url="http://127.0.0.1:1", protocol=protocol, output_kind=kind))
+    with pytest.raises(UpstreamError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        check_scores(spec, np.asarray(scores, dtype=np.float64))
+    assert check_scores(spec.model_copy(update={"upstream": spec.upstream.model_copy(
+        update={"output_kind": "logits"})}), np.asarray([[0.3], [0.9]])) == "probabilities"  # one column: a logit too
