@@ -145,7 +145,8 @@ def cli(gateway: str, *args: str) -> str:
 def register(gateway: str, case: Case, name: str, upstream_url: str) -> None:
     """`fairpatch models register` with the flags docs/model_servers.md gives for the server."""
     args = ["models", "register", name, "--upstream-url", upstream_url, "--protocol", case.protocol,
-            "--upstream-model", MODEL_NAME, "--output-kind", "probabilities", "--groups", ",".join(GROUPS)]
+            "--upstream-model", MODEL_NAME, "--output-kind", "probabilities", "--groups", ",".join(GROUPS),
+            "--upstream-timeout", "120"]  # a bound for a loaded 2-core CI box, where a 2,000-row batch may take seconds
     if case.protocol == "v2":
         args += ["--input-name", "input", "--output-name", str(case.output_name)]
     cli(gateway, *args)
