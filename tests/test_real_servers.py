@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from clients.sdk import Client, Job
+from clients.sdk import Client
 from patcher.apply import PatchRunner
 from patcher.metrics import demographic_parity_difference
 from patcher.patch import Patch
@@ -47,7 +47,7 @@ EVAL_BUDGET = 1000
 TUNE_ROWS = 4000  # uploaded: holdout 0.3 leaves 1,200 held-out rows, of which EVAL_BUDGET are scored
 CHECK_ROWS = 2000  # test rows sent through the gateway for the independent dp check
 
-pytestmark = pytest.mark.timeout(1800)  # a cold machine builds three venvs first (~1-2 min each)
+pytestmark = pytest.mark.timeout(1800)  # a cold machine builds three venvs first (1-6 min each here)
 
 
 @pytest.fixture(scope="module")
@@ -152,14 +152,6 @@ def register(gateway: str, case: Case, name: str, upstream_url: str) -> None:
     cli(gateway, *args)
 
 
-def create_job(gateway: str, name: str, dataset: str) -> Job:
-    body = {"model": name, "dataset": dataset, "method": "eraser", "criterion": "dp", "query_budget": QUERY_BUDGET,
-            "eval_budget": EVAL_BUDGET, "holdout": 0.3, "seed": 0, "options": {"bias": "group"}}
-    r = httpx.post(f"{gateway}/v1/jobs", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
-    assert r.status_code in (200, 201, 202), r.text
-    return Job.model_validate(r.json())
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_the_whole_flow_in_front_of_a_real_server(case, request, gateway, dataset_id, adult):
     peer: Peer = request.getfixturevalue(case.server)
@@ -180,7 +172,9 @@ def test_the_whole_flow_in_front_of_a_real_server(case, request, gateway, datase
 
         # a patch job whose upstream traffic is bounded by its two budgets
         peer.proxy.reset()
-        job = fp.wait_job(create_job(gateway, name, dataset_id).id, timeout=900)
+        created = fp.create_job(name, dataset_id, criterion="dp", query_budget=QUERY_BUDGET, eval_budget=EVAL_BUDGET,
+                                holdout=0.3, seed=0, options={"bias": "group"})
+        job = fp.wait_job(created.id, timeout=900)
         assert job.status == "succeeded", job.error
         r = job.result
         assert 0 < r.queries_used <= QUERY_BUDGET and 0 < r.eval_queries <= EVAL_BUDGET
@@ -217,12 +211,10 @@ def test_tritonclient_json_and_binary_through_the_gateway_in_front_of_mlserver(m
     case = CASES[0]
     name = f"triton-{RUN}"
     register(gateway, case, name, mlserver.proxy.url)
-    body = {"model": name, "dataset": dataset_id, "query_budget": QUERY_BUDGET, "holdout": 0, "seed": 0,
-            "options": {"bias": "group"}}
-    r = httpx.post(f"{gateway}/v1/jobs", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
-    assert r.status_code in (200, 201, 202), r.text
     with Client(gateway, KEY, timeout=120) as fp:
-        job = fp.wait_job(r.json()["id"], timeout=900)
+        created = fp.create_job(name, dataset_id, query_budget=QUERY_BUDGET, holdout=0, seed=0,
+                                options={"bias": "group"})
+        job = fp.wait_job(created.id, timeout=900)
         assert job.status == "succeeded" and job.result.eval_queries == 0, job.error
         fp.activate_patch(name, job.result.patch_id)
         runner = PatchRunner(Patch.from_bytes(fp.download_patch(job.result.patch_id)))
