@@ -121,8 +121,13 @@ async def discover(client: UpstreamClient, spec: ModelSpec, *, probe: bool = Fal
     timeout_s = min(up.timeout_s, PROBE_TIMEOUT_S)
     notes: list[str] = []
     try:
-        server = await _get_json(client, f"{up.url}/v2", timeout_s)
         raw_meta = await client.request("GET", v2_model_url(spec), None, timeout_s)
+        try:
+            server = await _get_json(client, f"{up.url}/v2", timeout_s)
+        except UpstreamError as e:  # a 4xx: a server without GET /v2 advertises no extension
+            if e.upstream_status is None or e.upstream_status >= 500:
+                raise
+            server = None
     except UpstreamError as e:
         if e.upstream_status == 404:
             raise _refuse(f"upstream {up.url} has no model '{upstream_model_name(spec)}' ({e}); register the "

@@ -387,3 +387,20 @@ def test_scores_that_cannot_fit_the_registration_are_refused_with_the_fix(protoc
         check_scores(spec, np.asarray(scores, dtype=np.float64))
     assert check_scores(spec.model_copy(update={"upstream": spec.upstream.model_copy(
         update={"output_kind": "logits"})}), np.asarray([[0.3], [0.9]])) == "probabilities"  # one column: a logit too
+
+
+def test_a_wrong_upstream_model_name_is_refused_and_a_server_without_get_v2_is_taken_as_plain_json(client,
+                                                                                                 sklearn_like):
+    r = client.post("/v1/models", json={"name": f"noname-{RUN}", "upstream": {"url": sklearn_like.url,
+                                                                             "model_name": "adult/x", **SKLEARN}})
+    assert r.status_code == 400 and "has no model 'adult/x'" in error(r) and "upstream.model_name" in error(r)
+    app = FastAPI()  # metadata, no GET /v2 (404)
+
+    @app.get("/v2/models/{name}")
+    async def metadata(name: str) -> dict:
+        return {"name": name, "platform": "", "inputs": [], "outputs": []}
+
+    with ServerThread(app) as server:
+        r = register(client, "nov2", server.url, **SKLEARN)
+        assert r.status_code == 201 and r.json()["upstream"]["binary_data"] is False, r.text
+        assert r.json()["discovery"]["extensions"] == []
