@@ -20,7 +20,6 @@ import pandas as pd
 import pytest
 
 from clients.sdk import AsyncClient, Client, FairpatchError, ModelSpec, UpstreamSpec
-from patcher.apply import PatchRunner
 from patcher.oracle import OnnxOracle
 from patcher.patch import Patch
 from service.app import create_app
@@ -29,11 +28,19 @@ from service.redis_embedded import redis_url_for
 from service.serve_thread import ServerThread
 from service.settings import Settings
 from service.worker import WorkerThread
+from tests.expected import patched_log_probs, patched_scores
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "clients-admin-key"
 RUN = uuid.uuid4().hex[:6]
 GROUPS = ["Female", "Male"]
+
+
+def run_onnx(model: bytes, X: np.ndarray) -> np.ndarray:
+    """The model's logits, run here with onnxruntime."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"input": X.astype(np.float32)})[0]
 
 
 @pytest.fixture(scope="module")
@@ -197,9 +204,10 @@ def test_activate_infer_download_upload_deactivate(fp, servers, trained, adult, 
     names = [GROUPS[i] for i in g]
     out = fp.infer(name, X, names, raw=True)
     assert out.patch_id == pid
-    local = PatchRunner(Patch.from_bytes(fp.download_patch(pid), expected_id=pid))
-    raw = OnnxOracle(adult_model.onnx_bytes).log_probs(X)
-    np.testing.assert_array_equal(out.predictions, local.predict(X, raw, g))
+    patch = Patch.from_bytes(fp.download_patch(pid), expected_id=pid)  # applied here from its own graph
+    logits = run_onnx(adult_model.onnx_bytes, X)
+    np.testing.assert_array_equal(out.predictions, patched_log_probs(patch, X, logits, g).argmax(1))
+    np.testing.assert_allclose(out.raw, logits, rtol=1e-5, atol=1e-5)
     assert (out.predictions != out.raw.argmax(1)).any()  # the patch changes some decisions
     assert (fp.infer(name, X, g).predictions == out.predictions).all()  # int64 group ids work too
 
@@ -256,7 +264,7 @@ def cli(*args: str, url: str, key: str | None = KEY, timeout: float = 180) -> su
                           timeout=timeout, env=env, cwd=REPO)
 
 
-def test_cli_register_upload_train_activate_infer(servers, adult, tmp_path):
+def test_cli_register_upload_train_activate_infer(servers, fp, adult, adult_model, tmp_path):
     gw, up = servers
     name = f"cli-{RUN}"
     # --binary-data: the job's queries and the inference below reach the upstream as binary tensor data
@@ -294,6 +302,15 @@ def test_cli_register_upload_train_activate_infer(servers, adult, tmp_path):
     lines = p.stdout.strip().splitlines()
     assert lines[0] == "row,prediction,score_0,score_1,raw_0,raw_1" and len(lines) == 21
     assert pid in p.stderr
+    # the values: the model's logits and the patch applied to them from its own graph, here
+    printed = np.array([[float(v) for v in line.split(",")] for line in lines[1:]])
+    X = adult.test.X[:20].astype(np.float32)
+    logits = run_onnx(adult_model.onnx_bytes, X)
+    patched = patched_scores(Patch.from_bytes(fp.download_patch(pid), expected_id=pid), X, logits)
+    np.testing.assert_array_equal(printed[:, 0], np.arange(20))
+    np.testing.assert_array_equal(printed[:, 1], patched.argmax(1))
+    np.testing.assert_allclose(printed[:, 2:4], patched, rtol=1e-5, atol=1e-5)  # printed to 6 significant digits
+    np.testing.assert_allclose(printed[:, 4:6], logits, rtol=1e-5, atol=1e-5)
 
     out = tmp_path / "patch.fpatch"
     p = cli("patches", "download", pid, "-o", str(out), url=gw)
@@ -354,8 +371,7 @@ def test_sdk_artifact_upload_download_and_a_weight_patch(fp, servers, adult, adu
     X = adult.test.X[:10]
     out = fp.infer(name, X, request_id="r-1")
     assert out.served_by == "patch" and out.patch_id == pid
-    expected = PatchRunner(Patch.from_bytes(fp.download_patch(pid))).model_logits(X).argmax(1)
-    np.testing.assert_array_equal(out.predictions, expected)
+    np.testing.assert_array_equal(out.predictions, run_onnx(replacement, X).argmax(1))  # the replacement, run here
     fp.deactivate_patch(name)
     assert fp.infer(name, X).served_by == "upstream"
 

@@ -34,6 +34,7 @@ from service.upstream import (
     v2_model_url,
 )
 from tests.conftest import random_mlp
+from tests.test_service_jobs import CountingUpstream
 
 MODEL = random_mlp(5)
 
@@ -304,19 +305,21 @@ def test_slow_upstream_times_out_at_the_deadline(servers, sync):
 
 # --- HttpOracle -----------------------------------------------------------------------------------------
 
-def test_http_oracle_counts_rows_and_equals_the_onnx_oracle(servers):
+def test_http_oracle_counts_rows_and_equals_the_onnx_oracle():
     X = rows(30, seed=5)
-    s = spec(servers["v2"], model_name="mlp")  # no input_name: read from the upstream's metadata
-    with HttpOracle(s, budget=40, batch_size=8) as oracle:
+    upstream = CountingUpstream(create_upstream_app(OnnxModel(MODEL, name="mlp")))  # counts the rows it receives
+    with ServerThread(upstream) as server, \
+            HttpOracle(spec(server.url, model_name="mlp"), budget=40, batch_size=8) as oracle:  # input name: metadata
         got = oracle.scores(X)
         assert oracle.output_kind == "logits"
         np.testing.assert_array_equal(got, OnnxOracle(MODEL).scores(X))
-        assert oracle.queries_used == 30 and oracle.remaining == 10
+        assert upstream.rows == oracle.queries_used == 30 and oracle.remaining == 10
+        assert upstream.requests == 4  # batches of 8
         np.testing.assert_array_equal(oracle.scores(X[:10]), got[:10])  # paid rows are not paid twice
-        assert oracle.queries_used == 30
+        assert upstream.rows == oracle.queries_used == 30
         with pytest.raises(BudgetExceeded):
             oracle.scores(rows(11, seed=6))
-        assert oracle.queries_used == 30
+        assert upstream.rows == oracle.queries_used == 30  # refused before anything was sent
         np.testing.assert_allclose(oracle.log_probs(X), to_log_probs(got, "logits"))
 
 

@@ -30,6 +30,7 @@ from service.redis_embedded import EmbeddedRedis, redis_server_binary
 from service.serve_thread import ServerThread
 from service.settings import Settings
 from service.worker import WorkerThread
+from tests.processes import served
 from tests.test_service_jobs import (
     CLI,
     adult_csv,
@@ -366,34 +367,19 @@ def test_no_password_or_admin_key_in_the_logs_of_the_gateway_and_the_worker(own_
     assert p.returncode == 2 and "no Redis answers at unix://:***@" in p.stderr, p.stderr
     logs = p.stdout + p.stderr
 
-    with socket_port() as port, open(tmp_path / "serve.log", "wb") as out, \
-            worker_process(tmp_path / "worker.log", **{k: v for k, v in env.items() if k.startswith("FAIRPATCH")}) as w:
-        serve = subprocess.Popen([sys.executable, "-c", CLI, "serve", "--port", str(port), "--access-log"], cwd=REPO,
-                                 env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            base = f"http://127.0.0.1:{port}"
-            until(lambda: _ready(base), "the gateway to serve", timeout=120)
-            assert httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
-            assert httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 403
-            until(lambda: "worker ready" in w.log(), "the worker to start")
-        finally:
-            serve.send_signal(signal.SIGTERM)
-            serve.wait(60)
-        served, worked = (tmp_path / "serve.log").read_text(errors="replace"), w.log()
+    with worker_process(tmp_path / "worker.log", **{k: v for k, v in env.items() if k.startswith("FAIRPATCH")}) as w, \
+            served([sys.executable, "-c", CLI, "serve", "--port", "0", "--access-log"], env=env, cwd=REPO,
+                   log_path=tmp_path / "serve.log", name="fairpatch serve") as server:
+        base = server.url
+        until(lambda: _ready(base), "the gateway to serve", timeout=120)
+        assert httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        assert httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 403
+        until(lambda: "worker ready" in w.log(), "the worker to start")
+    served_log, worked = server.log(), w.log()
     # the lines that name Redis are there, masked: the gateway's "Redis at", the worker's start-up line
-    assert "Redis at unix://:***@" in served and "on unix://:***@" in worked, (served, worked)
-    for text in (logs, served, worked):
+    assert "Redis at unix://:***@" in served_log and "on unix://:***@" in worked, (served_log, worked)
+    for text in (logs, served_log, worked):
         assert RedisProcess.PASSWORD not in text and KEY not in text
-
-
-@contextlib.contextmanager
-def socket_port() -> Iterator[int]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    yield port
 
 
 def _ready(base: str) -> bool:
@@ -430,15 +416,10 @@ def test_the_embedded_redis_is_started_again_when_it_dies(tmp_path):
 def test_serve_in_embedded_mode_rides_out_its_redis_dying(tmp_path, fast_upstream, adult):
     """`fairpatch serve` with no Redis configured: its redis-server is SIGKILLed; the gateway starts it again,
     its worker (the same code as `fairpatch worker`) reconnects, and a job submitted afterwards runs."""
-    with socket_port() as port:
-        pass
     env = clean_env(FAIRPATCH_DATA_DIR=str(tmp_path / "data"), FAIRPATCH_ADMIN_KEY=KEY)
-    with open(tmp_path / "serve.log", "wb") as out:
-        serve = subprocess.Popen([sys.executable, "-c", CLI, "serve", "--port", str(port)], cwd=REPO, env=env,
-                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    log = lambda: (tmp_path / "serve.log").read_text(errors="replace")  # noqa: E731
-    try:
+    with served([sys.executable, "-c", CLI, "serve", "--port", "0"], env=env, cwd=REPO,
+                log_path=tmp_path / "serve.log", name="fairpatch serve") as server:
+        base, log, serve = server.url, server.log, server.process
         until(lambda: _ready(base) and "worker ready" in log(), "the gateway and its worker", timeout=120)
         with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
             register(c, "adult", fast_upstream)
@@ -453,9 +434,6 @@ def test_serve_in_embedded_mode_rides_out_its_redis_dying(tmp_path, fast_upstrea
             done = wait(c, submit(c, "adult", r.json()["id"], budget=300)["id"])
             assert done["status"] == "succeeded", (done, log())
         assert worker_children(serve.pid) == [worker_pid], log()  # the same worker: it did not exit
-    finally:
-        serve.send_signal(signal.SIGTERM)
-        serve.wait(60)
 
 
 # ---------------------------------------------------------------- predictions through a Redis outage

@@ -10,9 +10,7 @@ import os
 import re
 import signal
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -23,6 +21,7 @@ from service.app import create_app
 from service.redis_embedded import EmbeddedRedis, redis_url_for
 from service.serve_thread import ServerThread
 from service.settings import Settings
+from tests.processes import ready, served, until
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_REDIS = "redis://127.0.0.1:6379"
@@ -259,28 +258,13 @@ CLI = ("import sys, argparse; from service.commands import add_service_parsers; 
        "a = p.parse_args(sys.argv[1:]); sys.exit(a.run(a))")
 
 
-def test_serve_command_with_embedded_redis_stops_cleanly_on_sigterm(data_dir):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def test_serve_command_with_embedded_redis_stops_cleanly_on_sigterm(data_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "FAIRPATCH_REDIS_URL")}
     env.update(FAIRPATCH_DATA_DIR=str(data_dir), FAIRPATCH_LOG_LEVEL="warning", PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-c", CLI, "serve", "--port", str(port)], cwd=REPO, env=env,
-                            stderr=subprocess.PIPE, text=True)
     sock = data_dir / "redis" / "redis.sock"
-    try:
-        for _ in range(200):
-            try:
-                r = httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1)
-                if r.status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stderr.read()
-            time.sleep(0.05)
+    with served([sys.executable, "-c", CLI, "serve", "--port", "0"], env=env, cwd=REPO,
+                log_path=tmp_path / "serve.log", name="fairpatch serve", stop_timeout=15) as server:
+        r = until(lambda: ready(server.url), "the gateway to be ready")
         assert r.json() == {"ready": True} and sock.exists()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        stopped = proc.wait(timeout=15)  # asserted after: a failure above is reported first
-    assert stopped in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
+    assert server.returncode in (0, -signal.SIGTERM), server.log()  # uvicorn re-raises the signal it handled
     assert not sock.exists() and not answers(f"unix://{sock}")

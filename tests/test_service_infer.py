@@ -2,7 +2,8 @@
 
 The upstream is the local ONNX server with the Adult reference model; patches are Eraser patches
 fitted on the Adult tune split through OnnxOracle, stored and activated with PatchStore. What the
-gateway answers must equal the patch applied offline (PatchRunner) to the upstream's raw scores.
+gateway answers must equal the patch applied offline (tests.expected: the patch's own ONNX graph run directly)
+to the upstream's raw scores.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import asyncio
 import json
 import os
 import socket
-import time
 import uuid
 from types import SimpleNamespace
 
@@ -21,12 +21,10 @@ import pytest
 from fastapi import FastAPI, Request, Response
 from redis.asyncio import Redis
 
-from patcher.apply import PatchRunner
 from patcher.methods import eraser
 from patcher.onnx_graphs import GraphBuilder, float_tensor
 from patcher.oracle import OnnxOracle
 from patcher.patch import Patch
-from patcher.scores import from_log_probs, to_log_probs
 from patcher.tuning import TuningData
 from service import infer
 from service.app import create_app
@@ -37,6 +35,8 @@ from service.registry import ModelRegistry, ModelSpec, UpstreamSpec
 from service.serve_thread import ServerThread
 from service.settings import Settings
 from tests.conftest import fit
+from tests.expected import patched_scores
+from tests.processes import until
 
 BODY_LIMIT = 512 * 1024
 UPSTREAM_NAME, UPSTREAM_VERSION = "adult-ref", "3"
@@ -207,8 +207,7 @@ def world(tmp_path_factory, adult, adult_model):
             with ServerThread(app) as gw, httpx.Client(base_url=gw.url, timeout=10) as client, \
                     httpx.Client(base_url=up.url, timeout=10) as upstream:
                 yield SimpleNamespace(client=client, upstream=upstream, gateway_url=gw.url, redis_url=redis_url,
-                                      names=names, patches=patches, adult=adult, upstream_url=up.url,
-                                      runners={k: PatchRunner(p) for k, p in patches.items()})
+                                      names=names, patches=patches, adult=adult, upstream_url=up.url)
         finally:
             async def unregister(registry, store):
                 for s in specs:
@@ -242,10 +241,10 @@ def upstream_raw(world, X: np.ndarray) -> np.ndarray:
     return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
 
 
-def offline(runner: PatchRunner, X: np.ndarray, raw: np.ndarray, groups=None) -> np.ndarray:
-    """The patch applied offline to the upstream's raw scores, back in the model's kind and shape."""
-    logp = runner.transform_outputs(X, to_log_probs(raw, "logits"), groups)
-    return from_log_probs(logp, "logits", raw.shape[1]).astype(np.float32)
+def offline(patch: Patch, X: np.ndarray, raw: np.ndarray, groups=None) -> np.ndarray:
+    """The patch applied offline to the upstream's raw logits from its own definition (tests.expected: its ONNX
+    graph run directly, no code of the gateway's or of patcher.apply)."""
+    return patched_scores(patch, X, raw, groups)
 
 
 def output(response: httpx.Response, name: str) -> np.ndarray:
@@ -307,7 +306,7 @@ def test_patched_scores_equal_the_patch_applied_offline(world, path, group_datat
     assert doc["model_name"] == m and doc["model_version"] == "2" and doc["id"] == "req-7"
     assert r.headers["fairpatch-patch"] == world.patches[(m, "2")].id
     raw = upstream_raw(world, X)
-    expected = offline(world.runners[(m, "2")], X, raw, ids)
+    expected = offline(world.patches[(m, "2")], X, raw, ids)
     got = output(r, "logits")
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     assert not np.allclose(got, raw)  # the patch did something
@@ -322,7 +321,7 @@ def test_raw_scores_on_request(world):
     raw = upstream_raw(world, X)
     assert [o["name"] for o in r.json()["outputs"]] == ["logits", "fairpatch_raw"]
     np.testing.assert_array_equal(output(r, "fairpatch_raw"), raw)
-    np.testing.assert_allclose(output(r, "logits"), offline(world.runners[(m, "2")], X, raw, ids), atol=1e-5)
+    np.testing.assert_allclose(output(r, "logits"), offline(world.patches[(m, "2")], X, raw, ids), atol=1e-5)
 
 
 def test_no_patch_answers_exactly_what_the_upstream_answers(world):
@@ -340,7 +339,7 @@ def test_a_group_free_patch_needs_no_group(world):
     assert r.status_code == 200, r.text
     assert r.headers["fairpatch-patch"] == world.patches[key].id
     raw = upstream_raw(world, X)
-    np.testing.assert_allclose(output(r, "logits"), offline(world.runners[key], X, raw), atol=1e-5)
+    np.testing.assert_allclose(output(r, "logits"), offline(world.patches[key], X, raw), atol=1e-5)
 
 
 def test_other_upstream_outputs_pass_through_and_requested_outputs_are_honoured(world):
@@ -356,7 +355,7 @@ def test_other_upstream_outputs_pass_through_and_requested_outputs_are_honoured(
     assert [t["name"] for t in meta["outputs"]] == ["logits", "doubled"]
     raw_r = world.client.post(f"/v2/models/{m}/infer", json=body(X, groups, parameters={"fairpatch_raw": True}))
     raw = output(raw_r, "fairpatch_raw")
-    np.testing.assert_allclose(output(r, "logits"), offline(world.runners[key], X, raw, np.array(groups)), atol=1e-5)
+    np.testing.assert_allclose(output(r, "logits"), offline(world.patches[key], X, raw, np.array(groups)), atol=1e-5)
     only = world.client.post(f"/v2/models/{m}/infer", json=body(X, groups, outputs=[{"name": "doubled"}]))
     assert [o["name"] for o in only.json()["outputs"]] == ["doubled"]
     only = world.client.post(f"/v2/models/{m}/infer", json=body(X, groups, outputs=[{"name": "logits"}]))
@@ -369,20 +368,20 @@ def test_v1_predict(world):
     r = world.client.post(f"/v1/models/{m}:predict", json={"instances": X.tolist(), "groups": names})
     assert r.status_code == 200, r.text
     assert r.headers["fairpatch-patch"] == world.patches[(m, "2")].id  # the latest version is patched
-    expected = offline(world.runners[(m, "2")], X, upstream_raw(world, X), ids)
+    expected = offline(world.patches[(m, "2")], X, upstream_raw(world, X), ids)
     np.testing.assert_allclose(np.asarray(r.json()["predictions"]), expected, atol=1e-5)
     r = world.client.post(f"/v1/models/{m}:predict", json={"instances": X.tolist(), "groups": ids.tolist()})
     np.testing.assert_allclose(np.asarray(r.json()["predictions"]), expected, atol=1e-5)
     r = world.client.post(f"/v1/models/{world.names.free}:predict", json={"instances": X.tolist()})
     assert r.status_code == 200, r.text
-    expected = offline(world.runners[(world.names.free, "1")], X, upstream_raw(world, X))
+    expected = offline(world.patches[(world.names.free, "1")], X, upstream_raw(world, X))
     np.testing.assert_allclose(np.asarray(r.json()["predictions"]), expected, atol=1e-5)
 
 
 def test_an_mlflow_upstream_behind_both_front_doors(world):
     m, key = world.names.mlflow, (world.names.mlflow, "1")
     X, ids, names = batch(world, 20, start=30)
-    expected = offline(world.runners[key], X, upstream_raw(world, X), ids)
+    expected = offline(world.patches[key], X, upstream_raw(world, X), ids)
     r = world.client.post(f"/v2/models/{m}/infer", json=body(X, names, parameters={"fairpatch_raw": True}))
     assert r.status_code == 200, r.text
     assert r.headers["fairpatch-patch"] == world.patches[key].id
@@ -402,12 +401,11 @@ def test_activation_and_deactivation_reach_the_gateway_without_a_restart(world):
     url, pid = f"/v2/models/{m}/infer", world.patches[(m, "1")].id
 
     def header_becomes(value: str) -> httpx.Response:
-        for _ in range(100):
+        def served() -> httpx.Response | None:
             r = world.client.post(url, json=body(X, names))
-            if r.headers.get("fairpatch-patch") == value:
-                return r
-            time.sleep(0.02)
-        raise AssertionError(f"the gateway never served patch {value}")
+            return r if r.headers.get("fairpatch-patch") == value else None
+
+        return until(served, f"the gateway to serve patch {value}")
 
     header_becomes("none")
 
@@ -416,7 +414,7 @@ def test_activation_and_deactivation_reach_the_gateway_without_a_restart(world):
 
     redis_call(world.redis_url, activate)
     r = header_becomes(pid)
-    np.testing.assert_allclose(output(r, "logits"), offline(world.runners[(m, "1")], X, upstream_raw(world, X), ids),
+    np.testing.assert_allclose(output(r, "logits"), offline(world.patches[(m, "1")], X, upstream_raw(world, X), ids),
                                atol=1e-5)
 
     async def deactivate(_registry, store):
@@ -435,12 +433,8 @@ def test_a_changed_registration_is_seen_within_the_cache_ttl(world, monkeypatch)
     assert world.client.post(f"/v2/models/{m}/infer", json=body(X)).status_code == 502
     alive = dead.model_copy(update={"upstream": UpstreamSpec(url=world.upstream_url, model_name=UPSTREAM_NAME)})
     redis_call(world.redis_url, lambda registry, _store: registry.put(alive))
-    for _ in range(100):
-        r = world.client.post(f"/v2/models/{m}/infer", json=body(X))
-        if r.status_code == 200:
-            break
-        time.sleep(0.02)
-    assert r.status_code == 200, r.text
+    r = until(lambda: (r := world.client.post(f"/v2/models/{m}/infer", json=body(X))).status_code == 200 and r,
+              "the gateway to see the new registration")
     np.testing.assert_array_equal(output(r, "logits"), upstream_raw(world, X))
 
 
@@ -451,7 +445,7 @@ def test_tritonclient_reads_health_metadata_and_infers(world):
 
     m = world.names.adult
     X, ids, names = batch(world, 12, start=50)
-    expected = offline(world.runners[(m, "2")], X, upstream_raw(world, X), ids)
+    expected = offline(world.patches[(m, "2")], X, upstream_raw(world, X), ids)
     client = triton.InferenceServerClient(url=world.gateway_url.removeprefix("http://"))
     try:
         # not ready: one of this world's upstreams is down (names.down), and readiness asks every upstream
@@ -505,14 +499,14 @@ def test_an_upstream_registered_binary_gets_binary_tensors_and_the_same_answers(
     """The gateway sends the binary model's upstream (which refuses JSON tensors) binary tensors and reads its
     binary answers; callers see the same JSON as through a JSON upstream leg, patched the same way."""
     X, _, names = batch(world, 40, start=200)
-    runner = world.runners[(world.names.binary, "1")]
-    expected = offline(runner, X, upstream_raw(world, X), names)
+    expected = offline(world.patches[(world.names.binary, "1")], X, upstream_raw(world, X), names)
     for extra in ({}, {"parameters": {"fairpatch_raw": True}}, {"outputs": [{"name": "logits"}]}):
         doc = body(X, names, **extra)
         via_binary = world.client.post(f"/v2/models/{world.names.binary}/versions/1/infer", json=doc)
         via_json = world.client.post(f"/v2/models/{world.names.adult}/versions/2/infer", json=doc)
         assert via_binary.status_code == 200 and via_json.status_code == 200, via_binary.text
-        np.testing.assert_array_equal(output(via_binary, "logits"), expected)
+        np.testing.assert_allclose(output(via_binary, "logits"), expected, atol=1e-5)
+        np.testing.assert_array_equal(output(via_binary, "logits"), output(via_json, "logits"))
         assert [o["name"] for o in via_binary.json()["outputs"]] == [o["name"] for o in via_json.json()["outputs"]]
         if extra.get("parameters"):
             np.testing.assert_array_equal(output(via_binary, "fairpatch_raw"), upstream_raw(world, X))
@@ -525,7 +519,15 @@ def test_other_upstream_outputs_pass_through_a_binary_leg(world):
     r = world.client.post(f"/v2/models/{m}/infer", json=body(X, ["a", "b", "a", "a", "b", "b"]))
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(output(r, "doubled"), 2 * X, rtol=1e-6)
-    assert output(r, "logits").shape == (6, 2)
+    # the values, in closed form: the model's logits (its ONNX run here) to log-probabilities, minus the table
+    # patch's row for the group, plus its shift of the binary cut to 0.25
+    import onnxruntime as ort
+
+    logits = ort.InferenceSession(multi_output_model(), providers=["CPUExecutionProvider"]).run(
+        ["logits"], {"input": X})[0].astype(np.float64)
+    logp = logits - np.logaddexp(logits[:, :1], logits[:, 1:])
+    table = np.log(np.array([[0.8, 0.2], [0.5, 0.5]]))[[0, 1, 0, 0, 1, 1]]
+    np.testing.assert_allclose(output(r, "logits"), logp - table + [0.0, -0.25], rtol=1e-5, atol=1e-5)
     r = world.client.post(f"/v2/models/{m}/infer", json=body(X, ["a"] * 6, outputs=[{"name": "doubled"}]))
     assert r.status_code == 200 and [o["name"] for o in r.json()["outputs"]] == ["doubled"], r.text
 
@@ -689,7 +691,7 @@ def test_concurrent_requests_are_all_answered_correctly(world):
         results = list(pool.map(call, range(0, 320, 10)))
     for X, ids, got in results:
         raws[len(raws)] = upstream_raw(world, X)
-        np.testing.assert_allclose(got, offline(world.runners[(m, "2")], X, raws[len(raws) - 1], ids), atol=1e-5)
+        np.testing.assert_allclose(got, offline(world.patches[(m, "2")], X, raws[len(raws) - 1], ids), atol=1e-5)
 
 
 # --- the in-process cache ---------------------------------------------------------------------------------

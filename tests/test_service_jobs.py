@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -28,6 +29,8 @@ from service.redis_embedded import EmbeddedRedis
 from service.serve_thread import ServerThread
 from service.settings import Settings
 from service.worker import MAX_TRIES, WorkerThread, embedded_redis_url
+from tests import expected
+from tests.processes import ready, served, until
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "jobs-admin-key"
@@ -89,13 +92,6 @@ class CountingUpstream:
     def connections(self) -> int:
         """Open client connections to this upstream (a closed oracle leaves none)."""
         return len(self.server._server.server_state.connections)
-
-
-def until(condition, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -182,7 +178,36 @@ def wait(client, job_id: str, until=lambda j: j["status"] in FINISHED, timeout: 
 
 # --- jobs --------------------------------------------------------------------------------------------------
 
-def test_a_job_learns_a_patch_that_lowers_dp_within_its_budget(client, model, dataset):
+def assert_figures_are_fairlearns(result: dict, patch: Patch, adult, adult_model) -> None:
+    """The job's before/after figures equal Fairlearn's and scikit-learn's, recomputed here from predictions on
+    the same held-out rows: the model's ONNX file and the patch's own graph run directly (tests.expected)."""
+    import onnxruntime as ort
+    from fairlearn.metrics import MetricFrame, demographic_parity_difference, equalized_odds_difference
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+    from patcher.tuning import stratified_split
+
+    held, _ = stratified_split(adult.tune.y, adult.tune.groups, 0.3, 0)  # the job's split: holdout 0.3, seed 0
+    assert len(held) == result["holdout_rows"]
+    X, y, g = adult.tune.X[held].astype(np.float32), adult.tune.y[held], adult.tune.groups[held]
+    logits = ort.InferenceSession(adult_model.onnx_bytes, providers=["CPUExecutionProvider"]).run(
+        None, {"input": X})[0]
+    predictions = {"before": logits.argmax(1),
+                   "after": expected.patched_log_probs(patch, X, logits, g, request_id="evaluation-0").argmax(1)}
+    for when, pred in predictions.items():
+        figures = result[when]
+        want = {"accuracy": accuracy_score(y, pred), "balanced_accuracy": balanced_accuracy_score(y, pred),
+                "dp_diff": demographic_parity_difference(y, pred, sensitive_features=g),
+                "eo_diff": equalized_odds_difference(y, pred, sensitive_features=g),
+                # over the (group, label) cells, as the job defines it
+                "worst_group_accuracy": MetricFrame(metrics=accuracy_score, y_true=y, y_pred=pred,
+                                                    sensitive_features={"group": g, "label": y}).group_min()}
+        for name, value in want.items():
+            assert figures[name] == pytest.approx(value, abs=1e-9), (when, name, figures[name], value)
+
+def test_a_job_learns_a_patch_that_lowers_dp_within_its_budget(client, counting, dataset, adult, adult_model):
+    model = f"counted-{RUN}"
+    register(client, model, counting.server.url)
     record = submit(client, model, dataset, budget=800, version=None)  # version: the latest
     assert record["version"] == "1" and record["progress"]["stage"] == "queued"
     done = wait(client, record["id"])
@@ -199,6 +224,8 @@ def test_a_job_learns_a_patch_that_lowers_dp_within_its_budget(client, model, da
     assert done["progress"] == {"fraction": 1.0, "stage": "done", "queries_used": result["queries_used"]}
     assert done["created_at"] <= done["started_at"] <= done["finished_at"] and done["error"] is None
     assert done["id"] in [j["id"] for j in client.get("/v1/jobs").json()["jobs"]]
+    # the budget as the upstream counted it: every row it received was a fit query or an evaluation query
+    assert counting.rows == result["queries_used"] + result["eval_queries"], (counting.rows, result)
 
     # the patch is stored for that model version, and can be served
     pid = result["patch_id"]
@@ -207,6 +234,7 @@ def test_a_job_learns_a_patch_that_lowers_dp_within_its_budget(client, model, da
     assert client.post(f"/v1/models/{model}/versions/1/patches/{pid}/activate").status_code == 200
     patch = Patch.from_bytes(client.get(f"/v1/patches/{pid}").content, expected_id=pid)
     assert patch.manifest["model"] == {"name": model, "version": "1"} and patch.groups == ["Female", "Male"]
+    assert_figures_are_fairlearns(result, patch, adult, adult_model)
 
     r = client.delete(f"/v1/jobs/{record['id']}")
     assert r.status_code == 409 and "already succeeded" in r.json()["error"]
@@ -409,28 +437,16 @@ def test_embedded_redis_url_finds_a_socket_moved_to_a_temp_dir(tmp_path):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads child processes from /proc")
 def test_serve_in_embedded_mode_runs_its_own_worker_and_stops_it(tmp_path, upstreams, adult):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     data_dir = tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "FAIRPATCH_REDIS_URL")}
     env.update(FAIRPATCH_DATA_DIR=str(data_dir), FAIRPATCH_LOG_LEVEL="warning", FAIRPATCH_ADMIN_KEY=KEY,
                PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-c", CLI, "serve", "--port", str(port)], cwd=REPO, env=env,
-                            stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(400):
-            try:
-                if httpx.get(f"{base}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stderr.read()
-            time.sleep(0.05)
-        worker_pids = worker_children(proc.pid)
+    with served([sys.executable, "-c", CLI, "serve", "--port", "0"], env=env, cwd=REPO,
+                log_path=tmp_path / "serve.log", name="fairpatch serve", stop_timeout=30) as server:
+        until(lambda: ready(server.url), "the gateway to be ready")
+        worker_pids = worker_children(server.process.pid)
         assert len(worker_pids) == 1
-        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
             register(c, "adult", upstreams["fast"])
             r = c.post("/v1/datasets", params={"label": "income", "group": "sex"},
                        content=adult_csv(adult, slice(3000)), headers={"content-type": "text/csv"})
@@ -439,15 +455,9 @@ def test_serve_in_embedded_mode_runs_its_own_worker_and_stops_it(tmp_path, upstr
             assert done["status"] == "succeeded", done["error"]
             assert done["result"]["queries_used"] <= 300
         os.kill(worker_pids[0], signal.SIGKILL)  # a worker that dies is started again
-        for _ in range(300):
-            replacement = [p for p in worker_children(proc.pid) if p != worker_pids[0]]
-            if replacement:
-                break
-            time.sleep(0.05)
+        replacement = until(lambda: [p for p in worker_children(server.process.pid) if p != worker_pids[0]],
+                            "a new worker")
         assert len(replacement) == 1
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        stopped = proc.wait(timeout=30)  # asserted after: a failure above is reported first
-    assert stopped in (0, -signal.SIGTERM)
+    assert server.returncode in (0, -signal.SIGTERM), server.log()
     assert not alive(worker_pids[0]) and not alive(replacement[0])
     assert not (data_dir / "redis" / "redis.sock").exists()

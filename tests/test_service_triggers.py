@@ -1,8 +1,9 @@
 """A fairness-trigger job through the running gateway: real uvicorn servers on loopback (gateway and the
 local ONNX upstream serving the cached Adult reference model), a real Redis (REDIS_URL, else embedded)
 and an arq worker in a thread. The job learns the trigger from scores alone (zeroth order, through the
-worker's HttpOracle); once activated, the gateway's answers must equal the patch applied offline:
-PatchRunner.transform_inputs, then the model, then the patch's output transform."""
+worker's HttpOracle); once activated, the gateway's answers must equal the patch applied offline from its own
+graphs (tests.expected): the trigger, then the model, then the patch's output transform. The upstream counts the
+rows it receives: the job's budget as the upstream saw it."""
 
 from __future__ import annotations
 
@@ -16,15 +17,15 @@ import onnxruntime as ort
 import pandas as pd
 import pytest
 
-from patcher.apply import PatchRunner
 from patcher.patch import Patch
-from patcher.scores import from_log_probs, to_log_probs
 from service.app import create_app
 from service.local_upstream import OnnxModel, create_upstream_app
 from service.redis_embedded import redis_url_for
 from service.serve_thread import ServerThread
 from service.settings import Settings
 from service.worker import WorkerThread
+from tests.expected import patched_scores, seen_rows
+from tests.test_service_jobs import CountingUpstream
 
 KEY = "trigger-admin-key"
 RUN = uuid.uuid4().hex[:6]
@@ -36,8 +37,8 @@ def gateway(adult, adult_model, tmp_path_factory):
     with redis_url_for(os.environ.get("REDIS_URL") or None, tmp_path_factory.mktemp("redis")) as redis_url:
         settings = Settings(data_dir=tmp_path_factory.mktemp("gw"), redis_url=redis_url, admin_key=KEY,
                             job_queue=f"test-trigger-jobs:{RUN}")
-        model = OnnxModel(adult_model.onnx_bytes, name="adult")
-        with ServerThread(create_upstream_app(model)) as upstream, ServerThread(create_app(settings)) as server, \
+        counting = CountingUpstream(create_upstream_app(OnnxModel(adult_model.onnx_bytes, name="adult")))
+        with ServerThread(counting) as upstream, ServerThread(create_app(settings)) as server, \
                 WorkerThread(settings, redis_url), \
                 httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
             name = f"adult-trigger-{RUN}"
@@ -51,7 +52,7 @@ def gateway(adult, adult_model, tmp_path_factory):
             r = c.post("/v1/datasets", params={"label": "income", "group": "sex"},
                        content=frame.to_csv(index=False).encode(), headers={"content-type": "text/csv"})
             assert r.status_code == 201, r.text
-            yield c, name, r.json()["id"]
+            yield c, name, r.json()["id"], counting
 
 
 def wait(client: httpx.Client, job_id: str, timeout: float = 180) -> dict:
@@ -73,7 +74,7 @@ def infer(client: httpx.Client, model: str, X: np.ndarray) -> tuple[np.ndarray, 
 
 
 def test_a_zeroth_order_trigger_job_serves_exactly_the_offline_patch(gateway, adult, adult_model):
-    client, model, dataset = gateway
+    client, model, dataset, counting = gateway
     body = {"model": model, "method": "trigger", "access": "zeroth_order", "dataset": dataset, "criterion": "dp",
             "query_budget": BUDGET, "holdout": 0.3, "seed": 0,
             "options": {"zo_columns": 4, "eval_size": 500, "evals": 1, "lam": 10.0, "zo_lr": 0.1}}
@@ -83,6 +84,9 @@ def test_a_zeroth_order_trigger_job_serves_exactly_the_offline_patch(gateway, ad
     assert done["status"] == "succeeded", done["error"]
     result = done["result"]
     assert result["access"] == "zeroth_order" and 0 < result["queries_used"] <= BUDGET
+    # every row the upstream received was a fit query or an evaluation query (before, and after the trigger)
+    assert counting.rows == result["queries_used"] + result["eval_queries"], (counting.rows, result)
+    assert result["holdout_rows"] < result["eval_queries"] <= 2 * result["holdout_rows"]  # repeated rows asked once
     assert result["report"]["access"] == "zeroth_order" and result["report"]["steps"] > 0
     assert result["after"]["dp_diff"] < result["before"]["dp_diff"], result  # the held-out rows, via the upstream
 
@@ -96,11 +100,9 @@ def test_a_zeroth_order_trigger_job_serves_exactly_the_offline_patch(gateway, ad
     served, response = infer(client, model, X)
     assert response.headers["fairpatch-patch"] == pid
 
-    runner = PatchRunner(patch)  # offline: the trigger, the model itself, the patch's output transform
-    seen = runner.transform_inputs(X)
+    seen = seen_rows(patch, X)  # offline: the trigger, the model itself, the patch's output transform
     assert seen.shape == X.shape and not np.allclose(seen, X)
     raw = ort.InferenceSession(adult_model.onnx_bytes, providers=["CPUExecutionProvider"]).run(None, {"input": seen})[0]
-    expected = from_log_probs(runner.transform_outputs(seen, to_log_probs(raw, "logits")), "logits", raw.shape[1])
-    np.testing.assert_allclose(served, expected.astype(np.float32), atol=1e-4)
+    np.testing.assert_allclose(served, patched_scores(patch, seen, raw), atol=1e-4)
     assert not np.allclose(served, unpatched, atol=1e-3)  # the trigger changed what the model answers
     assert (served.argmax(1) != unpatched.argmax(1)).any() or patch.part("output_transform") is None

@@ -5,10 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from patcher.onnx_graphs import GraphBuilder, float_tensor, int_tensor, mlp_mode
 from service.commands import add_service_parsers
 from service.local_upstream import OnnxModel, create_upstream_app
 from service.serve_thread import ServerThread
+from tests.processes import ready, served, until
 
 BODY_LIMIT = 256 * 1024
 REPO = Path(__file__).resolve().parents[1]
@@ -285,38 +283,20 @@ def test_cli_refuses_a_missing_model_file(tmp_path, capsys):
     assert "cannot load" in capsys.readouterr().err
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 CLI = ("import sys, argparse; from service.commands import add_service_parsers; "
        "p = argparse.ArgumentParser(); add_service_parsers(p.add_subparsers()); "
        "a = p.parse_args(sys.argv[1:]); sys.exit(a.run(a))")
 
 
-def test_upstream_command_serves_and_stops_on_sigterm(mlp_path, offline):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", CLI, "upstream", "--onnx", str(mlp_path), "--name", "adult",
-                             "--port", str(port), "--log-level", "warning"], cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(200):
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stderr.read()
-            time.sleep(0.05)
+def test_upstream_command_serves_and_stops_on_sigterm(mlp_path, offline, tmp_path):
+    argv = [sys.executable, "-c", CLI, "upstream", "--onnx", str(mlp_path), "--name", "adult", "--port", "0",
+            "--log-level", "warning"]
+    with served(argv, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, log_path=tmp_path / "upstream.log",
+                name="fairpatch upstream", stop_timeout=15) as server:
+        until(lambda: ready(server.url), "the upstream to be ready")
         X = rows(4)
-        r = httpx.post(f"{url}/v2/models/adult/infer", json=infer_body(X))
+        r = httpx.post(f"{server.url}/v2/models/adult/infer", json=infer_body(X))
         np.testing.assert_array_equal(np.asarray(r.json()["outputs"][0]["data"], np.float32).reshape(4, 2),
                                       offline(X))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        # uvicorn shuts down gracefully, then re-raises the signal it caught: -15 is a clean stop.
-        stopped = proc.wait(timeout=15)  # asserted after: a failure above is reported first
-    assert stopped in (0, -signal.SIGTERM)
+    # uvicorn shuts down gracefully, then re-raises the signal it caught: -15 is a clean stop.
+    assert server.returncode in (0, -signal.SIGTERM), server.log()

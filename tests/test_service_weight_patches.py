@@ -20,16 +20,18 @@ import onnxruntime as ort
 import pandas as pd
 import pytest
 
-from patcher.apply import PatchRunner
+from patcher.apply import uniform_draws
 from patcher.onnx_graphs import GraphBuilder, float_tensor, int_tensor, mlp_model
 from patcher.patch import Patch
-from patcher.scores import log_softmax
 from service.app import create_app
 from service.local_upstream import OnnxModel, create_upstream_app
 from service.redis_embedded import redis_url_for
 from service.serve_thread import ServerThread
 from service.settings import Settings
 from service.worker import WorkerThread
+from tests import expected as expected_scores
+from tests.expected import log_softmax
+from tests.test_service_jobs import CountingUpstream
 
 KEY = "weights-admin-key"
 RUN = uuid.uuid4().hex[:6]
@@ -65,16 +67,18 @@ def group_shift() -> bytes:
     return b.model(inputs, [float_tensor("patched", ["N", 2])], "shift").SerializeToString()
 
 
-class Counting:
-    """The upstream app, counting the requests it gets."""
+class Counting(CountingUpstream):
+    """The upstream app, counting the requests it gets (`calls`) and the rows of its infer requests (`rows`, read
+    from the requests as sent: the upstream's own count, not the oracle's)."""
 
     def __init__(self, app) -> None:
-        self.app, self.calls = app, 0
+        super().__init__(app)
+        self.calls = 0
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
             self.calls += 1
-        await self.app(scope, receive, send)
+        await super().__call__(scope, receive, send)
 
 
 @pytest.fixture(scope="module")
@@ -211,9 +215,8 @@ def test_a_weight_patch_with_a_group_output_transform_needs_the_group(world):
                         replacement_model=world.replacement, output_transform=group_shift()).for_model(m, "1")
     activate(world, m, upload(world, m, patch))
     try:
-        runner = PatchRunner(patch)
-        logits = run_onnx(world.replacement, X)
-        expected = runner.transform_outputs(X, log_softmax(logits.astype(np.float64)), np.array(groups, dtype=object))
+        logits = run_onnx(world.replacement, X).astype(np.float64)  # closed form: log-probs + table[group]
+        expected = log_softmax(logits) + np.array([[0.0, 2.0], [0.0, -2.0]])[[GROUPS.index(g) for g in groups]]
         r = infer(world, m, v2(X, groups))
         assert r.headers["fairpatch-served-by"] == "patch"
         np.testing.assert_allclose(scores(r), expected, rtol=1e-5, atol=1e-5)
@@ -253,7 +256,6 @@ def test_randomized_decisions_are_reproducible_per_request_id(world):
         patch = Patch.build(method="random-test", n_classes=2, output_transform=random_nudge(),
                             replacement_model=replacement).for_model(m, "1")
         activate(world, m, upload(world, m, patch))
-        runner = PatchRunner(patch)
         served_by = "upstream" if replacement is None else "patch"
         first = infer(world, m, v2(X, id="request-1"))
         assert first.headers["fairpatch-served-by"] == served_by and first.json()["id"] == "request-1"
@@ -262,7 +264,8 @@ def test_randomized_decisions_are_reproducible_per_request_id(world):
         other = infer(world, m, v2(X, id="request-2"))
         assert not np.array_equal(scores(first).argmax(1), scores(other).argmax(1))
         logits = run_onnx(replacement or world.upstream_model, X).astype(np.float64)
-        expected = runner.transform_outputs(X, log_softmax(logits), request_id="request-1")
+        # closed form: log-probs + [0, 3 u], u the request id's reproducible draws
+        expected = log_softmax(logits) + 3.0 * np.outer(uniform_draws("request-1", len(X)), [0.0, 1.0])
         np.testing.assert_allclose(scores(first), expected, rtol=1e-5, atol=1e-5)
     deactivate(world, m)
 
@@ -308,7 +311,7 @@ def test_gradient_access_needs_an_uploaded_artifact(world, adult_job_data):
 
 
 def test_a_gradient_trigger_job_fits_on_the_artifact_and_patches_the_gateway(world, adult_job_data, adult):
-    calls = world.adult_upstream.calls
+    calls, rows = world.adult_upstream.calls, world.adult_upstream.rows
     r = submit(world, adult_job_data, method="trigger", access="gradient", options={"steps": 40, "lams": [5.0]})
     assert r.status_code == 202, r.text
     assert r.json()["access"] == "gradient"
@@ -321,6 +324,7 @@ def test_a_gradient_trigger_job_fits_on_the_artifact_and_patches_the_gateway(wor
     # request per 1,024 rows, twice; a fit through the upstream would have sent its 1,400 rows too
     assert result["holdout_rows"] < result["eval_queries"] <= 2 * result["holdout_rows"]
     assert world.adult_upstream.calls - calls <= 1 + 2 * -(-result["holdout_rows"] // 1024)
+    assert world.adult_upstream.rows - rows == result["eval_queries"]  # as the upstream counted them
     assert result["after"]["dp_diff"] < result["before"]["dp_diff"] - 0.05, result
 
     m, pid = world.names.adult, result["patch_id"]
@@ -329,13 +333,13 @@ def test_a_gradient_trigger_job_fits_on_the_artifact_and_patches_the_gateway(wor
         X = adult.test.X[:32].astype(np.float32)
         r = infer(world, m, v2(X, parameters={"fairpatch_raw": True}))
         assert r.headers["fairpatch-patch"] == pid and r.headers["fairpatch-served-by"] == "upstream"
-        runner = PatchRunner(Patch.from_bytes(world.client.get(f"/v1/patches/{pid}").content, expected_id=pid))
-        seen = runner.transform_inputs(X)  # the trigger, applied offline
+        patch = Patch.from_bytes(world.client.get(f"/v1/patches/{pid}").content, expected_id=pid)
+        seen = expected_scores.seen_rows(patch, X)  # the trigger, its ONNX graph run here
         assert not np.allclose(seen, X)
         raw = scores(r, "fairpatch_raw")  # the upstream's scores for the triggered rows
         upstream_logits = run_onnx(world.adult_model, seen)
         np.testing.assert_allclose(raw, upstream_logits, rtol=1e-4, atol=1e-4)
-        expected = runner.transform_outputs(seen, log_softmax(upstream_logits.astype(np.float64)))
+        expected = expected_scores.patched_log_probs(patch, seen, upstream_logits)
         np.testing.assert_allclose(scores(r), expected, rtol=1e-4, atol=1e-4)
     finally:
         deactivate(world, m)
@@ -354,7 +358,7 @@ def upload_rows(world, adult, rows: slice, columns: int | None = None) -> str:
 
 def test_a_forml_job_produces_an_activatable_weight_patch(world, adult_job_data, adult):
     exemplars = upload_rows(world, adult, slice(2000, 2600))
-    calls = world.adult_upstream.calls
+    calls, rows = world.adult_upstream.calls, world.adult_upstream.rows
     r = submit(world, adult_job_data, method="forml", criterion="eopp", exemplar_dataset=exemplars,
                query_budget=None, options={"epochs": 2, "exemplar_batch": 128, "min_per_cell": 8})
     assert r.status_code == 202, r.text
@@ -367,6 +371,7 @@ def test_a_forml_job_produces_an_activatable_weight_patch(world, adult_job_data,
     assert {"tprd", "max_fnr"} <= set(result["report"]["exemplar_metrics"])
     assert result["after"]["accuracy"] > 0.75  # a working classifier, not noise
     assert world.adult_upstream.calls - calls <= 1 + -(-result["holdout_rows"] // 1024)  # only "before" asked it
+    assert world.adult_upstream.rows - rows == result["eval_queries"] <= result["holdout_rows"]
 
     # the sample audit names rows of the uploaded dataset, and exports the dataset without the lowest 10%
     audit, n_train = result["report"]["audit"], result["report"]["n_train"]
@@ -451,15 +456,15 @@ def test_a_random_perturbation_job_produces_a_weight_patch_the_gateway_serves(wo
     assert r.status_code == 404 and "proposed no row set 'condensed'; its row sets: none" in r.json()["error"]
     m, pid = world.names.adult, result["patch_id"]
     patch = Patch.from_bytes(world.client.get(f"/v1/patches/{pid}").content, expected_id=pid)
-    runner = PatchRunner(patch)
-    assert runner.replaces_model
+    assert patch.part("replacement_model") is not None
     activate(world, m, pid)
     try:
         X = adult.test.X[:40].astype(np.float32)
         calls = world.adult_upstream.calls
         r = infer(world, m, v2(X))
         assert r.headers["fairpatch-served-by"] == "patch" and world.adult_upstream.calls == calls
-        offline = runner.transform_outputs(X, log_softmax(runner.model_logits(runner.transform_inputs(X))))
+        seen = expected_scores.seen_rows(patch, X)  # the patch's own graphs, run here
+        offline = expected_scores.patched_log_probs(patch, seen, run_onnx(patch.part("replacement_model"), seen))
         np.testing.assert_allclose(scores(r), offline, rtol=1e-5, atol=1e-5)
     finally:
         deactivate(world, m)
