@@ -6,8 +6,10 @@ scikit-learn model trained on the Adult tune rows by the peer's own interpreter 
 - `mlflow models serve` (`/invocations`).
 
 Each is started on free loopback ports, waited on until its readiness route answers 200 (a condition, with
-a bound only for a server that never comes up), and stopped with SIGTERM. A bind race (the free port taken
-between choosing it and the server binding it) is retried with new ports. `CountingProxy` sits between the
+a bound only for a server that never comes up), and stopped with SIGTERM. They cannot all bind port 0 and
+report it, as tests/processes.served expects (MLServer listens on two ports, mlflow ignores `-p 0` and serves
+from a child process), so each gets free ports, and a bind race (a port taken between choosing it and the
+server binding it) is retried with new ones. `CountingProxy` sits between the
 gateway and a peer to count the rows the gateway sends upstream, independently of the gateway's own report.
 """
 
@@ -20,7 +22,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ import httpx
 import numpy as np
 
 from tests.peer_envs import PeerEnv
+from tests.processes import ready, until
 
 HERE = Path(__file__).resolve().parent
 MODELS = HERE / "peer_models"
@@ -86,21 +88,16 @@ def _die_with_parent() -> None:
 
 
 def _wait_ready(server: PeerServer, ready_path: str, timeout: float = READY_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    with httpx.Client(timeout=5) as client:
-        while True:
-            if server.popen.poll() is not None:
-                raise PeerExited(server.name, server.popen.returncode, server.text())
-            try:
-                if client.get(f"{server.url}{ready_path}").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass  # not listening yet
-            if time.monotonic() > deadline:
-                server.stop()
-                raise AssertionError(f"{server.name} not ready at {ready_path} within {timeout:.0f} s; its log ends:\n"
-                                     f"{server.text()[-4000:]}")
-            time.sleep(0.2)  # polling another process's readiness route: there is no event to wait on
+    def up() -> httpx.Response | None:
+        if server.popen.poll() is not None:
+            raise PeerExited(server.name, server.popen.returncode, server.text())
+        return ready(server.url, ready_path)
+
+    try:
+        until(up, f"{server.name} to answer 200 on {ready_path}", timeout=timeout, every=0.2)
+    except AssertionError as e:
+        server.stop()
+        raise AssertionError(f"{e}; its log ends:\n{server.text()[-4000:]}") from None
 
 
 def _start(name: str, build: Callable[[dict[str, int]], tuple[list[str], dict[str, str], Path]],

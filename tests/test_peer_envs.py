@@ -1,9 +1,11 @@
 """tests/peer_envs.py itself, without the network: one build per venv under concurrent callers, a failed build
-leaves no half venv and says why, and a venv that cannot be built fails a test under CI and skips it elsewhere."""
+leaves no half venv and says why, a venv that cannot be built fails a test under CI and skips it elsewhere, and
+peer_servers retries a server that lost its port."""
 
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +56,32 @@ def test_require_fails_under_ci_and_skips_elsewhere(cache, no_python, monkeypatc
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception, match="could not be built"):
         peer_envs.require("broken")
+
+
+def test_a_bind_race_is_retried_on_new_ports(tmp_path, monkeypatch):
+    """tests/peer_servers.py's start: a server that loses its chosen port to another process is started again on
+    a new one (here `python -m http.server`, given first a port that a socket already holds)."""
+    import socket
+    import sys
+
+    from tests import peer_servers
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = iter([taken.getsockname()[1]])
+    real = peer_servers.free_port
+    monkeypatch.setattr(peer_servers, "free_port", lambda: next(ports, None) or real())
+
+    def build(p: dict[str, int]) -> tuple[list[str], dict[str, str], Path]:
+        return [sys.executable, "-m", "http.server", str(p["http"]), "--bind", "127.0.0.1"], {}, tmp_path
+
+    try:
+        server = peer_servers._start("http.server", build, ("http",), "/", tmp_path)
+        try:
+            assert server.ports["http"] != taken.getsockname()[1]
+            assert "already in use" in (tmp_path / "http.server.0.log").read_text().lower()
+        finally:
+            server.stop()
+    finally:
+        taken.close()
