@@ -110,9 +110,10 @@ def _add_models(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     reg.add_argument("--output-name", help="the upstream's scores output")
     reg.add_argument("--output-kind", default="logits", choices=["logits", "probabilities"])
     reg.add_argument("--upstream-timeout", type=float, default=10.0, help="seconds (default: 10)")
-    reg.add_argument("--binary-data", action="store_true",
+    reg.add_argument("--binary-data", action=argparse.BooleanOptionalAction, default="auto",
                      help="v2: send the upstream tensors as binary data and ask for binary outputs (the binary "
-                          "tensor extension; Triton and `fairpatch upstream` speak it): cheaper for large batches")
+                          "tensor extension; Triton and `fairpatch upstream` speak it): cheaper for large batches. "
+                          "Default: where the upstream's GET /v2 advertises it")
     reg.add_argument("--group-input", default="group", help="input tensor carrying the group (default: group)")
     reg.add_argument("--groups", help="comma-separated known group names, e.g. Female,Male")
     reg.set_defaults(run=_models_register)
@@ -121,10 +122,15 @@ def _add_models(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(run=_models_list)
     for name, run, what in (("get", _models_get, "one model version's spec (JSON)"),
-                            ("delete", _models_delete, "unregister a model version")):
+                            ("delete", _models_delete, "unregister a model version"),
+                            ("check", _models_check, "read the upstream again and check the registration against "
+                                                     "it (and a dataset's first rows: --dataset)")):
         p = cmds.add_parser(name, help=what, parents=[common])
         p.add_argument("name")
         p.add_argument("--version", default="1")
+        if name == "check":
+            p.add_argument("--dataset", help="an uploaded dataset whose first rows probe the output kind")
+            p.add_argument("--rows", type=int, default=8, help="how many of its rows (default: 8)")
         p.set_defaults(run=run)
 
     art = cmds.add_parser("artifact", help="the model version's ONNX file, for gradient and weight-access jobs",
@@ -226,10 +232,11 @@ def _add_datasets(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
     cmds = ds.add_subparsers(dest="datasets_cmd", required=True)
     up = cmds.add_parser("upload", help="upload a CSV or Parquet file: feature columns + label + group",
                          parents=[common])
-    up.add_argument("file", help=".csv or .parquet; every column but the label and group is a model input")
+    up.add_argument("file", help=".csv, .csv.gz or .parquet; every column but the label and group is a model input")
     up.add_argument("--label", required=True, help="the binary label column")
     up.add_argument("--group", required=True, help="the group column (its values are the group names)")
     up.add_argument("--name", help="a name to remember it by")
+    up.add_argument("--json", action="store_true", help="print the whole summary as JSON (default: one line)")
     up.set_defaults(run=_datasets_upload)
     for name, run, what in (("get", _datasets_get, "a dataset's summary (JSON)"),
                             ("delete", _datasets_delete, "delete a dataset")):
@@ -240,7 +247,22 @@ def _add_datasets(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
 
 @handles_errors
 def _datasets_upload(args: argparse.Namespace, client: Client) -> int:
-    _print_json(client.upload_dataset(args.file, label=args.label, group=args.group, name=args.name))
+    info = client.upload_dataset(args.file, label=args.label, group=args.group, name=args.name)
+    if args.json:
+        _print_json(info)
+    else:  # one line: the full summary lists every column (`fairpatch datasets get ID` prints it)
+        print(info.one_line())
+    return 0
+
+
+@handles_errors
+def _models_check(args: argparse.Namespace, client: Client) -> int:
+    found = client.check_model(args.name, args.version, dataset=args.dataset, rows=args.rows)
+    seen = found.get("output_kind_seen")
+    print(f"model {args.name} version {args.version}: upstream "
+          f"{'answers' if found.get('checked') else 'not checked'}; output kind seen: {seen or 'not probed'}")
+    for note in found.get("notes") or []:
+        print(f"  - {note}")
     return 0
 
 
@@ -283,7 +305,11 @@ def _add_jobs(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) 
     create.add_argument("--exemplar-dataset", help="a second dataset id, for methods that take one (forml)")
     create.add_argument("--criterion", default="dp", choices=["dp", "eo", "eopp"])
     create.add_argument("--queries", type=int, default=1000, help="query budget: rows sent to the model")
-    create.add_argument("--holdout", type=float, default=0.3, help="share of the dataset kept for the report")
+    create.add_argument("--holdout", type=float, default=0.3,
+                        help="share of the dataset kept for the report (0: no held-out report)")
+    create.add_argument("--eval-budget", type=int,
+                        help="held-out rows sent to the model to score the patch (default: 2000); the job sends at "
+                             "most --queries + --eval-budget rows")
     create.add_argument("--seed", type=int, default=0)
     create.add_argument("--option", "-o", action="append", type=_option, default=[], metavar="KEY=VALUE",
                         help="method option, repeatable (e.g. -o bias=estimator; `fairpatch methods show NAME`)")
@@ -338,6 +364,8 @@ def _job_summary(job: Job) -> int:
         return 0
     print(f"job {job.id} succeeded: patch {result.patch_id} ({result.queries_used} queries, "
           f"{result.eval_queries} for the evaluation)")
+    if result.note:
+        print(result.note)
     keys = [k for k in result.before if isinstance(result.before[k], (int, float))]
     if keys:
         rows = [[k, f"{result.before[k]:.4f}", f"{result.after.get(k, float('nan')):.4f}",
@@ -362,7 +390,8 @@ def _jobs_create(args: argparse.Namespace, client: Client) -> int:
     job = client.create_job(args.model, args.dataset, version=args.version, method=args.method,
                             criterion=args.criterion, query_budget=args.queries, holdout=args.holdout,
                             seed=args.seed, options=dict(args.option), access=args.access,
-                            exemplar_dataset=args.exemplar_dataset, preset=args.preset)
+                            exemplar_dataset=args.exemplar_dataset, preset=args.preset,
+                            eval_budget=args.eval_budget)
     if not args.wait:
         _print_json(job)
         return 0

@@ -33,7 +33,7 @@ from urllib.parse import quote
 import httpx
 import numpy as np
 import pydantic_core
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -78,7 +78,9 @@ class UpstreamSpec(_Shape):
     output_name: str | None = None
     output_kind: Literal["logits", "probabilities"] = "logits"
     timeout_s: float = 10.0
-    binary_data: bool = False  # v2: tensors to and from the upstream as binary data (Triton, fairpatch upstream)
+    # v2: tensors to and from the upstream as binary data (Triton, fairpatch upstream); auto: where the upstream's
+    # GET /v2 advertises the binary tensor extension (the gateway resolves it at registration)
+    binary_data: bool | Literal["auto"] = "auto"
 
 
 class ArtifactInfo(_Shape):
@@ -103,6 +105,7 @@ class ModelSpec(_Shape):
     groups: list[str] | None = None
     created_at: float | None = None
     artifact: ArtifactInfo | None = None  # set by upload_artifact, never by register_model
+    discovery: dict[str, Any] | None = None  # what the gateway read from the upstream at registration
 
 
 class DatasetInfo(_Shape):
@@ -112,7 +115,25 @@ class DatasetInfo(_Shape):
     label: str | None = None
     group: str | None = None
     groups: list[str] = Field(default_factory=list)
+    group_counts: dict[str, int] = Field(default_factory=dict)
+    label_values: list[Any] = Field(default_factory=list)
+    label_counts: list[int] | None = None
+    features: list[str] = Field(default_factory=list)
     bytes: int | None = None
+
+    def one_line(self) -> str:
+        """The upload in one line: rows, columns, label balance and groups."""
+        text = f"dataset {self.id}: {self.rows:,} rows, {len(self.columns)} columns ({len(self.features)} features)"
+        if self.label:
+            text += f"; label {self.label}"
+            if self.label_counts and self.rows:
+                shown = f"{self.label_values[1]}" if len(self.label_values) == 2 else "1"
+                text += f" ({self.label_counts[1] / self.rows:.0%} {shown})"
+        if self.group:
+            counts = ", ".join(f"{g} {self.group_counts.get(g, '?'):,}" if g in self.group_counts else g
+                               for g in self.groups)
+            text += f"; group {self.group}: {counts}"
+        return text
 
 
 class JobProgress(_Shape):
@@ -128,9 +149,17 @@ class JobResult(_Shape):
     group_at_inference: bool | None = None
     access: str | None = None
     served_by: str | None = None  # "patch": a weight patch, the gateway serves its model itself
-    before: dict[str, Any] = Field(default_factory=dict)
+    before: dict[str, Any] = Field(default_factory=dict)  # empty: no held-out report (holdout 0)
     after: dict[str, Any] = Field(default_factory=dict)
     report: dict[str, Any] = Field(default_factory=dict)
+    eval_budget: int | None = None
+    holdout_rows: int | None = None
+    note: str | None = None
+
+    @field_validator("before", "after", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v: Any) -> Any:
+        return {} if v is None else v
 
 
 class Job(_Shape):
@@ -388,6 +417,11 @@ class _Calls:
     def delete_model(model: str, version: str) -> _Call[None]:
         return _Call("DELETE", _models_path(model, version), _nothing)
 
+    @staticmethod
+    def check_model(model: str, version: str, dataset: str | None, rows: int) -> _Call[dict]:
+        body = {"rows": rows, **({"dataset": dataset} if dataset else {})}
+        return _Call("POST", f"{_models_path(model, version)}/check", _json, json=body)
+
     # model artifacts (ONNX, for gradient and weight access)
     @staticmethod
     def upload_artifact(model: str, version: str, data: bytes | str | os.PathLike) -> _Call[ArtifactInfo]:
@@ -515,12 +549,13 @@ def _jobs_of(body: Any) -> list[dict]:
 
 def _job_body(model: str, dataset: str, version: str | None, method: str, criterion: str, query_budget: int | None,
               holdout: float, seed: int, options: Mapping[str, Any] | None, access: str | None = None,
-              exemplar_dataset: str | None = None, preset: str | None = None) -> dict[str, Any]:
+              exemplar_dataset: str | None = None, preset: str | None = None,
+              eval_budget: int | None = None) -> dict[str, Any]:
     """The job request; without a version the gateway uses the model's latest, without an access kind the
     least privileged one the method supports."""
     body = {"model": model, "version": version, "method": method, "dataset": dataset, "criterion": criterion,
             "query_budget": query_budget, "holdout": holdout, "seed": seed, "options": dict(options or {}),
-            "access": access, "exemplar_dataset": exemplar_dataset, "preset": preset}
+            "access": access, "exemplar_dataset": exemplar_dataset, "preset": preset, "eval_budget": eval_budget}
     return {k: v for k, v in body.items() if v is not None}
 
 
@@ -602,6 +637,11 @@ class Client(_Base):
     def delete_model(self, model: str, version: str = "1") -> None:
         self._do(_Calls.delete_model(model, version))
 
+    def check_model(self, model: str, version: str = "1", *, dataset: str | None = None, rows: int = 8) -> dict:
+        """Read the upstream again and check the registration against it (and `rows` of a dataset): the
+        gateway's findings, or an ApiError whose message says what to register."""
+        return self._do(_Calls.check_model(model, version, dataset, rows))
+
     # model artifacts
     def upload_artifact(self, model: str, data: bytes | str | os.PathLike, version: str = "1") -> ArtifactInfo:
         """Upload the model version's ONNX file (bytes or a path): gradient and weight-access jobs use it."""
@@ -636,12 +676,16 @@ class Client(_Base):
     def create_job(self, model: str, dataset: str, *, version: str | None = None, method: str = "eraser",
                    criterion: str = "dp", query_budget: int | None = 1000, holdout: float = 0.3, seed: int = 0,
                    options: Mapping[str, Any] | None = None, access: str | None = None,
-                   exemplar_dataset: str | None = None, preset: str | None = None) -> Job:
+                   exemplar_dataset: str | None = None, preset: str | None = None,
+                   eval_budget: int | None = None) -> Job:
         """Start a patch-training job. `access`: "queries", "zeroth_order", "gradient" or "weights" (the last two
         need the version's artifact, see `upload_artifact`); `exemplar_dataset`: a second dataset id (FORML);
-        `preset`: a named set of the method's options (`methods()` lists them), which `options` override."""
+        `preset`: a named set of the method's options (`methods()` lists them), which `options` override;
+        `eval_budget`: held-out rows sent to score the patch (default 2000; the job sends at most
+        query_budget + eval_budget rows); `holdout` 0: no held-out report."""
         return self._do(_Calls.create_job(_job_body(model, dataset, version, method, criterion, query_budget,
-                                                    holdout, seed, options, access, exemplar_dataset, preset)))
+                                                    holdout, seed, options, access, exemplar_dataset, preset,
+                                                    eval_budget)))
 
     def methods(self) -> list[dict[str, Any]]:
         """Every method the gateway runs: access kinds, inference needs, presets, options with their schema."""
@@ -796,6 +840,10 @@ class AsyncClient(_Base):
     async def delete_model(self, model: str, version: str = "1") -> None:
         await self._do(_Calls.delete_model(model, version))
 
+    async def check_model(self, model: str, version: str = "1", *, dataset: str | None = None,
+                          rows: int = 8) -> dict:
+        return await self._do(_Calls.check_model(model, version, dataset, rows))
+
     # model artifacts
     async def upload_artifact(self, model: str, data: bytes | str | os.PathLike, version: str = "1") -> ArtifactInfo:
         return await self._do(_Calls.upload_artifact(model, version, data))
@@ -828,10 +876,11 @@ class AsyncClient(_Base):
     async def create_job(self, model: str, dataset: str, *, version: str | None = None, method: str = "eraser",
                          criterion: str = "dp", query_budget: int | None = 1000, holdout: float = 0.3, seed: int = 0,
                          options: Mapping[str, Any] | None = None, access: str | None = None,
-                         exemplar_dataset: str | None = None, preset: str | None = None) -> Job:
+                         exemplar_dataset: str | None = None, preset: str | None = None,
+                         eval_budget: int | None = None) -> Job:
         return await self._do(_Calls.create_job(_job_body(model, dataset, version, method, criterion, query_budget,
                                                           holdout, seed, options, access, exemplar_dataset,
-                                                          preset)))
+                                                          preset, eval_budget)))
 
     async def methods(self) -> list[dict[str, Any]]:
         return await self._do(_Calls.methods())

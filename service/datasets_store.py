@@ -56,6 +56,7 @@ class DatasetSummary(BaseModel):
     features: list[str]
     label: str
     label_values: list[Any]  # the original values mapped to 0 and 1
+    label_counts: list[int] | None = None  # rows labelled 0 and 1 (None: stored before it was counted)
     group: str
     groups: list[str]
     group_counts: dict[str, int]
@@ -313,7 +314,8 @@ def parse_dataset(data: bytes, content_type: str | None, label: str, group: str,
     counts = groups.value_counts()
     summary = DatasetSummary(
         id=uuid.uuid4().hex, name=name, format=fmt, rows=len(clean), columns=columns, features=features,
-        label=label, label_values=label_values, group=group, groups=sorted(counts.index),
+        label=label, label_values=label_values, label_counts=[int((y == 0).sum()), int((y == 1).sum())],
+        group=group, groups=sorted(counts.index),
         group_counts={str(k): int(v) for k, v in sorted(counts.items())}, bytes=len(data),
         stored_bytes=len(stored), created_at=time.time())
     return stored, summary

@@ -1,7 +1,8 @@
 """The gateway's V2 server surface: server metadata, liveness and readiness.
 
 Live means the process answers; ready means it can do its job, which needs Redis (patch pointers,
-jobs). Readiness is checked per probe and never cached, so a Redis outage shows up at once.
+jobs) and the registered upstreams (service.readiness). Redis is checked per probe and never cached, so
+an outage shows up at once; upstream answers are cached for a second or two.
 """
 
 from __future__ import annotations
@@ -47,5 +48,16 @@ async def ready(request: Request) -> JSONResponse:
     ok = await redis_answers(request.app.state.redis)
     # 503 (not the spec's generic 4xx) when not ready: the cause is on the server side, and probes and
     # load balancers treat any non-2xx as "take out of rotation" either way.
-    return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+    if not ok:
+        return JSONResponse({"ready": False}, status_code=503)
+    readiness = getattr(request.app.state, "readiness", None)
+    if readiness is not None and request.app.state.settings.ready_checks_upstreams:
+        try:
+            specs = await request.app.state.registry.list()
+        except (RedisError, OSError):
+            return JSONResponse({"ready": False}, status_code=503)
+        problem = await readiness.server_problem(specs)
+        if problem is not None:
+            return JSONResponse({"ready": False, "error": problem}, status_code=503)
+    return JSONResponse({"ready": True})
 

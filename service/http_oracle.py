@@ -2,9 +2,11 @@
 
 Jobs fit patches through it: every row sent to the real endpoint is counted against the job's
 query budget, rows are sent in batches, and a row already paid for is served from the cache (all
-three from `CountingOracle`). The scores are the upstream's raw outputs; `output_kind` comes from
-the model version's registration. Blocking on purpose: methods are synchronous numpy code that runs
-in a worker, never on the gateway's event loop.
+three from `CountingOracle`). The scores are the upstream's raw outputs, asked for by name; `output_kind`
+comes from the model version's registration, and the first scores are checked against it
+(service.discovery: hard labels, or probabilities registered as logits, fail the job with the fix).
+Blocking on purpose: methods are synchronous numpy code that runs in a worker, never on the gateway's
+event loop.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from patcher.oracle import CountingOracle
+from service.discovery import check_scores
 from service.oip import NUMPY_DTYPES
 from service.registry import ModelSpec
 from service.upstream import SyncUpstreamClient, UpstreamError
@@ -24,14 +27,17 @@ class HttpOracle(CountingOracle):
         self.spec = spec
         self._client = client or SyncUpstreamClient()
         self._owns_client = client is None
-        self._input: tuple[str | None, str] | None = None  # (input tensor name, datatype), resolved once
+        # (input tensor name, datatype, output tensor name), resolved once
+        self._input: tuple[str | None, str, str | None] | None = None
+        self._checked = False
 
-    def _input_tensor(self) -> tuple[str | None, str]:
-        """The tensor the rows travel in: V2 upstreams say it in their metadata (fetched once)."""
+    def _input_tensor(self) -> tuple[str | None, str, str | None]:
+        """The tensors the rows travel in and the scores come back in: V2 upstreams say them in their metadata
+        (fetched once; what it does not declare comes from the registration)."""
         if self._input is None:
             up = self.spec.upstream
             if up.protocol != "v2":
-                self._input = (None, "FP32")
+                self._input = (None, "FP32", None)
             else:
                 meta = self._client.metadata(self.spec)
                 named = [t for t in meta.inputs if t.name == up.input_name] if up.input_name else meta.inputs
@@ -40,12 +46,17 @@ class HttpOracle(CountingOracle):
                                         f"{', '.join(t.name for t in meta.inputs)}; register its feature input "
                                         "as input_name", url=up.url)
                 datatype = named[0].datatype
-                self._input = (named[0].name, datatype if NUMPY_DTYPES[datatype].kind == "f" else "FP32")
+                self._input = (named[0].name, datatype if NUMPY_DTYPES[datatype].kind == "f" else "FP32",
+                               up.output_name or meta.outputs[0].name)
         return self._input
 
     def _score_batch(self, X: np.ndarray) -> np.ndarray:
-        name, datatype = self._input_tensor()
-        return self._client.scores(self.spec, X, input_name=name, datatype=datatype)
+        name, datatype, output = self._input_tensor()
+        scores = self._client.scores(self.spec, X, input_name=name, datatype=datatype, output_name=output)
+        if not self._checked:  # what the model answers, against what it was registered as
+            check_scores(self.spec, scores)
+            self._checked = True
+        return scores
 
     def close(self) -> None:
         if self._owns_client:

@@ -38,6 +38,7 @@ from typing import Annotated, Any, Generic, TypeVar
 import numpy as np
 import pydantic_core
 from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 from starlette.datastructures import State
@@ -558,20 +559,22 @@ async def _serve(state: State, call: Call, spec: ModelSpec, runner: PatchRunner 
     inputs = call.inputs
     # Rows the input transform changed go in the request's datatype; a binary leg takes the converted rows as
     # they are rather than converting the request's list a second time.
-    if sent is not X or (spec.upstream.binary_data and not isinstance(features.data, np.ndarray)):
+    if sent is not X or (spec.upstream.uses_binary and not isinstance(features.data, np.ndarray)):
         features_sent = Tensor(features.name, list(sent.shape), features.datatype, features.parameters,
                                np.asarray(sent, dtype=NUMPY_DTYPES[features.datatype]).ravel())
         inputs = [features_sent if t is features else t for t in inputs]
     scores_name = spec.upstream.output_name or meta.outputs[0].name
     wanted = [o.name for o in req.outputs] if req.outputs else None
-    forward_outputs = None
-    if wanted is not None:  # only names go upstream (binary_data etc. are answered here)
-        forward_outputs = [RequestOutput(name=n) for n in dict.fromkeys([*wanted, scores_name])]
+    # Outputs are always asked for by name (only names go upstream; binary_data etc. are answered here): a
+    # server's default answer may leave the scores out (MLServer's scikit-learn runtime answers `predict` alone).
+    asked = wanted if wanted is not None else [t.name for t in meta.outputs]
+    forward_outputs = [RequestOutput(name=n) for n in dict.fromkeys([*asked, scores_name])]
     forward_parameters = _forward_parameters(req.parameters)
     t = perf_counter()
-    if call.protocol == "v2" and binary is None and call.group is None and sent is X and wanted is None \
-            and not spec.upstream.binary_data and forward_parameters == req.parameters:
-        result = await upstream.forward_v2(spec, call.body)  # nothing to change: the caller's bytes
+    if call.protocol == "v2" and binary is None and call.group is None and sent is X and req.outputs is None \
+            and not spec.upstream.uses_binary and forward_parameters == req.parameters:
+        # nothing to change but the outputs asked for: the caller's bytes, with them put in
+        result = await upstream.forward_v2(spec, asking_for(call.body, forward_outputs))
     else:
         result = await upstream.infer_v2(spec, inputs, forward_outputs, forward_parameters)
     if probe is not None:
@@ -598,6 +601,14 @@ async def _serve(state: State, call: Call, spec: ModelSpec, runner: PatchRunner 
     if call.raw_wanted:
         outputs.append(Tensor(RAW_OUTPUT, raw.shape, raw.datatype, None, raw.data))
     return _reply(call, spec, runner, outputs, scores, SERVED_BY_UPSTREAM, result.parameters)
+
+
+def asking_for(body: bytes, outputs: list[RequestOutput]) -> bytes:
+    """A JSON infer request that names no outputs, with `outputs` put in at the front of its object: cheaper
+    than re-encoding a large tensor."""
+    start = body.index(b"{")  # the request parsed as a JSON object, so there is one
+    head = pydantic_core.to_json({"outputs": [{"name": o.name} for o in outputs]})
+    return body[:start] + head[:-1] + b"," + body[start + 1:]
 
 
 def _feature_input(call: Call, spec: ModelSpec, meta: ModelMetadata | None) -> Tensor:
@@ -688,9 +699,16 @@ async def model_metadata(request: Request, model_name: str, model_version: str |
 
 @router.get("/v2/models/{model_name}/ready", response_model=ModelReadyResponse)
 @router.get("/v2/models/{model_name}/versions/{model_version}/ready", response_model=ModelReadyResponse)
-async def model_ready(request: Request, model_name: str, model_version: str | None = None) -> ModelReadyResponse:
-    await _cache(request).spec(model_name, model_version)
-    return ModelReadyResponse(name=model_name, ready=True)
+async def model_ready(request: Request, model_name: str, model_version: str | None = None) -> Response:
+    spec = await _cache(request).spec(model_name, model_version)
+    readiness = getattr(request.app.state, "readiness", None)
+    if readiness is not None and request.app.state.settings.ready_checks_upstreams:
+        runner = await request.app.state.patches.runner(spec.name, spec.version)
+        if runner is None or not runner.replaces_model:  # a weight patch serves without the upstream
+            problem = await readiness.model_problem(spec)
+            if problem is not None:
+                return JSONResponse({"name": model_name, "ready": False, "error": problem}, status_code=503)
+    return JSONResponse(ModelReadyResponse(name=model_name, ready=True).model_dump(mode="json", exclude_none=True))
 
 
 # --- lifecycle ---------------------------------------------------------------------------------------
@@ -699,6 +717,9 @@ async def startup(app: FastAPI) -> None:
     """The pooled upstream client and the model cache, on app.state."""
     app.state.upstream = UpstreamClient()
     app.state.model_cache = ModelCache(app.state.registry, app.state.upstream)
+    from service.readiness import UpstreamReadiness  # it builds on this module's cache
+
+    app.state.readiness = UpstreamReadiness(app.state.upstream)
 
 
 async def shutdown(app: FastAPI) -> None:

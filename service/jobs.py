@@ -42,6 +42,9 @@ ARTIFACT_ACCESS = frozenset({"gradient", "weights"})  # these need the version's
 # What a query-access job left without a budget may send the upstream: the SDK's and CLI's default, so a
 # null or missing budget is never refused (the schema allows both).
 DEFAULT_QUERY_BUDGET = 1000
+# Held-out rows a job scores its patch on, at most (a sample of the held-out part): with the query budget, the
+# bound on what one job sends the upstream.
+DEFAULT_EVAL_BUDGET = 2000
 
 
 class JobRequest(BaseModel):
@@ -56,7 +59,12 @@ class JobRequest(BaseModel):
                                      description="rows the fit may send to the upstream; null or missing: "
                                                  f"{DEFAULT_QUERY_BUDGET} for access queries and zeroth_order "
                                                  "(gradient and weights send none)")
-    holdout: float = Field(0.3, gt=0, lt=1, description="fraction held out to score the patch on")
+    holdout: float = Field(0.3, ge=0, lt=1, description="fraction held out to score the patch on (0: no held-out "
+                                                        "report; every row may be used to fit)")
+    eval_budget: int | None = Field(None, ge=0, le=100_000_000,
+                                    description="held-out rows sent to the upstream to score the patch before and "
+                                                f"after (a sample of them); null or missing: {DEFAULT_EVAL_BUDGET}. "
+                                                "The job sends the upstream at most query_budget + eval_budget rows")
     seed: int = Field(0, ge=0, le=2**32 - 1)
     preset: str | None = Field(None, description="a named preset of the method's options (GET /v1/methods/{name} "
                                                  "lists them); `options` override it")
@@ -78,6 +86,7 @@ class JobRecord(BaseModel):
     dataset: str
     criterion: str
     query_budget: int | None
+    eval_budget: int = DEFAULT_EVAL_BUDGET
     holdout: float
     seed: int
     preset: str | None = None
@@ -427,6 +436,7 @@ def _record(job_id: str, h: dict[str, str]) -> JobRecord:
     return JobRecord(
         id=job_id, status=h["status"], method=req["method"], model=req["model"], version=req["version"],
         dataset=req["dataset"], criterion=req["criterion"], query_budget=req["query_budget"],
+        eval_budget=DEFAULT_EVAL_BUDGET if req.get("eval_budget") is None else req["eval_budget"],
         holdout=req["holdout"], seed=req["seed"], preset=req.get("preset"), options=req.get("options") or {},
         access=req.get("access") or "queries", exemplar_dataset=req.get("exemplar_dataset"),
         created_at=num("created_at") or 0.0, started_at=num("started_at"), finished_at=num("finished_at"),

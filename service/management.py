@@ -21,13 +21,13 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
 from patcher.methods import ACCESS_ORDER, Method, OptionsError, get_method, methods
 from patcher.patch import Patch, PatchError
-from service import infer, worker
+from service import discovery, infer, worker
 from service.artifacts import ONNX_TYPES, ArtifactError, inspect_onnx, upstream_conflict, verified
 from service.auth import check_upstream_allowed, require_admin
 from service.datasets_store import (
@@ -61,7 +61,7 @@ from service.oip import ErrorResponse, describe_validation_errors
 from service.openapi import include_schemas, json_body
 from service.patch_store import PatchNotFound, PatchStore
 from service.prometheus import ACTIVATIONS, JOBS
-from service.registry import ArtifactInfo, ModelRegistry, ModelSpec
+from service.registry import ArtifactInfo, Discovery, ModelRegistry, ModelSpec
 from service.rollout import ActivateRequest, check_guard
 
 log = logging.getLogger("fairpatch.service")
@@ -152,9 +152,15 @@ async def register_model(request: Request) -> JSONResponse:
     check_upstream_allowed(spec.upstream.url, request.app.state.settings.upstream_allowlist)
     registry = _registry(request)
     existing = await registry.get(spec.name, spec.version)
-    spec = spec.model_copy(update={"artifact": None})  # only POST .../artifact sets it
+    # only POST .../artifact sets the artifact; the upstream is read here (a registration that cannot work is
+    # refused with the fix), and `binary_data: auto` resolved
+    spec = await discovery.discover(request.app.state.upstream,
+                                    spec.model_copy(update={"artifact": None, "discovery": None}))
     if existing is not None:
-        same = {"created_at", "artifact"}
+        same = {"created_at", "artifact", "discovery"}
+        if spec.upstream.binary_data == "auto":  # unchecked this time: as resolved before
+            spec = spec.model_copy(update={"upstream": spec.upstream.model_copy(
+                update={"binary_data": existing.upstream.binary_data})})
         if existing.model_dump(exclude=same) == spec.model_dump(exclude=same):
             return _json(existing, 200)  # the same registration again: nothing to do
         raise ApiError(409, f"model {spec.name} version {spec.version} is already registered with a different "
@@ -162,6 +168,31 @@ async def register_model(request: Request) -> JSONResponse:
     await registry.put(spec)
     infer.forget(request.app, spec.name)  # this replica's "latest" and remembered misses are re-read at once
     return _json(spec, 201, {"Location": f"/v1/models/{spec.name}/versions/{spec.version}"})
+
+
+class CheckRequest(BaseModel):
+    dataset: str | None = Field(None, min_length=1, max_length=128,
+                                description="an uploaded dataset whose first rows probe the output kind")
+    rows: int = Field(8, ge=1, le=1024, description="how many of its rows to send")
+
+
+@router.post("/models/{model}/versions/{version}/check", response_model=Discovery,
+             openapi_extra=json_body(CheckRequest),
+             summary="read the upstream again and check the registration against it (and a dataset's rows)")
+async def check_model(request: Request, model: str, version: str) -> JSONResponse:
+    spec = await _spec(request, model, version)
+    check = await _parse(request, CheckRequest) if (await request.body()).strip() else CheckRequest()
+    found = (await discovery.discover(request.app.state.upstream, spec, probe=check.dataset is None)).discovery \
+        or Discovery(checked=False)
+    if check.dataset is not None:
+        try:
+            data = await _datasets(request).load(check.dataset, group_order=spec.groups)
+        except DatasetNotFound as e:
+            raise ApiError(404, str(e)) from None
+        kind = await discovery.probe_rows(request.app.state.upstream, spec, data.X[:check.rows])
+        found = found.model_copy(update={"output_kind_seen": kind, "notes": [
+            *found.notes, f"{min(check.rows, len(data.X))} rows of dataset {check.dataset} probed: {kind}"]})
+    return _json(found)
 
 
 @router.get("/models", summary="every registered model version")
@@ -589,7 +620,8 @@ async def startup(app: FastAPI) -> None:
     app.state.arq = arq_client(redis, settings.job_queue)
     app.state.worker_process = None
     app.state.worker_watch = None
-    include_schemas(app, ModelSpec, JobRequest, MethodInfo, ActivateRequest, *(m.options for m in methods()))
+    include_schemas(app, ModelSpec, JobRequest, CheckRequest, MethodInfo, ActivateRequest,
+                    *(m.options for m in methods()))
     if settings.admin_key is None and settings.host not in LOOPBACK_HOSTS:
         log.warning("FAIRPATCH_ADMIN_KEY is not set and the gateway listens on %s: anyone who can reach it can "
                     "register models and run jobs", settings.host)

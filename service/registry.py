@@ -29,13 +29,20 @@ class UpstreamSpec(BaseModel):
     output_name: str | None = Field(None, description="output tensor holding the scores (default: the first)")
     output_kind: Literal["logits", "probabilities"] = "logits"
     timeout_s: float = Field(10.0, gt=0, le=300)
-    binary_data: bool = Field(False, description="v2 only: send tensors to the upstream, and ask for its outputs, "
-                                                "as binary data (the binary tensor extension: Triton, fairpatch "
-                                                "upstream); spares both ends the JSON text of large tensors")
+    binary_data: bool | Literal["auto"] = Field(
+        "auto", description="v2 only: send tensors to the upstream, and ask for its outputs, as binary data (the "
+                            "binary tensor extension: Triton, fairpatch upstream); spares both ends the JSON text of "
+                            "large tensors. auto: where the upstream's GET /v2 advertises the extension (read at "
+                            "registration); true is refused at registration for an upstream that does not")
+
+    @property
+    def uses_binary(self) -> bool:
+        """Whether requests go as binary data: true, or auto resolved to true at registration."""
+        return self.binary_data is True
 
     @model_validator(mode="after")
     def _binary_needs_v2(self) -> UpstreamSpec:
-        if self.binary_data and self.protocol != "v2":
+        if self.binary_data is True and self.protocol != "v2":
             raise ValueError(f"binary_data needs protocol v2 (the binary tensor extension is part of the Open "
                              f"Inference Protocol); protocol is {self.protocol}")
         return self
@@ -53,6 +60,20 @@ class UpstreamSpec(BaseModel):
         if not parts.hostname:
             raise ValueError(f"upstream url {v!r} names no host")
         return v.rstrip("/")
+
+
+class Discovery(BaseModel):
+    """What registration read from the upstream (service.discovery): its extensions, the model's declared
+    tensors, the output kind a probe saw, and notes in words (what could not be checked, and why)."""
+
+    checked: bool = Field(description="whether the upstream answered (false: registered unchecked)")
+    extensions: list[str] | None = Field(None, description="the V2 extensions the server's GET /v2 lists")
+    declared_inputs: list[str] = Field(default_factory=list)
+    declared_outputs: list[str] = Field(default_factory=list)
+    output_kind_seen: Literal["logits", "probabilities", "labels"] | None = Field(
+        None, description="what a probe row's scores looked like (None: not probed)")
+    notes: list[str] = Field(default_factory=list)
+    checked_at: float = Field(default_factory=time.time)
 
 
 class ArtifactInfo(BaseModel):
@@ -80,6 +101,8 @@ class ModelSpec(BaseModel):
     created_at: float = Field(default_factory=time.time)
     artifact: ArtifactInfo | None = Field(None, description="the uploaded ONNX artifact (set by POST .../artifact "
                                                             "only; ignored at registration)")
+    discovery: Discovery | None = Field(None, description="what the gateway read from the upstream at registration "
+                                                          "(set by the gateway; ignored at registration)")
 
 
 class ModelRegistry:

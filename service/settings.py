@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     payload_log_queue: int = Field(default=1000, ge=1)  # events waiting to be sent; more are dropped and counted
     payload_log_source: str = "fairpatch"  # the events' `source` (KServe: the logger's own URL)
     payload_log_timeout_s: float = Field(default=5.0, gt=0)  # one post to the sink; past it the event counts as failed
+    # /v2/health/ready and /v2/models/{m}/ready ask the upstreams too (answers cached ~1.5 s), so a readiness
+    # probe takes a gateway whose model servers are down out of rotation; off: they check Redis alone.
+    ready_checks_upstreams: bool = True
 
     @field_validator("redis_url", "payload_log_url", mode="before")
     @classmethod

@@ -217,17 +217,22 @@ def encode_v2_binary(inputs: Sequence[RequestInput] | Sequence[Tensor], outputs:
 def encode_infer(spec: ModelSpec, inputs: Sequence[RequestInput] | Sequence[Tensor],
                  outputs: Sequence[RequestOutput] | None = None, parameters: Parameters | None = None) -> Payload:
     """A V2 infer request in the encoding the registration asks for."""
-    if spec.upstream.binary_data:
+    if spec.upstream.uses_binary:
         return encode_v2_binary(inputs, outputs, parameters)
     return Payload(encode_v2(inputs, outputs, parameters))
 
 
 def encode_request(spec: ModelSpec, X: np.ndarray, *, input_name: str | None = None,
-                   datatype: str = "FP32") -> Payload:
-    """One batch of rows as the body the upstream's protocol expects."""
+                   datatype: str = "FP32", output_name: str | None = None) -> Payload:
+    """One batch of rows as the body the upstream's protocol expects. A V2 request asks for the scores output by
+    name (`output_name`, else the registered one): a server's default output may be another (MLServer's
+    scikit-learn runtime answers `predict`, hard labels, unless asked for `predict_proba`)."""
     protocol = spec.upstream.protocol
     if protocol == "v2":
-        return encode_infer(spec, [v2_tensor(input_name or spec.upstream.input_name or "input", X, datatype)])
+        wanted = output_name or spec.upstream.output_name
+        outputs = [RequestOutput(name=wanted)] if wanted else None
+        return encode_infer(spec, [v2_tensor(input_name or spec.upstream.input_name or "input", X, datatype)],
+                            outputs)
     rows = np.asarray(X, dtype=np.float32).tolist()
     return Payload(pydantic_core.to_json({"instances": rows} if protocol == "v1" else {"inputs": rows}))
 
@@ -344,11 +349,13 @@ def _predictions_array(predictions: Any, url: str) -> np.ndarray:
     return arr
 
 
-def decode_scores(spec: ModelSpec, body: bytes, url: str, header_length: str | None = None) -> np.ndarray:
-    """The scores array from an upstream answer, whatever its protocol."""
+def decode_scores(spec: ModelSpec, body: bytes, url: str, header_length: str | None = None,
+                  output_name: str | None = None) -> np.ndarray:
+    """The scores array from an upstream answer, whatever its protocol (V2: the output `output_name`, else the
+    registered one, else the first)."""
     if spec.upstream.protocol == "v2":
         response = read_v2(body, url, header_length)
-        i = scores_index(response, spec.upstream.output_name, url)
+        i = scores_index(response, output_name or spec.upstream.output_name, url)
         for j, out in enumerate(response.outputs):  # every output checked, each converted once
             if j != i:
                 output_array(out, url)
@@ -367,14 +374,32 @@ def decode_scores(spec: ModelSpec, body: bytes, url: str, header_length: str | N
 
 
 def decode_metadata(body: bytes, url: str) -> ModelMetadata:
+    """The model's V2 metadata as the upstream sent it (its tensors may be empty: `complete_metadata`)."""
     try:
-        meta = ModelMetadata.model_validate_json(body)
+        return ModelMetadata.model_validate_json(body)
     except ValidationError as e:
         raise UpstreamError(f"upstream {url} sent invalid V2 model metadata: "
                             f"{describe_validation_errors(e.errors(include_url=False), limit=3)}", url=url) from None
-    if not meta.inputs or not meta.outputs:
-        raise UpstreamError(f"upstream {url}: the model declares no inputs or no outputs", url=url)
-    return meta
+
+
+def complete_metadata(spec: ModelSpec, meta: ModelMetadata) -> ModelMetadata:
+    """The metadata with what the model does not declare taken from the registration (MLServer declares no
+    tensors for a scikit-learn model unless its settings list them): the registered input as an FP32 matrix of
+    any width, the registered output likewise. An UpstreamError with the fix when neither says it."""
+    up = spec.upstream
+    url = v2_model_url(spec)
+    update: dict[str, Any] = {}
+    for what, field, name, example in (("inputs", "input_name", up.input_name, "input-0"),
+                                       ("outputs", "output_name", up.output_name, "predict_proba")):
+        if getattr(meta, what):
+            continue
+        if not name:
+            raise UpstreamError(f"upstream {url}: the model declares no {what} in its metadata and the registration "
+                                f"names none; register the model again with upstream.{field} (its "
+                                f"{what[:-1]} tensor's name, e.g. '{example}' for an MLServer scikit-learn model)",
+                                url=url)
+        update[what] = [MetadataTensor(name=name, datatype="FP32", shape=[-1, -1])]
+    return meta.model_copy(update=update) if update else meta
 
 
 def synthesized_metadata(spec: ModelSpec) -> ModelMetadata:
@@ -528,7 +553,8 @@ class UpstreamClient:
         if spec.upstream.protocol != "v2":
             return synthesized_metadata(spec)
         url = v2_model_url(spec)
-        return decode_metadata(await self.request("GET", url, None, spec.upstream.timeout_s), url)
+        return complete_metadata(spec, decode_metadata(await self.request("GET", url, None, spec.upstream.timeout_s),
+                                                       url))
 
     async def infer_v2(self, spec: ModelSpec, inputs: Sequence[RequestInput] | Sequence[Tensor],
                        outputs: Sequence[RequestOutput] | None = None,
@@ -548,12 +574,12 @@ class UpstreamClient:
         return read_v2(reply.body, url, reply.header_length)
 
     async def scores(self, spec: ModelSpec, X: np.ndarray, *, input_name: str | None = None,
-                     datatype: str = "FP32") -> np.ndarray:
+                     datatype: str = "FP32", output_name: str | None = None) -> np.ndarray:
         """Raw scores for a batch of rows, any protocol."""
         url = infer_url(spec)
-        payload = encode_request(spec, X, input_name=input_name, datatype=datatype)
+        payload = encode_request(spec, X, input_name=input_name, datatype=datatype, output_name=output_name)
         reply = await self.call("POST", url, payload, spec.upstream.timeout_s)
-        return decode_scores(spec, reply.body, url, reply.header_length)
+        return decode_scores(spec, reply.body, url, reply.header_length, output_name)
 
 
 class SyncUpstreamClient:
@@ -605,11 +631,11 @@ class SyncUpstreamClient:
         if spec.upstream.protocol != "v2":
             return synthesized_metadata(spec)
         url = v2_model_url(spec)
-        return decode_metadata(self.request("GET", url, None, spec.upstream.timeout_s), url)
+        return complete_metadata(spec, decode_metadata(self.request("GET", url, None, spec.upstream.timeout_s), url))
 
     def scores(self, spec: ModelSpec, X: np.ndarray, *, input_name: str | None = None,
-               datatype: str = "FP32") -> np.ndarray:
+               datatype: str = "FP32", output_name: str | None = None) -> np.ndarray:
         url = infer_url(spec)
-        reply = self.call("POST", url, encode_request(spec, X, input_name=input_name, datatype=datatype),
-                          spec.upstream.timeout_s)
-        return decode_scores(spec, reply.body, url, reply.header_length)
+        payload = encode_request(spec, X, input_name=input_name, datatype=datatype, output_name=output_name)
+        reply = self.call("POST", url, payload, spec.upstream.timeout_s)
+        return decode_scores(spec, reply.body, url, reply.header_length, output_name)

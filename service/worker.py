@@ -150,6 +150,18 @@ class _Progress:
             log.warning("job %s: cannot write progress: %s", self.job_id, e)
 
 
+def eval_sample(y: np.ndarray, groups: np.ndarray, budget: int, seed: int) -> np.ndarray:
+    """Positions of at most `budget` held-out rows to score the patch on: every row when they fit, else a sample
+    that keeps each (group, label) cell's share (so the upstream sees query_budget + eval_budget rows at most)."""
+    from patcher.tuning import stratified_split
+
+    if len(y) <= budget:
+        return np.arange(len(y))
+    if budget == 0:
+        return np.arange(0)
+    return stratified_split(y, groups, budget / len(y), [seed, 1])[0][:budget]
+
+
 def _evaluate(spec: ModelSpec, patch: Any, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
               cancelled: threading.Event, seed: int, group_names: tuple[str, ...] = (),
               criterion: str | None = None) -> dict[str, Any]:
@@ -217,9 +229,11 @@ async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, 
         raise JobFailed(f"model {job.model} version {job.version} is no longer registered")
     data = await ctx["datasets"].load(job.dataset, group_order=spec.groups)
     held_idx, fit_idx = stratified_split(data.y, data.groups, job.holdout, job.seed)
-    if len(fit_idx) == 0 or len(held_idx) == 0:
+    if len(fit_idx) == 0 or (job.holdout > 0 and len(held_idx) == 0):
         raise JobFailed(f"holdout {job.holdout} of {len(data.y)} rows leaves one part empty; "
                         "upload more rows or change holdout")
+    eval_idx = eval_sample(data.y[held_idx], data.groups[held_idx], job.eval_budget, job.seed)
+    held_idx = held_idx[eval_idx]
     method = get_method(job.method)
     options = method.parse_options(job.options, job.preset)
     tune = TuningData(data.X[fit_idx], data.y[fit_idx], data.groups[fit_idx], data.group_names, data.feature_names)
@@ -255,10 +269,20 @@ async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, 
     queries_used = 0 if oracle is None else oracle.queries_used
     JOB_QUERIES.labels(job.method).inc(queries_used)
 
-    stage[0] = "scoring the held-out rows"
-    await jobs.running_progress(job.id, {"fraction": FIT_SHARE, "stage": stage[0], "queries_used": queries_used})
-    scores = await asyncio.to_thread(_evaluate, spec, patch, data.X[held_idx], data.y[held_idx],
-                                     data.groups[held_idx], cancelled, job.seed, data.group_names, job.criterion)
+    if len(held_idx):
+        stage[0] = "scoring the held-out rows"
+        await jobs.running_progress(job.id, {"fraction": FIT_SHARE, "stage": stage[0], "queries_used": queries_used})
+        scores = await asyncio.to_thread(_evaluate, spec, patch, data.X[held_idx], data.y[held_idx],
+                                         data.groups[held_idx], cancelled, job.seed, data.group_names,
+                                         job.criterion)
+    else:  # holdout 0 or eval_budget 0: nothing held out to score on, and the result says so
+        from patcher.apply import PatchRunner
+
+        runner = PatchRunner(patch)
+        scores = {"before": None, "after": None, "by_group": None, "eval_queries": 0,
+                  "group_at_inference": runner.needs_group,
+                  "served_by": "patch" if runner.replaces_model else "upstream",
+                  "note": "no held-out report: holdout 0 or eval_budget 0 left no row to score the patch on"}
 
     stage[0] = "storing the patch"
     if cancelled.is_set():
@@ -275,6 +299,8 @@ async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, 
             report_dict["warning"] = said
     return plain({"patch_id": patch_id, "queries_used": queries_used, "eval_queries": scores["eval_queries"],
                   "fit_rows": int(len(fit_idx)), "holdout_rows": int(len(held_idx)),
+                  "query_budget": job.query_budget, "eval_budget": job.eval_budget,
+                  **({"note": scores["note"]} if "note" in scores else {}),
                   "groups": list(data.group_names), "group_at_inference": scores["group_at_inference"],
                   "access": job.access, "served_by": scores["served_by"],
                   "artifact_sha256": None if oracle is not None else access.sha256,
@@ -319,6 +345,8 @@ async def train_patch(ctx: dict[str, Any], job_id: str) -> str:
         jobs.forget(job_id)
     if outcome in ("succeeded", "failed"):  # a cancel is counted where it is asked (service.management)
         JOBS.labels(job.method, outcome).inc()
+    if outcome == "failed" and "failed_runs" in ctx:  # arq counts it as complete: ResilientWorker.run_job recounts
+        ctx["failed_runs"].add(ctx.get("job_id", job_id))
     if await jobs.status(job_id) == "queued":
         # Taken from this worker as lost (it stalled past the heartbeat bound) and put back in the queue, so this
         # run's end was not written: leave the job in arq's queue too, or arq would drop it while the record
@@ -421,6 +449,7 @@ def worker_settings(settings: Settings, redis_url: str, **overrides: Any) -> dic
         ctx.update(settings=settings, jobs=jobs, registry=ModelRegistry(redis),
                    datasets=DatasetStore(redis), patches=PatchStore(redis))
         ctx["sweeper"] = asyncio.ensure_future(_sweep(jobs, settings.job_heartbeat_timeout_s))
+        ctx["failed_runs"] = set()  # arq ids of runs that ended a job as failed (shared by every job's ctx)
         log.info("worker ready on queue %r", settings.job_queue)
 
     async def shutdown(ctx: dict[str, Any]) -> None:
@@ -506,6 +535,16 @@ class ResilientWorker(Worker):
             await asyncio.sleep(delay)
         else:
             self.outage.back()
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        await super().run_job(job_id, score)
+        # A failed job returns normally (its error is in the record), so arq counted it complete: count it failed,
+        # or the shutdown log says "0 failed" after jobs failed.
+        failed: set[str] = self.ctx.get("failed_runs", set())
+        if job_id in failed:
+            failed.discard(job_id)
+            self.jobs_complete -= 1
+            self.jobs_failed += 1
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         # A job re-queued while its run here is still winding down (taken as lost after a stall) is left to

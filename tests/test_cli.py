@@ -53,3 +53,17 @@ def test_clients_import_without_torch():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "False"
+
+
+def test_a_job_without_a_held_out_report_is_summarised(capsys):
+    """holdout 0 (or eval_budget 0): the gateway's result has before/after null; the SDK reads it and the CLI says
+    there is no report instead of failing on it."""
+    from clients.commands import _job_summary
+    from clients.sdk import Job
+
+    job = Job.model_validate({"id": "j1", "status": "succeeded", "model": "m", "version": "1", "result": {
+        "patch_id": "p1", "queries_used": 300, "eval_queries": 0, "before": None, "after": None,
+        "note": "no held-out report: holdout 0 or eval_budget 0 left no row to score the patch on"}})
+    assert _job_summary(job) == 0
+    out = capsys.readouterr().out
+    assert "no held-out report" in out and "fairpatch patches activate m p1" in out

@@ -7,6 +7,7 @@ Redis: REDIS_URL when set (names and the job queue get a per-run suffix), else t
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import os
 import subprocess
@@ -276,9 +277,12 @@ def test_cli_register_upload_train_activate_infer(servers, fp, adult, adult_mode
 
     csv = tmp_path / "tune.csv"
     tune_frame(adult, 2000).to_csv(csv, index=False)
-    p = cli("datasets", "upload", str(csv), "--label", "income", "--group", "sex", url=gw)
+    gz = tmp_path / "tune.csv.gz"  # gzip, as a user keeps it; one line back, not every column
+    gz.write_bytes(gzip.compress(csv.read_bytes()))
+    p = cli("datasets", "upload", str(gz), "--label", "income", "--group", "sex", url=gw)
     assert p.returncode == 0, p.stderr
-    dataset = json.loads(p.stdout)["id"]
+    assert len(p.stdout.splitlines()) == 1 and "2,000 rows" in p.stdout and "group sex: Female" in p.stdout, p.stdout
+    dataset = p.stdout.split()[1].rstrip(":")
 
     p = cli("jobs", "create", "--model", name, "--dataset", dataset, "--queries", "400", "-o", "bias=estimator",
             "--wait", url=gw)

@@ -740,12 +740,12 @@ if __name__ == "__main__":  # python tests/test_deploy.py --write-settings-table
 
 
 def test_inference_service_loads_into_kserves_own_model(tmp_path):
-    """The manifest as the `kserve` package reads it (V1beta1InferenceService, unknown fields refused). kserve
-    pins clash with ours, so it runs in its own virtualenv, named by FAIRPATCH_KSERVE_PYTHON:
-    python3 -m venv /tmp/kserve-venv && /tmp/kserve-venv/bin/pip install kserve pyyaml"""
-    python = os.environ.get("FAIRPATCH_KSERVE_PYTHON")
-    if not python:
-        pytest.skip("FAIRPATCH_KSERVE_PYTHON is unset: the manifest was not loaded into kserve's models")
+    """The manifest as the `kserve` package reads it (V1beta1InferenceService, unknown fields refused). kserve's
+    pins clash with ours, so it runs in the kserve virtualenv the real-server tests use (tests/peer_envs.py builds
+    it on first use; FAIRPATCH_KSERVE_PYTHON names another interpreter with kserve and PyYAML instead)."""
+    from tests.peer_envs import require
+
+    python = os.environ.get("FAIRPATCH_KSERVE_PYTHON") or str(require("kserve").python)
     script = REPO / "tests" / "kserve_load.py"
     ok = subprocess.run([python, str(script), str(ISVC)], capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr

@@ -323,13 +323,14 @@ def test_http_oracle_counts_rows_and_equals_the_onnx_oracle():
         np.testing.assert_allclose(oracle.log_probs(X), to_log_probs(got, "logits"))
 
 
-def test_http_oracle_over_v1_with_probabilities(servers, session):
+def test_http_oracle_over_v1_refuses_logits_registered_as_probabilities(servers, session):
     X = rows(6, seed=8)
-    s = spec(servers["v1"], "v1", output_kind="probabilities")
+    s = spec(servers["v1"], "v1", output_kind="probabilities")  # the server answers logits
     with HttpOracle(s, budget=6) as oracle:
         assert oracle.output_kind == "probabilities"
-        np.testing.assert_allclose(oracle.scores(X), offline(session, X), rtol=1e-6)
-        assert oracle.queries_used == 6
+        # the first scores are checked against the registration (service.discovery): refused with the fix
+        with pytest.raises(UpstreamError, match="register upstream.output_kind logits"):
+            oracle.scores(X)
 
 
 # --- the async client's transport: pooling, stale keep-alive connections, shutdown ---------------------

@@ -269,8 +269,10 @@ def test_gateway_processes_share_metrics_in_multiprocess_mode(redis_url, tmp_pat
     """Two `fairpatch serve` processes with one PROMETHEUS_MULTIPROC_DIR: either one's /metrics counts both."""
     multiproc = tmp_path / "prom"
     multiproc.mkdir()
+    # readiness here means Redis alone: this module's Redis holds a model whose upstream is down on purpose
     env = {**os.environ, "PYTHONPATH": str(REPO), "PROMETHEUS_MULTIPROC_DIR": str(multiproc),
-           "FAIRPATCH_REDIS_URL": redis_url, "FAIRPATCH_DATA_DIR": str(tmp_path / "data")}
+           "FAIRPATCH_REDIS_URL": redis_url, "FAIRPATCH_DATA_DIR": str(tmp_path / "data"),
+           "FAIRPATCH_READY_CHECKS_UPSTREAMS": "false"}
     serve = [sys.executable, "-m", "clients", "serve", "--no-worker", "--port", "0"]  # each binds its own port
     with served(serve, env=env, cwd=REPO, log_path=tmp_path / "a.log", name="gateway a") as a, \
             served(serve, env=env, cwd=REPO, log_path=tmp_path / "b.log", name="gateway b") as b:
