@@ -34,10 +34,14 @@ shows what each leg costs the upstream as well as the gateway.
 it in the same rounds: every request then carries its group and a fresh request id (so the gateway with live
 fairness on counts it by group and remembers it for feedback), and a table sets the two gateways' CPU per request
 side by side. Target: live fairness costs at most 10% more gateway CPU per request.
-`--observability` also starts a second gateway of this checkout with its observability off
-(`FAIRPATCH_METRICS=false`, and no live fairness where the gateway has it) in front of the same upstream, with the
-same patch, measured in the same alternating rounds as `unobserved`: the table beside the main one gives the
-gateway's CPU per request with metrics on against off, cell by cell (target: at most 110%).
+`--observability` is the issue's figure for both together: a second gateway of this checkout with metrics AND live
+fairness off (`FAIRPATCH_METRICS=false`, `FAIRPATCH_LIVE_FAIRNESS=false`) in front of the same upstream, with the
+same patch, measured in the same alternating rounds as `unobserved`, against the gateway with both on (the
+default). As with `--live-off`, every request to either gateway carries its rows' groups and a fresh request id,
+so live fairness really counts it (the run ends by reading the gateway's live row count back). The table beside
+the main one gives the gateway's CPU per request (from /proc) with both on against both off, cell by cell and over
+all cells (target: at most 110%). Use `--legs json`: only the JSON leg has an `unobserved` twin.
+Payload logging is off in every gateway here (`FAIRPATCH_PAYLOAD_LOG_URL` is dropped from the environment).
 
 `--baseline DIR` also starts the gateway of another checkout (an earlier commit, say) in front of the same
 upstream, with the same patch, and measures it in the same alternating rounds as a third target: a
@@ -367,7 +371,7 @@ OBSERVABILITY_OFF = {"FAIRPATCH_METRICS": "false", "FAIRPATCH_LIVE_FAIRNESS": "f
 
 
 def observability_rows(cells: list[Cell]) -> list[list[str]]:
-    """The gateway (metrics on) against the same gateway with them off (`--observability`), cell by cell."""
+    """The gateway (metrics + live fairness on) against the same gateway with both off (`--observability`)."""
     by = {(c.target, c.concurrency, c.batch): c for c in cells}
     out = []
     for (target, conc, batch), off in by.items():
@@ -387,7 +391,8 @@ def observability_verdict(cells: list[Cell]) -> str:
              ("gateway", k[1], k[2]) in by]
     ratio = sum(on.cpu_ms for on, _ in pairs) / sum(off.cpu_ms for _, off in pairs)
     spread = [on.cpu_ms / off.cpu_ms for on, off in pairs]
-    return (f"metrics on: {ratio:.1%} of the gateway's CPU per request with them off, over {len(pairs)} cells "
+    return (f"metrics + live fairness on: {ratio:.1%} of the gateway's CPU per request with both off, "
+            f"over {len(pairs)} cells "
             f"(cells from {min(spread):.1%} to {max(spread):.1%}; target <= 110%): "
             f"{'met' if ratio <= 1.10 else 'NOT met'}")
 
@@ -447,8 +452,10 @@ def markdown(cells: list[Cell], setup: str, baseline: str | None = None) -> str:
                   "the same gateway with it off (`FAIRPATCH_LIVE_FAIRNESS=false`), same rounds (target: at most 10% "
                   "more CPU per request):", "", *_table(LIVE_HEAD, live_rows(cells))]
     if any(c.target == "unobserved" for c in cells):
-        lines += ["", "Observability's cost: the same gateway with metrics off (`FAIRPATCH_METRICS=false`), same "
-                  "rounds, JSON leg:", "", *_table(OBS_HEAD, observability_rows(cells)), "",
+        lines += ["", "Observability's cost: the gateway above (metrics and live fairness on, every request with its "
+                  "groups and a fresh id) against the same gateway with both off (`FAIRPATCH_METRICS=false`, "
+                  "`FAIRPATCH_LIVE_FAIRNESS=false`), same rounds, JSON leg:", "",
+                  *_table(OBS_HEAD, observability_rows(cells)), "",
                   f"- {observability_verdict(cells)}"]
     if any(c.target == "floor" for c in cells):
         lines += ["", "The floor: a pass-through proxy on the same stack (benchmarks/bare_proxy.py: uvicorn + aiohttp, "
@@ -494,7 +501,7 @@ def print_table(cells: list[Cell], title: str) -> None:
             live.add_row(*r)
         console.print(live)
     if any(c.target == "unobserved" for c in cells):
-        obs = Table(title="observability's cost: the gateway with metrics on against off")
+        obs = Table(title="observability's cost: the gateway with metrics + live fairness on against both off")
         for h in OBS_HEAD:
             obs.add_column(h, justify="right")
         for r in observability_rows(cells):
@@ -508,6 +515,17 @@ def print_table(cells: list[Cell], title: str) -> None:
         for r in baseline_rows(cells):
             base.add_row(*r)
         console.print(base)
+
+
+def live_rows_counted(url: str, timeout: float = 10.0) -> int:
+    """Rows the gateway's live fairness holds for the model, all arms (it flushes every second: wait for it)."""
+    deadline = time.monotonic() + timeout
+    with Client(url, "bench") as fp:
+        while True:
+            rows = sum(arm["rows"] for arm in fp.fairness(MODEL)["arms"])
+            if rows or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.2)
 
 
 # --- main --------------------------------------------------------------------------------------------
@@ -546,8 +564,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also measure the gateway with live fairness off, in the same rounds; requests then carry "
                          "their group and a fresh id each (what live fairness records)")
     ap.add_argument("--observability", action="store_true",
-                    help="also measure this gateway with metrics (and live fairness) off, in the same rounds: "
-                         "the CPU observability costs per request")
+                    help="also measure this gateway with metrics and live fairness off, in the same rounds: the CPU "
+                         "both cost per request; requests then carry their group and a fresh id each (use --legs json)")
     ap.add_argument("--baseline-label", default=None, help="how the report names the baseline (default: DIR)")
     args = ap.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -563,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     if not legs:
         ap.error("--legs: give json, binary or both")
 
+    live_load = args.live_off or args.observability  # requests carry groups and fresh ids (what live counts)
     print(f"fitting the Eraser patch (bias={args.bias}, {args.queries} queries) ...", flush=True)
     model, patch, data = fit_patch(args.bias, args.queries, args.seed)
     with contextlib.ExitStack() as stack:
@@ -571,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, "FAIRPATCH_DATA_DIR": str(tmp / "data"), "FAIRPATCH_LOG_LEVEL": "warning",
                "FAIRPATCH_ADMIN_KEY": "bench", "PYTHONUNBUFFERED": "1"}
         env.pop("FAIRPATCH_REDIS_URL", None)
+        env.pop("FAIRPATCH_PAYLOAD_LOG_URL", None)  # payload logging off everywhere: not what is measured here
         env.pop("REDIS_URL", None)
         up_port, gw_port = free_port(), free_port()
         exe = [sys.executable, "-m", "clients"]
@@ -659,8 +679,10 @@ def main(argv: list[str] | None = None) -> int:
         for batch in batches:
             X = data.test.X[:batch]
             names = [data.group_names[g] for g in data.test.groups[:batch]]
-            # With --live-off every gateway request carries its group (what live fairness counts) and a fresh id.
-            through = v2_body(X, names if patch.group_at_inference or args.live_off else None, args.live_off)
+            # With --live-off or --observability every gateway request carries its group (what live fairness
+            # counts) and a fresh id (what it remembers for feedback), to both gateways alike.
+            live = args.live_off or args.observability
+            through = v2_body(X, names if patch.group_at_inference or live else None, live)
             # The floor forwards bytes untouched, so it gets what the upstream gets.
             bodies = {"direct": v2_body(X, None), **{target: through for target in targets if target != "direct"}}
             if "floor" in targets:
@@ -675,6 +697,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"upstream CPU {cell.upstream_cpu_ms:5.2f} ms/req  "
                           f"({cell.requests} ok, "
                           f"{cell.errors} errors)", flush=True)
+        if args.live_off or args.observability:
+            print(f"live fairness on the gateway counted {live_rows_counted(urls['gateway']):,} rows "
+                  "(the other gateway has it off)", flush=True)
 
     cpu = platform.processor() or platform.machine()
     loader = "`httpx.AsyncClient`" if args.client == "httpx" else "`aiohttp`"
@@ -685,7 +710,9 @@ def main(argv: list[str] | None = None) -> int:
              f"{' (and the baseline gateway)' if args.baseline else ''}"
              f"{' (and a pass-through proxy, the floor)' if args.floor else ''}"
              f"{' (and the gateway with live fairness off)' if args.live_off else ''}"
-             f"{' (and the gateway with metrics off)' if args.observability else ''} alternating. "
+             f"{' (and the gateway with metrics and live fairness off)' if args.observability else ''} alternating"
+             f"{'; every gateway request with its groups and a fresh id' if live_load else ''}"
+             ". Payload logging off. "
              f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}. Latencies in ms as the client "
              "sees them; the client, upstream and gateway share the machine's cores. CPU ms/req: the answering "
              "server process's own CPU time (user + system, from /proc) per request: the upstream's in the direct "
