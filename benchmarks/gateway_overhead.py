@@ -71,7 +71,7 @@ import pydantic_core
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from clients.sdk import Client, ModelSpec, UpstreamSpec  # noqa: E402
+from clients.sdk import Client, FairpatchError, ModelSpec, UpstreamSpec  # noqa: E402
 
 MODEL = "adult"
 LEGS = {"gateway": ("json", MODEL), "gateway-binary": ("binary", "adult-binary")}  # target: (leg, model name)
@@ -518,11 +518,17 @@ def print_table(cells: list[Cell], title: str) -> None:
 
 
 def live_rows_counted(url: str, timeout: float = 10.0) -> int:
-    """Rows the gateway's live fairness holds for the model, all arms (it flushes every second: wait for it)."""
+    """Rows the gateway's live fairness holds for the model, all arms (it flushes every second: wait for it);
+    -1 when live fairness is off there (FAIRPATCH_LIVE_FAIRNESS=false in the benchmark's own environment)."""
     deadline = time.monotonic() + timeout
     with Client(url, "bench") as fp:
         while True:
-            rows = sum(arm["rows"] for arm in fp.fairness(MODEL)["arms"])
+            try:
+                rows = sum(arm["rows"] for arm in fp.fairness(MODEL)["arms"])
+            except FairpatchError as e:
+                if e.status == 409:
+                    return -1
+                raise
             if rows or time.monotonic() > deadline:
                 return rows
             time.sleep(0.2)
@@ -698,8 +704,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"({cell.requests} ok, "
                           f"{cell.errors} errors)", flush=True)
         if args.live_off or args.observability:
-            print(f"live fairness on the gateway counted {live_rows_counted(urls['gateway']):,} rows "
-                  "(the other gateway has it off)", flush=True)
+            counted = live_rows_counted(urls["gateway"])
+            print("live fairness is off on the gateway too (FAIRPATCH_LIVE_FAIRNESS=false here)" if counted < 0 else
+                  f"live fairness on the gateway counted {counted:,} rows (the other gateway has it off)", flush=True)
 
     cpu = platform.processor() or platform.machine()
     loader = "`httpx.AsyncClient`" if args.client == "httpx" else "`aiohttp`"
