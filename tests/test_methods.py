@@ -250,3 +250,12 @@ def test_the_methods_endpoints_and_the_openapi_document_carry_every_option(gatew
         for name, info in m.options.model_fields.items():
             assert props[name].get("description") == info.description, (m.name, name)
     assert "preset" in schemas["JobRequest"]["properties"] and "MethodInfo" in schemas
+
+
+def test_every_method_benches_through_the_one_runner():
+    from patcher.methods import methods
+
+    assert not (REPO / "patcher" / "benches").exists()  # no per-method bench modules: patcher.pipeline.bench
+    for m in methods():
+        assert set(m.bench.criteria or m.criteria) <= set(m.criteria), m.name
+        assert all(f.name.startswith("--") for f in m.bench.flags), m.name
