@@ -15,7 +15,7 @@ import json
 import sys
 import time
 
-from patcher.benches.intra import run_intra
+from patcher.pipeline import bench
 
 CONFIGS = {
     "set, bootstrap 5 (default)": {},
@@ -32,7 +32,7 @@ def run(seeds: list[int]) -> list[dict]:
         for dataset, criterion in SETTINGS:
             for seed in seeds:
                 started = time.perf_counter()
-                r = run_intra("adversarial_finetune", dataset=dataset, criterion=criterion, seed=seed, **options)
+                r = bench("adversarial_finetune", dataset=dataset, criterion=criterion, seed=seed, **options)
                 row = {"config": name, "dataset": dataset, "criterion": criterion, "seed": seed,
                        "bias": r["bias_after"], "under": r["bias_under_epsilon"],
                        "ba_change": 100 * (r["after"]["balanced_accuracy"] - r["before"]["balanced_accuracy"]),

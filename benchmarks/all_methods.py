@@ -33,10 +33,15 @@ def cli() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "clients"]
 
 
-def run_one(method: str, dataset: str, criterion: str, seed: int, timeout: float) -> dict:
-    from patcher.benches import get_bench
+def criteria(method: str) -> tuple[str, ...]:
+    from patcher.methods import get_method
 
-    if criterion not in getattr(get_bench(method), "CRITERIA", (criterion,)):
+    m = get_method(method)
+    return m.bench.criteria or m.criteria
+
+
+def run_one(method: str, dataset: str, criterion: str, seed: int, timeout: float) -> dict:
+    if criterion not in criteria(method):
         return {"method": method, "dataset": dataset, "criterion": criterion, "skipped": "criterion not supported"}
     cmd = [*cli(), "bench", method, "--dataset", dataset, "--criterion", criterion, "--seed", str(seed), "--json",
            *EXTRA.get(method, [])]
@@ -84,7 +89,7 @@ def table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
-    from patcher.benches import available, get_bench
+    from patcher.methods import names
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="*", default=None, help="default: every registered bench except forml "
@@ -97,11 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="raw results")
     ap.add_argument("--from-json", type=Path, nargs="*", default=None, help="rebuild the table from saved results")
     args = ap.parse_args(argv)
-    methods = args.methods or [m for m in available() if m != "forml"]
+    methods = args.methods or [m for m in names() if m != "forml"]
     results = []
     for path in args.from_json or []:
         results += [r for r in json.loads(path.read_text()) if r.get("method") in methods
-                    and r["criterion"] in getattr(get_bench(r["method"]), "CRITERIA", (r["criterion"],))]
+                    and r["criterion"] in criteria(r["method"])]
     for dataset in args.datasets if args.from_json is None else []:
         for criterion in args.criteria:
             for method in methods:

@@ -32,8 +32,8 @@ try:
 except ImportError:  # run as a script: benchmarks/ itself is on sys.path
     from peers import threshold_optimizer
 
-from patcher.benches.eraser import bench_eraser
 from patcher.datasets import load_dataset
+from patcher.pipeline import bench
 
 DATASETS = {"adult": "sex", "compas": "race", "german": "age"}
 CRITERIA = ("dp", "eo")
@@ -78,8 +78,8 @@ class Job:
         sensitive = DATASETS[self.dataset]
         if self.method == "threshold_optimizer":
             return threshold_optimizer(self.dataset, sensitive, self.criterion, seed, self.drop_sensitive)
-        return bench_eraser(self.dataset, sensitive, self.criterion, self.budget, seed,
-                            self.group_free, self.drop_sensitive)
+        return bench("eraser", self.dataset, sensitive, self.criterion, self.budget, seed,
+                     group_free=self.group_free, drop_sensitive=self.drop_sensitive)
 
 
 def plan(datasets, criteria, budgets, drop_sensitive) -> tuple[list[Job], list[str]]:

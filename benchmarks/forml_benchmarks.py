@@ -38,17 +38,18 @@ def one_run(dataset: str, seed: int, variant: str = "default") -> dict[str, Any]
 
     torch.set_num_threads(1)
     from patcher.apply import PatchRunner
-    from patcher.benches.forml import arm_options, bench_forml_report, load, split_data
     from patcher.methods import FitRequest, get_method
-    from patcher.methods.forml_audit import summary_metrics
+    from patcher.methods.forml_audit import arm_options, bench_forml_report, summary_metrics
+    from patcher.pipeline import load_data, tuning_data
 
     started = time.perf_counter()
     result, report = bench_forml_report(dataset=dataset, criterion=DATASETS[dataset], seed=seed,
                                         **VARIANTS.get(variant, {}))
     result["variant"] = variant
     if dataset in CONDENSE and variant == "default":
-        data, priv = load(dataset, None)
-        train, exemplar, test = split_data(data, data.train), split_data(data, data.tune), data.test
+        data = load_data(dataset, None)
+        priv = data.group_names.index(data.privileged)
+        train, exemplar, test = tuning_data(data, data.train), tuning_data(data, data.tune), data.test
         opts = arm_options(train.X.ndim == 4, None)
         n_classes = int(train.y.max()) + 1
         audit = report.audit  # the exemplar set is given, so audit rows are training positions

@@ -14,7 +14,7 @@ import json
 import numpy as np
 
 from benchmarks.peers import threshold_optimizer
-from patcher.benches import run
+from patcher.pipeline import bench as run
 
 
 def rows_for(spec: str, seed: int, eraser_queries: int) -> list[dict]:

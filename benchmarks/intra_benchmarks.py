@@ -1,6 +1,6 @@
 """The intra-processing debiasers on Adult (sex) and COMPAS (race), criteria dp and eo; writes docs/intra.md.
 
-Every run is `patcher.benches.intra.run_intra` (what `fairpatch bench <method> --json` prints): the
+Every run is `patcher.pipeline.bench` (what `fairpatch bench <method> --json` prints): the
 method gets the reference model's ONNX weights and the tune split, the patch's replacement ONNX is
 scored once on the test split. Also runs the adversarial fine-tuning ablations on Adult dp (the
 reference's flat critic and score target) that docs/intra.md cites for the default choices.
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from patcher.benches.intra import run_intra
+from patcher.pipeline import bench
 
 DATASETS = {"adult": "sex", "compas": "race"}
 CRITERIA = ("dp", "eo")
@@ -44,7 +44,7 @@ def run_all(seeds: list[int], ablation: bool, log=print) -> list[dict[str, Any]]
     for seed in seeds:
         for method, ds, crit, opts, label in jobs:
             started = time.perf_counter()
-            r = run_intra(method, dataset=ds, sensitive=DATASETS[ds], criterion=crit, seed=seed, **opts)
+            r = bench(method, dataset=ds, sensitive=DATASETS[ds], criterion=crit, seed=seed, **opts)
             r["label"], r["wall_seconds"] = label, round(time.perf_counter() - started, 1)
             runs.append(r)
             a, b = r["after"], r["before"]

@@ -3,7 +3,7 @@
 `threshold_optimizer` is Fairlearn's ThresholdOptimizer (post-processing, group needed at inference)
 over the reference model's own scores: `prefit=True`, so the model is never retrained, only its
 per-group thresholds are chosen (on the tune split). The result has the JSON shape of
-`patcher.benches.eraser.bench_eraser`, so the two can share one table.
+`patcher.pipeline.bench` (`fairpatch bench eraser`), so the two can share one table.
 
     python benchmarks/peers.py --dataset german --criterion dp
 """

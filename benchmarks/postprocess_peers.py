@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from patcher.benches.postprocess import run_method
 from patcher.datasets import load_dataset
 from patcher.metrics import headline
 from patcher.oracle import OnnxOracle
+from patcher.pipeline import bench as run_method
 from patcher.reference_models import reference_model
 
 SETUPS = {"adult": "sex", "compas": "race", "german": "age"}

@@ -24,8 +24,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from patcher.benches.eraser import bench_eraser  # noqa: E402
-from patcher.benches.trigger import bench_trigger, sweep_lam  # noqa: E402
+from patcher.pipeline import bench  # noqa: E402
+
+
+def bench_trigger(dataset, sensitive, criterion, access, queries, seed, **kwargs):
+    return bench("trigger", dataset, sensitive, criterion, queries, seed, access=access, **kwargs)
+
+
+def bench_eraser(dataset, sensitive, criterion, queries, seed):
+    return bench("eraser", dataset, sensitive, criterion, queries, seed)
+
+
+def sweep_lam(dataset, sensitive, criterion, access, queries, seed):
+    return bench("trigger", dataset, sensitive, criterion, queries, seed, access=access, sweep_lam=True)
 
 KEYS = ("accuracy", "dp_diff", "eo_diff", "worst_group_accuracy")
 DEV_SEEDS = (0, 1, 2, 3, 4, 5, 6)  # the frame's settings were chosen while looking at their test figures

@@ -22,15 +22,14 @@ import numpy as np
 
 def runs(seeds: list[int], cuts: int, val: float, queries: int, settings: list[dict], dataset: str = "adult",
          sensitive: str = "sex", criterion: str = "dp") -> list[dict]:
-    from patcher.benches.trigger import load
     from patcher.methods import FitRequest, get_method
     from patcher.oracle import OnnxOracle
-    from patcher.pipeline import score
+    from patcher.pipeline import load_task, score
     from patcher.tuning import TuningData, stratified_split
 
     out = []
     for seed in seeds:
-        data, model = load(dataset, sensitive, seed)
+        data, model = load_task(dataset, sensitive, seed)
         t = data.tune
         base = OnnxOracle(model.onnx_bytes, cache=False).log_probs
         for cut in range(cuts):
@@ -61,16 +60,22 @@ def test_bound(seeds: list[int], queries: int, opts: dict, dataset: str = "adult
     beside the hindsight bound, the least test dp over every threshold within `max_drop` of the model's test
     accuracy (the trigger's own curve, chosen on the test split: not a result, the ceiling of the selection)."""
     from patcher.apply import PatchRunner
-    from patcher.benches.trigger import evaluate, fit_trigger, load
+    from patcher.methods import FitRequest, get_method
     from patcher.methods.eraser import sweep_thresholds
+    from patcher.methods.trigger import dataset_options
     from patcher.oracle import OnnxOracle
+    from patcher.pipeline import load_task, score, tuning_data
 
     out = []
     for seed in seeds:
-        data, model = load(dataset, sensitive, seed)
-        patch, report, _ = fit_trigger(data, model, criterion, "zeroth_order", queries, seed, **opts)
+        data, model = load_task(dataset, sensitive, seed)
+        fit_opts = {**dataset_options(dataset, opts.get("trigger")), **opts}
+        fitted = get_method("trigger").run(OnnxOracle(model.onnx_bytes, budget=queries), tuning_data(data, data.tune),
+                                           FitRequest(criterion, queries, seed, access="zeroth_order"), fit_opts)
+        patch, report = fitted.patch, fitted.report
         test, model_lp = data.test, OnnxOracle(model.onnx_bytes, cache=False).log_probs
-        chosen = evaluate(patch, model.onnx_bytes, test, data.group_names.index(data.privileged), seed)
+        chosen = score(patch, model_lp, test.X, test.y, test.groups, seed=seed,
+                       privileged=data.group_names.index(data.privileged))
         lp = model_lp(PatchRunner(patch).transform_inputs(test.X))
         cuts, acc, unfair = sweep_thresholds(lp[:, 1] - lp[:, 0], test.y, test.groups, len(data.group_names), criterion)
         base_acc = chosen.before["accuracy"]

@@ -2,9 +2,10 @@
 
 Every registered method has a subcommand. Its options come from the method's options model: `-o key=value`
 (repeatable; a value is read as JSON when it parses, else as a string) and `--preset NAME`, both validated
-before anything is loaded. `--dataset --sensitive --criterion --queries --seed --json` are common; a bench
-may add flags of its own that are not method options (eraser: --group-free, --drop-sensitive, --proxies;
-trigger: --access, --sweep-lam, --transfer-seed; forml: --fine-tune).
+before anything is loaded. `--dataset --sensitive --criterion --queries --seed --json` are common; a method
+may declare flags of its own that are not options (`Method.bench.flags`: eraser's --group-free,
+--drop-sensitive, --proxies; trigger's --access, --sweep-lam, --transfer-seed; forml's --fine-tune). Every
+method runs through the one runner, `patcher.pipeline.bench`.
 """
 
 from __future__ import annotations
@@ -14,27 +15,24 @@ import json
 import sys
 from typing import Any
 
-ALL_DATASETS = ("adult", "compas", "german", "colored-digits", "noisy-digits")
-
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    from patcher.benches import available, get_bench
-    from patcher.methods import get_method
+    from patcher.methods import methods
 
     bench = sub.add_parser("bench", help="benchmark a debiasing method on a real dataset",
                            description="Fit a method on the tune split, score before/after on the held-out "
                                        "test split. One subcommand per method.")
-    methods = bench.add_subparsers(dest="method", metavar="method", required=True)
-    for name in available():
-        module, method = get_bench(name), get_method(name)
-        p = methods.add_parser(name, help=method.summary)
-        p.add_argument("--dataset", default="adult", choices=getattr(module, "DATASETS", ALL_DATASETS))
+    sub_methods = bench.add_subparsers(dest="method", metavar="method", required=True)
+    for method in methods():
+        name, defaults = method.name, method.bench
+        p = sub_methods.add_parser(name, help=method.summary)
+        p.add_argument("--dataset", default="adult", choices=defaults.datasets)
         p.add_argument("--sensitive", default=None,
                        help="sensitive attribute (default: the dataset's usual one, binary as in the literature): "
                             "NAME, NAME:all for every category (race:all), or several joined by commas for "
                             "their intersection (sex,race); cells too small on the tune split are pooled")
-        p.add_argument("--criterion", default="dp", choices=getattr(module, "CRITERIA", ("dp", "eo", "eopp")))
-        p.add_argument("--queries", type=int, default=getattr(module, "DEFAULT_QUERIES", 1000),
+        p.add_argument("--criterion", default="dp", choices=defaults.criteria or method.criteria)
+        p.add_argument("--queries", type=int, default=defaults.queries,
                        help="query budget (rows sent to the model)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -43,8 +41,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--preset", default=None, choices=sorted(method.presets) or None,
                        help="a named set of the method's options (-o overrides it)"
                        + (f": {', '.join(sorted(method.presets))}" if method.presets else "; it has none"))
-        if hasattr(module, "add_arguments"):
-            module.add_arguments(p)
+        for flag in defaults.flags:
+            p.add_argument(flag.name, **flag.kwargs)
         # only this subcommand's own flags reach the bench (not the CLI's global --url, --timeout, ...)
         keys = tuple(a.dest for a in p._actions if a.dest not in ("help", "json", "option", "preset"))
         p.set_defaults(run=run_bench, bench_keys=keys)
@@ -76,7 +74,8 @@ def method_options(method: str, flags: list[str], preset: str | None) -> dict[st
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from patcher.benches import get_bench, run
+    from patcher.methods import get_method
+    from patcher.pipeline import bench
 
     kwargs = {k: getattr(args, k) for k in args.bench_keys}
     try:
@@ -85,16 +84,16 @@ def run_bench(args: argparse.Namespace) -> int:
         if clash:
             raise ValueError(f"{', '.join(clash)}: give {'it' if len(clash) == 1 else 'them'} as the bench's own "
                              f"--{clash[0].replace('_', '-')} flag, not as -o")
-        result = run(args.method, **kwargs, **options)
+        result = bench(args.method, **kwargs, **options)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result, indent=1))
-    elif hasattr(get_bench(args.method), "print_result"):
-        get_bench(args.method).print_result(result)
     else:
-        print_table(result)
+        own = get_method(args.method).bench.print_result
+        if own is None or not own(result):
+            print_table(result)
     return 0
 
 

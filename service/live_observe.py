@@ -214,9 +214,14 @@ class LiveRecorder:
         self._seen.update(counts)
 
     # ------------------------------------------------------------------ reads
+    def effective_window(self, window_s: float | None) -> float:
+        """The asked window, at most the configured one: older buckets have expired, and an unbounded
+        window would walk (and pipeline) one key per bucket back to the epoch."""
+        return self.window_s if window_s is None else min(window_s, self.window_s)
+
     async def merged(self, model: str, version: str, window_s: float | None = None) -> dict[str, int]:
         """The counts every replica flushed for the version over the window (default: the configured one)."""
-        window = self.window_s if window_s is None else window_s
+        window = self.effective_window(window_s)
         now = int(time.time() // self.bucket_s)
         first = int((time.time() - window) // self.bucket_s)
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -69,12 +69,13 @@ def _live(request: Request) -> LiveRecorder:
 @router.get("/models/{model}/versions/{version}/fairness", response_model=FairnessResponse,
             summary="live fairness of the version's served traffic, per patch and rollout arm")
 async def fairness(request: Request, model: str, version: str,
-                   window_s: float | None = Query(None, gt=0, description="default: the gateway's live_window_s")
+                   window_s: float | None = Query(None, gt=0, allow_inf_nan=False,
+                                                 description="default and at most: the gateway's live_window_s")
                    ) -> JSONResponse:
     await _spec(request, model, version)
     live = _live(request)
     arms = await live.figures(model, version, window_s)
-    body = FairnessResponse(model=model, version=version, window_s=window_s or live.window_s,
+    body = FairnessResponse(model=model, version=version, window_s=live.effective_window(window_s),
                             alert_gap=live.alert_gap, drifting=any(a.drifting for a in arms),
                             rollout=await _patches(request).rollout(model, version), arms=arms)
     return JSONResponse(body.model_dump(mode="json"))

@@ -210,9 +210,9 @@ def test_patch_runner_takes_group_ids_and_names_for_four_groups(sex_race_setup):
 
 
 def test_bench_json_lists_the_groups():
-    from patcher.benches import run
+    from patcher.pipeline import bench
 
-    r = run("thresholds", dataset="adult", sensitive="sex,race", criterion="dp", queries=None, seed=0)
+    r = bench("thresholds", dataset="adult", sensitive="sex,race", criterion="dp", queries=None, seed=0)
     assert [g["name"] for g in r["groups"]] == ["Female & Non-white", "Female & White", "Male & Non-white",
                                                 "Male & White"]
     assert sum(g["n_test"] for g in r["groups"]) == r["n_test"]

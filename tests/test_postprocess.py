@@ -248,10 +248,9 @@ def test_aif360_same_parameters_on_german():
 
 
 def test_bench_json_fields():
-    from patcher.benches import get_bench
+    from patcher.pipeline import bench
 
-    r = get_bench("reject_option").run(dataset="german", sensitive=None, criterion="dp", queries=None, seed=0,
-                                       bound=0.05)
+    r = bench("reject_option", dataset="german", sensitive=None, criterion="dp", queries=None, seed=0, bound=0.05)
     for k in ("method", "dataset", "sensitive", "criterion", "seed", "queries_used", "fit_seconds",
               "group_at_inference", "before", "after"):
         assert k in r

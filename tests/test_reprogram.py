@@ -78,8 +78,8 @@ def test_color_trigger_mixes_channels_the_same_at_every_pixel_and_can_send_two_h
 
 
 def test_zo_trigger_is_the_zeroth_order_form_and_colored_digits_defaults_use_the_color_mix() -> None:
-    from patcher.benches.trigger import dataset_options
     from patcher.methods.reprogram import make_trigger
+    from patcher.methods.trigger import dataset_options
 
     X, g = np.zeros((4, 3, 16, 16), np.float32), np.array([0, 1, 0, 1])
     split = TriggerOptions(trigger="frame", zo_trigger="color")
@@ -176,7 +176,7 @@ def test_crossfit_selection_scores_each_fold_with_a_trigger_that_did_not_train_o
     assert report.threshold == chosen["threshold"] and report.tune_after["dp"] == pytest.approx(chosen["unfairness"])
     with pytest.raises(ValueError, match="select_folds"):
         TriggerOptions(select_folds=1)
-    from patcher.benches.trigger import dataset_options
+    from patcher.methods.trigger import dataset_options
 
     assert dataset_options("colored-digits")["select_folds"] == 2 and "select_folds" not in dataset_options("adult")
 
@@ -298,7 +298,7 @@ def test_select_is_one_rule_for_both_access_kinds_and_the_old_names_are_gone() -
     assert opts(select="worst_cell", unfairness_ratio=0.4).selection() == ("worst_cell", 0.4)
     with pytest.raises(ValueError, match="zo_select"):
         opts(zo_select="worst_cell")
-    from patcher.benches.trigger import dataset_options
+    from patcher.methods.trigger import dataset_options
 
     assert dataset_options("colored-digits")["select"] == "worst_cell"
     assert dataset_options("adult") == {}  # Adult keeps the fairest rule
@@ -329,10 +329,10 @@ def test_worst_cell_selection_falls_back_on_the_least_unfair_point_and_says_so()
 
 
 def test_bench_json_has_the_eraser_fields_plus_access_and_lam() -> None:
-    from patcher.benches import get_bench
+    from patcher.pipeline import bench
 
-    r = get_bench("trigger").run(dataset="german", sensitive=None, criterion="dp", access="zeroth_order",
-                                 queries=4000, seed=0, eval_size=100, evals=1)
+    r = bench("trigger", dataset="german", sensitive=None, criterion="dp", access="zeroth_order", queries=4000,
+              seed=0, eval_size=100, evals=1)
     for key in ("method", "dataset", "sensitive", "criterion", "seed", "queries_used", "fit_seconds",
                 "group_at_inference", "before", "after", "access", "lam"):
         assert key in r
@@ -419,7 +419,7 @@ def test_zeroth_order_worst_cell_selection_stays_within_budget_and_reports_its_c
 def test_zeroth_order_color_mix_halves_colored_digits_eo_and_lifts_the_worst_cell_on_the_test_split(colored) -> None:
     """The colored-digits zeroth-order defaults (a 12-parameter color mix, docs/triggers_zo_dev.md) on a smaller
     budget, scored on the test split the fit never saw."""
-    from patcher.benches.trigger import dataset_options
+    from patcher.methods.trigger import dataset_options
 
     data, model = colored
     t = data.tune

@@ -374,3 +374,20 @@ def test_requests_without_a_group_are_counted_by_the_patch_estimate_marked_estim
     assert a["rows_by_group"] == {"a": estimated_a, "b": len(X) - estimated_a}
     raw = a["outputs"]["raw"]["selection_rate"]
     assert raw["a"] == pytest.approx(float((X[X[:, 1] > 0, 0] > 0).mean()), abs=1e-6)
+
+
+def test_the_fairness_window_is_at_most_the_configured_one(gateways, upstream):
+    # Buckets older than the configured window have expired; a larger asked window once walked one Redis
+    # key per bucket back as far as asked (schemathesis' 1e15 s took the test process to 23 GB).
+    c1, _, app = gateways
+    model = register(c1, upstream, f"live-window-{RUN}")
+    configured = app.state.live.window_s
+    for asked in (configured * 10, 1e15):
+        r = c1.get(f"/v1/models/{model}/versions/1/fairness", params={"window_s": asked})
+        assert r.status_code == 200, r.text
+        assert r.json()["window_s"] == configured
+    r = c1.get(f"/v1/models/{model}/versions/1/fairness", params={"window_s": configured / 2})
+    assert r.status_code == 200 and r.json()["window_s"] == configured / 2
+    for bad in ("inf", "nan", "0", "-5"):
+        r = c1.get(f"/v1/models/{model}/versions/1/fairness", params={"window_s": bad})
+        assert r.status_code == 400 and "window_s" in r.json()["error"], (bad, r.text)

@@ -13,6 +13,8 @@ import importlib
 from patcher.methods.contract import (
     ACCESS_ORDER,
     Access,
+    BenchDefaults,
+    BenchFlag,
     FitRequest,
     FitResult,
     Method,
@@ -20,8 +22,8 @@ from patcher.methods.contract import (
     option_rows,
 )
 
-__all__ = ["ACCESS_ORDER", "REGISTRY", "Access", "FitRequest", "FitResult", "Method", "OptionsError", "get_method",
-           "methods", "option_rows", "register"]
+__all__ = ["ACCESS_ORDER", "REGISTRY", "Access", "BenchDefaults", "BenchFlag", "FitRequest", "FitResult", "Method",
+           "OptionsError", "get_method", "methods", "option_rows", "register"]
 
 REGISTRY: dict[str, str] = {  # method name -> the module that declares its METHOD
     "eraser": "patcher.methods.eraser",

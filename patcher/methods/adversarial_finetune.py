@@ -46,6 +46,7 @@ from pydantic import Field
 from patcher.access import ModelArtifact
 from patcher.methods.contract import FitRequest, FitResult, Method
 from patcher.methods.intra_common import (
+    BENCH,
     FitContext,
     IntraOptions,
     balanced_accuracy,
@@ -272,4 +273,4 @@ METHOD = Method(
     name="adversarial_finetune",
     summary=("intra-processing (Savani et al. 2020): fine-tune the weights against a critic that estimates "
              "the bias; the best epoch becomes the patch"),
-    access=("weights",), options=AdversarialOptions, fit=fit, group_at_inference="none")
+    access=("weights",), options=AdversarialOptions, fit=fit, group_at_inference="none", bench=BENCH)

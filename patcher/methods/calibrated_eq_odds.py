@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from patcher.methods.contract import FitRequest, FitResult, Method
 from patcher.methods.postprocess_common import (
+    BENCH,
     Criterion,
     check_criterion,
     logit,
@@ -114,5 +115,5 @@ METHOD = Method(
     name="calibrated_eq_odds",
     summary=("calibrated equalized odds (Pleiss et al. 2017): mix a group's scores with its base rate, like "
              "AIF360's"),
-    access=("queries",), options=CalibratedEqOddsOptions, fit=fit, group_at_inference="required",
+    access=("queries",), options=CalibratedEqOddsOptions, fit=fit, group_at_inference="required", bench=BENCH,
     criteria=CRITERIA)

@@ -73,6 +73,36 @@ class FitResult:
     drop_rows: Mapping[str, list[int]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class BenchFlag:
+    """A `fairpatch bench` flag of the method's own that is not one of its options (e.g. eraser's --group-free)."""
+
+    name: str  # "--group-free"
+    kwargs: Mapping[str, Any] = field(default_factory=dict)  # argparse's add_argument keywords
+
+
+@dataclass(frozen=True)
+class BenchDefaults:
+    """How `fairpatch bench` runs the method through the one runner (`patcher.pipeline.bench`): its defaults and
+    hooks. Hooks import what they need when called, so the registry stays torch-free."""
+
+    datasets: tuple[str, ...] = ("adult", "compas", "german")
+    criteria: tuple[Criterion, ...] | None = None  # default: the method's
+    queries: int | None = 1000  # --queries default
+    access: Access | None = None  # default: the method's least privileged (a flag `access` overrides it)
+    flags: tuple[BenchFlag, ...] = ()
+    request_id: str = "bench"  # the test split is scored as one request "{request_id}-{seed}"
+    artifact_name: str = "{}_reference"  # the model artifact's name (weight or gradient access), from the dataset
+    groups: bool = True  # add the per-group block (sizes, rates, gaps with intervals)
+    # (options, flags, data) -> the options given to fit, e.g. eraser's --proxies as its proxy_columns
+    prepare: Callable[[dict[str, Any], dict[str, Any], Any], dict[str, Any]] | None = None
+    extras: Callable[[Any], dict[str, Any]] | None = None  # (patcher.pipeline.BenchRun) -> fields of the JSON
+    # (flags, common keywords, options) -> a whole result of its own (FORML's two arms, the trigger's lambda
+    # sweep), or None to run the common way
+    instead: Callable[[dict[str, Any], dict[str, Any], dict[str, Any]], dict[str, Any] | None] | None = None
+    print_result: Callable[[dict[str, Any]], bool] | None = None  # a table of its own (False: the common one)
+
+
 class OptionsError(ValueError):
     """Options (or a preset) a method does not take; the message names the valid ones."""
 
@@ -88,6 +118,7 @@ class Method:
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     criteria: tuple[Criterion, ...] = ("dp", "eo", "eopp")  # the fairness criteria it can fit for
     takes_exemplar: bool = False  # whether FitRequest.exemplar means anything to it
+    bench: BenchDefaults = field(default_factory=BenchDefaults)  # how `fairpatch bench` runs it
 
     @property
     def default_access(self) -> Access:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from patcher.methods.contract import FitRequest, FitResult, Method
 from patcher.methods.postprocess_common import (
+    BENCH,
     Criterion,
     StepRule,
     check_criterion,
@@ -121,4 +122,4 @@ METHOD = Method(
     name="eq_odds",
     summary=("equalized-odds post-processing by linear program (Hardt et al. 2016): keep or flip the model's "
              "decision at random per group, like AIF360's"),
-    access=("queries",), options=EqOddsOptions, fit=fit, group_at_inference="required")
+    access=("queries",), options=EqOddsOptions, fit=fit, group_at_inference="required", bench=BENCH)

@@ -23,12 +23,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from patcher.methods.contract import FitRequest, FitResult, Method
+from patcher.methods.contract import BenchDefaults, BenchFlag, FitRequest, FitResult, Method
 from patcher.metrics import rate_gap, sweep
 from patcher.oracle import Oracle
 from patcher.patch import Patch
@@ -419,7 +419,37 @@ def _tune_multiclass(log_probs, rule, y, groups, G, criterion, opts) -> Operatin
     return OperatingPoint(best[0], 0.0, base_acc, base_unfair, best[1], best[2], summary)
 
 
+def _bench_options(options: dict[str, Any], flags: dict[str, Any], data: Any) -> dict[str, Any]:
+    """--proxies (raw column names) makes those columns the bias features; --group-free infers the group."""
+    from patcher.datasets import feature_columns
+
+    if flags["proxies"]:
+        options.update(bias="proxies", proxy_columns=feature_columns(data.feature_names, flags["proxies"]))
+    options.setdefault("bias", "estimator" if flags["group_free"] else "group")
+    return options
+
+
+def _bench_extras(run: Any) -> dict[str, Any]:
+    r = run.report
+    return {"drop_sensitive": run.flags["drop_sensitive"], "query_budget": run.queries, "bias": r.bias,
+            "alpha": r.alpha, "threshold": r.threshold}
+
+
+def _split(s: str) -> list[str]:
+    return s.split(",")
+
+
+BENCH = BenchDefaults(
+    request_id="evaluation", prepare=_bench_options, extras=_bench_extras, flags=(
+        BenchFlag("--group-free", {"action": "store_true", "help": "no group at inference: infer it from x"}),
+        BenchFlag("--drop-sensitive", {"action": "store_true",
+                                       "help": "the model never saw the sensitive column (implies proxies only)"}),
+        BenchFlag("--proxies", {"default": None, "type": _split,
+                                "help": "comma-separated raw columns to use as bias features (e.g. "
+                                        "relationship,marital_status) instead of the group; no group is needed "
+                                        "at inference"})))
+
 METHOD = Method(
     name="eraser", summary="Inference-Time Rule Eraser: distil the model's biased rule from a few queries and "
     "subtract it from its scores (group at inference unless bias is proxies or estimator)",
-    access=("queries",), options=EraserOptions, fit=fit, group_at_inference="optional")
+    access=("queries",), options=EraserOptions, fit=fit, group_at_inference="optional", bench=BENCH)

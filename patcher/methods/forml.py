@@ -21,8 +21,15 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from patcher.access import ModelArtifact
-from patcher.methods.contract import FitRequest, FitResult, Method
-from patcher.methods.forml_audit import CondenseBy, SampleAudit, build_audit, normalised_weights, summary_metrics
+from patcher.methods.contract import BenchDefaults, BenchFlag, FitRequest, FitResult, Method
+from patcher.methods.forml_audit import (
+    CondenseBy,
+    SampleAudit,
+    bench_two_arms,
+    build_audit,
+    normalised_weights,
+    summary_metrics,
+)
 from patcher.patch import Patch
 from patcher.tuning import TuningData, stratified_split
 
@@ -224,4 +231,9 @@ METHOD = Method(
     name="forml",
     summary=("FORML (Yan et al. 2022): train or fine-tune the model with meta-learned sample weights that lower "
              "the unfairness on an exemplar set; a weight patch"),
-    access=("weights",), options=FormlOptions, fit=fit, group_at_inference="none", takes_exemplar=True)
+    access=("weights",), options=FormlOptions, fit=fit, group_at_inference="none", takes_exemplar=True,
+    bench=BenchDefaults(datasets=("adult", "compas", "german", "colored-digits", "noisy-digits"), queries=0,
+                        instead=bench_two_arms, flags=(
+        BenchFlag("--fine-tune", {"action": "store_true", "help": "fine-tune the reference model instead of "
+                                  "training from scratch (both arms); -o epochs=N sets both arms' epochs (default: "
+                                  "20 tabular as the reference recipe, 12 images as the reference CNN)"}),)))

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from patcher.methods.contract import FitRequest, FitResult, Progress
+from patcher.methods.contract import BenchDefaults, FitRequest, FitResult, Progress
 from patcher.metrics import Sweep, decision_rates, rate_gap, sweep
 from patcher.tuning import TuningData
 
@@ -430,3 +430,18 @@ class single_thread:
         import torch
 
         torch.set_num_threads(self._n)
+
+
+def _bench_extras(run: Any) -> dict[str, Any]:
+    """The bias measure the method bounded (AIF360 sign: unprivileged minus privileged), before and after."""
+    r, b, a = run.report, run.scored.before, run.scored.after
+    m = r.bias_measure
+    return {"access": "weights", "replaces_model": run.scored.served_by == "patch", "bias_measure": m,
+            "epsilon": r.epsilon, "margin": r.margin, "threshold": r.threshold, "bias_before": b[m],
+            "bias_after": a[m], "bias_under_epsilon": abs(a[m]) < r.epsilon, "tune_base": r.tune_base,
+            "tune_after": r.tune_after, "details": {k: v for k, v in r.details.items() if not isinstance(v, list)}}
+
+
+# weight access: no queries; `before` is the reference model, `after` the patch's replacement model
+BENCH = BenchDefaults(criteria=("dp", "eo"), queries=0, request_id="evaluation", groups=False,
+                      extras=_bench_extras)

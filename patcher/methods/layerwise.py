@@ -23,7 +23,7 @@ from pydantic import Field
 
 from patcher.access import ModelArtifact
 from patcher.methods.contract import FitRequest, FitResult, Method
-from patcher.methods.intra_common import IntraOptions, finish, prepare, single_thread
+from patcher.methods.intra_common import BENCH, IntraOptions, finish, prepare, single_thread
 from patcher.tuning import TuningData
 
 
@@ -145,4 +145,4 @@ METHOD = Method(
     name="layerwise",
     summary=("intra-processing (Savani et al. 2020): optimise the last layers' weights one tensor at a time "
              "by Bayesian optimisation of a bias-bounded objective"),
-    access=("weights",), options=LayerwiseOptions, fit=fit, group_at_inference="none")
+    access=("weights",), options=LayerwiseOptions, fit=fit, group_at_inference="none", bench=BENCH)

@@ -15,11 +15,11 @@ mixes "keep" and "flip" of the model's own decision. One graph builder serves th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
-from patcher.methods.contract import FitRequest
+from patcher.methods.contract import BenchDefaults, BenchFlag, FitRequest
 from patcher.oracle import Oracle
 from patcher.scores import to_log_probs
 from patcher.tuning import TuningData
@@ -182,3 +182,31 @@ def score_mix_graph(mix: np.ndarray, replacement_margin: np.ndarray, name: str, 
 def logit(p: np.ndarray | float) -> np.ndarray:
     p = np.clip(np.asarray(p, np.float64), 1e-12, 1 - 1e-12)
     return np.log(p / (1 - p))
+
+
+def _bench_extras(run: Any) -> dict[str, Any]:
+    """`--draws N` > 1 adds `after_mean`: the test figures averaged over N request ids (a randomized rule's
+    expected result)."""
+    import onnx
+
+    from patcher.apply import PatchRunner
+    from patcher.metrics import headline
+    from patcher.pipeline import patched_decisions
+
+    r, test, extra = run.report, run.data.test, {}
+    if run.flags["draws"] > 1:
+        runner = PatchRunner(run.patch)
+        runs = [headline(test.y, patched_decisions(runner, run.model_log_probs, test.X, test.groups,
+                                                   f"bench-{run.seed}-{i}", run.scored.before_log_probs),
+                         test.groups, run.privileged) for i in range(run.flags["draws"])]
+        extra["after_mean"] = {k: float(np.mean([x[k] for x in runs])) for k in runs[0]}
+    # randomized: the decisions draw on the per-request uniform input
+    graph = onnx.load_from_string(run.patch.part("output_transform")).graph
+    return {**extra, "query_budget": run.queries, "randomized": any(i.name == "uniform" for i in graph.input),
+            "params": run.patch.manifest["params"], "tune_before": r.tune_before, "tune_after": r.tune_after}
+
+
+# every tune row by default: these methods are meant to read the whole tuning set
+BENCH = BenchDefaults(queries=None, extras=_bench_extras, flags=(
+    BenchFlag("--draws", {"type": int, "default": 1, "help": "average the test figures over this many request "
+                                                             "ids too (after_mean)"}),))

@@ -14,7 +14,7 @@ from pydantic import Field
 
 from patcher.access import ModelArtifact
 from patcher.methods.contract import FitRequest, FitResult, Method
-from patcher.methods.intra_common import IntraOptions, finish, prepare, single_thread
+from patcher.methods.intra_common import BENCH, IntraOptions, finish, prepare, single_thread
 from patcher.tuning import TuningData
 
 
@@ -58,4 +58,4 @@ METHOD = Method(
     name="random_perturbation",
     summary=("intra-processing (Savani et al. 2020): the best of many randomly perturbed copies of the "
              "weights, by a bias-bounded objective"),
-    access=("weights",), options=RandomPerturbationOptions, fit=fit, group_at_inference="none")
+    access=("weights",), options=RandomPerturbationOptions, fit=fit, group_at_inference="none", bench=BENCH)

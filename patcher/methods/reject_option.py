@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from patcher.methods.contract import FitRequest, FitResult, Method
 from patcher.methods.postprocess_common import (
+    BENCH,
     BIG,
     Criterion,
     StepRule,
@@ -135,4 +136,4 @@ METHOD = Method(
     name="reject_option",
     summary=("reject-option classification (Kamiran et al. 2012): flip decisions in a band around the "
              "threshold, per group, like AIF360's"),
-    access=("queries",), options=RejectOptionOptions, fit=fit, group_at_inference="required")
+    access=("queries",), options=RejectOptionOptions, fit=fit, group_at_inference="required", bench=BENCH)

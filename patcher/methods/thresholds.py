@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from patcher.methods.contract import FitRequest, FitResult, Method
 from patcher.methods.postprocess_common import (
+    BENCH,
     BIG,
     Criterion,
     Scored,
@@ -243,4 +244,4 @@ METHOD = Method(
     name="thresholds",
     summary=("group-specific (randomized) thresholds on the model's score, like Fairlearn's "
              "ThresholdOptimizer (Hardt et al. 2016)"),
-    access=("queries",), options=ThresholdOptions, fit=fit, group_at_inference="required")
+    access=("queries",), options=ThresholdOptions, fit=fit, group_at_inference="required", bench=BENCH)

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from patcher.methods.contract import FitRequest, FitResult, Method
+from patcher.methods.contract import BenchDefaults, BenchFlag, FitRequest, FitResult, Method
 
 TriggerForm = Literal["auto", "tabular", "border", "frame", "patch", "color"]
 
@@ -128,9 +128,92 @@ def fit(access: Any, data: Any, request: FitRequest, opts: TriggerOptions) -> Fi
     return fit_trigger(access, data, request, opts)
 
 
+def dataset_options(dataset: str, trigger: str | None = None) -> dict[str, Any]:
+    """Per-task bench defaults: colored digits runs the `colored-digits` preset, or with another trigger form
+    asked for (`trigger`), `colored-digits-frame` (the frame's zeroth-order search settings)."""
+    if dataset != "colored-digits":
+        return {}
+    return dict(COLORED_DIGITS if trigger in (None, "color") else COLORED_DIGITS_FRAME)
+
+
+def _bench_options(options: dict[str, Any], flags: dict[str, Any], data: Any) -> dict[str, Any]:
+    return {**dataset_options(data.name, options.get("trigger")), **{k: v for k, v in options.items() if v is not None}}
+
+
+def _bench_extras(run: Any) -> dict[str, Any]:
+    """`--transfer-seed S` also scores the trigger on the reference model trained with seed S (the paper's
+    transfer setting)."""
+    from patcher.oracle import OnnxOracle
+    from patcher.pipeline import load_task, score
+
+    r = run.report
+    out = {"access": run.access, "lam": r.lam, "query_budget": run.budget, "group_at_inference": False,
+           "threshold": r.threshold, "trigger": r.trigger, "steps": r.steps, "candidates": r.candidates,
+           "selection": r.selection, "tune_before": r.tune_before, "tune_after": r.tune_after}
+    seed = run.flags["transfer_seed"]
+    if seed is not None:
+        _, other = load_task(run.data.name, run.data.sensitive, seed)
+        test = run.data.test
+        moved = score(run.patch, OnnxOracle(other.onnx_bytes, cache=False).log_probs, test.X, test.y, test.groups,
+                      seed=run.seed, privileged=run.privileged, request_id=f"evaluation-{run.seed}")
+        out["transfer"] = {"seed": seed, "model_sha256": other.sha256, "before": moved.before, "after": moved.after}
+    return out
+
+
+SWEEP_LAMS = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
+SWEEP_KEYS = ("accuracy", "dp_diff", "eo_diff", "worst_group_accuracy")
+
+
+def _sweep(flags: dict[str, Any], common: dict[str, Any], options: dict[str, Any]) -> dict[str, Any] | None:
+    """--sweep-lam: one trigger per lambda (each with its re-tuned threshold), test-split accuracy and fairness."""
+    if not flags["sweep_lam"]:
+        return None
+    from patcher.pipeline import bench
+
+    runs = [bench("trigger", **common, access=flags["access"], **{**options, "lam": lam}) for lam in SWEEP_LAMS]
+    curve = [{"lam": lam, "threshold": r["threshold"], "queries_used": r["queries_used"],
+              "fit_seconds": r["fit_seconds"], **{k: r["after"][k] for k in SWEEP_KEYS}}
+             for lam, r in zip(SWEEP_LAMS, runs, strict=True)]
+    return {"method": "trigger", "mode": "sweep-lam", "dataset": common["dataset"], "sensitive": runs[0]["sensitive"],
+            "criterion": common["criterion"], "access": flags["access"], "seed": common["seed"],
+            "query_budget": common["queries"], "before": runs[0]["before"], "curve": curve}
+
+
+def _print_result(result: dict[str, Any]) -> bool:
+    """The lambda curve in sweep mode (False otherwise: the common before/after table)."""
+    if result.get("mode") != "sweep-lam":
+        return False
+    from rich.console import Console
+    from rich.table import Table
+
+    b = result["before"]
+    table = Table(title=f"trigger lambda sweep: {result['dataset']} ({result['sensitive']}), criterion "
+                        f"{result['criterion']}, {result['access']} (test split; before: accuracy "
+                        f"{b['accuracy']:.4f}, dp {b['dp_diff']:.4f}, eo {b['eo_diff']:.4f})")
+    cols = ("lam", *SWEEP_KEYS, "threshold", "queries_used")
+    for col in cols:
+        table.add_column(col, justify="right")
+    for p in result["curve"]:
+        table.add_row(*(f"{p[c]:.4g}" if isinstance(p[c], float) else str(p[c]) for c in cols))
+    Console().print(table)
+    return True
+
+
+BENCH = BenchDefaults(
+    datasets=("adult", "compas", "german", "colored-digits"), queries=50_000, request_id="evaluation",
+    artifact_name="{}", groups=False, prepare=_bench_options, extras=_bench_extras, instead=_sweep,
+    print_result=_print_result, flags=(
+        BenchFlag("--access", {"choices": ("gradient", "zeroth_order"), "default": "gradient",
+                               "help": "gradient: through the model artifact; zeroth_order: scores only, "
+                                       "--queries rows"}),
+        BenchFlag("--sweep-lam", {"action": "store_true", "help": "print the accuracy-fairness curve over lambda"}),
+        BenchFlag("--transfer-seed", {"type": int, "default": None,
+                                      "help": "also score the trigger on the reference model trained with this "
+                                              "seed"})))
+
 METHOD = Method(
     name="trigger",
     summary=("Fairness Reprogramming (Zhang et al. 2022): learn an input trigger, through the model's gradients or "
              "from scores only (zeroth order), that makes the frozen model fairer"),
     access=("zeroth_order", "gradient"), options=TriggerOptions, fit=fit, group_at_inference="none",
-    presets={"colored-digits": COLORED_DIGITS, "colored-digits-frame": COLORED_DIGITS_FRAME})
+    presets={"colored-digits": COLORED_DIGITS, "colored-digits-frame": COLORED_DIGITS_FRAME}, bench=BENCH)
