@@ -30,7 +30,7 @@ from service.redis_embedded import EmbeddedRedis, redis_server_binary
 from service.serve_thread import ServerThread
 from service.settings import Settings
 from service.worker import WorkerThread
-from tests.processes import listening_port, served
+from tests.processes import listening_port, served, until
 from tests.test_service_jobs import (
     CLI,
     adult_csv,
@@ -63,16 +63,6 @@ class Gate:
             while not self.opened.is_set():
                 await asyncio.sleep(0.01)
         await self.app(scope, receive, send)
-
-
-def until(condition, what: str, timeout: float = 120.0, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(every)
 
 
 def clean_env(**extra: str) -> dict[str, str]:

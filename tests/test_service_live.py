@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 
 import httpx
@@ -27,6 +26,7 @@ from service.app import create_app
 from service.local_upstream import OnnxModel, create_upstream_app
 from service.serve_thread import ServerThread
 from service.settings import Settings
+from tests.processes import until
 
 RUN = uuid.uuid4().hex[:6]
 GROUPS = ["a", "b"]
@@ -42,16 +42,6 @@ def group_patch() -> Patch:
     table = np.log(np.array([[0.8, 0.2], [0.5, 0.5]]))
     graph = eraser.build_output_graph(2, 2, alpha=1.0, threshold=0.5, bias="group", table=table)
     return Patch.build(method="eraser", n_classes=2, groups=GROUPS, group_at_inference=True, output_transform=graph)
-
-
-def until(condition, what: str, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,8 @@ class SklearnProba(kserve.Model):
         self.load()
 
     def load(self) -> bool:
+        # joblib is the peer server's own model format, as a KServe user ships it: this file is written by
+        # train.py in the same test run, inside the peer's venv; no patch or upload ever reaches this loader
         self.clf = joblib.load(self.model_dir / "model.joblib")
         self.ready = True
         return self.ready
