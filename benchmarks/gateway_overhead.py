@@ -71,6 +71,17 @@ import pydantic_core
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.overhead_targets import (  # noqa: E402
+    PEERS,
+    TargetUnavailable,
+    export_zero_hop,
+    kserve_command,
+    nginx_command,
+    parse_targets,
+    peers_markdown,
+    print_peers,
+    process_tree,
+)
 from clients.sdk import Client, FairpatchError, ModelSpec, UpstreamSpec  # noqa: E402
 
 MODEL = "adult"
@@ -89,6 +100,7 @@ class Cell:
     latencies_ms: np.ndarray
     cpu_s: float = float("nan")  # CPU time of the server answering (upstream direct, gateway through it)
     upstream_cpu_s: float = float("nan")  # the upstream's CPU time in the same rounds
+    own_cpu_s: float = float("nan")  # CPU time of the target's whole process tree (--targets)
 
     @property
     def cpu_ms(self) -> float:
@@ -98,6 +110,11 @@ class Cell:
     @property
     def upstream_cpu_ms(self) -> float:
         return 1000 * self.upstream_cpu_s / self.requests if self.requests else float("nan")
+
+    @property
+    def own_cpu_ms(self) -> float:
+        """CPU per request summed over the target's processes (nginx's master and worker, the gateway's Redis)."""
+        return 1000 * self.own_cpu_s / self.requests if self.requests else float("nan")
 
     @property
     def p50(self) -> float:
@@ -172,8 +189,15 @@ def fit_patch(bias: str, queries: int, seed: int):
     return model, patch.for_model(MODEL, "1"), data
 
 
-def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU seconds of a process so far, from /proc (nan where there is none)."""
+def cpu_seconds(pid: int | tuple[int, ...] | None) -> float:
+    """User + system CPU seconds of a process so far (nan where there is none); of a tuple, the sum."""
+    if isinstance(pid, tuple):
+        return sum(cpu_seconds(p) for p in pid) if pid else float("nan")
+    if pid is not None:
+        # The process's CPU clock, in ns (Linux's clock id for a pid, as clock_getcpuclockid(3) makes it):
+        # /proc's utime and stime count 10 ms ticks, too coarse for nginx or for a smoke run's few requests.
+        with contextlib.suppress(OSError, OverflowError):
+            return time.clock_gettime((~pid << 3) | 2)
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError, TypeError):
@@ -282,29 +306,34 @@ async def _segment(load, concurrency: int, requests: int, seconds: float) -> tup
 
 async def run_pair(client: str, urls: dict[str, str], paths: dict[str, str], bodies: dict[str, bytes],
                    concurrency: int, batch: int, requests: int, seconds: float, warmup: int, rounds: int,
-                   pids: dict[str, int | None] | None = None, upstream_pid: int | None = None) -> list[Cell]:
+                   pids: dict[str, int | None] | None = None, upstream_pid: int | None = None,
+                   trees: dict[str, tuple[int, ...]] | None = None) -> list[Cell]:
     """Direct and gateway cells for one (batch, concurrency), measured in alternating rounds: on a shared
     machine the load from other processes drifts, and alternating spreads it over every target alike.
-    `pids`: the process answering each target, whose CPU time per request is recorded (and the upstream's)."""
-    pids = pids or {}
+    `pids`: the process answering each target, whose CPU time per request is recorded (and the upstream's);
+    `trees`: each target's processes, whose summed CPU time is recorded too."""
+    pids, trees = pids or {}, trees or {}
     loads = {t: LOADERS[client](urls[t], paths[t], bodies[t], concurrency) for t in urls}
     try:
         for load in loads.values():  # warm-up: open every connection, fill caches
             await asyncio.gather(*(load() for _ in range(max(warmup, concurrency))))
-        totals = {t: ([], 0, 0.0, 0.0, 0.0) for t in loads}
+        totals = {t: ([], 0, 0.0, 0.0, 0.0, 0.0) for t in loads}
         for r in range(rounds):
             for target in (list(loads) if r % 2 == 0 else list(loads)[::-1]):
                 cpu0, up0 = cpu_seconds(pids.get(target)), cpu_seconds(upstream_pid)
+                own0 = cpu_seconds(trees.get(target))
                 lat, err, wall = await _segment(loads[target], concurrency, max(1, requests // rounds),
                                                 seconds / rounds)
                 cpu, up = cpu_seconds(pids.get(target)) - cpu0, cpu_seconds(upstream_pid) - up0
+                own = cpu_seconds(trees.get(target)) - own0
                 done = totals[target]
-                totals[target] = (done[0] + lat, done[1] + err, done[2] + wall, done[3] + cpu, done[4] + up)
+                totals[target] = (done[0] + lat, done[1] + err, done[2] + wall, done[3] + cpu, done[4] + up,
+                                  done[5] + own)
     finally:
         for load in loads.values():
             await load.aclose()
-    return [Cell(t, concurrency, batch, len(lat), err, wall, np.asarray(lat), cpu, up)
-            for t, (lat, err, wall, cpu, up) in totals.items()]
+    return [Cell(t, concurrency, batch, len(lat), err, wall, np.asarray(lat), cpu, up, own)
+            for t, (lat, err, wall, cpu, up, own) in totals.items()]
 
 
 # --- report ------------------------------------------------------------------------------------------
@@ -441,7 +470,7 @@ def _table(head: list[str], body: list[list[str]]) -> list[str]:
             *("| " + " | ".join(r) + " |" for r in body)]
 
 
-def markdown(cells: list[Cell], setup: str, baseline: str | None = None) -> str:
+def markdown(cells: list[Cell], setup: str, baseline: str | None = None, extra: str = "") -> str:
     lines = [START, "## Gateway overhead", "", setup, "", *_table(HEAD, rows(cells))]
     lines += ["", *(f"- {v}" for v in verdict(cells))]
     if baseline:
@@ -460,6 +489,8 @@ def markdown(cells: list[Cell], setup: str, baseline: str | None = None) -> str:
     if any(c.target == "floor" for c in cells):
         lines += ["", "The floor: a pass-through proxy on the same stack (benchmarks/bare_proxy.py: uvicorn + aiohttp, "
                   "no parsing, no patch), same rounds:", "", *_table(FLOOR_HEAD, floor_rows(cells))]
+    if extra:
+        lines += ["", extra.rstrip("\n")]
     lines += ["", END]
     return "\n".join(lines) + "\n"
 
@@ -534,6 +565,112 @@ def live_rows_counted(url: str, timeout: float = 10.0) -> int:
             time.sleep(0.2)
 
 
+# --- the peers (--targets) ------------------------------------------------------------------------------
+
+CHECK_ROWS = 16  # test rows every target answers before the rounds: the answers check
+ANSWER_TOLERANCE = 1e-5  # the export's answers agree with the gateway's to float32 rounding (docs/export.md)
+
+
+def start_peers(chosen: list[str], stack: contextlib.ExitStack, tmp: Path, env: dict[str, str], up_port: int,
+                patch, onnx: Path) -> tuple[dict[str, tuple[subprocess.Popen, str]], dict[str, str]]:
+    """nginx, the KServe transformer and the zero-hop upstream, those chosen; each that cannot start here is
+    skipped with the reason, printed and returned."""
+    started: dict[str, tuple[subprocess.Popen, str]] = {}
+    skipped: dict[str, str] = {}
+    for peer in (p for p in PEERS if p in chosen):
+        port = free_port()
+        try:
+            if peer == "nginx":
+                cmd, peer_env = nginx_command(tmp / "nginx", port, up_port), env
+            elif peer == "kserve":
+                cmd, peer_env = kserve_command(port, up_port, MODEL, env)
+            else:
+                patch_file = tmp / "patch.fpatch"
+                patch_file.write_bytes(patch.to_bytes())
+                patched = export_zero_hop(patch_file, onnx, tmp / "adult-patched.onnx", env)
+                cmd, peer_env = [sys.executable, "-m", "clients", "upstream", "--onnx", str(patched), "--name", MODEL,
+                                 "--port", str(port), "--log-level", "warning"], env
+        except TargetUnavailable as e:
+            skipped[peer] = str(e)
+            print(f"{peer}: skipped: {e}", flush=True)
+            continue
+        proc = start(cmd, peer_env, tmp / f"{peer}.log")
+        stack.callback(stop, proc)
+        started[peer] = (proc, f"http://127.0.0.1:{port}")
+    return started, skipped
+
+
+def ready_peers(started: dict[str, tuple[subprocess.Popen, str]], skipped: dict[str, str],
+                tmp: Path) -> dict[str, tuple[subprocess.Popen, str]]:
+    """The peers that came up; one that did not is stopped and skipped with its log's end as the reason."""
+    ready = {}
+    for peer, (proc, url) in started.items():
+        try:
+            wait_ready(url, proc)
+        except RuntimeError as e:
+            stop(proc)
+            log = tmp / f"{peer}.log"
+            tail = log.read_text(errors="replace")[-800:] if log.exists() else ""
+            skipped[peer] = f"{e}; the end of its log: {tail.strip()}"
+            print(f"{peer}: skipped: {skipped[peer]}", flush=True)
+            continue
+        ready[peer] = (proc, url)
+    return ready
+
+
+def zero_hop_body(X: np.ndarray, group_ids: np.ndarray, patch) -> bytes:
+    """What the exported model takes: the features, plus the group ids (INT64) where the patch needs the group."""
+    body = v2_body(X, None)
+    if not patch.group_at_inference:
+        return body
+    group = {"name": "group", "shape": [len(X)], "datatype": "INT64", "data": [int(g) for g in group_ids]}
+    return body[:-2] + b"," + pydantic_core.to_json(group) + b"]}"
+
+
+def target_answers(targets: dict[str, str], paths: dict[str, str], data, patch) -> dict[str, list[float]]:
+    """Every target's scores for the first CHECK_ROWS test rows (the first output's data)."""
+    X, ids = data.test.X[:CHECK_ROWS], data.test.groups[:CHECK_ROWS]
+    names = [data.group_names[g] for g in ids]
+    out = {}
+    with httpx.Client(timeout=30) as client:
+        for target, url in targets.items():
+            if target == "zero-hop":
+                body = zero_hop_body(X, ids, patch)
+            elif target in LEGS or target in ("baseline", "live-off", "unobserved"):
+                body = v2_body(X, names if patch.group_at_inference else None)
+            else:
+                body = v2_body(X, None)
+            r = client.post(url + paths[target], content=body, headers={"content-type": "application/json"})
+            r.raise_for_status()
+            out[target] = [float(v) for v in r.json()["outputs"][0]["data"]]
+    return out
+
+
+def answers_problem(answers: dict[str, list[float]]) -> str | None:
+    """Why the answers disagree, or None: zero-hop must answer what the gateway's legs answer (to float32
+    rounding), the proxies exactly what the upstream answers."""
+    def diff(a: str, b: str) -> float:
+        return float(np.max(np.abs(np.asarray(answers[a]) - np.asarray(answers[b]))))
+
+    for leg in (t for t in LEGS if t in answers):
+        if "zero-hop" in answers and diff("zero-hop", leg) > ANSWER_TOLERANCE:
+            return f"zero-hop and {leg} answers differ by up to {diff('zero-hop', leg):.2e} on {CHECK_ROWS} rows"
+    for proxy in ("floor", "nginx", "kserve"):
+        if proxy in answers and diff(proxy, "direct") > 0:
+            return f"{proxy} answers differ from direct by up to {diff(proxy, 'direct'):.2e}"
+    return None
+
+
+def write_json(path: Path, cells: list[Cell], skipped: dict[str, str], answers: dict[str, list[float]],
+               argv: list[str]) -> None:
+    import json
+
+    rows = [{"target": c.target, "batch": c.batch, "concurrency": c.concurrency, "requests": c.requests,
+             "errors": c.errors, "seconds": c.seconds, "p50_ms": c.p50, "p99_ms": c.p99, "rps": c.rps,
+             "cpu_ms": c.cpu_ms, "own_cpu_ms": c.own_cpu_ms, "upstream_cpu_ms": c.upstream_cpu_ms} for c in cells]
+    path.write_text(json.dumps({"argv": argv, "cells": rows, "skipped": skipped, "answers": answers}, indent=1))
+
+
 # --- main --------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -573,7 +710,27 @@ def main(argv: list[str] | None = None) -> int:
                     help="also measure this gateway with metrics and live fairness off, in the same rounds: the CPU "
                          "both cost per request; requests then carry their group and a fresh id each (use --legs json)")
     ap.add_argument("--baseline-label", default=None, help="how the report names the baseline (default: DIR)")
+    ap.add_argument("--targets", default=None,
+                    help="the targets to measure, comma-separated, from direct,bare,nginx,kserve,zero-hop,gateway "
+                         "(bare: --floor's proxy; gateway: the legs of --legs). With it, a side-by-side table of every "
+                         "target's CPU per request (summed over its processes) is added; a target that cannot run "
+                         "here is skipped with the reason (default: direct, the gateway and, with --floor, bare)")
+    ap.add_argument("--json", type=Path, metavar="FILE",
+                    help="also write every cell, the skipped targets and the answers check as JSON to FILE")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a few requests per cell (batch 1 and 8, concurrency 1 and 2, 300 Eraser queries): checks "
+                         "that every target runs and answers, measures nothing worth reading")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.requests, args.rounds, args.warmup, args.queries = 12, 2, 2, 300
+        args.concurrency, args.batch = "1,2", "1,8"
+    chosen: list[str] | None = None
+    if args.targets is not None:
+        try:
+            chosen = parse_targets(args.targets)
+        except ValueError as e:
+            ap.error(f"--targets: {e}")
+        args.floor = args.floor or "bare" in chosen
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     if args.client == "auto":
         try:
@@ -586,6 +743,8 @@ def main(argv: list[str] | None = None) -> int:
     legs = [t for t, (leg, _) in LEGS.items() if leg in args.legs.split(",")]
     if not legs:
         ap.error("--legs: give json, binary or both")
+    if chosen is not None and "gateway" not in chosen:
+        legs = []  # the gateway still starts (the other options lean on it), but is not measured
 
     live_load = args.live_off or args.observability  # requests carry groups and fresh ids (what live counts)
     print(f"fitting the Eraser patch (bias={args.bias}, {args.queries} queries) ...", flush=True)
@@ -634,6 +793,7 @@ def main(argv: list[str] | None = None) -> int:
                                        urls["direct"], "--port", str(floor_port)], env, tmp / "floor.log")
             stack.callback(stop, gateways["floor"])
             urls["floor"] = f"http://127.0.0.1:{floor_port}"
+        peers, skipped = start_peers(chosen or [], stack, tmp, env, up_port, patch, onnx)
         try:
             wait_ready(urls["direct"], upstream)
             for target, proc in gateways.items():
@@ -669,11 +829,24 @@ def main(argv: list[str] | None = None) -> int:
         for extra in ("baseline", "floor", "live-off", "unobserved"):
             if extra in urls:
                 targets[extra] = urls[extra]
+        for peer, (proc, url) in ready_peers(peers, skipped, tmp).items():
+            targets[peer], urls[peer], gateways[peer] = url, url, proc
         paths = {t: f"/v2/models/{LEGS[t][1] if t in LEGS else MODEL}/infer" for t in targets}
         answering = {"direct": upstream.pid, **{t: gateways["gateway"].pid for t in legs}}
-        for extra in ("baseline", "floor", "live-off", "unobserved"):
+        for extra in ("baseline", "floor", "live-off", "unobserved", *PEERS):
             if extra in gateways:
                 answering[extra] = gateways[extra].pid
+        # Each target's processes, as they are now that all are up (nginx's worker, the gateway's Redis).
+        trees = {t: process_tree(pid) for t, pid in answering.items()} if chosen is not None else {}
+        answers: dict[str, list[float]] = {}
+        if chosen is not None:
+            answers = target_answers(targets, paths, data, patch)
+            problem = answers_problem(answers)
+            if problem:
+                print(f"error: {problem}", file=sys.stderr)
+                return 1
+            print("answers check: the zero-hop and gateway answers agree, the proxies answer what direct does",
+                  flush=True)
 
         try:
             import uvloop
@@ -693,9 +866,13 @@ def main(argv: list[str] | None = None) -> int:
             bodies = {"direct": v2_body(X, None), **{target: through for target in targets if target != "direct"}}
             if "floor" in targets:
                 bodies["floor"] = bodies["direct"]
+            for peer in PEERS:  # they get what the upstream gets (zero-hop: with the group ids its model takes)
+                if peer in targets:
+                    bodies[peer] = zero_hop_body(X, data.test.groups[:batch], patch) if peer == "zero-hop" else \
+                        bodies["direct"]
             for conc in concurrencies:
                 pair = runner(run_pair(args.client, targets, paths, bodies, conc, batch, args.requests, args.seconds,
-                                       args.warmup, args.rounds, answering, upstream.pid))
+                                       args.warmup, args.rounds, answering, upstream.pid, trees))
                 cells += pair
                 for cell in pair:
                     print(f"  batch {batch:>3} concurrency {conc:>3} {cell.target:>14}: p50 {cell.p50:7.2f} ms  "
@@ -722,13 +899,28 @@ def main(argv: list[str] | None = None) -> int:
              ". Payload logging off. "
              f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}. Latencies in ms as the client "
              "sees them; the client, upstream and gateway share the machine's cores. CPU ms/req: the answering "
-             "server process's own CPU time (user + system, from /proc) per request: the upstream's in the direct "
+             "server process's own CPU time (user + system, its CPU clock) per request: the upstream's in the direct "
              "rounds, the gateway's (not counting the upstream it calls) in the gateway rounds; the upstream's "
              "own in the gateway rounds beside it.")
+    if chosen is not None:
+        setup += (" Targets (--targets): " + ", ".join(chosen) + ". nginx: Debian's /usr/sbin/nginx, 1 worker, "
+                  "keep-alive to the upstream, no access log; KServe: its Python transformer (kserve.Model with "
+                  "identity preprocess/postprocess, KServe's V2 REST client to the upstream, its per-request log "
+                  "lines off) in its own virtualenv; zero-hop: the patch exported into the model "
+                  "(`fairpatch patches export --out`) served by `fairpatch upstream`.")
     print_table(cells, f"direct to the upstream vs through the gateway (Eraser patch active), {args.client} client")
+    extra = ""
+    if chosen is not None:
+        from rich.console import Console
+
+        print_peers(Console(width=None if sys.stdout.isatty() else 200), cells, skipped)
+        extra = peers_markdown(cells, skipped)
+    if args.json:
+        write_json(args.json, cells, skipped, answers, argv if argv is not None else sys.argv[1:])
+        print(f"wrote {args.json}")
     if args.markdown:
         label = (args.baseline_label or str(args.baseline)) if args.baseline else None
-        write_markdown(args.markdown, markdown(cells, setup, label))
+        write_markdown(args.markdown, markdown(cells, setup, label, extra))
         print(f"wrote the section to {args.markdown}")
     return 0
 
