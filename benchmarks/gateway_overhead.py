@@ -43,6 +43,16 @@ the main one gives the gateway's CPU per request (from /proc) with both on again
 all cells (target: at most 110%). Use `--legs json`: only the JSON leg has an `unobserved` twin.
 Payload logging is off in every gateway here (`FAIRPATCH_PAYLOAD_LOG_URL` is dropped from the environment).
 
+`--targets direct,bare,nginx,kserve,zero-hop,gateway` measures the peers a user would pick in the same alternating
+rounds (benchmarks/overhead_targets.py): nginx (Debian's package, one worker, keep-alive to the upstream) as the
+compiled floor, `bare` (the `--floor` proxy) as the Python floor, KServe's Python transformer with identity
+pre/post-processing (its own virtualenv, tests/peer_envs.py), and the zero-hop path: the patch exported into the model
+(`fairpatch patches export ... --out`) served by `fairpatch upstream`, against the plain model served alike
+(direct). Every target answers the same first test rows before the rounds (zero-hop as the gateway, to float32
+rounding; the proxies as direct, exactly), and a table gives each target's CPU per request summed over its processes
+(nginx's master and worker; the gateway with its embedded Redis and job worker). A target that cannot run here is
+skipped with the reason. `--smoke` runs a few requests per cell (the test's mode); `--json FILE` keeps every cell.
+
 `--baseline DIR` also starts the gateway of another checkout (an earlier commit, say) in front of the same
 upstream, with the same patch, and measures it in the same alternating rounds as a third target: a
 before/after comparison under the same load, which separate runs on a shared machine cannot give.
