@@ -865,6 +865,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             runner = asyncio.run
         cells: list[Cell] = []
+        load_before = os.getloadavg()[0]  # other jobs on a shared machine show here
         for batch in batches:
             X = data.test.X[:batch]
             names = [data.group_names[g] for g in data.test.groups[:batch]]
@@ -913,7 +914,8 @@ def main(argv: list[str] | None = None) -> int:
              "rounds, the gateway's (not counting the upstream it calls) in the gateway rounds; the upstream's "
              "own in the gateway rounds beside it.")
     if chosen is not None:
-        setup += (" Targets (--targets): " + ", ".join(chosen) + ". nginx: Debian's /usr/sbin/nginx, 1 worker, "
+        setup += (f" 1-minute load average {load_before:.1f} before the rounds, {os.getloadavg()[0]:.1f} after."
+                  " Targets (--targets): " + ", ".join(chosen) + ". nginx: Debian's /usr/sbin/nginx, 1 worker, "
                   "keep-alive to the upstream, no access log; KServe: its Python transformer (kserve.Model with "
                   "identity preprocess/postprocess, KServe's V2 REST client to the upstream, its per-request log "
                   "lines off) in its own virtualenv; zero-hop: the patch exported into the model "
