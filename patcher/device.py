@@ -25,9 +25,9 @@ DEVICES: tuple[str, ...] = get_args(Device)
 ENV = "FAIRPATCH_DEVICE"
 CUDA_PROVIDER, CPU_PROVIDER = "CUDAExecutionProvider", "CPUExecutionProvider"
 
-ORT_HINT = ("install the `gpu` extra on a machine with an NVIDIA GPU and driver: pip install 'fairpatch[gpu]', then "
-            "`pip uninstall -y onnxruntime` so onnxruntime-gpu's module is the one imported (docs/gpu.md), or use "
-            "the worker-gpu image; or set device=auto / cpu")
+ORT_HINT = ("install onnxruntime-gpu in place of onnxruntime on a machine with an NVIDIA GPU and driver: "
+            "`pip uninstall -y onnxruntime`, then the `gpu` extra's packages (docs/gpu.md), or use the worker-gpu "
+            "image; or set device=auto / cpu")
 TORCH_HINT = ("install a CUDA build of torch (pip install torch==<the torch extra's pin> from the PyTorch CUDA index "
               "or PyPI's default Linux wheel; docs/gpu.md) on a machine with an NVIDIA GPU and driver; or set "
               "device=auto / cpu")
@@ -130,10 +130,11 @@ def torch_device(device: str | None = None) -> torch.device:
         return torch.device("cuda")
     if dev == "auto":
         return torch.device("cpu")
-    build = torch.version.cuda
-    why = (f"torch {torch.__version__} is a CPU build" if build is None else
-           f"torch {torch.__version__} (CUDA {build}) sees no GPU: no device or driver")
-    raise DeviceUnavailable(f"device 'cuda' asked for, but {why}: {TORCH_HINT}")
+    if torch.version.cuda is None:
+        raise DeviceUnavailable(f"device 'cuda' asked for, but torch {torch.__version__} is a CPU build: {TORCH_HINT}")
+    raise DeviceUnavailable(f"device 'cuda' asked for, but torch {torch.__version__} (CUDA {torch.version.cuda}) sees "
+                            f"no GPU: run on a machine with an NVIDIA GPU and a driver for CUDA {torch.version.cuda} "
+                            "(nvidia-smi shows both), or CUDA_VISIBLE_DEVICES hides them; or set device=auto / cpu")
 
 
 def _probe_model() -> bytes:

@@ -21,9 +21,12 @@ from service.local_upstream import OnnxModel
 from service.settings import Settings
 from tests.conftest import random_mlp
 
-ORT_CUDA = dev.CUDA_PROVIDER in ort.get_available_providers()
+ORT_CUDA_BUILT = dev.CUDA_PROVIDER in ort.get_available_providers()
+ORT_CUDA = dev.resolve("auto", torch=False)["onnxruntime"] == "cuda"  # built in and it starts
 TORCH_CUDA = torch.cuda.is_available()
-NO_ORT_GPU = "no GPU for onnxruntime here: onnxruntime-gpu is not installed (the `gpu` extra)"
+NO_ORT_GPU = "no GPU for onnxruntime here: " + (
+    "its CUDA provider does not start" if ORT_CUDA_BUILT else
+    "no CUDA provider (onnxruntime-gpu, the `gpu` extra, is not installed)")
 NO_TORCH_GPU = "no GPU for torch here: torch.cuda.is_available() is False"
 CPU = [dev.CPU_PROVIDER]
 
@@ -71,9 +74,9 @@ def test_settings_device(monkeypatch):
 # ---------------------------------------------------------------- auto and cuda here
 
 
-@pytest.mark.skipif(ORT_CUDA, reason="onnxruntime-gpu is installed: auto may pick the GPU")
+@pytest.mark.skipif(ORT_CUDA, reason="onnxruntime reaches a GPU: auto picks it")
 def test_auto_is_cpu_for_onnxruntime_without_a_gpu():
-    assert dev.ort_providers("auto") == CPU
+    assert dev.ort_providers("auto") == (CPU if not ORT_CUDA_BUILT else [dev.CUDA_PROVIDER, dev.CPU_PROVIDER])
     assert dev.resolve("auto", torch=False) == {"onnxruntime": "cpu"}
 
 
@@ -83,10 +86,11 @@ def test_auto_is_cpu_for_torch_without_a_gpu():
     assert dev.torch_device("cpu").type == "cpu"
 
 
-@pytest.mark.skipif(ORT_CUDA, reason="onnxruntime-gpu is installed: cuda does not refuse")
+@pytest.mark.skipif(ORT_CUDA, reason="onnxruntime reaches a GPU: cuda does not refuse")
 def test_cuda_refuses_for_onnxruntime_saying_what_to_install(model):
-    with pytest.raises(dev.DeviceUnavailable, match=r"has no CUDA provider .*fairpatch\[gpu\]"):
-        dev.ort_providers("cuda")
+    if not ORT_CUDA_BUILT:
+        with pytest.raises(dev.DeviceUnavailable, match=r"has no CUDA provider .*install onnxruntime-gpu .*gpu. extra"):
+            dev.ort_providers("cuda")
     with pytest.raises(dev.DeviceUnavailable, match="onnxruntime-gpu"):
         OnnxModel(model, name="m", device="cuda")
     with pytest.raises(dev.DeviceUnavailable):
@@ -95,7 +99,8 @@ def test_cuda_refuses_for_onnxruntime_saying_what_to_install(model):
 
 @pytest.mark.skipif(TORCH_CUDA, reason="torch sees a GPU: cuda does not refuse")
 def test_cuda_refuses_for_torch_saying_what_to_install():
-    with pytest.raises(dev.DeviceUnavailable, match="install a CUDA build of torch"):
+    says = "install a CUDA build of torch" if torch.version.cuda is None else "sees no GPU: run on a machine with"
+    with pytest.raises(dev.DeviceUnavailable, match=f"device 'cuda' asked for, but torch .*{says}"):
         dev.torch_device("cuda")
 
 
@@ -166,7 +171,7 @@ def test_torch_fit_on_cpu(model, data, method, options, access):
 
 @pytest.mark.skipif(TORCH_CUDA, reason="torch sees a GPU: cuda does not refuse")
 def test_torch_fit_on_cuda_refuses_here(model, data):
-    with pytest.raises(dev.DeviceUnavailable, match="CUDA build of torch"):
+    with pytest.raises(dev.DeviceUnavailable, match="device 'cuda' asked for, but torch"):
         _fit("adversarial_finetune", model, data, "cuda", ADVERSARIAL)
 
 
@@ -183,7 +188,7 @@ def test_torch_fit_on_cuda(model, data, method, options, access):
 # ---------------------------------------------------------------- start-up checks
 
 
-@pytest.mark.skipif(ORT_CUDA, reason="onnxruntime-gpu is installed: cuda does not refuse")
+@pytest.mark.skipif(ORT_CUDA, reason="onnxruntime reaches a GPU: cuda does not refuse")
 def test_commands_refuse_cuda_at_start(capsys):
     from service.commands import _device_ok
 
