@@ -4,6 +4,10 @@ device. Runs on the CPU; the CUDA cases skip with the reason where this machine 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -195,3 +199,14 @@ def test_commands_refuse_cuda_at_start(capsys):
     assert _device_ok("serve", "cuda", torch=False) is False
     assert "fairpatch serve: device 'cuda' asked for" in capsys.readouterr().err
     assert _device_ok("worker", "cpu", torch=None) is True
+
+
+@pytest.mark.skipif(ORT_CUDA, reason="onnxruntime reaches a GPU: cuda does not refuse")
+def test_fairpatch_upstream_with_cuda_says_why_and_exits_2(tmp_path, model):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model)
+    env = {**os.environ, "FAIRPATCH_DEVICE": "cpu"}  # the flag wins over the environment
+    p = subprocess.run([sys.executable, "-m", "clients", "upstream", "--onnx", str(path), "--name", "m",
+                        "--device", "cuda", "--port", "0"], capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 2, p.stderr
+    assert "device 'cuda' asked for" in p.stderr and "Traceback" not in p.stderr
