@@ -4,6 +4,7 @@ device. Runs on the CPU; the CUDA cases skip with the reason where this machine 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -210,3 +211,20 @@ def test_fairpatch_upstream_with_cuda_says_why_and_exits_2(tmp_path, model):
                         "--device", "cuda", "--port", "0"], capture_output=True, text=True, timeout=120, env=env)
     assert p.returncode == 2, p.stderr
     assert "device 'cuda' asked for" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_gpu_check_runs_on_the_cpu(tmp_path, adult_model, capsys):
+    """benchmarks/gpu_check.py, the prepared script for a GPU machine, runs here in its quick mode (no figures
+    are asserted: timing lives in benchmarks)."""
+    from benchmarks import gpu_check
+
+    out = tmp_path / "gpu.json"
+    assert gpu_check.main(["--quick", "--devices", "cpu,cuda", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert {(f["method"], f["device"]) for f in figures["fits"]} == {
+        (m, d) for m in ("trigger", "adversarial_finetune") for d in ("cpu", "cuda")}
+    cpu = [s for s in figures["serving"] if s["device"] == "cpu"]
+    assert [s["batch"] for s in cpu] == [64, 1024] and all(s["rows_per_s"] > 0 for s in cpu)
+    if not TORCH_CUDA:
+        assert all("error" in f for f in figures["fits"] if f["device"] == "cuda")
+    assert "| weight patch in process, batch 64 |" in capsys.readouterr().out
