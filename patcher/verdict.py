@@ -32,9 +32,14 @@ def _gaps(counts: np.ndarray, criterion: str) -> np.ndarray:
 
 
 def held_out_verdict(y: np.ndarray, before: np.ndarray, after: np.ndarray, groups: np.ndarray, n_groups: int,
-                     criterion: str, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+                     criterion: str, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+                     weights: np.ndarray | None = None, strata: np.ndarray | None = None) -> dict[str, Any]:
     """The `held_out` block of a job result: the criterion's gap before and after, the change with its
-    percentile-bootstrap interval, and the verdict. `before` and `after` are class decisions (1 = positive)."""
+    percentile-bootstrap interval, and the verdict. `before` and `after` are class decisions (1 = positive).
+    `weights` (e.g. inverse sampling probabilities of rows drawn stratified by group and label) make the
+    rates population estimates. Resampling keeps the size of each stratum: the groups by default; for rows drawn
+    stratified by (group, label), pass those cells, or the bootstrap would also vary the label mix that the
+    design fixed."""
     y = (np.asarray(y) == 1).astype(np.int64)
     groups = np.asarray(groups, np.int64)
     codes = [groups * 4 + y * 2 + (np.asarray(d) == 1).astype(np.int64) for d in (before, after)]
@@ -43,12 +48,15 @@ def held_out_verdict(y: np.ndarray, before: np.ndarray, after: np.ndarray, group
     def counts(idx: np.ndarray) -> list[np.ndarray]:  # idx [B, n]
         B = idx.shape[0]
         offset = (np.arange(B) * size)[:, None]
-        return [np.bincount((c[idx] + offset).ravel(), minlength=B * size).reshape(B, n_groups, 2, 2) for c in codes]
+        wb = None if weights is None else np.broadcast_to(np.asarray(weights, float)[idx], idx.shape).ravel()
+        return [np.bincount((c[idx] + offset).ravel(), weights=wb, minlength=B * size).reshape(B, n_groups, 2, 2)
+                for c in codes]
 
     full = np.arange(len(y))[None, :]
     gap_before, gap_after = (float(_gaps(c, criterion)[0]) for c in counts(full))
     rng = np.random.default_rng(seed)
-    members = [np.flatnonzero(groups == g) for g in range(n_groups)]
+    strata = groups if strata is None else np.asarray(strata)
+    members = [np.flatnonzero(strata == s) for s in np.unique(strata)]
     changes = []
     for start in range(0, n_boot, 100):  # batches keep the [B, n] index arrays small
         b = min(100, n_boot - start)
