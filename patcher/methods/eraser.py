@@ -34,6 +34,7 @@ from patcher.oracle import Oracle
 from patcher.patch import Patch
 from patcher.scores import log_softmax, to_log_probs
 from patcher.tuning import TuningData
+from patcher.verdict import default_guard, guard_words
 
 Criterion = Literal["dp", "eo", "eopp"]
 BiasSource = Literal["group", "proxies", "estimator"]
@@ -293,7 +294,7 @@ def fit(access: Oracle, data: TuningData, request: FitRequest, opts: EraserOptio
     guard = None
     if C == 2:
         chosen = _tune_binary(ctx, np.arange(len(idx)))
-        confidence = opts.guard if opts.guard is not None else 0.0 if criterion == "dp" else 0.9
+        confidence = default_guard(criterion) if opts.guard is None else opts.guard
         if confidence > 0:
             report_progress(0.8, {"stage": "cross-fitting the patch against no patch"})
             guard = _crossfit_guard(ctx, confidence)
@@ -328,7 +329,7 @@ def fit(access: Oracle, data: TuningData, request: FitRequest, opts: EraserOptio
         tune_before={"accuracy": point.base_accuracy, criterion: point.base_unfairness},
         tune_after={"accuracy": point.accuracy, criterion: point.unfairness}, curve=point.curve,
         strengths=None if strengths is None else strengths.tolist(), guard=guard,
-        warning=None if guard is None or guard["verdict"] == "improved" else _guard_words(guard),
+        warning=None if guard is None or guard["verdict"] == "improved" else guard_words(guard),
         fit_seconds=time.perf_counter() - started)
     patch = Patch.build(
         method="eraser", n_classes=C, groups=list(data.group_names), group_at_inference=opts.bias == "group",
@@ -445,36 +446,20 @@ def _tune_binary(ctx: _Context, keep: np.ndarray, excluded: np.ndarray | None = 
     return _Choice(point, table, strengths, W, b)
 
 
-def _crossfit_guard(ctx: _Context, confidence: float, folds: int = 5) -> dict[str, Any]:
-    """Does the patch beat no patch on rows it was not tuned on? The paid rows are cut into folds (stratified
-    by group and label); each fold's rows are decided by a patch distilled and tuned without them (nor their
-    imputed copies), with the model's real scores, and the pooled decisions are compared with the model's own
-    by patcher.verdict's paired bootstrap, weighted back to the tuning population."""
-    from patcher.tuning import stratified_split
-    from patcher.verdict import held_out_verdict
+def _crossfit_guard(ctx: _Context, confidence: float) -> dict[str, Any]:
+    """patcher.verdict.crossfit_verdict over the paid rows: each fold's rows are decided by a patch distilled and
+    tuned without them (nor their imputed copies), with the model's real scores, weighted back to the tuning
+    population."""
+    from patcher.verdict import crossfit_verdict
 
-    paid_y, paid_g = ctx.y[ctx.idx], ctx.groups[ctx.idx]
     margin = ctx.log_probs[:, 1] - ctx.log_probs[:, 0]
-    after = np.zeros(len(ctx.idx), bool)
-    parts = stratified_split(paid_y, paid_g, [1.0 / folds] * folds, [ctx.seed, 5])
-    for held in parts:
-        keep = np.setdiff1d(np.arange(len(ctx.idx)), held)
+
+    def decide(keep: np.ndarray, held: np.ndarray) -> np.ndarray:
         fold = _tune_binary(ctx, keep, excluded=ctx.idx[held])
-        after[held] = margin[held] - fold.margin_shift(ctx, ctx.idx[held]) > fold.point.threshold
-    # one-sided: the patch is kept when the change's upper `guard` quantile is below 0
-    verdict = held_out_verdict(paid_y, margin > 0, after, paid_g, ctx.G, ctx.criterion, seed=ctx.seed,
-                               weights=ctx.weights, strata=paid_g * 2 + paid_y, level=max(2 * confidence - 1, 0.0))
-    return {**verdict, "folds": folds, "confidence": confidence}
+        return margin[held] - fold.margin_shift(ctx, ctx.idx[held]) > fold.point.threshold
 
-
-def _guard_words(guard: dict[str, Any]) -> str:
-    lo, hi = guard["change_ci"]
-    return (f"no patch returned: cross-fitted on the {guard['rows']} paid rows, the patch moved {guard['criterion']} "
-            f"from {guard['gap_before']:.3f} to {guard['gap_after']:.3f} (change {guard['change']:+.3f}, "
-            f"{guard['ci_level']:.0%} CI "
-            f"[{lo:+.3f}, {hi:+.3f}]), not enough to be {guard['confidence']:.0%} sure it does better than the model "
-            f"alone. The patch is the identity; a larger query budget may help (option guard=0.5 keeps a patch that "
-            f"improved at all)")
+    return crossfit_verdict(ctx.y[ctx.idx], ctx.groups[ctx.idx], ctx.G, ctx.criterion, margin > 0, decide,
+                            confidence=confidence, seed=ctx.seed, weights=ctx.weights)
 
 
 def tune_group_strengths(margin: np.ndarray, Q: np.ndarray, d: np.ndarray, y: np.ndarray, groups: np.ndarray,
