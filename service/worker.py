@@ -293,13 +293,15 @@ async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, 
     bound = patch.for_model(spec.name, spec.version)
     patch_id = await ctx["patches"].put(bound)
     report_dict = report.model_dump(mode="json") if hasattr(report, "model_dump") else dict(report)
+    if "warning" in report_dict and report_dict["warning"] is None:  # a report says "warning" only to warn
+        del report_dict["warning"]
     held_out = scores.get("held_out")
     if held_out is not None:  # the activation guard reads it (service.rollout); the report says it in words
         from patcher.verdict import warning
 
         await ctx["patches"].set_verdict(patch_id, held_out)
-        if (said := warning(held_out)) is not None:
-            report_dict["warning"] = said
+        if (said := warning(held_out)) is not None:  # after the method's own words, if it said any
+            report_dict["warning"] = f"{report_dict['warning']}. {said}" if report_dict.get("warning") else said
     return plain({"patch_id": patch_id, "queries_used": queries_used, "eval_queries": scores["eval_queries"],
                   "fit_rows": int(len(fit_idx)), "holdout_rows": int(len(held_idx)),
                   "query_budget": job.query_budget, "eval_budget": job.eval_budget,
