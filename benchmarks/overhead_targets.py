@@ -90,11 +90,8 @@ def nginx_command(tmp: Path, port: int, upstream_port: int) -> list[str]:
 
 def kserve_command(port: int, upstream_port: int, model: str, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """The transformer's command line and environment, in the kserve virtualenv (built on first use)."""
-    sys.path.insert(0, str(REPO / "tests"))
-    try:
-        import peer_envs
-    finally:
-        sys.path.remove(str(REPO / "tests"))
+    from tests import peer_envs  # the repository root is on sys.path (gateway_overhead.py puts it there)
+
     try:
         venv = peer_envs.ensure("kserve")
     except peer_envs.PeerEnvUnavailable as e:
