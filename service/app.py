@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
             client = Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30)
             app.state.redis, app.state.redis_url = client, url
             if await health.redis_answers(client):
+                app.state.redis_reached = True
                 log.info("Redis at %s answers", _redacted(url))
             else:  # keep serving: /v2/health/ready reports it, and Redis may come back
                 log.warning("Redis at %s does not answer; the gateway is not ready", _redacted(url))
@@ -80,6 +81,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
                   description="Fairness-patched predictions over the Open Inference Protocol (KServe V2).")
     app.state.settings = settings
     app.state.live = None  # service.live_routes.startup sets the recorder when live fairness is on
+    app.state.redis_reached = False  # set once Redis has answered: readiness survives an outage after that
     endpoint = InferenceEndpoint(app.state, settings.max_body_bytes)
     if settings.fast_path:
         app.fast_path = endpoint

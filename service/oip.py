@@ -71,6 +71,13 @@ class ReadyResponse(_Wire):
     ready: bool
 
 
+class GatewayReadyResponse(ReadyResponse):
+    """The gateway's readiness: the V2 answer, plus why where it is not ready or runs without Redis."""
+
+    redis: bool | None = Field(None, description="false while Redis does not answer (present only then)")
+    error: str | None = Field(None, description="why not ready, where a registered upstream is down")
+
+
 class ModelReadyResponse(_Wire):
     name: str
     ready: bool

@@ -90,6 +90,10 @@ class Settings(BaseSettings):
     # /v2/health/ready and /v2/models/{m}/ready ask the upstreams too (answers cached ~1.5 s), so a readiness
     # probe takes a gateway whose model servers are down out of rotation; off: they check Redis alone.
     ready_checks_upstreams: bool = True
+    # Once this gateway has reached Redis, /v2/health/ready stays 200 (with "redis": false) while Redis does not
+    # answer: it serves what it holds, and its replicas do not all leave the load balancer at once. false: 503
+    # whenever Redis does not answer.
+    ready_without_redis: bool = True
     # Where models run (patcher.device): the weight patches served in process, the local upstream, and the worker's
     # fits (torch) and oracles (onnxruntime). auto: the GPU where onnxruntime-gpu / a CUDA torch finds one, else
     # the CPU; cuda: the GPU or a start-up error that says what to install; cpu: the CPU.

@@ -540,9 +540,66 @@ def test_zeroth_order_warm_start_keeps_the_model_as_a_candidate_within_budget(ad
 
 def test_zeroth_order_step_settings_default_per_trigger_family_and_options_override_them() -> None:
     opts = TriggerOptions()
-    assert opts.zo_search(tabular=True) == {"zo_batch": 64, "zo_lr": 0.1}  # chosen on Adult tune rows
-    assert opts.zo_search(tabular=False) == {"zo_batch": 128, "zo_lr": 0.05}  # image forms: as they were
-    assert TriggerOptions(zo_batch=32).zo_search(tabular=True) == {"zo_batch": 32, "zo_lr": 0.1}
-    assert TriggerOptions(zo_lr=0.2).zo_search(tabular=False) == {"zo_batch": 128, "zo_lr": 0.2}
-    preset = TriggerOptions(**get_method("trigger").presets["colored-digits"])
-    assert preset.zo_search(tabular=False) == {"zo_batch": 64, "zo_lr": 0.1}  # the preset sets both
+    tabular, image = opts.zo_search(tabular=True), opts.zo_search(tabular=False)
+    # chosen on Adult tune rows (docs/triggers_zo_dev.md)
+    assert tabular == {"zo_batch": 64, "zo_lr": 0.1, "lam_zo": 3.0, "zo_reweight": True, "zo_matched": 0.25,
+                       "zo_fairness_tolerance": 0.03, "zo_max_accuracy_drop": 0.025}
+    # image forms: as they were, the selection from the general options
+    assert image == {"zo_batch": 128, "zo_lr": 0.05, "lam_zo": 10.0, "zo_reweight": False, "zo_matched": 0.0,
+                     "zo_fairness_tolerance": 0.02, "zo_max_accuracy_drop": 0.015}
+    assert TriggerOptions(zo_batch=32).zo_search(tabular=True)["zo_batch"] == 32
+    assert TriggerOptions(zo_lr=0.2).zo_search(tabular=False)["zo_lr"] == 0.2
+    assert TriggerOptions(lam_zo=7.0, zo_matched=0.0).zo_search(tabular=True)["lam_zo"] == 7.0
+    assert TriggerOptions(max_accuracy_drop=0.05).zo_search(tabular=False)["zo_max_accuracy_drop"] == 0.05
+    assert TriggerOptions(zo_fairness_tolerance=0.01).zo_search(tabular=True)["zo_fairness_tolerance"] == 0.01
+    preset = TriggerOptions(**get_method("trigger").presets["colored-digits"]).zo_search(tabular=False)
+    assert (preset["zo_batch"], preset["zo_lr"], preset["lam_zo"]) == (64, 0.1, 20.0)  # the preset sets them
+
+
+def test_population_weights_make_a_stratified_batch_estimate_population_means() -> None:
+    from patcher.methods.reprogram_zo import population_weights, stratified_batch
+
+    rng = np.random.default_rng(0)
+    g = (rng.random(20_000) < 0.3).astype(int)
+    y = (rng.random(20_000) < np.where(g == 1, 0.1, 0.3)).astype(int)
+    cells = g * 2 + y
+    p = rng.random(20_000) * 0.2 + 0.6 * y  # the score depends on the label only
+    plain, weighted = [], []
+    for _ in range(300):
+        rows = stratified_batch(cells, 64, rng)
+        w = population_weights(cells, cells[rows])
+        assert w.mean() == pytest.approx(1.0)
+        plain.append(p[rows][g[rows] == 1].mean())
+        m = g[rows] == 1
+        weighted.append(np.average(p[rows][m], weights=w[m]))
+    truth = p[g == 1].mean()  # the group's mean score in the population (10% positives)
+    assert abs(np.mean(weighted) - truth) < 0.01
+    assert np.mean(plain) - truth > 0.2  # the batch has half positives in every group
+
+
+def test_matched_decisions_ignore_a_common_shift_and_scale_and_accept_the_rate() -> None:
+    from patcher.methods.reprogram_zo import matched_decisions, numpy_gap
+
+    rng = np.random.default_rng(1)
+    margin, g = rng.normal(size=400), rng.integers(0, 2, 400)
+    margin[g == 1] += 1.0
+    y = np.zeros(400, np.int64)
+    d = matched_decisions(margin, 0.3, None, 0.25)
+    np.testing.assert_allclose(matched_decisions(3.0 * margin - 5.0, 0.3, None, 0.25), d, atol=1e-5)
+    assert abs((d > 0.5).mean() - 0.3) < 0.01
+    # the gap of P(class 1) falls when every margin moves down; the matched gap does not
+    prob = lambda m: 1.0 / (1.0 + np.exp(-m))  # noqa: E731
+    assert numpy_gap(prob(margin - 6.0), y, g, 2, "dp") < 0.1 * numpy_gap(prob(margin), y, g, 2, "dp")
+    assert numpy_gap(matched_decisions(margin - 6.0, 0.3, None, 0.25), y, g, 2, "dp") == pytest.approx(
+        numpy_gap(d, y, g, 2, "dp"))
+
+
+def test_weighted_gap_is_the_gap_of_weighted_group_means() -> None:
+    from patcher.methods.reprogram_zo import numpy_gap
+
+    rng = np.random.default_rng(2)
+    p, y, g, w = rng.random(50), rng.integers(0, 2, 50), rng.integers(0, 2, 50), rng.random(50) + 0.5
+    r = [np.average(p[g == a], weights=w[g == a]) for a in (0, 1)]
+    assert numpy_gap(p, y, g, 2, "dp", weights=w) == pytest.approx((r[0] - r[1]) ** 2)
+    assert numpy_gap(p, y, g, 2, "dp", weights=np.ones(50)) == pytest.approx(numpy_gap(p, y, g, 2, "dp"))
+    assert numpy_gap(p, y, g, 2, "eo", True, np.ones(50)) == pytest.approx(numpy_gap(p, y, g, 2, "eo", True))

@@ -308,10 +308,10 @@ def test_a_worker_survives_redis_going_away_and_runs_jobs_queued_after_it_is_bac
         own_redis.kill()
         until(lambda: "lost Redis at" in w.log(), "the worker to notice Redis is gone")
         assert w.process.poll() is None, w.log()
-        assert c.get("/v2/health/ready").status_code == 503
+        assert c.get("/v2/health/ready").json() == {"ready": True, "redis": False}  # serves what it holds
 
         own_redis.start()  # the same socket and data: registrations and the dataset come back
-        until(lambda: c.get("/v2/health/ready").status_code == 200, "the gateway to reach Redis again")
+        until(lambda: c.get("/v2/health/ready").json() == {"ready": True}, "the gateway to reach Redis again")
         done = wait(c, submit(c, "adult", dataset, budget=300)["id"])
         assert done["status"] == "succeeded", (done, w.log())
         assert w.process.poll() is None
@@ -341,7 +341,7 @@ def test_a_job_running_through_a_redis_outage_finishes_once_redis_is_back(own_re
         own_redis.kill()
         until(lambda: "lost Redis at" in w.log(), "the worker to notice Redis is gone")
         own_redis.start()
-        until(lambda: c.get("/v2/health/ready").status_code == 200, "the gateway to reach Redis again")
+        until(lambda: c.get("/v2/health/ready").json() == {"ready": True}, "the gateway to reach Redis again")
         gated.opened.set()
         done = wait(c, job["id"])
         assert done["status"] == "succeeded", (done, w.log())
@@ -473,9 +473,10 @@ def test_predictions_are_served_and_patched_while_redis_is_killed_and_restarted(
         while during < 100 or time.monotonic() < outage_until:  # a load, not a measurement
             predict(10)
             during += 10
-        assert c.get("/v2/health/ready").status_code == 503  # Redis was really gone all along
+        # Redis was really gone all along; the gateway stayed in rotation, serving what it holds
+        assert c.get("/v2/health/ready").json() == {"ready": True, "redis": False}
         own_redis.start()
-        until(lambda: c.get("/v2/health/ready").status_code == 200, "the gateway to reach Redis again")
+        until(lambda: c.get("/v2/health/ready").json() == {"ready": True}, "the gateway to reach Redis again")
         predict(50)
     failed = [a for a in answers if a != (200, pid)]
     assert not failed and len(answers) == 100 + during, failed[:5]
@@ -664,11 +665,12 @@ def test_redis_killed_and_restarted_under_load_keeps_predictions_patched_and_the
             outage_until = killed_at + 3 * max(SPEC_TTL_S, settings.patch_recheck_s)
             until(lambda: time.monotonic() > outage_until and load.mark() >= before + 100, "a load in the outage",
                   every=0.2)  # a load, not a measurement
-            assert c.get("/v2/health/ready").status_code == 503  # Redis was really gone all along
+            # Redis was really gone all along; the gateway stayed in rotation, serving what it holds
+            assert c.get("/v2/health/ready").json() == {"ready": True, "redis": False}
             during = load.mark() - before
             own_redis.start()
             restarted_at = time.monotonic()
-            until(lambda: c.get("/v2/health/ready").status_code == 200, "the gateway to reach Redis again")
+            until(lambda: c.get("/v2/health/ready").json() == {"ready": True}, "the gateway to reach Redis again")
             ready_at = time.monotonic()
             until(lambda: "answers again" in w.log(), "the worker to reconnect")
             worker_back_at = time.monotonic()
@@ -729,3 +731,27 @@ def test_serve_in_embedded_mode_runs_again_the_job_of_its_worker_killed_mid_job(
         gated.opened.set()  # held requests finish, so the gate's server can stop
     print(f"\nembedded worker SIGKILLed mid-job: the job ran again on the new worker {again_at - killed_at:.2f} s "
           "after the kill (heartbeat bound 5 s), then succeeded")
+
+
+def test_readiness_through_a_redis_outage_depends_on_having_reached_redis_and_on_the_setting(own_redis, tmp_path):
+    """A gateway that never reached Redis holds nothing to serve: 503. One that has stays ready through an outage
+    (saying redis false), unless ready_without_redis is off, when it is 503 until Redis answers again."""
+    own_redis.kill()
+    lenient = Settings(data_dir=tmp_path / "a", redis_url=own_redis.url, admin_key=KEY)
+    strict = Settings(data_dir=tmp_path / "b", redis_url=own_redis.url, admin_key=KEY, ready_without_redis=False)
+    with ServerThread(create_app(lenient)) as a, ServerThread(create_app(strict)) as b:
+        for server in (a, b):
+            r = httpx.get(f"{server.url}/v2/health/ready", timeout=10)
+            assert r.status_code == 503 and r.json() == {"ready": False, "redis": False}
+        own_redis.start()
+        for server in (a, b):
+            until(lambda s=server: httpx.get(f"{s.url}/v2/health/ready", timeout=10).json() == {"ready": True},
+                  "the gateway to reach Redis")
+        own_redis.kill()
+        r = httpx.get(f"{a.url}/v2/health/ready", timeout=10)
+        assert r.status_code == 200 and r.json() == {"ready": True, "redis": False}
+        r = httpx.get(f"{b.url}/v2/health/ready", timeout=10)
+        assert r.status_code == 503 and r.json() == {"ready": False, "redis": False}
+        own_redis.start()
+        until(lambda: httpx.get(f"{b.url}/v2/health/ready", timeout=10).json() == {"ready": True},
+              "the strict gateway to be ready again")

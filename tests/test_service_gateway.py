@@ -171,15 +171,17 @@ def test_external_redis(tmp_path):
 
 
 def test_ready_follows_redis_going_away_and_coming_back(data_dir):
+    """The strict rule (ready_without_redis off); the default, ready through an outage, is pinned in
+    test_service_faults."""
     embedded = EmbeddedRedis(data_dir)
     url = embedded.start()
     try:
-        with gateway(Settings(data_dir=data_dir, redis_url=url)) as server, \
+        with gateway(Settings(data_dir=data_dir, redis_url=url, ready_without_redis=False)) as server, \
                 httpx.Client(base_url=server.url, timeout=10) as c:
             assert c.get("/v2/health/ready").json() == {"ready": True}
             embedded.stop()
             r = c.get("/v2/health/ready")
-            assert (r.status_code, r.json()) == (503, {"ready": False})
+            assert (r.status_code, r.json()) == (503, {"ready": False, "redis": False})
             assert c.get("/v2/health/live").json() == {"live": True}
             embedded.start()
             assert c.get("/v2/health/ready").json() == {"ready": True}
@@ -193,7 +195,7 @@ def test_unreachable_configured_redis_starts_but_is_not_ready(tmp_path):
         port = s.getsockname()[1]
     with gateway(Settings(data_dir=tmp_path, redis_url=f"redis://127.0.0.1:{port}")) as server:
         r = httpx.get(f"{server.url}/v2/health/ready", timeout=10)
-        assert (r.status_code, r.json()) == (503, {"ready": False})
+        assert (r.status_code, r.json()) == (503, {"ready": False, "redis": False})
         assert httpx.get(f"{server.url}/v2/health/live").json() == {"live": True}
 
 

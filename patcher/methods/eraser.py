@@ -61,6 +61,8 @@ class EraserOptions(BaseModel):
                                 "bootstrap confidence (two classes; 0: no check). Default: 0.9 for eo and eopp; no "
                                 "check for dp, as it costs five more tunings and at 100 queries refused good dp "
                                 "patches")
+    surrogate_prior: bool = Field(True, description="give the surrogate a free feature: a cross-fitted logistic "
+                                  "regression of the tuning labels on x (costs no queries)")
     group_strengths: bool | None = Field(None, description="one erasing strength per group, searched coordinate "
                                          "by coordinate from the common one (bias group or estimator, two "
                                          "classes; default: with more than two groups)")
@@ -163,15 +165,38 @@ def fit_attribute_estimator(X: np.ndarray, groups: np.ndarray, n_groups: int, se
 # ---------------------------------------------------------------- tuning alpha and the threshold
 
 
-def surrogate_margins(X: np.ndarray, idx: np.ndarray, weights: np.ndarray, paid: np.ndarray) -> np.ndarray:
+def label_prior(X: np.ndarray, y: np.ndarray, seed: int, folds: int = 5) -> np.ndarray:
+    """A free feature for the surrogate: the logit of a logistic regression of the tuning rows' labels on x,
+    cross-fitted so that no row's own label enters its own value (the model was trained to predict these
+    labels: on Adult this logit correlates 0.95-0.96 with the model's margin). Costs no queries. On held-out
+    tuning rows (benchmarks/eraser_budget_dev.py, seeds 0-2) it lowered dp after the patch at 100 and 300
+    queries (0.021 -> 0.018, 0.017 -> 0.013) and on sex x race at 1000 (0.042 -> 0.041), at the same accuracy."""
+    from sklearn.linear_model import LogisticRegression
+
+    from patcher.tuning import stratified_split
+
+    flat = X.reshape(len(X), -1)
+    out = np.zeros(len(X))
+    parts = stratified_split(y, np.zeros_like(y), [1.0 / folds] * folds, seed)
+    for k, held in enumerate(parts):
+        rest = np.concatenate([p for j, p in enumerate(parts) if j != k])
+        out[held] = LogisticRegression(C=1.0, max_iter=2000).fit(flat[rest], y[rest]).decision_function(flat[held])
+    return out
+
+
+def surrogate_margins(X: np.ndarray, idx: np.ndarray, weights: np.ndarray, paid: np.ndarray,
+                      prior: np.ndarray | None = None) -> np.ndarray:
     """Decision scores for every tuning row: paid rows keep the model's own, the rest are imputed by a
-    ridge regression on x fitted to the paid rows (R^2 about 0.94 on Adult from 300 rows). The
-    surrogate sees x only: giving it the label as well made the imputed scores agree with the
-    labels more than the model does, which overstated accuracy and cost 0.3 points on test. It is
-    used for tuning only, never at inference."""
+    ridge regression on x fitted to the paid rows (R^2 about 0.94 on Adult from 300 rows), with `prior`
+    (label_prior) as one more column. The surrogate is a function of x only: giving it each row's own
+    label made the imputed scores agree with the labels more than the model does, which overstated
+    accuracy and cost 0.3 points on test; the prior reads other rows' labels only. It is used for tuning
+    only, never at inference."""
     from sklearn.linear_model import RidgeCV
 
     flat = X.reshape(len(X), -1)
+    if prior is not None:
+        flat = np.column_stack([prior, flat])
     ridge = RidgeCV(alphas=np.logspace(-2, 3, 12)).fit(flat[idx], paid, sample_weight=weights)
     out = ridge.predict(flat)
     out[idx] = paid
@@ -290,7 +315,11 @@ def fit(access: Oracle, data: TuningData, request: FitRequest, opts: EraserOptio
         B = X[:, opts.proxy_columns] if opts.proxy_columns else np.asarray(data.bias_features)
     elif opts.bias == "estimator":
         Xe = X[:, opts.estimator_columns] if opts.estimator_columns else X
-    ctx = _Context(X, y, groups, G, idx, weights, log_probs, criterion, opts, request.seed, B, Xe)
+    use_surrogate = criterion == "dp" if opts.surrogate is None else opts.surrogate
+    tabular = np.asarray(data.X).ndim == 2 and len(np.unique(y)) == 2
+    prior = label_prior(X, y, request.seed) if opts.surrogate_prior and use_surrogate and C == 2 and tabular \
+        else None
+    ctx = _Context(X, y, groups, G, idx, weights, log_probs, criterion, opts, request.seed, B, Xe, prior)
     guard = None
     if C == 2:
         chosen = _tune_binary(ctx, np.arange(len(idx)))
@@ -358,6 +387,7 @@ class _Context:
     seed: int
     B: np.ndarray | None  # bias features (proxies)
     Xe: np.ndarray | None  # the attribute estimator's inputs (estimator)
+    prior: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -416,7 +446,8 @@ def _tune_binary(ctx: _Context, keep: np.ndarray, excluded: np.ndarray | None = 
     paid_margin = log_probs[:, 1] - log_probs[:, 0]
     if use_surrogate:
         pos = np.searchsorted(rows_all, idx)  # paid rows' positions among the tuning rows kept
-        margin = surrogate_margins(ctx.X[rows_all], pos, weights, paid_margin)
+        prior = None if ctx.prior is None else ctx.prior[rows_all]
+        margin = surrogate_margins(ctx.X[rows_all], pos, weights, paid_margin, prior)
         rows, w = rows_all, None
     else:
         margin, rows, w = paid_margin, idx, weights

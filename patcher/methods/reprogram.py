@@ -365,13 +365,14 @@ def _fit_zo(oracle: Oracle, trigger: Trigger, X, y, groups, G, criterion, budget
     search = opts.zo_search(isinstance(trigger, TabularTrigger))
     eval_size = min(opts.eval_size, len(sel), max(limit // (4 * (opts.evals + 1)), 50))
     C_guess = int(y.max()) + 1
-    trainer = ZOTrainer(oracle, trigger, X, y, groups, G, criterion, opts.lam_zo if opts.lam is None else opts.lam,
+    trainer = ZOTrainer(oracle, trigger, X, y, groups, G, criterion, search["lam_zo"] if opts.lam is None else opts.lam,
                         fairness=opts.fairness, q=opts.q, mu=opts.mu, lr=search["zo_lr"],
                         batch_size=min(search["zo_batch"], len(X)), eval_size=eval_size, evals=opts.evals,
                         seed=seed, n_classes=max(C_guess, 2),
                         holdout=(fit_rows, sel) if opts.holdout > 0 else None, restarts=opts.zo_restarts,
                         restart_rows=opts.zo_restart_rows, unbiased_gap=opts.zo_unbiased_gap,
-                        subspace=opts.zo_subspace, start=warm_start(trigger, X[fit_rows], opts))
+                        subspace=opts.zo_subspace, start=warm_start(trigger, X[fit_rows], opts),
+                        reweight=search["zo_reweight"] and not opts.balance, matched=search["zo_matched"])
     evaluations = 2 if trainer.starts_at_model() else 3  # a start that is not the model: the model scored too
     need = eval_size * evaluations + trainer.step_cost() + trainer.restarts * trainer.restart_rows()
     if limit < need:
@@ -382,7 +383,11 @@ def _fit_zo(oracle: Oracle, trigger: Trigger, X, y, groups, G, criterion, budget
     result = trainer.run(limit, lambda f, info: report_progress(0.02 + 0.9 * f, {"stage": "training", **info}))
     rows = result.eval_rows
     logps = [(i, lp) for i, (_, _, lp) in enumerate(result.candidates)]
-    c = _select(logps, result.base_log_probs, y[rows], groups[rows], G, criterion, opts)
+    rule = opts.model_copy(update={"fairness_tolerance": search["zo_fairness_tolerance"],
+                                   "max_accuracy_drop": search["zo_max_accuracy_drop"]})
+    c = _select(logps, result.base_log_probs, y[rows], groups[rows], G, criterion, rule)
+    if c.selection["rule"] == "fairest":
+        c.selection.update(fairness_tolerance=rule.fairness_tolerance, max_accuracy_drop=rule.max_accuracy_drop)
     for s, hist in zip(c.summary, result.history, strict=True):
         s.update(hist)
         s.pop("key")

@@ -54,13 +54,29 @@ def unit_directions(q: int, dim: int, rng: np.random.Generator) -> np.ndarray:
     return u / np.linalg.norm(u, axis=1, keepdims=True)
 
 
+def _mean_variance(p: np.ndarray, w: np.ndarray | None) -> float:
+    """The estimated variance of the (weighted) mean of p."""
+    if w is None:
+        return float(p.var(ddof=1)) / len(p)
+    m = np.average(p, weights=w)
+    return float((w ** 2 * (p - m) ** 2).sum() / w.sum() ** 2 * len(p) / (len(p) - 1))
+
+
 def numpy_gap(p: np.ndarray, y: np.ndarray, groups: np.ndarray, n_groups: int, criterion: Criterion,
-              unbiased: bool = False) -> float:
+              unbiased: bool = False, weights: np.ndarray | None = None) -> float:
     """`gap_loss` in numpy: the squared rate gap (patcher.metrics) of the groups' mean P(class 1) per criterion
-    cell. On a small batch the plain square is biased upwards by var(p) / n per group, a term a trigger lowers
-    by making its scores uniform within a cell (towards one class for all): `unbiased` subtracts the
-    estimated variances of the two means."""
-    r = decision_rates(p, y, groups, n_groups)
+    cell, the means weighted by `weights` (a stratified batch weighed back to the population). On a small batch
+    the plain square is biased upwards by var(p) / n per group, a term a trigger lowers by making its scores
+    uniform within a cell (towards one class for all): `unbiased` subtracts the estimated variances of the two
+    means."""
+    if weights is None:
+        r = decision_rates(p, y, groups, n_groups)
+    else:
+        r = {k: np.full(n_groups, np.nan) for k in ("sr", "tpr", "fpr")}
+        for g in range(n_groups):
+            for key, m in (("sr", groups == g), ("tpr", (groups == g) & (y == 1)), ("fpr", (groups == g) & (y == 0))):
+                if m.any():
+                    r[key][g] = np.average(p[m], weights=weights[m])
     cells = [("sr", np.ones(len(y), bool))] if criterion == "dp" else [("tpr", y == 1)] if criterion == "eopp" \
         else [("fpr", y == 0), ("tpr", y == 1)]
     total = 0.0
@@ -69,9 +85,35 @@ def numpy_gap(p: np.ndarray, y: np.ndarray, groups: np.ndarray, n_groups: int, c
         if np.count_nonzero(~np.isnan(rates)) > 1:
             total += float(rate_gap(rates)) ** 2
             if unbiased:
-                parts = (p[cell & (groups == int(np.nanargmax(rates)))], p[cell & (groups == int(np.nanargmin(rates)))])
-                total -= sum(float(v.var(ddof=1)) / len(v) for v in parts if len(v) > 1)
+                for g in (int(np.nanargmax(rates)), int(np.nanargmin(rates))):
+                    m = cell & (groups == g)
+                    if m.sum() > 1:
+                        total -= _mean_variance(p[m], None if weights is None else weights[m])
     return total
+
+
+def population_weights(cells: np.ndarray, batch_cells: np.ndarray) -> np.ndarray:
+    """Per batch row: its (group, label) cell's share of `cells` over its share of the batch (mean 1 over the
+    batch), so a stratified batch estimates population means (the selection rate of dp, the plain accuracy)."""
+    ids, counts = np.unique(cells, return_counts=True)
+    share = dict(zip(ids.tolist(), (counts / counts.sum()).tolist(), strict=True))
+    b_ids, b_inverse, b_counts = np.unique(batch_cells, return_inverse=True, return_counts=True)
+    w = np.array([share[c] for c in b_ids.tolist()]) / (b_counts / len(batch_cells))
+    w = w[b_inverse]
+    return w / w.mean()
+
+
+def matched_decisions(margin: np.ndarray, rate: float, weights: np.ndarray | None, temperature: float) -> np.ndarray:
+    """Soft decisions at the cut that accepts a `rate` share of the (weighted) rows: sigmoid((margin - cut) / (T s)),
+    s the margins' spread, so that shrinking every margin does not make the decisions look alike either.
+    The gap of these does not fall when every score moves the same way (the re-tuned threshold undoes that),
+    unlike the gap of P(class 1), which a trigger can shrink by pushing every score towards class 0."""
+    w = np.ones(len(margin)) if weights is None else weights
+    order = np.argsort(margin)
+    cum = np.cumsum(w[order]) / w.sum()
+    cut = margin[order][min(int(np.searchsorted(cum, 1.0 - rate)), len(margin) - 1)]
+    spread = np.sqrt(np.average((margin - np.average(margin, weights=w)) ** 2, weights=w)) + 1e-6
+    return 1.0 / (1.0 + np.exp(-(margin - cut) / (temperature * spread)))
 
 
 def stratified_batch(cells: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -88,9 +130,11 @@ class ZOTrainer:
                  batch_size: int, eval_size: int, evals: int, seed: int, n_classes: int,
                  holdout: tuple[np.ndarray, np.ndarray] | None = None, restarts: int = 0,
                  restart_rows: int = 512, unbiased_gap: bool = False, subspace: int = 0,
-                 start: np.ndarray | None = None) -> None:
+                 start: np.ndarray | None = None, reweight: bool = False, matched: float = 0.0) -> None:
         """`holdout`: (training rows, selection rows): minibatches from the first, evaluations from the second.
-        `start`: the parameters the search starts from instead of `trigger.init()`."""
+        `start`: the parameters the search starts from instead of `trigger.init()`. `reweight`: the stratified
+        batches are weighed back to the training rows' (group, label) shares in both losses (off: every cell
+        counts the same). `matched` > 0 (binary): the gap is of `matched_decisions` at this temperature."""
         self.oracle, self.trigger = oracle, trigger
         self.X, self.y, self.groups = X, y, groups
         self.n_groups, self.criterion, self.lam, self.fairness = n_groups, criterion, lam, fairness
@@ -98,6 +142,8 @@ class ZOTrainer:
         self.restarts = restarts if trigger.random_starts else 0
         self._restart_rows = restart_rows
         self.unbiased_gap = unbiased_gap
+        self.reweight = reweight
+        self.matched = matched
         self.subspace = min(subspace, trigger.dim)
         self.start = None if start is None else np.asarray(start, np.float64)
         self.rng = np.random.default_rng(seed)
@@ -115,12 +161,26 @@ class ZOTrainer:
             Xt = self.trigger.apply(torch.tensor(self.X[rows], dtype=torch.float32), torch.tensor(theta).float())
         return to_log_probs(self.oracle.scores(Xt.numpy()), self.oracle.output_kind)
 
+    def label_rate(self) -> float:
+        return float(self.y[self.train_rows].mean())
+
+    def weights(self, rows: np.ndarray) -> np.ndarray | None:
+        """Population weights of a stratified batch of training rows (None: cells equal)."""
+        if not self.reweight:
+            return None
+        k = int(self.y.max()) + 1
+        return population_weights(self.cells, self.groups[rows] * k + self.y[rows])
+
     def losses(self, logp: np.ndarray, rows: np.ndarray) -> tuple[float, float]:
         """(utility loss, fairness loss the trigger minimises) for scores on `rows`."""
         y, g = self.y[rows], self.groups[rows]
-        ce = float(-logp[np.arange(len(rows)), y].mean())
+        w = self.weights(rows)
+        ce = float(np.average(-logp[np.arange(len(rows)), y], weights=w))
         if self.disc is None:
-            return ce, numpy_gap(np.exp(logp[:, -1]), y, g, self.n_groups, self.criterion, self.unbiased_gap)
+            p = np.exp(logp[:, -1])
+            if self.matched > 0 and logp.shape[1] == 2:
+                p = matched_decisions(logp[:, -1] - logp[:, 0], self.label_rate(), w, self.matched)
+            return ce, numpy_gap(p, y, g, self.n_groups, self.criterion, self.unbiased_gap, w)
         with torch.no_grad():
             adv = self.disc.loss(torch.tensor(logp, dtype=torch.float32), torch.tensor(y), torch.tensor(g))
         return ce, -float(adv)  # the trigger maximises the adversary's loss
