@@ -1,14 +1,15 @@
 """Recording live fairness: the hot path's hook, the periodic flush to Redis, feedback joins, reads.
 
-No Redis round trip per request: `observe` adds the request's counts (service.live_fairness) to an
-in-process dict, and remembers the request's decisions by id in a bounded map (for feedback). A task
-flushes both every `live_flush_s`: the counts as HINCRBYs on the current time bucket's hash, the
-request decisions as keys with a TTL, in one pipeline. Every replica flushes into the same hashes, so
-a read merges all of them: the last `live_window_s` of buckets, HGETALL in one pipeline.
+No Redis round trip per request, and little work: `observe` appends the request (its rows' groups and
+the raw and patched scores, as served) to an in-process list. A task flushes every `live_flush_s`: the
+waiting requests are counted at once (one decision per row over the batch, counts by group in C), each
+request with an id is encoded for feedback, and the counts go out as HINCRBYs on the current time bucket's hash and the
+requests as fields of one hash, in one pipeline. Every replica flushes into the same hashes, so a read
+merges all of them: the last `live_window_s` of buckets, HGETALL in one pipeline.
 
 Layout (prefix `fp:`): `live:{model}:{version}:{bucket}` (a hash of counts, bucket = unix time //
-`live_bucket_s`, expiring after the window) and `live-req:{request id}` (JSON decisions, expiring
-after `feedback_ttl_s`).
+`live_bucket_s`, expiring after the window) and `live-req:{bucket}` (a hash of request id -> the
+request's decisions, one per tenth of `feedback_ttl_s`, expiring after it).
 
 A drift check runs every `live_check_s`: a version whose served dp gap is above the alert threshold
 (service.live_fairness.figures) is logged when it starts and stops drifting, and each listener added
@@ -21,8 +22,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict, defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
+from itertools import chain, islice
 from typing import Any
 
 import numpy as np
@@ -86,22 +88,19 @@ _unreadable: set[str] = set()
 def _record(live: LiveRecorder, spec: Any, call: Any, runner: Any, pid: str | None, arm: str, trace: Any,
             patched: np.ndarray | None) -> None:
     kind = spec.upstream.output_kind
-    raw = lf.decisions(trace.raw, trace.raw_kind or kind)
-    served = lf.decisions(trace.served, kind)
     if arm == "shadow":
         if patched is None:
             return  # the shadow failed (logged): its row would be half a record
-        out = lf.decisions(patched, kind)
-        raw = served  # what was served is the raw model's answer
+        raw, raw_kind, out = trace.served, kind, patched  # what was served is the raw model's answer
     else:
-        out = served
+        raw, raw_kind, out = trace.raw, trace.raw_kind or kind, trace.served
     if call.group is not None:
         groups, source = group_names(call.group, spec, None), "given"
     else:  # only reached when the patch has an attribute estimator (service.infer.serve)
         groups, source = estimator(runner).groups(trace.features), "estimated"
     if len(groups) != len(raw):
         return
-    live.observe(spec.name, spec.version, pid, arm, groups, raw.tolist(), out.tolist(), call.request.id, source)
+    live.observe(spec.name, spec.version, pid, arm, groups, raw, raw_kind, out, kind, call.request.id, source)
 
 
 _shadow_logged: set[str] = set()
@@ -116,18 +115,23 @@ def shadow_failed(spec: Any, runner: Any, error: Exception) -> None:
                     pid[:12], spec.name, spec.version, type(error).__name__, error)
 
 
-def _encode(entry: tuple) -> str:
-    """A recorded request as Redis keeps it: model, version, patch, arm, group source, groups, raw and patched
-    decisions (separated by \x1f, groups by \x1e, decisions as a string of 0s and 1s): cheaper than JSON."""
-    model, version, pid, arm, source, groups, raw, out = entry
-    return "\x1f".join((model, version, pid, arm, source, "\x1e".join(groups), "".join(map(str, raw)),
-                        "".join(map(str, out))))
+# A recorded request as Redis keeps it: model, version, patch, arm, group source, groups, raw and patched
+# decisions (separated by \x1f, groups by \x1e, decisions as a string of 0s and 1s): cheaper than JSON.
+_RS = "\x1e"
+_BITS = np.int8(ord("0"))  # a 0/1 decision + this = the character "0" or "1"
 
 
 def _decode(raw: bytes | str) -> tuple:
     text = raw.decode() if isinstance(raw, bytes) else raw
     model, version, pid, arm, source, groups, r, o = text.split("\x1f")
-    return model, version, pid, arm, source, groups.split("\x1e"), [int(c) for c in r], [int(c) for c in o]
+    return model, version, pid, arm, source, groups.split(_RS), [int(c) for c in r], [int(c) for c in o]
+
+
+# A request waiting to be counted: model, version, patch, arm, group source, its rows' groups, the raw scores and
+# their kind, the patch's scores and their kind, the request id.
+_Pending = tuple[str, str, str, str, str, list[str], np.ndarray, str, np.ndarray, str, str | None]
+# Requests waiting are counted at once past this many rows (each request adding one more): bounded memory.
+_COUNT_AT = 65_536
 
 
 class LiveRecorder:
@@ -138,9 +142,12 @@ class LiveRecorder:
         self.bucket_s, self.window_s, self.flush_s, self.check_s = bucket_s, window_s, flush_s, check_s
         self.alert_gap, self.feedback_ttl_s, self.max_requests = alert_gap, feedback_ttl_s, max_requests
         self._counts: dict[tuple[str, str], dict[str, int]] = {}
-        # Requests by id not yet written to Redis (bounded); once written, Redis (with its TTL) is the one copy,
-        # so every replica sees a request labelled once.
-        self._unflushed: OrderedDict[str, tuple] = OrderedDict()
+        # Requests observed and not yet counted (`_count`), and their size in rows (plus one per request).
+        self._pending: list[_Pending] = []
+        self._pending_size = 0
+        # Counted requests by id, encoded, not yet written to Redis (bounded); once written, Redis (with its TTL)
+        # is the one copy, so every replica sees a request labelled once.
+        self._unflushed: dict[str, str] = {}
         self._names: dict[tuple[str, ...], tuple[str, ...]] = {}  # (patch, arm, source, group) -> count fields
         self._seen: set[tuple[str, str]] = set()
         self._drifting: set[tuple[str, str]] = set()
@@ -149,29 +156,73 @@ class LiveRecorder:
         self._stopping = False
 
     # ------------------------------------------------------------------ the hot path
-    def observe(self, model: str, version: str, patch: str | None, arm: str, groups: list[str],
-                raw: list[int], out: list[int], request_id: str | None, source: str = "given") -> None:
-        """One served request: its rows' groups, raw decisions and the patch's decisions (the raw ones where
-        the patch did not run). In-process only: dict increments, field names built once per cell."""
-        pid = patch or "none"
+    def observe(self, model: str, version: str, patch: str | None, arm: str, groups: list[str], raw: np.ndarray,
+                raw_kind: str, out: np.ndarray, out_kind: str, request_id: str | None, source: str = "given") -> None:
+        """One served request: its rows' groups, the raw scores and the patch's (the raw ones where the patch did
+        not run), each in its kind. Kept as it is (the arrays are the request's own, not copied) until the next
+        flush counts every waiting request at once (`_count`): a list append per request."""
+        n = len(groups)
+        if len(raw) != n or len(out) != n:
+            raise ValueError(f"{n} groups for {len(raw)} raw and {len(out)} patched rows")
+        self._pending.append((model, version, patch or "none", arm, source, groups, raw, raw_kind, out, out_kind,
+                              request_id))
+        self._pending_size += n + 1
+        if self._pending_size >= _COUNT_AT:
+            self._count()
+
+    def _count(self) -> None:
+        """The waiting requests into counts and encoded records, a batch per (version, patch, arm, group source,
+        score kinds and shape): one decision per row over the batch, counted by (group, decisions) in C."""
+        pending, self._pending, self._pending_size = self._pending, [], 0
+        batches: dict[tuple, list[_Pending]] = {}
+        for p in pending:
+            key = (p[0], p[1], p[2], p[3], p[4], p[7], p[6].shape[1:], p[9], p[8].shape[1:])
+            batch = batches.get(key)
+            if batch is None:
+                batches[key] = [p]
+            else:
+                batch.append(p)
+        for key, batch in batches.items():
+            try:
+                self._count_batch(batch)
+            except Exception as e:  # noqa: BLE001 - scores it cannot read lose their own batch only
+                if key[0] not in _unreadable:
+                    _unreadable.add(key[0])
+                    log.warning("live fairness cannot count model %s's answers (%s: %s)", key[0], type(e).__name__,
+                                e)
+        if len(self._unflushed) > self.max_requests:  # the oldest go first
+            for rid in list(islice(self._unflushed, len(self._unflushed) - self.max_requests)):
+                del self._unflushed[rid]
+
+    def _count_batch(self, batch: list[_Pending]) -> None:
+        model, version, pid, arm, source, _, _, raw_kind, _, out_kind, _ = batch[0]
+        raw = lf.decisions(np.concatenate([p[6] for p in batch]), raw_kind)
+        out = lf.decisions(np.concatenate([p[8] for p in batch]), out_kind)
         counts = self._counts.get((model, version))
         if counts is None:
             counts = self._counts[(model, version)] = defaultdict(int)
         names = self._names
-        for g, r, o in zip(groups, raw, out, strict=True):
+        groups = list(chain.from_iterable(p[5] for p in batch))
+        for (g, both), k in Counter(zip(groups, (2 * raw + out).tolist(), strict=True)).items():
             cell = names.get((pid, arm, source, g))
             if cell is None:
                 cell = names[(pid, arm, source, g)] = tuple(lf.field(pid, arm, source, g, n)
                                                             for n in ("n", "raw_pos", "out_pos"))
-            counts[cell[0]] += 1
-            if r:
-                counts[cell[1]] += 1
-            if o:
-                counts[cell[2]] += 1
-        if request_id is not None:
-            self._unflushed[request_id] = (model, version, pid, arm, source, groups, raw, out)
-            if len(self._unflushed) > self.max_requests:
-                self._unflushed.popitem(last=False)
+            counts[cell[0]] += k
+            if both & 2:
+                counts[cell[1]] += k
+            if both & 1:
+                counts[cell[2]] += k
+        prefix = "\x1f".join((model, version, pid, arm, source, ""))
+        raw_bits = (raw + _BITS).tobytes().decode("ascii")
+        out_bits = (out + _BITS).tobytes().decode("ascii")
+        unflushed = self._unflushed
+        start = 0
+        for p in batch:
+            end = start + len(p[5])
+            if p[10] is not None:
+                unflushed[p[10]] = f"{prefix}{_RS.join(p[5])}\x1f{raw_bits[start:end]}\x1f{out_bits[start:end]}"
+            start = end
 
     # ------------------------------------------------------------------ flushing
     def _key(self, model: str, version: str, bucket: int) -> str:
@@ -186,8 +237,9 @@ class LiveRecorder:
         return f"{self.prefix}live-req:{bucket}"
 
     async def flush(self) -> None:
+        self._count()
         counts, self._counts = self._counts, {}
-        requests, self._unflushed = self._unflushed, OrderedDict()
+        requests, self._unflushed = self._unflushed, {}
         if not counts and not requests:
             return
         bucket = int(time.time() // self.bucket_s)
@@ -201,7 +253,7 @@ class LiveRecorder:
                     pipe.expire(key, ttl)
                 if requests:
                     key = self._req_key(int(time.time() // self._req_bucket_s))
-                    pipe.hset(key, mapping={rid: _encode(e) for rid, e in requests.items()})
+                    pipe.hset(key, mapping=requests)
                     pipe.expire(key, int(self.feedback_ttl_s + self._req_bucket_s) + 1)
                 await pipe.execute()
         except Exception as e:  # noqa: BLE001 - Redis away: keep the counts for the next flush, drop the ids
@@ -237,7 +289,11 @@ class LiveRecorder:
     async def feedback(self, items: list[tuple[str, list[int]]]) -> tuple[int, list[str], list[str]]:
         """Join labels to recorded requests by id; (rows labelled, ids unknown or expired, ids whose label count
         does not match their rows). Each request is labelled once: its record is taken when joined."""
-        entries: dict[str, tuple | None] = {rid: self._unflushed.pop(rid, None) for rid, _ in items}
+        self._count()
+        entries: dict[str, tuple | None] = {}
+        for rid, _ in items:
+            mine = self._unflushed.pop(rid, None)
+            entries[rid] = None if mine is None else _decode(mine)
         ids = list(entries)
         now = time.time()
         newest = int(now // self._req_bucket_s)

@@ -1,0 +1,99 @@
+"""service.live_observe.LiveRecorder on its own against a real Redis: requests counted in batches at the flush give
+the counts one request at a time gives, feedback finds requests not yet flushed, and scores it cannot read lose
+their own batch only."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+
+import numpy as np
+from redis.asyncio import Redis
+
+from service import live_fairness as lf
+from service.live_observe import LiveRecorder
+
+
+def expected_counts(requests: list[tuple]) -> Counter:
+    """Each request's rows counted one by one (live_fairness's definitions): the reference for the batches."""
+    want: Counter = Counter()
+    for pid, arm, source, groups, raw, raw_kind, out, out_kind in requests:
+        if not groups:
+            continue  # no rows, no counts
+        r, o = lf.decisions(raw, raw_kind), lf.decisions(out, out_kind)
+        for g, rd, od in zip(groups, r.tolist(), o.tolist(), strict=True):
+            want[lf.field(pid, arm, source, g, "n")] += 1
+            want[lf.field(pid, arm, source, g, "raw_pos")] += rd
+            want[lf.field(pid, arm, source, g, "out_pos")] += od
+    return +want  # zero counts are never written
+
+
+def test_batched_counts_equal_per_row_counts_and_feedback_joins_unflushed_requests(redis_url):
+    async def run() -> None:
+        redis = Redis.from_url(redis_url)
+        live = LiveRecorder(redis, prefix=f"t{uuid.uuid4().hex[:8]}:")
+        rng = np.random.default_rng(5)
+        model = "m"
+        requests = []
+        for i in range(300):  # batches of 0 to 5 rows, scores of three kinds and shapes, four arms
+            n = int(rng.integers(0, 6))
+            groups = [["a", "b", "c"][j] for j in rng.integers(0, 3, n)]
+            kind, raw = [("logits", rng.normal(size=(n, 2))), ("probabilities", rng.uniform(size=(n, 1))),
+                         ("logits", rng.normal(size=(n, 3)))][i % 3]
+            out = raw + rng.normal(scale=0.5, size=raw.shape)
+            pid, arm = [("p1", "active"), ("p1", "shadow"), ("p2", "canary"), ("p2", "control")][i % 4]
+            source = "given" if i % 5 else "estimated"
+            live.observe(model, "1", pid, arm, groups, raw, kind, out, kind, f"r{i}", source)
+            requests.append((pid, arm, source, groups, raw, kind, out, kind))
+        # feedback before any flush: the requests are found in this process (and each is labelled once)
+        labels = [("r0", [1] * len(requests[0][3])), ("r1", [0] * len(requests[1][3])), ("nope", [1])]
+        rows, unknown, mismatched = await live.feedback(labels)
+        assert unknown == ["nope"] and mismatched == [] and rows == len(requests[0][3]) + len(requests[1][3])
+        await live.flush()
+        merged = await live.merged(model, "1")
+        counts = {k: v for k, v in merged.items() if k.split(lf.SEP)[4] in ("n", "raw_pos", "out_pos") and v}
+        assert counts == dict(expected_counts(requests))
+        # the rest of the requests went to Redis with their decisions: feedback joins them there
+        i = 7
+        pid, arm, source, groups, raw, kind, out, _ = requests[i]
+        rows, unknown, _ = await live.feedback([(f"r{i}", [1] * len(groups)), ("r0", [1] * len(requests[0][3]))])
+        assert rows == len(groups) and unknown == ["r0"]  # r0 was labelled already
+        merged = await live.merged(model, "1")
+        for g in set(groups):
+            k = sum(1 for x in groups if x == g)
+            assert merged[lf.field(pid, arm, source, g, "lab_n")] >= k
+        await redis.aclose()
+
+    asyncio.run(run())
+
+
+def test_scores_it_cannot_read_lose_their_own_batch_only(redis_url):
+    async def run() -> None:
+        redis = Redis.from_url(redis_url)
+        live = LiveRecorder(redis, prefix=f"t{uuid.uuid4().hex[:8]}:")
+        good = np.array([[0.0, 1.0], [1.0, 0.0]])
+        live.observe("m", "1", None, "active", ["a", "b"], good, "logits", good, "logits", "ok")
+        live.observe("m", "1", None, "active", ["a"], np.zeros((1, 0)), "logits", np.zeros((1, 0)), "logits",
+                     "bad")  # no score columns: no decision
+        await live.flush()
+        merged = await live.merged("m", "1")
+        assert merged[lf.field("none", "active", "given", "a", "n")] == 1
+        assert merged[lf.field("none", "active", "given", "b", "n")] == 1
+        assert merged[lf.field("none", "active", "given", "b", "raw_pos")] == 0
+        assert merged[lf.field("none", "active", "given", "a", "out_pos")] == 1
+        rows, unknown, _ = await live.feedback([("ok", [1, 0]), ("bad", [1])])
+        assert rows == 2 and unknown == ["bad"]
+        await redis.aclose()
+
+    asyncio.run(run())
+
+
+def test_requests_kept_for_feedback_are_bounded():
+    live = LiveRecorder(None, max_requests=10)  # type: ignore[arg-type] - nothing here reaches Redis
+    s = np.zeros((1, 2))
+    for i in range(25):
+        live.observe("m", "1", None, "active", ["a"], s, "logits", s, "logits", f"r{i}")
+    live._count()
+    assert list(live._unflushed) == [f"r{i}" for i in range(15, 25)]  # the newest ten
+    assert live._counts[("m", "1")][lf.field("none", "active", "given", "a", "n")] == 25
