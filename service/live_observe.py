@@ -159,11 +159,16 @@ class LiveRecorder:
     def observe(self, model: str, version: str, patch: str | None, arm: str, groups: list[str], raw: np.ndarray,
                 raw_kind: str, out: np.ndarray, out_kind: str, request_id: str | None, source: str = "given") -> None:
         """One served request: its rows' groups, the raw scores and the patch's (the raw ones where the patch did
-        not run), each in its kind. Kept as it is (the arrays are the request's own, not copied) until the next
-        flush counts every waiting request at once (`_count`): a list append per request."""
+        not run), each in its kind. Kept (a view's rows copied) until the next flush counts every waiting request
+        at once (`_count`): a list append per request."""
         n = len(groups)
         if len(raw) != n or len(out) != n:
             raise ValueError(f"{n} groups for {len(raw)} raw and {len(out)} patched rows")
+        # A view would keep what it views (a binary upstream answer's whole body, say) until the flush.
+        if raw.base is not None:
+            raw = raw.copy()
+        if out.base is not None:
+            out = out.copy()
         self._pending.append((model, version, patch or "none", arm, source, groups, raw, raw_kind, out, out_kind,
                               request_id))
         self._pending_size += n + 1
