@@ -130,8 +130,8 @@ def _decode(raw: bytes | str) -> tuple:
 # A request waiting to be counted: model, version, patch, arm, group source, its rows' groups, the raw scores and
 # their kind, the patch's scores and their kind, the request id.
 _Pending = tuple[str, str, str, str, str, list[str], np.ndarray, str, np.ndarray, str, str | None]
-# Requests waiting are counted at once past this many rows (each request adding one more): bounded memory.
-_COUNT_AT = 65_536
+# Requests waiting are counted at once past about this many bytes (their scores, groups and records): bounded memory.
+_COUNT_AT = 16 << 20
 
 
 class LiveRecorder:
@@ -142,7 +142,7 @@ class LiveRecorder:
         self.bucket_s, self.window_s, self.flush_s, self.check_s = bucket_s, window_s, flush_s, check_s
         self.alert_gap, self.feedback_ttl_s, self.max_requests = alert_gap, feedback_ttl_s, max_requests
         self._counts: dict[tuple[str, str], dict[str, int]] = {}
-        # Requests observed and not yet counted (`_count`), and their size in rows (plus one per request).
+        # Requests observed and not yet counted (`_count`), and about how many bytes they hold.
         self._pending: list[_Pending] = []
         self._pending_size = 0
         # Counted requests by id, encoded, not yet written to Redis (bounded); once written, Redis (with its TTL)
@@ -171,7 +171,7 @@ class LiveRecorder:
             out = out.copy()
         self._pending.append((model, version, patch or "none", arm, source, groups, raw, raw_kind, out, out_kind,
                               request_id))
-        self._pending_size += n + 1
+        self._pending_size += raw.nbytes + out.nbytes + 64 * (n + 1)  # the arrays, the groups, the record
         if self._pending_size >= _COUNT_AT:
             self._count()
 

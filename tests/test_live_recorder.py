@@ -12,7 +12,7 @@ import numpy as np
 from redis.asyncio import Redis
 
 from service import live_fairness as lf
-from service.live_observe import LiveRecorder
+from service.live_observe import _COUNT_AT, LiveRecorder
 
 
 def expected_counts(requests: list[tuple]) -> Counter:
@@ -97,3 +97,15 @@ def test_requests_kept_for_feedback_are_bounded():
     live._count()
     assert list(live._unflushed) == [f"r{i}" for i in range(15, 25)]  # the newest ten
     assert live._counts[("m", "1")][lf.field("none", "active", "given", "a", "n")] == 25
+
+
+def test_requests_waiting_to_be_counted_are_bounded_in_bytes():
+    live = LiveRecorder(None)  # type: ignore[arg-type] - nothing here reaches Redis
+    big = np.zeros((1000, 2))
+    groups = ["a"] * 1000
+    i = 0
+    while not live._counts:  # counted without a flush once they hold about _COUNT_AT bytes
+        live.observe("m", "1", None, "active", groups, big, "logits", big, "logits", None)
+        i += 1
+        assert i * 2 * big.nbytes <= 2 * _COUNT_AT
+    assert live._pending == [] and live._counts[("m", "1")][lf.field("none", "active", "given", "a", "n")] == i * 1000
