@@ -4,16 +4,17 @@ With `PROMETHEUS_MULTIPROC_DIR` set (several gateway workers, or a worker proces
 prometheus-client keeps every process's values in files there and `exposition` merges them; the
 directory must exist and be emptied before the processes start (prometheus-client's rule).
 
-The hot path (service.fast_path) records one request through `RequestMetrics.observe`, which buffers it:
-a request costs a dict lookup and a list append, and the buffers are folded into the metrics in bulk
-(`RequestMetrics.fold`) rather than each request taking prometheus-client's locks four times. Label
-values are bounded: a request whose model did not resolve is labelled with model "" (a flood of
+The hot path (service.fast_path) records one request through `RequestMetrics.observe`, which buffers
+it: a request costs a dict lookup and three appends to an array of doubles, and the buffers are folded
+into the metrics in bulk (`RequestMetrics.fold`) rather than each request taking prometheus-client's
+locks four times. Label values are bounded: a request whose model did not resolve is labelled with model "" (a flood of
 unknown names must not mint a series each).
 """
 
 from __future__ import annotations
 
 import os
+from array import array
 
 import numpy as np
 from prometheus_client import (
@@ -73,17 +74,20 @@ _Children = tuple[Counter, Histogram, Histogram, Histogram]  # requests, request
 _Key = tuple[str, str, str, str, int]  # model, version, patch, route, status
 FOLD_S = 1.0  # how often a running gateway folds its buffered observations (service.observability)
 _FOLD_AT = 1024  # a label combination's buffer is folded at once when it holds this many requests
+_NAN = float("nan")
 
 
 class RequestMetrics:
-    """The hot path's recorder. A request appends its three durations to its label combination's buffer (a list
-    append: no lock, no per-bucket walk); `fold` moves the buffers into prometheus-client's metrics, which alone
+    """The hot path's recorder. A request appends its three durations to its label combination's buffer (no
+    lock, no walk over the buckets); `fold` moves the buffers into prometheus-client's metrics, which alone
     expose them (in multiprocess mode through their files). `fold` runs before every scrape of this process,
     every FOLD_S while the gateway runs (so other processes' scrapes see this one's requests), at shutdown, and
     when a buffer reaches _FOLD_AT requests (bounded memory). The event loop is the only caller."""
 
     def __init__(self) -> None:
-        self._pending: dict[_Key, list[tuple[float, float | None, float | None]]] = {}
+        # Per label combination, three floats per request (whole, upstream, patch; NaN: not met): an array of
+        # doubles, so buffered requests are no objects for the garbage collector to walk.
+        self._pending: dict[_Key, array[float]] = {}
         self._children: dict[_Key, _Children] = {}
         self._errors: dict[tuple[str, str, str], Counter] = {}
 
@@ -92,9 +96,11 @@ class RequestMetrics:
         key = (model, version, patch, route, status)
         pending = self._pending.get(key)
         if pending is None:
-            pending = self._pending[key] = []
-        pending.append((total_s, upstream_s, patch_s))
-        if len(pending) >= _FOLD_AT:
+            pending = self._pending[key] = array("d")
+        pending.append(total_s)
+        pending.append(_NAN if upstream_s is None else upstream_s)
+        pending.append(_NAN if patch_s is None else patch_s)
+        if len(pending) >= 3 * _FOLD_AT:
             del self._pending[key]
             self._fold(key, pending)
 
@@ -104,7 +110,7 @@ class RequestMetrics:
         for key, observed in pending.items():
             self._fold(key, observed)
 
-    def _fold(self, key: _Key, observed: list[tuple[float, float | None, float | None]]) -> None:
+    def _fold(self, key: _Key, observed: array[float]) -> None:
         children = self._children.get(key)
         if children is None:
             if len(self._children) > 10_000:  # bounded labels make this unreachable; a guard all the same
@@ -115,8 +121,8 @@ class RequestMetrics:
                                                UPSTREAM_SECONDS.labels(model, version),
                                                PATCH_SECONDS.labels(model, version))
         requests, total, upstream, patched = children
-        requests.inc(len(observed))
-        durations = np.array(observed, dtype=np.float64)  # None (not met) becomes NaN
+        durations = np.frombuffer(observed, dtype=np.float64).reshape(-1, 3)
+        requests.inc(len(durations))
         for histogram, column in ((total, 0), (upstream, 1), (patched, 2)):
             values = durations[:, column]
             histogram_add(histogram, values[~np.isnan(values)])
