@@ -2,10 +2,11 @@
 
 No Redis round trip per request, and little work: `observe` appends the request (its rows' groups and
 the raw and patched scores, as served) to an in-process list. A task flushes every `live_flush_s`: the
-waiting requests are counted at once (one decision per row over the batch, counts by group in C), each
-request with an id is encoded for feedback, and the counts go out as HINCRBYs on the current time bucket's hash and the
-requests as fields of one hash, in one pipeline. Every replica flushes into the same hashes, so a read
-merges all of them: the last `live_window_s` of buckets, HGETALL in one pipeline.
+waiting requests are counted at once (one decision per row over the batch, counts by group with
+bincount), each request with an id is encoded for feedback, and the counts go out as HINCRBYs on the
+current time bucket's hash and the requests as fields of one hash, in one pipeline. Every replica
+flushes into the same hashes, so a read merges all of them: the last `live_window_s` of buckets,
+HGETALL in one pipeline.
 
 Layout (prefix `fp:`): `live:{model}:{version}:{bucket}` (a hash of counts, bucket = unix time //
 `live_bucket_s`, expiring after the window) and `live-req:{bucket}` (a hash of request id -> the
@@ -22,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable
 from itertools import chain, islice
 from typing import Any
@@ -177,7 +178,7 @@ class LiveRecorder:
 
     def _count(self) -> None:
         """The waiting requests into counts and encoded records, a batch per (version, patch, arm, group source,
-        score kinds and shape): one decision per row over the batch, counted by (group, decisions) in C."""
+        score kinds and shape): one decision per row over the batch, counted by group with bincount."""
         pending, self._pending, self._pending_size = self._pending, [], 0
         batches: dict[tuple, list[_Pending]] = {}
         for p in pending:
@@ -208,16 +209,22 @@ class LiveRecorder:
             counts = self._counts[(model, version)] = defaultdict(int)
         names = self._names
         groups = list(chain.from_iterable(p[5] for p in batch))
-        for (g, both), k in Counter(zip(groups, (2 * raw + out).tolist(), strict=True)).items():
+        present = list(set(groups))
+        index = {g: i for i, g in enumerate(present)}
+        ids = np.fromiter(map(index.__getitem__, groups), dtype=np.intp, count=len(groups))
+        rows = np.bincount(ids, minlength=len(present)).tolist()
+        raw_pos = np.bincount(ids, weights=raw, minlength=len(present)).astype(np.int64).tolist()
+        out_pos = np.bincount(ids, weights=out, minlength=len(present)).astype(np.int64).tolist()
+        for g, n, r, o in zip(present, rows, raw_pos, out_pos, strict=True):
             cell = names.get((pid, arm, source, g))
             if cell is None:
-                cell = names[(pid, arm, source, g)] = tuple(lf.field(pid, arm, source, g, n)
-                                                            for n in ("n", "raw_pos", "out_pos"))
-            counts[cell[0]] += k
-            if both & 2:
-                counts[cell[1]] += k
-            if both & 1:
-                counts[cell[2]] += k
+                cell = names[(pid, arm, source, g)] = tuple(lf.field(pid, arm, source, g, name)
+                                                            for name in ("n", "raw_pos", "out_pos"))
+            counts[cell[0]] += n
+            if r:
+                counts[cell[1]] += r
+            if o:
+                counts[cell[2]] += o
         prefix = "\x1f".join((model, version, pid, arm, source, ""))
         raw_bits = (raw + _BITS).tobytes().decode("ascii")
         out_bits = (out + _BITS).tobytes().decode("ascii")
