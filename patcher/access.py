@@ -30,11 +30,11 @@ class ModelArtifact:
     def sha256(self) -> str:
         return hashlib.sha256(self.onnx_bytes).hexdigest()
 
-    def oracle(self, budget: int | None = None) -> OnnxOracle:
-        """Scores through onnxruntime, counted like any other oracle."""
+    def oracle(self, budget: int | None = None, device: str | None = None) -> OnnxOracle:
+        """Scores through onnxruntime on `device` (patcher.device), counted like any other oracle."""
         from patcher.oracle import OnnxOracle
 
-        return OnnxOracle(self.onnx_bytes, budget=budget)
+        return OnnxOracle(self.onnx_bytes, budget=budget, device=device)
 
     def torch_module(self) -> torch.nn.Module:
         """A differentiable copy (onnx2torch; opset <= 17), in eval mode. Each call gives a fresh copy."""

@@ -24,18 +24,23 @@ class UnknownGroupError(ValueError):
     """A group id or name at inference that the patch was not fitted for."""
 
 
-def _session(data: bytes):
+def _session(data: bytes, device: str | None = "cpu"):
     import onnxruntime as ort
+
+    from patcher.device import ort_session
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1  # patch graphs are tiny; threads cost more than they save
-    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    return ort_session(data, opts, device)
 
 
 class PatchRunner:
     """Runs a patch's parts. Build once per patch (sessions are the expensive part), call per batch."""
 
-    def __init__(self, patch: Patch) -> None:
+    def __init__(self, patch: Patch, device: str | None = None) -> None:
+        """`device` (patcher.device; None: FAIRPATCH_DEVICE, else auto) is where a weight patch's replacement
+        model runs. The input and output transforms stay on the CPU: elementwise graphs on a batch, where a
+        copy to the GPU and back costs more than the work."""
         patch.verify()
         self.patch = patch
         self._input = _session(patch.part("input_transform")) if patch.part("input_transform") else None
@@ -44,7 +49,14 @@ class PatchRunner:
         self._output_inputs = {i.name for i in self._output.get_inputs()} if self._output else set()
         self._group_index = {name: i for i, name in enumerate(patch.groups)}
         model = patch.part("replacement_model")
-        self._model = _session(model) if model else None
+        self._model = _session(model, device) if model else None
+
+    @property
+    def model_device(self) -> str | None:
+        """Where the replacement model runs (`cpu` or `cuda`); None without one."""
+        from patcher.device import session_device
+
+        return session_device(self._model) if self._model is not None else None
 
     @property
     def replaces_model(self) -> bool:

@@ -110,8 +110,11 @@ class OnnxOracle(CountingOracle):
     """A local ONNX model as a black box (the demo's and the tests' stand-in for an endpoint)."""
 
     def __init__(self, model: str | Path | bytes, budget: int | None = None, *, input_name: str | None = None,
-                 output_name: str | None = None, output_kind: OutputKind = "logits", **kwargs) -> None:
+                 output_name: str | None = None, output_kind: OutputKind = "logits", device: str | None = None,
+                 **kwargs) -> None:
         import onnxruntime as ort
+
+        from patcher.device import ort_session
 
         super().__init__(budget, output_kind=output_kind, **kwargs)
         source = model if isinstance(model, bytes) else str(model)
@@ -119,7 +122,7 @@ class OnnxOracle(CountingOracle):
         # Idle intra-op threads must not busy-wait: between batches they would burn the cores that the rest of
         # a job (torch, the patch fit) or a server beside it needs.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        self._session = ort_session(source, opts, device)  # device: patcher.device (None: FAIRPATCH_DEVICE/auto)
         self.input_name = input_name or self._session.get_inputs()[0].name
         self.output_name = output_name or self._session.get_outputs()[0].name
 

@@ -59,7 +59,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
             else:  # keep serving: /v2/health/ready reports it, and Redis may come back
                 log.warning("Redis at %s does not answer; the gateway is not ready", _redacted(url))
             app.state.registry = ModelRegistry(client)
-            app.state.patches = PatchStore(client, recheck_s=settings.patch_recheck_s)
+            app.state.patches = PatchStore(client, recheck_s=settings.patch_recheck_s, device=settings.device)
             app.state.patches.start()
             # Each component opens what it needs (pooled upstream client, job queue) and closes it.
             await infer.startup(app)

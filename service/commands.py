@@ -54,6 +54,9 @@ def add_service_parsers(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--spin", action="store_true",
                     help="let idle onnxruntime threads busy-wait (lower latency on a dedicated machine; burns "
                          "CPU between requests)")
+    up.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
+                    help="where the model runs (default: FAIRPATCH_DEVICE or auto: the GPU where onnxruntime-gpu "
+                         "finds one, else the CPU)")
     up.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     up.set_defaults(run=run_upstream)
 
@@ -95,6 +98,8 @@ def run_serve(args: argparse.Namespace) -> int:
         # Redis, workers are deployed on their own (`fairpatch worker`) and scaled apart from gateways.
         settings = settings.model_copy(update={"start_worker": True})
     _configure_logging(settings.log_level, _secrets(settings))
+    if not _device_ok("serve", settings.device, torch=False):
+        return 2
     # uvloop and httptools are picked when installed (uvicorn[standard]); both are on the hot path.
     app = create_app(settings)
     if kserve is not None:
@@ -116,7 +121,24 @@ def run_worker(args: argparse.Namespace) -> int:
         print(f"fairpatch worker: invalid settings: {_redact(str(e))}", file=sys.stderr)
         return 2
     _configure_logging(settings.log_level, _secrets(settings))
+    # torch (when installed) is started only to check `cuda`: importing it costs the worker's start a second or two
+    if not _device_ok("worker", settings.device, torch=None if settings.device == "cuda" else False):
+        return 2
     return main(settings, burst=args.burst, wait_s=args.wait)
+
+
+def _device_ok(command: str, device: str, *, torch: bool | None) -> bool:
+    """Start the runtimes on the configured device now: `cuda` where it cannot run fails here, in one line."""
+    from patcher.device import DeviceUnavailable, resolve
+
+    try:
+        where = resolve(device, torch=torch)
+    except DeviceUnavailable as e:
+        print(f"fairpatch {command}: {e}", file=sys.stderr)
+        return False
+    logging.getLogger("fairpatch.device").info("device %s: %s", device,
+                                               ", ".join(f"{k} on {v}" for k, v in where.items()))
+    return True
 
 
 def _redact(text: str) -> str:
@@ -133,7 +155,8 @@ def run_upstream(args: argparse.Namespace) -> int:
 
     _configure_logging(args.log_level)
     try:
-        model = OnnxModel(args.onnx, name=args.name, version=args.version, threads=args.threads, spin=args.spin)
+        model = OnnxModel(args.onnx, name=args.name, version=args.version, threads=args.threads, spin=args.spin,
+                          device=getattr(args, "device", None))
     except Exception as e:  # missing file, not ONNX, unsupported signature: say so, no traceback
         print(f"fairpatch upstream: cannot load {args.onnx}: {e}", file=sys.stderr)
         return 2

@@ -63,8 +63,10 @@ class OnnxModel:
     """One ONNX model behind one onnxruntime session, with its V2 metadata read from the graph."""
 
     def __init__(self, model: str | Path | bytes, name: str, version: str = "1", *, threads: int = 0,
-                 spin: bool = False) -> None:
+                 spin: bool = False, device: str | None = None) -> None:
         import onnxruntime as ort
+
+        from patcher.device import ort_session, session_device
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads  # 0: onnxruntime's default, one per core
@@ -72,8 +74,9 @@ class OnnxModel:
         # dedicated machine and, between requests, burns the cores that the server's other work (and anything
         # sharing the machine, such as a gateway in front of it) needs. Off unless asked for.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        self.session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), opts,
-                                            providers=["CPUExecutionProvider"])
+        # device (patcher.device): None = FAIRPATCH_DEVICE, else auto (the GPU where onnxruntime-gpu finds one)
+        self.session = ort_session(model if isinstance(model, bytes) else str(model), opts, device)
+        self.device = session_device(self.session)
         self.name, self.version = name, version
         inputs = [(a, _metadata_tensor(a)) for a in self.session.get_inputs()]
         unsupported = [f"{a.name} ({a.type})" for a, t in inputs if t is None]

@@ -28,6 +28,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from patcher.apply import PatchRunner
+from patcher.device import DeviceUnavailable
 from patcher.patch import Patch, PatchError
 from service.errors import ApiError
 from service.rollout import Rollout
@@ -51,8 +52,9 @@ class PatchUnservable(ApiError):
 
 
 class PatchStore:
-    def __init__(self, redis: Redis, prefix: str = "fp:", recheck_s: float = 5.0) -> None:
+    def __init__(self, redis: Redis, prefix: str = "fp:", recheck_s: float = 5.0, device: str = "cpu") -> None:
         self.redis = redis
+        self.device = device  # where weight patches' replacement models run (patcher.device)
         self.prefix = prefix
         self.recheck_s = recheck_s
         self._active: dict[tuple[str, str], str | None] = {}  # (model, version) -> patch id
@@ -204,7 +206,13 @@ class PatchStore:
             log.error("%s", refused.message)
             raise refused from None
         if runner is None:
-            runner = self._runners[pid] = PatchRunner(patch)
+            try:
+                runner = self._runners[pid] = PatchRunner(patch, self.device)
+            except DeviceUnavailable as e:  # checked at start; a GPU lost since is the operator's to fix
+                self._refused[(model, version, pid)] = str(e)
+                refused = PatchUnservable(model, version, pid, str(e))
+                log.error("%s", refused.message)
+                raise refused from None
         self._serving[key] = (pid, runner)
         return runner
 

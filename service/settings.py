@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -90,6 +90,10 @@ class Settings(BaseSettings):
     # /v2/health/ready and /v2/models/{m}/ready ask the upstreams too (answers cached ~1.5 s), so a readiness
     # probe takes a gateway whose model servers are down out of rotation; off: they check Redis alone.
     ready_checks_upstreams: bool = True
+    # Where models run (patcher.device): the weight patches served in process, the local upstream, and the worker's
+    # fits (torch) and oracles (onnxruntime). auto: the GPU where onnxruntime-gpu / a CUDA torch finds one, else
+    # the CPU; cuda: the GPU or a start-up error that says what to install; cpu: the CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @field_validator("redis_url", "payload_log_url", mode="before")
     @classmethod
@@ -107,6 +111,11 @@ class Settings(BaseSettings):
                 return json.loads(v)
             return [p.strip() for p in v.split(",") if p.strip()]
         return v
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, v: object) -> object:
+        return (v.strip().lower() or "auto") if isinstance(v, str) else v
 
     @field_validator("data_dir", mode="after")
     @classmethod

@@ -29,6 +29,7 @@ from urllib.parse import quote
 import aiohttp
 import httpx
 import numpy as np
+import orjson
 import pydantic_core
 import yarl
 from pydantic import ValidationError
@@ -185,9 +186,46 @@ def _listed(t: RequestInput | Tensor) -> RequestInput:
     return t
 
 
+def _json_data(data: Any) -> Any:
+    """A tensor's values as orjson writes them: numeric arrays straight from numpy, floats widened to float64 (so
+    the text is `tolist`'s: each value's exact decimal, as before), anything else as it is or as a list."""
+    if type(data) is not np.ndarray:
+        return data
+    kind = data.dtype.kind
+    if kind == "f":
+        return np.ascontiguousarray(data, dtype=np.float64)
+    if kind in "iub":
+        return np.ascontiguousarray(data)
+    return data.tolist()
+
+
 def encode_v2(inputs: Sequence[RequestInput] | Sequence[Tensor], outputs: Sequence[RequestOutput] | None = None,
               parameters: Parameters | None = None, request_id: str | None = None) -> bytes:
-    """A V2 infer request body as JSON (pydantic-core serialises it; tensors are not re-validated)."""
+    """A V2 infer request body as JSON; tensors are not re-validated. orjson writes it: a 64-row Adult tensor in a
+    quarter of pydantic-core's time (benchmarks/gateway_parse.py), in the same bytes (the same fields in the same
+    order, the same number text); what orjson refuses (an integer past 64 bits, say) pydantic-core writes."""
+    doc: dict[str, Any] = {}
+    if request_id is not None:
+        doc["id"] = request_id
+    if parameters:
+        doc["parameters"] = parameters
+    doc["inputs"] = [{"name": t.name, "shape": t.shape, "datatype": t.datatype, "data": _json_data(t.data)}
+                     if t.parameters is None else
+                     {"name": t.name, "shape": t.shape, "datatype": t.datatype, "parameters": t.parameters,
+                      "data": _json_data(t.data)} for t in inputs]
+    if outputs:
+        doc["outputs"] = [{"name": o.name} if o.parameters is None else {"name": o.name, "parameters": o.parameters}
+                          for o in outputs]
+    try:
+        return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    except TypeError:  # orjson.JSONEncodeError is one
+        return encode_v2_pydantic(inputs, outputs, parameters, request_id)
+
+
+def encode_v2_pydantic(inputs: Sequence[RequestInput] | Sequence[Tensor],
+                       outputs: Sequence[RequestOutput] | None = None, parameters: Parameters | None = None,
+                       request_id: str | None = None) -> bytes:
+    """`encode_v2` by pydantic-core: what it falls back on, and what its tests compare it with."""
     request = InferRequest.model_construct(id=request_id, parameters=parameters or None,
                                            inputs=[_listed(t) for t in inputs],
                                            outputs=list(outputs) if outputs else None)

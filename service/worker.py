@@ -164,15 +164,16 @@ def eval_sample(y: np.ndarray, groups: np.ndarray, budget: int, seed: int) -> np
 
 def _evaluate(spec: ModelSpec, patch: Any, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
               cancelled: threading.Event, seed: int, group_names: tuple[str, ...] = (),
-              criterion: str | None = None) -> dict[str, Any]:
+              criterion: str | None = None, device: str = "cpu") -> dict[str, Any]:
     """Headline metrics on the held-out rows before and after the patch (patcher.pipeline.score: the patch runs
     as the gateway runs it, randomized decisions drawn reproducibly from `seed`), through an unbudgeted oracle."""
+    from patcher.apply import PatchRunner
     from patcher.group_figures import by_group
     from patcher.pipeline import score
     from service.http_oracle import HttpOracle
 
     with _cancellable(HttpOracle(spec), cancelled) as oracle:
-        s = score(patch, oracle.log_probs, X, y, groups, seed=seed)
+        s = score(PatchRunner(patch, device), oracle.log_probs, X, y, groups, seed=seed)
         scores = {"before": s.before, "after": s.after, "eval_queries": oracle.queries_used,
                   "group_at_inference": s.group_at_inference, "served_by": s.served_by,
                   # per group, with bootstrap intervals: what the HTML report plots
@@ -250,8 +251,10 @@ async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, 
         access = oracle = _cancellable(await asyncio.to_thread(HttpOracle, spec, budget=job.query_budget),
                                        cancelled, progress.sent)
 
+    device = ctx["settings"].device
     request = FitRequest(criterion=job.criterion, budget=job.query_budget, seed=job.seed, progress=progress,
-                         output_kind=spec.upstream.output_kind, access=job.access, exemplar=exemplar, row_ids=fit_idx)
+                         output_kind=spec.upstream.output_kind, access=job.access, exemplar=exemplar, row_ids=fit_idx,
+                         device=device)
 
     def fit() -> Any:
         try:
@@ -274,11 +277,11 @@ async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, 
         await jobs.running_progress(job.id, {"fraction": FIT_SHARE, "stage": stage[0], "queries_used": queries_used})
         scores = await asyncio.to_thread(_evaluate, spec, patch, data.X[held_idx], data.y[held_idx],
                                          data.groups[held_idx], cancelled, job.seed, data.group_names,
-                                         job.criterion)
+                                         job.criterion, device)
     else:  # holdout 0 or eval_budget 0: nothing held out to score on, and the result says so
         from patcher.apply import PatchRunner
 
-        runner = PatchRunner(patch)
+        runner = PatchRunner(patch, "cpu")  # read for what it needs, never run
         scores = {"before": None, "after": None, "by_group": None, "eval_queries": 0,
                   "group_at_inference": runner.needs_group,
                   "served_by": "patch" if runner.replaces_model else "upstream",
@@ -290,13 +293,15 @@ async def _run(ctx: dict[str, Any], job: JobRecord, cancelled: threading.Event, 
     bound = patch.for_model(spec.name, spec.version)
     patch_id = await ctx["patches"].put(bound)
     report_dict = report.model_dump(mode="json") if hasattr(report, "model_dump") else dict(report)
+    if "warning" in report_dict and report_dict["warning"] is None:  # a report says "warning" only to warn
+        del report_dict["warning"]
     held_out = scores.get("held_out")
     if held_out is not None:  # the activation guard reads it (service.rollout); the report says it in words
         from patcher.verdict import warning
 
         await ctx["patches"].set_verdict(patch_id, held_out)
-        if (said := warning(held_out)) is not None:
-            report_dict["warning"] = said
+        if (said := warning(held_out)) is not None:  # after the method's own words, if it said any
+            report_dict["warning"] = f"{report_dict['warning']}. {said}" if report_dict.get("warning") else said
     return plain({"patch_id": patch_id, "queries_used": queries_used, "eval_queries": scores["eval_queries"],
                   "fit_rows": int(len(fit_idx)), "holdout_rows": int(len(held_idx)),
                   "query_budget": job.query_budget, "eval_budget": job.eval_budget,
@@ -447,7 +452,7 @@ def worker_settings(settings: Settings, redis_url: str, **overrides: Any) -> dic
         redis = ctx["redis"]
         jobs = JobStore(redis)
         ctx.update(settings=settings, jobs=jobs, registry=ModelRegistry(redis),
-                   datasets=DatasetStore(redis), patches=PatchStore(redis))
+                   datasets=DatasetStore(redis), patches=PatchStore(redis, device=settings.device))
         ctx["sweeper"] = asyncio.ensure_future(_sweep(jobs, settings.job_heartbeat_timeout_s))
         ctx["failed_runs"] = set()  # arq ids of runs that ended a job as failed (shared by every job's ctx)
         log.info("worker ready on queue %r", settings.job_queue)

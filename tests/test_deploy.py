@@ -113,7 +113,8 @@ def test_image_pins_are_the_pyproject_pins():
     for pkg in ("torch", "torchvision"):
         assert f'"{torch[pkg]}"' in text, f"the worker image must install {torch[pkg]} (pyproject's torch extra)"
     assert "download.pytorch.org/whl/cpu" in text  # the CPU wheels for the CPU worker
-    assert f'"{extra_pins("gpu")["onnxruntime-gpu"]}"' in text
+    for pin in extra_pins("gpu").values():  # onnxruntime-gpu and the CUDA libraries it loads
+        assert f'"{pin}"' in text, f"the GPU image must install {pin} (pyproject's gpu extra)"
 
 
 def test_dockerignore_admits_what_the_build_copies():

@@ -151,3 +151,42 @@ def test_cuts_that_accept_or_reject_a_whole_group_are_never_fair():
     assert np.isinf(unfair[0]) and np.isinf(unfair[-1])  # nobody / everybody accepted
     assert np.isinf(unfair[1]) and np.isinf(unfair[5])  # none of group 1 / all of group 0
     assert np.isfinite(unfair[2]) and np.isfinite(unfair[4])
+
+
+def test_the_guard_returns_no_patch_when_cross_fitting_cannot_show_eo_improves(adult, adult_model, tune):
+    """Eraser for eo on 100 queries fits noise (on the test split its patch moved eo from 0.097 to 0.276): the
+    cross-fitted comparison on the paid rows cannot show an improvement, so the patch is the identity and the
+    report says why in words."""
+    patch, report = fit("eraser", OnnxOracle(adult_model.onnx_bytes, budget=100), tune, "eo", 100)
+    g = report.guard
+    assert g["rows"] == 100 and g["folds"] == 5 and g["confidence"] == 0.9 and g["verdict"] != "improved"
+    assert g["change_ci"][1] >= 0 and "no patch returned" in report.warning and "eo" in report.warning
+    assert report.alpha == 0.0 and report.threshold == 0.0 and report.queries_used == 100  # the folds pay nothing
+    logp = OnnxOracle(adult_model.onnx_bytes).log_probs(adult.test.X)
+    served = PatchRunner(patch).predict(adult.test.X, logp, adult.test.groups)
+    assert np.array_equal(served, logp.argmax(1))  # exactly the model's own decisions
+    assert patch.manifest["report"]["warning"] == report.warning
+
+
+def test_the_guard_keeps_a_patch_that_improves_and_can_be_turned_off(adult_model, tune):
+    oracle = OnnxOracle(adult_model.onnx_bytes, budget=300)
+    patch, report = fit("eraser", oracle, tune, "dp", 300, guard=0.9)
+    assert report.guard["verdict"] == "improved" and report.guard["change_ci"][1] < 0 and report.warning is None
+    assert report.alpha > 0 and oracle.queries_used == report.queries_used <= 300  # the folds pay nothing
+    _, unchecked = fit("eraser", OnnxOracle(adult_model.onnx_bytes, budget=100), tune, "eo", 100, guard=0)
+    assert unchecked.guard is None and unchecked.warning is None and unchecked.alpha > 0
+
+
+def test_weighted_verdict_equals_replicated_rows():
+    from patcher.verdict import held_out_verdict
+
+    rng = np.random.default_rng(1)
+    n = 400
+    g, y = rng.integers(0, 2, n), rng.integers(0, 2, n)
+    before, after = rng.integers(0, 2, n), rng.integers(0, 2, n)
+    reps = rng.integers(1, 4, n)
+    weighted = held_out_verdict(y, before, after, g, 2, "eo", weights=reps.astype(float), n_boot=10)
+    rows = np.repeat(np.arange(n), reps)
+    replicated = held_out_verdict(y[rows], before[rows], after[rows], g[rows], 2, "eo", n_boot=10)
+    for key in ("gap_before", "gap_after", "change"):
+        assert weighted[key] == pytest.approx(replicated[key], abs=1e-9)

@@ -18,7 +18,7 @@ from patcher.oracle import BudgetExceeded, OnnxOracle
 from patcher.scores import to_log_probs
 from service.http_oracle import HttpOracle
 from service.local_upstream import OnnxModel, create_upstream_app
-from service.oip import InferRequest
+from service.oip import InferRequest, RequestInput, RequestOutput, Tensor
 from service.registry import ModelSpec, UpstreamSpec
 from service.serve_thread import ServerThread
 from service.upstream import (
@@ -29,6 +29,8 @@ from service.upstream import (
     UpstreamTimeout,
     decode_scores,
     encode_request,
+    encode_v2,
+    encode_v2_pydantic,
     error_from_response,
     infer_url,
     v2_model_url,
@@ -83,6 +85,37 @@ def test_request_bodies_per_protocol():
     assert json.loads(encode_request(spec(protocol="v1"), X).body) == {"instances": [[1.5, 2.0], [3.0, -4.25]]}
     assert json.loads(encode_request(spec(protocol="mlflow"), X).body) == {"inputs": [[1.5, 2.0], [3.0, -4.25]]}
     assert all(encode_request(spec(protocol=p), X).header_length is None for p in ("v2", "v1", "mlflow"))
+
+
+def _v2_cases():
+    rng = np.random.default_rng(3)
+    bits = rng.integers(0, 2**32, size=4000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    f32 = bits[np.isfinite(bits)]  # every exponent, subnormals included
+    adult_like = rng.normal(size=(64, 103)).astype(np.float32)
+    return {
+        "floats as parsed": ([Tensor("input", [64, 103], "FP32", None, adult_like.ravel().tolist())], None, None),
+        "float32 array": ([Tensor("input", [len(f32)], "FP32", None, f32)], None, None),
+        "float16 and float64 arrays": ([Tensor("h", [3], "FP16", None, np.array([0.1, -2.5, 65504], np.float16)),
+                                        Tensor("d", [2], "FP64", None, np.array([0.1, 1e300]))], None, None),
+        "integers, bools, strings": ([Tensor("i", [3], "INT64", None, np.array([-(2**63), 0, 2**63 - 1])),
+                                      Tensor("u", [2], "UINT8", None, np.array([0, 255], np.uint8)),
+                                      Tensor("b", [2], "BOOL", None, np.array([True, False])),
+                                      Tensor("s", [2], "BYTES", None, np.array(["a", "é"], dtype=object)),
+                                      Tensor("l", [2, 2], "INT32", {"k": None}, [[1, 2], [3, 4]])], None, None),
+        "outputs, parameters, id": ([RequestInput(name="x", shape=[1], datatype="FP32", data=[0.5])],
+                                    [RequestOutput(name="a"), RequestOutput(name="b", parameters={"p": 1})],
+                                    {"fairpatch_x": "y", "n": None, "nested": {"f": 1.5}}),
+        "ints past 64 bits (pydantic writes them)": ([Tensor("x", [1], "FP64", None, [2**70])], None, {"b": 2**80}),
+        "empty parameters": ([Tensor("x", [0, 2], "FP32", None, np.zeros((0, 2), np.float32))], None, {}),
+    }
+
+
+@pytest.mark.parametrize("case", list(_v2_cases()))
+def test_v2_request_bodies_are_pydantics_bytes(case):
+    """orjson writes the upstream request in the bytes pydantic-core wrote (numbers, field order, omissions)."""
+    inputs, outputs, parameters = _v2_cases()[case]
+    for rid in (None, "r-1"):
+        assert encode_v2(inputs, outputs, parameters, rid) == encode_v2_pydantic(inputs, outputs, parameters, rid)
 
 
 def test_v2_scores_pick_the_named_output_or_the_first():

@@ -230,6 +230,40 @@ def test_a_weight_patch_with_a_group_output_transform_needs_the_group(world):
         deactivate(world, m)
 
 
+def test_a_weight_patch_answers_in_the_binary_tensor_extension_when_asked(world):
+    """Triton's client against the gateway while only the patch can answer (its upstream is down): JSON or binary
+    inputs, each with JSON or binary outputs; every answer equals the JSON one, and binary is only what was
+    asked for (an output's own flag, or the request's binary_data_output)."""
+    import tritonclient.http as triton
+
+    from service import binary_tensors
+
+    m, X = world.names.down, rows(64, seed=9)
+    patch = Patch.build(method="weights-test", n_classes=2, replacement_model=world.replacement).for_model(m, "1")
+    activate(world, m, upload(world, m, patch))
+    client = triton.InferenceServerClient(url=world.client.base_url.netloc.decode())
+    try:
+        want = scores(infer(world, m, v2(X)))
+        for binary_in in (False, True):
+            for binary_out in (False, True):
+                features = triton.InferInput("input", list(X.shape), "FP32")
+                features.set_data_from_numpy(X, binary_data=binary_in)
+                outputs = [triton.InferRequestedOutput("logits", binary_data=binary_out)]
+                result = client.infer(m, [features], model_version="1", outputs=outputs)
+                np.testing.assert_array_equal(result.as_numpy("logits"), want)
+                (out,) = result.get_response()["outputs"]
+                assert ("data" not in out) == binary_out, out  # binary outputs carry binary_data_size instead
+        # the request-wide flag, and a JSON body with no Inference-Header-Content-Length at all
+        r = infer(world, m, v2(X, parameters={"binary_data_output": True}))
+        assert r.headers["content-type"] == binary_tensors.CONTENT_TYPE and r.headers["fairpatch-served-by"] == "patch"
+        doc, blob = binary_tensors.split(r.content, r.headers["inference-header-content-length"])
+        binary_tensors.attach(doc["outputs"], blob, "output")
+        np.testing.assert_array_equal(np.asarray(doc["outputs"][0]["data"]).reshape(want.shape), want)
+    finally:
+        client.close()
+        deactivate(world, m)
+
+
 @pytest.mark.parametrize(("body", "message"), [
     (v2(rows(3, 1)[:, :4]), "expects [-1, 5]"),
     (json.dumps(v2(np.full((2, D), np.nan, dtype=np.float32))), "NaN"),

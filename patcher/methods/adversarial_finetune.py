@@ -104,7 +104,7 @@ def soft_bias(soft, y: np.ndarray, groups: np.ndarray, n_groups: int, measure: s
     rates = []
     for parts in measure_weights(y, groups, n_groups, measure):
         if all(m.any() for m, _ in parts):
-            rates.append(sum(c * soft[torch.as_tensor(m)].mean() for m, c in parts))
+            rates.append(sum(c * soft[torch.as_tensor(m, device=soft.device)].mean() for m, c in parts))
         else:
             rates.append(None)
     present = [r for r in rates if r is not None]
@@ -182,7 +182,7 @@ def _train(ctx: FitContext, train: TuningData, seed: int) -> FitResult:
     hook = head.register_forward_pre_hook(lambda _m, inp: captured.__setitem__("h", inp[0]))
     # critic="exact" learns nothing: the batch's bias comes straight from the model's own soft decisions
     critic = None if opts.critic == "exact" else make_critic(opts.critic, head.in_features, opts.batch_size,
-                                                              opts.critic_hidden, ctx.measure)
+                                                              opts.critic_hidden, ctx.measure).to(ctx.device)
     critic_opt = None if critic is None else torch.optim.Adam(critic.parameters(), lr=opts.critic_lr)
     head_only = opts.train_layers == "last"
     if head_only:  # frozen features: no gradient, and dropout / batch-norm statistics stay as trained
@@ -191,9 +191,9 @@ def _train(ctx: FitContext, train: TuningData, seed: int) -> FitResult:
         for p in head.parameters():
             p.requires_grad_(True)
     actor_opt = torch.optim.Adam(head.parameters() if head_only else actor.parameters(), lr=opts.lr)
-    X = torch.from_numpy(np.array(train.X, np.float32))
+    X = torch.from_numpy(np.array(train.X, np.float32)).to(ctx.device)
     y_np, g_np, G = np.asarray(train.y), np.asarray(train.groups), ctx.data.n_groups
-    y_t = torch.from_numpy(y_np.astype(np.float32))
+    y_t = torch.from_numpy(y_np.astype(np.float32)).to(ctx.device)
     rng = np.random.default_rng(seed)
     tau = _operating_tau(ctx, ctx.scorer.margin(actor))
     best_op, best_state, best_epoch = ctx.base, copy.deepcopy(actor.state_dict()), 0
@@ -208,10 +208,10 @@ def _train(ctx: FitContext, train: TuningData, seed: int) -> FitResult:
         for _ in range(opts.critic_steps):
             idx = rng.integers(0, len(X), opts.batch_size)
             with torch.no_grad():
-                m = logit_margin(actor(X[idx]), ctx.output_kind)
+                m = logit_margin(actor(X[torch.as_tensor(idx, device=X.device)]), ctx.output_kind)
                 h = captured["h"]
                 soft = torch.sigmoid((m - tau) / opts.temperature if opts.bias_target == "operating" else m)
-            target = bias(soft.numpy(), y_np[idx], g_np[idx], G, ctx.measure)
+            target = bias(soft.cpu().numpy(), y_np[idx], g_np[idx], G, ctx.measure)
             loss = (critic(h, y_np[idx], g_np[idx], G) - target) ** 2
             critic_opt.zero_grad()
             loss.backward()
@@ -234,8 +234,9 @@ def _train(ctx: FitContext, train: TuningData, seed: int) -> FitResult:
             actor.train(not head_only)
             for _ in range(opts.actor_steps):
                 idx = rng.integers(0, len(X), opts.batch_size)
-                m = logit_margin(actor(X[idx]), ctx.output_kind)
-                bce = F.binary_cross_entropy_with_logits(m, y_t[idx])
+                rows = torch.as_tensor(idx, device=X.device)
+                m = logit_margin(actor(X[rows]), ctx.output_kind)
+                bce = F.binary_cross_entropy_with_logits(m, y_t[rows])
                 weight = torch.clamp(opts.lam * (batch_bias(m, idx).abs() - opts.epsilon + opts.delta) + 1, min=1.0)
                 loss = weight * bce
                 actor_opt.zero_grad()

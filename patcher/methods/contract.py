@@ -49,6 +49,9 @@ class FitRequest:
     access: Access | None = None  # the access kind the caller chose (None: inferred from the access object)
     exemplar: TuningData | None = None  # a second data set, for methods that take one (FORML's exemplars)
     row_ids: np.ndarray | None = None  # ids of data's rows in the caller's own data (default: positions)
+    # where torch fits and the oracles built from a model artifact run: auto, cpu or cuda (patcher.device);
+    # None: FAIRPATCH_DEVICE, else auto
+    device: str | None = None
 
     def report(self, fraction: float, info: dict) -> None:
         (self.progress or _no_progress)(fraction, info)

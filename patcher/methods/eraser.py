@@ -34,6 +34,7 @@ from patcher.oracle import Oracle
 from patcher.patch import Patch
 from patcher.scores import log_softmax, to_log_probs
 from patcher.tuning import TuningData
+from patcher.verdict import default_guard, guard_words
 
 Criterion = Literal["dp", "eo", "eopp"]
 BiasSource = Literal["group", "proxies", "estimator"]
@@ -54,6 +55,12 @@ class EraserOptions(BaseModel):
     max_accuracy_drop: float | None = Field(0.03, ge=0, description="never trade more accuracy than this")
     surrogate: bool | None = Field(None, description="impute unpaid tuning rows' scores with a ridge surrogate "
                                    "(default: for dp only; eo and eopp tune on the paid rows, reweighted)")
+    guard: float | None = Field(None, ge=0.0, lt=1.0, description="cross-fit the patch against no patch on the "
+                                "paid rows (each fold's rows decided by a patch tuned without them) and return no "
+                                "patch, saying so in the report, unless the criterion improved with this one-sided "
+                                "bootstrap confidence (two classes; 0: no check). Default: 0.9 for eo and eopp; no "
+                                "check for dp, as it costs five more tunings and at 100 queries refused good dp "
+                                "patches")
     group_strengths: bool | None = Field(None, description="one erasing strength per group, searched coordinate "
                                          "by coordinate from the common one (bias group or estimator, two "
                                          "classes; default: with more than two groups)")
@@ -72,6 +79,8 @@ class FitReport(BaseModel):
     tune_after: dict[str, float]
     curve: list[dict[str, float]]  # per alpha: best threshold, accuracy, unfairness (tuning data)
     strengths: list[float] | None = None  # group_strengths: group a's rule is erased with strength strengths[a]
+    guard: dict[str, Any] | None = None  # the cross-fitted comparison with no patch (option guard)
+    warning: str | None = None  # in words, when the patch returned is no patch at all, and why
     fit_seconds: float
 
 
@@ -276,59 +285,39 @@ def fit(access: Oracle, data: TuningData, request: FitRequest, opts: EraserOptio
     C = log_probs.shape[1]
     report_progress(0.6, {"stage": "distilling the biased rule", "queries_used": access.queries_used - used_before})
 
-    table = group_rule(log_probs, groups[idx], weights, G)
-    W = b = columns = Xe = None
-    strengths = graph_table = None
+    B = Xe = None
     if opts.bias == "proxies":
         B = X[:, opts.proxy_columns] if opts.proxy_columns else np.asarray(data.bias_features)
-        columns = opts.proxy_columns
-        W, b = fit_softlabel_logreg(B[idx], np.exp(log_probs), weights)
-        rule_all = log_softmax(B @ W + b)
     elif opts.bias == "estimator":
-        columns = opts.estimator_columns
-        Xe = X[:, columns] if columns else X
-        W, b = fit_attribute_estimator(Xe, groups, G, request.seed)
-        rule_all = np.exp(log_softmax(Xe @ W + b)) @ table
-    else:
-        rule_all = table[groups]
-
-    # Tune alpha and the threshold on the whole tuning set (paid rows exact, the rest imputed).
-    # The x-only surrogate pins down score distributions (all dp needs) but not how scores depend on
-    # the label given x, which TPR/FPR need: on Adult it doubled the accuracy cost of eo patches.
-    use_surrogate = criterion == "dp" if opts.surrogate is None else opts.surrogate
+        Xe = X[:, opts.estimator_columns] if opts.estimator_columns else X
+    ctx = _Context(X, y, groups, G, idx, weights, log_probs, criterion, opts, request.seed, B, Xe)
+    guard = None
     if C == 2:
-        paid_margin = log_probs[:, 1] - log_probs[:, 0]
-        margin = surrogate_margins(X, idx, weights, paid_margin) if use_surrogate else paid_margin
-        rows = slice(None) if use_surrogate else idx
-        w = None if use_surrogate else weights
-        correction = (rule_all[:, 1] - rule_all[:, 0])[rows]
-        yy, gg = y[rows], groups[rows]
-        _, acc0, unfair0 = sweep_thresholds(margin, yy, gg, G, criterion, w)
-        base_cut = int((margin > 0).sum())  # the model's own decision: the top rows with a positive margin
-        base_acc, base_unfair = float(acc0[base_cut]), float(unfair0[base_cut])
-        curve = []
-        for alpha in np.linspace(0.0, opts.alpha_max, opts.alpha_steps):
-            cuts, acc, unfair = sweep_thresholds(margin - alpha * correction, yy, gg, G, criterion, w)
-            curve.append((float(alpha), cuts, acc, unfair))
-        alpha, threshold, acc_after, unfair_after = choose_operating_point(
-            curve, base_acc, opts.fairness_tolerance, opts.max_accuracy_drop)
-        summary = []
-        for a, cuts, acc, unfair in curve:
-            j = int(np.argmin(np.maximum(unfair, opts.fairness_tolerance) - 1e-9 * acc))
-            summary.append({"alpha": a, "threshold": float(cuts[j]), "accuracy": float(acc[j]),
-                            "unfairness": float(unfair[j])})
-        point = OperatingPoint(alpha, threshold, base_acc, base_unfair, acc_after, unfair_after, summary)
-        per_group = (G > 2 if opts.group_strengths is None else opts.group_strengths) and opts.bias != "proxies"
-        if per_group:
-            # rows' weights over the groups whose rule they get: the group itself, or q(a | x)
-            Q = np.eye(G)[groups] if opts.bias == "group" else np.exp(log_softmax(Xe @ W + b))
-            strengths, point = tune_group_strengths(
-                margin, Q[rows], table[:, 1] - table[:, 0], yy, gg, G, criterion, w, point, opts)
-            # the graph subtracts alpha * its table: the table's rows carry strength / alpha
-            graph_table = table * (strengths / alpha if alpha > 0 else strengths)[:, None]
-            point = dataclasses.replace(point, alpha=alpha if alpha > 0 else 1.0)
+        chosen = _tune_binary(ctx, np.arange(len(idx)))
+        confidence = default_guard(criterion) if opts.guard is None else opts.guard
+        if confidence > 0:
+            report_progress(0.8, {"stage": "cross-fitting the patch against no patch"})
+            guard = _crossfit_guard(ctx, confidence)
+            if guard["verdict"] != "improved":
+                chosen = chosen.identity()
     else:
+        table = group_rule(log_probs, groups[idx], weights, G)
+        W = b = None
+        if opts.bias == "proxies":
+            W, b = fit_softlabel_logreg(B[idx], np.exp(log_probs), weights)
+            rule_all = log_softmax(B @ W + b)
+        elif opts.bias == "estimator":
+            W, b = fit_attribute_estimator(Xe, groups, G, request.seed)
+            rule_all = np.exp(log_softmax(Xe @ W + b)) @ table
+        else:
+            rule_all = table[groups]
         point = _tune_multiclass(log_probs, rule_all[idx], y[idx], groups[idx], G, criterion, opts)
+        chosen = _Choice(point, table, None, W, b)
+    point, table, strengths, W, b = chosen.point, chosen.table, chosen.strengths, chosen.W, chosen.b
+    columns = opts.proxy_columns if opts.bias == "proxies" else opts.estimator_columns
+    graph_table = None
+    if strengths is not None:  # the graph subtracts alpha * its table: the table's rows carry strength / alpha
+        graph_table = table * (strengths / point.alpha)[:, None]
     alpha, threshold = point.alpha, point.threshold
 
     report_progress(0.95, {"stage": "exporting the patch", "alpha": alpha, "threshold": threshold})
@@ -339,14 +328,138 @@ def fit(access: Oracle, data: TuningData, request: FitRequest, opts: EraserOptio
         threshold=threshold, group_at_inference=opts.bias == "group", rule=table.tolist(),
         tune_before={"accuracy": point.base_accuracy, criterion: point.base_unfairness},
         tune_after={"accuracy": point.accuracy, criterion: point.unfairness}, curve=point.curve,
-        strengths=None if strengths is None else strengths.tolist(), fit_seconds=time.perf_counter() - started)
+        strengths=None if strengths is None else strengths.tolist(), guard=guard,
+        warning=None if guard is None or guard["verdict"] == "improved" else guard_words(guard),
+        fit_seconds=time.perf_counter() - started)
     patch = Patch.build(
         method="eraser", n_classes=C, groups=list(data.group_names), group_at_inference=opts.bias == "group",
         output_transform=graph,
         params={"alpha": alpha, "threshold": threshold, "bias": opts.bias, "criterion": criterion,
                 "rule": table.tolist(), **({} if strengths is None else {"strengths": strengths.tolist()})},
-        report=report.model_dump(exclude={"curve", "fit_seconds"} | ({"strengths"} if strengths is None else set())))
+        report=report.model_dump(exclude={"curve", "fit_seconds"} | ({"strengths"} if strengths is None else set())
+                                 | ({"guard", "warning"} if guard is None else set())))
     return FitResult(patch, report)
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What a binary tuning run reads: the tuning rows, the paid rows (positions `idx`, their weights and
+    the model's log-probabilities) and the fit's settings."""
+
+    X: np.ndarray
+    y: np.ndarray
+    groups: np.ndarray
+    G: int
+    idx: np.ndarray
+    weights: np.ndarray
+    log_probs: np.ndarray
+    criterion: Criterion
+    opts: EraserOptions
+    seed: int
+    B: np.ndarray | None  # bias features (proxies)
+    Xe: np.ndarray | None  # the attribute estimator's inputs (estimator)
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """A tuned patch: the operating point, the group rule and, per bias, what computes the erased rule."""
+
+    point: OperatingPoint
+    table: np.ndarray  # log p_f(y | a), [G, C]
+    strengths: np.ndarray | None
+    W: np.ndarray | None
+    b: np.ndarray | None
+
+    def identity(self) -> _Choice:
+        """No patch: nothing erased, the model's own cut."""
+        p = self.point
+        return dataclasses.replace(self, strengths=None, point=dataclasses.replace(
+            p, alpha=0.0, threshold=0.0, accuracy=p.base_accuracy, unfairness=p.base_unfairness))
+
+    def margin_shift(self, ctx: _Context, rows: np.ndarray) -> np.ndarray:
+        """What the patch subtracts from the margin (log-odds) of tuning rows `rows`."""
+        p = self.point
+        if ctx.opts.bias == "proxies":
+            rule = p.alpha * log_softmax(ctx.B[rows] @ self.W + self.b)
+        else:
+            eff = self.table * (p.alpha if self.strengths is None else self.strengths[:, None])
+            q = np.eye(ctx.G)[ctx.groups[rows]] if ctx.opts.bias == "group" else \
+                np.exp(log_softmax(ctx.Xe[rows] @ self.W + self.b))
+            rule = q @ eff
+        return rule[:, 1] - rule[:, 0]
+
+
+def _tune_binary(ctx: _Context, keep: np.ndarray, excluded: np.ndarray | None = None) -> _Choice:
+    """Distil the rule from the paid rows `keep` (positions into ctx.idx) and tune alpha and the threshold on
+    the tuning rows, leaving out the tuning rows `excluded` (a cross-fitting fold's)."""
+    opts, criterion, G = ctx.opts, ctx.criterion, ctx.G
+    idx, weights, log_probs = ctx.idx[keep], ctx.weights[keep], ctx.log_probs[keep]
+    rows_all = np.arange(len(ctx.y)) if excluded is None else np.setdiff1d(np.arange(len(ctx.y)), excluded)
+    y, groups = ctx.y, ctx.groups
+    table = group_rule(log_probs, groups[idx], weights, G)
+    W = b = Q = None
+    if opts.bias == "proxies":
+        W, b = fit_softlabel_logreg(ctx.B[idx], np.exp(log_probs), weights)
+        rule_all = log_softmax(ctx.B @ W + b)
+    elif opts.bias == "estimator":
+        W, b = fit_attribute_estimator(ctx.Xe, groups, G, ctx.seed)
+        Q = np.exp(log_softmax(ctx.Xe @ W + b))
+        rule_all = Q @ table
+    else:
+        Q = np.eye(G)[groups]
+        rule_all = table[groups]
+
+    # Tune alpha and the threshold on the whole tuning set (paid rows exact, the rest imputed).
+    # The x-only surrogate pins down score distributions (all dp needs) but not how scores depend on
+    # the label given x, which TPR/FPR need: on Adult it doubled the accuracy cost of eo patches.
+    use_surrogate = criterion == "dp" if opts.surrogate is None else opts.surrogate
+    paid_margin = log_probs[:, 1] - log_probs[:, 0]
+    if use_surrogate:
+        pos = np.searchsorted(rows_all, idx)  # paid rows' positions among the tuning rows kept
+        margin = surrogate_margins(ctx.X[rows_all], pos, weights, paid_margin)
+        rows, w = rows_all, None
+    else:
+        margin, rows, w = paid_margin, idx, weights
+    correction = (rule_all[:, 1] - rule_all[:, 0])[rows]
+    yy, gg = y[rows], groups[rows]
+    _, acc0, unfair0 = sweep_thresholds(margin, yy, gg, G, criterion, w)
+    base_cut = int((margin > 0).sum())  # the model's own decision: the top rows with a positive margin
+    base_acc, base_unfair = float(acc0[base_cut]), float(unfair0[base_cut])
+    curve = []
+    for alpha in np.linspace(0.0, opts.alpha_max, opts.alpha_steps):
+        cuts, acc, unfair = sweep_thresholds(margin - alpha * correction, yy, gg, G, criterion, w)
+        curve.append((float(alpha), cuts, acc, unfair))
+    alpha, threshold, acc_after, unfair_after = choose_operating_point(
+        curve, base_acc, opts.fairness_tolerance, opts.max_accuracy_drop)
+    summary = []
+    for a, cuts, acc, unfair in curve:
+        j = int(np.argmin(np.maximum(unfair, opts.fairness_tolerance) - 1e-9 * acc))
+        summary.append({"alpha": a, "threshold": float(cuts[j]), "accuracy": float(acc[j]),
+                        "unfairness": float(unfair[j])})
+    point = OperatingPoint(alpha, threshold, base_acc, base_unfair, acc_after, unfair_after, summary)
+    strengths = None
+    per_group = (G > 2 if opts.group_strengths is None else opts.group_strengths) and opts.bias != "proxies"
+    if per_group:
+        strengths, point = tune_group_strengths(
+            margin, Q[rows], table[:, 1] - table[:, 0], yy, gg, G, criterion, w, point, opts)
+        point = dataclasses.replace(point, alpha=point.alpha if point.alpha > 0 else 1.0)
+    return _Choice(point, table, strengths, W, b)
+
+
+def _crossfit_guard(ctx: _Context, confidence: float) -> dict[str, Any]:
+    """patcher.verdict.crossfit_verdict over the paid rows: each fold's rows are decided by a patch distilled and
+    tuned without them (nor their imputed copies), with the model's real scores, weighted back to the tuning
+    population."""
+    from patcher.verdict import crossfit_verdict
+
+    margin = ctx.log_probs[:, 1] - ctx.log_probs[:, 0]
+
+    def decide(keep: np.ndarray, held: np.ndarray) -> np.ndarray:
+        fold = _tune_binary(ctx, keep, excluded=ctx.idx[held])
+        return margin[held] - fold.margin_shift(ctx, ctx.idx[held]) > fold.point.threshold
+
+    return crossfit_verdict(ctx.y[ctx.idx], ctx.groups[ctx.idx], ctx.G, ctx.criterion, margin > 0, decide,
+                            confidence=confidence, seed=ctx.seed, weights=ctx.weights)
 
 
 def tune_group_strengths(margin: np.ndarray, Q: np.ndarray, d: np.ndarray, y: np.ndarray, groups: np.ndarray,

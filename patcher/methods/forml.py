@@ -134,6 +134,7 @@ def fit(access: ModelArtifact | None, data: TuningData, request: FitRequest, opt
     import torch
 
     from patcher.access import torch_to_onnx
+    from patcher.device import torch_device
     from patcher.methods.forml_core import TrainConfig, train
 
     criterion, seed, exemplar, progress = request.criterion, request.seed, request.exemplar, request.progress
@@ -176,7 +177,10 @@ def fit(access: ModelArtifact | None, data: TuningData, request: FitRequest, opt
             uniform=opts.uniform, seed=seed)
         meta_gv = yv if label_groups else gv
         n_meta_groups = n_classes if label_groups else max(data.n_groups, int(gv.max()) + 1)
-        result = train(model, X[train_rows], y[train_rows], Xv, yv, meta_gv, n_meta_groups, cfg, progress)
+        device = torch_device(request.device)
+        result = train(model.to(device), X[train_rows], y[train_rows], Xv, yv, meta_gv, n_meta_groups, cfg, progress,
+                       device)
+        model.cpu()  # exported, checked and scored on the CPU
         onnx_bytes = torch_to_onnx(model, torch.as_tensor(X[:2]), input_name=input_name)
         train_pred, ex_pred = predict(model, X[train_rows]), predict(model, Xv)
         onnx_diff = _onnx_gap(model, onnx_bytes, Xv[:512])

@@ -142,17 +142,19 @@ class TrainResult:
 
 
 def train(model: nn.Module, X: np.ndarray, y: np.ndarray, Xv: np.ndarray, yv: np.ndarray, gv: np.ndarray,
-          n_groups: int, cfg: TrainConfig, progress: Callable[[float, dict], None] | None = None) -> TrainResult:
-    """Train `model` in place with FORML (or uniform weights when cfg.uniform) and return the learned weights."""
+          n_groups: int, cfg: TrainConfig, progress: Callable[[float, dict], None] | None = None,
+          device: torch.device | str = "cpu") -> TrainResult:
+    """Train `model` (on `device`) in place with FORML (or uniform weights when cfg.uniform) and return the
+    learned weights."""
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    Xt, yt = torch.tensor(X, dtype=torch.float32), torch.tensor(y, dtype=torch.long)
-    Xvt, yvt, gvt = (torch.tensor(Xv, dtype=torch.float32), torch.tensor(yv, dtype=torch.long),
-                     torch.tensor(gv, dtype=torch.long))
+    gen = torch.Generator().manual_seed(cfg.seed)  # batch order drawn on the CPU: alike on every device
+    Xt, yt = torch.tensor(X, dtype=torch.float32, device=device), torch.tensor(y, dtype=torch.long, device=device)
+    Xvt = torch.tensor(Xv, dtype=torch.float32, device=device)
+    yvt, gvt = torch.tensor(yv, dtype=torch.long, device=device), torch.tensor(gv, dtype=torch.long, device=device)
     sampler = ExemplarSampler(gv, yv, cfg.exemplar_batch, cfg.min_per_cell, cfg.seed + 7919)
     n = len(Xt)
-    w = torch.zeros(n)
-    ema = torch.full((n,), float("nan"))
+    w = torch.zeros(n, device=device)
+    ema = torch.full((n,), float("nan"), device=device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rev_model, rev_weights = cfg.reverse in ("model", "both"), cfg.reverse in ("weights", "both")
     model.train()
@@ -162,13 +164,13 @@ def train(model: nn.Module, X: np.ndarray, y: np.ndarray, Xv: np.ndarray, yv: np
         order = torch.randperm(n, generator=gen)
         meta_sum, meta_n = 0.0, 0
         for start in range(0, n, cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
+            idx = order[start:start + cfg.batch_size].to(device)
             x, yb = Xt[idx], yt[idx]
             if not cfg.uniform:
                 params = {k: p.detach().requires_grad_(True) for k, p in model.named_parameters()}
                 w_batch = w[idx].clone().requires_grad_(True)
                 ahead = lookahead(model, params, x, yb, w_batch, cfg.lookahead_lr, rev_model)
-                ex = torch.as_tensor(sampler.sample())
+                ex = torch.as_tensor(sampler.sample(), device=device)
                 m = meta_loss(functional_call(model, ahead, (Xvt[ex],)), yvt[ex], gvt[ex], cfg.meta_loss,
                               cfg.criterion, n_groups, cfg.ce_weight)
                 (gw,) = torch.autograd.grad(m, w_batch)
@@ -190,4 +192,4 @@ def train(model: nn.Module, X: np.ndarray, y: np.ndarray, Xv: np.ndarray, yv: np
         if progress:
             progress((epoch + 1) / cfg.epochs, row)
     model.eval()
-    return TrainResult(w.numpy().copy(), ema.nan_to_num(0.0).numpy().copy(), history, batches)
+    return TrainResult(w.cpu().numpy().copy(), ema.nan_to_num(0.0).cpu().numpy().copy(), history, batches)

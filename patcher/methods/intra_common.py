@@ -200,10 +200,11 @@ def default_operating(margin: np.ndarray, y: np.ndarray, groups: np.ndarray, n_g
 class Scorer:
     """Margins (logit1 - logit0) of a torch module on fixed rows, in batches, without gradients."""
 
-    def __init__(self, X: np.ndarray, output_kind: OutputKind = "logits", batch_size: int = 16384) -> None:
+    def __init__(self, X: np.ndarray, output_kind: OutputKind = "logits", batch_size: int = 16384,
+                 device: torch.device | str = "cpu") -> None:
         import torch
 
-        self.X = torch.from_numpy(np.array(X, np.float32))
+        self.X = torch.from_numpy(np.array(X, np.float32)).to(device)
         self.output_kind = output_kind
         self.batch_size = batch_size
 
@@ -214,7 +215,7 @@ class Scorer:
         with torch.no_grad():
             for i in range(0, len(self.X), self.batch_size):
                 outs.append(logit_margin(module(self.X[i:i + self.batch_size]), self.output_kind))
-        return torch.cat(outs).double().numpy()
+        return torch.cat(outs).double().cpu().numpy()
 
 
 def logit_margin(out: torch.Tensor, output_kind: OutputKind = "logits") -> torch.Tensor:
@@ -306,7 +307,7 @@ def export_weight_patch_model(access: ModelArtifact, module: torch.nn.Module, th
     from patcher.access import torch_to_onnx
 
     input_name = onnx.load_from_string(access.onnx_bytes).graph.input[0].name
-    wrapped = thresholded_module(freeze_copy(module), threshold, output_kind)
+    wrapped = thresholded_module(freeze_copy(module).cpu(), threshold, output_kind)  # exported on the CPU
     return torch_to_onnx(wrapped, torch.as_tensor(np.asarray(sample[:2], np.float32)), input_name=input_name)
 
 
@@ -373,6 +374,7 @@ class FitContext:
     started: float
     resamples: np.ndarray | None = None  # bootstrap multiplicities of the tuning rows, fixed for the fit
     output_kind: OutputKind = "logits"  # what the model's [N, 2] output holds
+    device: Any = "cpu"  # the torch.device the module and the scorer's rows are on (patcher.device)
 
     def search(self, margin: np.ndarray) -> Operating:
         return threshold_search(margin, self.data.y, self.data.groups, self.data.n_groups, self.measure, self.bound,
@@ -391,8 +393,11 @@ def prepare(access: ModelArtifact, data: TuningData, request: FitRequest, opts: 
     measure = resolve_measure(criterion, opts.bias_measure)
     if data.n_groups < 2 or len(np.unique(data.groups)) < 2:
         raise ValueError("the tuning rows hold fewer than two groups: no bias to measure")
-    module = load_binary_module(access, data, output_kind)
-    scorer = Scorer(data.X, output_kind)
+    from patcher.device import torch_device
+
+    device = torch_device(request.device)
+    module = load_binary_module(access, data, output_kind).to(device)
+    scorer = Scorer(data.X, output_kind, device=device)
     bound = opts.epsilon - opts.margin
     margin = scorer.margin(module)
     y, g, G = np.asarray(data.y), np.asarray(data.groups), data.n_groups
@@ -401,7 +406,7 @@ def prepare(access: ModelArtifact, data: TuningData, request: FitRequest, opts: 
                       default_operating(margin, y, g, G, measure, bound),
                       threshold_search(margin, y, g, G, measure, bound, resamples, epsilon=opts.epsilon,
                                        se_margin=opts.se_margin), request.report,
-                      started, resamples, output_kind)
+                      started, resamples, output_kind, device)
 
 
 def finish(method: str, ctx: FitContext, module: Any, op: Operating, details: dict[str, Any]) -> FitResult:

@@ -98,15 +98,15 @@ def fit(access: ModelArtifact, data: TuningData, request: FitRequest, opts: Laye
             flat = original.flatten()
             n = flat.numel()
             take = np.sort(rng.choice(n, size=min(n, opts.max_elements), replace=False))
-            center = flat[take].double().numpy()
+            center = flat[take].double().cpu().numpy()
             sigma = float(flat.double().std(unbiased=False)) if n > 1 else abs(float(flat[0])) or 1.0
             lower, upper = center - opts.width * sigma, center + opts.width * sigma
-            idx = torch.as_tensor(take)
+            idx = torch.as_tensor(take, device=param.device)
 
             def set_values(x: np.ndarray, param=param, original=original, idx=idx) -> None:
                 with torch.no_grad():
                     new = original.flatten().clone()
-                    new[idx] = torch.as_tensor(x, dtype=new.dtype)
+                    new[idx] = torch.as_tensor(x, dtype=new.dtype, device=new.device)
                     param.copy_(new.view_as(param))
 
             def objective(x: np.ndarray) -> float:
@@ -134,7 +134,7 @@ def fit(access: ModelArtifact, data: TuningData, request: FitRequest, opts: Laye
             param = dict(model.named_parameters())[name]
             with torch.no_grad():
                 new = param.detach().flatten().clone()
-                new[torch.as_tensor(take)] = torch.as_tensor(x, dtype=new.dtype)
+                new[torch.as_tensor(take, device=new.device)] = torch.as_tensor(x, dtype=new.dtype, device=new.device)
                 param.copy_(new.view_as(param))
         details = {"tensors": per_tensor, "chosen": None if best_change is None else best_change[0],
                    "calls": opts.calls, "seed": seed}

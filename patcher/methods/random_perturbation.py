@@ -40,7 +40,8 @@ def fit(access: ModelArtifact, data: TuningData, request: FitRequest, opts: Rand
             trial_model.load_state_dict(base_state)
             with torch.no_grad():
                 for p in trial_model.parameters():
-                    p.mul_(1 + opts.stddev * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+                    # drawn on the CPU: the same seed perturbs alike on every device
+                    p.mul_(1 + opts.stddev * torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device))
             op = ctx.evaluate(trial_model)
             objectives.append(op.objective)
             if op.objective > best_op.objective:

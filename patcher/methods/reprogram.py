@@ -40,6 +40,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from patcher.access import ModelArtifact
+from patcher.device import torch_device
 from patcher.methods.contract import FitRequest, FitResult
 from patcher.methods.reprogram_fairness import (
     Criterion,
@@ -210,9 +211,10 @@ def fit_trigger(access: Oracle | ModelArtifact, data: TuningData, request: FitRe
     torch.set_num_threads(1)  # small models: threads cost more than they save on a shared CPU
     try:
         if kind == "gradient":
-            result = _fit_gradient(access, trigger, X, y, groups, G, criterion, opts, seed, report_progress)
+            result = _fit_gradient(access, trigger, X, y, groups, G, criterion, opts, seed, report_progress,
+                                   torch_device(request.device))
         else:
-            oracle = access.oracle(budget) if isinstance(access, ModelArtifact) else access
+            oracle = access.oracle(budget, request.device) if isinstance(access, ModelArtifact) else access
             result = _fit_zo(oracle, trigger, X, y, groups, G, criterion, budget, opts, seed, report_progress)
     finally:
         torch.set_num_threads(threads)
@@ -255,7 +257,7 @@ def crossfit_folds(y: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.n
 
 
 def _train(model, trigger: Trigger, X, y, groups, G, criterion, lam: float, C: int, opts: TriggerOptions, seed: int,
-           report_progress, unit: int, units: int) -> torch.Tensor:
+           report_progress, unit: int, units: int, device: torch.device) -> torch.Tensor:
     """One trigger trained with gradients on these rows; progress reported as training unit `unit` of `units`."""
     def tick(step: int) -> None:
         if step % 50 == 0:
@@ -264,7 +266,7 @@ def _train(model, trigger: Trigger, X, y, groups, G, criterion, lam: float, C: i
     return train_trigger(model, trigger, X, y, groups, G, criterion, lam, steps=opts.steps,
                          batch_size=min(opts.batch_size, len(X)), lr=opts.lr, adv_lr=opts.adv_lr,
                          fairness=opts.fairness, seed=seed, n_classes=C, tick=tick,
-                         weights=cell_weights(y, groups) if opts.balance else None)
+                         weights=cell_weights(y, groups) if opts.balance else None, device=device)
 
 
 def selection_split(y: np.ndarray, groups: np.ndarray, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -277,23 +279,24 @@ def selection_split(y: np.ndarray, groups: np.ndarray, holdout: float, seed: int
 
 
 def _fit_gradient(artifact: ModelArtifact, trigger: Trigger, X, y, groups, G, criterion, opts, seed: int,
-                  report_progress) -> TriggerFit:
-    model = artifact.torch_module()
+                  report_progress, device: torch.device) -> TriggerFit:
+    model = artifact.torch_module().to(device)
     for p in model.parameters():
         p.requires_grad_(False)
     if opts.select_folds >= 2:
-        return _fit_gradient_crossfit(model, trigger, X, y, groups, G, criterion, opts, seed, report_progress)
+        return _fit_gradient_crossfit(model, trigger, X, y, groups, G, criterion, opts, seed, report_progress, device)
     sel, fit_rows = selection_split(y, groups, opts.holdout, seed)
     Xs, ys, gs = X[sel], y[sel], groups[sel]
     X, y, groups = X[fit_rows], y[fit_rows], groups[fit_rows]
-    base = log_softmax(model_logits(model, Xs))
+    base = log_softmax(model_logits(model, Xs, device=device))
     C = base.shape[1]
     lams = [opts.lam] if opts.lam is not None else list(opts.lams)
     thetas, logps = [], []
     for i, lam in enumerate(lams):
-        theta = _train(model, trigger, X, y, groups, G, criterion, lam, C, opts, seed, report_progress, i, len(lams))
+        theta = _train(model, trigger, X, y, groups, G, criterion, lam, C, opts, seed, report_progress, i, len(lams),
+                       device)
         thetas.append(theta)
-        logps.append((i, log_softmax(model_logits(model, Xs, trigger, theta))))
+        logps.append((i, log_softmax(model_logits(model, Xs, trigger, theta, device=device))))
     c = _select(logps, base, ys, gs, G, criterion, opts)
     for s in c.summary:
         s["lam"] = lams[s.pop("key")]
@@ -304,7 +307,7 @@ def _fit_gradient(artifact: ModelArtifact, trigger: Trigger, X, y, groups, G, cr
 
 
 def _fit_gradient_crossfit(model, trigger: Trigger, X, y, groups, G, criterion, opts, seed: int,
-                           report_progress) -> TriggerFit:
+                           report_progress, device: torch.device) -> TriggerFit:
     """Cross-fitted selection: every tuning row is scored by triggers that did not train on it, so the rule
     (lambda and threshold) sees all the rows instead of a 30% holdout (a holdout leaves ~40 rows per minority
     cell, and the point the rule picks is where their noise flatters it most). The final trigger is the chosen
@@ -312,14 +315,14 @@ def _fit_gradient_crossfit(model, trigger: Trigger, X, y, groups, G, criterion, 
     average several of them without k model calls per request."""
     K = opts.select_folds
     folds = crossfit_folds(y, groups, K, seed)
-    base = log_softmax(model_logits(model, X))
+    base = log_softmax(model_logits(model, X, device=device))
     C = base.shape[1]
     lams = [opts.lam] if opts.lam is not None else list(opts.lams)
     units = len(lams) * K + 1
 
     def train(rows: np.ndarray, lam: float, unit: int) -> torch.Tensor:
         return _train(model, trigger, X[rows], y[rows], groups[rows], G, criterion, lam, C, opts, seed,
-                      report_progress, unit, units)
+                      report_progress, unit, units, device)
 
     logps = []
     for i, lam in enumerate(lams):
@@ -327,7 +330,7 @@ def _fit_gradient_crossfit(model, trigger: Trigger, X, y, groups, G, criterion, 
         for f in range(K):
             theta = train(np.flatnonzero(folds != f), lam, i * K + f)
             held = np.flatnonzero(folds == f)
-            oof[held] = log_softmax(model_logits(model, X[held], trigger, theta))
+            oof[held] = log_softmax(model_logits(model, X[held], trigger, theta, device=device))
         logps.append((i, oof))
     c = _select(logps, base, y, groups, G, criterion, opts)
     c.selection.update(folds=K, selection_rows=len(y))

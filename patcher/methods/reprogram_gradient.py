@@ -30,23 +30,25 @@ def project(g_u: torch.Tensor, g_adv: torch.Tensor, lam: float) -> torch.Tensor:
 def train_trigger(model: nn.Module, trigger: Trigger, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
                   n_groups: int, criterion: Criterion, lam: float, *, steps: int, batch_size: int, lr: float,
                   adv_lr: float, fairness: str, seed: int, n_classes: int, weights: np.ndarray | None = None,
-                  tick: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Train one trigger at one lambda; returns its parameters. `weights`: per-row weights of the
-    utility loss (e.g. every (group, label) cell counting equally)."""
-    gen = torch.Generator().manual_seed(seed)
+                  tick: Callable[[int], None] | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Train one trigger at one lambda on `device` (where `model` is); returns its parameters, on the CPU.
+    `weights`: per-row weights of the utility loss (e.g. every (group, label) cell counting equally)."""
+    gen = torch.Generator().manual_seed(seed)  # batch order drawn on the CPU: alike on every device
     torch.manual_seed(seed)
-    Xt, yt, gt = torch.tensor(X, dtype=torch.float32), torch.tensor(y), torch.tensor(groups)
-    wt = torch.ones(len(y)) if weights is None else torch.tensor(weights, dtype=torch.float32)
-    theta = trigger.init().float().requires_grad_(True)
+    Xt, yt, gt = (torch.tensor(X, dtype=torch.float32, device=device), torch.tensor(y, device=device),
+                  torch.tensor(groups, device=device))
+    wt = torch.ones(len(y), device=device) if weights is None else \
+        torch.tensor(weights, dtype=torch.float32, device=device)
+    theta = trigger.init().float().to(device).requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=lr)
-    disc = Discriminator(n_classes, n_groups, criterion) if fairness == "adversary" else None
+    disc = Discriminator(n_classes, n_groups, criterion).to(device) if fairness == "adversary" else None
     disc_opt = torch.optim.Adam(disc.parameters(), lr=adv_lr) if disc is not None else None
     n = len(Xt)
     order, pos = torch.randperm(n, generator=gen), 0
     for step in range(steps):
         if pos + batch_size > n:
             order, pos = torch.randperm(n, generator=gen), 0
-        idx = order[pos:pos + batch_size]
+        idx = order[pos:pos + batch_size].to(device)
         pos += batch_size
         xb, yb, gb, wb = Xt[idx], yt[idx], gt[idx], wt[idx]
         logits = model(trigger.apply(xb, theta))
@@ -66,16 +68,16 @@ def train_trigger(model: nn.Module, trigger: Trigger, X: np.ndarray, y: np.ndarr
         opt.step()
         if tick is not None:
             tick(step)
-    return theta.detach()
+    return theta.detach().cpu()
 
 
 def model_logits(model: nn.Module, X: np.ndarray, trigger: Trigger | None = None, theta: torch.Tensor | None = None,
-                 batch: int = 8192) -> np.ndarray:
+                 batch: int = 8192, device: torch.device | str = "cpu") -> np.ndarray:
     out = []
     with torch.no_grad():
         for i in range(0, len(X), batch):
-            xb = torch.tensor(X[i:i + batch], dtype=torch.float32)
+            xb = torch.tensor(X[i:i + batch], dtype=torch.float32, device=device)
             if trigger is not None:
-                xb = trigger.apply(xb, theta.float())
-            out.append(model(xb).double().numpy())
+                xb = trigger.apply(xb, theta.float().to(device))
+            out.append(model(xb).double().cpu().numpy())
     return np.concatenate(out)

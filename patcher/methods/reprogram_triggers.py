@@ -65,7 +65,7 @@ class Trigger:
     def to_onnx(self, theta: torch.Tensor, name: str = "fairness_trigger") -> bytes:
         """input [N, *shape] -> output [N, *shape], x * M + D with the trained M and D baked in."""
         with torch.no_grad():
-            M, D = (t.detach().double().numpy().astype(np.float32) for t in self.affine(theta))
+            M, D = (t.detach().double().cpu().numpy().astype(np.float32) for t in self.affine(theta))
         g = GraphBuilder()
         scaled = g.op("Mul", ["input", g.const(M.reshape(self.shape), "mask")])
         g.op("Add", [scaled, g.const(D.reshape(self.shape), "delta")], "output")
@@ -97,15 +97,16 @@ class TabularTrigger(Trigger):
         return (s > 0).to(s.dtype) + soft - soft.detach()  # straight-through: hard forward, sigmoid backward
 
     def affine(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        M = torch.ones(self.shape, dtype=theta.dtype).index_put((self._index,), self.mask_values(theta))
-        D = torch.zeros(self.shape, dtype=theta.dtype).index_put((self._index,), theta[self.k:])
+        index = (self._index.to(theta.device),)
+        M = theta.new_ones(self.shape).index_put(index, self.mask_values(theta))
+        D = theta.new_zeros(self.shape).index_put(index, theta[self.k:])
         return M, D
 
     def describe(self, theta: torch.Tensor) -> dict:
-        m = self.mask_values(theta).detach().numpy()
+        m = self.mask_values(theta).detach().cpu().numpy()
         return {"form": "tabular", "mask": self.mask_kind, "dim": self.dim, "columns": self.columns,
                 "mask_values": [round(float(v), 4) for v in m],
-                "delta": [round(float(v), 4) for v in theta[self.k:].detach().numpy()]}
+                "delta": [round(float(v), 4) for v in theta[self.k:].detach().cpu().numpy()]}
 
 
 def _frame(h: int, w: int, width: int) -> np.ndarray:
@@ -130,7 +131,7 @@ class BorderTrigger(Trigger):
     def affine(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, h, w = self.shape
         W = theta.reshape(self.grid).repeat_interleave(self.block, 1).repeat_interleave(self.block, 2)[:, :h, :w]
-        return torch.ones(self.shape, dtype=theta.dtype), torch.tanh(W) * self._frame.to(theta.dtype)
+        return theta.new_ones(self.shape), torch.tanh(W) * self._frame.to(theta)
 
     def describe(self, theta: torch.Tensor) -> dict:
         return {"form": "border", "width": self.width, "block": self.block, "dim": self.dim}
@@ -154,9 +155,9 @@ class PatchTrigger(Trigger):
 
     def affine(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, h, w = self.shape
-        W = torch.zeros((c, h, w), dtype=theta.dtype)
+        W = theta.new_zeros((c, h, w))
         W[:, : self.size, : self.size] = torch.sigmoid(theta.reshape(c, self.size, self.size))
-        m = self._m.to(theta.dtype)
+        m = self._m.to(theta)
         return (1.0 - m).expand(c, h, w), W * m
 
     def describe(self, theta: torch.Tensor) -> dict:
@@ -194,9 +195,9 @@ class FrameTrigger(Trigger):
 
     def affine(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, h, w = self.shape
-        cells = theta.new_zeros(int(np.prod(self.grid))).index_put((self._live,), theta).reshape(self.grid)
-        W = cells.repeat_interleave(self.block, 1).repeat_interleave(self.block, 2)[:, :h, :w]
-        m = self._frame.to(theta.dtype)
+        cells = theta.new_zeros(int(np.prod(self.grid))).index_put((self._live.to(theta.device),), theta)
+        W = cells.reshape(self.grid).repeat_interleave(self.block, 1).repeat_interleave(self.block, 2)[:, :h, :w]
+        m = self._frame.to(theta)
         return (1.0 - m).expand(c, h, w), torch.sigmoid(W) * m
 
     def describe(self, theta: torch.Tensor) -> dict:
@@ -234,7 +235,7 @@ class ColorTrigger(Trigger):
     def to_onnx(self, theta: torch.Tensor, name: str = "fairness_trigger") -> bytes:
         """input [N, C, *spatial] -> output of the same shape: Conv with a 1x1 kernel A and bias b."""
         with torch.no_grad():
-            A, b = (t.detach().double().numpy().astype(np.float32) for t in self.mix(theta))
+            A, b = (t.detach().double().cpu().numpy().astype(np.float32) for t in self.mix(theta))
         spatial = (1,) * (len(self.shape) - 1)
         g = GraphBuilder()
         g.op("Conv", ["input", g.const(A.reshape(self.channels, self.channels, *spatial), "mix"),
@@ -245,7 +246,7 @@ class ColorTrigger(Trigger):
         return model.SerializeToString()
 
     def describe(self, theta: torch.Tensor) -> dict:
-        A, b = self.mix(theta.detach().double())
+        A, b = self.mix(theta.detach().double().cpu())
         return {"form": "color", "dim": self.dim, "mix": [[round(float(v), 4) for v in row] for row in A.numpy()],
                 "bias": [round(float(v), 4) for v in b.numpy()]}
 

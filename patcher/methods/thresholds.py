@@ -17,7 +17,7 @@ The patch graph draws u per row from the request id (PatchRunner), so decisions 
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -37,6 +37,7 @@ from patcher.metrics import criterion_gap, sweep
 from patcher.oracle import Oracle
 from patcher.patch import Patch
 from patcher.tuning import TuningData
+from patcher.verdict import default_guard, guard_words
 
 CRITERIA = ("dp", "eo", "eopp")
 # Fairlearn's default is 0 (exact parity on the tune rows): the last few thousandths of tune-set parity are the
@@ -53,6 +54,10 @@ class ThresholdOptions(BaseModel):
     tolerance: float | None = Field(None, ge=0, le=1, description="allowed spread of the constrained rate on "
                                     "the tune rows (dp, eopp; default DEFAULT_TOLERANCE; eo: 0)")
     grid_size: int = Field(1000, ge=10, le=100_000, description="steps of the grid of common rates searched")
+    guard: float | None = Field(None, ge=0.0, lt=1.0, description="cross-fit the rule against no patch on the "
+                                "scored rows (each fold's rows decided by a rule fitted without them) and return no "
+                                "patch, saying so in the report, unless the criterion improved with this one-sided "
+                                "bootstrap confidence (0: no check). Default: 0.9 for eo and eopp, no check for dp")
 
 
 class GroupPoint(BaseModel):
@@ -75,6 +80,8 @@ class ThresholdReport(BaseModel):
     groups: list[GroupPoint]
     tune_before: dict[str, float]
     tune_after: dict[str, float]  # expected (soft) figures of the randomized rule on the scored rows
+    guard: dict[str, Any] | None = None  # the cross-fitted comparison with no patch (option guard)
+    warning: str | None = None  # in words, when the patch returned is no patch at all, and why
     fit_seconds: float
 
 
@@ -202,6 +209,35 @@ def _fit_eo(curves, grid_size: int, balanced: bool):
     return rules, points
 
 
+def _fit_rule(s: Scored, criterion: str, tolerance: float, opts: ThresholdOptions):
+    """(the StepRule, each group's (cuts, weights, bias), each group's point) fitted on the scored rows `s`."""
+    curves = _group_curves(s, opts.objective)
+    if criterion == "eo":
+        rules, points = _fit_eo(curves, opts.grid_size, opts.objective == "balanced_accuracy")
+    else:
+        rules, points = _fit_rate(curves, "sr" if criterion == "dp" else "tpr", tolerance, opts.grid_size)
+    rule = StepRule(np.array([r[0] for r in rules], np.float64), np.array([r[1] for r in rules], np.float64),
+                    np.array([r[2] for r in rules], np.float64))
+    return rule, rules, points
+
+
+def _crossfit_guard(s: Scored, criterion: str, tolerance: float, opts: ThresholdOptions, confidence: float,
+                    seed: int) -> dict[str, Any]:
+    """patcher.verdict.crossfit_verdict over the scored rows (a uniform sample: no weights needed); a randomized
+    rule decides with its own uniform draws."""
+    from patcher.verdict import crossfit_verdict
+
+    rng = np.random.default_rng([seed, 13])
+
+    def decide(keep: np.ndarray, held: np.ndarray) -> np.ndarray:
+        part = Scored(s.idx[keep], s.margin[keep], s.y[keep], s.groups[keep], s.n_groups, 0)
+        rule = _fit_rule(part, criterion, tolerance, opts)[0]
+        return rule.decide(s.margin[held], s.groups[held], rng.random(len(held)) if rule.randomized else None)
+
+    return crossfit_verdict(s.y, s.groups, s.n_groups, criterion, (s.margin > 0).astype(np.int64), decide,
+                            confidence=confidence, seed=seed)
+
+
 def fit(access: Oracle, data: TuningData, request: FitRequest, opts: ThresholdOptions) -> FitResult:
     """Learn group-specific (randomized) thresholds from the model's scores on the tune rows."""
     criterion = request.criterion
@@ -211,13 +247,17 @@ def fit(access: Oracle, data: TuningData, request: FitRequest, opts: ThresholdOp
     tolerance = 0.0 if criterion == "eo" else DEFAULT_TOLERANCE if opts.tolerance is None else opts.tolerance
     started = time.perf_counter()
     s = score_tune(access, data, request)
-    curves = _group_curves(s, opts.objective)
-    if criterion == "eo":
-        rules, points = _fit_eo(curves, opts.grid_size, opts.objective == "balanced_accuracy")
-    else:
-        rules, points = _fit_rate(curves, "sr" if criterion == "dp" else "tpr", tolerance, opts.grid_size)
-    rule = StepRule(np.array([r[0] for r in rules], np.float64), np.array([r[1] for r in rules], np.float64),
-                    np.array([r[2] for r in rules], np.float64))
+    rule, rules, points = _fit_rule(s, criterion, tolerance, opts)
+    confidence = default_guard(criterion) if opts.guard is None else opts.guard
+    guard = None
+    if confidence > 0:
+        request.report(0.7, {"stage": "cross-fitting the rule against no patch"})
+        guard = _crossfit_guard(s, criterion, tolerance, opts, confidence, request.seed)
+        if guard["verdict"] != "improved":  # no patch: every group keeps the model's own cut
+            G = s.n_groups
+            rule = StepRule(np.zeros((G, 2)), np.tile([1.0, 0.0], (G, 1)), np.zeros(G))
+            rules = [([0.0, 0.0], [1.0, 0.0], 0.0)] * G
+            points = [{"rate": float(np.mean(s.margin[s.groups == g] > 0))} for g in range(G)]
     request.report(0.9, {"stage": "exporting the patch"})
     expected = rule.prob(s.margin, s.groups)
     base = (s.margin > 0).astype(np.float64)
@@ -230,13 +270,16 @@ def fit(access: Oracle, data: TuningData, request: FitRequest, opts: ThresholdOp
         randomized=rule.randomized,
         groups=[GroupPoint(group=data.group_names[g], cuts=rules[g][0], weights=list(rule.weights[g]),
                            bias=float(rule.bias[g]), **points[g]) for g in range(s.n_groups)],
-        tune_before=tune_before, tune_after=tune_after, fit_seconds=time.perf_counter() - started)
+        tune_before=tune_before, tune_after=tune_after, guard=guard,
+        warning=None if guard is None or guard["verdict"] == "improved" else guard_words(guard),
+        fit_seconds=time.perf_counter() - started)
     graph = step_rule_graph(rule, "group_thresholds",
                             doc=f"group-specific thresholds, criterion={criterion}, tolerance={tolerance}")
     patch = Patch.build(method="thresholds", n_classes=2, groups=list(data.group_names), group_at_inference=True,
                         output_transform=graph,
                         params={"criterion": criterion, "tolerance": tolerance, **rule.to_json()},
-                        report=report.model_dump(exclude={"fit_seconds"}))
+                        report=report.model_dump(exclude={"fit_seconds"} | ({"guard", "warning"} if guard is None
+                                                                             else set())))
     return FitResult(patch, report)
 
 
