@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import chain, islice
 from typing import Any
 
@@ -131,9 +131,8 @@ def _decode(raw: bytes | str) -> tuple:
     return model, version, pid, arm, source, groups.split(_RS), [int(c) for c in r], [int(c) for c in o]
 
 
-# A request waiting to be counted: model, version, patch, arm, group source, its rows' groups, the raw scores and
-# their kind, the patch's scores and their kind, the request id.
-_Pending = tuple[str, str, str, str, str, list[str], np.ndarray, str, np.ndarray, str, str | None]
+# What requests waiting to be counted share: model, version, patch, arm, group source, raw and patched score kinds.
+_Cell = tuple[str, str, str, str, str, str, str]
 # Requests waiting are counted at once past about this many bytes (their scores, groups and records): bounded memory.
 _COUNT_AT = 16 << 20
 
@@ -146,8 +145,17 @@ class LiveRecorder:
         self.bucket_s, self.window_s, self.flush_s, self.check_s = bucket_s, window_s, flush_s, check_s
         self.alert_gap, self.feedback_ttl_s, self.max_requests = alert_gap, feedback_ttl_s, max_requests
         self._counts: dict[tuple[str, str], dict[str, int]] = {}
-        # Requests observed and not yet counted (`_count`), and about how many bytes they hold.
-        self._pending: list[_Pending] = []
+        # Requests observed and not yet counted (`_count`), one entry per request in each list, and about how many
+        # bytes they hold. Each entry is a string, an array, None or a shared cell: nothing the request allocates
+        # outlives it as an object the garbage collector tracks, so waiting requests do not make its passes more
+        # frequent (each pass would carry the requests then in flight into older generations, and on to full
+        # collections of the whole heap).
+        self._cells: dict[_Cell, _Cell] = {}
+        self._p_cell: list[_Cell] = []
+        self._p_groups: list[str | tuple[str, ...]] = []  # joined by _RS (a tuple when a name holds _RS)
+        self._p_raw: list[np.ndarray] = []
+        self._p_out: list[np.ndarray] = []
+        self._p_id: list[str | None] = []
         self._pending_size = 0
         # Counted requests by id, encoded, not yet written to Redis (bounded); once written, Redis (with its TTL)
         # is the one copy, so every replica sees a request labelled once.
@@ -160,11 +168,11 @@ class LiveRecorder:
         self._stopping = False
 
     # ------------------------------------------------------------------ the hot path
-    def observe(self, model: str, version: str, patch: str | None, arm: str, groups: list[str], raw: np.ndarray,
+    def observe(self, model: str, version: str, patch: str | None, arm: str, groups: Sequence[str], raw: np.ndarray,
                 raw_kind: str, out: np.ndarray, out_kind: str, request_id: str | None, source: str = "given") -> None:
         """One served request: its rows' groups, the raw scores and the patch's (the raw ones where the patch did
         not run), each in its kind. Kept (a view's rows copied) until the next flush counts every waiting request
-        at once (`_count`): a list append per request."""
+        at once (`_count`): a few list appends per request."""
         n = len(groups)
         if len(raw) != n or len(out) != n:
             raise ValueError(f"{n} groups for {len(raw)} raw and {len(out)} patched rows")
@@ -173,45 +181,57 @@ class LiveRecorder:
             raw = raw.copy()
         if out.base is not None:
             out = out.copy()
-        self._pending.append((model, version, patch or "none", arm, source, groups, raw, raw_kind, out, out_kind,
-                              request_id))
-        self._pending_size += raw.nbytes + out.nbytes + 64 * (n + 1)  # the arrays, the groups, the record
+        key = (model, version, patch or "none", arm, source, raw_kind, out_kind)
+        cell = self._cells.get(key)
+        if cell is None:
+            cell = self._cells[key] = key
+        joined = _RS.join(groups)
+        self._p_cell.append(cell)
+        self._p_groups.append(joined if n and joined.count(_RS) == n - 1 else tuple(groups))
+        self._p_raw.append(raw)
+        self._p_out.append(out)
+        self._p_id.append(request_id)
+        self._pending_size += raw.nbytes + out.nbytes + len(joined) + 64  # the arrays, the groups, the entries
         if self._pending_size >= _COUNT_AT:
             self._count()
 
     def _count(self) -> None:
         """The waiting requests into counts and encoded records, a batch per (version, patch, arm, group source,
-        score kinds and shape): one decision per row over the batch, counted by group with bincount."""
-        pending, self._pending, self._pending_size = self._pending, [], 0
-        batches: dict[tuple, list[_Pending]] = {}
-        for p in pending:
-            key = (p[0], p[1], p[2], p[3], p[4], p[7], p[6].shape[1:], p[9], p[8].shape[1:])
+        score kinds and shapes): one decision per row over the batch, counted by group with bincount."""
+        cells, groups, raws, outs, ids = self._p_cell, self._p_groups, self._p_raw, self._p_out, self._p_id
+        self._p_cell, self._p_groups, self._p_raw, self._p_out, self._p_id = [], [], [], [], []
+        self._pending_size = 0
+        batches: dict[tuple, list[int]] = {}
+        for i, cell in enumerate(cells):
+            key = (cell, raws[i].shape[1:], outs[i].shape[1:])
             batch = batches.get(key)
             if batch is None:
-                batches[key] = [p]
+                batches[key] = [i]
             else:
-                batch.append(p)
-        for key, batch in batches.items():
+                batch.append(i)
+        for (cell, _, _), batch in batches.items():
             try:
-                self._count_batch(batch)
+                self._count_batch(cell, [groups[i] for i in batch], [raws[i] for i in batch],
+                                  [outs[i] for i in batch], [ids[i] for i in batch])
             except Exception as e:  # noqa: BLE001 - scores it cannot read lose their own batch only
-                if key[0] not in _unreadable:
-                    _unreadable.add(key[0])
-                    log.warning("live fairness cannot count model %s's answers (%s: %s)", key[0], type(e).__name__,
+                if cell[0] not in _unreadable:
+                    _unreadable.add(cell[0])
+                    log.warning("live fairness cannot count model %s's answers (%s: %s)", cell[0], type(e).__name__,
                                 e)
         if len(self._unflushed) > self.max_requests:  # the oldest go first
             for rid in list(islice(self._unflushed, len(self._unflushed) - self.max_requests)):
                 del self._unflushed[rid]
 
-    def _count_batch(self, batch: list[_Pending]) -> None:
-        model, version, pid, arm, source, _, _, raw_kind, _, out_kind, _ = batch[0]
-        raw = lf.decisions(np.concatenate([p[6] for p in batch]), raw_kind)
-        out = lf.decisions(np.concatenate([p[8] for p in batch]), out_kind)
+    def _count_batch(self, cell: _Cell, joined: list[str | tuple[str, ...]], raws: list[np.ndarray],
+                     outs: list[np.ndarray], request_ids: list[str | None]) -> None:
+        model, version, pid, arm, source, raw_kind, out_kind = cell
+        raw = lf.decisions(np.concatenate(raws), raw_kind)
+        out = lf.decisions(np.concatenate(outs), out_kind)
         counts = self._counts.get((model, version))
         if counts is None:
             counts = self._counts[(model, version)] = defaultdict(int)
         names = self._names
-        groups = list(chain.from_iterable(p[5] for p in batch))
+        groups = list(chain.from_iterable(g.split(_RS) if type(g) is str else g for g in joined))
         present = list(set(groups))
         index = {g: i for i, g in enumerate(present)}
         ids = np.fromiter(map(index.__getitem__, groups), dtype=np.intp, count=len(groups))
@@ -219,24 +239,25 @@ class LiveRecorder:
         raw_pos = np.bincount(ids, weights=raw, minlength=len(present)).astype(np.int64).tolist()
         out_pos = np.bincount(ids, weights=out, minlength=len(present)).astype(np.int64).tolist()
         for g, n, r, o in zip(present, rows, raw_pos, out_pos, strict=True):
-            cell = names.get((pid, arm, source, g))
-            if cell is None:
-                cell = names[(pid, arm, source, g)] = tuple(lf.field(pid, arm, source, g, name)
-                                                            for name in ("n", "raw_pos", "out_pos"))
-            counts[cell[0]] += n
+            fields = names.get((pid, arm, source, g))
+            if fields is None:
+                fields = names[(pid, arm, source, g)] = tuple(lf.field(pid, arm, source, g, name)
+                                                              for name in ("n", "raw_pos", "out_pos"))
+            counts[fields[0]] += n
             if r:
-                counts[cell[1]] += r
+                counts[fields[1]] += r
             if o:
-                counts[cell[2]] += o
+                counts[fields[2]] += o
         prefix = "\x1f".join((model, version, pid, arm, source, ""))
         raw_bits = (raw + _BITS).tobytes().decode("ascii")
         out_bits = (out + _BITS).tobytes().decode("ascii")
         unflushed = self._unflushed
         start = 0
-        for p in batch:
-            end = start + len(p[5])
-            if p[10] is not None:
-                unflushed[p[10]] = f"{prefix}{_RS.join(p[5])}\x1f{raw_bits[start:end]}\x1f{out_bits[start:end]}"
+        for g, scores, rid in zip(joined, raws, request_ids, strict=True):
+            end = start + len(scores)
+            if rid is not None:
+                named = g if type(g) is str else _RS.join(g)
+                unflushed[rid] = f"{prefix}{named}\x1f{raw_bits[start:end]}\x1f{out_bits[start:end]}"
             start = end
 
     # ------------------------------------------------------------------ flushing

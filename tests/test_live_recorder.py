@@ -5,6 +5,7 @@ their own batch only."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import uuid
 from collections import Counter
 
@@ -108,4 +109,34 @@ def test_requests_waiting_to_be_counted_are_bounded_in_bytes():
         live.observe("m", "1", None, "active", groups, big, "logits", big, "logits", None)
         i += 1
         assert i * 2 * big.nbytes <= 2 * _COUNT_AT
-    assert live._pending == [] and live._counts[("m", "1")][lf.field("none", "active", "given", "a", "n")] == i * 1000
+    assert live._p_cell == [] and live._counts[("m", "1")][lf.field("none", "active", "given", "a", "n")] == i * 1000
+
+
+def test_waiting_requests_leave_no_object_for_the_garbage_collector():
+    """A request waiting for the flush holds strings and arrays only (its groups joined): a second of traffic must
+    not make the collector's passes more frequent (the in-flight requests they catch go to older generations)."""
+    live = LiveRecorder(None)  # type: ignore[arg-type] - nothing here reaches Redis
+    scores = [np.zeros((2, 2)) for _ in range(1000)]
+    groups = [["a", "b"] for _ in range(1000)]
+    ids = [f"r{i}" for i in range(1000)]
+    live.observe("m", "1", None, "active", groups[0], scores[0], "logits", scores[0], "logits", ids[0])
+    gc.collect()
+    before = len(gc.get_objects())
+    for i in range(1, 1000):
+        live.observe("m", "1", None, "active", groups[i], scores[i], "logits", scores[i], "logits", ids[i])
+    assert len(gc.get_objects()) - before < 10
+    live._count()
+    assert live._counts[("m", "1")][lf.field("none", "active", "given", "a", "n")] == 1000
+
+
+def test_group_names_holding_the_separator_are_counted_as_they_are():
+    live = LiveRecorder(None)  # type: ignore[arg-type] - nothing here reaches Redis
+    s = np.array([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    live.observe("m", "1", None, "active", ["a\x1eb", "c", "a\x1eb"], s, "logits", s, "logits", None)
+    live.observe("m", "1", None, "active", [], s[:0], "logits", s[:0], "logits", "empty")
+    live._count()
+    counts = live._counts[("m", "1")]
+    assert counts[lf.field("none", "active", "given", "a\x1eb", "n")] == 2
+    assert counts[lf.field("none", "active", "given", "a\x1eb", "raw_pos")] == 2
+    assert counts[lf.field("none", "active", "given", "c", "n")] == 1
+    assert "empty" in live._unflushed
