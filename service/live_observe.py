@@ -1,7 +1,7 @@
 """Recording live fairness: the hot path's hook, the periodic flush to Redis, feedback joins, reads.
 
 No Redis round trip per request, and little work: `observe` appends the request (its rows' groups and
-the raw and patched scores, as served) to an in-process list. A task flushes every `live_flush_s`: the
+the raw and patched scores, as served) to in-process lists. A task flushes every `live_flush_s`: the
 waiting requests are counted at once (one decision per row over the batch, counts by group with
 bincount), each request with an id is encoded for feedback, and the counts go out as HINCRBYs on the
 current time bucket's hash and the requests as fields of one hash, in one pipeline. Every replica
