@@ -1,14 +1,16 @@
 """Recording live fairness: the hot path's hook, the periodic flush to Redis, feedback joins, reads.
 
-No Redis round trip per request: `observe` adds the request's counts (service.live_fairness) to an
-in-process dict, and remembers the request's decisions by id in a bounded map (for feedback). A task
-flushes both every `live_flush_s`: the counts as HINCRBYs on the current time bucket's hash, the
-request decisions as keys with a TTL, in one pipeline. Every replica flushes into the same hashes, so
-a read merges all of them: the last `live_window_s` of buckets, HGETALL in one pipeline.
+No Redis round trip per request, and little work: `observe` appends the request (its rows' groups and
+the raw and patched scores, as served) to in-process lists. A task flushes every `live_flush_s`: the
+waiting requests are counted at once (one decision per row over the batch, counts by group with
+bincount), each request with an id is encoded for feedback, and the counts go out as HINCRBYs on the
+current time bucket's hash and the requests as fields of one hash, in one pipeline. Every replica
+flushes into the same hashes, so a read merges all of them: the last `live_window_s` of buckets,
+HGETALL in one pipeline.
 
 Layout (prefix `fp:`): `live:{model}:{version}:{bucket}` (a hash of counts, bucket = unix time //
-`live_bucket_s`, expiring after the window) and `live-req:{request id}` (JSON decisions, expiring
-after `feedback_ttl_s`).
+`live_bucket_s`, expiring after the window) and `live-req:{bucket}` (a hash of request id -> the
+request's decisions, one per tenth of `feedback_ttl_s`, expiring after it).
 
 A drift check runs every `live_check_s`: a version whose served dp gap is above the alert threshold
 (service.live_fairness.figures) is logged when it starts and stops drifting, and each listener added
@@ -21,8 +23,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict, defaultdict
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from itertools import chain, islice
 from typing import Any
 
 import numpy as np
@@ -53,11 +56,14 @@ def arm_of(stage: Rollout | None, runner: Any, request_id: str | None) -> tuple[
     return "control", None, None
 
 
+_STR = {str}
+
+
 def group_names(group: Any, spec: Any, runner: Any) -> list[str]:
     """Each row's group name from the group input (ids are named by the patch's groups, else the
     registration's). The JSON case, a flat list of names, is taken as it is (the template validated it)."""
     data = group.data
-    if isinstance(data, list) and data and all(type(v) is str for v in data):
+    if isinstance(data, list) and data and set(map(type, data)) == _STR:  # map and set: no Python loop per row
         return data
     from service.oip import to_numpy
 
@@ -86,22 +92,19 @@ _unreadable: set[str] = set()
 def _record(live: LiveRecorder, spec: Any, call: Any, runner: Any, pid: str | None, arm: str, trace: Any,
             patched: np.ndarray | None) -> None:
     kind = spec.upstream.output_kind
-    raw = lf.decisions(trace.raw, trace.raw_kind or kind)
-    served = lf.decisions(trace.served, kind)
     if arm == "shadow":
         if patched is None:
             return  # the shadow failed (logged): its row would be half a record
-        out = lf.decisions(patched, kind)
-        raw = served  # what was served is the raw model's answer
+        raw, raw_kind, out = trace.served, kind, patched  # what was served is the raw model's answer
     else:
-        out = served
+        raw, raw_kind, out = trace.raw, trace.raw_kind or kind, trace.served
     if call.group is not None:
         groups, source = group_names(call.group, spec, None), "given"
     else:  # only reached when the patch has an attribute estimator (service.infer.serve)
         groups, source = estimator(runner).groups(trace.features), "estimated"
     if len(groups) != len(raw):
         return
-    live.observe(spec.name, spec.version, pid, arm, groups, raw.tolist(), out.tolist(), call.request.id, source)
+    live.observe(spec.name, spec.version, pid, arm, groups, raw, raw_kind, out, kind, call.request.id, source)
 
 
 _shadow_logged: set[str] = set()
@@ -116,18 +119,22 @@ def shadow_failed(spec: Any, runner: Any, error: Exception) -> None:
                     pid[:12], spec.name, spec.version, type(error).__name__, error)
 
 
-def _encode(entry: tuple) -> str:
-    """A recorded request as Redis keeps it: model, version, patch, arm, group source, groups, raw and patched
-    decisions (separated by \x1f, groups by \x1e, decisions as a string of 0s and 1s): cheaper than JSON."""
-    model, version, pid, arm, source, groups, raw, out = entry
-    return "\x1f".join((model, version, pid, arm, source, "\x1e".join(groups), "".join(map(str, raw)),
-                        "".join(map(str, out))))
+# A recorded request as Redis keeps it: model, version, patch, arm, group source, groups, raw and patched
+# decisions (separated by \x1f, groups by \x1e, decisions as a string of 0s and 1s): cheaper than JSON.
+_RS = "\x1e"
+_BITS = np.int8(ord("0"))  # a 0/1 decision + this = the character "0" or "1"
 
 
 def _decode(raw: bytes | str) -> tuple:
     text = raw.decode() if isinstance(raw, bytes) else raw
     model, version, pid, arm, source, groups, r, o = text.split("\x1f")
-    return model, version, pid, arm, source, groups.split("\x1e"), [int(c) for c in r], [int(c) for c in o]
+    return model, version, pid, arm, source, groups.split(_RS), [int(c) for c in r], [int(c) for c in o]
+
+
+# What requests waiting to be counted share: model, version, patch, arm, group source, raw and patched score kinds.
+_Cell = tuple[str, str, str, str, str, str, str]
+# Requests waiting are counted at once past about this many bytes (their scores, groups and records): bounded memory.
+_COUNT_AT = 16 << 20
 
 
 class LiveRecorder:
@@ -138,9 +145,21 @@ class LiveRecorder:
         self.bucket_s, self.window_s, self.flush_s, self.check_s = bucket_s, window_s, flush_s, check_s
         self.alert_gap, self.feedback_ttl_s, self.max_requests = alert_gap, feedback_ttl_s, max_requests
         self._counts: dict[tuple[str, str], dict[str, int]] = {}
-        # Requests by id not yet written to Redis (bounded); once written, Redis (with its TTL) is the one copy,
-        # so every replica sees a request labelled once.
-        self._unflushed: OrderedDict[str, tuple] = OrderedDict()
+        # Requests observed and not yet counted (`_count`), one entry per request in each list, and about how many
+        # bytes they hold. Each entry is a string, an array, None or a shared cell: nothing the request allocates
+        # outlives it as an object the garbage collector tracks, so waiting requests do not make its passes more
+        # frequent (each pass would carry the requests then in flight into older generations, and on to full
+        # collections of the whole heap).
+        self._cells: dict[_Cell, _Cell] = {}
+        self._p_cell: list[_Cell] = []
+        self._p_groups: list[str | tuple[str, ...]] = []  # joined by _RS (a tuple when a name holds _RS)
+        self._p_raw: list[np.ndarray] = []
+        self._p_out: list[np.ndarray] = []
+        self._p_id: list[str | None] = []
+        self._pending_size = 0
+        # Counted requests by id, encoded, not yet written to Redis (bounded); once written, Redis (with its TTL)
+        # is the one copy, so every replica sees a request labelled once.
+        self._unflushed: dict[str, str] = {}
         self._names: dict[tuple[str, ...], tuple[str, ...]] = {}  # (patch, arm, source, group) -> count fields
         self._seen: set[tuple[str, str]] = set()
         self._drifting: set[tuple[str, str]] = set()
@@ -149,29 +168,97 @@ class LiveRecorder:
         self._stopping = False
 
     # ------------------------------------------------------------------ the hot path
-    def observe(self, model: str, version: str, patch: str | None, arm: str, groups: list[str],
-                raw: list[int], out: list[int], request_id: str | None, source: str = "given") -> None:
-        """One served request: its rows' groups, raw decisions and the patch's decisions (the raw ones where
-        the patch did not run). In-process only: dict increments, field names built once per cell."""
-        pid = patch or "none"
+    def observe(self, model: str, version: str, patch: str | None, arm: str, groups: Sequence[str], raw: np.ndarray,
+                raw_kind: str, out: np.ndarray, out_kind: str, request_id: str | None, source: str = "given") -> None:
+        """One served request: its rows' groups, the raw scores and the patch's (the raw ones where the patch did
+        not run), each in its kind. Kept (a view's rows copied) until the next flush counts every waiting request
+        at once (`_count`): a few list appends per request."""
+        n = len(groups)
+        if len(raw) != n or len(out) != n:
+            raise ValueError(f"{n} groups for {len(raw)} raw and {len(out)} patched rows")
+        # A view would keep what it views (a binary upstream answer's whole body, say) until the flush.
+        if raw.base is not None:
+            raw = raw.copy()
+        if out.base is not None:
+            out = out.copy()
+        key = (model, version, patch or "none", arm, source, raw_kind, out_kind)
+        cell = self._cells.get(key)
+        if cell is None:
+            cell = self._cells[key] = key
+        joined = _RS.join(groups)
+        self._p_cell.append(cell)
+        self._p_groups.append(joined if n and joined.count(_RS) == n - 1 else tuple(groups))
+        self._p_raw.append(raw)
+        self._p_out.append(out)
+        self._p_id.append(request_id)
+        self._pending_size += raw.nbytes + out.nbytes + len(joined) + 64  # the arrays, the groups, the entries
+        if self._pending_size >= _COUNT_AT:
+            self._count()
+
+    def _count(self) -> None:
+        """The waiting requests into counts and encoded records, a batch per (version, patch, arm, group source,
+        score kinds and shapes): one decision per row over the batch, counted by group with bincount."""
+        cells, groups, raws, outs, ids = self._p_cell, self._p_groups, self._p_raw, self._p_out, self._p_id
+        self._p_cell, self._p_groups, self._p_raw, self._p_out, self._p_id = [], [], [], [], []
+        self._pending_size = 0
+        batches: dict[tuple, list[int]] = {}
+        for i, cell in enumerate(cells):
+            key = (cell, raws[i].shape[1:], outs[i].shape[1:])
+            batch = batches.get(key)
+            if batch is None:
+                batches[key] = [i]
+            else:
+                batch.append(i)
+        for (cell, _, _), batch in batches.items():
+            try:
+                self._count_batch(cell, [groups[i] for i in batch], [raws[i] for i in batch],
+                                  [outs[i] for i in batch], [ids[i] for i in batch])
+            except Exception as e:  # noqa: BLE001 - scores it cannot read lose their own batch only
+                if cell[0] not in _unreadable:
+                    _unreadable.add(cell[0])
+                    log.warning("live fairness cannot count model %s's answers (%s: %s)", cell[0], type(e).__name__,
+                                e)
+        if len(self._unflushed) > self.max_requests:  # the oldest go first
+            for rid in list(islice(self._unflushed, len(self._unflushed) - self.max_requests)):
+                del self._unflushed[rid]
+
+    def _count_batch(self, cell: _Cell, joined: list[str | tuple[str, ...]], raws: list[np.ndarray],
+                     outs: list[np.ndarray], request_ids: list[str | None]) -> None:
+        model, version, pid, arm, source, raw_kind, out_kind = cell
+        raw = lf.decisions(np.concatenate(raws), raw_kind)
+        out = lf.decisions(np.concatenate(outs), out_kind)
         counts = self._counts.get((model, version))
         if counts is None:
             counts = self._counts[(model, version)] = defaultdict(int)
         names = self._names
-        for g, r, o in zip(groups, raw, out, strict=True):
-            cell = names.get((pid, arm, source, g))
-            if cell is None:
-                cell = names[(pid, arm, source, g)] = tuple(lf.field(pid, arm, source, g, n)
-                                                            for n in ("n", "raw_pos", "out_pos"))
-            counts[cell[0]] += 1
+        groups = list(chain.from_iterable(g.split(_RS) if type(g) is str else g for g in joined))
+        present = list(set(groups))
+        index = {g: i for i, g in enumerate(present)}
+        ids = np.fromiter(map(index.__getitem__, groups), dtype=np.intp, count=len(groups))
+        rows = np.bincount(ids, minlength=len(present)).tolist()
+        raw_pos = np.bincount(ids, weights=raw, minlength=len(present)).astype(np.int64).tolist()
+        out_pos = np.bincount(ids, weights=out, minlength=len(present)).astype(np.int64).tolist()
+        for g, n, r, o in zip(present, rows, raw_pos, out_pos, strict=True):
+            fields = names.get((pid, arm, source, g))
+            if fields is None:
+                fields = names[(pid, arm, source, g)] = tuple(lf.field(pid, arm, source, g, name)
+                                                              for name in ("n", "raw_pos", "out_pos"))
+            counts[fields[0]] += n
             if r:
-                counts[cell[1]] += 1
+                counts[fields[1]] += r
             if o:
-                counts[cell[2]] += 1
-        if request_id is not None:
-            self._unflushed[request_id] = (model, version, pid, arm, source, groups, raw, out)
-            if len(self._unflushed) > self.max_requests:
-                self._unflushed.popitem(last=False)
+                counts[fields[2]] += o
+        prefix = "\x1f".join((model, version, pid, arm, source, ""))
+        raw_bits = (raw + _BITS).tobytes().decode("ascii")
+        out_bits = (out + _BITS).tobytes().decode("ascii")
+        unflushed = self._unflushed
+        start = 0
+        for g, scores, rid in zip(joined, raws, request_ids, strict=True):
+            end = start + len(scores)
+            if rid is not None:
+                named = g if type(g) is str else _RS.join(g)
+                unflushed[rid] = f"{prefix}{named}\x1f{raw_bits[start:end]}\x1f{out_bits[start:end]}"
+            start = end
 
     # ------------------------------------------------------------------ flushing
     def _key(self, model: str, version: str, bucket: int) -> str:
@@ -186,8 +273,9 @@ class LiveRecorder:
         return f"{self.prefix}live-req:{bucket}"
 
     async def flush(self) -> None:
+        self._count()
         counts, self._counts = self._counts, {}
-        requests, self._unflushed = self._unflushed, OrderedDict()
+        requests, self._unflushed = self._unflushed, {}
         if not counts and not requests:
             return
         bucket = int(time.time() // self.bucket_s)
@@ -201,7 +289,7 @@ class LiveRecorder:
                     pipe.expire(key, ttl)
                 if requests:
                     key = self._req_key(int(time.time() // self._req_bucket_s))
-                    pipe.hset(key, mapping={rid: _encode(e) for rid, e in requests.items()})
+                    pipe.hset(key, mapping=requests)
                     pipe.expire(key, int(self.feedback_ttl_s + self._req_bucket_s) + 1)
                 await pipe.execute()
         except Exception as e:  # noqa: BLE001 - Redis away: keep the counts for the next flush, drop the ids
@@ -237,7 +325,11 @@ class LiveRecorder:
     async def feedback(self, items: list[tuple[str, list[int]]]) -> tuple[int, list[str], list[str]]:
         """Join labels to recorded requests by id; (rows labelled, ids unknown or expired, ids whose label count
         does not match their rows). Each request is labelled once: its record is taken when joined."""
-        entries: dict[str, tuple | None] = {rid: self._unflushed.pop(rid, None) for rid, _ in items}
+        self._count()
+        entries: dict[str, tuple | None] = {}
+        for rid, _ in items:
+            mine = self._unflushed.pop(rid, None)
+            entries[rid] = None if mine is None else _decode(mine)
         ids = list(entries)
         now = time.time()
         newest = int(now // self._req_bucket_s)

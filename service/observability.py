@@ -2,13 +2,15 @@
 feeds it and the payload log (service.payload_log).
 
 The inference endpoint (service.fast_path) calls `Observer.served` once the answer is sent, or `Observer.failed`
-with the error's status; both only touch in-process objects (cached metric children, a bounded queue).
+with the error's status; both only touch in-process objects (the metrics' buffers, a bounded queue).
 `/metrics` is open like the health routes (Prometheus scrapes without credentials); it names models and
 patch ids, nothing more.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import uuid
 from time import perf_counter
@@ -20,7 +22,7 @@ from starlette.types import Scope
 from service.infer import Answer
 from service.payload_log import REQUEST_TYPE, RESPONSE_TYPE, Payload, PayloadLogger
 from service.probe import Probe
-from service.prometheus import CONTENT_TYPE, RequestMetrics, exposition, job_gauges, upstream_error_kind
+from service.prometheus import CONTENT_TYPE, FOLD_S, RequestMetrics, exposition, job_gauges, upstream_error_kind
 
 log = logging.getLogger("fairpatch.service")
 ROUTES = {"v2": "v2_infer", "v1": "v1_predict"}  # the `route` label
@@ -37,6 +39,32 @@ class Observer:
 
     def __init__(self, metrics: RequestMetrics | None, payload: PayloadLogger | None) -> None:
         self.metrics, self.payload = metrics, payload
+        self._folding: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Fold the metrics' buffered requests every FOLD_S (service.prometheus.RequestMetrics)."""
+        if self.metrics is not None:
+            self._folding = asyncio.create_task(self._fold_every(self.metrics))
+
+    @staticmethod
+    async def _fold_every(metrics: RequestMetrics) -> None:
+        while True:
+            await asyncio.sleep(FOLD_S)
+            try:
+                metrics.fold()
+            except Exception as e:  # noqa: BLE001 - a failed fold must not end the folding
+                log.warning("folding the request metrics failed: %s", e)
+
+    async def stop(self) -> None:
+        if self._folding is not None:
+            self._folding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._folding
+            self._folding = None
+        if self.metrics is not None:
+            self.metrics.fold()  # in multiprocess mode, what this process recorded outlives it in the files
+        if self.payload is not None:
+            await self.payload.stop()
 
     def served(self, protocol: str, probe: Probe, answer: Answer, scope: Scope) -> None:
         spec = probe.spec
@@ -82,6 +110,9 @@ def _content_type(scope: Scope) -> str:
 async def metrics(request: Request) -> Response:
     """Prometheus text format: this process's metrics (all processes' in multiprocess mode) and the job queue."""
     app = request.app
+    observer: Observer | None = getattr(app.state, "observer", None)
+    if observer is not None and observer.metrics is not None:
+        observer.metrics.fold()  # this process's buffered requests: a scrape sees every request answered
     extra = None
     try:
         queued = await app.state.redis.zcard(app.state.settings.job_queue)
@@ -100,11 +131,14 @@ async def startup(app: FastAPI) -> None:
                                 settings.payload_log_timeout_s)
         await payload.start()
     metrics = RequestMetrics() if settings.metrics else None
-    app.state.observer = Observer(metrics, payload) if metrics is not None or payload is not None else None
+    observer = Observer(metrics, payload) if metrics is not None or payload is not None else None
+    if observer is not None:
+        observer.start()
+    app.state.observer = observer
 
 
 async def shutdown(app: FastAPI) -> None:
     observer: Observer | None = getattr(app.state, "observer", None)
     app.state.observer = None
-    if observer is not None and observer.payload is not None:
-        await observer.payload.stop()
+    if observer is not None:
+        await observer.stop()

@@ -4,16 +4,19 @@ With `PROMETHEUS_MULTIPROC_DIR` set (several gateway workers, or a worker proces
 prometheus-client keeps every process's values in files there and `exposition` merges them; the
 directory must exist and be emptied before the processes start (prometheus-client's rule).
 
-The hot path (service.fast_path) records one request through `RequestMetrics.observe`, which caches
-each label combination's children, so a request costs a dict lookup and a few increments rather than
-`labels()` calls. Label values are bounded: a request whose model did not resolve is labelled with
-model "" (a flood of unknown names must not mint a series each).
+The hot path (service.fast_path) records one request through `RequestMetrics.observe`, which buffers
+it: a request costs a dict lookup and three appends to an array of doubles, and the buffers are folded
+into the metrics in bulk (`RequestMetrics.fold`) rather than each request taking prometheus-client's
+locks four times. Label values are bounded: a request whose model did not resolve is labelled with model "" (a flood of
+unknown names must not mint a series each).
 """
 
 from __future__ import annotations
 
 import os
+from array import array
 
+import numpy as np
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -68,33 +71,61 @@ def upstream_error_kind(exc: BaseException) -> str | None:
 
 
 _Children = tuple[Counter, Histogram, Histogram, Histogram]  # requests, request, upstream and patch seconds
+_Key = tuple[str, str, str, str, int]  # model, version, patch, route, status
+FOLD_S = 1.0  # how often a running gateway folds its buffered observations (service.observability)
+_FOLD_AT = 1024  # a label combination's buffer is folded at once when it holds this many requests
+_NAN = float("nan")
 
 
 class RequestMetrics:
-    """The hot path's recorder: labelled children cached per (model, version, patch, route, status)."""
+    """The hot path's recorder. A request appends its three durations to its label combination's buffer (no
+    lock, no walk over the buckets); `fold` moves the buffers into prometheus-client's metrics, which alone
+    expose them (in multiprocess mode through their files). `fold` runs before every scrape of this process,
+    every FOLD_S while the gateway runs (so other processes' scrapes see this one's requests), at shutdown, and
+    when a buffer reaches _FOLD_AT requests (bounded memory). The event loop is the only caller."""
 
     def __init__(self) -> None:
-        self._children: dict[tuple[str, str, str, str, int], _Children] = {}
+        # Per label combination, three floats per request (whole, upstream, patch; NaN: not met): an array of
+        # doubles, so buffered requests are no objects for the garbage collector to walk.
+        self._pending: dict[_Key, array[float]] = {}
+        self._children: dict[_Key, _Children] = {}
         self._errors: dict[tuple[str, str, str], Counter] = {}
 
     def observe(self, model: str, version: str, patch: str, route: str, status: int, total_s: float,
                 upstream_s: float | None, patch_s: float | None) -> None:
         key = (model, version, patch, route, status)
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = self._pending[key] = array("d")
+        pending.append(total_s)
+        pending.append(_NAN if upstream_s is None else upstream_s)
+        pending.append(_NAN if patch_s is None else patch_s)
+        if len(pending) >= 3 * _FOLD_AT:
+            del self._pending[key]
+            self._fold(key, pending)
+
+    def fold(self) -> None:
+        """Every buffered request into the metrics prometheus-client exposes."""
+        pending, self._pending = self._pending, {}
+        for key, observed in pending.items():
+            self._fold(key, observed)
+
+    def _fold(self, key: _Key, observed: array[float]) -> None:
         children = self._children.get(key)
         if children is None:
             if len(self._children) > 10_000:  # bounded labels make this unreachable; a guard all the same
                 self._children.clear()
+            model, version, patch, route, status = key
             children = self._children[key] = (REQUESTS.labels(model, version, patch, route, str(status)),
                                                REQUEST_SECONDS.labels(model, version, route),
                                                UPSTREAM_SECONDS.labels(model, version),
                                                PATCH_SECONDS.labels(model, version))
         requests, total, upstream, patched = children
-        requests.inc()
-        total.observe(total_s)
-        if upstream_s is not None:
-            upstream.observe(upstream_s)
-        if patch_s is not None:
-            patched.observe(patch_s)
+        durations = np.frombuffer(observed, dtype=np.float64).reshape(-1, 3)
+        requests.inc(len(durations))
+        for histogram, column in ((total, 0), (upstream, 1), (patched, 2)):
+            values = durations[:, column]
+            histogram_add(histogram, values[~np.isnan(values)])
 
     def upstream_error(self, model: str, version: str, kind: str) -> None:
         key = (model, version, kind)
@@ -102,6 +133,21 @@ class RequestMetrics:
         if child is None:
             child = self._errors[key] = UPSTREAM_ERRORS.labels(model, version, kind)
         child.inc()
+
+
+def histogram_add(histogram: Histogram, values: np.ndarray) -> None:
+    """`histogram.observe(v)` for every v in `values`, a bucket increment per bucket rather than per value. A value
+    goes in the first bucket whose upper bound is >= it (side="left"), as `observe` puts it. This reaches into the
+    child's `_upper_bounds`, `_buckets` and `_sum`: prometheus-client is pinned, and tests/test_service_metrics_fold.py
+    checks the exposition is the one `observe` gives."""
+    if not len(values):
+        return
+    bounds = histogram._upper_bounds  # ends with +Inf
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    for bucket, n in zip(histogram._buckets, counts.tolist(), strict=True):
+        if n:
+            bucket.inc(n)
+    histogram._sum.inc(float(values.sum()))
 
 
 class _JobGauges:
