@@ -82,6 +82,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
     app.state.settings = settings
     app.state.live = None  # service.live_routes.startup sets the recorder when live fairness is on
     app.state.redis_reached = False  # set once Redis has answered: readiness survives an outage after that
+    app.state.ready_specs = []  # the registrations the last readiness probe listed (service.health)
     endpoint = InferenceEndpoint(app.state, settings.max_body_bytes)
     if settings.fast_path:
         app.fast_path = endpoint

@@ -56,7 +56,7 @@ async def ready(request: Request) -> JSONResponse:
     redis_ok = await redis_answers(state.redis)
     if redis_ok:
         state.redis_reached = True
-    elif not (settings.ready_without_redis and getattr(state, "redis_reached", False)):
+    elif not (settings.ready_without_redis and state.redis_reached):
         # 503 (not the spec's generic 4xx) when not ready: the cause is on the server side, and probes and
         # load balancers treat any non-2xx as "take out of rotation" either way.
         return JSONResponse({"ready": False, "redis": False}, status_code=503)
@@ -65,7 +65,7 @@ async def ready(request: Request) -> JSONResponse:
     if readiness is not None and settings.ready_checks_upstreams:
         # While Redis is away: the registrations listed at the last probe (none known: none to check); not
         # asked again, as a cut link would hold the probe for the client's socket timeout.
-        specs = getattr(state, "ready_specs", [])
+        specs = state.ready_specs
         if redis_ok:
             with contextlib.suppress(RedisError, OSError):  # Redis just answered a ping: rare, keep the last list
                 specs = state.ready_specs = await state.registry.list()

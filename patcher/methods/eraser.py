@@ -310,16 +310,18 @@ def fit(access: Oracle, data: TuningData, request: FitRequest, opts: EraserOptio
     C = log_probs.shape[1]
     report_progress(0.6, {"stage": "distilling the biased rule", "queries_used": access.queries_used - used_before})
 
-    B = Xe = None
+    B = Xe = estimator = None
     if opts.bias == "proxies":
         B = X[:, opts.proxy_columns] if opts.proxy_columns else np.asarray(data.bias_features)
-    elif opts.bias == "estimator":
+    elif opts.bias == "estimator":  # fitted on the tuning rows' groups, no queries: once, whatever the folds
         Xe = X[:, opts.estimator_columns] if opts.estimator_columns else X
+        estimator = fit_attribute_estimator(Xe, groups, G, request.seed)
     use_surrogate = criterion == "dp" if opts.surrogate is None else opts.surrogate
     tabular = np.asarray(data.X).ndim == 2 and len(np.unique(y)) == 2
     prior = label_prior(X, y, request.seed) if opts.surrogate_prior and use_surrogate and C == 2 and tabular \
         else None
-    ctx = _Context(X, y, groups, G, idx, weights, log_probs, criterion, opts, request.seed, B, Xe, prior)
+    ctx = _Context(X, y, groups, G, idx, weights, log_probs, criterion, opts, request.seed, B, Xe, estimator,
+                   use_surrogate, prior)
     guard = None
     if C == 2:
         chosen = _tune_binary(ctx, np.arange(len(idx)))
@@ -336,7 +338,7 @@ def fit(access: Oracle, data: TuningData, request: FitRequest, opts: EraserOptio
             W, b = fit_softlabel_logreg(B[idx], np.exp(log_probs), weights)
             rule_all = log_softmax(B @ W + b)
         elif opts.bias == "estimator":
-            W, b = fit_attribute_estimator(Xe, groups, G, request.seed)
+            W, b = estimator
             rule_all = np.exp(log_softmax(Xe @ W + b)) @ table
         else:
             rule_all = table[groups]
@@ -387,7 +389,9 @@ class _Context:
     seed: int
     B: np.ndarray | None  # bias features (proxies)
     Xe: np.ndarray | None  # the attribute estimator's inputs (estimator)
-    prior: np.ndarray | None = None
+    estimator: tuple[np.ndarray, np.ndarray] | None  # its (W, b)
+    use_surrogate: bool  # tune on every tuning row, the unpaid ones imputed (surrogate_margins)
+    prior: np.ndarray | None  # label_prior, the surrogate's free feature
 
 
 @dataclass(frozen=True)
@@ -432,7 +436,7 @@ def _tune_binary(ctx: _Context, keep: np.ndarray, excluded: np.ndarray | None = 
         W, b = fit_softlabel_logreg(ctx.B[idx], np.exp(log_probs), weights)
         rule_all = log_softmax(ctx.B @ W + b)
     elif opts.bias == "estimator":
-        W, b = fit_attribute_estimator(ctx.Xe, groups, G, ctx.seed)
+        W, b = ctx.estimator
         Q = np.exp(log_softmax(ctx.Xe @ W + b))
         rule_all = Q @ table
     else:
@@ -442,9 +446,8 @@ def _tune_binary(ctx: _Context, keep: np.ndarray, excluded: np.ndarray | None = 
     # Tune alpha and the threshold on the whole tuning set (paid rows exact, the rest imputed).
     # The x-only surrogate pins down score distributions (all dp needs) but not how scores depend on
     # the label given x, which TPR/FPR need: on Adult it doubled the accuracy cost of eo patches.
-    use_surrogate = criterion == "dp" if opts.surrogate is None else opts.surrogate
     paid_margin = log_probs[:, 1] - log_probs[:, 0]
-    if use_surrogate:
+    if ctx.use_surrogate:
         pos = np.searchsorted(rows_all, idx)  # paid rows' positions among the tuning rows kept
         prior = None if ctx.prior is None else ctx.prior[rows_all]
         margin = surrogate_margins(ctx.X[rows_all], pos, weights, paid_margin, prior)
