@@ -190,3 +190,47 @@ def test_weighted_verdict_equals_replicated_rows():
     replicated = held_out_verdict(y[rows], before[rows], after[rows], g[rows], 2, "eo", n_boot=10)
     for key in ("gap_before", "gap_after", "change"):
         assert weighted[key] == pytest.approx(replicated[key], abs=1e-9)
+
+
+class _Recording(OnnxOracle):
+    """The reference model's oracle, keeping every batch of rows it was asked to score."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.asked: list[np.ndarray] = []
+
+    def scores(self, X):
+        self.asked.append(np.array(X))
+        return super().scores(X)
+
+
+def test_the_second_round_pays_for_rows_near_the_cut_and_leaves_the_rule_to_the_stratified_rows(adult_model, tune):
+    """adaptive_share: the first 70% of the budget is the stratified draw a 700-query fit makes (so the rule
+    table, a population mean, is the same), the other 30% are new rows, and they lie nearer the patched cut than
+    the tuning rows at large."""
+    plain = _Recording(adult_model.onnx_bytes, budget=700)
+    _, first_only = fit("eraser", plain, tune, "dp", 700, seed=0)
+    oracle = _Recording(adult_model.onnx_bytes, budget=1000)
+    patch, report = fit("eraser", oracle, tune, "dp", 1000, seed=0, adaptive_share=0.3)
+    assert oracle.queries_used == report.queries_used <= 1000
+    assert len(oracle.asked) == 2 and len(oracle.asked[1]) == 300
+    np.testing.assert_array_equal(oracle.asked[0], plain.asked[0])
+    np.testing.assert_allclose(report.rule, first_only.rule)
+    first = {r.tobytes() for r in oracle.asked[0]}
+    assert not any(r.tobytes() in first for r in oracle.asked[1])
+    logp = OnnxOracle(adult_model.onnx_bytes).log_probs(tune.X)
+    patched = PatchRunner(patch).transform_outputs(tune.X, logp, tune.groups)
+    distance = np.abs(patched[:, 1] - patched[:, 0])  # the patch moved the cut to 0
+    second = np.isin(np.arange(len(tune)), [i for i, r in enumerate(tune.X) if r.tobytes() in
+                                            {s.tobytes() for s in oracle.asked[1]}])
+    assert np.median(distance[second]) < 0.5 * np.median(distance)
+
+
+def test_no_second_round_for_eo_or_when_the_budget_covers_every_row(adult_model, tune):
+    oracle = _Recording(adult_model.onnx_bytes, budget=300)
+    fit("eraser", oracle, tune, "eo", 300, seed=0, adaptive_share=0.3, guard=0)  # eo tunes on paid rows only
+    assert len(oracle.asked) == 1
+    small = tune.subset(np.arange(200))
+    whole = _Recording(adult_model.onnx_bytes, budget=300)
+    fit("eraser", whole, small, "dp", 300, seed=0, adaptive_share=0.3)
+    assert len(whole.asked) == 1 and len(whole.asked[0]) == 200

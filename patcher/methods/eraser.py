@@ -66,6 +66,10 @@ class EraserOptions(BaseModel):
     group_strengths: bool | None = Field(None, description="one erasing strength per group, searched coordinate "
                                          "by coordinate from the common one (bias group or estimator, two "
                                          "classes; default: with more than two groups)")
+    adaptive_share: float = Field(0.0, ge=0.0, lt=1.0, description="share of the budget spent in a second round "
+                                  "on the unpaid tuning rows whose patched decision the surrogate leaves least "
+                                  "certain (nearest their cut), after a first patch tuned on the stratified rows "
+                                  "(surrogate tuning only)")
 
 
 class FitReport(BaseModel):
@@ -304,7 +308,12 @@ def fit(access: Oracle, data: TuningData, request: FitRequest, opts: EraserOptio
         raise ValueError(f"a budget of {limit} queries is too small: Eraser needs at least {2 * G} "
                          f"(two per group) and does well from about 100")
     used_before = access.queries_used
-    idx, weights = stratified_rows(groups, y, limit, request.seed)
+    tabular = np.asarray(data.X).ndim == 2 and len(np.unique(y)) == 2
+    use_surrogate = criterion == "dp" if opts.surrogate is None else opts.surrogate
+    second = 0
+    if use_surrogate and tabular and limit < len(data):
+        second = int(round(opts.adaptive_share * limit))
+    idx, weights = stratified_rows(groups, y, limit - second, request.seed)
     report_progress(0.05, {"stage": "querying", "queries_used": 0})
     log_probs = to_log_probs(access.scores(X[idx]), access.output_kind)  # the Oracle protocol: scores only
     C = log_probs.shape[1]
@@ -316,15 +325,16 @@ def fit(access: Oracle, data: TuningData, request: FitRequest, opts: EraserOptio
     elif opts.bias == "estimator":  # fitted on the tuning rows' groups, no queries: once, whatever the folds
         Xe = X[:, opts.estimator_columns] if opts.estimator_columns else X
         estimator = fit_attribute_estimator(Xe, groups, G, request.seed)
-    use_surrogate = criterion == "dp" if opts.surrogate is None else opts.surrogate
-    tabular = np.asarray(data.X).ndim == 2 and len(np.unique(y)) == 2
     prior = label_prior(X, y, request.seed) if opts.surrogate_prior and use_surrogate and C == 2 and tabular \
         else None
     ctx = _Context(X, y, groups, G, idx, weights, log_probs, criterion, opts, request.seed, B, Xe, estimator,
-                   use_surrogate, prior)
+                   use_surrogate, prior, np.ones(len(idx), bool))
     guard = None
+    if C == 2 and second > 0:
+        report_progress(0.5, {"stage": "querying where the decision is least certain"})
+        ctx = _query_uncertain(ctx, access, second)
     if C == 2:
-        chosen = _tune_binary(ctx, np.arange(len(idx)))
+        chosen = _tune_binary(ctx, np.arange(len(ctx.idx)))
         confidence = default_guard(criterion) if opts.guard is None else opts.guard
         if confidence > 0:
             report_progress(0.8, {"stage": "cross-fitting the patch against no patch"})
@@ -392,6 +402,7 @@ class _Context:
     estimator: tuple[np.ndarray, np.ndarray] | None  # its (W, b)
     use_surrogate: bool  # tune on every tuning row, the unpaid ones imputed (surrogate_margins)
     prior: np.ndarray | None  # label_prior, the surrogate's free feature
+    sampled: np.ndarray  # paid rows drawn by stratified_rows (their weights are inverse probabilities)
 
 
 @dataclass(frozen=True)
@@ -427,13 +438,14 @@ def _tune_binary(ctx: _Context, keep: np.ndarray, excluded: np.ndarray | None = 
     """Distil the rule from the paid rows `keep` (positions into ctx.idx) and tune alpha and the threshold on
     the tuning rows, leaving out the tuning rows `excluded` (a cross-fitting fold's)."""
     opts, criterion, G = ctx.opts, ctx.criterion, ctx.G
-    idx, weights, log_probs = ctx.idx[keep], ctx.weights[keep], ctx.log_probs[keep]
     rows_all = np.arange(len(ctx.y)) if excluded is None else np.setdiff1d(np.arange(len(ctx.y)), excluded)
     y, groups = ctx.y, ctx.groups
-    table = group_rule(log_probs, groups[idx], weights, G)
+    # The rule is a population mean: only the stratified rows (not the second round's) estimate it.
+    drawn = keep[ctx.sampled[keep]]
+    table = group_rule(ctx.log_probs[drawn], groups[ctx.idx[drawn]], ctx.weights[drawn], G)
     W = b = Q = None
     if opts.bias == "proxies":
-        W, b = fit_softlabel_logreg(ctx.B[idx], np.exp(log_probs), weights)
+        W, b = fit_softlabel_logreg(ctx.B[ctx.idx[drawn]], np.exp(ctx.log_probs[drawn]), ctx.weights[drawn])
         rule_all = log_softmax(ctx.B @ W + b)
     elif opts.bias == "estimator":
         W, b = ctx.estimator
@@ -446,14 +458,7 @@ def _tune_binary(ctx: _Context, keep: np.ndarray, excluded: np.ndarray | None = 
     # Tune alpha and the threshold on the whole tuning set (paid rows exact, the rest imputed).
     # The x-only surrogate pins down score distributions (all dp needs) but not how scores depend on
     # the label given x, which TPR/FPR need: on Adult it doubled the accuracy cost of eo patches.
-    paid_margin = log_probs[:, 1] - log_probs[:, 0]
-    if ctx.use_surrogate:
-        pos = np.searchsorted(rows_all, idx)  # paid rows' positions among the tuning rows kept
-        prior = None if ctx.prior is None else ctx.prior[rows_all]
-        margin = surrogate_margins(ctx.X[rows_all], pos, weights, paid_margin, prior)
-        rows, w = rows_all, None
-    else:
-        margin, rows, w = paid_margin, idx, weights
+    margin, rows, w = _tuning_margins(ctx, keep, rows_all)
     correction = (rule_all[:, 1] - rule_all[:, 0])[rows]
     yy, gg = y[rows], groups[rows]
     _, acc0, unfair0 = sweep_thresholds(margin, yy, gg, G, criterion, w)
@@ -480,20 +485,79 @@ def _tune_binary(ctx: _Context, keep: np.ndarray, excluded: np.ndarray | None = 
     return _Choice(point, table, strengths, W, b)
 
 
+def _tuning_margins(ctx: _Context, keep: np.ndarray, rows_all: np.ndarray):
+    """(margins, their tuning rows, weights) to tune on: with the surrogate every row of `rows_all` (paid rows
+    `keep` exact, the rest imputed, unweighted); without, the paid rows with their inverse-probability weights."""
+    idx, weights, log_probs = ctx.idx[keep], ctx.weights[keep], ctx.log_probs[keep]
+    paid_margin = log_probs[:, 1] - log_probs[:, 0]
+    if not ctx.use_surrogate:
+        return paid_margin, idx, weights
+    pos = np.searchsorted(rows_all, idx)  # paid rows' positions among the tuning rows kept
+    prior = None if ctx.prior is None else ctx.prior[rows_all]
+    return surrogate_margins(ctx.X[rows_all], pos, weights, paid_margin, prior), rows_all, None
+
+
+def _query_uncertain(ctx: _Context, access: Oracle, n: int) -> _Context:
+    """The second round: tune a patch on the stratified rows, then pay for the `n` unpaid tuning rows whose
+    imputed patched margin lies nearest their cut, in units of the surrogate's error in their group (its
+    leave-one-out residuals on the paid rows). Those are the rows whose decision the imputation may have wrong,
+    and the tuned rates (above all a small group's) move with them; far from the cut an imputation error flips
+    nothing."""
+    everything = np.arange(len(ctx.y))
+    first = _tune_binary(ctx, np.arange(len(ctx.idx)))
+    margin, _, _ = _tuning_margins(ctx, np.arange(len(ctx.idx)), everything)
+    distance = margin - first.margin_shift(ctx, everything) - first.point.threshold
+    spread = _surrogate_error(ctx)
+    z = np.abs(distance) / spread[ctx.groups]
+    # A row equal to a paid one is known already (the oracle serves it from its cache): skip it, and pay for
+    # one row of each set of equal rows.
+    _, first_of, same = np.unique(ctx.X.reshape(len(ctx.X), -1), axis=0, return_index=True, return_inverse=True)
+    known = np.zeros(len(first_of), bool)
+    known[same[ctx.idx]] = True
+    z[known[same] | (np.arange(len(z)) != first_of[same])] = np.inf
+    extra = np.argsort(z, kind="stable")[: min(n, int(np.isfinite(z).sum()))]
+    extra_lp = to_log_probs(access.scores(ctx.X[extra]), access.output_kind)
+    # The surrogate weighs a row by how many tuning rows it stands for; a second-round row stands for itself.
+    return dataclasses.replace(
+        ctx, idx=np.concatenate([ctx.idx, extra]), weights=np.concatenate([ctx.weights, np.ones(len(extra))]),
+        log_probs=np.concatenate([ctx.log_probs, extra_lp]),
+        sampled=np.concatenate([ctx.sampled, np.zeros(len(extra), bool)]))
+
+
+def _surrogate_error(ctx: _Context) -> np.ndarray:
+    """Per group, the root mean square of the surrogate's leave-one-out residuals on the paid rows ([G])."""
+    from sklearn.linear_model import RidgeCV
+
+    flat = ctx.X.reshape(len(ctx.X), -1)[ctx.idx]
+    if ctx.prior is not None:
+        flat = np.column_stack([ctx.prior[ctx.idx], flat])
+    paid = ctx.log_probs[:, 1] - ctx.log_probs[:, 0]
+    ridge = RidgeCV(alphas=np.logspace(-2, 3, 12), store_cv_results=True).fit(flat, paid, sample_weight=ctx.weights)
+    best = int(np.argmin(np.abs(np.logspace(-2, 3, 12) - ridge.alpha_)))
+    loo = ridge.cv_results_[:, best]  # squared leave-one-out errors at the chosen penalty
+    g = ctx.groups[ctx.idx]
+    overall = float(np.sqrt(loo.mean()))
+    return np.array([np.sqrt(loo[g == a].mean()) if (g == a).sum() >= 5 else overall for a in range(ctx.G)]) + 1e-9
+
+
 def _crossfit_guard(ctx: _Context, confidence: float) -> dict[str, Any]:
     """patcher.verdict.crossfit_verdict over the paid rows: each fold's rows are decided by a patch distilled and
     tuned without them (nor their imputed copies), with the model's real scores, weighted back to the tuning
     population."""
     from patcher.verdict import crossfit_verdict
 
-    margin = ctx.log_probs[:, 1] - ctx.log_probs[:, 0]
+    # The bootstrap reads the stratified rows (their weights make population estimates); the second round's rows
+    # stay in every fold's fit.
+    drawn, extra = np.flatnonzero(ctx.sampled), np.flatnonzero(~ctx.sampled)
+    margin = ctx.log_probs[drawn, 1] - ctx.log_probs[drawn, 0]
+    rows = ctx.idx[drawn]
 
     def decide(keep: np.ndarray, held: np.ndarray) -> np.ndarray:
-        fold = _tune_binary(ctx, keep, excluded=ctx.idx[held])
-        return margin[held] - fold.margin_shift(ctx, ctx.idx[held]) > fold.point.threshold
+        fold = _tune_binary(ctx, np.concatenate([drawn[keep], extra]), excluded=rows[held])
+        return margin[held] - fold.margin_shift(ctx, rows[held]) > fold.point.threshold
 
-    return crossfit_verdict(ctx.y[ctx.idx], ctx.groups[ctx.idx], ctx.G, ctx.criterion, margin > 0, decide,
-                            confidence=confidence, seed=ctx.seed, weights=ctx.weights)
+    return crossfit_verdict(ctx.y[rows], ctx.groups[rows], ctx.G, ctx.criterion, margin > 0, decide,
+                            confidence=confidence, seed=ctx.seed, weights=ctx.weights[drawn])
 
 
 def tune_group_strengths(margin: np.ndarray, Q: np.ndarray, d: np.ndarray, y: np.ndarray, groups: np.ndarray,
