@@ -26,13 +26,14 @@ def main() -> None:
     ap.add_argument("--dataset", default="adult")
     ap.add_argument("--sensitive", default="sex")
     ap.add_argument("--criterion", default="dp")
-    ap.add_argument("--queries", type=int, default=100)
+    ap.add_argument("--queries", type=int, default=100, help="0: every fit row (a floor for the budgeted fits)")
+    ap.add_argument("--method", default="eraser", help="e.g. thresholds with --queries 0: the same split's floor")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--draws", type=int, default=5)
     ap.add_argument("-o", action="append", default=[], help="eraser option key=value (JSON value)")
     args = ap.parse_args()
     options = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.o)}
-    method = get_method("eraser")
+    method = get_method(args.method)
     rows = []
     for seed in args.seeds:
         data, model = load_task(args.dataset, args.sensitive, seed)
@@ -40,8 +41,9 @@ def main() -> None:
         truth = OnnxOracle(model.onnx_bytes, cache=False).log_probs
         for draw in range(args.draws):
             fit_idx, dev_idx = stratified_split(tune.y, tune.groups, 0.7, [seed, draw, 7])
-            oracle = OnnxOracle(model.onnx_bytes, budget=args.queries)
-            fitted = method.run(oracle, tune.subset(fit_idx), FitRequest(args.criterion, args.queries, seed + draw),
+            budget = args.queries or None
+            oracle = OnnxOracle(model.onnx_bytes, budget=budget)
+            fitted = method.run(oracle, tune.subset(fit_idx), FitRequest(args.criterion, budget, seed + draw),
                                 dict(options))
             s = score(fitted.patch, truth, tune.X[dev_idx], tune.y[dev_idx], tune.groups[dev_idx], seed=seed)
             # On the rows it fitted on, with the model's real scores: what the imputation (not the held-out
@@ -51,9 +53,11 @@ def main() -> None:
             rows.append((s.before["accuracy"], s.after["accuracy"], s.before[key], s.after[key], f.after[key]))
             guard = getattr(fitted.report, "guard", None)
             verdict = "" if guard is None else f" guard {guard['verdict']} {guard['change']:+.3f} {guard['change_ci']}"
+            alpha = getattr(fitted.report, "alpha", None)
+            knobs = "" if alpha is None else f" alpha {alpha:.3g} thr {fitted.report.threshold:.3g}"
             print(f"seed {seed} draw {draw}: acc {s.before['accuracy']:.4f}->{s.after['accuracy']:.4f} "
-                  f"{key} {s.before[key]:.4f}->{s.after[key]:.4f} alpha {fitted.report.alpha:.3g} "
-                  f"thr {fitted.report.threshold:.3g} fit rows {key} {f.after[key]:.4f}{verdict}", flush=True)
+                  f"{key} {s.before[key]:.4f}->{s.after[key]:.4f}{knobs} fit rows {key} {f.after[key]:.4f}{verdict}",
+                  flush=True)
     r = np.array(rows)
     drop = r[:, 0] - r[:, 1]
     print(f"mean: drop {drop.mean() * 100:.2f} pts (sd {drop.std() * 100:.2f}), after {r[:, 3].mean():.4f} "

@@ -234,3 +234,30 @@ def test_no_second_round_for_eo_or_when_the_budget_covers_every_row(adult_model,
     whole = _Recording(adult_model.onnx_bytes, budget=300)
     fit("eraser", whole, small, "dp", 300, seed=0, adaptive_share=0.3)
     assert len(whole.asked) == 1 and len(whole.asked[0]) == 200
+
+
+def test_imputed_draws_put_each_groups_surrogate_error_back():
+    """surrogate_draws: paid rows once and exact; every unpaid row as `draws` copies of weight 1/draws around its
+    imputed margin, spread like the surrogate's error in the row's group (here noise of sd 0.3 and 2.0)."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    X = rng.normal(size=(n, 5))
+    groups = (rng.random(n) < 0.5).astype(np.int64)
+    margin = X @ np.array([1.0, -0.5, 0.3, 0.0, 0.8]) + np.where(groups == 1, 2.0, 0.3) * rng.normal(size=n)
+    idx = rng.choice(n, 600, replace=False)
+    weights = np.ones(600)
+    plain = eraser.surrogate_margins(X, idx, weights, margin[idx])
+    m, rows, w = eraser.imputed_draws(X, idx, weights, margin[idx], groups, 8)
+    unpaid = np.setdiff1d(np.arange(n), idx)
+    assert len(m) == len(rows) == len(w) == 600 + 8 * len(unpaid)
+    np.testing.assert_allclose(m[:600], margin[idx])
+    assert w.sum() == pytest.approx(n)
+    copies = m[600:].reshape(len(unpaid), 8)
+    np.testing.assert_array_equal(rows[600:].reshape(len(unpaid), 8)[:, 0], unpaid)
+    spread = copies.std(1) / np.std(eraser._draw_quantiles(8))
+    assert spread[groups[unpaid] == 0].mean() == pytest.approx(0.3, rel=0.25)
+    assert spread[groups[unpaid] == 1].mean() == pytest.approx(2.0, rel=0.25)
+    np.testing.assert_allclose(copies.mean(1), plain[unpaid], atol=0.3)  # centred on the imputation (+ group bias)
+    same, _, ones = eraser.imputed_draws(X, idx, weights, margin[idx], groups, 1)
+    np.testing.assert_array_equal(same, plain)
+    np.testing.assert_array_equal(ones, np.ones(n))

@@ -210,8 +210,6 @@ def imputed_draws(X: np.ndarray, idx: np.ndarray, weights: np.ndarray, paid: np.
     scores are narrower than the model's: a cut in a group's tail then accepts too few of its unpaid rows, and
     tuning lowers that group's cut too far (on Adult sex x race at 1000 queries, Female & Non-white was estimated
     at 0.177 and landed at 0.198 on the tuning rows). Returns (margins, their rows in X, weights)."""
-    from scipy.stats import norm
-
     margin, ridge, flat = _ridge_imputation(X, idx, weights, paid, prior)
     if draws == 1:
         return margin, np.arange(len(X)), np.ones(len(X))
@@ -233,11 +231,18 @@ def imputed_draws(X: np.ndarray, idx: np.ndarray, weights: np.ndarray, paid: np.
             mu[a] = np.average(resid[m], weights=weights[m])
             sd[a] = np.sqrt(np.average((resid[m] - mu[a]) ** 2, weights=weights[m]))
     unpaid = np.setdiff1d(np.arange(len(X)), idx)
-    z = norm.ppf((np.arange(draws) + 0.5) / draws)
+    z = _draw_quantiles(draws)
     copies = (margin[unpaid] + mu[groups[unpaid]])[:, None] + sd[groups[unpaid]][:, None] * z[None, :]
     rows = np.concatenate([idx, np.repeat(unpaid, draws)])
     w = np.concatenate([np.ones(len(idx)), np.full(len(unpaid) * draws, 1.0 / draws)])
     return np.concatenate([paid, copies.ravel()]), rows, w
+
+
+def _draw_quantiles(draws: int) -> np.ndarray:
+    """The standard normal's quantiles at the midpoints of `draws` equal slices (a deterministic sample)."""
+    from scipy.stats import norm
+
+    return norm.ppf((np.arange(draws) + 0.5) / draws)
 
 
 def _ridge_imputation(X, idx, weights, paid, prior):
