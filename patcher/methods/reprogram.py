@@ -9,12 +9,15 @@ threshold (binary tasks). Two ways to learn it:
   onnx2torch); the alternating min-max with a discriminator and the projected gradient, or a direct
   rate-gap penalty (reprogram_gradient);
 - zeroth-order access (`access` is an Oracle, or the request's access is "zeroth_order"): scores only,
-  randomized antithetic gradient estimates on a low-dimensional trigger, every row counted against
-  the budget, the best trigger seen kept (reprogram_zo); `zo_trigger` gives it its own form.
+  every row counted against the budget. Tabular triggers (`zo_surrogate`, the default there): a surrogate
+  distilled from queries, one trigger per `zo_lams` trained on it with gradients, the candidate and
+  threshold chosen on real scores (reprogram_surrogate); otherwise randomized antithetic gradient estimates
+  on a low-dimensional trigger, the best trigger seen kept (reprogram_zo); `zo_trigger` gives it its own form.
 
 lam trades accuracy for fairness. With `lam` unset, gradient access trains one trigger per value of
-`lams` and keeps the one whose operating point (on the tuning rows) `select` prefers; zeroth-order
-access trains one trigger at `lam_zo` (its budget is too small to split).
+`lams` and keeps the one whose operating point (on the tuning rows) `select` prefers; the surrogate
+does the same over `zo_lams`; the estimate search trains one trigger at `lam_zo` (its budget is too
+small to split).
 
 `select` says how the trigger (lambda or evaluated candidate) and the threshold are chosen on the
 selection rows: `fairest` (least unfairness within the accuracy cap, then accuracy) or `worst_cell` (the
@@ -416,7 +419,8 @@ def _fit_zo_surrogate(oracle: Oracle, trigger: TabularTrigger, X, y, groups, G, 
     report_progress(0.02, {"stage": "querying", "queries_used": 0})
     rows, base, cands = surrogate_candidates(
         oracle, trigger, X, y, groups, G, criterion, lams, limit, seed, steps=opts.steps, batch_size=opts.batch_size,
-        lr=opts.lr, weights=cell_weights(y, groups) if opts.balance else None,
+        lr=opts.lr, fairness=opts.fairness, adv_lr=opts.adv_lr,
+        weights=cell_weights(y, groups) if opts.balance else None,
         tick=lambda f, info: report_progress(0.02 + 0.9 * f, info))
     rule = opts.model_copy(update={"fairness_tolerance": search["zo_fairness_tolerance"],
                                    "max_accuracy_drop": search["zo_max_accuracy_drop"]})

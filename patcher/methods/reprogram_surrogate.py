@@ -86,7 +86,8 @@ def distill(X: np.ndarray, log_probs: np.ndarray, seed: int, steps: int = 3000, 
 
 def surrogate_candidates(oracle: Oracle, trigger: TabularTrigger, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
                          n_groups: int, criterion: Criterion, lams: list[float], budget: int, seed: int, *,
-                         steps: int, batch_size: int, lr: float, weights: np.ndarray | None = None,
+                         steps: int, batch_size: int, lr: float, fairness: str = "gap", adv_lr: float = 1e-2,
+                         weights: np.ndarray | None = None,
                          tick: Callable[[float, dict], None] | None = None,
                          ) -> tuple[np.ndarray, np.ndarray, list[tuple[float, np.ndarray, np.ndarray]]]:
     """(selection rows, the model's log-probabilities on them, [(lam, theta, log-probabilities on them)]), spending
@@ -106,7 +107,7 @@ def surrogate_candidates(oracle: Oracle, trigger: TabularTrigger, X: np.ndarray,
     thetas = []
     for i, lam in enumerate(lams):
         thetas.append(train_trigger(surrogate, trigger, X, y, groups, n_groups, criterion, lam, steps=steps,
-                                    batch_size=min(batch_size, len(X)), lr=lr, adv_lr=1e-2, fairness="gap",
+                                    batch_size=min(batch_size, len(X)), lr=lr, adv_lr=adv_lr, fairness=fairness,
                                     seed=seed, n_classes=base.shape[1], weights=weights))
         if tick is not None:
             tick(0.3 + 0.5 * (i + 1) / len(lams), {"stage": "training on the surrogate", "lam": lam})
