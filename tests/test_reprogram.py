@@ -229,8 +229,11 @@ def test_gradient_trigger_cuts_adult_dp_on_the_test_split(adult, adult_model, tu
 
 
 def test_zeroth_order_trigger_stays_within_its_budget_and_helps(adult, adult_model, tune) -> None:
+    """The randomized-estimate search (`zo_surrogate` off)."""
     oracle = OnnxOracle(adult_model.onnx_bytes, budget=12_000)
-    patch, report = fit("trigger", oracle, tune, "dp", 12_000, eval_size=1000, evals=2, zo_columns=4)
+    patch, report = fit("trigger", oracle, tune, "dp", 12_000, eval_size=1000, evals=2, zo_columns=4,
+                        zo_surrogate=False)
+    assert "surrogate" not in report.selection
     assert report.access == "zeroth_order" and report.steps > 0
     assert report.queries_used == oracle.queries_used <= 12_000
     assert len(report.trigger["columns"]) == 4 and report.trigger["dim"] == 8
@@ -533,7 +536,8 @@ def test_zeroth_order_warm_start_keeps_the_model_as_a_candidate_within_budget(ad
     np.testing.assert_allclose(lp_start, model.log_probs(imputed), atol=1e-4)
     assert result.history[0]["start"] == "model" and len(result.history) == len(result.candidates) == 3
     oracle = OnnxOracle(adult_model.onnx_bytes, budget=6000)
-    patch, report = fit("trigger", oracle, tune, "dp", 6000, zo_impute=1.0, zo_columns=4, eval_size=300, evals=1)
+    patch, report = fit("trigger", oracle, tune, "dp", 6000, zo_impute=1.0, zo_columns=4, eval_size=300, evals=1,
+                        zo_surrogate=False)
     assert report.queries_used == oracle.queries_used <= 6000
     assert report.candidates[0]["start"] == "model" and len(report.candidates) == 3
 
@@ -542,11 +546,16 @@ def test_zeroth_order_step_settings_default_per_trigger_family_and_options_overr
     opts = TriggerOptions()
     tabular, image = opts.zo_search(tabular=True), opts.zo_search(tabular=False)
     # chosen on Adult tune rows (docs/triggers_zo_dev.md)
-    assert tabular == {"zo_batch": 64, "zo_lr": 0.1, "lam_zo": 3.0, "zo_reweight": True, "zo_matched": 0.25,
-                       "zo_fairness_tolerance": 0.03, "zo_max_accuracy_drop": 0.025}
+    assert tabular == {"zo_surrogate": True, "zo_batch": 64, "zo_lr": 0.1, "lam_zo": 3.0, "zo_reweight": True,
+                       "zo_matched": 0.25, "zo_fairness_tolerance": 0.03, "zo_max_accuracy_drop": 0.02}
+    # the estimate search keeps its own selection
+    estimates = TriggerOptions(zo_surrogate=False).zo_search(tabular=True)
+    assert (estimates["zo_fairness_tolerance"], estimates["zo_max_accuracy_drop"]) == (0.03, 0.025)
+    assert TriggerOptions(zo_max_accuracy_drop=0.015).zo_search(tabular=True)["zo_max_accuracy_drop"] == 0.015
     # image forms: as they were, the selection from the general options
-    assert image == {"zo_batch": 128, "zo_lr": 0.05, "lam_zo": 10.0, "zo_reweight": False, "zo_matched": 0.0,
-                     "zo_fairness_tolerance": 0.02, "zo_max_accuracy_drop": 0.015}
+    assert image == {"zo_surrogate": False, "zo_batch": 128, "zo_lr": 0.05, "lam_zo": 10.0, "zo_reweight": False,
+                     "zo_matched": 0.0, "zo_fairness_tolerance": 0.02, "zo_max_accuracy_drop": 0.015}
+    assert TriggerOptions(zo_surrogate=True).zo_search(tabular=False)["zo_surrogate"]  # asked for; tabular only
     assert TriggerOptions(zo_batch=32).zo_search(tabular=True)["zo_batch"] == 32
     assert TriggerOptions(zo_lr=0.2).zo_search(tabular=False)["zo_lr"] == 0.2
     assert TriggerOptions(lam_zo=7.0, zo_matched=0.0).zo_search(tabular=True)["lam_zo"] == 7.0
@@ -603,3 +612,46 @@ def test_weighted_gap_is_the_gap_of_weighted_group_means() -> None:
     assert numpy_gap(p, y, g, 2, "dp", weights=w) == pytest.approx((r[0] - r[1]) ** 2)
     assert numpy_gap(p, y, g, 2, "dp", weights=np.ones(50)) == pytest.approx(numpy_gap(p, y, g, 2, "dp"))
     assert numpy_gap(p, y, g, 2, "eo", True, np.ones(50)) == pytest.approx(numpy_gap(p, y, g, 2, "eo", True))
+
+
+def test_surrogate_rows_move_only_the_trigger_columns_and_the_distilled_copy_tracks_the_model(adult,
+                                                                                             adult_model) -> None:
+    from patcher.methods.reprogram_surrogate import GAIN_RANGE, OFFSET_RANGE, distill, perturbed_rows
+
+    t = adult.tune
+    trig = TabularTrigger(t.X.shape[1], group_columns(t.X, t.groups, 6))
+    rows = perturbed_rows(t.X, trig, 500, np.random.default_rng(0))
+    others = [c for c in range(t.X.shape[1]) if c not in trig.columns]
+    # every perturbed row is a tuning row outside the trigger columns
+    matches = (rows[:, None, others] == t.X[None, :, others].astype(np.float32)).all(-1).any(-1)
+    assert matches.all()
+    moved = rows[:, trig.columns]
+    assert moved.min() >= min(OFFSET_RANGE[0], GAIN_RANGE[0] + OFFSET_RANGE[0]) - 1e-6
+    assert moved.max() <= GAIN_RANGE[1] + OFFSET_RANGE[1] + 1e-6 and len(np.unique(moved)) > 100
+    model = OnnxOracle(adult_model.onnx_bytes, cache=False)
+    X = np.concatenate([t.X[:2000], rows]).astype(np.float32)
+    surrogate = distill(X, model.log_probs(X), seed=0, steps=600)
+    with torch.no_grad():
+        pred = surrogate(torch.tensor(t.X[2000:4000], dtype=torch.float32)).argmax(1).numpy()
+    agree = (pred == model.log_probs(t.X[2000:4000]).argmax(1)).mean()  # rows it never saw
+    assert agree > 0.9, agree
+
+
+def test_zeroth_order_surrogate_trigger_cuts_adult_dp_within_budget_and_reports_its_candidates(adult, adult_model,
+                                                                                             tune) -> None:
+    """The tabular default: distilled surrogate, one trigger per zo_lams, chosen on real scores (a shorter
+    training than the default, so the check is looser than the bench target)."""
+    oracle = OnnxOracle(adult_model.onnx_bytes, budget=8000)
+    patch, report = fit("trigger", oracle, tune, "dp", 8000, steps=300)
+    assert report.queries_used == oracle.queries_used <= 8000
+    sel = report.selection
+    assert sel["surrogate"] and sel["selection_rows"] == 2000 and sel["max_accuracy_drop"] == 0.02
+    assert [c["lam"] for c in report.candidates] == [5.0, 10.0] and report.lam in (5.0, 10.0)
+    assert report.steps == 600 and len(report.trigger["columns"]) == 6
+    # 2,000 model scores + 2,000 perturbed rows, then 2 candidates x 2,000 rows (repeated rows: the oracle's cache)
+    assert report.queries_used > 7500
+    before, after = scored(adult, adult_model, patch)
+    assert after["dp_diff"] < 0.5 * before["dp_diff"], (before, after)
+    assert before["accuracy"] - after["accuracy"] < 0.03, (before, after)
+    with pytest.raises(ValueError, match="too small"):
+        fit("trigger", OnnxOracle(adult_model.onnx_bytes, budget=350), tune, "dp", 350)

@@ -9,12 +9,15 @@ threshold (binary tasks). Two ways to learn it:
   onnx2torch); the alternating min-max with a discriminator and the projected gradient, or a direct
   rate-gap penalty (reprogram_gradient);
 - zeroth-order access (`access` is an Oracle, or the request's access is "zeroth_order"): scores only,
-  randomized antithetic gradient estimates on a low-dimensional trigger, every row counted against
-  the budget, the best trigger seen kept (reprogram_zo); `zo_trigger` gives it its own form.
+  every row counted against the budget. Tabular triggers (`zo_surrogate`, the default there): a surrogate
+  distilled from queries, one trigger per `zo_lams` trained on it with gradients, the candidate and
+  threshold chosen on real scores (reprogram_surrogate); otherwise randomized antithetic gradient estimates
+  on a low-dimensional trigger, the best trigger seen kept (reprogram_zo); `zo_trigger` gives it its own form.
 
 lam trades accuracy for fairness. With `lam` unset, gradient access trains one trigger per value of
-`lams` and keeps the one whose operating point (on the tuning rows) `select` prefers; zeroth-order
-access trains one trigger at `lam_zo` (its budget is too small to split).
+`lams` and keeps the one whose operating point (on the tuning rows) `select` prefers; the surrogate
+does the same over `zo_lams`; the estimate search trains one trigger at `lam_zo` (its budget is too
+small to split).
 
 `select` says how the trigger (lambda or evaluated candidate) and the threshold are chosen on the
 selection rows: `fairest` (least unfairness within the accuracy cap, then accuracy) or `worst_cell` (the
@@ -49,6 +52,7 @@ from patcher.methods.reprogram_fairness import (
     worst_cell_point,
 )
 from patcher.methods.reprogram_gradient import model_logits, train_trigger
+from patcher.methods.reprogram_surrogate import surrogate_candidates
 from patcher.methods.reprogram_triggers import (
     BorderTrigger,
     ColorTrigger,
@@ -361,8 +365,11 @@ def _fit_zo(oracle: Oracle, trigger: Trigger, X, y, groups, G, criterion, budget
     remaining = getattr(oracle, "remaining", None)
     limits = [b for b in (budget, remaining) if b is not None]
     limit = min(limits) if limits else 20_000
-    sel, fit_rows = selection_split(y, groups, opts.holdout, seed)
     search = opts.zo_search(isinstance(trigger, TabularTrigger))
+    if isinstance(trigger, TabularTrigger) and search["zo_surrogate"]:
+        return _fit_zo_surrogate(oracle, trigger, X, y, groups, G, criterion, limit, opts, search, seed,
+                                 report_progress)
+    sel, fit_rows = selection_split(y, groups, opts.holdout, seed)
     eval_size = min(opts.eval_size, len(sel), max(limit // (4 * (opts.evals + 1)), 50))
     C_guess = int(y.max()) + 1
     trainer = ZOTrainer(oracle, trigger, X, y, groups, G, criterion, search["lam_zo"] if opts.lam is None else opts.lam,
@@ -397,3 +404,34 @@ def _fit_zo(oracle: Oracle, trigger: Trigger, X, y, groups, G, criterion, budget
     theta = torch.tensor(result.candidates[c.key][1])
     return TriggerFit(theta, float(trainer.lam), c.threshold, result.steps, oracle.queries_used - used_before, tune,
                       c.summary, c.selection)
+
+
+def _fit_zo_surrogate(oracle: Oracle, trigger: TabularTrigger, X, y, groups, G, criterion, limit: int, opts,
+                      search: dict, seed: int, report_progress) -> TriggerFit:
+    """Zeroth order through a distilled surrogate (reprogram_surrogate): one trigger per `zo_lams` (or `lam`),
+    chosen with its threshold on real scores of the surrogate's unperturbed rows."""
+    lams = [opts.lam] if opts.lam is not None else list(opts.zo_lams)
+    need = 200 * len(lams)  # at least 50 surrogate rows and 50 selection rows per candidate
+    if limit < need:
+        raise ValueError(f"a budget of {limit} queries is too small for a zeroth-order surrogate trigger with "
+                         f"{len(lams)} candidates: it needs at least {need}")
+    used_before = oracle.queries_used
+    report_progress(0.02, {"stage": "querying", "queries_used": 0})
+    rows, base, cands = surrogate_candidates(
+        oracle, trigger, X, y, groups, G, criterion, lams, limit, seed, steps=opts.steps, batch_size=opts.batch_size,
+        lr=opts.lr, fairness=opts.fairness, adv_lr=opts.adv_lr,
+        weights=cell_weights(y, groups) if opts.balance else None,
+        tick=lambda f, info: report_progress(0.02 + 0.9 * f, info))
+    rule = opts.model_copy(update={"fairness_tolerance": search["zo_fairness_tolerance"],
+                                   "max_accuracy_drop": search["zo_max_accuracy_drop"]})
+    c = _select([(i, lp) for i, (_, _, lp) in enumerate(cands)], base, y[rows], groups[rows], G, criterion, rule)
+    c.selection.update(surrogate=True, selection_rows=len(rows))
+    if c.selection["rule"] == "fairest":
+        c.selection.update(fairness_tolerance=rule.fairness_tolerance, max_accuracy_drop=rule.max_accuracy_drop)
+    for s in c.summary:
+        s["lam"] = cands[s.pop("key")][0]
+    tune = {"n_classes": base.shape[1], "base_acc": _accuracy(base, y[rows], groups[rows], opts),
+            "base_unfair": c.base_unfairness, "acc": c.accuracy, "unfair": c.unfairness}
+    lam, theta, _ = cands[c.key]
+    return TriggerFit(torch.tensor(theta), float(lam), c.threshold, opts.steps * len(lams),
+                      oracle.queries_used - used_before, tune, c.summary, c.selection)
