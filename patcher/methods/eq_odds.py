@@ -12,7 +12,7 @@ Any number of groups. The patch draws u per row from the request id (reproducibl
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,8 +21,14 @@ from patcher.methods.contract import FitRequest, FitResult, Method
 from patcher.methods.postprocess_common import (
     BENCH,
     Criterion,
+    Scored,
     StepRule,
     check_criterion,
+    guard_exclude,
+    guard_field,
+    guard_refused,
+    guard_report,
+    guard_rule,
     score_tune,
     step_rule_graph,
 )
@@ -40,6 +46,7 @@ class EqOddsOptions(BaseModel):
         "error", description="error: expected 0-1 loss on the tune rows (the paper); balanced: the sum over "
         "groups of FPR + FNR (AIF360)")
     threshold: float = Field(0.5, gt=0, lt=1, description="the model's decision: p(1) > threshold")
+    guard: float | None = guard_field()
 
 
 class EqOddsReport(BaseModel):
@@ -52,6 +59,8 @@ class EqOddsReport(BaseModel):
     lp_status: str
     tune_before: dict[str, float]
     tune_after: dict[str, float]  # expected figures of the randomized rule on the tune rows
+    guard: dict[str, Any] | None = None  # the cross-fitted comparison with no patch (option guard)
+    warning: str | None = None
     fit_seconds: float
 
 
@@ -84,6 +93,24 @@ def solve_mixing(rates: dict[str, np.ndarray], weight: np.ndarray, base_rate: np
     return x[0::2], x[1::2], str(res.message)
 
 
+def mixing_rule(s: Scored, criterion: str, opts: EqOddsOptions) -> tuple[StepRule, np.ndarray, np.ndarray, str]:
+    """The LP's rule on scored rows `s`: (rule, a, b, the solver's status)."""
+    G = s.n_groups
+    cut = float(np.log(opts.threshold / (1 - opts.threshold)))
+    d = (s.margin > cut).astype(np.float64)
+    rates = decision_rates(d, s.y, s.groups, G)
+    weight = np.bincount(s.groups, minlength=G) / len(s.groups)
+    base_rate = np.array([s.y[s.groups == g].mean() for g in range(G)])
+    a, b, status = solve_mixing(rates, weight, base_rate, criterion, opts.objective)
+    return _keep_or_flip(a, b, cut), a, b, status
+
+
+def _keep_or_flip(a: np.ndarray, b: np.ndarray, cut: float) -> StepRule:
+    # P(1 | m, g) = b_g + (a_g - b_g) [m > cut]
+    return StepRule(np.stack([np.full(len(a), cut), np.full(len(a), 1e30)], 1), np.stack([a - b, np.zeros(len(a))], 1),
+                    b)
+
+
 def fit(access: Oracle, data: TuningData, request: FitRequest, opts: EqOddsOptions) -> FitResult:
     """Solve the mixing LP on the tune rows; the patch needs the group at inference."""
     criterion = request.criterion
@@ -93,12 +120,11 @@ def fit(access: Oracle, data: TuningData, request: FitRequest, opts: EqOddsOptio
     G = s.n_groups
     cut = float(np.log(opts.threshold / (1 - opts.threshold)))
     d = (s.margin > cut).astype(np.float64)
-    rates = decision_rates(d, s.y, s.groups, G)
-    weight = np.bincount(s.groups, minlength=G) / len(s.groups)
-    base_rate = np.array([s.y[s.groups == g].mean() for g in range(G)])
-    a, b, status = solve_mixing(rates, weight, base_rate, criterion, opts.objective)
-    # P(1 | m, g) = b_g + (a_g - b_g) [m > cut]
-    rule = StepRule(np.stack([np.full(G, cut), np.full(G, 1e30)], 1), np.stack([a - b, np.zeros(G)], 1), b)
+    rule, a, b, status = mixing_rule(s, criterion, opts)
+    guard = guard_rule(s, criterion, opts.guard, lambda part: mixing_rule(part, criterion, opts)[0], request, cut)
+    if guard_refused(guard):  # no patch: every group keeps the model's decision
+        a, b = np.ones(G), np.zeros(G)
+        rule = _keep_or_flip(a, b, cut)
     expected = rule.prob(s.margin, s.groups)
     report = EqOddsReport(
         criterion=criterion, objective=opts.objective, queries_used=s.queries_used,
@@ -108,13 +134,13 @@ def fit(access: Oracle, data: TuningData, request: FitRequest, opts: EqOddsOptio
         tune_before={"accuracy": float(np.mean(d == s.y)), criterion: criterion_gap(d, s.y, s.groups, G, criterion)},
         tune_after={"accuracy": float(np.mean(np.where(s.y == 1, expected, 1 - expected))),
                     criterion: criterion_gap(expected, s.y, s.groups, G, criterion)},
-        fit_seconds=time.perf_counter() - started)
+        **guard_report(guard), fit_seconds=time.perf_counter() - started)
     graph = step_rule_graph(rule, "eq_odds", doc=f"equalized-odds post-processing, criterion={criterion}, "
                                                  f"objective={opts.objective}")
     patch = Patch.build(method="eq_odds", n_classes=2, groups=list(data.group_names), group_at_inference=True,
                         output_transform=graph, params={"criterion": criterion, "threshold": opts.threshold,
                                                         "a": a.tolist(), "b": b.tolist()},
-                        report=report.model_dump(exclude={"fit_seconds"}))
+                        report=report.model_dump(exclude={"fit_seconds"} | guard_exclude(guard)))
     return FitResult(patch, report)
 
 

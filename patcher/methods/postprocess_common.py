@@ -14,15 +14,18 @@ mixes "keep" and "flip" of the model's own decision. One graph builder serves th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 
 from patcher.methods.contract import BenchDefaults, BenchFlag, FitRequest
 from patcher.oracle import Oracle
 from patcher.scores import to_log_probs
 from patcher.tuning import TuningData
+from patcher.verdict import default_guard, guard_words
 
 Criterion = Literal["dp", "eo", "eopp"]
 BIG = 1e30  # a cut no margin passes (+BIG) or every margin passes (-BIG); float32 holds it
@@ -77,6 +80,57 @@ def score_tune(access: Oracle, data: TuningData, request: FitRequest) -> Scored:
                              "its error rates are undefined (raise the budget)")
     report(0.5, {"stage": "fitting", "queries_used": access.queries_used - used_before})
     return Scored(idx, logp[:, 1] - logp[:, 0], y, groups, G, access.queries_used - used_before)
+
+
+def guard_field() -> Any:
+    """The `guard` option every post-processing method has."""
+    return Field(None, ge=0.0, lt=1.0, description="cross-fit the rule against no patch on the scored rows (each "
+                 "fold's rows decided by a rule fitted without them) and return no patch, saying so in the report, "
+                 "unless the criterion improved with this one-sided bootstrap confidence (0: no check). Default: 0.9 "
+                 "for eo and eopp, no check for dp")
+
+
+def guard_rule(s: Scored, criterion: str, option: float | None, fit_rule: Callable[[Scored], StepRule],
+               request: FitRequest, base_cut: float = 0.0) -> dict[str, Any] | None:
+    """patcher.verdict.crossfit_verdict over the scored rows (a uniform sample: no weights needed): each fold's
+    rows are decided by `fit_rule` fitted without them (a randomized rule with its own uniform draws) and
+    compared with the model's own decision, margin > base_cut. None when the guard is off (`option` 0, or unset
+    for dp). A fold whose rule cannot be fitted (e.g. the equalized-odds program has no solution on it) decides
+    as the model does, which only makes "improved" harder to reach."""
+    from patcher.verdict import crossfit_verdict
+
+    confidence = default_guard(criterion) if option is None else option
+    if confidence <= 0:
+        return None
+    request.report(0.7, {"stage": "cross-fitting the rule against no patch"})
+    rng = np.random.default_rng([request.seed, 13])
+    base = (s.margin > base_cut).astype(np.int64)
+
+    def decide(keep: np.ndarray, held: np.ndarray) -> np.ndarray:
+        part = Scored(s.idx[keep], s.margin[keep], s.y[keep], s.groups[keep], s.n_groups, 0)
+        try:
+            rule = fit_rule(part)
+        except ValueError:
+            return base[held]
+        return rule.decide(s.margin[held], s.groups[held], rng.random(len(held)) if rule.randomized else None)
+
+    return crossfit_verdict(s.y, s.groups, s.n_groups, criterion, base, decide, confidence=confidence,
+                            seed=request.seed)
+
+
+def guard_refused(guard: dict[str, Any] | None) -> bool:
+    """The guard ran and could not show an improvement: the method returns no patch."""
+    return guard is not None and guard["verdict"] != "improved"
+
+
+def guard_report(guard: dict[str, Any] | None) -> dict[str, Any]:
+    """The fit report's `guard` and `warning` fields."""
+    return {"guard": guard, "warning": guard_words(guard) if guard_refused(guard) else None}
+
+
+def guard_exclude(guard: dict[str, Any] | None) -> set[str]:
+    """Report fields left out of the patch manifest: the guard's, when it did not run."""
+    return {"guard", "warning"} if guard is None else set()
 
 
 def check_criterion(criterion: str, allowed: tuple[str, ...], method: str) -> None:
@@ -203,7 +257,8 @@ def _bench_extras(run: Any) -> dict[str, Any]:
     # randomized: the decisions draw on the per-request uniform input
     graph = onnx.load_from_string(run.patch.part("output_transform")).graph
     return {**extra, "query_budget": run.queries, "randomized": any(i.name == "uniform" for i in graph.input),
-            "params": run.patch.manifest["params"], "tune_before": r.tune_before, "tune_after": r.tune_after}
+            "params": run.patch.manifest["params"], "tune_before": r.tune_before, "tune_after": r.tune_after,
+            **({} if getattr(r, "guard", None) is None else {"guard": r.guard, "warning": r.warning})}
 
 
 # every tune row by default: these methods are meant to read the whole tuning set

@@ -15,6 +15,7 @@ Deterministic: the patch moves each group's cut to t - m (disfavoured) or t + m 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,8 +25,14 @@ from patcher.methods.postprocess_common import (
     BENCH,
     BIG,
     Criterion,
+    Scored,
     StepRule,
     check_criterion,
+    guard_exclude,
+    guard_field,
+    guard_refused,
+    guard_report,
+    guard_rule,
     logit,
     score_tune,
     step_rule_graph,
@@ -47,6 +54,7 @@ class RejectOptionOptions(BaseModel):
     n_margins: int = Field(50, ge=1, le=10_000, description="band half-widths searched per threshold")
     favour: list[str] | None = Field(None, description="groups given the positive decision in the band "
                                      "(default: groups whose rate under the model is below the mean)")
+    guard: float | None = guard_field()
 
 
 class RejectOptionReport(BaseModel):
@@ -60,6 +68,8 @@ class RejectOptionReport(BaseModel):
     satisfied: bool  # some grid point had bias within the bound on the tune rows
     tune_before: dict[str, float]
     tune_after: dict[str, float]
+    guard: dict[str, Any] | None = None  # the cross-fitted comparison with no patch (option guard)
+    warning: str | None = None
     fit_seconds: float
 
 
@@ -87,6 +97,21 @@ def grid_search(prob: np.ndarray, y: np.ndarray, groups: np.ndarray, G: int, fav
     return t, m, bias, bal_acc
 
 
+def band_rule(s: Scored, favoured: np.ndarray, criterion: str, opts: RejectOptionOptions):
+    """The band chosen on scored rows `s`: (rule, threshold, margin, the grid point, bias and balanced accuracy
+    over the grid, which points are within the bound)."""
+    G = s.n_groups
+    t, m, bias, bal_acc = grid_search(s.prob, s.y, s.groups, G, favoured, criterion, opts)
+    ok = bias <= opts.bound + 1e-12
+    j = int(np.argmax(np.where(ok, bal_acc, -np.inf))) if ok.any() else int(np.argmin(bias))
+    threshold, margin = float(t[j]), float(m[j])
+    low = float(logit(threshold - margin)) if threshold - margin > 0 else -BIG  # p > 0: everyone
+    high = float(logit(threshold + margin)) if threshold + margin < 1 else BIG  # p > 1: nobody
+    cuts = np.where(favoured, low, high)
+    rule = StepRule(np.stack([cuts, np.full(G, BIG)], 1), np.tile([1.0, 0.0], (G, 1)), np.zeros(G))
+    return rule, threshold, margin, j, bias, bal_acc, ok
+
+
 def fit(access: Oracle, data: TuningData, request: FitRequest, opts: RejectOptionOptions) -> FitResult:
     """Search the reject-option band on the tune rows' scores; the patch needs the group at inference."""
     criterion = request.criterion
@@ -105,30 +130,32 @@ def fit(access: Oracle, data: TuningData, request: FitRequest, opts: RejectOptio
     else:
         q = _quantity(decision_rates(base, s.y, s.groups, G), criterion)
         favoured = q < q.mean()
-    t, m, bias, bal_acc = grid_search(prob, s.y, s.groups, G, favoured, criterion, opts)
-    ok = bias <= opts.bound + 1e-12
-    j = int(np.argmax(np.where(ok, bal_acc, -np.inf))) if ok.any() else int(np.argmin(bias))
-    threshold, margin = float(t[j]), float(m[j])
-    low = float(logit(threshold - margin)) if threshold - margin > 0 else -BIG  # p > 0: everyone
-    high = float(logit(threshold + margin)) if threshold + margin < 1 else BIG  # p > 1: nobody
-    cuts = np.where(favoured, low, high)
-    rule = StepRule(np.stack([cuts, np.full(G, BIG)], 1), np.tile([1.0, 0.0], (G, 1)), np.zeros(G))
+    rule, threshold, margin, j, bias, bal_acc, ok = band_rule(s, favoured, criterion, opts)
+    guard = guard_rule(s, criterion, opts.guard, lambda part: band_rule(part, favoured, criterion, opts)[0], request)
+    if guard_refused(guard):  # no patch: every group keeps the model's own cut, p > 0.5
+        threshold, margin = 0.5, 0.0
+        rule = StepRule(np.stack([np.zeros(G), np.full(G, BIG)], 1), np.tile([1.0, 0.0], (G, 1)), np.zeros(G))
     after = rule.decide(s.margin, s.groups, None).astype(np.float64)
+    chosen = {"balanced_accuracy": float(bal_acc[j]), "bias": float(bias[j])}
+    if guard_refused(guard):
+        rates = decision_rates(after, s.y, s.groups, G)
+        tpr, tnr = after[s.y == 1].mean(), 1 - after[s.y == 0].mean()
+        chosen = {"balanced_accuracy": float(0.5 * (tpr + tnr)), "bias": float(rate_gap(_quantity(rates, criterion)))}
     report = RejectOptionReport(
         criterion=criterion, queries_used=s.queries_used, threshold=threshold, margin=margin,
         favoured=[n for n, f in zip(data.group_names, favoured, strict=True) if f], satisfied=bool(ok.any()),
         tune_before={"accuracy": float(np.mean(base == s.y)),
                      criterion: criterion_gap(base, s.y, s.groups, G, criterion)},
-        tune_after={"accuracy": float(np.mean(after == s.y)), "balanced_accuracy": float(bal_acc[j]),
-                    "bias": float(bias[j]), criterion: criterion_gap(after, s.y, s.groups, G, criterion)},
-        fit_seconds=time.perf_counter() - started)
+        tune_after={"accuracy": float(np.mean(after == s.y)), **chosen,
+                    criterion: criterion_gap(after, s.y, s.groups, G, criterion)},
+        **guard_report(guard), fit_seconds=time.perf_counter() - started)
     graph = step_rule_graph(rule, "reject_option", doc=f"reject-option classification, t={threshold:.4g}, "
                                                         f"m={margin:.4g}, favoured={report.favoured}")
     patch = Patch.build(method="reject_option", n_classes=2, groups=list(data.group_names), group_at_inference=True,
                         output_transform=graph,
                         params={"criterion": criterion, "threshold": threshold, "margin": margin,
                                 "favoured": report.favoured, **rule.to_json()},
-                        report=report.model_dump(exclude={"fit_seconds"}))
+                        report=report.model_dump(exclude={"fit_seconds"} | guard_exclude(guard)))
     return FitResult(patch, report)
 
 

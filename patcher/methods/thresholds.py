@@ -30,6 +30,11 @@ from patcher.methods.postprocess_common import (
     Scored,
     StepRule,
     check_criterion,
+    guard_exclude,
+    guard_field,
+    guard_refused,
+    guard_report,
+    guard_rule,
     score_tune,
     step_rule_graph,
 )
@@ -37,7 +42,6 @@ from patcher.metrics import criterion_gap, sweep
 from patcher.oracle import Oracle
 from patcher.patch import Patch
 from patcher.tuning import TuningData
-from patcher.verdict import default_guard, guard_words
 
 CRITERIA = ("dp", "eo", "eopp")
 # Fairlearn's default is 0 (exact parity on the tune rows): the last few thousandths of tune-set parity are the
@@ -54,10 +58,7 @@ class ThresholdOptions(BaseModel):
     tolerance: float | None = Field(None, ge=0, le=1, description="allowed spread of the constrained rate on "
                                     "the tune rows (dp, eopp; default DEFAULT_TOLERANCE; eo: 0)")
     grid_size: int = Field(1000, ge=10, le=100_000, description="steps of the grid of common rates searched")
-    guard: float | None = Field(None, ge=0.0, lt=1.0, description="cross-fit the rule against no patch on the "
-                                "scored rows (each fold's rows decided by a rule fitted without them) and return no "
-                                "patch, saying so in the report, unless the criterion improved with this one-sided "
-                                "bootstrap confidence (0: no check). Default: 0.9 for eo and eopp, no check for dp")
+    guard: float | None = guard_field()
 
 
 class GroupPoint(BaseModel):
@@ -221,23 +222,6 @@ def _fit_rule(s: Scored, criterion: str, tolerance: float, opts: ThresholdOption
     return rule, rules, points
 
 
-def _crossfit_guard(s: Scored, criterion: str, tolerance: float, opts: ThresholdOptions, confidence: float,
-                    seed: int) -> dict[str, Any]:
-    """patcher.verdict.crossfit_verdict over the scored rows (a uniform sample: no weights needed); a randomized
-    rule decides with its own uniform draws."""
-    from patcher.verdict import crossfit_verdict
-
-    rng = np.random.default_rng([seed, 13])
-
-    def decide(keep: np.ndarray, held: np.ndarray) -> np.ndarray:
-        part = Scored(s.idx[keep], s.margin[keep], s.y[keep], s.groups[keep], s.n_groups, 0)
-        rule = _fit_rule(part, criterion, tolerance, opts)[0]
-        return rule.decide(s.margin[held], s.groups[held], rng.random(len(held)) if rule.randomized else None)
-
-    return crossfit_verdict(s.y, s.groups, s.n_groups, criterion, (s.margin > 0).astype(np.int64), decide,
-                            confidence=confidence, seed=seed)
-
-
 def fit(access: Oracle, data: TuningData, request: FitRequest, opts: ThresholdOptions) -> FitResult:
     """Learn group-specific (randomized) thresholds from the model's scores on the tune rows."""
     criterion = request.criterion
@@ -248,16 +232,12 @@ def fit(access: Oracle, data: TuningData, request: FitRequest, opts: ThresholdOp
     started = time.perf_counter()
     s = score_tune(access, data, request)
     rule, rules, points = _fit_rule(s, criterion, tolerance, opts)
-    confidence = default_guard(criterion) if opts.guard is None else opts.guard
-    guard = None
-    if confidence > 0:
-        request.report(0.7, {"stage": "cross-fitting the rule against no patch"})
-        guard = _crossfit_guard(s, criterion, tolerance, opts, confidence, request.seed)
-        if guard["verdict"] != "improved":  # no patch: every group keeps the model's own cut
-            G = s.n_groups
-            rule = StepRule(np.zeros((G, 2)), np.tile([1.0, 0.0], (G, 1)), np.zeros(G))
-            rules = [([0.0, 0.0], [1.0, 0.0], 0.0)] * G
-            points = [{"rate": float(np.mean(s.margin[s.groups == g] > 0))} for g in range(G)]
+    guard = guard_rule(s, criterion, opts.guard, lambda part: _fit_rule(part, criterion, tolerance, opts)[0], request)
+    if guard_refused(guard):  # no patch: every group keeps the model's own cut
+        G = s.n_groups
+        rule = StepRule(np.zeros((G, 2)), np.tile([1.0, 0.0], (G, 1)), np.zeros(G))
+        rules = [([0.0, 0.0], [1.0, 0.0], 0.0)] * G
+        points = [{"rate": float(np.mean(s.margin[s.groups == g] > 0))} for g in range(G)]
     request.report(0.9, {"stage": "exporting the patch"})
     expected = rule.prob(s.margin, s.groups)
     base = (s.margin > 0).astype(np.float64)
@@ -270,16 +250,14 @@ def fit(access: Oracle, data: TuningData, request: FitRequest, opts: ThresholdOp
         randomized=rule.randomized,
         groups=[GroupPoint(group=data.group_names[g], cuts=rules[g][0], weights=list(rule.weights[g]),
                            bias=float(rule.bias[g]), **points[g]) for g in range(s.n_groups)],
-        tune_before=tune_before, tune_after=tune_after, guard=guard,
-        warning=None if guard is None or guard["verdict"] == "improved" else guard_words(guard),
+        tune_before=tune_before, tune_after=tune_after, **guard_report(guard),
         fit_seconds=time.perf_counter() - started)
     graph = step_rule_graph(rule, "group_thresholds",
                             doc=f"group-specific thresholds, criterion={criterion}, tolerance={tolerance}")
     patch = Patch.build(method="thresholds", n_classes=2, groups=list(data.group_names), group_at_inference=True,
                         output_transform=graph,
                         params={"criterion": criterion, "tolerance": tolerance, **rule.to_json()},
-                        report=report.model_dump(exclude={"fit_seconds"} | ({"guard", "warning"} if guard is None
-                                                                             else set())))
+                        report=report.model_dump(exclude={"fit_seconds"} | guard_exclude(guard)))
     return FitResult(patch, report)
 
 
