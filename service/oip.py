@@ -20,6 +20,7 @@ be finite, integers whole and in range, and JSON true/false are no numbers (`ref
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
@@ -370,7 +371,7 @@ def _simd_doc(body: bytes) -> dict[str, Any] | None:
     same values (no Python float per value); None where simdjson refuses the body or it is not a JSON object (orjson
     then parses it, and words any error). Nested or mixed `data` stays a list."""
     try:
-        root = simdjson.Parser().parse(body)  # a parser per body: one may not be reused while its values live
+        root = _parser().parse(body)
         if not isinstance(root, simdjson.Object):
             return None
         doc: dict[str, Any] = {}
@@ -382,6 +383,24 @@ def _simd_doc(body: bytes) -> dict[str, Any] | None:
         return doc
     except Exception:  # noqa: BLE001 - anything simdjson does otherwise: orjson decides
         return None
+
+
+_local = threading.local()
+
+
+def _parser() -> Any:
+    """This thread's simdjson parser (a new one sizes its buffers on first use: a sixth of a 31 KB body's parse).
+    None of its values outlive `_simd_doc` (the arrays are copies), so it is free again on the next call; where it
+    is not (a value still held), a new one."""
+    parser = getattr(_local, "parser", None)
+    if parser is None:
+        parser = _local.parser = simdjson.Parser()
+        return parser
+    try:
+        parser.parse(b"0")  # refused while a value from the last parse lives
+    except RuntimeError:
+        parser = _local.parser = simdjson.Parser()
+    return parser
 
 
 def _fields(obj: Any) -> list[tuple[str, Any]]:

@@ -336,3 +336,15 @@ def test_simdjson_reads_a_large_float_tensor_into_an_array():
     assert type(req.inputs[0].data) is np.ndarray and req.inputs[0].data.dtype == np.float64
     assert req.inputs[1].data == ["f", "m"]  # the group names as the list they were
     np.testing.assert_array_equal(to_numpy(req.inputs[0]), _X.reshape(100, 6))
+
+
+def test_simdjson_parser_is_reused_and_replaced_while_a_value_of_it_lives():
+    pytest.importorskip("simdjson")
+    from service import oip
+
+    first = oip._parser()
+    assert oip._parser() is first  # nothing of the last parse held: the same parser again
+    held = first.parse(b"[1, 2]")  # a value that keeps the parser busy
+    assert type(read_infer_request(SIMD_BODIES[0]).inputs[0].data) is np.ndarray  # read by another parser
+    assert oip._parser() is not first
+    assert held.as_list() == [1, 2]
