@@ -48,7 +48,7 @@ def _gemm(attrs: Mapping[str, Any]) -> Callable[..., np.ndarray] | None:
     return gemm
 
 
-def _op(op: str, attrs: Mapping[str, Any]) -> Callable[..., np.ndarray] | None:
+def _op(op: str, attrs: Mapping[str, Any], opset: int) -> Callable[..., np.ndarray] | None:
     """The numpy function for one node, or None where it is not interpreted here."""
     plain: dict[str, Callable[..., np.ndarray]] = {
         "Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide, "MatMul": np.matmul,
@@ -63,7 +63,7 @@ def _op(op: str, attrs: Mapping[str, Any]) -> Callable[..., np.ndarray] | None:
     if op == "Gemm":
         return _gemm(attrs)
     if op in ("Softmax", "LogSoftmax"):
-        if set(attrs) - {"axis"}:
+        if set(attrs) - {"axis"} or opset < 13:  # before 13 they flattened the input from `axis` on
             return None
         axis, fn = int(attrs.get("axis", -1)), _softmax if op == "Softmax" else _log_softmax
         return lambda x: fn(x, axis)
@@ -117,6 +117,7 @@ def interpret(model: bytes) -> NumpyGraph | None:
     graph = proto.graph
     if any(o.domain not in ("", "ai.onnx") for o in proto.opset_import) or graph.sparse_initializer:
         return None
+    opset = max((o.version for o in proto.opset_import), default=0)
     constants = {}
     for t in graph.initializer:
         if t.data_type not in (_FLOAT, _INT64):
@@ -135,7 +136,7 @@ def interpret(model: bytes) -> NumpyGraph | None:
     for node in graph.node:
         if node.domain not in ("", "ai.onnx") or len(node.output) != 1 or any(not n for n in node.input):
             return None
-        fn = _op(node.op_type, {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute})
+        fn = _op(node.op_type, {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}, opset)
         if fn is None:
             return None
         steps.append((fn, list(node.input), node.output[0]))

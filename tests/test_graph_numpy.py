@@ -78,6 +78,13 @@ def test_a_graph_with_anything_else_is_left_to_onnxruntime(node):
     assert compile_graph(model, None) is None  # refused before onnxruntime is even asked
 
 
+def test_softmax_before_opset_13_is_left_to_onnxruntime():
+    node = helper.make_node("Softmax", ["x"], ["out"], axis=1)  # it flattened [N, 2, 3] from axis 1 on then
+    assert compile_graph(_model([node], [_floats("x", ["N", 2, 3])], {}, opset=11), None) is None
+    assert compile_graph(_model([node], [_floats("x", ["N", 2, 3])], {}, opset=13),
+                         _session(_model([node], [_floats("x", ["N", 2, 3])], {}, opset=13))) is not None
+
+
 def test_a_numpy_form_that_answers_otherwise_is_not_used():
     model = _model([helper.make_node("Add", ["x", "c"], ["out"])], [_floats("x", ["N", 2])],
                    {"c": np.float32(1.0)})
