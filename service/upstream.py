@@ -314,7 +314,8 @@ def _response_from_doc(doc: Any, url: str) -> PlainResponse:
     response = response_from_doc(doc)
     if response is not None:
         return response
-    for t in doc.get("outputs") or () if isinstance(doc, dict) else ():  # pydantic reads `data` as a list
+    outputs = doc.get("outputs") if isinstance(doc, dict) else None
+    for t in outputs if isinstance(outputs, list) else ():  # pydantic reads `data` as a list
         if isinstance(t, dict) and isinstance(t.get("data"), np.ndarray):
             t["data"] = t["data"].tolist()
     try:  # not in plain form: pydantic decides, and words the error
