@@ -823,7 +823,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             with Client(urls[target], "bench") as fp:
                 for leg, name in served[target]:
-                    binary = {"binary_data": True} if leg == "binary" else {}
+                    # The JSON leg says so: `auto` would resolve to binary, `fairpatch upstream` offering the extension.
+                    binary = {"binary_data": leg == "binary"}
                     fp.register_model(ModelSpec(name=name, upstream=UpstreamSpec(
                         url=urls["direct"], model_name=MODEL, input_name="input", output_name="logits", **binary),
                         groups=list(data.group_names)))

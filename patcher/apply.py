@@ -6,6 +6,7 @@ import hashlib
 
 import numpy as np
 
+from patcher.graph_numpy import NumpyGraph, compile_graph
 from patcher.patch import Patch, PatchError
 
 
@@ -34,6 +35,13 @@ def _session(data: bytes, device: str | None = "cpu"):
     return ort_session(data, opts, device)
 
 
+def _run(graph: NumpyGraph | None, session, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """A transform's outputs: by numpy where the graph has a numpy form and the feeds fit it, else by onnxruntime."""
+    if graph is not None and graph.accepts(feeds):
+        return graph.run(feeds)
+    return session.run(None, feeds)
+
+
 class PatchRunner:
     """Runs a patch's parts. Build once per patch (sessions are the expensive part), call per batch."""
 
@@ -43,9 +51,15 @@ class PatchRunner:
         copy to the GPU and back costs more than the work."""
         patch.verify()
         self.patch = patch
-        self._input = _session(patch.part("input_transform")) if patch.part("input_transform") else None
+        inp = patch.part("input_transform")
+        self._input = _session(inp) if inp else None
         out = patch.part("output_transform")
         self._output = _session(out) if out else None
+        # The transforms as numpy calls where they are plain enough (patcher.graph_numpy): a session's fixed cost
+        # per call is most of a small batch's patch time. onnxruntime runs the rest.
+        groups = max(len(patch.groups), 2)
+        self._input_np: NumpyGraph | None = compile_graph(inp, self._input, groups) if inp else None
+        self._output_np: NumpyGraph | None = compile_graph(out, self._output, groups) if out else None
         self._output_inputs = {i.name for i in self._output.get_inputs()} if self._output else set()
         self._group_index = {name: i for i, name in enumerate(patch.groups)}
         model = patch.part("replacement_model")
@@ -93,8 +107,8 @@ class PatchRunner:
     def transform_inputs(self, X: np.ndarray) -> np.ndarray:
         if self._input is None:
             return X
-        name = self._input.get_inputs()[0].name
-        return self._input.run(None, {name: X.astype(np.float32, copy=False)})[0]
+        feeds = {self._input.get_inputs()[0].name: X.astype(np.float32, copy=False)}
+        return _run(self._input_np, self._input, feeds)[0]
 
     def transform_outputs(self, features: np.ndarray, log_probs: np.ndarray,
                           groups: np.ndarray | None = None, request_id: str | None = None) -> np.ndarray:
@@ -112,7 +126,7 @@ class PatchRunner:
             feeds["group"] = self.group_ids(groups)
         if "uniform" in self._output_inputs:
             feeds["uniform"] = uniform_draws(request_id, len(log_probs))
-        return self._output.run(None, feeds)[0].astype(np.float64)
+        return _run(self._output_np, self._output, feeds)[0].astype(np.float64)
 
     def predict(self, features: np.ndarray, log_probs: np.ndarray, groups: np.ndarray | None = None,
                 request_id: str | None = None) -> np.ndarray:

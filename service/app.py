@@ -7,6 +7,7 @@ endpoint (service.fast_path), taken ahead of FastAPI's stack; the other routers 
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -67,9 +68,13 @@ def create_app(settings: Settings | None = None) -> Gateway:
             await management.startup(app)
             await observability.startup(app)
             live_routes.startup(app)
+            # What startup built lives as long as the app: out of the collector's sight, a full collection no longer
+            # walks the libraries' and the app's hundred thousand objects (a few percent of a request's CPU).
+            gc.freeze()
             try:
                 yield
             finally:
+                gc.unfreeze()
                 await live_routes.shutdown(app)
                 await observability.shutdown(app)
                 await management.shutdown(app)

@@ -430,8 +430,10 @@ def _infer_answer(response: dict[str, Any], outputs: list[Tensor], req: PlainReq
     header = {k: v for k, v in response.items() if v is not None}
     asked = {o.name: o.parameters for o in req.outputs or ()}
     binary = [binary_tensors.wants_binary(asked.get(o.name), req.parameters) for o in outputs]
-    if not any(binary):
-        return Answer(pydantic_core.to_json({**header, "outputs": [o.json() for o in outputs]}), pid, served_by)
+    if not any(binary):  # an upstream's binary outputs come as arrays (service.upstream.read_v2): listed here
+        listed = [o.json() if type(o.data) is not np.ndarray else {**o.json(), "data": o.data.tolist()}
+                  for o in outputs]
+        return Answer(pydantic_core.to_json({**header, "outputs": listed}), pid, served_by)
     tensors = [(o.name, o.data if o.datatype == "BYTES" else np.asarray(o.data, dtype=NUMPY_DTYPES[o.datatype]),
                 o.datatype, o.shape, o.parameters) for o in outputs]
     body, n = binary_tensors.encode_response(header, tensors, binary)

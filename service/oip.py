@@ -20,6 +20,7 @@ be finite, integers whole and in range, and JSON true/false are no numbers (`ref
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
@@ -27,6 +28,11 @@ from typing import Annotated, Any, Literal, TypeVar
 import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+try:  # optional (the service extra installs it): float tensors parsed straight into a buffer (`_simd_doc`)
+    import simdjson
+except ImportError:  # pragma: no cover - then orjson parses every body
+    simdjson = None
 
 Datatype = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
                    "FP16", "FP32", "FP64", "BYTES"]
@@ -342,14 +348,102 @@ def read_infer_request(body: bytes) -> PlainRequest:
     """`parse_infer_request` as the request path's plain object."""
     if not body:
         raise InvalidRequest("empty request body; expected an inference request JSON object")
+    doc = _simd_doc(body) if simdjson is not None and len(body) >= SIMD_MIN_BYTES else None
     try:
-        request = request_from_doc(orjson.loads(body))
+        request = request_from_doc(doc if doc is not None else orjson.loads(body))
     except orjson.JSONDecodeError:
         request = None
     if request is None:
         request = PlainRequest.of(validate_json(InferRequest, body, "inference request"))
     refuse_bools(body, request.inputs)
     return request
+
+
+# Bodies from this size on are parsed by simdjson where it is installed: a 64-row Adult request's values as Python
+# floats (orjson) and then as an array cost ~0.3 ms, read into a buffer ~0.1 ms. Smaller bodies gain nothing.
+SIMD_MIN_BYTES = 4096
+_FLOATS = frozenset({"FP16", "FP32", "FP64"})
+_EXACT = float(2 ** 53)  # integers past this may round differently on the way to a float buffer: orjson reads those
+
+
+def _simd_doc(body: bytes) -> dict[str, Any] | None:
+    """The request as orjson parses it, except that the flat `data` of each float input is a float64 array of the
+    same values (no Python float per value); None where simdjson refuses the body or it is not a JSON object (orjson
+    then parses it, and words any error). Nested or mixed `data` stays a list."""
+    try:
+        root = _parser().parse(body)
+        if not isinstance(root, simdjson.Object):
+            return None
+        doc: dict[str, Any] = {}
+        for key, value in _fields(root):
+            if key == "inputs" and isinstance(value, simdjson.Array):
+                doc[key] = [_simd_tensor(t) for t in value]
+            else:
+                doc[key] = _simd_value(value)
+        return doc
+    except Exception:  # noqa: BLE001 - anything simdjson does otherwise: orjson decides
+        return None
+
+
+_local = threading.local()
+
+
+def _parser() -> Any:
+    """This thread's simdjson parser (a new one sizes its buffers on first use: a sixth of a 31 KB body's parse).
+    None of its values outlive `_simd_doc` (the arrays are copies), so it is free again on the next call; where it
+    is not (a value still held), a new one."""
+    parser = getattr(_local, "parser", None)
+    if parser is None:
+        parser = _local.parser = simdjson.Parser()
+        return parser
+    try:
+        parser.parse(b"0")  # refused while a value from the last parse lives
+    except RuntimeError:
+        parser = _local.parser = simdjson.Parser()
+    return parser
+
+
+def _fields(obj: Any) -> list[tuple[str, Any]]:
+    """An object's fields, arrays and objects left unparsed (`items()` would convert them); a repeated key (orjson
+    keeps its last value, indexing finds the first) is left to orjson."""
+    keys = list(obj.keys())
+    if len(set(keys)) != len(keys):
+        raise ValueError("a repeated key")
+    return [(k, obj[k]) for k in keys]
+
+
+def _simd_value(value: Any) -> Any:
+    if isinstance(value, simdjson.Object):
+        return value.as_dict()
+    if isinstance(value, simdjson.Array):
+        return value.as_list()
+    return value
+
+
+def _simd_tensor(tensor: Any) -> Any:
+    if not isinstance(tensor, simdjson.Object):
+        return _simd_value(tensor)
+    out: dict[str, Any] = {}
+    data = None
+    for key, value in _fields(tensor):
+        if key == "data" and isinstance(value, simdjson.Array):
+            out[key] = data = value
+        else:
+            out[key] = _simd_value(value)
+    if data is not None and out["data"] is data:
+        values = None
+        if out.get("datatype") in _FLOATS:
+            try:  # a flat array of numbers (as_buffer flattens nested ones: their count tells them apart)
+                values = np.frombuffer(data.as_buffer(of_type="d"), dtype=np.float64)
+            except (TypeError, ValueError):  # strings, true/false, null in it: orjson's list, as it was
+                values = None
+            if values is not None and (len(values) != len(data) or (len(values) and np.abs(values).max() >= _EXACT)):
+                values = None
+        if values is None:
+            out["data"] = data.as_list()
+        else:  # FP64 data is used as it is (`convert`): its own writable memory, not the parser's read-only bytes
+            out["data"] = values.copy() if out["datatype"] == "FP64" else values
+    return out
 
 
 def validate_json(model: type[M], body: bytes, what: str) -> M:

@@ -286,11 +286,13 @@ def decode_v2(body: bytes, url: str, header_length: str | None = None) -> InferR
     return response.wire()
 
 
-def read_v2(body: bytes, url: str, header_length: str | None = None) -> PlainResponse:
+def read_v2(body: bytes, url: str, header_length: str | None = None, arrays: bool = False) -> PlainResponse:
     """A V2 infer answer as the request path's plain object (service.oip.PlainResponse), its outputs not yet
-    converted: the caller converts each one once (`output_array`, `scores_array`), and that checks it."""
+    converted: the caller converts each one once (`output_array`, `scores_array`), and that checks it. `arrays`:
+    binary outputs keep their values as the flat arrays they were read into (the gateway's template converts them
+    once, and lists what it answers as JSON), else lists."""
     if header_length is not None:
-        response = _response_from_doc(_binary_answer_doc(body, url, header_length), url)
+        response = _response_from_doc(_binary_answer_doc(body, url, header_length, arrays), url)
     else:
         try:
             doc = loads(body)
@@ -312,6 +314,10 @@ def _response_from_doc(doc: Any, url: str) -> PlainResponse:
     response = response_from_doc(doc)
     if response is not None:
         return response
+    outputs = doc.get("outputs") if isinstance(doc, dict) else None
+    for t in outputs if isinstance(outputs, list) else ():  # pydantic reads `data` as a list
+        if isinstance(t, dict) and isinstance(t.get("data"), np.ndarray):
+            t["data"] = t["data"].tolist()
     try:  # not in plain form: pydantic decides, and words the error
         return PlainResponse.of(InferResponse.model_validate(doc))
     except ValidationError as e:
@@ -323,15 +329,17 @@ def _invalid_response(url: str, e: ValidationError) -> UpstreamError:
                          f"{describe_validation_errors(e.errors(include_url=False), limit=3)}", url=url)
 
 
-def _binary_answer_doc(body: bytes, url: str, header_length: str) -> Any:
-    """The JSON header of a binary answer with each binary output's values put in as a list (answers are passed
-    on as JSON; scores are a few values a row)."""
+def _binary_answer_doc(body: bytes, url: str, header_length: str, arrays: bool = False) -> Any:
+    """The JSON header of a binary answer with each binary output's values put in: as a list, or with `arrays` as
+    the flat array they were read into."""
     try:
         doc, blob = binary_tensors.split(body, header_length)
         outputs = doc.get("outputs") if isinstance(doc, dict) else None
         binary_tensors.attach(outputs, blob, "output")
     except InvalidRequest as e:
         raise UpstreamError(f"upstream {url} sent an unreadable binary inference response: {e}", url=url) from None
+    if arrays:
+        return doc
     for t in outputs or ():
         if isinstance(t, dict) and isinstance(t.get("data"), np.ndarray):
             t["data"] = t["data"].tolist()
@@ -598,10 +606,10 @@ class UpstreamClient:
                        outputs: Sequence[RequestOutput] | None = None,
                        parameters: Parameters | None = None) -> PlainResponse:
         """Forward V2 tensors, JSON or binary as registered; the whole V2 answer comes back as `read_v2` reads
-        it (the caller converts the outputs, and so checks them)."""
+        it, binary outputs as arrays (the caller converts the outputs, and so checks them)."""
         url = infer_url(spec)
         reply = await self.call("POST", url, encode_infer(spec, inputs, outputs, parameters), spec.upstream.timeout_s)
-        return read_v2(reply.body, url, reply.header_length)
+        return read_v2(reply.body, url, reply.header_length, arrays=True)
 
     async def forward_v2(self, spec: ModelSpec, body: bytes) -> PlainResponse:
         """A caller's V2 request body sent as it came: for a request the gateway checked and would re-encode
@@ -609,7 +617,7 @@ class UpstreamClient:
         `infer_v2` gives it."""
         url = infer_url(spec)
         reply = await self.call("POST", url, Payload(body), spec.upstream.timeout_s)
-        return read_v2(reply.body, url, reply.header_length)
+        return read_v2(reply.body, url, reply.header_length, arrays=True)
 
     async def scores(self, spec: ModelSpec, X: np.ndarray, *, input_name: str | None = None,
                      datatype: str = "FP32", output_name: str | None = None) -> np.ndarray:

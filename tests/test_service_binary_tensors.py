@@ -144,3 +144,24 @@ def test_the_job_workers_client_speaks_binary_to_a_binary_leg(upstream):
         np.testing.assert_allclose(client.scores(binary, X), offline(X), rtol=1e-6)
         json_leg = binary.model_copy(update={"upstream": binary.upstream.model_copy(update={"binary_data": False})})
         np.testing.assert_array_equal(client.scores(json_leg, X), client.scores(binary, X))
+
+
+@pytest.mark.parametrize("header", [{"model_name": "m"}, {"model_name": "m", "model_version": 1},
+                                    {"model_name": 5}])
+def test_a_binary_answer_read_as_arrays_says_what_it_says_as_lists(header):
+    from service.upstream import read_v2
+
+    X = np.array([[1.5, -2.0]], dtype=np.float32)
+    answer, n = binary_tensors.encode_response(header, [("logits", X, "FP32", [1, 2], None)], [True])
+    try:
+        listed = read_v2(answer, "u", str(n))
+    except UpstreamError as e:  # not a V2 answer: the same error either way
+        with pytest.raises(UpstreamError, match="invalid V2 inference response") as got:
+            read_v2(answer, "u", str(n), arrays=True)
+        assert str(got.value) == str(e)
+        return
+    arrays = read_v2(answer, "u", str(n), arrays=True)
+    assert (arrays.model_name, arrays.model_version) == (listed.model_name, listed.model_version)
+    data = arrays.outputs[0].data
+    assert np.asarray(data).tolist() == listed.outputs[0].data == [1.5, -2.0]
+    assert type(data) is np.ndarray and data.dtype == np.float32

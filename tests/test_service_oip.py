@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import orjson
 import pytest
 
 from service.oip import (
@@ -15,6 +16,7 @@ from service.oip import (
     datatype_of,
     from_numpy,
     parse_infer_request,
+    read_infer_request,
     to_numpy,
 )
 
@@ -255,3 +257,94 @@ def test_construct_builds_what_validation_builds():
                                          "outputs": [construct(*cases[0])]})
     assert response.model_dump_json(exclude_none=True) == \
         '{"model_name":"m","outputs":[{"name":"y","shape":[1,2],"datatype":"FP32","data":[1,2]}]}'
+
+
+def _big(doc: dict) -> bytes:
+    """`doc` as JSON padded past the size simdjson parses from (whitespace, which JSON ignores)."""
+    from service.oip import SIMD_MIN_BYTES
+
+    body = orjson.dumps(doc)
+    return body + b" " * max(0, SIMD_MIN_BYTES - len(body))
+
+
+_X = np.linspace(-3.3, 7.7, 600).astype(np.float32)
+SIMD_BODIES = [
+    _big({"id": "a", "parameters": {"p": [1, {"q": None}]}, "inputs": [
+        {"name": "x", "shape": [100, 6], "datatype": "FP32", "data": _X.tolist()},
+        {"name": "group", "shape": [2], "datatype": "BYTES", "data": ["f", "m"]}], "outputs": [{"name": "y"}]}),
+    _big({"inputs": [{"name": "x", "shape": [3], "datatype": "FP64", "data": [1, 2.5, -0.0]}]}),  # ints and floats
+    _big({"inputs": [{"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [[1.0, 2.0], [3.0, 4.0]]}]}),
+    _big({"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "data": [[1.0, 2.0], [3.0]]}]}),  # ragged
+    _big({"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1.0, None]}]}),
+    _big({"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1.0, True]}]}),
+    _big({"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1.0, "2"]}]}),
+    _big({"inputs": [{"name": "x", "shape": [2], "datatype": "INT64", "data": [1, 2]}]}),
+    _big({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [2 ** 60 + 1]}]}),  # past 2**53
+    _big({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [16777217]}]}),
+    _big({"inputs": [{"name": "x", "shape": [0], "datatype": "FP32", "data": []}]}),
+    _big({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": {"a": 1}}]}),
+    b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.5], "data": [2.5]}]}' + b" " * 4096,
+    b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1e400]}]}' + b" " * 4096,
+    b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [NaN]}]}' + b" " * 4096,
+    b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}],}' + b" " * 4096,
+    b'{"inputs": [{"name": "x", "shape": [123456789012345678901234567890], "datatype": "FP32", "data": [1]}]}' +
+    b" " * 4096,
+    b"[1, 2]" + b" " * 4096,
+]
+
+
+def _read(body: bytes):
+    """(the request, each input's values by to_numpy) or the error's text."""
+    try:
+        req = read_infer_request(body)
+    except InvalidRequest as e:
+        return str(e)
+    values = []
+    for t in req.inputs:
+        try:
+            values.append(to_numpy(t))
+        except InvalidRequest as e:
+            values.append(str(e))
+    return req, values
+
+
+@pytest.mark.parametrize("body", SIMD_BODIES)
+def test_simdjson_reads_every_body_as_orjson_does(body, monkeypatch):
+    pytest.importorskip("simdjson")
+    from service import oip
+
+    fast = _read(body)
+    monkeypatch.setattr(oip, "simdjson", None)
+    slow = _read(body)
+    if isinstance(slow, str):
+        assert fast == slow
+        return
+    (freq, fvalues), (sreq, svalues) = fast, slow
+    assert [(t.name, t.shape, t.datatype, t.parameters) for t in freq.inputs] == \
+        [(t.name, t.shape, t.datatype, t.parameters) for t in sreq.inputs]
+    assert (freq.id, freq.parameters, freq.outputs) == (sreq.id, sreq.parameters, sreq.outputs)
+    for f, s in zip(fvalues, svalues, strict=True):
+        if isinstance(s, str):
+            assert f == s
+        else:
+            assert f.dtype == s.dtype and f.shape == s.shape and np.array_equal(f, s)
+
+
+def test_simdjson_reads_a_large_float_tensor_into_an_array():
+    pytest.importorskip("simdjson")
+    req = read_infer_request(SIMD_BODIES[0])
+    assert type(req.inputs[0].data) is np.ndarray and req.inputs[0].data.dtype == np.float64
+    assert req.inputs[1].data == ["f", "m"]  # the group names as the list they were
+    np.testing.assert_array_equal(to_numpy(req.inputs[0]), _X.reshape(100, 6))
+
+
+def test_simdjson_parser_is_reused_and_replaced_while_a_value_of_it_lives():
+    pytest.importorskip("simdjson")
+    from service import oip
+
+    first = oip._parser()
+    assert oip._parser() is first  # nothing of the last parse held: the same parser again
+    held = first.parse(b"[1, 2]")  # a value that keeps the parser busy
+    assert type(read_infer_request(SIMD_BODIES[0]).inputs[0].data) is np.ndarray  # read by another parser
+    assert oip._parser() is not first
+    assert held.as_list() == [1, 2]
