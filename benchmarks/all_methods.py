@@ -125,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                 "threshold. Bias is the criterion's gap as Fairlearn measures it (dp_diff; eo_diff = the larger "
                 "of the TPR and FPR gaps). The intra-processing methods bound their own measure instead (dp: spd, "
                 "eo: eod, the TPR gap only; see docs/intra.md), so their eo rows can show a large FPR gap. "
-                "`calibrated_eq_odds` has no dp form.\n\n")
+                "`calibrated_eq_odds` has no dp form. A row whose bias and accuracy do not move is a method whose "
+                "cross-fitted guard returned no patch: it could not show on the tune rows that its rule beats the "
+                "model alone (docs/guard.md; `-o guard=0` gives the rule).\n\n")
         args.out.write_text(head + md + "\n")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
