@@ -430,7 +430,7 @@ def _simd_tensor(tensor: Any) -> Any:
             out[key] = data = value
         else:
             out[key] = _simd_value(value)
-    if data is not None and out["data"] is data:
+    if data is not None:
         values = None
         if out.get("datatype") in _FLOATS:
             try:  # a flat array of numbers (as_buffer flattens nested ones: their count tells them apart)

@@ -213,6 +213,19 @@ def imputed_draws(X: np.ndarray, idx: np.ndarray, weights: np.ndarray, paid: np.
     margin, ridge, flat = _ridge_imputation(X, idx, weights, paid, prior)
     if draws == 1:
         return margin, np.arange(len(X)), np.ones(len(X))
+    mu, sd = _group_error(flat, idx, weights, paid, groups, int(groups.max()) + 1, ridge.alpha_, seed)
+    unpaid = np.setdiff1d(np.arange(len(X)), idx)
+    z = _draw_quantiles(draws)
+    copies = (margin[unpaid] + mu[groups[unpaid]])[:, None] + sd[groups[unpaid]][:, None] * z[None, :]
+    rows = np.concatenate([idx, np.repeat(unpaid, draws)])
+    w = np.concatenate([np.ones(len(idx)), np.full(len(unpaid) * draws, 1.0 / draws)])
+    return np.concatenate([paid, copies.ravel()]), rows, w
+
+
+def _group_error(flat: np.ndarray, idx: np.ndarray, weights: np.ndarray, paid: np.ndarray, groups: np.ndarray,
+                 n_groups: int, alpha: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per group, the weighted mean and spread of the surrogate's cross-fitted residuals (5 folds of the paid rows,
+    the ridge at penalty `alpha`); a group with fewer than 10 paid rows gets mean 0 and the overall spread."""
     from sklearn.linear_model import Ridge
 
     from patcher.tuning import stratified_split
@@ -221,21 +234,15 @@ def imputed_draws(X: np.ndarray, idx: np.ndarray, weights: np.ndarray, paid: np.
     resid = np.zeros(len(idx))
     for held in stratified_split(np.zeros(len(idx), np.int64), g_paid, [0.2] * 5, seed):
         rest = np.setdiff1d(np.arange(len(idx)), held)
-        fitted = Ridge(alpha=ridge.alpha_).fit(flat[idx[rest]], paid[rest], sample_weight=weights[rest])
+        fitted = Ridge(alpha=alpha).fit(flat[idx[rest]], paid[rest], sample_weight=weights[rest])
         resid[held] = paid[held] - fitted.predict(flat[idx[held]])
-    n_groups = int(groups.max()) + 1
     mu, sd = np.zeros(n_groups), np.full(n_groups, np.sqrt(np.average(resid**2, weights=weights)))
     for a in range(n_groups):
         m = g_paid == a
         if m.sum() >= 10:
             mu[a] = np.average(resid[m], weights=weights[m])
             sd[a] = np.sqrt(np.average((resid[m] - mu[a]) ** 2, weights=weights[m]))
-    unpaid = np.setdiff1d(np.arange(len(X)), idx)
-    z = _draw_quantiles(draws)
-    copies = (margin[unpaid] + mu[groups[unpaid]])[:, None] + sd[groups[unpaid]][:, None] * z[None, :]
-    rows = np.concatenate([idx, np.repeat(unpaid, draws)])
-    w = np.concatenate([np.ones(len(idx)), np.full(len(unpaid) * draws, 1.0 / draws)])
-    return np.concatenate([paid, copies.ravel()]), rows, w
+    return mu, sd
 
 
 def _draw_quantiles(draws: int) -> np.ndarray:
@@ -536,17 +543,17 @@ def _tune_binary(ctx: _Context, keep: np.ndarray, excluded: np.ndarray | None = 
     return _Choice(point, table, strengths, W, b)
 
 
-def _tuning_margins(ctx: _Context, keep: np.ndarray, rows_all: np.ndarray, spread: bool = True):
+def _tuning_margins(ctx: _Context, keep: np.ndarray, rows_all: np.ndarray):
     """(margins, their tuning rows, weights) to tune on: with the surrogate every row of `rows_all` (paid rows
-    `keep` exact, the rest imputed: `surrogate_draws` copies each unless `spread` is off); without, the paid rows
-    with their inverse-probability weights."""
+    `keep` exact, the rest imputed: `surrogate_draws` copies each); without, the paid rows with their
+    inverse-probability weights."""
     idx, weights, log_probs = ctx.idx[keep], ctx.weights[keep], ctx.log_probs[keep]
     paid_margin = log_probs[:, 1] - log_probs[:, 0]
     if not ctx.use_surrogate:
         return paid_margin, idx, weights
     pos = np.searchsorted(rows_all, idx)  # paid rows' positions among the tuning rows kept
     prior = None if ctx.prior is None else ctx.prior[rows_all]
-    draws = ctx.opts.surrogate_draws if spread else 1
+    draws = ctx.opts.surrogate_draws
     margin, at, w = imputed_draws(ctx.X[rows_all], pos, weights, paid_margin, ctx.groups[rows_all], draws, prior,
                                   ctx.seed)
     return margin, rows_all[at], (None if draws == 1 else w)
@@ -555,15 +562,16 @@ def _tuning_margins(ctx: _Context, keep: np.ndarray, rows_all: np.ndarray, sprea
 def _query_uncertain(ctx: _Context, access: Oracle, n: int) -> _Context:
     """The second round: tune a patch on the stratified rows, then pay for the `n` unpaid tuning rows whose
     imputed patched margin lies nearest their cut, in units of the surrogate's error in their group (its
-    leave-one-out residuals on the paid rows). Those are the rows whose decision the imputation may have wrong,
+    cross-fitted residuals on the paid rows). Those are the rows whose decision the imputation may have wrong,
     and the tuned rates (above all a small group's) move with them; far from the cut an imputation error flips
     nothing."""
     everything = np.arange(len(ctx.y))
     first = _tune_binary(ctx, np.arange(len(ctx.idx)))
-    margin, _, _ = _tuning_margins(ctx, np.arange(len(ctx.idx)), everything, spread=False)
+    paid = ctx.log_probs[:, 1] - ctx.log_probs[:, 0]
+    margin, ridge, flat = _ridge_imputation(ctx.X, ctx.idx, ctx.weights, paid, ctx.prior)
+    _, spread = _group_error(flat, ctx.idx, ctx.weights, paid, ctx.groups, ctx.G, ridge.alpha_, ctx.seed)
     distance = margin - first.margin_shift(ctx, everything) - first.point.threshold
-    spread = _surrogate_error(ctx)
-    z = np.abs(distance) / spread[ctx.groups]
+    z = np.abs(distance) / (spread[ctx.groups] + 1e-9)
     # A row equal to a paid one is known already (the oracle serves it from its cache): skip it, and pay for
     # one row of each set of equal rows.
     _, first_of, same = np.unique(ctx.X.reshape(len(ctx.X), -1), axis=0, return_index=True, return_inverse=True)
@@ -577,22 +585,6 @@ def _query_uncertain(ctx: _Context, access: Oracle, n: int) -> _Context:
         ctx, idx=np.concatenate([ctx.idx, extra]), weights=np.concatenate([ctx.weights, np.ones(len(extra))]),
         log_probs=np.concatenate([ctx.log_probs, extra_lp]),
         sampled=np.concatenate([ctx.sampled, np.zeros(len(extra), bool)]))
-
-
-def _surrogate_error(ctx: _Context) -> np.ndarray:
-    """Per group, the root mean square of the surrogate's leave-one-out residuals on the paid rows ([G])."""
-    from sklearn.linear_model import RidgeCV
-
-    flat = ctx.X.reshape(len(ctx.X), -1)[ctx.idx]
-    if ctx.prior is not None:
-        flat = np.column_stack([ctx.prior[ctx.idx], flat])
-    paid = ctx.log_probs[:, 1] - ctx.log_probs[:, 0]
-    ridge = RidgeCV(alphas=np.logspace(-2, 3, 12), store_cv_results=True).fit(flat, paid, sample_weight=ctx.weights)
-    best = int(np.argmin(np.abs(np.logspace(-2, 3, 12) - ridge.alpha_)))
-    loo = ridge.cv_results_[:, best]  # squared leave-one-out errors at the chosen penalty
-    g = ctx.groups[ctx.idx]
-    overall = float(np.sqrt(loo.mean()))
-    return np.array([np.sqrt(loo[g == a].mean()) if (g == a).sum() >= 5 else overall for a in range(ctx.G)]) + 1e-9
 
 
 def _crossfit_guard(ctx: _Context, confidence: float) -> dict[str, Any]:
