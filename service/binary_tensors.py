@@ -89,6 +89,9 @@ def attach(tensors: Any, blob: memoryview, what: str) -> None:
                              f"(check each {what}'s binary_data_size)")
 
 
+_LITTLE = {name: dtype.newbyteorder("<") for name, dtype in NUMPY_DTYPES.items()}  # the wire's byte order
+
+
 def from_bytes(raw: memoryview | bytes, datatype: Any, name: Any, what: str = "input") -> np.ndarray | list[str]:
     """One tensor's values: a flat array of its datatype, or a list of str for BYTES."""
     if datatype == "BYTES":
@@ -109,7 +112,7 @@ def from_bytes(raw: memoryview | bytes, datatype: Any, name: Any, what: str = "i
         raise InvalidRequest(f"{what} '{name}': {len(raw)} bytes is not a whole number of {datatype} values")
     # A copy in the native byte order: the body's buffer is not kept alive by the request, and read-only
     # arrays surprise code that transforms rows in place.
-    return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype)
+    return np.frombuffer(raw, dtype=_LITTLE[datatype]).astype(dtype)
 
 
 def to_bytes(array: Any, datatype: str) -> bytes:

@@ -158,6 +158,37 @@ def _retrieve(future: asyncio.Future) -> None:
         future.exception()
 
 
+class Signature:
+    """A model version's upstream signature and what the template works out from it, once per fetch rather than
+    per request: its inputs by name, the feature input's and the scores output's names, and the outputs a request
+    that names none asks the upstream for. `upstream` is the registration's upstream it was fetched for (the entry
+    is valid while the registration's is equal; the last equal one seen is kept, so the next check is `is`)."""
+
+    __slots__ = ("upstream", "meta", "declared", "feature_name", "scores_name", "default_outputs")
+
+    def __init__(self, upstream: Any, meta: ModelMetadata) -> None:
+        self.upstream, self.meta = upstream, meta
+        self.declared = {t.name: t for t in meta.inputs}
+        self.feature_name: str = upstream.input_name or (meta.inputs[0].name if meta.inputs else "")
+        self.scores_name: str = upstream.output_name or (meta.outputs[0].name if meta.outputs else "")
+        self.default_outputs = self.outputs_for(None)
+
+    def outputs_for(self, wanted: list[str] | None) -> list[RequestOutput]:
+        """The outputs asked of the upstream: those the caller wants (default: every declared one) and the
+        scores, always by name (a server's default answer may leave the scores out: MLServer's scikit-learn
+        runtime answers `predict` alone)."""
+        asked = wanted if wanted is not None else [t.name for t in self.meta.outputs]
+        return [RequestOutput(name=n) for n in dict.fromkeys([*asked, self.scores_name])]
+
+    def serves(self, upstream: Any) -> bool:
+        if self.upstream is upstream:
+            return True
+        if self.upstream == upstream:  # the registration re-read (every SPEC_TTL_S): the same upstream
+            self.upstream = upstream
+            return True
+        return False
+
+
 class ModelCache:
     """Registrations (from the registry) and upstream metadata (from the upstream), both in memory."""
 
@@ -165,7 +196,7 @@ class ModelCache:
         self.registry = registry
         self.upstream = upstream
         self._specs: TtlCache[tuple[str, str | None], ModelSpec | None] = TtlCache()
-        self._metadata: TtlCache[tuple[str, str], tuple[Any, ModelMetadata]] = TtlCache()
+        self._metadata: TtlCache[tuple[str, str], Signature] = TtlCache()
 
     async def _lookup(self, name: str, version: str | None) -> ModelSpec | None:
         async def load() -> ModelSpec | None:
@@ -180,10 +211,15 @@ class ModelCache:
         """`spec` when it is cached and fresh, else None (then await `spec`)."""
         return self._specs.fresh((name, version))
 
+    def fresh_signature(self, spec: ModelSpec) -> Signature | None:
+        """`signature` when it is cached and fresh for the spec's upstream, else None (then await `signature`)."""
+        hit = self._metadata.fresh((spec.name, spec.version))
+        return hit if hit is not None and hit.serves(spec.upstream) else None
+
     def fresh_metadata(self, spec: ModelSpec) -> ModelMetadata | None:
         """`metadata` when it is cached and fresh for the spec's upstream, else None (then await `metadata`)."""
-        hit = self._metadata.fresh((spec.name, spec.version))
-        return hit[1] if hit is not None and (hit[0] is spec.upstream or hit[0] == spec.upstream) else None
+        hit = self.fresh_signature(spec)
+        return None if hit is None else hit.meta
 
     async def spec(self, name: str, version: str | None = None) -> ModelSpec:
         """The registration of `name` at `version` (latest when None); 404 when there is none."""
@@ -196,17 +232,21 @@ class ModelCache:
         raise ApiError(404, f"unknown model version: model '{name}' has no version '{version}' "
                             f"(the latest is '{latest.version}')")
 
-    async def metadata(self, spec: ModelSpec) -> ModelMetadata:
-        """The upstream's signature under the gateway's name for the model version."""
+    async def signature(self, spec: ModelSpec) -> Signature:
+        """The upstream's signature under the gateway's name for the model version, with what the template
+        works out from it."""
         upstream = spec.upstream
 
-        async def load() -> tuple[Any, ModelMetadata]:
+        async def load() -> Signature:
             meta = await self.upstream.metadata(spec)
-            return upstream, meta.model_copy(update={"name": spec.name, "versions": [spec.version]})
+            return Signature(upstream, meta.model_copy(update={"name": spec.name, "versions": [spec.version]}))
 
-        _, meta = await self._metadata.get((spec.name, spec.version), load, lambda _v: METADATA_TTL_S,
-                                           valid=lambda v: v[0] is upstream or v[0] == upstream)
-        return meta
+        return await self._metadata.get((spec.name, spec.version), load, lambda _v: METADATA_TTL_S,
+                                        valid=lambda v: v.serves(upstream))
+
+    async def metadata(self, spec: ModelSpec) -> ModelMetadata:
+        """The upstream's signature under the gateway's name for the model version."""
+        return (await self.signature(spec)).meta
 
     def forget(self, name: str, version: str | None = None) -> None:
         """Drop what is cached for a model (all versions when None): the next request re-reads it."""
@@ -527,10 +567,10 @@ async def _serve(state: State, call: Call, spec: ModelSpec, runner: PatchRunner 
         if probe is not None:
             probe.add_patch_time(t)
         return answer
-    meta = (cache.fresh_metadata(spec) or await cache.metadata(spec)) if spec.upstream.protocol == "v2" else None
+    sig = (cache.fresh_signature(spec) or await cache.signature(spec)) if spec.upstream.protocol == "v2" else None
     if call.protocol == "v1":
-        _v1_inputs(call, spec, meta)
-    features = _feature_input(call, spec, meta)
+        _v1_inputs(call, spec, None if sig is None else sig.meta)
+    features = _feature_input(call, spec, sig)
     X = _features(features)
     groups = group_ids(runner, spec, None if call.group is None else to_numpy(call.group), len(X))
     t = perf_counter()
@@ -541,7 +581,7 @@ async def _serve(state: State, call: Call, spec: ModelSpec, runner: PatchRunner 
     if trace is not None:
         trace.features, trace.feature_input, trace.raw_kind = X, features, spec.upstream.output_kind
 
-    if meta is None:  # V1 / MLflow upstream: one matrix in, one scores matrix out
+    if sig is None:  # V1 / MLflow upstream: one matrix in, one scores matrix out
         t = perf_counter()
         scores = await upstream.scores(spec, sent)
         if probe is not None:
@@ -565,12 +605,10 @@ async def _serve(state: State, call: Call, spec: ModelSpec, runner: PatchRunner 
         features_sent = Tensor(features.name, list(sent.shape), features.datatype, features.parameters,
                                np.asarray(sent, dtype=NUMPY_DTYPES[features.datatype]).ravel())
         inputs = [features_sent if t is features else t for t in inputs]
-    scores_name = spec.upstream.output_name or meta.outputs[0].name
+    scores_name = sig.scores_name
     wanted = [o.name for o in req.outputs] if req.outputs else None
-    # Outputs are always asked for by name (only names go upstream; binary_data etc. are answered here): a
-    # server's default answer may leave the scores out (MLServer's scikit-learn runtime answers `predict` alone).
-    asked = wanted if wanted is not None else [t.name for t in meta.outputs]
-    forward_outputs = [RequestOutput(name=n) for n in dict.fromkeys([*asked, scores_name])]
+    # Outputs are always asked for by name (only names go upstream; binary_data etc. are answered here).
+    forward_outputs = sig.default_outputs if wanted is None else sig.outputs_for(wanted)
     forward_parameters = _forward_parameters(req.parameters)
     t = perf_counter()
     if call.protocol == "v2" and binary is None and call.group is None and sent is X and req.outputs is None \
@@ -613,11 +651,12 @@ def asking_for(body: bytes, outputs: list[RequestOutput]) -> bytes:
     return body[:start] + head[:-1] + b"," + body[start + 1:]
 
 
-def _feature_input(call: Call, spec: ModelSpec, meta: ModelMetadata | None) -> Tensor:
+def _feature_input(call: Call, spec: ModelSpec, sig: Signature | None) -> Tensor:
     """The input that carries the rows, the request checked against the upstream's signature when known."""
-    if meta is not None:
-        check_tensors(meta, call.inputs, call.request.outputs)
-        name = spec.upstream.input_name or meta.inputs[0].name
+    if sig is not None:
+        meta = sig.meta
+        check_tensors(meta, call.inputs, call.request.outputs, sig.declared)
+        name = sig.feature_name
         found = next((t for t in call.inputs if t.name == name), None)
         if found is None:  # check_tensors passed, so the registration names an input the model lacks
             raise UpstreamError(f"model '{spec.name}' is registered with input_name '{name}', which upstream "

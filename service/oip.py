@@ -494,6 +494,8 @@ def convert(data: Any, datatype: str, name: str, what: str = "input") -> np.ndar
     try:
         if type(data) is np.ndarray and data.dtype == target:  # binary data, or rows converted already
             arr = data
+        elif target.kind == "f" and type(data) is list and (arr := _float_list(data, target)) is not None:
+            return arr  # finite and in range: checked on the way
         elif target.kind == "f":
             # Direct conversion is the fast path; None becomes NaN and overflow becomes inf, both
             # caught by the finite check below (so the overflow needs no warning).
@@ -516,6 +518,22 @@ def convert(data: Any, datatype: str, name: str, what: str = "input") -> np.ndar
         raise InvalidRequest(f"{what} '{name}': data holds NaN, infinite or null values (or values outside "
                              f"the {datatype} range); send finite numbers")
     return arr
+
+
+_FLOAT_MAX = {dt: float(np.finfo(dt).max) for dt in (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))}
+
+
+def _float_list(data: list[Any], target: np.dtype) -> np.ndarray | None:
+    """A JSON list of numbers as a float array of `target` when every value is finite and within its range; None
+    otherwise (`convert`'s checked conversion then decides and words the error). By way of float64: numpy casts
+    Python floats to float32 one at a time with an overflow check, several times slower than reading them as the
+    doubles they are and casting the array (the same values: a Python float is a double)."""
+    arr = np.asarray(data, dtype=np.float64)
+    if not arr.size:
+        return arr.astype(target, copy=False)
+    if not np.maximum.reduce(np.abs(arr), axis=None) <= _FLOAT_MAX[target]:  # NaN fails it too
+        return None
+    return arr.astype(target, copy=False)
 
 
 def refuse_bools(text: bytes, tensors: Iterable[Any], what: str = "input") -> None:
@@ -634,10 +652,12 @@ def check_signature(metadata: ModelMetadata, request: InferRequest) -> None:
 
 
 def check_tensors(metadata: ModelMetadata, inputs: list[RequestInput] | list[Tensor],
-                  outputs: list[RequestOutput] | list[Wanted] | None) -> None:
+                  outputs: list[RequestOutput] | list[Wanted] | None,
+                  declared: dict[str, MetadataTensor] | None = None) -> None:
     """`check_signature` for inputs and requested outputs given apart (the gateway checks the request less
-    its group input)."""
-    declared = {t.name: t for t in metadata.inputs}
+    its group input); `declared`: the metadata's inputs by name, when the caller keeps them."""
+    if declared is None:
+        declared = {t.name: t for t in metadata.inputs}
     seen: set[str] = set()
     for t in inputs:
         spec = declared.get(t.name)
