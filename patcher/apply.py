@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import numpy as np
 
@@ -35,10 +36,12 @@ def _session(data: bytes, device: str | None = "cpu"):
     return ort_session(data, opts, device)
 
 
-def _run(graph: NumpyGraph | None, session, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """A transform's outputs: by numpy where the graph has a numpy form and the feeds fit it, else by onnxruntime."""
+def _run(graph: NumpyGraph | None, session, feeds: dict[str, np.ndarray],
+         keep: dict[str, Any] | None = None) -> list[np.ndarray]:
+    """A transform's outputs: by numpy where the graph has a numpy form and the feeds fit it, else by onnxruntime.
+    `keep`: intermediate values wanted too, filled in by the numpy form (left as they are otherwise)."""
     if graph is not None and graph.accepts(feeds):
-        return graph.run(feeds)
+        return graph.run(feeds, keep)
     return session.run(None, feeds)
 
 
@@ -111,8 +114,10 @@ class PatchRunner:
         return _run(self._input_np, self._input, feeds)[0]
 
     def transform_outputs(self, features: np.ndarray, log_probs: np.ndarray,
-                          groups: np.ndarray | None = None, request_id: str | None = None) -> np.ndarray:
-        """Patched log-scores [N, C]; their argmax is the patched decision."""
+                          groups: np.ndarray | None = None, request_id: str | None = None,
+                          keep: dict[str, Any] | None = None) -> np.ndarray:
+        """Patched log-scores [N, C]; their argmax is the patched decision. `keep`: names of graph values the caller
+        wants as well (a dict, filled in where the graph ran as numpy calls; else left as it is)."""
         if self._output is None:
             return log_probs
         feeds: dict[str, np.ndarray] = {}
@@ -126,7 +131,7 @@ class PatchRunner:
             feeds["group"] = self.group_ids(groups)
         if "uniform" in self._output_inputs:
             feeds["uniform"] = uniform_draws(request_id, len(log_probs))
-        return _run(self._output_np, self._output, feeds)[0].astype(np.float64)
+        return _run(self._output_np, self._output, feeds, keep)[0].astype(np.float64)
 
     def predict(self, features: np.ndarray, log_probs: np.ndarray, groups: np.ndarray | None = None,
                 request_id: str | None = None) -> np.ndarray:

@@ -22,14 +22,20 @@ class Estimator:
     b: np.ndarray  # [G]
     columns: np.ndarray | None  # the feature columns it reads (None: all)
     names: tuple[str, ...]  # the patch's groups, in the estimator's order
+    # The graph value that holds x W + b for the rows the graph saw (its Gemm's output, when that Gemm computes
+    # exactly that: no attributes); None: there is none to reuse.
+    output: str | None = None
 
-    def groups(self, X: np.ndarray) -> list[str]:
-        """Each row's most likely group."""
-        x = np.asarray(X, dtype=np.float32).reshape(len(X), -1)
-        if self.columns is not None:
-            x = x[:, self.columns]
-        ids = (x @ self.W + self.b).argmax(axis=1)
-        return [self.names[i] for i in ids.tolist()]
+    def groups(self, X: np.ndarray, kept: dict[str, np.ndarray | None] | None = None) -> list[str]:
+        """Each row's most likely group. `kept`: values the output transform kept from its run over the same rows
+        (PatchRunner.transform_outputs); the estimator's scores are taken from there rather than computed again."""
+        scores = kept.get(self.output) if kept and self.output is not None else None
+        if scores is None or len(scores) != len(X):
+            x = np.asarray(X, dtype=np.float32).reshape(len(X), -1)
+            if self.columns is not None:
+                x = x[:, self.columns]
+            scores = x @ self.W + self.b
+        return [self.names[i] for i in scores.argmax(axis=1).tolist()]
 
 
 _cache: weakref.WeakKeyDictionary[Any, Estimator | None] = weakref.WeakKeyDictionary()
@@ -73,5 +79,5 @@ def _read(graph_bytes: bytes, names: tuple[str, ...]) -> Estimator | None:
             columns = inits[gather.input[1]].astype(np.int64)
         W, bias = inits[w].astype(np.float32), inits[b].astype(np.float32)
         if W.ndim == 2 and W.shape[1] == len(names) and bias.shape == (len(names),):
-            return Estimator(W, bias, columns, names)
+            return Estimator(W, bias, columns, names, None if node.attribute else node.output[0])
     return None

@@ -49,6 +49,7 @@ from patcher.scores import from_log_probs, to_log_probs
 from service import binary_tensors, live_observe, patch_serving
 from service.binary_tensors import CONTENT_TYPE, read_request
 from service.errors import ApiError
+from service.estimated_groups import estimator
 from service.oip import (
     NUMPY_DTYPES,
     ErrorResponse,
@@ -395,11 +396,12 @@ def transform_inputs(runner: PatchRunner | None, X: np.ndarray) -> np.ndarray:
 
 
 def apply_patch(runner: PatchRunner, spec: ModelSpec, features: np.ndarray, scores: np.ndarray,
-                groups: np.ndarray | None, request_id: str | None = None, scores_kind: str | None = None) -> np.ndarray:
+                groups: np.ndarray | None, request_id: str | None = None, scores_kind: str | None = None,
+                keep: dict[str, Any] | None = None) -> np.ndarray:
     """The patched scores in the model's own kind, shape and dtype. `features` are the rows the model saw
     (after the patch's input transform, as the job worker evaluates a patch); `scores_kind` what `scores` are
     (default: the registered output kind); randomized decisions are drawn from `request_id` (the same id, the
-    same decisions)."""
+    same decisions); `keep`: graph values wanted as well (PatchRunner.transform_outputs)."""
     n = len(features)
     if scores.ndim not in (1, 2) or len(scores) != n:
         raise UpstreamError(f"upstream {spec.upstream.url}: scores have shape {list(scores.shape)}; expected "
@@ -409,7 +411,8 @@ def apply_patch(runner: PatchRunner, spec: ModelSpec, features: np.ndarray, scor
     if n == 0:  # nothing to transform: the empty batch in the answer's shape
         return np.zeros(scores.shape, dtype=dtype)
     try:
-        patched = runner.transform_outputs(features, to_log_probs(scores, scores_kind or kind), groups, request_id)
+        patched = runner.transform_outputs(features, to_log_probs(scores, scores_kind or kind), groups, request_id,
+                                           keep)
     except (UnknownGroupError, PatchError) as e:
         raise InvalidRequest(str(e)) from None
     except Exception as e:  # noqa: BLE001 - onnxruntime: the patch does not fit this model's outputs
@@ -534,6 +537,7 @@ class Trace:
     raw_kind: str | None = None
     features: np.ndarray | None = None
     feature_input: Tensor | None = None
+    kept: dict[str, Any] | None = None  # values the patch's output transform computed anyway (`_kept`)
 
 
 async def _shadow_scores(state: State, call: Call, spec: ModelSpec, runner: PatchRunner,
@@ -587,7 +591,9 @@ async def _serve(state: State, call: Call, spec: ModelSpec, runner: PatchRunner 
         if probe is not None:
             probe.upstream_s = perf_counter() - t
         t = perf_counter()
-        out = scores if runner is None else apply_patch(runner, spec, sent, scores, groups, call.request.id)
+        kept = _kept(trace, runner, sent, X)
+        out = scores if runner is None else apply_patch(runner, spec, sent, scores, groups, call.request.id,
+                                                        keep=kept)
         if probe is not None and runner is not None:
             probe.add_patch_time(t)
         if trace is not None:
@@ -630,7 +636,7 @@ async def _serve(state: State, call: Call, spec: ModelSpec, runner: PatchRunner 
         trace.raw = scores
     if runner is not None:
         t = perf_counter()
-        scores = apply_patch(runner, spec, sent, scores, groups, req.id)
+        scores = apply_patch(runner, spec, sent, scores, groups, req.id, keep=_kept(trace, runner, sent, X))
         outputs[i] = tensor_of(raw.name, scores, raw.parameters)
         if probe is not None:
             probe.add_patch_time(t)
@@ -641,6 +647,19 @@ async def _serve(state: State, call: Call, spec: ModelSpec, runner: PatchRunner 
     if call.raw_wanted:
         outputs.append(Tensor(RAW_OUTPUT, raw.shape, raw.datatype, None, raw.data))
     return _reply(call, spec, runner, outputs, scores, SERVED_BY_UPSTREAM, result.parameters)
+
+
+def _kept(trace: Trace | None, runner: PatchRunner | None, sent: np.ndarray, X: np.ndarray) -> dict[str, Any] | None:
+    """For live fairness of a request without its group: the patch's attribute estimator runs inside its output
+    transform, on the same rows when there is no input transform, so its scores are kept from there (into
+    `trace.kept`) rather than computed a second time (service.estimated_groups)."""
+    if trace is None or runner is None or sent is not X:
+        return None
+    est = estimator(runner)
+    if est is None or est.output is None:
+        return None
+    trace.kept = {est.output: None}
+    return trace.kept
 
 
 def asking_for(body: bytes, outputs: list[RequestOutput]) -> bytes:

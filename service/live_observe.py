@@ -101,7 +101,7 @@ def _record(live: LiveRecorder, spec: Any, call: Any, runner: Any, pid: str | No
     if call.group is not None:
         groups, source = group_names(call.group, spec, None), "given"
     else:  # only reached when the patch has an attribute estimator (service.infer.serve)
-        groups, source = estimator(runner).groups(trace.features), "estimated"
+        groups, source = estimator(runner).groups(trace.features, trace.kept), "estimated"
     if len(groups) != len(raw):
         return
     live.observe(spec.name, spec.version, pid, arm, groups, raw, raw_kind, out, kind, call.request.id, source)

@@ -125,3 +125,31 @@ def test_feeds_the_graph_does_not_take_get_onnxruntimes_own_error(adult, adult_m
     with pytest.raises(Exception, match="(?i)dimension|shape"):  # one column short: refused, not broadcast
         runner.transform_outputs(adult.test.X[:4, :-1], logp)
 
+
+
+def test_the_estimator_scores_kept_from_the_output_transform_are_the_estimators_own(adult, adult_model):
+    """Live fairness takes a group-free patch's estimated groups from its output transform's run (the same Gemm on
+    the same rows) rather than computing them again: the same scores, the same groups; onnxruntime keeps nothing."""
+    from patcher.tuning import TuningData
+    from service.estimated_groups import estimator
+
+    tune = TuningData(adult.tune.X, adult.tune.y, adult.tune.groups, adult.group_names)
+    patch, _ = fit("eraser", OnnxOracle(adult_model.onnx_bytes, budget=300), tune, "dp", 300, bias="estimator",
+                   seed=0)
+    runner = PatchRunner(patch)
+    est = estimator(runner)
+    assert est is not None and est.output is not None
+    X = adult.test.X[:50]
+    logp = OnnxOracle(adult_model.onnx_bytes).log_probs(X)
+    kept: dict = {est.output: None}
+    runner.transform_outputs(X, logp, keep=kept)
+    x = np.asarray(X, dtype=np.float32)
+    if est.columns is not None:
+        x = x[:, est.columns]
+    np.testing.assert_array_equal(kept[est.output], x @ est.W + est.b)
+    assert est.groups(X, kept) == est.groups(X)
+    assert est.groups(X, {est.output: kept[est.output][:3]}) == est.groups(X)  # not these rows': computed
+    runner._output_np = None
+    by_onnx: dict = {est.output: None}
+    runner.transform_outputs(X, logp, keep=by_onnx)
+    assert by_onnx[est.output] is None
