@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -510,6 +511,20 @@ class _Policy:
         return UpstreamTimeout(f"upstream {url} did not answer within {timeout_s:g}s", url=url)
 
 
+_deadlines: dict[float, aiohttp.ClientTimeout] = {}
+
+
+def _deadline(seconds: float) -> aiohttp.ClientTimeout:
+    """A total timeout of `seconds`, not rounded up to a whole second as aiohttp does past `ceil_threshold`; the
+    first attempt's (a model version's `timeout_s`) made once."""
+    found = _deadlines.get(seconds)
+    if found is None:
+        found = aiohttp.ClientTimeout(total=seconds, ceil_threshold=math.inf)
+        if len(_deadlines) < 1024:
+            _deadlines[seconds] = found
+    return found
+
+
 class UpstreamClient:
     """One pooled HTTP/1.1 keep-alive client per gateway, shared by every model version.
 
@@ -578,9 +593,10 @@ class UpstreamClient:
                 raise self._policy.expired(url, timeout_s)
             status, content, error, binary = None, b"", None, None
             try:
-                async with asyncio.timeout(remaining), \
-                        session.request(method, target, data=body, headers=headers,
-                                        allow_redirects=False) as response:
+                # aiohttp's own deadline for the whole exchange, answer read included: one timer, where an
+                # asyncio.timeout around it would add a second (its object, scheduling and cancelling per call).
+                async with session.request(method, target, data=body, headers=headers, allow_redirects=False,
+                                           timeout=_deadline(timeout_s if attempt == 0 else remaining)) as response:
                     status, content = response.status, await response.read()
                     binary = response.headers.get(binary_tensors.HEADER)
             except (aiohttp.ClientError, TimeoutError) as e:  # OSError from a socket is a ClientOSError
