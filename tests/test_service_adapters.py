@@ -336,6 +336,17 @@ def test_slow_upstream_times_out_at_the_deadline(servers, sync):
     assert info.value.status_code == 504 and "within 0.3s" in info.value.message
 
 
+def test_an_answer_whose_body_stalls_times_out_at_the_deadline_too():
+    # The deadline covers the whole exchange: an answer whose head came in time but whose body does not is a 504.
+    async def main(server: RawServer):
+        async with server as url, UpstreamClient() as client:
+            await client.scores(spec(url, "v1", timeout_s=0.3), rows(1))
+
+    with pytest.raises(UpstreamTimeout) as info:
+        asyncio.run(main(RawServer(stall_body_s=5.0)))
+    assert info.value.status_code == 504 and "within 0.3s" in info.value.message
+
+
 # --- HttpOracle -----------------------------------------------------------------------------------------
 
 def test_http_oracle_counts_rows_and_equals_the_onnx_oracle():
@@ -373,8 +384,10 @@ class RawServer:
     n-th request on a connection without answering, the way a server closes an idle keep-alive
     connection just as the client reuses it."""
 
-    def __init__(self, drop_from: int | None = None, delay_s: float = 0.0, reset: bool = False) -> None:
+    def __init__(self, drop_from: int | None = None, delay_s: float = 0.0, reset: bool = False,
+                 stall_body_s: float = 0.0) -> None:
         self.drop_from, self.delay_s, self.reset = drop_from, delay_s, reset
+        self.stall_body_s = stall_body_s  # the answer's head and half its body at once, the rest this much later
         self.connections, self.requests, self.headers = 0, 0, []
 
     async def __aenter__(self) -> str:
@@ -408,7 +421,11 @@ class RawServer:
                 await asyncio.sleep(self.delay_s)
                 body = b'{"predictions": [[0.25, 0.75]]}'
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                             b"content-length: %d\r\n\r\n%s" % (len(body), body))
+                             b"content-length: %d\r\n\r\n%s" % (len(body), body[:10]))
+                await writer.drain()
+                if self.stall_body_s:
+                    await asyncio.sleep(self.stall_body_s)
+                writer.write(body[10:])
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
