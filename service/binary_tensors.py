@@ -123,7 +123,7 @@ def to_bytes(array: Any, datatype: str) -> bytes:
             b = x if isinstance(x, bytes) else str(x).encode()
             parts += (struct.pack("<I", len(b)), b)
         return b"".join(parts)
-    return np.ascontiguousarray(array, dtype=NUMPY_DTYPES[datatype].newbyteorder("<")).tobytes()
+    return np.ascontiguousarray(array, dtype=_LITTLE[datatype]).tobytes()
 
 
 def pack(header: dict[str, Any], tensors: Sequence[tuple[dict[str, Any], Any]]) -> tuple[bytes, int]:

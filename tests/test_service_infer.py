@@ -438,6 +438,27 @@ def test_a_changed_registration_is_seen_within_the_cache_ttl(world, monkeypatch)
     np.testing.assert_array_equal(output(r, "logits"), upstream_raw(world, X))
 
 
+def test_the_signature_worked_out_once_follows_the_registrations_upstream():
+    """What the template derives from an upstream's metadata is kept with it: valid while the registration's upstream
+    is equal (a re-read registration then keeps it, by identity from there on), refetched once it is not."""
+    from service.oip import MetadataTensor, ModelMetadata
+
+    meta = ModelMetadata(name="m", platform="onnx", inputs=[MetadataTensor(name="x", datatype="FP32", shape=[-1, 3])],
+                         outputs=[MetadataTensor(name="label", datatype="INT64", shape=[-1]),
+                                  MetadataTensor(name="probs", datatype="FP32", shape=[-1, 2])])
+    upstream = UpstreamSpec(url="http://127.0.0.1:9", output_name="probs")
+    sig = infer.Signature(upstream, meta)
+    assert (sig.feature_name, sig.scores_name) == ("x", "probs") and list(sig.declared) == ["x"]
+    assert [o.name for o in sig.default_outputs] == ["label", "probs"]
+    assert [o.name for o in sig.outputs_for(["label"])] == ["label", "probs"]  # the scores always asked for
+    reread = upstream.model_copy()
+    assert reread is not upstream and sig.serves(reread) and sig.upstream is reread
+    assert not sig.serves(upstream.model_copy(update={"output_name": "label"}))
+    assert not sig.serves(upstream.model_copy(update={"url": "http://127.0.0.1:10"}))
+    plain = infer.Signature(UpstreamSpec(url="http://127.0.0.1:9", input_name="x"), meta)
+    assert (plain.feature_name, plain.scores_name) == ("x", "label")  # unnamed: the metadata's first
+
+
 # --- Triton's own client --------------------------------------------------------------------------------
 
 def test_tritonclient_reads_health_metadata_and_infers(world):
