@@ -10,6 +10,11 @@ the gateway with no patch (forwarding with parsing, checking, the upstream leg a
 Eraser patch (bias=estimator, as gateway_overhead.py fits it), each on a binary upstream leg and on a JSON one.
 Figures: the main thread's CPU time per request in each variant's rounds (the loop's own work included), and the
 ratio to the bare proxy's. gateway_overhead.py's ratios are lower by the shared HTTP side they include.
+
+With --replay, the gateway's own work alone: each variant's upstream answers are recorded once and then replayed (no
+socket, no event loop turn), so a call runs start to end synchronously; figures are the thread's CPU time per call,
+the best of the rounds. The upstream client's and the loop's share is left out with the HTTP side, and with them
+most of a shared machine's noise: what to compare code changes by.
 """
 
 from __future__ import annotations
@@ -94,6 +99,8 @@ async def measure(args: argparse.Namespace, upstream_url: str, patch: Any, X: An
     try:
         for target, sc in targets.values():
             await run(target, sc, 300)  # warm-up: caches, pooled connections
+        if args.replay:
+            return await replayed(args, app, {v: targets[v] for v in models}, call)
         cpu = dict.fromkeys(targets, 0.0)
         per_round = max(1, args.requests // args.rounds)
         for r in range(args.rounds):
@@ -108,6 +115,55 @@ async def measure(args: argparse.Namespace, upstream_url: str, patch: Any, X: An
         await serving
 
 
+async def replayed(args: argparse.Namespace, app: Any, targets: dict[str, tuple[Any, dict[str, Any]]],
+                   call: Any) -> dict[str, float]:
+    """`--replay`: each gateway variant's CPU per call with the upstream's answers replayed (ms, best of the rounds)."""
+    from service import infer
+
+    client, real_call = app.state.upstream, app.state.upstream.call
+    answers: dict[tuple[str, bool], Any] = {}
+
+    async def recording(method: str, url: str, payload: Any, timeout_s: float) -> Any:
+        reply = await real_call(method, url, payload, timeout_s)
+        answers[(url, payload is not None and payload.header_length is not None)] = reply
+        return reply
+
+    async def replaying(method: str, url: str, payload: Any, timeout_s: float) -> Any:
+        return answers[(url, payload is not None and payload.header_length is not None)]
+
+    ttl = infer.SPEC_TTL_S
+    infer.SPEC_TTL_S = 1e9  # no registration re-read (a Redis round trip) in the middle of a round
+    client.call = recording
+    try:
+        for target, sc in targets.values():
+            app.state.model_cache.forget(sc["path"].split("/")[3])
+            for _ in range(20):
+                await call(target, sc)
+        client.call = replaying
+
+        def once(target: Any, sc: dict[str, Any]) -> None:
+            coro = call(target, sc)
+            try:
+                coro.send(None)
+            except StopIteration:
+                return
+            coro.close()
+            raise RuntimeError("a replayed call waited on something")
+
+        best = dict.fromkeys(targets, float("inf"))
+        n = max(1, args.requests // args.rounds)
+        for _ in range(args.rounds):
+            for name, (target, sc) in targets.items():
+                start = time.thread_time()
+                for _ in range(n):
+                    once(target, sc)
+                best[name] = min(best[name], 1000 * (time.thread_time() - start) / n)
+        return best
+    finally:
+        client.call = real_call
+        infer.SPEC_TTL_S = ttl
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=1, help="rows per request")
@@ -115,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=20, help="alternating rounds the requests are split into")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--replay", action="store_true",
+                    help="the gateway's own work alone: the upstream's answers replayed (see above)")
     args = ap.parse_args(argv)
     print("fitting the Eraser patch (bias=estimator, 1000 queries) ...", flush=True)
     model, patch, data = fit_patch("estimator", 1000, args.seed)
@@ -140,6 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             runner = asyncio.run
         cpu = runner(measure(args, url, patch, data.test.X[:args.batch], list(data.group_names)))
+    if args.replay:
+        print(f"batch {args.batch}, the upstream's answers replayed, {args.requests} calls per variant in "
+              f"{args.rounds} alternating rounds; CPU ms per call of the gateway's own work, best round:")
+        for name, ms in cpu.items():
+            print(f"  {name:34s} {ms:6.3f} ms")
+        return 0
     bare = cpu["bare proxy"]
     print(f"batch {args.batch}, concurrency {args.concurrency}, {args.requests} requests per variant in "
           f"{args.rounds} alternating rounds; CPU ms per request of the process's main thread:")
