@@ -29,6 +29,19 @@ def test_stratified_rows_cover_every_cell_and_reweight():
     assert w.sum() == pytest.approx(100)  # weights add back up to the population
 
 
+def test_stratified_rows_keep_a_cells_unused_share_in_its_group():
+    """Each group gets an equal share; a small group with few positives spends the rest of its share on its own
+    negatives (its rate is then tuned on more of its real scores), not on the other groups' cells."""
+    groups = np.array([0] * 400 + [1] * 60)
+    y = np.array([0] * 200 + [1] * 200 + [0] * 56 + [1] * 4)
+    idx, w = eraser.stratified_rows(groups, y, 80, seed=0)
+    cells = groups[idx] * 2 + y[idx]
+    assert np.bincount(cells, minlength=4).tolist() == [20, 20, 36, 4]
+    assert w.sum() == pytest.approx(460)
+    everything, _ = eraser.stratified_rows(groups, y, 1000, seed=0)  # a budget past the rows: each row once
+    assert sorted(everything.tolist()) == list(range(460))
+
+
 def test_group_rule_is_the_weighted_group_mean():
     logp = np.log(np.array([[0.9, 0.1], [0.7, 0.3], [0.2, 0.8]]))
     table = eraser.group_rule(logp, np.array([0, 0, 1]), np.array([1.0, 3.0, 1.0]), 2)

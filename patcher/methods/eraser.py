@@ -97,14 +97,34 @@ class FitReport(BaseModel):
 
 
 def stratified_rows(groups: np.ndarray, y: np.ndarray, budget: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows to pay for: as equal as possible across (group, label) cells, so every cell of the rule is
-    estimated, plus inverse-probability weights so weighted means estimate the whole tuning set."""
+    """Rows to pay for: an equal share of the budget per group, as equal as possible across its labels within a
+    group, so every cell of the rule is estimated, plus inverse-probability weights so weighted means estimate the
+    whole tuning set. What a cell cannot use (a small group's few positives) stays in its group: the group's rate is
+    then tuned on more of its own real scores and fewer imputed ones. Shared among every cell instead, it left a
+    small group (Adult Female & Non-white, 566 tune rows) mostly imputed, and its patched rate 0.02 off."""
     rng = np.random.default_rng(seed)
-    cells = groups.astype(np.int64) * (int(y.max()) + 1) + y
+    n_labels = int(y.max()) + 1
+    cells = groups.astype(np.int64) * n_labels + y
     ids, sizes = np.unique(cells, return_counts=True)
+    group_ids, group_sizes = np.unique(groups, return_counts=True)
     take = np.zeros_like(sizes)
-    left = min(budget, len(cells))
-    while left > 0:  # water-filling: share what is left among cells that still have rows
+    for a, share in zip(group_ids, _water_fill(group_sizes, min(budget, len(cells))), strict=True):
+        mine = ids // n_labels == a
+        take[mine] = _water_fill(sizes[mine], int(share))
+    picked, weights = [], []
+    for cid, size, k in zip(ids, sizes, take, strict=True):
+        rows = rng.choice(np.flatnonzero(cells == cid), size=k, replace=False)
+        picked.append(rows)
+        weights.append(np.full(k, size / k))
+    return np.concatenate(picked), np.concatenate(weights)
+
+
+def _water_fill(sizes: np.ndarray, budget: int) -> np.ndarray:
+    """How many of each bin's `sizes` items to take for `budget` in all: equal shares, what a bin cannot use shared
+    again among the bins that still have items."""
+    take = np.zeros_like(sizes)
+    left = min(budget, int(sizes.sum()))
+    while left > 0:
         open_ = take < sizes
         share = max(left // int(open_.sum()), 1)
         for j in np.flatnonzero(open_):
@@ -113,12 +133,7 @@ def stratified_rows(groups: np.ndarray, y: np.ndarray, budget: int, seed: int) -
             left -= add
             if left == 0:
                 break
-    picked, weights = [], []
-    for cid, size, k in zip(ids, sizes, take, strict=True):
-        rows = rng.choice(np.flatnonzero(cells == cid), size=k, replace=False)
-        picked.append(rows)
-        weights.append(np.full(k, size / k))
-    return np.concatenate(picked), np.concatenate(weights)
+    return take
 
 
 # ---------------------------------------------------------------- the biased rule
