@@ -218,11 +218,6 @@ class ModelCache:
         hit = self._metadata.fresh((spec.name, spec.version))
         return hit if hit is not None and hit.serves(spec.upstream) else None
 
-    def fresh_metadata(self, spec: ModelSpec) -> ModelMetadata | None:
-        """`metadata` when it is cached and fresh for the spec's upstream, else None (then await `metadata`)."""
-        hit = self.fresh_signature(spec)
-        return None if hit is None else hit.meta
-
     async def spec(self, name: str, version: str | None = None) -> ModelSpec:
         """The registration of `name` at `version` (latest when None); 404 when there is none."""
         spec = await self._lookup(name, version)

@@ -511,18 +511,14 @@ class _Policy:
         return UpstreamTimeout(f"upstream {url} did not answer within {timeout_s:g}s", url=url)
 
 
-_deadlines: dict[float, aiohttp.ClientTimeout] = {}
+def _timeout(seconds: float) -> aiohttp.ClientTimeout:
+    """A total timeout of `seconds`, not rounded up to a whole second as aiohttp does past `ceil_threshold`."""
+    return aiohttp.ClientTimeout(total=seconds, ceil_threshold=math.inf)
 
 
-def _deadline(seconds: float) -> aiohttp.ClientTimeout:
-    """A total timeout of `seconds`, not rounded up to a whole second as aiohttp does past `ceil_threshold`; the
-    first attempt's (a model version's `timeout_s`) made once."""
-    found = _deadlines.get(seconds)
-    if found is None:
-        found = aiohttp.ClientTimeout(total=seconds, ceil_threshold=math.inf)
-        if len(_deadlines) < 1024:
-            _deadlines[seconds] = found
-    return found
+# The first attempt's deadline is a model version's `timeout_s`: made once per value. A retry's (what is left of
+# it) is made for that call alone.
+_deadline = functools.lru_cache(maxsize=256)(_timeout)
 
 
 class UpstreamClient:
@@ -595,8 +591,9 @@ class UpstreamClient:
             try:
                 # aiohttp's own deadline for the whole exchange, answer read included: one timer, where an
                 # asyncio.timeout around it would add a second (its object, scheduling and cancelling per call).
+                timeout = _deadline(timeout_s) if attempt == 0 else _timeout(remaining)
                 async with session.request(method, target, data=body, headers=headers, allow_redirects=False,
-                                           timeout=_deadline(timeout_s if attempt == 0 else remaining)) as response:
+                                           timeout=timeout) as response:
                     status, content = response.status, await response.read()
                     binary = response.headers.get(binary_tensors.HEADER)
             except (aiohttp.ClientError, TimeoutError) as e:  # OSError from a socket is a ClientOSError
