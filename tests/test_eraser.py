@@ -274,3 +274,51 @@ def test_imputed_draws_put_each_groups_surrogate_error_back():
     same, _, ones = eraser.imputed_draws(X, idx, weights, margin[idx], groups, 1)
     np.testing.assert_array_equal(same, plain)
     np.testing.assert_array_equal(ones, np.ones(n))
+
+
+def _point(base_accuracy: float) -> eraser.OperatingPoint:
+    return eraser.OperatingPoint(1.0, 0.0, base_accuracy, 1.0, base_accuracy, 1.0, [])
+
+
+def test_group_rates_solve_gives_every_group_the_same_selection_rate():
+    """dp with the group at inference: the solved strengths put every group's cut where its rate is the common one
+    (up to one row of the smallest group), and the most accurate such rate is kept."""
+    rng = np.random.default_rng(1)
+    sizes, shifts = [3000, 400, 90], [0.0, -1.0, -2.0]
+    groups = np.concatenate([np.full(n, a) for a, n in enumerate(sizes)])
+    y = (rng.random(len(groups)) < 0.3).astype(np.int64)
+    margin = 1.5 * (2 * y - 1) + np.take(shifts, groups) + rng.normal(size=len(groups))
+    d = np.log(np.array([0.3, 0.15, 0.05]) / np.array([0.7, 0.85, 0.95]))
+    opts = eraser.EraserOptions()
+    strengths, point = eraser.solve_group_rates(margin, d, y, groups, 3, None, _point(0.9), opts)
+    assert strengths[int(np.argmax(d))] == 0.0  # the anchor: the group whose rule is nearest neutral
+    decision = margin - strengths[groups] * d[groups] > point.threshold
+    rates = np.array([decision[groups == a].mean() for a in range(3)])
+    assert rates.max() - rates.min() <= 1 / sizes[-1] + 1e-12
+    assert point.unfairness == pytest.approx(rates.max() - rates.min())
+    assert point.accuracy == pytest.approx((decision == y).mean())
+    # no common rate is more accurate (each group at its attainable rate nearest r, r on a fine grid)
+    for r in np.linspace(0.05, 0.6, 56):
+        cuts = [np.quantile(margin[groups == a], 1 - r) for a in range(3)]
+        other = margin > np.take(cuts, groups)
+        spread = np.ptp([other[groups == a].mean() for a in range(3)])
+        if spread <= opts.fairness_tolerance:
+            assert (other == y).mean() <= point.accuracy + 1e-9
+
+
+def test_group_rates_solve_honours_the_weights():
+    """Weighted rows count as their weight (the surrogate's draws): doubling every weight changes nothing, and
+    a row of weight 2 counts as two rows."""
+    rng = np.random.default_rng(2)
+    groups = np.repeat([0, 1, 2], [500, 200, 100])
+    y = (rng.random(800) < 0.4).astype(np.int64)
+    margin = 2.0 * y - 1 + 0.5 * groups + rng.normal(size=800)
+    d = np.array([-0.2, -0.5, -0.9])
+    w = rng.integers(1, 3, 800).astype(float)
+    opts = eraser.EraserOptions()
+    s1, p1 = eraser.solve_group_rates(margin, d, y, groups, 3, w, _point(0.8), opts)
+    s2, p2 = eraser.solve_group_rates(margin, d, y, groups, 3, 2 * w, _point(0.8), opts)
+    np.testing.assert_allclose(s1, s2)
+    rep = np.repeat(np.arange(800), w.astype(int))
+    s3, p3 = eraser.solve_group_rates(margin[rep], d, y[rep], groups[rep], 3, None, _point(0.8), opts)
+    assert p3.accuracy == pytest.approx(p1.accuracy) and p3.unfairness == pytest.approx(p1.unfairness)

@@ -63,9 +63,13 @@ class EraserOptions(BaseModel):
                                 "patches")
     surrogate_prior: bool = Field(True, description="give the surrogate a free feature: a cross-fitted logistic "
                                   "regression of the tuning labels on x (costs no queries)")
-    group_strengths: bool | None = Field(None, description="one erasing strength per group, searched coordinate "
-                                         "by coordinate from the common one (bias group or estimator, two "
-                                         "classes; default: with more than two groups)")
+    group_strengths: bool | None = Field(None, description="one erasing strength per group (bias group or "
+                                         "estimator, two classes; default: with more than two groups), as "
+                                         "group_solve says")
+    group_solve: Literal["rates", "search"] = Field("rates", description="with per-group strengths, dp and the "
+                                                     "group at inference: solve each group's strength for a common "
+                                                     "selection rate (rates) or search them coordinate by coordinate "
+                                                     "(search, as for eo, eopp and the estimator)")
     surrogate_draws: int = Field(1, ge=1, le=16, description="copies of each imputed tuning row, spread by the "
                                  "quantiles of the surrogate's error in the row's group (1: the imputed margin "
                                  "alone, narrower than the model's own scores)")
@@ -551,9 +555,14 @@ def _tune_binary(ctx: _Context, keep: np.ndarray, excluded: np.ndarray | None = 
     point = OperatingPoint(alpha, threshold, base_acc, base_unfair, acc_after, unfair_after, summary)
     strengths = None
     per_group = (G > 2 if opts.group_strengths is None else opts.group_strengths) and opts.bias != "proxies"
-    if per_group:
-        strengths, point = tune_group_strengths(
-            margin, Q[rows], table[:, 1] - table[:, 0], yy, gg, G, criterion, w, point, opts)
+    d = table[:, 1] - table[:, 0]
+    # a strength moves a group's cut only where its rule is not neutral (d != 0): one such group is the anchor
+    if per_group and criterion == "dp" and opts.bias == "group" and opts.group_solve == "rates" and \
+            (np.abs(d) < 1e-9).sum() <= 1:
+        strengths, point = solve_group_rates(margin, d, yy, gg, G, w, point, opts)
+    elif per_group:
+        strengths, point = tune_group_strengths(margin, Q[rows], d, yy, gg, G, criterion, w, point, opts)
+    if strengths is not None:  # the graph divides the strengths by alpha
         point = dataclasses.replace(point, alpha=point.alpha if point.alpha > 0 else 1.0)
     return _Choice(point, table, strengths, W, b)
 
@@ -659,6 +668,50 @@ def tune_group_strengths(margin: np.ndarray, Q: np.ndarray, d: np.ndarray, y: np
     _, threshold, acc, unfair = current
     return s, OperatingPoint(start.alpha, threshold, start.base_accuracy, start.base_unfairness, acc, unfair,
                              start.curve)
+
+
+def solve_group_rates(margin: np.ndarray, d: np.ndarray, y: np.ndarray, groups: np.ndarray, G: int,
+                      weights: np.ndarray | None, start: OperatingPoint, opts: EraserOptions,
+                      grid: int = 2000) -> tuple[np.ndarray, OperatingPoint]:
+    """dp with the group at inference: margin - s_a d_a > t is one cut per group, so the strengths can be solved
+    for rather than searched. For each common selection rate r on a grid (and every rate a group can reach), each
+    group takes its cut nearest r; the rates are then chosen as choose_operating_point does (least gap above the
+    tolerance, then accuracy, within the accuracy budget) and the cuts turned back into strengths around a
+    threshold t (the group whose rule is nearest neutral gets t as its cut and strength 0)."""
+    w = np.ones(len(margin)) if weights is None else np.asarray(weights, np.float64)
+    per_group = []
+    targets = [np.linspace(0.0, 1.0, grid + 1)]
+    for a in range(G):
+        m = groups == a
+        order = np.argsort(-margin[m], kind="stable")
+        s, ww, yy = margin[m][order], w[m][order], y[m][order]
+        total = ww.sum()
+        rate = np.concatenate([[0.0], np.cumsum(ww)]) / total
+        tp = np.concatenate([[0.0], np.cumsum(ww * yy)])
+        fp = np.concatenate([[0.0], np.cumsum(ww * (1 - yy))])
+        correct = tp + (fp[-1] - fp)  # selected positives + unselected negatives, at "top k selected"
+        cuts = np.concatenate([[s[0] + 1.0], (s[:-1] + s[1:]) / 2, [s[-1] - 1.0]])
+        real = np.concatenate([[True], s[:-1] > s[1:], [True]])  # a cut between equal margins selects neither
+        per_group.append((rate[real], correct[real], cuts[real]))
+        targets.append(rate[real])
+    r = np.unique(np.concatenate(targets))
+    chosen = []
+    for rate, _, _ in per_group:  # each group's attainable rate nearest r
+        k = np.clip(np.searchsorted(rate, r), 1, len(rate) - 1)
+        chosen.append(np.where(r - rate[k - 1] <= rate[k] - r, k - 1, k))
+    rates = np.stack([pg[0][k] for pg, k in zip(per_group, chosen, strict=True)])
+    # a group selected entirely or not at all is "fair" only trivially (as in sweep_thresholds)
+    unfair = np.where(((rates <= 0) | (rates >= 1)).any(0), np.inf, rates.max(0) - rates.min(0))
+    acc = sum(pg[1][k] for pg, k in zip(per_group, chosen, strict=True)) / w.sum()
+    _, j, acc_j, unfair_j = choose_operating_point([(0.0, np.arange(len(r)), acc, unfair)], start.base_accuracy,
+                                                   opts.fairness_tolerance, opts.max_accuracy_drop)
+    j = int(j)
+    cut = np.array([pg[2][k[j]] for pg, k in zip(per_group, chosen, strict=True)])
+    neutral = int(np.argmin(np.abs(d)))
+    threshold = float(cut[neutral])
+    strengths = np.where(np.arange(G) == neutral, 0.0, (cut - threshold) / np.where(np.arange(G) == neutral, 1.0, d))
+    return strengths, OperatingPoint(start.alpha, threshold, start.base_accuracy, start.base_unfairness, acc_j,
+                                     unfair_j, start.curve)
 
 
 def _tune_multiclass(log_probs, rule, y, groups, G, criterion, opts) -> OperatingPoint:
