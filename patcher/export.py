@@ -200,17 +200,23 @@ def _from_log_probs_graph(width: int, input_elem: int, kind: OutputKind, out: Te
     """`patched` [N, width] log-scores -> `scores` in the model's kind, shape and dtype (from_log_probs in
     float64, then the model's float dtype, float32 for anything else)."""
     g = GraphBuilder()
-    lp = g.op("Cast", ["patched"], to=_DOUBLE)
-    if out_columns(out) == 1:
-        margin = g.op("Sub", [g.op("Gather", [lp, g.const(np.int64(1), "one")], axis=1),
-                              g.op("Gather", [lp, g.const(np.int64(0), "zero")], axis=1)])
-        if kind == "probabilities":
-            margin = g.op("Sigmoid", [margin])
-        res = margin if len(out.shape) == 1 else g.op("Unsqueeze", [margin, g.const(np.array([1], np.int64), "axis")])
-    else:
-        res = lp if kind == "logits" else g.op("Softmax", [lp], axis=1)
     elem = out.elem_type if out.elem_type in (_FLOAT, _DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16) else _FLOAT
-    g.op("Cast", [res], "scores", to=elem)
+    if out_columns(out) != 1 and kind == "logits" and elem == input_elem:
+        # Log-probabilities as logits, in their own float type: the round trip through float64 is exact, and
+        # onnxruntime would keep it as one float-to-float Cast more a request.
+        g.op("Identity", ["patched"], "scores")
+    else:
+        lp = g.op("Cast", ["patched"], to=_DOUBLE)
+        if out_columns(out) == 1:
+            margin = g.op("Sub", [g.op("Gather", [lp, g.const(np.int64(1), "one")], axis=1),
+                                  g.op("Gather", [lp, g.const(np.int64(0), "zero")], axis=1)])
+            if kind == "probabilities":
+                margin = g.op("Sigmoid", [margin])
+            res = margin if len(out.shape) == 1 else \
+                g.op("Unsqueeze", [margin, g.const(np.array([1], np.int64), "axis")])
+        else:
+            res = lp if kind == "logits" else g.op("Softmax", [lp], axis=1)
+        g.op("Cast", [res], "scores", to=elem)
     return g.model([tensor("patched", input_elem, ["N", width])], [tensor("scores", elem, out.shape)],
                    "from_log_probs")
 
@@ -305,9 +311,11 @@ def _post_steps(parts: _Parts, scores_tensor: str, scores: TensorSpec, features_
         wanted = {v.name for v in graph_inputs(out)}
         if "features" in wanted:
             assert features_tensor is not None and features is not None
-            steps.append(_Step(_cast_graph(features, _FLOAT, flatten=True), {"x": features_tensor},
-                               {"y": "fp/features"}, "feature flattening"))
-            feeds["features"] = "fp/features"
+            feeds["features"] = features_tensor
+            if features.elem_type != _FLOAT or len(features.shape) != 2:  # else already FP32 [N, D]
+                steps.append(_Step(_cast_graph(features, _FLOAT, flatten=True), {"x": features_tensor},
+                                   {"y": "fp/features"}, "feature flattening"))
+                feeds["features"] = "fp/features"
         if "group" in wanted:
             feeds["group"] = group_input
         if "uniform" in wanted:

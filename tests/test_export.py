@@ -158,6 +158,18 @@ def test_an_eraser_patch_exports_to_the_gateways_answers(data, which):
     assert (raw.argmax(1) != got.argmax(1)).any()
 
 
+def test_the_export_adds_only_the_steps_the_answer_needs(data):
+    """Around an Eraser patch on float32 logits the model gains its scores' conversion to log-probabilities (in
+    float64, as the gateway) and the patch's output transform, no more: features already FP32 [N, D] are not
+    flattened again, and log-probabilities that go back as float32 logits skip the float64 round trip (exact)."""
+    patch = data["eraser_free"]
+    ops = [n.op_type for n in onnx.load_from_string(export_patched_model(patch, data["model"])).graph.node]
+    model_ops = [n.op_type for n in onnx.load_from_string(data["model"]).graph.node]
+    transform_ops = [n.op_type for n in onnx.load_from_string(patch.part("output_transform")).graph.node]
+    assert sorted(op for op in ops if op != "Identity") == sorted(model_ops + ["Cast", "LogSoftmax", "Cast"]
+                                                                  + transform_ops)
+
+
 def test_a_threshold_patch_exports_to_the_gateways_answers(data):
     patch = thresholds_patch(randomized=False)
     got = exported_answer(export_patched_model(patch, data["model"]), data["X"], data["groups"])
