@@ -91,12 +91,14 @@ class OnnxModel:
         self.output_names = [t.name for t in outputs]
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
-        from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
-
         try:
             return self.session.run(outputs, feeds)
-        except InvalidArgument as e:  # what slipped past the signature check is still the client's input
-            raise InvalidRequest(f"the model rejected the input: {e}") from None
+        except Exception as e:  # imported here: the happy path pays for no import per call
+            from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+            if isinstance(e, InvalidArgument):  # what slipped past the signature check is still the client's input
+                raise InvalidRequest(f"the model rejected the input: {e}") from None
+            raise
 
 
 def _router(model: OnnxModel) -> APIRouter:
