@@ -653,7 +653,22 @@ def target_answers(targets: dict[str, str], paths: dict[str, str], data, patch) 
             r = client.post(url + paths[target], content=body, headers={"content-type": "application/json"})
             r.raise_for_status()
             out[target] = [float(v) for v in r.json()["outputs"][0]["data"]]
+    if "zero-hop" in out and "direct" in out and not any(t in out for t in LEGS):
+        out["gateway, offline"] = offline_patched(patch, X, ids, out["direct"])
     return out
+
+
+def offline_patched(patch, X: np.ndarray, group_ids: np.ndarray, direct: list[float]) -> list[float]:
+    """What the gateway would answer for these rows, by its own function (service.infer.apply_patch) on direct's
+    scores: what zero-hop is checked against when no gateway leg is measured. The patch here has no input
+    transform (an output transform on the upstream's logits)."""
+    from patcher.apply import PatchRunner
+    from service.infer import apply_patch
+    from service.registry import ModelSpec, UpstreamSpec
+
+    spec = ModelSpec(name="adult", upstream=UpstreamSpec(url="http://127.0.0.1:9", output_kind="logits"))
+    scores = np.asarray(direct, np.float32).reshape(len(X), -1)
+    return [float(v) for v in apply_patch(PatchRunner(patch), spec, X, scores, group_ids).ravel()]
 
 
 def answers_problem(answers: dict[str, list[float]]) -> str | None:
@@ -662,7 +677,7 @@ def answers_problem(answers: dict[str, list[float]]) -> str | None:
     def diff(a: str, b: str) -> float:
         return float(np.max(np.abs(np.asarray(answers[a]) - np.asarray(answers[b]))))
 
-    for leg in (t for t in LEGS if t in answers):
+    for leg in (t for t in (*LEGS, "gateway, offline") if t in answers):
         if "zero-hop" in answers and diff("zero-hop", leg) > ANSWER_TOLERANCE:
             return f"zero-hop and {leg} answers differ by up to {diff('zero-hop', leg):.2e} on {CHECK_ROWS} rows"
     for proxy in ("floor", "nginx", "kserve"):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from benchmarks import overhead_targets
-from benchmarks.gateway_overhead import ANSWER_TOLERANCE, CHECK_ROWS, main, zero_hop_body
+from benchmarks.gateway_overhead import ANSWER_TOLERANCE, CHECK_ROWS, answers_problem, main, zero_hop_body
 from tests import peer_envs
 
 SMOKE_CELLS = {(1, 1), (1, 2), (8, 1), (8, 2)}  # (batch, concurrency) of --smoke
@@ -58,6 +58,18 @@ def test_smoke_run_measures_the_cheap_targets_and_zero_hop_answers_as_the_gatewa
     assert "### Every target side by side, same rounds" in md
     assert "zero-hop, batch 1, concurrency 1: CPU" in md
     assert "fairpatch gateway, JSON leg, batch 1, concurrency 1: CPU" in md
+
+
+def test_zero_hop_without_a_gateway_leg_is_checked_against_the_patch_applied_offline(tmp_path):
+    """With no gateway leg measured, zero-hop's answers are checked against the gateway's own function applied
+    to direct's scores (the run would stop with an error where they differ)."""
+    run = _run(tmp_path, "direct,zero-hop")
+    answers = {t: np.asarray(v) for t, v in run["answers"].items()}
+    assert "gateway" not in answers
+    np.testing.assert_allclose(answers["zero-hop"], answers["gateway, offline"], rtol=0, atol=ANSWER_TOLERANCE)
+    assert not np.allclose(answers["gateway, offline"], answers["direct"])
+    assert answers_problem({"zero-hop": [0.0, 1.0], "gateway, offline": [0.0, 1.1]}).startswith(
+        "zero-hop and gateway, offline answers differ")
 
 
 def test_smoke_run_measures_the_kserve_transformer(tmp_path):
