@@ -66,10 +66,11 @@ class EraserOptions(BaseModel):
     group_strengths: bool | None = Field(None, description="one erasing strength per group (bias group or "
                                          "estimator, two classes; default: with more than two groups), as "
                                          "group_solve says")
-    group_solve: Literal["rates", "search"] = Field("rates", description="with per-group strengths, dp and the "
-                                                     "group at inference: solve each group's strength for a common "
-                                                     "selection rate (rates) or search them coordinate by coordinate "
-                                                     "(search, as for eo, eopp and the estimator)")
+    group_solve: Literal["rates", "search"] = Field("rates", description="with per-group strengths and dp: solve "
+                                                     "each group's strength for a common selection rate on the tuning "
+                                                     "rows (rates; with the estimator the solved strengths then start "
+                                                     "the coordinate search) or search them coordinate by coordinate "
+                                                     "from the common strength (search, as for eo and eopp)")
     surrogate_draws: int = Field(1, ge=1, le=16, description="copies of each imputed tuning row, spread by the "
                                  "quantiles of the surrogate's error in the row's group (1: the imputed margin "
                                  "alone, narrower than the model's own scores)")
@@ -557,9 +558,11 @@ def _tune_binary(ctx: _Context, keep: np.ndarray, excluded: np.ndarray | None = 
     per_group = (G > 2 if opts.group_strengths is None else opts.group_strengths) and opts.bias != "proxies"
     d = table[:, 1] - table[:, 0]
     # a strength moves a group's cut only where its rule is not neutral (d != 0): one such group is the anchor
-    if per_group and criterion == "dp" and opts.bias == "group" and opts.group_solve == "rates" and \
-            (np.abs(d) < 1e-9).sum() <= 1:
+    if per_group and criterion == "dp" and opts.group_solve == "rates" and (np.abs(d) < 1e-9).sum() <= 1:
         strengths, point = solve_group_rates(margin, d, yy, gg, G, w, point, opts)
+        if opts.bias == "estimator":  # solved on the rows' own groups; the estimator's soft weights: searched on
+            strengths, point = tune_group_strengths(margin, Q[rows], d, yy, gg, G, criterion, w, point, opts,
+                                                    initial=strengths)
     elif per_group:
         strengths, point = tune_group_strengths(margin, Q[rows], d, yy, gg, G, criterion, w, point, opts)
     if strengths is not None:  # the graph divides the strengths by alpha
@@ -633,14 +636,16 @@ def _crossfit_guard(ctx: _Context, confidence: float) -> dict[str, Any]:
 
 def tune_group_strengths(margin: np.ndarray, Q: np.ndarray, d: np.ndarray, y: np.ndarray, groups: np.ndarray,
                          G: int, criterion: Criterion, weights: np.ndarray | None, start: OperatingPoint,
-                         opts: EraserOptions, passes: int = 3) -> tuple[np.ndarray, OperatingPoint]:
+                         opts: EraserOptions, passes: int = 3, initial: np.ndarray | None = None,
+                         ) -> tuple[np.ndarray, OperatingPoint]:
     """One strength per group: the decision is margin - Q @ (s * d) > t, with d_a = the rule's margin of group a
     and Q the rows' group weights. One common strength and a threshold have two degrees of freedom, enough to
     equalise two groups' rates but not G > 2; starting from the common strength, each group's is searched on a
     grid in turn (a few passes), the threshold re-swept each time, with choose_operating_point's criterion
-    (least unfairness above the tolerance, then accuracy, within the accuracy budget)."""
+    (least unfairness above the tolerance, then accuracy, within the accuracy budget). `initial`: the strengths to
+    start from instead (solve_group_rates' for the estimator, whose soft group weights the solve cannot see)."""
     grid = np.linspace(0.0, 2 * opts.alpha_max, 2 * opts.alpha_steps - 1)
-    s = np.full(G, start.alpha)
+    s = np.full(G, start.alpha) if initial is None else np.asarray(initial, np.float64).copy()
 
     def best(strengths: np.ndarray):
         cuts, acc, unfair = sweep_thresholds(margin - Q @ (strengths * d), y, groups, G, criterion, weights)
