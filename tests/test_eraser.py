@@ -298,12 +298,15 @@ def test_group_rates_solve_gives_every_group_the_same_selection_rate():
     assert point.unfairness == pytest.approx(rates.max() - rates.min())
     assert point.accuracy == pytest.approx((decision == y).mean())
     # no common rate is more accurate (each group at its attainable rate nearest r, r on a fine grid)
+    compared = 0
     for r in np.linspace(0.05, 0.6, 56):
         cuts = [np.quantile(margin[groups == a], 1 - r) for a in range(3)]
         other = margin > np.take(cuts, groups)
         spread = np.ptp([other[groups == a].mean() for a in range(3)])
         if spread <= opts.fairness_tolerance:
+            compared += 1
             assert (other == y).mean() <= point.accuracy + 1e-9
+    assert compared >= 40  # the comparison ran over most of the grid
 
 
 def test_group_rates_solve_honours_the_weights():

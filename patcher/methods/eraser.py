@@ -29,6 +29,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from patcher.methods.contract import BenchDefaults, BenchFlag, FitRequest, FitResult, Method
+from patcher.methods.thresholds import cut_curve
 from patcher.metrics import rate_gap, sweep
 from patcher.oracle import Oracle
 from patcher.patch import Patch
@@ -684,21 +685,13 @@ def solve_group_rates(margin: np.ndarray, d: np.ndarray, y: np.ndarray, groups: 
     tolerance, then accuracy, within the accuracy budget) and the cuts turned back into strengths around a
     threshold t (the group whose rule is nearest neutral gets t as its cut and strength 0)."""
     w = np.ones(len(margin)) if weights is None else np.asarray(weights, np.float64)
-    per_group = []
-    targets = [np.linspace(0.0, 1.0, grid + 1)]
+    per_group = []  # each group's realisable cuts: (selection rate, rows decided right, cut)
     for a in range(G):
         m = groups == a
-        order = np.argsort(-margin[m], kind="stable")
-        s, ww, yy = margin[m][order], w[m][order], y[m][order]
-        total = ww.sum()
-        rate = np.concatenate([[0.0], np.cumsum(ww)]) / total
-        tp = np.concatenate([[0.0], np.cumsum(ww * yy)])
-        fp = np.concatenate([[0.0], np.cumsum(ww * (1 - yy))])
-        correct = tp + (fp[-1] - fp)  # selected positives + unselected negatives, at "top k selected"
-        cuts = np.concatenate([[s[0] + 1.0], (s[:-1] + s[1:]) / 2, [s[-1] - 1.0]])
-        real = np.concatenate([[True], s[:-1] > s[1:], [True]])  # a cut between equal margins selects neither
-        per_group.append((rate[real], correct[real], cuts[real]))
-        targets.append(rate[real])
+        c = cut_curve(margin[m], y[m], w[m])
+        negatives = w[m].sum() - y[m] @ w[m]
+        per_group.append((c["sel"] / w[m].sum(), c["tp"] + negatives - c["fp"], c["cuts"]))
+    targets = [np.linspace(0.0, 1.0, grid + 1), *(rate for rate, _, _ in per_group)]
     r = np.unique(np.concatenate(targets))
     chosen = []
     for rate, _, _ in per_group:  # each group's attainable rate nearest r
@@ -714,7 +707,7 @@ def solve_group_rates(margin: np.ndarray, d: np.ndarray, y: np.ndarray, groups: 
     cut = np.array([pg[2][k[j]] for pg, k in zip(per_group, chosen, strict=True)])
     neutral = int(np.argmin(np.abs(d)))
     threshold = float(cut[neutral])
-    strengths = np.where(np.arange(G) == neutral, 0.0, (cut - threshold) / np.where(np.arange(G) == neutral, 1.0, d))
+    strengths = (cut - threshold) / np.where(np.arange(G) == neutral, 1.0, d)  # the anchor's: 0
     return strengths, OperatingPoint(start.alpha, threshold, start.base_accuracy, start.base_unfairness, acc_j,
                                      unfair_j, start.curve)
 

@@ -89,11 +89,11 @@ class ThresholdReport(BaseModel):
 # ---------------------------------------------------------------- per-group cut curves and hulls
 
 
-def cut_curve(margin: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+def cut_curve(margin: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Every distinct cut `margin > c` of one group, from accepting nobody to everybody: the cuts and
-    the counts (selected, true positives, false positives) each gives (the sweep's cuts between distinct
-    margins, the only ones a threshold can realise)."""
-    sw = sweep(margin, y, np.zeros(len(y), np.int64), 1)
+    the counts (selected, true positives, false positives; `weights` make them weighted) each gives (the sweep's
+    cuts between distinct margins, the only ones a threshold can realise)."""
+    sw = sweep(margin, y, np.zeros(len(y), np.int64), 1, weights=weights)
     s = sw.ordered
     keep = np.concatenate([[True], s[:-1] > s[1:], [True]])
     pos = sw.positive[keep, 0]
