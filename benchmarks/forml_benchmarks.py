@@ -229,7 +229,8 @@ def write_markdown(summary: dict[str, Any], runs: list[dict[str, Any]], path: Pa
                      f"TPRD lower on {sum(v < 0 for v in s['tprd_rel_change'])} of {len(s['seeds'])} seeds)")
     lines += ["", "Per seed (test split):", "", "| task | seed | uniform acc | FORML acc | uniform TPRD | FORML TPRD |",
               "|---|---|---|---|---|---|"]
-    for r in sorted(runs, key=lambda r: (list(DATASETS).index(r["dataset"]), r["seed"])):
+    defaults = [r for r in runs if r.get("variant", "default") == "default"]  # the ablations have their own table
+    for r in sorted(defaults, key=lambda r: (list(DATASETS).index(r["dataset"]), r["seed"])):
         b, a = r["before"], r["after"]
         lines.append(f"| {r['dataset']} | {r['seed']} | {100 * b['accuracy']:.2f} | {100 * a['accuracy']:.2f} | "
                      f"{100 * b['tprd']:.2f} | {100 * a['tprd']:.2f} |")

@@ -35,8 +35,9 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.gateway_overhead import fit_patch, free_port, v2_body, wait_ready  # noqa: E402
 
-VARIANTS = ("bare proxy", "gateway, no patch", "gateway, Eraser patch", "gateway, no patch, JSON leg",
+VARIANTS = ("bare proxy", "patched floor", "gateway, no patch", "gateway, Eraser patch", "gateway, no patch, JSON leg",
             "gateway, Eraser patch, JSON leg")
+
 
 
 async def measure(args: argparse.Namespace, upstream_url: str, patch: Any, X: Any, groups: list[str],
@@ -44,12 +45,14 @@ async def measure(args: argparse.Namespace, upstream_url: str, patch: Any, X: An
     import aiohttp
     import uvicorn
 
-    from benchmarks.bare_proxy import BareProxy
+    from benchmarks.bare_proxy import BareProxy, PatchedFloor
     from clients.sdk import AsyncClient, ModelSpec, UpstreamSpec
+    from patcher.apply import PatchRunner
     from service.app import create_app
     from service.settings import Settings
 
-    app = create_app(Settings(start_worker=False))
+    lean = {"live_fairness": False, "metrics": False} if args.lean else {}
+    app = create_app(Settings(start_worker=False, **lean))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     serving = asyncio.create_task(server.serve())  # the management API, to register models as a user would
@@ -75,7 +78,10 @@ async def measure(args: argparse.Namespace, upstream_url: str, patch: Any, X: An
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", port)}
 
-    targets = {"bare proxy": (bare, scope("adult")), **{v: (app, scope(m)) for v, m in models.items()}}
+    floor = PatchedFloor(upstream_url, PatchRunner(patch))
+    floor.session = bare.session
+    targets = {"bare proxy": (bare, scope("adult")), "patched floor": (floor, scope("adult")),
+               **{v: (app, scope(m)) for v, m in models.items()}}
 
     async def call(target: Any, sc: dict[str, Any]) -> None:
         async def receive() -> dict[str, Any]:
@@ -171,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=20, help="alternating rounds the requests are split into")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lean", action="store_true",
+                    help="the gateway with live fairness and Prometheus metrics off (Settings), as an operator may "
+                         "run it")
     ap.add_argument("--replay", action="store_true",
                     help="the gateway's own work alone: the upstream's answers replayed (see above)")
     args = ap.parse_args(argv)

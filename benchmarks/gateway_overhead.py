@@ -43,15 +43,17 @@ the main one gives the gateway's CPU per request (from /proc) with both on again
 all cells (target: at most 110%). Use `--legs json`: only the JSON leg has an `unobserved` twin.
 Payload logging is off in every gateway here (`FAIRPATCH_PAYLOAD_LOG_URL` is dropped from the environment).
 
-`--targets direct,bare,nginx,kserve,zero-hop,gateway` measures the peers a user would pick in the same alternating
-rounds (benchmarks/overhead_targets.py): nginx (Debian's package, one worker, keep-alive to the upstream) as the
-compiled floor, `bare` (the `--floor` proxy) as the Python floor, KServe's Python transformer with identity
-pre/post-processing (its own virtualenv, tests/peer_envs.py), and the zero-hop path: the patch exported into the model
-(`fairpatch patches export ... --out`) served by `fairpatch upstream`, against the plain model served alike
-(direct). Every target answers the same first test rows before the rounds (zero-hop as the gateway, to float32
-rounding; the proxies as direct, exactly), and a table gives each target's CPU per request summed over its processes
-(nginx's master and worker; the gateway with its embedded Redis and job worker). A target that cannot run here is
-skipped with the reason. `--smoke` runs a few requests per cell (the test's mode); `--json FILE` keeps every cell.
+`--targets direct,bare,patched-floor,nginx,kserve,zero-hop,gateway` measures the peers a user would pick in the same
+alternating rounds (benchmarks/overhead_targets.py): nginx (Debian's package, one worker, keep-alive to the upstream)
+as the compiled floor, `bare` (the `--floor` proxy) as the Python floor, KServe's Python transformer with identity
+pre/post-processing (its own virtualenv, tests/peer_envs.py), and the zero-hop path: the patch exported into the
+model (`fairpatch patches export ... --out`) served by `fairpatch upstream`, against the plain model served alike
+(direct). `patched-floor` is the bare proxy applying the patch with nothing else (benchmarks/bare_proxy.py --patch):
+the least any Python gateway serving this patch costs, the floor under the gateway's CPU target. Every target answers
+the same first test rows before the rounds (zero-hop and the patched floor as the gateway, to float32 rounding; the
+proxies as direct, exactly), and a table gives each target's CPU per request summed over its processes (nginx's
+master and worker; the gateway with its embedded Redis and job worker). A target that cannot run here is skipped with
+the reason. `--smoke` runs a few requests per cell (the test's mode); `--json FILE` keeps every cell.
 
 `--baseline DIR` also starts the gateway of another checkout (an earlier commit, say) in front of the same
 upstream, with the same patch, and measures it in the same alternating rounds as a third target: a
@@ -594,6 +596,14 @@ def start_peers(chosen: list[str], stack: contextlib.ExitStack, tmp: Path, env: 
                 cmd, peer_env = nginx_command(tmp / "nginx", port, up_port), env
             elif peer == "kserve":
                 cmd, peer_env = kserve_command(port, up_port, MODEL, env)
+            elif peer == "patched-floor":
+                if patch.group_at_inference:
+                    raise TargetUnavailable("the patched floor serves patches that need no group at inference; "
+                                            "this one reads it (use --bias estimator)")
+                patch_file = tmp / "patch.fpatch"
+                patch_file.write_bytes(patch.to_bytes())
+                cmd, peer_env = [sys.executable, str(REPO / "benchmarks" / "bare_proxy.py"), "--upstream",
+                                 f"http://127.0.0.1:{up_port}", "--port", str(port), "--patch", str(patch_file)], env
             else:
                 patch_file = tmp / "patch.fpatch"
                 patch_file.write_bytes(patch.to_bytes())
@@ -653,7 +663,7 @@ def target_answers(targets: dict[str, str], paths: dict[str, str], data, patch) 
             r = client.post(url + paths[target], content=body, headers={"content-type": "application/json"})
             r.raise_for_status()
             out[target] = [float(v) for v in r.json()["outputs"][0]["data"]]
-    if "zero-hop" in out and "direct" in out and not any(t in out for t in LEGS):
+    if ("zero-hop" in out or "patched-floor" in out) and "direct" in out and not any(t in out for t in LEGS):
         out["gateway, offline"] = offline_patched(patch, X, ids, out["direct"])
     return out
 
@@ -678,8 +688,9 @@ def answers_problem(answers: dict[str, list[float]]) -> str | None:
         return float(np.max(np.abs(np.asarray(answers[a]) - np.asarray(answers[b]))))
 
     for leg in (t for t in (*LEGS, "gateway, offline") if t in answers):
-        if "zero-hop" in answers and diff("zero-hop", leg) > ANSWER_TOLERANCE:
-            return f"zero-hop and {leg} answers differ by up to {diff('zero-hop', leg):.2e} on {CHECK_ROWS} rows"
+        for patched in ("zero-hop", "patched-floor"):
+            if patched in answers and diff(patched, leg) > ANSWER_TOLERANCE:
+                return f"{patched} and {leg} answers differ by up to {diff(patched, leg):.2e} on {CHECK_ROWS} rows"
     for proxy in ("floor", "nginx", "kserve"):
         if proxy in answers and diff(proxy, "direct") > 0:
             return f"{proxy} answers differ from direct by up to {diff(proxy, 'direct'):.2e}"
@@ -736,7 +747,8 @@ def main(argv: list[str] | None = None) -> int:
                          "both cost per request; requests then carry their group and a fresh id each (use --legs json)")
     ap.add_argument("--baseline-label", default=None, help="how the report names the baseline (default: DIR)")
     ap.add_argument("--targets", default=None,
-                    help="the targets to measure, comma-separated, from direct,bare,nginx,kserve,zero-hop,gateway "
+                    help="the targets to measure, comma-separated, from direct,bare,patched-floor,nginx,kserve,"
+                         "zero-hop,gateway "
                          "(bare: --floor's proxy; gateway: the legs of --legs). With it, a side-by-side table of every "
                          "target's CPU per request (summed over its processes) is added; a target that cannot run "
                          "here is skipped with the reason (default: direct, the gateway and, with --floor, bare)")

@@ -4,6 +4,9 @@
   (an `upstream {}` block with `keepalive`), no access log: the compiled floor under any proxy.
 - `kserve`: KServe's Python transformer with identity pre/post-processing (benchmarks/kserve_transformer.py),
   in the kserve virtualenv of tests/peer_envs.py: the peer a user writes by hand.
+- `patched-floor`: benchmarks/bare_proxy.py --patch, the least a Python gateway does to apply the patch (parse the
+  tensor, run the patch's output transform, write the answer; no checks, no metrics): the floor under the
+  gateway's own CPU target, which the gateway's checks and features are measured against.
 - `zero-hop`: the patch exported into the model (`fairpatch patches export PATCH --model M --out P`,
   patcher/export.py) and served by `fairpatch upstream` like the plain model: no hop at all.
 
@@ -24,8 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 NGINX = Path(os.environ.get("FAIRPATCH_BENCH_NGINX", "/usr/sbin/nginx"))
 # The names --targets takes, in the order the rounds visit them; `bare` is the existing --floor proxy and
 # `gateway` stands for the gateway legs picked by --legs.
-TARGET_NAMES = ("direct", "bare", "nginx", "kserve", "zero-hop", "gateway")
-PEERS = ("nginx", "kserve", "zero-hop")
+TARGET_NAMES = ("direct", "bare", "patched-floor", "nginx", "kserve", "zero-hop", "gateway")
+PEERS = ("nginx", "kserve", "zero-hop", "patched-floor")
 UPSTREAM_KEEPALIVE_S = 3  # idle upstream connections are closed before uvicorn's 5 s keep-alive closes them
 
 
@@ -146,6 +149,7 @@ def trees(pids: dict[str, int], names: Iterable[str]) -> dict[str, tuple[int, ..
 LABELS = {"direct": "direct (`fairpatch upstream`, plain model)",
           "zero-hop": "zero-hop (`fairpatch upstream`, patched model)",
           "nginx": "nginx, 1 worker, upstream keep-alive", "floor": "bare Python proxy (uvicorn + aiohttp)",
+          "patched-floor": "patched floor (the bare proxy + parse, patch, answer; no checks, no metrics)",
           "gateway": "fairpatch gateway, JSON leg", "gateway-binary": "fairpatch gateway, binary leg",
           "kserve": "KServe transformer, identity pre/post"}
 ORDER = tuple(LABELS)  # the report's order
@@ -206,6 +210,8 @@ def cpu_pivot(cells: list) -> tuple[list[str], list[list[str]]]:
 
 
 RATIOS = (("gateway / bare proxy, CPU", "gateway", "floor", "own_cpu_ms"),
+          ("patched floor / bare proxy, CPU", "patched-floor", "floor", "own_cpu_ms"),
+          ("gateway / patched floor, CPU", "gateway", "patched-floor", "own_cpu_ms"),
           ("gateway binary leg / bare proxy, CPU", "gateway-binary", "floor", "own_cpu_ms"),
           ("gateway / nginx, CPU", "gateway", "nginx", "own_cpu_ms"),
           ("KServe transformer / gateway, CPU", "kserve", "gateway", "own_cpu_ms"),
@@ -244,6 +250,11 @@ def peer_verdict(cells: list) -> list[str]:
                          f"(target <= 110% both): {'met' if cpu <= 1.1 and p50 <= 1.1 else 'NOT met'}")
     for batch, conc in _keys(cells):
         f, limit = by.get(("floor", batch, conc)), CPU_TARGETS.get(batch)
+        p = by.get(("patched-floor", batch, conc))
+        if f is not None and p is not None and limit is not None and f.own_cpu_ms > 0:
+            r = p.own_cpu_ms / f.own_cpu_ms
+            lines.append(f"patched floor, batch {batch}, concurrency {conc}: CPU {r:.2f}x the bare proxy's, before "
+                         f"any check or metric (the gateway's target: <= {limit:g}x)")
         for leg in ("gateway", "gateway-binary"):
             g = by.get((leg, batch, conc))
             if f is None or g is None or limit is None or not f.own_cpu_ms > 0:

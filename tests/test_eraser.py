@@ -325,3 +325,18 @@ def test_group_rates_solve_honours_the_weights():
     rep = np.repeat(np.arange(800), w.astype(int))
     s3, p3 = eraser.solve_group_rates(margin[rep], d, y[rep], groups[rep], 3, None, _point(0.8), opts)
     assert p3.accuracy == pytest.approx(p1.accuracy) and p3.unfairness == pytest.approx(p1.unfairness)
+
+
+def test_group_rates_solve_declines_a_group_without_tuning_rows():
+    """A group with no tuning rows (or only zero weights) has no rate to read: the solve declines (None) and the
+    caller searches the strengths instead, rather than indexing an empty curve."""
+    rng = np.random.default_rng(3)
+    groups = np.repeat([0, 1], [300, 100])  # group 2 of 3: no rows
+    y = (rng.random(400) < 0.4).astype(np.int64)
+    margin = 2.0 * y - 1 + rng.normal(size=400)
+    d = np.array([-0.2, -0.5, -0.9])
+    opts = eraser.EraserOptions()
+    assert eraser.solve_group_rates(margin, d, y, groups, 3, None, _point(0.8), opts) is None
+    w = np.where(groups == 1, 0.0, 1.0)  # group 1's rows all weigh nothing
+    assert eraser.solve_group_rates(margin, d[:2], y, groups, 2, w, _point(0.8), opts) is None
+    assert eraser.solve_group_rates(margin, d[:2], y, groups, 2, None, _point(0.8), opts) is not None

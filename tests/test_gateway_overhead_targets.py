@@ -38,8 +38,8 @@ def _measured(run: dict, target: str) -> None:
 
 
 def test_smoke_run_measures_the_cheap_targets_and_zero_hop_answers_as_the_gateway(tmp_path):
-    run = _run(tmp_path, "direct,bare,nginx,zero-hop,gateway")
-    targets = ["direct", "floor", "zero-hop", "gateway", *(["nginx"] if HAS_NGINX else [])]
+    run = _run(tmp_path, "direct,bare,patched-floor,nginx,zero-hop,gateway")
+    targets = ["direct", "floor", "patched-floor", "zero-hop", "gateway", *(["nginx"] if HAS_NGINX else [])]
     for target in targets:
         _measured(run, target)
     if not HAS_NGINX:
@@ -49,6 +49,7 @@ def test_smoke_run_measures_the_cheap_targets_and_zero_hop_answers_as_the_gatewa
     answers = {t: np.asarray(v) for t, v in run["answers"].items()}
     assert len(answers["zero-hop"]) == 2 * CHECK_ROWS  # [N, 2] logits
     np.testing.assert_allclose(answers["zero-hop"], answers["gateway"], rtol=0, atol=ANSWER_TOLERANCE)
+    np.testing.assert_allclose(answers["patched-floor"], answers["gateway"], rtol=0, atol=ANSWER_TOLERANCE)
     assert not np.allclose(answers["zero-hop"], answers["direct"])  # the patch changes the answers
     for proxy in ("floor", "nginx"):
         if proxy in answers:
@@ -58,6 +59,7 @@ def test_smoke_run_measures_the_cheap_targets_and_zero_hop_answers_as_the_gatewa
     assert "### Every target side by side, same rounds" in md
     assert "zero-hop, batch 1, concurrency 1: CPU" in md
     assert "fairpatch gateway, JSON leg, batch 1, concurrency 1: CPU" in md
+    assert "patched floor, batch 1, concurrency 1: CPU" in md
 
 
 def test_zero_hop_without_a_gateway_leg_is_checked_against_the_patch_applied_offline(tmp_path):
@@ -82,6 +84,7 @@ def test_smoke_run_measures_the_kserve_transformer(tmp_path):
 
 def test_targets_are_parsed_in_the_rounds_order_with_direct_always():
     assert overhead_targets.parse_targets("gateway,nginx,floor") == ["direct", "bare", "nginx", "gateway"]
+    assert overhead_targets.parse_targets("patched-floor,bare") == ["direct", "bare", "patched-floor"]
     with pytest.raises(ValueError, match="triton"):
         overhead_targets.parse_targets("direct,triton")
 

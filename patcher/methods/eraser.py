@@ -559,8 +559,10 @@ def _tune_binary(ctx: _Context, keep: np.ndarray, excluded: np.ndarray | None = 
     per_group = (G > 2 if opts.group_strengths is None else opts.group_strengths) and opts.bias != "proxies"
     d = table[:, 1] - table[:, 0]
     # a strength moves a group's cut only where its rule is not neutral (d != 0): one such group is the anchor
-    if per_group and criterion == "dp" and opts.group_solve == "rates" and (np.abs(d) < 1e-9).sum() <= 1:
-        strengths, point = solve_group_rates(margin, d, yy, gg, G, w, point, opts)
+    solvable = per_group and criterion == "dp" and opts.group_solve == "rates" and (np.abs(d) < 1e-9).sum() <= 1
+    solved = solve_group_rates(margin, d, yy, gg, G, w, point, opts) if solvable else None
+    if solved is not None:
+        strengths, point = solved
         if opts.bias == "estimator":  # solved on the rows' own groups; the estimator's soft weights: searched on
             strengths, point = tune_group_strengths(margin, Q[rows], d, yy, gg, G, criterion, w, point, opts,
                                                     initial=strengths)
@@ -678,13 +680,16 @@ def tune_group_strengths(margin: np.ndarray, Q: np.ndarray, d: np.ndarray, y: np
 
 def solve_group_rates(margin: np.ndarray, d: np.ndarray, y: np.ndarray, groups: np.ndarray, G: int,
                       weights: np.ndarray | None, start: OperatingPoint, opts: EraserOptions,
-                      grid: int = 2000) -> tuple[np.ndarray, OperatingPoint]:
+                      grid: int = 2000) -> tuple[np.ndarray, OperatingPoint] | None:
     """dp with the group at inference: margin - s_a d_a > t is one cut per group, so the strengths can be solved
     for rather than searched. For each common selection rate r on a grid (and every rate a group can reach), each
     group takes its cut nearest r; the rates are then chosen as choose_operating_point does (least gap above the
     tolerance, then accuracy, within the accuracy budget) and the cuts turned back into strengths around a
-    threshold t (the group whose rule is nearest neutral gets t as its cut and strength 0)."""
+    threshold t (the group whose rule is nearest neutral gets t as its cut and strength 0). None when a group has
+    no tuning rows (no rate to read for it): the caller searches instead."""
     w = np.ones(len(margin)) if weights is None else np.asarray(weights, np.float64)
+    if not all(w[groups == a].sum() > 0 for a in range(G)):
+        return None
     per_group = []  # each group's realisable cuts: (selection rate, rows decided right, cut)
     for a in range(G):
         m = groups == a
