@@ -385,6 +385,17 @@ def _ready(base: str) -> bool:
         return False
 
 
+def _in_append_only_file(data_dir: Path, key: str) -> bool:
+    """Whether a Redis append-only file under `data_dir` holds `key` in a transaction written whole (its EXEC after
+    the key's last mention): what a SIGKILLed redis-server reads back when it starts again."""
+    for aof in data_dir.rglob("*.aof"):
+        text = aof.read_bytes()
+        last = text.rfind(key.encode())
+        if last != -1 and text.rfind(b"EXEC") > last:
+            return True
+    return False
+
+
 def answers(redis) -> bool:
     from redis.exceptions import RedisError
 
@@ -422,6 +433,9 @@ def test_serve_in_embedded_mode_rides_out_its_redis_dying(tmp_path, fast_upstrea
             r = c.post("/v1/datasets", params={"label": "income", "group": "sex"},
                        content=adult_csv(adult, slice(2000)), headers={"content-type": "text/csv"})
             assert r.status_code == 201, r.text
+            # The embedded Redis appends to its file every second (appendfsync everysec: at most a second or two
+            # of writes lost to a crash, by design), so the kill waits until the upload's transaction is on disk.
+            until(lambda: _in_append_only_file(tmp_path / "data", r.json()["id"]), "the upload in Redis's AOF")
             (redis_pid,) = [p for p in children(serve.pid) if "redis-server" in Path(f"/proc/{p}/cmdline").read_text()]
             (worker_pid,) = worker_children(serve.pid)
             os.kill(redis_pid, signal.SIGKILL)
