@@ -42,21 +42,21 @@ class BareProxy:
             await self._lifespan(receive, send)
             return
         body = await read_body(receive)
-        headers = {"content-type": "application/json"}
-        for attempt in (0, 1):  # one retry of a reused keep-alive connection the upstream closed, as the gateway
-            try:
-                async with self.session.request(scope["method"], self.upstream + scope["path"], data=body,
-                                                headers=headers) as response:
-                    status, content = response.status, await response.read()
-                    kind = response.headers.get("content-type", "application/json")
-                break
-            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
-                if attempt:
-                    raise
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", kind.encode("latin-1")),
-                                (b"content-length", str(len(content)).encode())]})
-        await send({"type": "http.response.body", "body": content})
+        await _send(send, *await self._forward(scope["method"], scope["path"], body))
+
+    async def _forward(self, method: str, path: str, body: bytes) -> tuple[int, bytes, bytes]:
+        """The upstream's status, body and content type for the request, as they are."""
+        try:
+            return await self._exchange(method, path, body)
+        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+            # one retry of a reused keep-alive connection the upstream closed, as the gateway
+            return await self._exchange(method, path, body)
+
+    async def _exchange(self, method: str, path: str, body: bytes) -> tuple[int, bytes, bytes]:
+        async with self.session.request(method, self.upstream + path, data=body,
+                                        headers={"content-type": "application/json"}) as response:
+            kind = response.headers.get("content-type", "application/json")
+            return response.status, await response.read(), kind.encode("latin-1")
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -68,6 +68,12 @@ class BareProxy:
                 await self.session.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+async def _send(send: Send, status: int, body: bytes, content_type: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def read_body(receive: Receive) -> bytes:
@@ -100,9 +106,10 @@ class PatchedFloor(BareProxy):
             return
         body = await read_body(receive)
         X = self._features(body)
-        async with self.session.post(self.upstream + scope["path"], data=body,
-                                     headers={"content-type": "application/json"}) as response:
-            content = await response.read()
+        status, content, kind = await self._forward("POST", scope["path"], body)
+        if status != 200:  # the upstream's refusal, as it came (nothing to patch)
+            await _send(send, status, content, kind)
+            return
         doc = orjson.loads(content)
         out = doc["outputs"][0]
         scores = np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
@@ -111,10 +118,7 @@ class PatchedFloor(BareProxy):
                                  n_outputs).astype(np.float32)
         answer = orjson.dumps({"model_name": doc["model_name"], "outputs": [
             {"name": out["name"], "shape": out["shape"], "datatype": "FP32", "data": patched.ravel().tolist()}]})
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(answer)).encode())]})
-        await send({"type": "http.response.body", "body": answer})
+        await _send(send, 200, answer, b"application/json")
 
     def _features(self, body: bytes) -> np.ndarray:
         """The request's first tensor as float32 rows, by the cheapest parse the gateway knows: a large body's values

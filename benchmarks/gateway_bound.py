@@ -39,7 +39,6 @@ VARIANTS = ("bare proxy", "patched floor", "gateway, no patch", "gateway, Eraser
             "gateway, Eraser patch, JSON leg")
 
 
-
 async def measure(args: argparse.Namespace, upstream_url: str, patch: Any, X: Any, groups: list[str],
                   ) -> dict[str, float]:
     import aiohttp

@@ -688,14 +688,14 @@ def solve_group_rates(margin: np.ndarray, d: np.ndarray, y: np.ndarray, groups: 
     threshold t (the group whose rule is nearest neutral gets t as its cut and strength 0). None when a group has
     no tuning rows (no rate to read for it): the caller searches instead."""
     w = np.ones(len(margin)) if weights is None else np.asarray(weights, np.float64)
-    if not all(w[groups == a].sum() > 0 for a in range(G)):
-        return None
     per_group = []  # each group's realisable cuts: (selection rate, rows decided right, cut)
     for a in range(G):
         m = groups == a
+        total = w[m].sum()
+        if not total > 0:
+            return None
         c = cut_curve(margin[m], y[m], w[m])
-        negatives = w[m].sum() - y[m] @ w[m]
-        per_group.append((c["sel"] / w[m].sum(), c["tp"] + negatives - c["fp"], c["cuts"]))
+        per_group.append((c["sel"] / total, c["tp"] + (total - y[m] @ w[m]) - c["fp"], c["cuts"]))
     targets = [np.linspace(0.0, 1.0, grid + 1), *(rate for rate, _, _ in per_group)]
     r = np.unique(np.concatenate(targets))
     chosen = []
